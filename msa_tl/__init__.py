@@ -1,0 +1,29 @@
+"""msa-tl: MiniMax Sparse Attention (MSA) in TileLang for Hopper GPUs.
+
+    from msa_tl import msa_attention, MSAAttention
+
+``msa_tl.reference`` is the float64 oracle of every stage, ``msa_tl.ops`` the
+torch API and layer, ``msa_tl.tuning`` the autotuner; the TileLang programs
+live in ``msa_tl`` itself, one module per stage.
+"""
+
+__version__ = "0.1.0"
+
+from msa_tl.ops import (  # noqa: E402
+    MSAAttention,
+    MSAOutput,
+    kl_alignment_loss,
+    msa_attention,
+    select_blocks,
+    sparse_attention,
+)
+
+__all__ = [
+    "__version__",
+    "msa_attention",
+    "select_blocks",
+    "sparse_attention",
+    "kl_alignment_loss",
+    "MSAAttention",
+    "MSAOutput",
+]

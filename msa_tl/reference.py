@@ -1,0 +1,259 @@
+"""Float64 reference of every MSA stage: the oracle the kernels are tested against.
+
+Plain torch, written for clarity, not speed. Every function upcasts its inputs
+to float64, runs on whatever device they live on and is differentiable where
+the stage is (attention and the KL loss), so ``torch.autograd.gradcheck``
+applies. Work is split into query chunks so that no buffer holds N x N
+elements at once (a chunk of C queries holds B * Hq * C * N scores).
+
+Shapes (layout "bshd", as flash-attn):
+
+    q        [B, N, Hq, D]      main-branch queries
+    k, v     [B, N, G, D]       main-branch keys / values, G = Hkv groups
+    q_idx    [B, N, G, Di]      index queries, one head per group
+    k_idx    [B, N, Di]         index keys, one head shared by all groups
+    scores   [B, G, N, nblk]    block max-pooled index scores, -inf where invisible
+    indices  [B, N, G, topk]    int32 chosen block ids, ascending, -1 in unused slots
+    o        [B, N, Hq, D]      attention output
+    lse      [B, N, Hq]         natural-log sum of exp of the scaled scores
+
+with nblk = ceil(N / block_size). Query t sees key j iff j <= t (causal), and
+block b is visible to t iff b <= t // block_size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "index_token_scores",
+    "block_scores",
+    "topk_blocks",
+    "select_blocks",
+    "sparse_attention",
+    "dense_attention",
+    "kl_alignment_loss",
+    "msa_forward",
+]
+
+# Query rows per chunk are chosen so a chunk's score tensor stays near this many elements.
+_CHUNK_ELEMENTS = 1 << 24
+_NEG_INF = float("-inf")
+
+
+def _query_chunk(rows_per_query: int, n_keys: int, multiple: int = 1) -> int:
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, rows_per_query * n_keys))
+    return max(multiple, chunk // multiple * multiple)
+
+
+def _causal(t0: int, n_queries: int, n_keys: int, device) -> torch.Tensor:
+    """[C, N] bool: query t0 + c may see key j."""
+    t = torch.arange(t0, t0 + n_queries, device=device)
+    return torch.arange(n_keys, device=device)[None, :] <= t[:, None]
+
+
+def index_token_scores(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, scale: float | None = None, query_start: int = 0
+) -> torch.Tensor:
+    """Token-level index scores ``s[b, g, t, j] = q_idx[b, t, g] . k_idx[b, j] * scale``, -inf for j > t.
+
+    q_idx [B, C, G, Di] holds queries ``query_start .. query_start + C - 1``;
+    k_idx [B, N, Di] -> s [B, G, C, N] float64. ``scale`` defaults to 1/sqrt(Di).
+    """
+    C, N, Di = q_idx.shape[1], k_idx.shape[1], k_idx.shape[-1]
+    scale = 1.0 / math.sqrt(Di) if scale is None else scale
+    s = torch.einsum("btgd,bjd->bgtj", q_idx.double(), k_idx.double()) * scale
+    return s.masked_fill(~_causal(query_start, C, N, s.device), _NEG_INF)
+
+
+def _pool_blocks(s: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Max over each key block of token scores s [B, G, C, N] -> [B, G, C, ceil(N / block_size)]."""
+    B, G, C, N = s.shape
+    nblk = math.ceil(N / block_size)
+    s = torch.nn.functional.pad(s, (0, nblk * block_size - N), value=_NEG_INF)
+    return s.view(B, G, C, nblk, block_size).amax(dim=-1)
+
+
+def block_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+    """Block max-pool of the index scores: ``S[b, g, t, blk] = max_{j in blk, j <= t} s[b, g, t, j]``.
+
+    q_idx [B, N, G, Di], k_idx [B, N, Di] -> S [B, G, N, nblk] float64, -inf for
+    blocks in the future of t. The output holds N^2 / block_size values per
+    (b, g); token scores are formed one query chunk at a time.
+    """
+    B, N, G, _ = q_idx.shape
+    out = q_idx.new_empty((B, G, N, math.ceil(N / block_size)), dtype=torch.float64)
+    chunk = _query_chunk(B * G, N)
+    for t0 in range(0, N, chunk):
+        t1 = min(N, t0 + chunk)
+        out[:, :, t0:t1] = _pool_blocks(index_token_scores(q_idx[:, t0:t1], k_idx, scale, t0), block_size)
+    return out
+
+
+def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: int = 0) -> torch.Tensor:
+    """Exp-free top-k over block scores with the forced local block and the causal limit.
+
+    scores [B, G, C, nblk] for queries ``query_start .. query_start + C - 1``
+    (as from :func:`block_scores`) -> indices [B, C, G, topk] int32. For query
+    t the local block t // block_size is always chosen; the other slots take
+    the highest-scoring visible blocks b < t // block_size (raw scores are
+    ranked: softmax preserves order, so no exp is needed). With fewer than
+    ``topk`` visible blocks all of them are chosen. Chosen ids are sorted
+    ascending; unused slots hold -1 and come last.
+    """
+    B, G, C, nblk = scores.shape
+    rows = torch.arange(C, device=scores.device)
+    local = (rows + query_start) // block_size
+    visible = torch.arange(nblk, device=scores.device)[None, :] <= local[:, None]  # [C, nblk]
+    ranked = scores.double().masked_fill(~visible, _NEG_INF)
+    ranked[:, :, rows, local] = float("inf")  # the local block wins every comparison
+    kk = min(topk, nblk)
+    top_vals, top_ids = ranked.topk(kk, dim=-1)
+    # ascending ids with the unused (-inf) slots last: sort them as id nblk, then mark -1
+    top_ids = torch.where(top_vals == _NEG_INF, nblk, top_ids).sort(dim=-1).values
+    top_ids = torch.where(top_ids == nblk, -1, top_ids)
+    top_ids = torch.nn.functional.pad(top_ids, (0, topk - kk), value=-1)
+    return top_ids.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+
+
+def select_blocks(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int, scale: float | None = None
+) -> torch.Tensor:
+    """The whole index branch: scoring, block max-pool and top-k.
+
+    q_idx [B, N, G, Di], k_idx [B, N, Di] -> indices [B, N, G, topk] int32.
+    Block scores exist for one query chunk at a time (B * G * C * N token scores).
+    """
+    B, N, G, _ = q_idx.shape
+    out = torch.empty((B, N, G, topk), dtype=torch.int32, device=q_idx.device)
+    chunk = _query_chunk(B * G, N)
+    for t0 in range(0, N, chunk):
+        t1 = min(N, t0 + chunk)
+        S = _pool_blocks(index_token_scores(q_idx[:, t0:t1], k_idx, scale, t0), block_size)
+        out[:, t0:t1] = topk_blocks(S, topk, block_size, query_start=t0)
+    return out
+
+
+def _chunk_mask(indices: torch.Tensor | None, t0: int, t1: int, n_keys: int, block_size: int, device) -> torch.Tensor:
+    """Which keys queries t0 .. t1-1 attend to: [B or 1, G or 1, t1 - t0, N] bool.
+
+    indices [B, N, G, topk] (-1 = unused) or None for dense causal attention.
+    A key is attended iff its block is chosen and j <= t.
+    """
+    causal = _causal(t0, t1 - t0, n_keys, device)
+    if indices is None:
+        return causal[None, None]
+    rows = indices[:, t0:t1]
+    nblk = math.ceil(n_keys / block_size)
+    slot_ids = torch.where(rows < 0, nblk, rows).long()  # -1 -> a spare column, dropped below
+    chosen = torch.zeros((*rows.shape[:3], nblk + 1), dtype=torch.bool, device=device)
+    chosen.scatter_(-1, slot_ids, True)
+    key_block = torch.arange(n_keys, device=device) // block_size
+    return chosen[..., key_block].permute(0, 2, 1, 3) & causal
+
+
+def _attention_probs(q, k, mask, scale):
+    """Masked softmax of one chunk. q [B, C, Hq, D], k [B, N, G, D], mask [*, G|1, C, N].
+
+    Returns (p [B, G, R, C, N], lse [B, G, R, C]) in float64, R = Hq / G. A row
+    with no visible key gets p = 0 and lse = -inf.
+    """
+    B, C, Hq, D = q.shape
+    G = k.shape[2]
+    s = torch.einsum("bcgrd,bjgd->bgrcj", q.double().view(B, C, G, Hq // G, D), k.double()) * scale
+    s = s.masked_fill(~mask[:, :, None], _NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return p, lse
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor | None,
+    block_size: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main branch: exact attention over the chosen key blocks, causal inside them.
+
+    q [B, N, Hq, D], k/v [B, N, G, D], indices [B, N, G, topk] (int, -1 = unused;
+    None = every visible block, i.e. dense causal attention). Query head h uses
+    group h // (Hq / G). Returns o [B, N, Hq, D] and lse [B, N, Hq], both
+    float64; ``scale`` defaults to 1/sqrt(D).
+    """
+    B, N, Hq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    outs, lses = [], []
+    chunk = _query_chunk(B * Hq, N)
+    for t0 in range(0, N, chunk):
+        t1 = min(N, t0 + chunk)
+        p, lse = _attention_probs(q[:, t0:t1], k, _chunk_mask(indices, t0, t1, N, block_size, q.device), scale)
+        o = torch.einsum("bgrcj,bjgd->bcgrd", p, v.double())
+        outs.append(o.reshape(B, t1 - t0, Hq, D))
+        lses.append(lse.permute(0, 3, 1, 2).reshape(B, t1 - t0, Hq))
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
+def dense_attention(q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal GQA attention (the warmup mode's main branch): :func:`sparse_attention` over all keys."""
+    return sparse_attention(q, k, v, None, block_size=1, scale=scale)
+
+
+def kl_alignment_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    indices: torch.Tensor | None,
+    block_size: int,
+    scale: float | None = None,
+    index_scale: float | None = None,
+) -> torch.Tensor:
+    """KL(teacher || student) that trains the index branch, averaged over queries and groups.
+
+    teacher[b, g, t, j]: the main branch's attention probabilities over the
+    chosen tokens, averaged over the group's Hq / G heads and detached.
+    student[b, g, t, j]: softmax over the same tokens of the index scores
+    q_idx[b, t, g] . k_idx[b, j] * index_scale. ``indices`` None takes every
+    causally visible token (warmup). Shapes as in :func:`sparse_attention` and
+    :func:`select_blocks`; returns a float64 scalar. Gradients reach q_idx and
+    k_idx only.
+    """
+    B, N, Hq, D = q.shape
+    G = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    total = q_idx.new_zeros((), dtype=torch.float64)
+    chunk = _query_chunk(B * Hq, N)
+    for t0 in range(0, N, chunk):
+        t1 = min(N, t0 + chunk)
+        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device)
+        with torch.no_grad():
+            p, _ = _attention_probs(q[:, t0:t1].detach(), k.detach(), mask, scale)
+            teacher = p.mean(dim=2)  # [B, G, C, N]
+        s = index_token_scores(q_idx[:, t0:t1], k_idx, index_scale, t0).masked_fill(~mask, _NEG_INF)
+        log_student = torch.log_softmax(s, dim=-1).masked_fill(~mask, 0.0)
+        total = total + (torch.xlogy(teacher, teacher) - teacher * log_student).sum()
+    return total / (B * N * G)
+
+
+def msa_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    block_size: int,
+    topk: int,
+    scale: float | None = None,
+    index_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """End-to-end MSA: select blocks with the index branch, attend over them.
+
+    Shapes as in the module docstring; returns (o, lse, indices).
+    """
+    indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+    o, lse = sparse_attention(q, k, v, indices, block_size, scale)
+    return o, lse, indices

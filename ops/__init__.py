@@ -1,0 +1,13 @@
+"""torch-facing MSA: the functional API, the trainable layer and the per-stage dispatch."""
+
+from msa_tl.ops.functional import kl_alignment_loss, msa_attention, select_blocks, sparse_attention
+from msa_tl.ops.layer import MSAAttention, MSAOutput
+
+__all__ = [
+    "msa_attention",
+    "select_blocks",
+    "sparse_attention",
+    "kl_alignment_loss",
+    "MSAAttention",
+    "MSAOutput",
+]

@@ -1,0 +1,162 @@
+"""The functional MSA API on ``[batch, seq, heads, dim]`` tensors.
+
+Each stage dispatches to its TileLang kernel where one is registered for the
+device (:mod:`msa_tl.ops.dispatch`) and otherwise to the float64 reference,
+whose result is cast back to the input dtype (LSE stays float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msa_tl import reference
+from msa_tl.ops.dispatch import kernel_for
+from msa_tl.ops.validation import (
+    check_attention_inputs,
+    check_index_inputs,
+    check_indices,
+    check_options,
+)
+
+
+def select_blocks(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    *,
+    block_size: int = 128,
+    topk: int = 16,
+    index_scale: float | None = None,
+) -> torch.Tensor:
+    """The index branch: which key blocks each (query, group) attends to.
+
+    Args:
+        q_idx: [B, N, G, Di] index queries, one head per KV group.
+        k_idx: [B, N, Di] (or [B, N, 1, Di]) index keys, shared by all groups.
+        block_size: key block size Bk.
+        topk: blocks chosen per (query, group), the local block included.
+        index_scale: score scale, default 1/sqrt(Di).
+
+    Returns:
+        indices [B, N, G, topk] int32: chosen block ids, -1 in unused slots
+        (query t sees t // Bk + 1 blocks; with fewer than topk all are chosen).
+        Slot order is not part of the contract.
+    """
+    check_options(block_size=block_size, topk=topk, index_scale=index_scale)
+    k_idx = check_index_inputs(q_idx, k_idx)
+    kernel = kernel_for("select_blocks", q_idx.device)
+    if kernel is not None:
+        return kernel(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
+    return reference.select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """The main branch: exact causal attention over the chosen key blocks.
+
+    Args:
+        q: [B, N, Hq, D]; k, v: [B, N, G, D] with Hq a multiple of G (head h uses group h // (Hq / G)).
+        indices: [B, N, G, topk] int32 block ids from :func:`select_blocks` (-1 = unused slot).
+        block_size: key block size Bk the indices refer to.
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        o [B, N, Hq, D] in q's dtype, and lse [B, N, Hq] float32 (natural log) if ``return_lse``.
+    """
+    check_options(block_size=block_size, scale=scale)
+    check_attention_inputs(q, k, v)
+    B, N, _, _ = q.shape
+    check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
+    kernel = kernel_for("sparse_attention", q.device)
+    if kernel is not None:
+        o, lse = kernel(q, k, v, indices, block_size=block_size, scale=scale)
+    else:
+        o, lse = reference.sparse_attention(q, k, v, indices, block_size, scale)
+        o, lse = o.to(q.dtype), lse.float()
+    return (o, lse) if return_lse else o
+
+
+def kl_alignment_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    indices: torch.Tensor | None,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    index_scale: float | None = None,
+) -> torch.Tensor:
+    """KL(teacher || student) that trains the index projections; a float32 scalar.
+
+    Teacher: the main branch's attention probabilities over the chosen tokens,
+    averaged over each group's Hq / G heads, detached. Student: softmax of the
+    index scores over the same tokens. Averaged over queries and groups.
+    ``indices`` None means all causally visible tokens (warmup). Gradients
+    reach q_idx and k_idx only. Shapes as in :func:`msa_attention`.
+    """
+    check_options(block_size=block_size, scale=scale, index_scale=index_scale)
+    check_attention_inputs(q, k, k)
+    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
+    if indices is not None:
+        check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
+    kernel = kernel_for("kl_alignment_loss", q.device)
+    if kernel is not None:
+        return kernel(q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
+    loss = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
+    return loss.float()
+
+
+def msa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    *,
+    block_size: int = 128,
+    topk: int = 16,
+    scale: float | None = None,
+    index_scale: float | None = None,
+    return_lse: bool = False,
+    return_indices: bool = False,
+):
+    """MiniMax Sparse Attention: the index branch picks key blocks, the main branch attends over them.
+
+    Args:
+        q: [B, N, Hq, D] queries.
+        k, v: [B, N, G, D] keys and values, G = KV heads = groups; Hq % G == 0.
+        q_idx: [B, N, G, Di] index queries (one head per group).
+        k_idx: [B, N, Di] (or [B, N, 1, Di]) index keys.
+        block_size: key block size Bk (default 128).
+        topk: blocks per (query, group), the local block included (default 16).
+        scale: main-branch softmax scale, default 1/sqrt(D).
+        index_scale: index-score scale, default 1/sqrt(Di).
+        return_lse: also return lse [B, N, Hq] float32.
+        return_indices: also return the selection [B, N, G, topk] int32 (-1 = unused).
+
+    Returns:
+        o [B, N, Hq, D] in q's dtype; with ``return_lse`` / ``return_indices``
+        the tuple (o, lse?, indices?) in that order.
+
+    Inputs must be contiguous and share device and dtype (bf16/fp16 on CUDA;
+    any float dtype on CPU, where the float64 reference runs). The selection
+    is not differentiable: q_idx / k_idx get gradients only through
+    :func:`kl_alignment_loss`.
+    """
+    check_options(block_size=block_size, topk=topk, scale=scale, index_scale=index_scale)
+    check_attention_inputs(q, k, v)
+    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
+    with torch.no_grad():
+        indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
+    o, lse = sparse_attention(q, k, v, indices, block_size=block_size, scale=scale, return_lse=True)
+    extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
+    return (o, *extras) if extras else o

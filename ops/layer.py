@@ -1,0 +1,121 @@
+"""The trainable MSA attention layer: GQA projections plus the two index projections."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from msa_tl.ops.functional import kl_alignment_loss, select_blocks, sparse_attention
+from msa_tl.ops.validation import check_options
+
+
+class MSAOutput(NamedTuple):
+    output: torch.Tensor  # [B, N, hidden_size]
+    kl_loss: torch.Tensor | None  # float32 scalar when computed, for the training loop to add
+    indices: torch.Tensor | None  # [B, N, G, topk] int32 in sparse mode, None in warmup
+
+
+class MSAAttention(nn.Module):
+    """Causal GQA self-attention whose keys are chosen per query by MiniMax Sparse Attention.
+
+    Main branch: q [B, N, Hq, D], k/v [B, N, G, D] from ``q_proj``/``k_proj``/``v_proj``.
+    Index branch: ``index_q_proj`` gives one index query head per group,
+    q_idx [B, N, G, Di]; ``index_k_proj`` gives one shared index key head,
+    k_idx [B, N, Di]. Its input is the layer input with gradients stopped, so
+    the LM loss never reaches the index projections; they learn only from the
+    KL alignment loss (returned as ``kl_loss``, which in turn reaches nothing else).
+
+    Modes:
+        ``"sparse"``: the index branch picks ``topk`` blocks of ``block_size``
+        keys per (query, group) and the main branch attends over them; KL over
+        the chosen tokens.
+        ``"warmup"``: dense causal attention in the main branch (SDPA) and KL
+        over all visible tokens, to train the indexer before going sparse.
+
+    ``forward(x [B, N, hidden_size])`` returns :class:`MSAOutput`. The KL loss
+    is computed when ``compute_kl`` is True, by default in training mode.
+    """
+
+    MODES = ("sparse", "warmup")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 64,
+        num_kv_heads: int = 4,
+        head_dim: int = 128,
+        index_head_dim: int = 128,
+        block_size: int = 128,
+        topk: int = 16,
+        mode: str = "sparse",
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in dict(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                head_dim=head_dim, index_head_dim=index_head_dim).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        check_options(block_size=block_size, topk=topk)
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.index_head_dim = head_dim, index_head_dim
+        self.block_size, self.topk = block_size, topk
+        self.set_mode(mode)
+        factory = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **factory)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **factory)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **factory)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, **factory)
+        self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, **factory)
+        self.index_k_proj = nn.Linear(hidden_size, index_head_dim, **factory)
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between ``"warmup"`` (dense) and ``"sparse"``."""
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def index_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the KL loss alone (the two index projections)."""
+        return [*self.index_q_proj.parameters(), *self.index_k_proj.parameters()]
+
+    def forward(self, hidden_states: torch.Tensor, *, compute_kl: bool | None = None) -> MSAOutput:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+            raise ValueError(f"hidden_states must be [batch, seq, {self.hidden_size}], got {shape}")
+        B, N, _ = hidden_states.shape
+        H, G, D, Di = self.num_heads, self.num_kv_heads, self.head_dim, self.index_head_dim
+        q = self.q_proj(hidden_states).view(B, N, H, D)
+        k = self.k_proj(hidden_states).view(B, N, G, D)
+        v = self.v_proj(hidden_states).view(B, N, G, D)
+        detached = hidden_states.detach()
+        q_idx = self.index_q_proj(detached).view(B, N, G, Di)
+        k_idx = self.index_k_proj(detached)
+
+        if self.mode == "warmup":
+            indices = None
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
+        else:
+            with torch.no_grad():
+                indices = select_blocks(q_idx, k_idx, block_size=self.block_size, topk=self.topk)
+            o = sparse_attention(q, k, v, indices, block_size=self.block_size)
+
+        kl_loss = None
+        if self.training if compute_kl is None else compute_kl:
+            kl_loss = kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=self.block_size)
+        return MSAOutput(self.o_proj(o.reshape(B, N, H * D)), kl_loss, indices)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, index_head_dim={self.index_head_dim}, block_size={self.block_size}, "
+            f"topk={self.topk}, mode={self.mode!r}"
+        )

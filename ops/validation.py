@@ -1,0 +1,97 @@
+"""Input checks for the public API: every bad argument gets a TypeError or ValueError that names it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+MAX_TOPK = 64
+
+
+def _tensor(name: str, x, shape_doc: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if x.dim() != shape_doc.count(",") + 1:
+        raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first); got strides {x.stride()}")
+    return x
+
+
+def _same_device_and_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    allowed = KERNEL_DTYPES if ref.device.type == "cuda" else REFERENCE_DTYPES
+    if ref.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{ref_name} has dtype {ref.dtype}; on {ref.device.type} MSA takes {names}")
+    for name, x in others.items():
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def check_options(block_size=None, topk=None, **scales) -> None:
+    if block_size is not None and (not isinstance(block_size, int) or block_size not in BLOCK_SIZES):
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= MAX_TOPK):
+        raise ValueError(f"topk must be an int in [1, {MAX_TOPK}], got {topk!r}")
+    for name, value in scales.items():
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
+
+
+def check_attention_inputs(q, k, v) -> None:
+    """q [B, N, Hq, D], k/v [B, N, G, D] with Hq divisible by G."""
+    _tensor("q", q, "[batch, seq, heads, dim]")
+    _tensor("k", k, "[batch, seq, kv_heads, dim]")
+    _tensor("v", v, "[batch, seq, kv_heads, dim]")
+    _same_device_and_dtype("q", q, k=k, v=v)
+    B, N, Hq, D = q.shape
+    if k.shape[:2] != (B, N) or v.shape[:2] != (B, N):
+        raise ValueError(f"q, k, v must share [batch, seq]: got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if N < 1 or B < 1:
+        raise ValueError(f"q must have batch >= 1 and seq >= 1, got shape {tuple(q.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"k head dim {k.shape[-1]} differs from q head dim {D}")
+    G = k.shape[2]
+    if G < 1 or Hq % G != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({G})")
+
+
+def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None) -> torch.Tensor:
+    """q_idx [B, N, G, Di], k_idx [B, N, Di] (or [B, N, 1, Di]); returns k_idx as [B, N, Di]."""
+    _tensor("q_idx", q_idx, "[batch, seq, kv_heads, index_dim]")
+    if isinstance(k_idx, torch.Tensor) and k_idx.dim() == 4:
+        if k_idx.shape[2] != 1:
+            raise ValueError(f"k_idx has one head shared by all groups: expected [batch, seq, 1, index_dim], got {tuple(k_idx.shape)}")
+        k_idx = k_idx.squeeze(2)
+    _tensor("k_idx", k_idx, "[batch, seq, index_dim]")
+    _same_device_and_dtype("q_idx", q_idx, k_idx=k_idx)
+    B, N, G, Di = q_idx.shape
+    if k_idx.shape != (B, N, Di):
+        raise ValueError(f"k_idx must be [batch, seq, index_dim] = {(B, N, Di)} to match q_idx {tuple(q_idx.shape)}, got {tuple(k_idx.shape)}")
+    if N < 1 or B < 1:
+        raise ValueError(f"q_idx must have batch >= 1 and seq >= 1, got shape {tuple(q_idx.shape)}")
+    if batch is not None and (B, N) != (batch, seq):
+        raise ValueError(f"q_idx [batch, seq] = {(B, N)} differs from q's {(batch, seq)}")
+    if groups is not None and G != groups:
+        raise ValueError(f"q_idx has {G} heads but there are {groups} kv heads: one index head per group")
+    return k_idx
+
+
+def check_indices(indices, *, batch, seq, groups, device) -> None:
+    """indices [B, N, G, topk] int32 (values are not read back: that would sync the GPU)."""
+    _tensor("indices", indices, "[batch, seq, kv_heads, topk]")
+    if indices.dtype != torch.int32:
+        raise TypeError(f"indices must be int32, got {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but q is on {device}")
+    if indices.shape[:3] != (batch, seq, groups):
+        raise ValueError(f"indices must be [batch, seq, kv_heads, topk] with {(batch, seq, groups)} leading, got {tuple(indices.shape)}")
+    check_options(topk=indices.shape[3])

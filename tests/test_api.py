@@ -1,0 +1,125 @@
+"""The public functional API: results, dtypes, dispatch logging and input validation."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+import msa_tl
+from msa_tl import reference as R
+from msa_tl.ops import dispatch
+
+
+def inputs(B=2, N=70, Hq=4, G=2, D=16, Di=8, dtype=torch.float32):
+    return (
+        torch.randn(B, N, Hq, D, dtype=dtype),
+        torch.randn(B, N, G, D, dtype=dtype),
+        torch.randn(B, N, G, D, dtype=dtype),
+        torch.randn(B, N, G, Di, dtype=dtype),
+        torch.randn(B, N, Di, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_msa_attention_matches_reference(dtype):
+    q, k, v, q_idx, k_idx = inputs(dtype=dtype)
+    o, lse, indices = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=2, return_lse=True, return_indices=True)
+    ref_o, ref_lse, ref_idx = R.msa_forward(q, k, v, q_idx, k_idx, 16, 2)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert indices.dtype == torch.int32 and indices.shape == (2, 70, 2, 2)
+    assert torch.equal(indices, ref_idx)
+    torch.testing.assert_close(o, ref_o.to(dtype))
+    torch.testing.assert_close(lse, ref_lse.float())
+
+
+def test_return_forms_and_four_dim_k_idx():
+    q, k, v, q_idx, k_idx = inputs()
+    o = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=2)
+    o2, idx = msa_tl.msa_attention(q, k, v, q_idx, k_idx.unsqueeze(2), block_size=16, topk=2, return_indices=True)
+    assert isinstance(o, torch.Tensor) and torch.equal(o, o2) and idx.shape[-1] == 2
+
+
+def test_stage_functions_compose_to_msa_attention():
+    q, k, v, q_idx, k_idx = inputs()
+    indices = msa_tl.select_blocks(q_idx, k_idx, block_size=32, topk=2)
+    o = msa_tl.sparse_attention(q, k, v, indices, block_size=32)
+    torch.testing.assert_close(o, msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=32, topk=2))
+    loss = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=32)
+    assert loss.dtype == torch.float32 and loss.item() > 0
+
+
+def test_reference_path_is_announced_once_per_stage(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_REPORTED", set())
+    q, k, v, q_idx, k_idx = inputs(N=20)
+    with caplog.at_level(logging.WARNING, logger="msa_tl"):
+        for _ in range(3):
+            msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=2)
+    messages = [r.getMessage() for r in caplog.records if r.name == "msa_tl"]
+    assert len(messages) == 2, messages  # index branch + main branch, once each
+    assert all("float64 reference on cpu" in m for m in messages)
+
+
+def test_gradients_flow_through_main_branch_only():
+    q, k, v, q_idx, k_idx = (t.requires_grad_() for t in inputs())
+    msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=2).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+    assert q_idx.grad is None and k_idx.grad is None
+
+
+def _call(**overrides):
+    q, k, v, q_idx, k_idx = inputs(N=40)
+    args = dict(q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx)
+    options = dict(block_size=16, topk=2)
+    for key, value in overrides.items():
+        (args if key in args else options)[key] = value(args[key]) if callable(value) and key in args else value
+    return msa_tl.msa_attention(**args, **options)
+
+
+BAD_INPUTS = [
+    ("q", TypeError, dict(q=lambda t: t.to(torch.int32))),
+    ("k", TypeError, dict(k=lambda t: t.double())),
+    ("q", TypeError, dict(q=lambda t: t.numpy())),
+    ("k", ValueError, dict(k=lambda t: t.to("meta"))),
+    ("q", ValueError, dict(q=lambda t: t[:, :, :, None])),
+    ("q", ValueError, dict(q=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2))),
+    ("k", ValueError, dict(k=lambda t: t[:, :30].contiguous())),
+    ("v", ValueError, dict(v=lambda t: t[..., :8].contiguous())),
+    ("head dim", ValueError, dict(k=lambda t: t[..., :8].contiguous(), v=lambda t: t[..., :8].contiguous())),
+    ("multiple of kv heads", ValueError, dict(k=lambda t: torch.randn(2, 40, 3, 16), v=lambda t: torch.randn(2, 40, 3, 16))),
+    ("q_idx", ValueError, dict(q_idx=lambda t: t[:, :, :1].contiguous())),
+    ("k_idx", ValueError, dict(k_idx=lambda t: t[..., :4].contiguous())),
+    ("k_idx", ValueError, dict(k_idx=lambda t: t[:, :, None].expand(2, 40, 2, 8).contiguous())),
+    ("block_size", ValueError, dict(block_size=100)),
+    ("block_size", ValueError, dict(block_size=8)),
+    ("topk", ValueError, dict(topk=0)),
+    ("topk", ValueError, dict(topk=65)),
+    ("topk", ValueError, dict(topk=2.0)),
+    ("scale", ValueError, dict(scale=-1.0)),
+    ("index_scale", ValueError, dict(index_scale=float("nan"))),
+]
+
+
+@pytest.mark.parametrize("name,error,overrides", BAD_INPUTS, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_is_rejected_naming_the_argument(name, error, overrides):
+    with pytest.raises(error, match=name):
+        _call(**overrides)
+
+
+def test_sparse_attention_rejects_bad_indices():
+    q, k, v, _, _ = inputs(N=40)
+    good = torch.zeros(2, 40, 2, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="indices must be int32"):
+        msa_tl.sparse_attention(q, k, v, good.long(), block_size=16)
+    with pytest.raises(ValueError, match="indices"):
+        msa_tl.sparse_attention(q, k, v, good[:, :39].contiguous(), block_size=16)
+
+
+def test_full_budget_through_the_api_equals_dense():
+    q, k, v, q_idx, k_idx = inputs(dtype=torch.float64)
+    o = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=math.ceil(70 / 16))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(o, dense)
