@@ -9,21 +9,7 @@ live in ``msa_tl`` itself, one module per stage.
 
 __version__ = "0.1.0"
 
-from msa_tl.ops import (  # noqa: E402
-    MSAAttention,
-    MSAOutput,
-    kl_alignment_loss,
-    msa_attention,
-    select_blocks,
-    sparse_attention,
-)
+from msa_tl import ops  # noqa: E402
+from msa_tl.ops import *  # noqa: E402,F401,F403  (the public API is msa_tl.ops.__all__)
 
-__all__ = [
-    "__version__",
-    "msa_attention",
-    "select_blocks",
-    "sparse_attention",
-    "kl_alignment_loss",
-    "MSAAttention",
-    "MSAOutput",
-]
+__all__ = ["__version__", *ops.__all__]
