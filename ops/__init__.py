@@ -1,5 +1,6 @@
 """torch-facing MSA: the functional API, the trainable layer and the per-stage dispatch."""
 
+from msa_tl.ops import kernels  # noqa: F401  (registers the TileLang kernels)
 from msa_tl.ops.functional import kl_alignment_loss, msa_attention, select_blocks, sparse_attention
 from msa_tl.ops.layer import MSAAttention, MSAOutput
 

@@ -15,33 +15,36 @@ import torch
 
 logger = logging.getLogger("msa_tl")
 
+PAPER_SHAPE = dict(dtype=torch.bfloat16, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
+
 STAGES = {
     "select_blocks": "index branch: block scoring + exp-free top-k",
     "sparse_attention": "main branch: attention over the chosen blocks",
     "kl_alignment_loss": "KL alignment loss of the index branch",
 }
 
-# stage -> (kernel, predicate on the device). Kernel modules register here as they land.
-_KERNELS: dict[str, tuple[Callable, Callable[[torch.device], bool]]] = {}
+# stage -> (kernel, predicate on the device and the call's shape). Kernel modules register here.
+_KERNELS: dict[str, tuple[Callable, Callable[..., bool]]] = {}
 _REPORTED: set[tuple[str, str]] = set()
 
 
-def register_kernel(stage: str, kernel: Callable, supports: Callable[[torch.device], bool]) -> None:
+def register_kernel(stage: str, kernel: Callable, supports: Callable[..., bool]) -> None:
+    """``supports(device, **shape)`` says whether ``kernel`` handles a call (shape keywords per stage)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {sorted(STAGES)}")
     _KERNELS[stage] = (kernel, supports)
 
 
-def kernel_for(stage: str, device: torch.device) -> Callable | None:
-    """The registered kernel for ``stage`` on ``device``, or None after logging (once) that the reference runs."""
+def kernel_for(stage: str, device: torch.device, **shape) -> Callable | None:
+    """The registered kernel for ``stage`` on ``device`` and ``shape``, or None after logging (once) that the reference runs."""
     entry = _KERNELS.get(stage)
-    if entry is not None and entry[1](device):
+    if entry is not None and entry[1](device, **shape):
         return entry[0]
     key = (stage, device.type)
     if key not in _REPORTED:
         _REPORTED.add(key)
         logger.warning(
-            "msa_tl: %s runs the float64 reference on %s (no TileLang kernel for this device); "
+            "msa_tl: %s runs the float64 reference on %s (no TileLang kernel for this device or shape); "
             "it costs O(N^2) time and is meant for checking and small problems",
             STAGES[stage],
             device.type,
@@ -50,8 +53,8 @@ def kernel_for(stage: str, device: torch.device) -> Callable | None:
 
 
 def kernel_status(device: torch.device) -> dict[str, str]:
-    """stage -> 'tilelang' or 'reference' for ``device`` (for ``msa-tl info``; logs nothing)."""
+    """stage -> 'tilelang' or 'reference' for ``device`` at the paper's shape (for ``msa-tl info``; logs nothing)."""
     return {
-        stage: "tilelang" if stage in _KERNELS and _KERNELS[stage][1](device) else "reference"
+        stage: "tilelang" if stage in _KERNELS and _KERNELS[stage][1](device, **PAPER_SHAPE) else "reference"
         for stage in STAGES
     }

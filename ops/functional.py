@@ -43,7 +43,8 @@ def select_blocks(
     """
     check_options(block_size=block_size, topk=topk, index_scale=index_scale)
     k_idx = check_index_inputs(q_idx, k_idx)
-    kernel = kernel_for("select_blocks", q_idx.device)
+    kernel = kernel_for("select_blocks", q_idx.device, dtype=q_idx.dtype, groups=q_idx.shape[2],
+                        index_dim=q_idx.shape[3], block_size=block_size, topk=topk)
     if kernel is not None:
         return kernel(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
     return reference.select_blocks(q_idx, k_idx, block_size, topk, index_scale)
@@ -75,7 +76,8 @@ def sparse_attention(
     check_attention_inputs(q, k, v)
     B, N, _, _ = q.shape
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
-    kernel = kernel_for("sparse_attention", q.device)
+    kernel = kernel_for("sparse_attention", q.device, dtype=q.dtype, groups=k.shape[2], head_dim=q.shape[3],
+                        block_size=block_size, topk=indices.shape[3])
     if kernel is not None:
         o, lse = kernel(q, k, v, indices, block_size=block_size, scale=scale)
     else:
@@ -108,7 +110,8 @@ def kl_alignment_loss(
     k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
     if indices is not None:
         check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
-    kernel = kernel_for("kl_alignment_loss", q.device)
+    kernel = kernel_for("kl_alignment_loss", q.device, dtype=q.dtype, groups=k.shape[2], head_dim=q.shape[3],
+                        index_dim=q_idx.shape[3], block_size=block_size)
     if kernel is not None:
         return kernel(q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
     loss = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)

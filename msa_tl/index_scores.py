@@ -1,0 +1,94 @@
+"""Index scoring with block max-pool (TileLang): block scores for one query chunk.
+
+    S[b, t - t0, g, blk] = index_scale * max_{j in blk, j <= t} q_idx[b, t, g] . k_idx[b, j]
+
+for the chunk's queries t0 <= t < t0 + C and the visible blocks blk <= t // Bk.
+The G index heads of a token are consecutive rows of ``q_idx.view(B, N*G, Di)``,
+so a CTA's ``block_M`` rows are ``block_M / G`` tokens x G heads, all inside
+one key block: the blocks before it need no causal mask, only the local block
+does. Each (row tile, key block) is one ``[block_M, Di] x [Di, Bk]`` tensor-core
+GEMM whose row max is the block score; the N x N token scores never exist.
+
+Memory: the score buffer holds B * C * G * ceil(N / Bk) float32 values
+(C = query chunk), e.g. 2 GiB for C = 16K at N = 1M, G = 4, Bk = 128.
+Entries of future blocks (blk > t // Bk) are not written.
+"""
+
+
+import math
+
+import tilelang.language as T
+
+DEFAULTS = dict(block_M=128, num_stages=2)
+
+
+def row_tile(groups: int, block_size: int, block_M: int) -> int:
+    """Rows per CTA: at most ``block_M`` and never more tokens than one key block holds."""
+    return min(block_M, groups * block_size)
+
+
+def block_scores_program(groups: int, index_dim: int, block_size: int, scale: float,
+                         block_M: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+    """q [batch, seq*G, Di], k [batch, seq, Di], S [batch, chunk_rows, nblk] fp32, t0 (chunk's first token)."""
+    batch, seq, chunk_rows, nblk = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("chunk_rows"), T.dynamic("nblk")
+    block_M = row_tile(groups, block_size, block_M)
+    neg_inf = -T.infinity("float32")
+
+    @T.prim_func
+    def index_block_scores(
+        Q: T.Tensor((batch, seq * groups, index_dim), dtype),
+        K: T.Tensor((batch, seq, index_dim), dtype),
+        S: T.Tensor((batch, chunk_rows, nblk), "float32"),
+        t0: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(chunk_rows, block_M), batch, threads=128) as (bx, bz):
+            Q_s = T.alloc_shared((block_M, index_dim), dtype)
+            K_s = T.alloc_shared((block_size, index_dim), dtype)
+            acc = T.alloc_fragment((block_M, block_size), "float32")
+            row_max = T.alloc_fragment((block_M,), "float32")
+            row0 = t0 * groups + bx * block_M  # first q row of this tile in the whole sequence
+            local = row0 // groups // block_size
+            T.copy(Q[bz, row0:row0 + block_M, :], Q_s)
+            for blk in T.Pipelined(local + 1, num_stages=num_stages):
+                T.copy(K[bz, blk * block_size:(blk + 1) * block_size, :], K_s)
+                T.clear(acc)
+                T.gemm(Q_s, K_s, acc, transpose_B=True)
+                if blk == local:
+                    for i, j in T.Parallel(block_M, block_size):
+                        acc[i, j] = T.if_then_else(blk * block_size + j <= (row0 + i) // groups, acc[i, j], neg_inf)
+                T.reduce_max(acc, row_max, dim=1)
+                for i in T.Parallel(block_M):
+                    if bx * block_M + i < chunk_rows and row0 + i < seq * groups:
+                        S[bz, bx * block_M + i, blk] = row_max[i] * scale
+
+    return index_block_scores
+
+
+def block_scores(q_idx, k_idx, block_size: int, index_scale=None,
+                 query_start: int = 0, query_count=None, out=None, **config):
+    """Block scores of queries ``query_start .. query_start + C - 1`` on the GPU.
+
+    q_idx [B, N, G, Di], k_idx [B, N, Di] (bf16/fp16, contiguous, CUDA) ->
+    S [B, C, G, nblk] float32 (``out`` may supply a contiguous buffer of at least
+    B * C * G * nblk elements). Only visible blocks (blk <= t // Bk) are written.
+    """
+    import torch
+
+    from msa_tl.tl_compile import compiled_kernel
+
+    B, N, G, Di = q_idx.shape
+    C = N - query_start if query_count is None else query_count
+    nblk = math.ceil(N / block_size)
+    size = B * C * G * nblk
+    if out is None:
+        out = torch.empty(size, device=q_idx.device, dtype=torch.float32)
+    S = out.view(-1)[:size].view(B, C * G, nblk)
+    scale = 1.0 / math.sqrt(Di) if index_scale is None else float(index_scale)
+    kernel = compiled_kernel(block_scores_program, groups=G, index_dim=Di, block_size=block_size, scale=scale,
+                             dtype=_tl_dtype(q_idx.dtype), **{**DEFAULTS, **config})
+    kernel(q_idx.view(B, N * G, Di), k_idx, S, query_start)
+    return S.view(B, C, G, nblk)
+
+
+def _tl_dtype(torch_dtype) -> str:
+    return {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}[str(torch_dtype)]

@@ -1,0 +1,41 @@
+"""Building TileLang programs: the Hopper target, CPU-side lowering, and a per-config compile cache.
+
+Programs are built by plain Python functions of their compile-time parameters
+(``builder(**config) -> T.prim_func``); sequence length and batch are symbolic,
+so one compiled kernel serves every N.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+SM90_ARCH = "sm_90a"
+
+
+def sm90_target():
+    """The Hopper target, built from a dict so it also works on a machine without a GPU."""
+    from tilelang import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": SM90_ARCH})
+
+
+def lower_to_cuda(builder: Callable, **config) -> str:
+    """CUDA source of ``builder(**config)`` for sm_90a; needs no GPU (used by the CI compile tests)."""
+    import tilelang
+
+    target = sm90_target()
+    with target:
+        return tilelang.lower(builder(**config), target=target).kernel_source
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(builder: Callable, items: tuple):
+    import tilelang
+
+    return tilelang.compile(builder(**dict(items)), target="cuda")
+
+
+def compiled_kernel(builder: Callable, **config):
+    """The compiled kernel of ``builder(**config)`` for the current GPU, compiled once per config."""
+    return _compiled(builder, tuple(sorted(config.items())))

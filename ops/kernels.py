@@ -1,0 +1,27 @@
+"""Registers the TileLang kernels with the dispatcher (importing tilelang only when one first runs)."""
+
+import torch
+
+from msa_tl.ops.dispatch import register_kernel
+
+INDEX_GROUPS = (1, 2, 4, 8)
+INDEX_DIMS = (64, 128)
+INDEX_BLOCK_SIZES = (64, 128)
+
+
+def is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _select_blocks_supported(device, *, dtype, groups, index_dim, block_size, topk, **_) -> bool:
+    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and groups in INDEX_GROUPS
+            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES)
+
+
+def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
+    from msa_tl.index_topk import select_blocks
+
+    return select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+
+
+register_kernel("select_blocks", _select_blocks, _select_blocks_supported)

@@ -1,0 +1,36 @@
+"""Every TileLang program lowers for sm_90a and compiles with nvcc on a machine without a GPU."""
+
+import shutil
+
+import pytest
+
+tilelang = pytest.importorskip("tilelang")
+
+from msa_tl import index_scores, index_topk  # noqa: E402
+from msa_tl.tl_compile import lower_to_cuda, sm90_target  # noqa: E402
+
+PROGRAMS = [
+    (index_scores.block_scores_program, dict(groups=4, index_dim=128, block_size=128, scale=0.125)),
+    (index_scores.block_scores_program, dict(groups=1, index_dim=64, block_size=64, scale=0.125, dtype="float16")),
+    (index_topk.topk_program, dict(groups=4, block_size=128, topk=16)),
+    (index_topk.topk_program, dict(groups=8, block_size=64, topk=8)),
+    (index_topk.fused_select_program, dict(groups=4, index_dim=128, block_size=128, topk=16)),
+    (index_topk.fused_select_program, dict(groups=2, index_dim=64, block_size=64, topk=4)),
+]
+IDS = [f"{b.__name__}-{'-'.join(str(v) for v in c.values())}" for b, c in PROGRAMS]
+
+
+@pytest.mark.parametrize("builder,config", PROGRAMS, ids=IDS)
+def test_lowers_for_sm90a(builder, config):
+    source = lower_to_cuda(builder, **config)
+    assert "__global__" in source
+    if builder is not index_topk.topk_program:  # the GEMM programs must use Hopper tensor cores and TMA
+        assert "wgmma" in source and "tma_load" in source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("builder,config", PROGRAMS[::2], ids=IDS[::2])
+def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
+    kernel = tilelang.compile(builder(**config), target=sm90_target())
+    assert "__global__" in kernel.get_kernel_source()

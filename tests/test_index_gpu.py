@@ -1,0 +1,112 @@
+"""Index-branch kernels against the float64 reference, on the GPU (`pytest -m gpu`)."""
+
+import math
+
+import pytest
+import torch
+
+from msa_tl import reference as R
+
+pytestmark = pytest.mark.gpu
+POISON = -7
+
+
+def index_inputs(B, N, G, Di, dtype=torch.bfloat16):
+    return (torch.randn(B, N, G, Di, device="cuda", dtype=dtype),
+            torch.randn(B, N, Di, device="cuda", dtype=dtype))
+
+
+def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk):
+    """Every row: local block present, nothing from the future, min(topk, local+1) distinct blocks, -1 only
+    in trailing slots, and the chosen set equal to the reference's except for blocks whose reference score
+    ties the selection boundary within bf16 rounding."""
+    B, N, G, _ = q_idx.shape
+    assert indices.dtype == torch.int32 and indices.shape == (B, N, G, topk)
+    idx = indices.cpu().long()
+    assert not (idx == POISON).any(), "unwritten slots"
+    t = torch.arange(N)
+    local = (t // block_size)[None, :, None]
+    assert (idx[..., 0] == local).all(), "slot 0 holds the local block"
+    count = torch.clamp(local + 1, max=topk)
+    slot = torch.arange(topk)
+    assert ((idx >= 0) == (slot < count[..., None])).all(), "used slots first, -1 after, min(topk, local+1) used"
+    assert (idx <= local[..., None]).all(), "no block from the future"
+    chosen = torch.zeros(B, N, G, math.ceil(N / block_size) + 1, dtype=torch.bool)
+    chosen.scatter_(-1, torch.where(idx < 0, chosen.shape[-1] - 1, idx), True)
+    assert (chosen[..., :-1].sum(-1) == count).all(), "duplicate blocks"
+
+    ref = R.select_blocks(q_idx.cpu(), k_idx.cpu(), block_size, topk).long()
+    ref_chosen = torch.zeros_like(chosen)
+    ref_chosen.scatter_(-1, torch.where(ref < 0, chosen.shape[-1] - 1, ref), True)
+    differ = (chosen != ref_chosen).any(-1).nonzero().tolist()
+    if not differ:
+        return
+    scores = R.block_scores(q_idx.cpu(), k_idx.cpu(), block_size)  # [B, G, N, nblk] float64
+    for b, t_, g in differ:
+        row = scores[b, g, t_, : t_ // block_size].clone()  # non-local visible blocks
+        boundary = row.sort(descending=True).values[topk - 2].item()  # the (k-1)-th best score
+        for blk in (chosen[b, t_, g, :-1] ^ ref_chosen[b, t_, g, :-1]).nonzero().flatten().tolist():
+            gap = abs(row[blk].item() - boundary)
+            assert gap <= 2**-8 * max(1.0, abs(boundary)), (b, t_, g, blk, gap)
+    assert len(differ) <= max(2, B * N * G // 1000), f"{len(differ)} rows differ: more ties than bf16 explains"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])
+@pytest.mark.parametrize(
+    "B,N,G,Di,Bk,topk",
+    [(1, 4096, 4, 128, 128, 16), (2, 1000, 4, 128, 128, 16), (2, 300, 2, 64, 64, 16),
+     (1, 2500, 1, 128, 128, 16), (1, 3000, 8, 64, 64, 8), (1, 2048, 2, 128, 128, 4)],
+    ids=["paper", "ragged-b2", "N<k*Bk", "G1", "G8-Bk64", "k4"],
+)
+def test_select_blocks_matches_reference(fused, B, N, G, Di, Bk, topk):
+    from msa_tl.index_topk import select_blocks
+
+    q_idx, k_idx = index_inputs(B, N, G, Di)
+    indices = select_blocks(q_idx, k_idx, Bk, topk, fused=fused, query_chunk=1024)
+    assert_same_selection_up_to_ties(indices, q_idx, k_idx, Bk, topk)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])
+def test_every_slot_of_a_poisoned_output_is_written(fused):
+    from msa_tl.index_topk import select_blocks
+
+    B, N, G, Di, Bk, topk = 2, 1500, 4, 128, 128, 16
+    q_idx, k_idx = index_inputs(B, N, G, Di)
+    out = torch.full((B, N, G, topk), POISON, device="cuda", dtype=torch.int32)
+    indices = select_blocks(q_idx, k_idx, Bk, topk, fused=fused, query_chunk=512, out=out)
+    assert indices.data_ptr() == out.data_ptr()
+    assert_same_selection_up_to_ties(indices, q_idx, k_idx, Bk, topk)
+
+
+@pytest.mark.parametrize("query_start,query_count", [(0, 2000), (512, 1024), (1536, 464)])
+def test_block_scores_match_reference(query_start, query_count):
+    from msa_tl.index_scores import block_scores
+
+    B, N, G, Di, Bk = 2, 2000, 4, 128, 128
+    q_idx, k_idx = index_inputs(B, N, G, Di)
+    nblk = math.ceil(N / Bk)
+    out = torch.full((B * query_count * G * nblk,), float("nan"), device="cuda")
+    S = block_scores(q_idx, k_idx, Bk, None, query_start, query_count, out=out)  # [B, C, G, nblk]
+    ref = R.block_scores(q_idx.cpu(), k_idx.cpu(), Bk)[:, :, query_start:query_start + query_count]
+    ref = ref.permute(0, 2, 1, 3)  # [B, C, G, nblk]
+    t = torch.arange(query_start, query_start + query_count)
+    visible = (torch.arange(nblk)[None, :] <= (t // Bk)[:, None])[None, :, None, :].expand_as(ref)
+    got = S.cpu().double()
+    assert torch.isfinite(got[visible]).all(), "visible block scores left unwritten"
+    torch.testing.assert_close(got[visible], ref[visible], rtol=1e-4, atol=1e-4)
+
+
+def test_msa_attention_selects_with_the_kernel():
+    import msa_tl
+    from msa_tl.ops.dispatch import kernel_status
+
+    assert kernel_status(torch.device("cuda"))["select_blocks"] == "tilelang"
+    B, N, Hq, G, D = 1, 1500, 16, 4, 128
+    q = torch.randn(B, N, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, N, G, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q_idx, k_idx = index_inputs(B, N, G, 128)
+    o, indices = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=128, topk=4, return_indices=True)
+    assert_same_selection_up_to_ties(indices, q_idx, k_idx, 128, 4)
+    ref_o, _ = R.sparse_attention(q, k, v, indices, 128)
+    rel = ((o.double() - ref_o).norm() / ref_o.norm()).item()
+    assert rel < 1e-2, rel
