@@ -28,7 +28,7 @@ import tilelang.language as T
 from msa_tl.index_scores import _tl_dtype, row_tile
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
-FUSED_DEFAULTS = dict(block_M=128, num_stages=2)
+FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
 _LOWEST = -3.0e38  # below every finite score; "no candidate yet"
 
 
@@ -91,8 +91,8 @@ def topk_program(groups: int, block_size: int, topk: int, block_M: int = 128, co
     return index_topk
 
 
-def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int,
-                         block_M: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int, block_M: int = 128,
+                         num_stages: int = 2, threads: int = 128, heavy_first: bool = True, dtype: str = "bfloat16"):
     """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32, scores kept on chip."""
     batch, seq = T.dynamic("batch"), T.dynamic("seq")
     block_M = row_tile(groups, block_size, block_M)
@@ -104,7 +104,8 @@ def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int
         K: T.Tensor((batch, seq, index_dim), dtype),
         Idx: T.Tensor((batch, seq * groups, topk), "int32"),
     ):
-        with T.Kernel(T.ceildiv(seq * groups, block_M), batch, threads=128) as (bx, bz):
+        with T.Kernel(T.ceildiv(seq * groups, block_M), batch, threads=threads) as (tile, bz):
+            bx = T.ceildiv(seq * groups, block_M) - 1 - tile if heavy_first else tile
             Q_s = T.alloc_shared((block_M, index_dim), dtype)
             K_s = T.alloc_shared((block_size, index_dim), dtype)
             acc = T.alloc_fragment((block_M, block_size), "float32")
