@@ -15,7 +15,7 @@ import torch
 
 logger = logging.getLogger("msa_tl")
 
-PAPER_SHAPE = dict(dtype=torch.bfloat16, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
+PAPER_SHAPE = dict(dtype=torch.bfloat16, heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 
 STAGES = {
     "select_blocks": "index branch: block scoring + exp-free top-k",

@@ -76,8 +76,9 @@ def sparse_attention(
     check_attention_inputs(q, k, v)
     B, N, _, _ = q.shape
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
-    kernel = kernel_for("sparse_attention", q.device, dtype=q.dtype, groups=k.shape[2], head_dim=q.shape[3],
-                        block_size=block_size, topk=indices.shape[3])
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    kernel = kernel_for("sparse_attention", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
+                        head_dim=q.shape[3], block_size=block_size, topk=indices.shape[3], needs_grad=needs_grad)
     if kernel is not None:
         o, lse = kernel(q, k, v, indices, block_size=block_size, scale=scale)
     else:

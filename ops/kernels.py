@@ -25,3 +25,22 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
 
 
 register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
+
+
+ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, needs_grad=False, **_) -> bool:
+    heads_per_group = heads // groups
+    return (is_hopper(device) and not needs_grad  # the backward kernel is issue 5's; autograd uses the reference
+            and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
+            and block_size in INDEX_BLOCK_SIZES and 128 % heads_per_group == 0)
+
+
+def _sparse_attention(q, k, v, indices, *, block_size, scale):
+    from msa_tl.kv_outer_attention import sparse_attention_forward
+
+    return sparse_attention_forward(q, k, v, indices, block_size, scale)
+
+
+register_kernel("sparse_attention", _sparse_attention, _sparse_attention_supported)

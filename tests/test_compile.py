@@ -34,3 +34,31 @@ def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
     kernel = tilelang.compile(builder(**config), target=sm90_target())
     assert "__global__" in kernel.get_kernel_source()
+
+
+from msa_tl import kv_outer_attention, lse_combine, scheduler  # noqa: E402
+
+MAIN_PROGRAMS = [
+    (scheduler.histogram_program, dict(groups=4, topk=16)),
+    (scheduler.plan_program, dict(item_queries=4096)),
+    (scheduler.scatter_program, dict(groups=4, topk=16)),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
+    (kv_outer_attention.kv_outer_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
+                                               partial_dtype="float32")),
+    (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16)),
+]
+
+
+@pytest.mark.parametrize("builder,config", MAIN_PROGRAMS, ids=[b.__name__ for b, _ in MAIN_PROGRAMS])
+def test_main_branch_programs_lower_for_sm90a(builder, config):
+    source = lower_to_cuda(builder, **config)
+    assert "__global__" in source
+    if builder is kv_outer_attention.kv_outer_program:
+        assert "wgmma" in source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_kv_outer_attention_compiles_with_nvcc(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    builder, config = MAIN_PROGRAMS[3]
+    assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()

@@ -1,0 +1,59 @@
+"""LSE combine (TileLang): merge each (query, head)'s <= topk partial outputs of the KV-outer attention.
+
+    m = max_s lse_s,  w_s = exp(lse_s - m),  o = sum_s w_s o_s / sum_s w_s,  lse = m + log sum_s w_s
+
+Unused slots carry lse = -inf (their partial is never read). Memory-bound: it
+reads each partial once and writes O in the input dtype and LSE in float32.
+"""
+
+import tilelang.language as T
+
+COMBINE_DEFAULTS = dict(rows=64, threads=128)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def combine_program(heads: int, head_dim: int, topk: int, rows: int = 64, threads: int = 128,
+                    dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
+    """Opart [B, C*Hq, topk, D], Lpart [B, C*Hq, topk] (-inf = unused slot) -> O [B, N, Hq, D], LSE [B, N, Hq]."""
+    batch, seq, rows_c = T.dynamic("batch, seq, rows_c")
+    neg_inf = -T.infinity("float32")
+
+    @T.prim_func
+    def lse_combine(
+        Opart: T.Tensor((batch, rows_c, topk, head_dim), partial_dtype),
+        Lpart: T.Tensor((batch, rows_c, topk), "float32"),
+        O: T.Tensor((batch, seq * heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq * heads), "float32"),
+        t0: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(rows_c, rows), batch, threads=threads) as (bx, b):
+            weight = T.alloc_shared((rows, topk), "float32")
+            stats = T.alloc_shared((rows, 2), "float32")  # running max, sum of weights
+            acc = T.alloc_fragment((rows, head_dim), "float32")
+            r0 = bx * rows
+            for r in T.Parallel(rows):
+                stats[r, 0] = neg_inf
+                stats[r, 1] = 0.0
+                for s in T.serial(topk):
+                    if r0 + r < rows_c:
+                        stats[r, 0] = T.max(stats[r, 0], Lpart[b, r0 + r, s])
+                for s in T.serial(topk):
+                    weight[r, s] = 0.0
+                    if r0 + r < rows_c:
+                        if Lpart[b, r0 + r, s] > neg_inf:
+                            weight[r, s] = T.exp2((Lpart[b, r0 + r, s] - stats[r, 0]) * _LOG2E)
+                    stats[r, 1] += weight[r, s]
+            T.clear(acc)
+            for s in T.serial(topk):
+                for r, d in T.Parallel(rows, head_dim):
+                    if weight[r, s] > 0:
+                        acc[r, d] += weight[r, s] * Opart[b, r0 + r, s, d]
+            for r, d in T.Parallel(rows, head_dim):
+                if r0 + r < rows_c:
+                    O[b, t0 * heads + r0 + r, d] = acc[r, d] / stats[r, 1]
+            for r in T.Parallel(rows):
+                if r0 + r < rows_c:
+                    LSE[b, t0 * heads + r0 + r] = stats[r, 0] + T.log2(stats[r, 1]) * _LN2
+
+    return lse_combine

@@ -1,0 +1,169 @@
+"""The KV-outer scheduler (TileLang): reverse index from blocks to the queries that chose them.
+
+For the queries ``t0 <= t < t0 + C`` of one chunk and every (batch, group)
+``bg = b * G + g``, three programs build, with no host synchronisation:
+
+1. ``histogram``: ``counts[bg, blk]`` = number of (query, slot) pairs choosing blk.
+2. ``plan`` (one CTA per bg): ``offsets[bg, blk]``, the exclusive prefix sum of
+   counts, and the work items. Block blk's list is cut into
+   ``ceil(counts / item_queries)`` items of at most ``item_queries`` entries
+   (hot blocks such as block 0 get several): ``items[bg, i] = (blk, start, length)``
+   and ``item_count[bg]``.
+3. ``scatter``: entry ``(t - t0) * topk + slot`` goes to
+   ``entries[bg, offsets[bg, blk] + atomic_add(cursor[bg, blk], 1)]``.
+
+Every attention partial has a fixed home: query t, head h, slot s. Slot s is
+where t's index row holds the block, so partial outputs need no atomics.
+Order inside a block's list depends on atomics, but each row is computed
+independently, so results do not.
+
+The attention grid is bounded without reading anything back:
+``max_items = nblk + ceil(C * topk / item_queries)`` items per bg.
+"""
+
+import math
+
+import tilelang.language as T
+
+DEFAULTS = dict(item_queries=4096)
+_THREADS = 256
+
+
+def max_items(n_blocks: int, chunk: int, topk: int, item_queries: int) -> int:
+    """Upper bound on work items per (batch, group): every block may end with one partial item."""
+    return n_blocks + math.ceil(chunk * topk / item_queries)
+
+
+def histogram_program(groups: int, topk: int):
+    """Indices [B, N, G, topk] int32, t0, chunk -> counts [B*G, nblk] += per-block choices (zeroed by the caller)."""
+    batch, seq, nblk, n_bg = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("nblk"), T.dynamic("n_bg")
+    per_token = groups * topk
+
+    @T.prim_func
+    def schedule_histogram(
+        Indices: T.Tensor((batch, seq * per_token), "int32"),
+        Counts: T.Tensor((n_bg, nblk), "int32"),
+        t0: T.int32,
+        chunk: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(chunk * per_token, _THREADS), batch, threads=_THREADS) as (bx, b):
+            tx = T.get_thread_binding()
+            e = bx * _THREADS + tx
+            if e < chunk * per_token:
+                blk = Indices[b, t0 * per_token + e]
+                if blk >= 0:
+                    T.atomic_add(Counts[b * groups + (e // topk) % groups, blk], 1)
+
+    return schedule_histogram
+
+
+def plan_program(item_queries: int):
+    """Counts [B*G, nblk] -> Offsets [B*G, nblk], Items [B*G, max_items, 3], ItemCount [B*G]."""
+    nblk, n_bg, n_items = T.dynamic("nblk"), T.dynamic("n_bg"), T.dynamic("n_items")
+
+    @T.prim_func
+    def schedule_plan(
+        Counts: T.Tensor((n_bg, nblk), "int32"),
+        Offsets: T.Tensor((n_bg, nblk), "int32"),
+        Items: T.Tensor((n_bg, n_items, 3), "int32"),
+        ItemCount: T.Tensor((n_bg,), "int32"),
+    ):
+        with T.Kernel(n_bg, threads=_THREADS) as bg:
+            entry_base = T.alloc_shared((_THREADS,), "int32")  # per-thread segment sums, then their prefixes
+            item_base = T.alloc_shared((_THREADS,), "int32")
+            run = T.alloc_local((2,), "int32")
+            tx = T.get_thread_binding()
+            seg = T.ceildiv(nblk, _THREADS)
+            run[0] = 0
+            run[1] = 0
+            for s in T.serial(seg):
+                blk = tx * seg + s
+                if blk < nblk:
+                    run[0] += Counts[bg, blk]
+                    run[1] += T.ceildiv(Counts[bg, blk], item_queries)
+            entry_base[tx] = run[0]
+            item_base[tx] = run[1]
+            T.sync_threads()
+            if tx == 0:  # exclusive scan of 256 segment sums: too small to parallelise
+                run[0] = 0
+                run[1] = 0
+                for i in T.serial(_THREADS):
+                    c, n = entry_base[i], item_base[i]
+                    entry_base[i] = run[0]
+                    item_base[i] = run[1]
+                    run[0] += c
+                    run[1] += n
+                ItemCount[bg] = run[1]
+            T.sync_threads()
+            run[0] = entry_base[tx]
+            run[1] = item_base[tx]
+            for s in T.serial(seg):
+                blk = tx * seg + s
+                if blk < nblk:
+                    count = Counts[bg, blk]
+                    Offsets[bg, blk] = run[0]
+                    for i in T.serial(T.ceildiv(count, item_queries)):
+                        Items[bg, run[1] + i, 0] = blk
+                        Items[bg, run[1] + i, 1] = run[0] + i * item_queries
+                        Items[bg, run[1] + i, 2] = T.min(item_queries, count - i * item_queries)
+                    run[0] += count
+                    run[1] += T.ceildiv(count, item_queries)
+
+    return schedule_plan
+
+
+def scatter_program(groups: int, topk: int):
+    """Place every (query, slot) entry of the chunk in its block's list: Entries [B*G, chunk*topk]."""
+    batch, seq, nblk, n_bg, cap = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("nblk"), T.dynamic("n_bg"), T.dynamic("cap")
+    per_token = groups * topk
+
+    @T.prim_func
+    def schedule_scatter(
+        Indices: T.Tensor((batch, seq * per_token), "int32"),
+        Offsets: T.Tensor((n_bg, nblk), "int32"),
+        Cursor: T.Tensor((n_bg, nblk), "int32"),
+        Entries: T.Tensor((n_bg, cap), "int32"),
+        t0: T.int32,
+        chunk: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(chunk * per_token, _THREADS), batch, threads=_THREADS) as (bx, b):
+            tx = T.get_thread_binding()
+            e = bx * _THREADS + tx
+            if e < chunk * per_token:
+                blk = Indices[b, t0 * per_token + e]
+                if blk >= 0:
+                    bg = b * groups + (e // topk) % groups
+                    pos = Offsets[bg, blk] + T.atomic_add(Cursor[bg, blk], 1, return_prev=True)
+                    Entries[bg, pos] = (e // per_token) * topk + e % topk
+
+    return schedule_scatter
+
+
+class Schedule:
+    """Device buffers of one chunk's schedule (reused across chunks of the same size)."""
+
+    def __init__(self, batch, groups, n_blocks, chunk, topk, item_queries, device):
+        import torch
+
+        n_bg = batch * groups
+        self.item_queries = item_queries
+        self.max_items = max_items(n_blocks, chunk, topk, item_queries)
+        self.counts = torch.empty((n_bg, n_blocks), device=device, dtype=torch.int32)
+        self.cursor = torch.empty((n_bg, n_blocks), device=device, dtype=torch.int32)
+        self.offsets = torch.empty((n_bg, n_blocks), device=device, dtype=torch.int32)
+        self.items = torch.empty((n_bg, self.max_items, 3), device=device, dtype=torch.int32)
+        self.item_count = torch.empty((n_bg,), device=device, dtype=torch.int32)
+        self.entries = torch.empty((n_bg, chunk * topk), device=device, dtype=torch.int32)
+
+    def build(self, indices, t0: int, chunk: int) -> "Schedule":
+        """Fill the buffers for queries t0 .. t0+chunk-1 of ``indices`` [B, N, G, topk] (int32, contiguous)."""
+        from msa_tl.tl_compile import compiled_kernel
+
+        B, N, G, topk = indices.shape
+        flat = indices.view(B, N * G * topk)
+        self.counts.zero_()
+        self.cursor.zero_()
+        compiled_kernel(histogram_program, groups=G, topk=topk)(flat, self.counts, t0, chunk)
+        compiled_kernel(plan_program, item_queries=self.item_queries)(self.counts, self.offsets, self.items, self.item_count)
+        compiled_kernel(scatter_program, groups=G, topk=topk)(flat, self.offsets, self.cursor, self.entries, t0, chunk)
+        return self
