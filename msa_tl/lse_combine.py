@@ -46,9 +46,10 @@ def combine_program(heads: int, head_dim: int, topk: int, rows: int = 64, thread
                     stats[r, 1] += weight[r, s]
             T.clear(acc)
             for s in T.serial(topk):
+                # a select, not an `if`: unused slots hold garbage (even NaN) that must not reach acc.
+                # (An `if` here is vectorised by TileLang 0.1.15 into a test of an uninitialised copy.)
                 for r, d in T.Parallel(rows, head_dim):
-                    if weight[r, s] > 0:
-                        acc[r, d] += weight[r, s] * Opart[b, r0 + r, s, d]
+                    acc[r, d] += T.if_then_else(weight[r, s] > 0, weight[r, s] * Opart[b, r0 + r, s, d], 0.0)
             for r, d in T.Parallel(rows, head_dim):
                 if r0 + r < rows_c:
                     O[b, t0 * heads + r0 + r, d] = acc[r, d] / stats[r, 1]

@@ -20,7 +20,7 @@ def selection(kind, B, N, G, Bk, topk):
         blk = torch.arange(nblk, dtype=torch.float64)
         local = (torch.arange(N) // Bk)[:, None].double()
         if kind == "realistic":  # first block, the few blocks before the local one, a stripe every 8 blocks
-            base = 3.0 * (blk == 0) + 2.0 * (local - blk).between(1, 3) + 1.0 * (blk % 8 == 5)
+            base = 3.0 * (blk == 0) + 2.0 * ((local - blk >= 1) & (local - blk <= 3)) + 1.0 * (blk % 8 == 5)
         elif kind == "hot":  # every query picks block 0 (then its neighbours)
             base = 10.0 * (blk == 0) - 0.01 * (local - blk)
         else:
