@@ -1,0 +1,53 @@
+"""Which calls reach the TileLang kernels, and which fall back to the (logged) reference."""
+
+import pytest
+import torch
+
+from msa_tl.ops import dispatch, kernels
+
+PAPER = dict(dispatch.PAPER_SHAPE)
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    monkeypatch.setattr(kernels, "is_hopper", lambda device: True)
+
+
+def test_cpu_never_takes_a_kernel():
+    cpu = torch.device("cpu")
+    assert not kernels._select_blocks_supported(cpu, **PAPER)
+    assert not kernels._sparse_attention_supported(cpu, **PAPER)
+    assert set(dispatch.kernel_status(cpu).values()) == {"reference"}
+
+
+def test_paper_shape_takes_both_kernels_on_hopper(hopper):
+    cuda = torch.device("cuda")
+    assert kernels._select_blocks_supported(cuda, **PAPER)
+    assert kernels._sparse_attention_supported(cuda, **PAPER)
+    assert dispatch.kernel_status(cuda) == {
+        "select_blocks": "tilelang", "sparse_attention": "tilelang", "kl_alignment_loss": "reference"}
+
+
+@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=3), dict(index_dim=96),
+                                    dict(block_size=256), dict(block_size=32)])
+def test_index_shapes_outside_the_kernel_take_the_reference(hopper, change):
+    assert not kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, **change})
+
+
+@pytest.mark.parametrize("change", [dict(needs_grad=True), dict(head_dim=96), dict(heads=64, groups=3),
+                                    dict(heads=48, groups=1), dict(dtype=torch.float32)])
+def test_attention_calls_outside_the_kernel_take_the_reference(hopper, change):
+    assert not kernels._sparse_attention_supported(torch.device("cuda"), **{**PAPER, **change})
+
+
+def test_kernel_for_logs_the_reference_once_per_stage_and_device(monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_REPORTED", set())
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        assert dispatch.kernel_for("sparse_attention", cpu, **PAPER) is None
+    assert sum("main branch" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_register_kernel_rejects_unknown_stages():
+    with pytest.raises(ValueError, match="unknown stage"):
+        dispatch.register_kernel("decode", lambda: None, lambda device, **shape: True)
