@@ -19,6 +19,8 @@ import math
 
 import tilelang.language as T
 
+from msa_tl.tl_compile import compiled_kernel, tl_dtype
+
 DEFAULTS = dict(block_M=128, num_stages=3, threads=128, heavy_first=False)  # best of the H100 sweep (NOTES.md)
 
 
@@ -76,8 +78,6 @@ def block_scores(q_idx, k_idx, block_size: int, index_scale=None,
     """
     import torch
 
-    from msa_tl.tl_compile import compiled_kernel
-
     B, N, G, Di = q_idx.shape
     C = N - query_start if query_count is None else query_count
     nblk = math.ceil(N / block_size)
@@ -87,10 +87,7 @@ def block_scores(q_idx, k_idx, block_size: int, index_scale=None,
     S = out.view(-1)[:size].view(B, C * G, nblk)
     scale = 1.0 / math.sqrt(Di) if index_scale is None else float(index_scale)
     kernel = compiled_kernel(block_scores_program, groups=G, index_dim=Di, block_size=block_size, scale=scale,
-                             dtype=_tl_dtype(q_idx.dtype), **{**DEFAULTS, **config})
+                             dtype=tl_dtype(q_idx.dtype), **{**DEFAULTS, **config})
     kernel(q_idx.view(B, N * G, Di), k_idx, S, query_start)
     return S.view(B, C, G, nblk)
 
-
-def _tl_dtype(torch_dtype) -> str:
-    return {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}[str(torch_dtype)]

@@ -25,7 +25,8 @@ import math
 
 import tilelang.language as T
 
-from msa_tl.index_scores import _tl_dtype, row_tile
+from msa_tl.index_scores import row_tile
+from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
 FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
@@ -150,7 +151,6 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
     import torch
 
     from msa_tl.index_scores import block_scores
-    from msa_tl.tl_compile import compiled_kernel
 
     B, N, G, Di = q_idx.shape
     if out is None:
@@ -158,7 +158,7 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
     indices = out.view(B, N * G, topk)
     if fused:
         kernel = compiled_kernel(fused_select_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
-                                 dtype=_tl_dtype(q_idx.dtype), **{**FUSED_DEFAULTS, **(config or {})})
+                                 dtype=tl_dtype(q_idx.dtype), **{**FUSED_DEFAULTS, **(config or {})})
         kernel(q_idx.view(B, N * G, Di), k_idx, indices)
         return indices.view(B, N, G, topk)
     chunk = min(N, max(block_size, query_chunk // block_size * block_size))

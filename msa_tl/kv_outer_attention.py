@@ -19,7 +19,7 @@ import math
 
 import tilelang.language as T
 
-from msa_tl.index_scores import _tl_dtype
+from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 ATTENTION_DEFAULTS = dict(block_rows=128, threads=128)
 _LOG2E = 1.4426950408889634
@@ -110,7 +110,6 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
 
     from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
     from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule
-    from msa_tl.tl_compile import compiled_kernel
 
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
@@ -123,7 +122,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device)
     o_part = torch.empty(B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
     l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
-    dt, pdt = _tl_dtype(q.dtype), _tl_dtype(partial_dtype) if partial_dtype != torch.float32 else "float32"
+    dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, dtype=dt, partial_dtype=pdt, **ATTENTION_DEFAULTS)
     combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, dtype=dt, partial_dtype=pdt,

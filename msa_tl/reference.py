@@ -43,9 +43,8 @@ _CHUNK_ELEMENTS = 1 << 24
 _NEG_INF = float("-inf")
 
 
-def _query_chunk(rows_per_query: int, n_keys: int, multiple: int = 1) -> int:
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, rows_per_query * n_keys))
-    return max(multiple, chunk // multiple * multiple)
+def _query_chunk(rows_per_query: int, n_keys: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, rows_per_query * n_keys))
 
 
 def _causal(t0: int, n_queries: int, n_keys: int, device) -> torch.Tensor:

@@ -11,6 +11,12 @@ import functools
 from typing import Callable
 
 SM90_ARCH = "sm_90a"
+_TL_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+
+
+def tl_dtype(torch_dtype) -> str:
+    """TileLang's name for a torch dtype (bf16, fp16, fp32)."""
+    return _TL_DTYPES[str(torch_dtype)]
 
 
 def sm90_target():
