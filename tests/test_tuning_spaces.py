@@ -1,0 +1,61 @@
+"""Search spaces: the shipped defaults are feasible, impossible configs are rejected before compiling."""
+
+import pytest
+
+from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, scheduler
+from msa_tl.tuning.spaces import SMEM_LIMIT, SPACES
+
+PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
+
+
+@pytest.mark.parametrize("program,defaults", [
+    ("index_block_scores", index_scores.DEFAULTS),
+    ("index_select_fused", index_topk.FUSED_DEFAULTS),
+    ("index_topk", index_topk.TOPK_DEFAULTS),
+    ("kv_outer_attention", {k: v for k, v in kv_outer_attention.ATTENTION_DEFAULTS.items()}),
+    ("lse_combine", lse_combine.COMBINE_DEFAULTS),
+    ("schedule", dict(scheduler.DEFAULTS, query_chunk=16384)),
+])
+def test_defaults_are_in_their_space_and_feasible(program, defaults):
+    space = SPACES[program]
+    assert set(defaults) == set(space.params), "every tunable of the kernel is searched, and only those"
+    assert all(defaults[k] in space.params[k] for k in defaults)
+    assert space.reject(defaults, PAPER) is None
+
+
+@pytest.mark.parametrize("program,config,reason", [
+    ("index_select_fused", dict(block_M=256, num_stages=4, threads=256, heavy_first=True), None),  # 197 KB fits
+    ("index_select_fused", dict(block_M=256, num_stages=1, threads=128, heavy_first=True), "registers"),
+    ("index_select_fused", dict(block_M=128, num_stages=2, threads=128, heavy_first=True), None),
+    ("index_block_scores", dict(block_M=256, num_stages=2, threads=256, heavy_first=False), None),
+    ("kv_outer_attention", dict(block_rows=256, threads=128), "registers"),
+    ("kv_outer_attention", dict(block_rows=64, threads=128), None),
+    ("schedule", dict(item_queries=256, query_chunk=65536), "GiB"),  # 17 GiB of partials
+])
+def test_constraints(program, config, reason):
+    got = SPACES[program].reject(config, PAPER)
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and reason in got
+
+
+def test_layout_constraints_depend_on_the_shape():
+    one_group = dict(PAPER, groups=1, block_size=64)  # 64 tokens per key block, one row per token
+    assert "key block" in SPACES["index_select_fused"].reject(
+        dict(block_M=128, num_stages=2, threads=128, heavy_first=True), one_group)
+    six_heads = dict(PAPER, heads=24, groups=4)  # 6 heads per group do not tile 128 rows
+    assert "heads" in SPACES["kv_outer_attention"].reject(dict(block_rows=128, threads=128), six_heads)
+    assert "GiB" in SPACES["schedule"].reject(dict(item_queries=256, query_chunk=32768), dict(PAPER, heads=128))
+    wide = dict(PAPER, index_dim=256)  # a wider index head needs more shared memory per stage
+    assert "shared memory" in SPACES["index_block_scores"].reject(
+        dict(block_M=256, num_stages=4, threads=256, heavy_first=False), wide)
+
+
+def test_feasible_grids_are_nonempty_and_within_smem():
+    for name, space in SPACES.items():
+        feasible = space.feasible(PAPER)
+        assert feasible, name
+        assert len(feasible) <= len(list(space.grid()))
+    assert all(2 * (c["block_M"] * 128 + c["num_stages"] * 128 * 128) <= SMEM_LIMIT
+               for c in SPACES["index_block_scores"].feasible(PAPER))

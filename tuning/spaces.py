@@ -1,0 +1,107 @@
+"""Search spaces of the TileLang programs, with constraints that reject impossible configs before compiling.
+
+Each program has a grid of choices (``SPACES[program].params``) and a
+``reject(config, shape)`` that returns why a config cannot work on Hopper at
+that shape (shared memory over the per-block limit, accumulators over the
+register file, tiles that break the kernel's layout assumptions), or None.
+``shape`` holds the problem's dims: groups, heads, head_dim, index_dim,
+block_size, topk, seq.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
+REG_FILE = 64 * 1024  # 32-bit registers per SM
+MAX_REGS_PER_THREAD = 255
+
+
+@dataclass(frozen=True)
+class Space:
+    params: dict = field(default_factory=dict)  # name -> tuple of choices
+    reject: Callable[[dict, dict], "str | None"] = lambda config, shape: None
+
+    def grid(self):
+        names = list(self.params)
+        for values in itertools.product(*(self.params[n] for n in names)):
+            yield dict(zip(names, values))
+
+    def feasible(self, shape: dict):
+        """Every config of the grid that passes the constraints at ``shape``."""
+        return [c for c in self.grid() if self.reject(c, shape) is None]
+
+
+def _acc_regs(rows: int, cols: int, threads: int) -> int:
+    """32-bit registers per thread for an fp32 [rows, cols] fragment spread over ``threads``."""
+    return rows * cols // threads
+
+
+def _reject_index(config, shape, *, stored_scores: bool):
+    rows, Bk, Di = config["block_M"], shape["block_size"], shape["index_dim"]
+    if rows > shape["groups"] * Bk:
+        return f"block_M {rows} spans more tokens than one key block ({shape['groups']} x {Bk} rows)"
+    if rows < 64:
+        return "block_M below 64 rows cannot use wgmma"
+    smem = 2 * (rows * Di + config["num_stages"] * Bk * Di) + (0 if stored_scores else 4 * rows)
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    regs = _acc_regs(rows, Bk, config["threads"]) + (0 if stored_scores else 2 * shape["topk"])
+    if regs > MAX_REGS_PER_THREAD - 40:
+        return f"about {regs} accumulator registers per thread leave too few for the rest"
+    if not stored_scores and config["threads"] < rows:
+        return "the fused select gives each row its own thread: threads must be >= block_M"
+    return None
+
+
+def _reject_topk(config, shape):
+    smem = 4 * config["block_M"] * (config["col_tile"] + 1)
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if config["block_M"] > shape["groups"] * shape["block_size"]:
+        return "block_M spans more tokens than one key block"
+    return None
+
+
+def _reject_attention(config, shape):
+    R = shape["heads"] // shape["groups"]
+    if config["block_rows"] % R:
+        return f"block_rows {config['block_rows']} is not a whole number of queries x {R} heads"
+    D, Bk = shape["head_dim"], shape["block_size"]
+    smem = 2 * (2 * Bk * D + config["block_rows"] * D) + 8 * config["block_rows"] // R
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    # S (fp32) and O (fp32) live together; P (bf16) reuses S's registers. Calibrated with ptxas:
+    # 128 rows x 128 keys x 128 dims on 128 threads is 256 by this count and compiles to 254, no spills.
+    regs = _acc_regs(config["block_rows"], Bk, config["threads"]) + _acc_regs(config["block_rows"], D, config["threads"])
+    if regs > MAX_REGS_PER_THREAD + 1:
+        return f"about {regs} accumulator registers per thread for S and O"
+    return None
+
+
+def _reject_combine(config, shape):
+    if config["rows"] * shape["head_dim"] // config["threads"] > 128:
+        return "too many accumulator registers per thread"
+    return None
+
+
+def _reject_schedule(config, shape):
+    partial_bytes = config["query_chunk"] * shape["heads"] * shape["topk"] * shape["head_dim"] * 2
+    if partial_bytes > 8 * 2**30:
+        return f"partials of one chunk take {partial_bytes / 2**30:.0f} GiB > 8 GiB"
+    return None
+
+
+SPACES = {
+    "index_block_scores": Space(
+        dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
+        lambda c, s: _reject_index(c, s, stored_scores=True)),
+    "index_select_fused": Space(
+        dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
+        lambda c, s: _reject_index(c, s, stored_scores=False)),
+    "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk),
+    "kv_outer_attention": Space(dict(block_rows=(64, 128, 256), threads=(128, 256)), _reject_attention),
+    "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine),
+    "schedule": Space(dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768)),
+                      _reject_schedule),
+}
