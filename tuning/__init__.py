@@ -1,5 +1,8 @@
-"""The Optuna autotuner for the TileLang programs (search spaces, study runner, config cache).
+"""The autotuner: search spaces (``spaces``), the Optuna study runner (``search``) and the config cache (``cache``).
 
-Filled by the autotuner issue; until then no program has tunable configs and
-every kernel uses its documented defaults.
+Built so far: constraint-checked search spaces for every TileLang program, a
+JSON cache with user -> shipped -> default lookup, and resumable SQLite-backed
+Optuna studies. Still to come: the GPU objective (check against the reference,
+then time), the ``msa-tl tune`` command, the kernels reading the cache, and
+shipped H100 configs.
 """

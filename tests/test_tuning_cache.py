@@ -1,0 +1,77 @@
+"""The tuned-config cache: round trip, fall-through, corrupted files, concurrent writers."""
+
+import json
+import logging
+import multiprocessing
+
+import pytest
+
+from msa_tl.tuning import cache as C
+
+GPU = C.gpu_key("NVIDIA H100 80GB HBM3", "9.0")
+SHAPE = dict(groups=4, index_dim=128, block_size=128, topk=16, seq=100_000)
+DEFAULTS = dict(block_M=128, num_stages=2)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / "user"))
+    monkeypatch.setattr(C, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(C, "_WARNED", set())
+
+
+def test_shape_key_buckets_sequence_length_and_keeps_other_dims():
+    assert C.shape_key("p", SHAPE) == C.shape_key("p", dict(SHAPE, seq=131072))
+    assert C.shape_key("p", SHAPE) != C.shape_key("p", dict(SHAPE, seq=131073))
+    assert C.shape_key("p", SHAPE) != C.shape_key("p", dict(SHAPE, groups=8))
+    assert GPU == "NVIDIA H100 80GB HBM3 (sm_90)"
+
+
+def test_round_trip(tmp_path):
+    cache = C.ConfigCache(tmp_path / "c.json")
+    cache.put(GPU, "k", {"config": {"block_M": 64}, "ms": 1.5})
+    assert cache.get(GPU, "k") == {"config": {"block_M": 64}, "ms": 1.5}
+    assert cache.get(GPU, "other") is None and cache.get("other gpu", "k") is None
+
+
+def test_lookup_falls_through_user_then_shipped_then_default():
+    key = C.shape_key("index_select_fused", SHAPE)
+    assert C.lookup("index_select_fused", SHAPE, DEFAULTS, GPU) == (DEFAULTS, "default")
+    C.SHIPPED_DIR.mkdir(parents=True)
+    C.ConfigCache(C.SHIPPED_DIR / "h100.json").put(GPU, key, {"config": {"num_stages": 3}})
+    assert C.lookup("index_select_fused", SHAPE, DEFAULTS, GPU) == (dict(block_M=128, num_stages=3), "shipped")
+    C.user_cache().put(GPU, key, {"config": {"block_M": 256}})
+    assert C.lookup("index_select_fused", SHAPE, DEFAULTS, GPU) == (dict(block_M=256, num_stages=2), "user")
+    assert C.lookup("index_select_fused", SHAPE, DEFAULTS, "another GPU (sm_80)") == (DEFAULTS, "default")
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "someone-else/3", "entries": {}}), "[1, 2]"])
+def test_corrupted_or_foreign_file_warns_once_and_falls_back(content, caplog):
+    path = C.user_cache().path
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="msa_tl"):
+        for _ in range(3):
+            assert C.lookup("index_select_fused", SHAPE, DEFAULTS, GPU) == (DEFAULTS, "default")
+    assert sum("ignoring config cache" in r.getMessage() for r in caplog.records) == 1
+    C.user_cache().put(GPU, "k", {"config": {"block_M": 64}})  # a writer replaces the bad file
+    assert C.user_cache().get(GPU, "k") == {"config": {"block_M": 64}}
+
+
+def _write_many(path, writer, count):
+    cache = C.ConfigCache(path)
+    for i in range(count):
+        cache.put(GPU, f"writer{writer}-{i}", {"config": {"i": i}})
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "shared.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(path, w, 25)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = C.ConfigCache(path).load()[GPU]
+    assert set(entries) == {f"writer{w}-{i}" for w in range(2) for i in range(25)}

@@ -1,0 +1,98 @@
+"""Tuned configs: JSON keyed by GPU (name and compute capability), program and shape bucket.
+
+Lookup order: the user cache (``$MSA_TL_CACHE_DIR`` or ``~/.cache/msa_tl``,
+file ``configs.json``), then the configs shipped in ``msa_tl/tuning/configs/*.json``,
+then the kernel's documented default. A corrupted or foreign file is ignored
+with one warning. Writers take a file lock, merge into what is on disk, write a
+temp file and rename it, so concurrent tuners lose no entries.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("msa_tl")
+
+FORMAT = "msa-tl-configs/1"
+CACHE_ENV = "MSA_TL_CACHE_DIR"
+SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
+SEQ_BUCKETS = (8192, 32768, 131072, 524288, 1 << 31)
+_WARNED: set = set()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "msa_tl")
+
+
+def gpu_key(name: str, capability: str) -> str:
+    """'NVIDIA H100 80GB HBM3 (sm_90)'."""
+    return f"{name} (sm_{capability.replace('.', '')})"
+
+
+def shape_key(program: str, shape: dict) -> str:
+    """Program plus shape bucket: sequence length rounded up to a bucket, every other dim exact."""
+    seq = shape.get("seq")
+    bucket = next(b for b in SEQ_BUCKETS if seq is None or seq <= b)
+    dims = ",".join(f"{k}={shape[k]}" for k in sorted(shape) if k != "seq")
+    return f"{program}|seq<={bucket}|{dims}"
+
+
+class ConfigCache:
+    """One JSON file: {"format": FORMAT, "entries": {gpu_key: {shape_key: {"config": {...}, ...}}}}."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def load(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+                raise ValueError(f"not an {FORMAT} file")
+            return data["entries"]
+        except (OSError, ValueError) as exc:
+            if str(self.path) not in _WARNED:
+                _WARNED.add(str(self.path))
+                logger.warning("msa_tl: ignoring config cache %s (%s)", self.path, exc)
+            return {}
+
+    def get(self, gpu: str, key: str):
+        entry = self.load().get(gpu, {}).get(key)
+        return entry if isinstance(entry, dict) and isinstance(entry.get("config"), dict) else None
+
+    def put(self, gpu: str, key: str, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self.load()
+            entries.setdefault(gpu, {})[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+
+
+def user_cache() -> ConfigCache:
+    return ConfigCache(cache_dir() / "configs.json")
+
+
+def shipped_caches() -> list:
+    return [ConfigCache(p) for p in sorted(SHIPPED_DIR.glob("*.json"))]
+
+
+def lookup(program: str, shape: dict, defaults: dict, gpu: str) -> tuple:
+    """(config, source) for ``program`` at ``shape`` on ``gpu``: 'user', 'shipped' or 'default'.
+
+    A cached config overrides only the keys it names, on top of ``defaults``.
+    """
+    key = shape_key(program, shape)
+    for source, caches in (("user", [user_cache()]), ("shipped", shipped_caches())):
+        for cache in caches:
+            entry = cache.get(gpu, key)
+            if entry is not None:
+                return {**defaults, **entry["config"]}, source
+    return dict(defaults), "default"
