@@ -18,6 +18,7 @@ Entries of future blocks (blk > t // Bk) are not written.
 import math
 
 import tilelang.language as T
+import torch
 
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
@@ -76,8 +77,6 @@ def block_scores(q_idx, k_idx, block_size: int, index_scale=None,
     S [B, C, G, nblk] float32 (``out`` may supply a contiguous buffer of at least
     B * C * G * nblk elements). Only visible blocks (blk <= t // Bk) are written.
     """
-    import torch
-
     B, N, G, Di = q_idx.shape
     C = N - query_start if query_count is None else query_count
     nblk = math.ceil(N / block_size)

@@ -24,8 +24,9 @@ common case once the list fills.
 import math
 
 import tilelang.language as T
+import torch
 
-from msa_tl.index_scores import row_tile
+from msa_tl.index_scores import block_scores, row_tile
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
@@ -148,10 +149,6 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
     matters to the unfused path's scores: a positive scale does not change ranks.
     ``out`` may supply the contiguous int32 [B, N, G, topk] result tensor.
     """
-    import torch
-
-    from msa_tl.index_scores import block_scores
-
     B, N, G, Di = q_idx.shape
     if out is None:
         out = torch.empty((B, N, G, topk), device=q_idx.device, dtype=torch.int32)

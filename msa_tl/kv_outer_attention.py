@@ -18,7 +18,10 @@ in query chunks with a fixed workspace.
 import math
 
 import tilelang.language as T
+import torch
 
+from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
+from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 ATTENTION_DEFAULTS = dict(block_rows=128, threads=128)
@@ -98,19 +101,14 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk: int = 16384,
-                     item_queries=None, partial_dtype=None, out=None, lse_out=None):
+                             item_queries=None, partial_dtype=None, out=None, lse_out=None):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
     [B, N, G, topk] int32 (-1 = unused) -> (o [B, N, Hq, D] in q's dtype,
-    lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace: B * chunk * Hq * topk * (D * partial
-    bytes + 4) plus the schedule; it does not grow with N.
+    lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
+    B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule; it does not grow with N.
     """
-    import torch
-
-    from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
-    from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule
-
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

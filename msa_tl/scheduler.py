@@ -24,6 +24,9 @@ The attention grid is bounded without reading anything back:
 import math
 
 import tilelang.language as T
+import torch
+
+from msa_tl.tl_compile import compiled_kernel
 
 DEFAULTS = dict(item_queries=256)  # H100 sweep at 128K: 256 beats 1024 and 4096 (NOTES.md)
 _THREADS = 256
@@ -143,8 +146,6 @@ class Schedule:
     """Device buffers of one chunk's schedule (reused across chunks of the same size)."""
 
     def __init__(self, batch, groups, n_blocks, chunk, topk, item_queries, device):
-        import torch
-
         n_bg = batch * groups
         self.item_queries = item_queries
         self.max_items = max_items(n_blocks, chunk, topk, item_queries)
@@ -157,8 +158,6 @@ class Schedule:
 
     def build(self, indices, t0: int, chunk: int) -> "Schedule":
         """Fill the buffers for queries t0 .. t0+chunk-1 of ``indices`` [B, N, G, topk] (int32, contiguous)."""
-        from msa_tl.tl_compile import compiled_kernel
-
         B, N, G, topk = indices.shape
         flat = indices.view(B, N * G * topk)
         self.counts.zero_()

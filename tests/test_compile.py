@@ -6,7 +6,7 @@ import pytest
 
 tilelang = pytest.importorskip("tilelang")
 
-from msa_tl import index_scores, index_topk  # noqa: E402
+from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, scheduler  # noqa: E402
 from msa_tl.tl_compile import lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
@@ -34,9 +34,6 @@ def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
     kernel = tilelang.compile(builder(**config), target=sm90_target())
     assert "__global__" in kernel.get_kernel_source()
-
-
-from msa_tl import kv_outer_attention, lse_combine, scheduler  # noqa: E402
 
 MAIN_PROGRAMS = [
     (scheduler.histogram_program, dict(groups=4, topk=16)),
