@@ -1,6 +1,7 @@
 """Dense causal GQA attention baselines and the GPU's own ceilings.
 
     python -m benchmarks.bench_dense [--seq-lens 8192 32768 131072]
+    python -m benchmarks.bench_dense --scaled 131072 1048576   # fewer heads, scaled
 
 Times torch SDPA (cuDNN and flash backends), forward and forward+backward, at
 the paper's layer shape (B=1, Hq=64, Hkv=4, D=128, bf16), plus a bf16 GEMM and
@@ -84,13 +85,54 @@ def bench_ceilings(table: BenchTable) -> None:
         print(f"  {row['what']}: {row['rate']:.0f} {row['unit']}", flush=True)
 
 
+def bench_scaled_forward(table: BenchTable, seq: int, heads: int, kv_heads: int, D=128, full_heads=64, runs=3) -> None:
+    """cuDNN forward with fewer heads (same GQA ratio), scaled by full_heads / heads to the paper shape.
+
+    For lengths where one call takes seconds: CUDA events, one warm-up, the median of ``runs``.
+    """
+    q = torch.randn(1, heads, seq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv_heads, seq, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def step():
+        with sdpa_kernel(BACKENDS["cudnn"]):
+            return scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    step()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times)[len(times) // 2]
+    scale = full_heads / heads
+    flops = causal_attention_flops(1, seq, heads, D)
+    table.add(op="sdpa_causal", backend="cudnn", **{"pass": "fwd"}, B=1, N=seq, Hq=heads, Hkv=kv_heads, D=D,
+              dtype="bf16", gqa="native", ms=ms, tflops=flops / ms / 1e9,
+              note=f"timed with {heads} heads, scaled x{scale:g} to Hq={full_heads}: {ms * scale:.1f} ms")
+    print(f"  sdpa cudnn fwd N={seq:>8} Hq={heads} Hkv={kv_heads}: {ms:9.1f} ms ({flops / ms / 1e9:.0f} TFLOP/s)"
+          f" -> x{scale:g} = {ms * scale:.1f} ms at Hq={full_heads}", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--results-root", default=None, help="write CSVs under ROOT/<gpu>/ (default benchmarks/results)")
+    parser.add_argument("--scaled", type=int, nargs="*", default=None, metavar="N",
+                        help="only time cuDNN forward at these lengths with Hq=16, Hkv=1 and scale to Hq=64 "
+                             "(writes dense_scaled.csv)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_dense needs a CUDA GPU")
+    if args.scaled:
+        scaled = BenchTable("dense_scaled")
+        for seq in args.scaled:
+            bench_scaled_forward(scaled, seq, heads=16, kv_heads=1)
+        print(scaled.markdown(["N", "Hq", "Hkv", "ms", "tflops", "note"]))
+        print("wrote", scaled.write_csv(args.results_root) if args.results_root else scaled.write_csv())
+        return
 
     ceilings = BenchTable("ceilings")
     bench_ceilings(ceilings)

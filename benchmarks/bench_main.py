@@ -39,6 +39,18 @@ def realistic_selection(N):
     return sel[None, :, None, :].expand(B, N, G, TOPK).contiguous()
 
 
+def paper_inputs(N):
+    """Random bf16 q [B, N, Hq, D], k, v [B, N, G, D], q_idx [B, N, G, D], k_idx [B, N, D] on the GPU."""
+    shapes = [(B, N, HQ, D), (B, N, G, D), (B, N, G, D), (B, N, G, D), (B, N, D)]
+    return [torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
+
+
+def selections(q_idx, k_idx):
+    """("random", the index kernels' selection on random projections), then ("realistic", the fixed pattern)."""
+    yield "random", select_blocks(q_idx, k_idx, BK, TOPK)
+    yield "realistic", realistic_selection(q_idx.shape[1])
+
+
 def fla_selected_attention():
     try:
         from fla.ops.nsa.parallel import ParallelNSAFunction
@@ -66,13 +78,9 @@ def main(argv=None):
     fla = fla_selected_attention()
     for N in args.seq_lens:
         row = dict(B=B, N=N, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, dtype="bf16")
-        q = torch.randn(B, N, HQ, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, N, G, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        q_idx = torch.randn(B, N, G, D, device="cuda", dtype=torch.bfloat16)
-        k_idx = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
+        q, k, v, q_idx, k_idx = paper_inputs(N)
         o = torch.empty_like(q)
-        for kind in ("random", "realistic"):
-            idx = select_blocks(q_idx, k_idx, BK, TOPK) if kind == "random" else realistic_selection(N)
+        for kind, idx in selections(q_idx, k_idx):
             chosen = (idx >= 0).sum().item()
             flops = 4 * D * BK * chosen * (HQ // G)
             ms = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o), rep_ms=2000)

@@ -1,5 +1,7 @@
 """Registers the TileLang kernels with the dispatcher (importing tilelang only when one first runs)."""
 
+import os
+
 import torch
 
 from msa_tl.ops.dispatch import register_kernel
@@ -37,7 +39,29 @@ def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block
             and block_size in INDEX_BLOCK_SIZES and 128 % heads_per_group == 0)
 
 
+# Below this many queries the Q-outer kernel would run. Measured on the H100 at the paper shape
+# (benchmarks/results/h100/main_paths.csv) it is 1.4-2.5x slower than KV-outer at every length from
+# 2K to 128K, so KV-outer runs everywhere; MSA_TL_ATTENTION_PATH=q_outer picks it by hand (it needs no
+# workspace).
+Q_OUTER_MAX_SEQ = 0
+ATTENTION_PATHS = ("q_outer", "kv_outer")
+
+
+def attention_path(seq_len: int) -> str:
+    """Which main-branch kernel runs a sequence of ``seq_len`` queries: "q_outer" or "kv_outer"."""
+    forced = os.environ.get("MSA_TL_ATTENTION_PATH")
+    if forced:
+        if forced not in ATTENTION_PATHS:
+            raise ValueError(f"MSA_TL_ATTENTION_PATH must be one of {ATTENTION_PATHS}, got {forced!r}")
+        return forced
+    return "q_outer" if seq_len < Q_OUTER_MAX_SEQ else "kv_outer"
+
+
 def _sparse_attention(q, k, v, indices, *, block_size, scale):
+    if attention_path(q.shape[1]) == "q_outer":
+        from msa_tl.q_outer_attention import q_outer_attention_forward
+
+        return q_outer_attention_forward(q, k, v, indices, block_size, scale)
     from msa_tl.kv_outer_attention import sparse_attention_forward
 
     return sparse_attention_forward(q, k, v, indices, block_size, scale)

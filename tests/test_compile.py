@@ -6,7 +6,7 @@ import pytest
 
 tilelang = pytest.importorskip("tilelang")
 
-from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, scheduler  # noqa: E402
+from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, q_outer_attention, scheduler  # noqa: E402
 from msa_tl.tl_compile import lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
@@ -43,6 +43,9 @@ MAIN_PROGRAMS = [
     (kv_outer_attention.kv_outer_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
                                                partial_dtype="float32")),
     (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16)),
+    (q_outer_attention.q_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
+    (q_outer_attention.q_outer_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
+                                             num_stages=1, dtype="float16")),
 ]
 
 
@@ -52,10 +55,13 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
     assert "__global__" in source
     if builder is kv_outer_attention.kv_outer_program:
         assert "wgmma" in source
+    if builder is q_outer_attention.q_outer_program:  # M = R rows: mma.sync, with K/V blocks loaded by TMA
+        assert "mma_sync" in source and "tma_load" in source
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_kv_outer_attention_compiles_with_nvcc(tmp_path, monkeypatch):
+@pytest.mark.parametrize("index", [3, 6], ids=["kv_outer", "q_outer"])
+def test_attention_compiles_with_nvcc(index, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
-    builder, config = MAIN_PROGRAMS[3]
+    builder, config = MAIN_PROGRAMS[index]
     assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()

@@ -51,3 +51,17 @@ def test_kernel_for_logs_the_reference_once_per_stage_and_device(monkeypatch, ca
 def test_register_kernel_rejects_unknown_stages():
     with pytest.raises(ValueError, match="unknown stage"):
         dispatch.register_kernel("decode", lambda: None, lambda device, **shape: True)
+
+
+def test_attention_path_switches_at_the_measured_crossover(monkeypatch):
+    monkeypatch.delenv("MSA_TL_ATTENTION_PATH", raising=False)
+    for n in (1, 2048, kernels.Q_OUTER_MAX_SEQ - 1, kernels.Q_OUTER_MAX_SEQ, 1 << 20):
+        assert kernels.attention_path(n) == ("q_outer" if n < kernels.Q_OUTER_MAX_SEQ else "kv_outer")
+
+
+def test_attention_path_can_be_forced_and_rejects_unknown_paths(monkeypatch):
+    monkeypatch.setenv("MSA_TL_ATTENTION_PATH", "q_outer")
+    assert kernels.attention_path(1 << 20) == "q_outer"
+    monkeypatch.setenv("MSA_TL_ATTENTION_PATH", "fastest")
+    with pytest.raises(ValueError, match="MSA_TL_ATTENTION_PATH"):
+        kernels.attention_path(1024)

@@ -35,12 +35,17 @@ def attention_inputs(B, N, Hq, G, D):
     return [torch.randn(B, N, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, G, G)]
 
 
-def check_against_reference(q, k, v, indices, Bk, **kw):
+def forward_of(path):
     from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.q_outer_attention import q_outer_attention_forward
 
+    return {"kv_outer": sparse_attention_forward, "q_outer": q_outer_attention_forward}[path]
+
+
+def check_against_reference(q, k, v, indices, Bk, path="kv_outer", **kw):
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
-    sparse_attention_forward(q, k, v, indices, Bk, out=o, lse_out=lse, **kw)
+    forward_of(path)(q, k, v, indices, Bk, out=o, lse_out=lse, **kw)
     ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all(), "unwritten or non-finite outputs"
     rel = ((o.double() - ref_o).norm() / ref_o.norm()).item()
@@ -50,12 +55,22 @@ def check_against_reference(q, k, v, indices, Bk, **kw):
     return o, lse
 
 
+@pytest.mark.parametrize("path", ["kv_outer", "q_outer"])
 @pytest.mark.parametrize("kind", ["random", "realistic", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk", [(1, 2125, 64, 4, 128, 128, 16), (2, 1000, 16, 2, 64, 64, 8)],
                          ids=["paper-ragged", "b2-Bk64"])
-def test_kv_outer_matches_reference(kind, B, N, Hq, G, D, Bk, topk):
+def test_main_branch_matches_reference(path, kind, B, N, Hq, G, D, Bk, topk):
     q, k, v = attention_inputs(B, N, Hq, G, D)
-    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk)
+    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, path=path)
+
+
+@pytest.mark.parametrize("num_stages", [1, 3])
+@pytest.mark.parametrize("Hq,G", [(8, 8), (32, 2), (64, 4)], ids=["R1", "R16", "R16-paper"])
+def test_q_outer_gqa_ratios_and_stages(Hq, G, num_stages):
+    B, N, D, Bk, topk = 2, 1100, 128, 64, 6
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, path="q_outer",
+                            num_stages=num_stages)
 
 
 @pytest.mark.parametrize("Hq,G", [(8, 8), (32, 1), (64, 4)], ids=["R1", "R32", "R16"])
@@ -66,11 +81,12 @@ def test_gqa_ratios_chunks_and_split_hot_blocks(Hq, G):
     check_against_reference(q, k, v, selection("hot", B, N, G, Bk, topk), Bk, query_chunk=256, item_queries=48)
 
 
-def test_full_budget_equals_dense_attention():
+@pytest.mark.parametrize("path", ["kv_outer", "q_outer"])
+def test_full_budget_equals_dense_attention(path):
     B, N, Hq, G, D, Bk = 1, 1024, 16, 4, 128, 128
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection("random", B, N, G, Bk, N // Bk)
-    o, _ = check_against_reference(q, k, v, indices, Bk)
+    o, _ = check_against_reference(q, k, v, indices, Bk, path=path)
     dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=True).transpose(1, 2)
     assert ((o.double() - dense.double()).norm() / dense.double().norm()).item() <= 1e-2

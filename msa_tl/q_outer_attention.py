@@ -1,0 +1,120 @@
+"""Q-outer sparse attention (TileLang): a CTA per (query, group) walks the query's chosen blocks.
+
+The baseline beside :mod:`msa_tl.kv_outer_attention`, and the short-sequence path.
+The group's R = Hq / G heads of one query are the M rows (16 at the paper's
+shape); for each of its ``topk`` blocks the CTA loads K/V[blk] (strided rows of
+``[B, N, G, D]``) and runs one online-softmax step, masking causally only in
+the query's own block. Output and LSE are final: no partials, no combine, no
+workspace. Each K/V block is loaded once per query that chose it (k * 2 * Bk * D
+bytes per query and group, mostly L2 hits when neighbours share blocks), and
+the MMAs have only R rows, so the kernel is bound by loads, not tensor cores.
+"""
+
+import math
+
+import tilelang.language as T
+import torch
+
+from msa_tl.tl_compile import compiled_kernel, tl_dtype
+
+Q_OUTER_DEFAULTS = dict(threads=128, num_stages=2)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
+                    threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+    """Q [B, N, Hq, D], K/V [B, N, G, D], Indices [B, N, G, topk] -> O [B, N, Hq, D], LSE [B, N, Hq] (fp32, natural log)."""
+    batch, seq = T.dynamic("batch, seq")
+    R = heads // groups
+    M = max(R, 16)  # MMA rows: fewer heads per group than one m16 tile are padded with zero rows
+    neg_inf = -T.infinity("float32")
+    scale_log2 = scale * _LOG2E
+
+    @T.prim_func
+    def q_outer_attention(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+    ):
+        with T.Kernel(seq, batch * groups, threads=threads) as (t, bg):
+            Q_s = T.alloc_shared((M, head_dim), dtype)
+            K_s = T.alloc_shared((block_size, head_dim), dtype)
+            V_s = T.alloc_shared((block_size, head_dim), dtype)
+            O_s = T.alloc_shared((M, head_dim), dtype)
+            # M = R rows is one MMA tile, so the warps split the columns. TileLang 0.1.15 cannot reduce such a
+            # column-split fragment across warps, so the scores go through shared memory to a row-owned fragment.
+            S_s = T.alloc_shared((M, block_size), "float32")
+            P_s = T.alloc_shared((M, block_size), dtype)
+            acc_s = T.alloc_fragment((M, block_size), "float32")
+            scores = T.alloc_fragment((M, block_size), "float32")
+            acc_o = T.alloc_fragment((M, head_dim), "float32")
+            row_max = T.alloc_fragment((M,), "float32")
+            prev_max = T.alloc_fragment((M,), "float32")
+            block_sum = T.alloc_fragment((M,), "float32")
+            row_sum = T.alloc_fragment((M,), "float32")
+            rescale_s = T.alloc_shared((M,), "float32")
+            b = bg // groups
+            g = bg % groups
+            if M > R:
+                for r, d in T.Parallel(M, head_dim):
+                    Q_s[r, d] = T.if_then_else(r < R, Q[b, t, g * R + r % R, d], 0)
+            else:
+                T.copy(Q[b, t, g * R:(g + 1) * R, :], Q_s)
+            T.clear(acc_o)
+            T.clear(row_sum)
+            T.fill(row_max, neg_inf)
+            for s in T.Pipelined(topk, num_stages=num_stages):
+                blk = Indices[b, t, g, s]
+                if blk >= 0:
+                    T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
+                    # causal mask as an additive bias; only the query's own block has keys after t
+                    for r, c in T.Parallel(M, block_size):
+                        acc_s[r, c] = T.if_then_else(blk * block_size + c <= t, 0, neg_inf)
+                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+                    T.copy(acc_s, S_s)
+                    T.copy(S_s, scores)
+                    T.copy(row_max, prev_max)
+                    T.reduce_max(scores, row_max, dim=1, clear=False)
+                    for r, c in T.Parallel(M, block_size):
+                        scores[r, c] = T.exp2((scores[r, c] - row_max[r]) * scale_log2)
+                    T.reduce_sum(scores, block_sum, dim=1)
+                    for r in T.Parallel(M):
+                        rescale_s[r] = T.exp2((prev_max[r] - row_max[r]) * scale_log2)
+                        row_sum[r] = row_sum[r] * rescale_s[r] + block_sum[r]
+                    T.copy(scores, P_s)
+                    for r, d in T.Parallel(M, head_dim):
+                        acc_o[r, d] *= rescale_s[r]
+                    T.copy(V[b, blk * block_size:(blk + 1) * block_size, g, :], V_s)
+                    T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+            # the local block is always chosen, so row_sum > 0 for every valid selection
+            for r in T.Parallel(M):
+                rescale_s[r] = row_sum[r]
+            for r, d in T.Parallel(M, head_dim):
+                O_s[r, d] = acc_o[r, d] / rescale_s[r]
+            if M > R:
+                for r, d in T.Parallel(R, head_dim):
+                    O[b, t, g * R + r, d] = O_s[r, d]
+            else:
+                T.copy(O_s, O[b, t, g * R:(g + 1) * R, :])
+            for r in T.Parallel(M):
+                if r < R:
+                    LSE[b, t, g * R + r] = (row_max[r] * scale_log2 + T.log2(row_sum[r])) * _LN2
+
+    return q_outer_attention
+
+
+def q_outer_attention_forward(q, k, v, indices, block_size: int, scale=None, *, out=None, lse_out=None, **config):
+    """Main-branch forward, Q-outer. Shapes as :func:`msa_tl.kv_outer_attention.sparse_attention_forward`; no workspace."""
+    B, N, Hq, D = q.shape
+    G, topk = k.shape[2], indices.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    o = torch.empty_like(q) if out is None else out
+    lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
+    kernel = compiled_kernel(q_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
+                             scale=scale, dtype=tl_dtype(q.dtype), **{**Q_OUTER_DEFAULTS, **config})
+    kernel(q, k, v, indices, o, lse)
+    return o, lse
