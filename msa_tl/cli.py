@@ -1,4 +1,4 @@
-"""The ``msa-tl`` command: ``info`` and ``demo`` (later: ``check``, ``bench``, ``tune``)."""
+"""The ``msa-tl`` command: ``info``, ``demo`` and ``tune``."""
 
 from __future__ import annotations
 
@@ -38,7 +38,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"stages on {device.type}:")
     for stage, path in kernel_status(device).items():
         print(f"  {stage:<18} {path:<10} {STAGES[stage]}")
-    print("tuned configs: none shipped or cached yet (the autotuner is not built)")
+    from msa_tl.tuning.cache import user_cache
+    from msa_tl.tuning.tune import cached_entries
+
+    entries = cached_entries()
+    print(f"tuned configs: {len(entries)} (user cache {user_cache().path}; shipped with the package)")
+    for source, gpu, key, entry in entries:
+        timing = f", {entry['ms']:.4g} ms vs default {entry.get('default_ms', float('nan')):.4g} ms" if "ms" in entry else ""
+        print(f"  [{source}] {gpu} | {key} -> {entry['config']}{timing}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from msa_tl.benchmark import markdown_table
+    from msa_tl.tuning.tune import tune
+
+    shape = {k: getattr(args, k) for k in ("groups", "heads", "head_dim", "index_dim", "block_size", "topk")}
+    try:
+        table = tune(args.programs, args.seq_lens, shape=shape, trials=args.trials, timeout=args.timeout,
+                     jobs=args.jobs, objective=args.objective, storage=args.storage, save=not args.no_save)
+    except RuntimeError as exc:
+        print(f"msa-tl tune: {exc}", file=sys.stderr)
+        return 2
+    table = table.assign(config=table.config.map(lambda c: " ".join(f"{k}={v}" for k, v in c.items())))
+    print(markdown_table(table))
+    if args.objective == "gpu" and not args.no_save:
+        from msa_tl.tuning.cache import user_cache
+
+        print(f"saved the tuned configs to {user_cache().path}")
     return 0
 
 
@@ -98,6 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     demo.set_defaults(run=cmd_demo)
+    from msa_tl.tuning.objective import PAPER_SHAPE, PROGRAMS
+
+    tune_cmd = commands.add_parser("tune", help="search tile/stage/chunk sizes on this GPU and cache the winners")
+    tune_cmd.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS), metavar="P",
+                          help=f"programs to tune (default all: {' '.join(PROGRAMS)})")
+    tune_cmd.add_argument("--seq-lens", type=int, nargs="+", default=[PAPER_SHAPE["seq"]], metavar="N")
+    tune_cmd.add_argument("--trials", type=int, default=30, help="finished trials per (program, N), default 30")
+    tune_cmd.add_argument("--timeout", type=float, default=None, help="seconds per (program, N)")
+    tune_cmd.add_argument("--jobs", type=int, default=4, help="configs compiled in parallel on the CPU (default 4)")
+    tune_cmd.add_argument("--objective", choices=("gpu", "lowering"), default="gpu",
+                          help="gpu: check then time each config (default); lowering: CPU-only dry run of the search")
+    tune_cmd.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under the cache dir)")
+    tune_cmd.add_argument("--no-save", action="store_true", help="do not write the winners to the user cache")
+    for dim in ("groups", "heads", "head_dim", "index_dim", "block_size", "topk"):
+        tune_cmd.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=int, default=PAPER_SHAPE[dim],
+                              help=f"default {PAPER_SHAPE[dim]}")
+    tune_cmd.set_defaults(run=cmd_tune)
     args = parser.parse_args(argv)
     return args.run(args)
 

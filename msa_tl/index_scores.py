@@ -21,6 +21,7 @@ import tilelang.language as T
 import torch
 
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tuning.cache import tuned_config
 
 DEFAULTS = dict(block_M=128, num_stages=3, threads=128, heavy_first=False)  # best of the H100 sweep (NOTES.md)
 
@@ -85,8 +86,10 @@ def block_scores(q_idx, k_idx, block_size: int, index_scale=None,
         out = torch.empty(size, device=q_idx.device, dtype=torch.float32)
     S = out.view(-1)[:size].view(B, C * G, nblk)
     scale = 1.0 / math.sqrt(Di) if index_scale is None else float(index_scale)
+    shape = dict(groups=G, index_dim=Di, block_size=block_size, seq=N)
+    config = {**tuned_config("index_block_scores", shape, DEFAULTS, q_idx.device), **config}
     kernel = compiled_kernel(block_scores_program, groups=G, index_dim=Di, block_size=block_size, scale=scale,
-                             dtype=tl_dtype(q_idx.dtype), **{**DEFAULTS, **config})
+                             dtype=tl_dtype(q_idx.dtype), **config)
     kernel(q_idx.view(B, N * G, Di), k_idx, S, query_start)
     return S.view(B, C, G, nblk)
 

@@ -28,6 +28,7 @@ import torch
 
 from msa_tl.index_scores import block_scores, row_tile
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tuning.cache import tuned_config
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
 FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
@@ -147,20 +148,24 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
     otherwise block scores go through a buffer of B * query_chunk * G *
     ceil(N / Bk) float32 and the standalone top-k kernel. ``index_scale`` only
     matters to the unfused path's scores: a positive scale does not change ranks.
-    ``out`` may supply the contiguous int32 [B, N, G, topk] result tensor.
+    ``out`` may supply the contiguous int32 [B, N, G, topk] result tensor. ``config`` overrides the
+    tuned config (:func:`msa_tl.tuning.cache.tuned_config`) of the select kernel that runs.
     """
     B, N, G, Di = q_idx.shape
     if out is None:
         out = torch.empty((B, N, G, topk), device=q_idx.device, dtype=torch.int32)
     indices = out.view(B, N * G, topk)
+    shape = dict(groups=G, index_dim=Di, block_size=block_size, topk=topk, seq=N)
     if fused:
+        config = {**tuned_config("index_select_fused", shape, FUSED_DEFAULTS, q_idx.device), **(config or {})}
         kernel = compiled_kernel(fused_select_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
-                                 dtype=tl_dtype(q_idx.dtype), **{**FUSED_DEFAULTS, **(config or {})})
+                                 dtype=tl_dtype(q_idx.dtype), **config)
         kernel(q_idx.view(B, N * G, Di), k_idx, indices)
         return indices.view(B, N, G, topk)
     chunk = min(N, max(block_size, query_chunk // block_size * block_size))
     buffer = torch.empty(B * chunk * G * math.ceil(N / block_size), device=q_idx.device, dtype=torch.float32)
-    kernel = compiled_kernel(topk_program, groups=G, block_size=block_size, topk=topk, **TOPK_DEFAULTS)
+    config = {**tuned_config("index_topk", shape, TOPK_DEFAULTS, q_idx.device), **(config or {})}
+    kernel = compiled_kernel(topk_program, groups=G, block_size=block_size, topk=topk, **config)
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         S = block_scores(q_idx, k_idx, block_size, index_scale, t0, count, out=buffer)

@@ -23,6 +23,7 @@ import torch
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tuning.cache import tuned_config
 
 ATTENTION_DEFAULTS = dict(block_rows=128, threads=128)
 _LOG2E = 1.4426950408889634
@@ -100,21 +101,32 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     return kv_outer_attention
 
 
-def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk: int = 16384,
-                             item_queries=None, partial_dtype=None, out=None, lse_out=None):
+SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384)
+
+
+def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
+                             item_queries=None, partial_dtype=None, attention_config=None, combine_config=None,
+                             out=None, lse_out=None):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
     [B, N, G, topk] int32 (-1 = unused) -> (o [B, N, Hq, D] in q's dtype,
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule; it does not grow with N.
+    ``query_chunk``, ``item_queries`` and the two kernels' configs default to the tuned configs of
+    this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     partial_dtype = partial_dtype or torch.bfloat16
-    item_queries = item_queries or SCHEDULE_DEFAULTS["item_queries"]
-    chunk = min(N, query_chunk)
+    shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
+    schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
+    item_queries = item_queries or schedule_config["item_queries"]
+    chunk = min(N, query_chunk or schedule_config["query_chunk"])
+    attention_config = {**tuned_config("kv_outer_attention", shape, ATTENTION_DEFAULTS, q.device),
+                        **(attention_config or {})}
+    combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device)
@@ -122,9 +134,9 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
-                                scale=scale, dtype=dt, partial_dtype=pdt, **ATTENTION_DEFAULTS)
+                                scale=scale, dtype=dt, partial_dtype=pdt, **attention_config)
     combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, dtype=dt, partial_dtype=pdt,
-                              **COMBINE_DEFAULTS)
+                              **combine_config)
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         schedule.build(indices, t0, count)

@@ -16,6 +16,7 @@ import tilelang.language as T
 import torch
 
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tuning.cache import tuned_config
 
 Q_OUTER_DEFAULTS = dict(threads=128, num_stages=2)
 _LOG2E = 1.4426950408889634
@@ -114,7 +115,9 @@ def q_outer_attention_forward(q, k, v, indices, block_size: int, scale=None, *, 
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
+    shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
+    config = {**tuned_config("q_outer_attention", shape, Q_OUTER_DEFAULTS, q.device), **config}
     kernel = compiled_kernel(q_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
-                             scale=scale, dtype=tl_dtype(q.dtype), **{**Q_OUTER_DEFAULTS, **config})
+                             scale=scale, dtype=tl_dtype(q.dtype), **config)
     kernel(q, k, v, indices, o, lse)
     return o, lse

@@ -6,49 +6,14 @@ import pytest
 import torch
 
 from msa_tl import reference as R
+from msa_tl.checks import POISON_INDEX as POISON, assert_same_selection_up_to_ties
 
 pytestmark = pytest.mark.gpu
-POISON = -7
 
 
 def index_inputs(B, N, G, Di, dtype=torch.bfloat16):
     return (torch.randn(B, N, G, Di, device="cuda", dtype=dtype),
             torch.randn(B, N, Di, device="cuda", dtype=dtype))
-
-
-def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk):
-    """Every row: local block present, nothing from the future, min(topk, local+1) distinct blocks, -1 only
-    in trailing slots, and the chosen set equal to the reference's except for blocks whose reference score
-    ties the selection boundary within bf16 rounding."""
-    B, N, G, _ = q_idx.shape
-    assert indices.dtype == torch.int32 and indices.shape == (B, N, G, topk)
-    idx = indices.cpu().long()
-    assert not (idx == POISON).any(), "unwritten slots"
-    t = torch.arange(N)
-    local = (t // block_size)[None, :, None]
-    assert (idx[..., 0] == local).all(), "slot 0 holds the local block"
-    count = torch.clamp(local + 1, max=topk)
-    slot = torch.arange(topk)
-    assert ((idx >= 0) == (slot < count[..., None])).all(), "used slots first, -1 after, min(topk, local+1) used"
-    assert (idx <= local[..., None]).all(), "no block from the future"
-    chosen = torch.zeros(B, N, G, math.ceil(N / block_size) + 1, dtype=torch.bool)
-    chosen.scatter_(-1, torch.where(idx < 0, chosen.shape[-1] - 1, idx), True)
-    assert (chosen[..., :-1].sum(-1) == count).all(), "duplicate blocks"
-
-    ref = R.select_blocks(q_idx.cpu(), k_idx.cpu(), block_size, topk).long()
-    ref_chosen = torch.zeros_like(chosen)
-    ref_chosen.scatter_(-1, torch.where(ref < 0, chosen.shape[-1] - 1, ref), True)
-    differ = (chosen != ref_chosen).any(-1).nonzero().tolist()
-    if not differ:
-        return
-    scores = R.block_scores(q_idx.cpu(), k_idx.cpu(), block_size)  # [B, G, N, nblk] float64
-    for b, t_, g in differ:
-        row = scores[b, g, t_, : t_ // block_size].clone()  # non-local visible blocks
-        boundary = row.sort(descending=True).values[topk - 2].item()  # the (k-1)-th best score
-        for blk in (chosen[b, t_, g, :-1] ^ ref_chosen[b, t_, g, :-1]).nonzero().flatten().tolist():
-            gap = abs(row[blk].item() - boundary)
-            assert gap <= 2**-8 * max(1.0, abs(boundary)), (b, t_, g, blk, gap)
-    assert len(differ) <= max(2, B * N * G // 1000), f"{len(differ)} rows differ: more ties than bf16 explains"
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])

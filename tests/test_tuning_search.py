@@ -5,7 +5,8 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from msa_tl.tuning.search import lowering_cost, run_search  # noqa: E402
+from msa_tl.tuning.objective import lowering_cost  # noqa: E402
+from msa_tl.tuning.search import precompile, run_search  # noqa: E402
 
 PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
 
@@ -39,3 +40,44 @@ def test_infeasible_configs_are_pruned_and_errors_fail(tmp_path):
 
     failed = run_search("lse_combine", PAPER, broken, n_trials=2, storage=storage, gpu="test-broken")
     assert [t.state for t in failed.trials] == [optuna.trial.TrialState.FAIL] * 2
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_default_first_repeats_reuse_values_and_stale_trials_fail(tmp_path, batch):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    calls = []
+
+    def cost(config):  # a real function of the config, cheap enough to run many times
+        calls.append(dict(config))
+        return config["rows"] / config["threads"]
+
+    default = dict(rows=64, threads=128)
+    study = run_search("lse_combine", PAPER, cost, n_trials=12, storage=storage, gpu="t", default=default, batch=batch)
+    assert study.trials[0].params == default and calls[0] == default
+    assert len(study.trials) == 12
+    assert len(calls) == len({tuple(sorted(c.items())) for c in calls}), "a config was evaluated twice"
+    for t in study.trials:
+        if "repeat_of" in t.user_attrs:
+            assert t.value == study.trials[t.user_attrs["repeat_of"]].value
+    assert study.best_params == dict(rows=32, threads=256)
+    # a trial left RUNNING by a killed process is marked failed when the study resumes
+    study.ask()
+    resumed = run_search("lse_combine", PAPER, cost, n_trials=13, storage=storage, gpu="t")
+    assert resumed.trials[12].state == optuna.trial.TrialState.FAIL
+    assert resumed.trials[0].params == default, "the default is enqueued only for a new study"
+
+
+def test_parallel_precompile_reports_errors_per_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tl"))  # real nvcc runs
+    compile_batch = precompile("lse_combine", PAPER, jobs=2, target="sm90")
+    errors = compile_batch([dict(rows=64, threads=128), dict(rows=32, threads=128), dict(rows=64, threads=100)])
+    assert errors[:2] == [None, None]
+    assert errors[2] is not None and errors[2].startswith("compile:")
+
+
+def test_search_records_compile_errors_as_failed_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = run_search("lse_combine", PAPER, lambda config: 1.0, n_trials=3, storage=storage, gpu="t", batch=3,
+                       precompile=lambda configs: ["compile: boom"] * len(configs))
+    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs["error"] == "compile: boom"
+               for t in study.trials if "repeat_of" not in t.user_attrs)

@@ -1,8 +1,10 @@
-"""The autotuner: search spaces (``spaces``), the Optuna study runner (``search``) and the config cache (``cache``).
+"""The autotuner, one module per part.
 
-Built so far: constraint-checked search spaces for every TileLang program, a
-JSON cache with user -> shipped -> default lookup, and resumable SQLite-backed
-Optuna studies. Still to come: the GPU objective (check against the reference,
-then time), the ``msa-tl tune`` command, the kernels reading the cache, and
-shipped H100 configs.
+- ``spaces``: constraint-checked search spaces for every TileLang program.
+- ``objective``: the cost of a trial, either checked against the reference and then timed on the
+  GPU, or lowering time on the CPU.
+- ``search``: resumable SQLite Optuna studies, run in batches with parallel CPU compiles.
+- ``cache``: JSON winners, looked up user -> shipped -> default. Every kernel calls ``tuned_config``.
+- ``tune``: ``msa-tl tune``.
+Tuned configs that ship with the package live in ``configs/*.json``.
 """

@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from msa_tl.tuning.spaces import SPACES
+
 logger = logging.getLogger("msa_tl")
 
 FORMAT = "msa-tl-configs/1"
@@ -33,10 +35,15 @@ def gpu_key(name: str, capability: str) -> str:
 
 
 def shape_key(program: str, shape: dict) -> str:
-    """Program plus shape bucket: sequence length rounded up to a bucket, every other dim exact."""
+    """Program plus shape bucket: sequence length rounded up to a bucket, the program's other dims exact.
+
+    A program of :data:`SPACES` keys on its own dims only (the rest of ``shape`` is ignored); any
+    other name keys on every dim it is given.
+    """
     seq = shape.get("seq")
     bucket = next(b for b in SEQ_BUCKETS if seq is None or seq <= b)
-    dims = ",".join(f"{k}={shape[k]}" for k in sorted(shape) if k != "seq")
+    names = SPACES[program].dims if program in SPACES else sorted(k for k in shape if k != "seq")
+    dims = ",".join(f"{k}={shape[k]}" for k in sorted(names))
     return f"{program}|seq<={bucket}|{dims}"
 
 
@@ -96,3 +103,33 @@ def lookup(program: str, shape: dict, defaults: dict, gpu: str) -> tuple:
             if entry is not None:
                 return {**defaults, **entry["config"]}, source
     return dict(defaults), "default"
+
+
+def device_gpu_key(device) -> str:
+    """The cache's GPU key for a CUDA device."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return gpu_key(props.name, f"{props.major}.{props.minor}")
+
+
+_RESOLVED: dict = {}
+
+
+def tuned_config(program: str, shape: dict, defaults: dict, device) -> dict:
+    """The config a kernel runs with on ``device``: :func:`lookup`, remembered per process.
+
+    Logged once per (program, shape bucket, GPU) at INFO, saying where it came from.
+    """
+    gpu = device_gpu_key(device)
+    memo = (program, shape_key(program, shape), gpu)
+    if memo not in _RESOLVED:
+        config, source = lookup(program, shape, defaults, gpu)
+        logger.info("msa_tl: %s at %s on %s uses the %s config %s", program, memo[1], gpu, source, config)
+        _RESOLVED[memo] = config
+    return dict(_RESOLVED[memo])
+
+
+def forget_resolved() -> None:
+    """Drop the per-process memo of :func:`tuned_config` (after the tuner writes new winners)."""
+    _RESOLVED.clear()

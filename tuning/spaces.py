@@ -21,6 +21,7 @@ MAX_REGS_PER_THREAD = 255
 class Space:
     params: dict = field(default_factory=dict)  # name -> tuple of choices
     reject: Callable[[dict, dict], "str | None"] = lambda config, shape: None
+    dims: tuple = ()  # the shape dims the program depends on (its cache key; seq is bucketed separately)
 
     def grid(self):
         names = list(self.params)
@@ -79,6 +80,18 @@ def _reject_attention(config, shape):
     return None
 
 
+def _reject_q_outer(config, shape):
+    R = shape["heads"] // shape["groups"]
+    rows, D, Bk = max(R, 16), shape["head_dim"], shape["block_size"]
+    # Q, O, P (bf16) and S (fp32) once; K and V once per pipeline stage
+    smem = 2 * 2 * rows * D + 6 * rows * Bk + config["num_stages"] * 2 * 2 * Bk * D
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if Bk % (config["threads"] // 32 * 8):
+        return f"{config['threads'] // 32} warps cannot split {Bk} keys into 8-wide MMA columns"
+    return None
+
+
 def _reject_combine(config, shape):
     if config["rows"] * shape["head_dim"] // config["threads"] > 128:
         return "too many accumulator registers per thread"
@@ -92,16 +105,20 @@ def _reject_schedule(config, shape):
     return None
 
 
+ATTENTION_DIMS = ("groups", "heads", "head_dim", "block_size", "topk")
 SPACES = {
     "index_block_scores": Space(
         dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
-        lambda c, s: _reject_index(c, s, stored_scores=True)),
+        lambda c, s: _reject_index(c, s, stored_scores=True), ("groups", "index_dim", "block_size")),
     "index_select_fused": Space(
         dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
-        lambda c, s: _reject_index(c, s, stored_scores=False)),
-    "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk),
-    "kv_outer_attention": Space(dict(block_rows=(64, 128, 256), threads=(128, 256)), _reject_attention),
-    "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine),
+        lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
+    "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
+                        ("groups", "block_size", "topk")),
+    # threads=256 (two warpgroups on one tile) fails TileLang 0.1.15's layout inference for this kernel
+    "kv_outer_attention": Space(dict(block_rows=(64, 128, 256), threads=(128,)), _reject_attention, ATTENTION_DIMS),
+    "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
+    "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine, ("heads", "head_dim", "topk")),
     "schedule": Space(dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768)),
-                      _reject_schedule),
+                      _reject_schedule, ATTENTION_DIMS),
 }
