@@ -34,7 +34,9 @@ __all__ = [
     "select_blocks",
     "sparse_attention",
     "dense_attention",
+    "sparse_attention_backward",
     "kl_alignment_loss",
+    "kl_alignment_loss_backward",
     "msa_forward",
 ]
 
@@ -196,6 +198,53 @@ def sparse_attention(
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
+def sparse_attention_backward(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor | None,
+    block_size: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`sparse_attention`, written out (the oracle of the backward kernels).
+
+    do [B, N, Hq, D] and dlse [B, N, Hq] (or None) are the gradients of o and lse. With
+    P = softmax of the scaled masked scores, delta = rowsum(dO * O):
+
+        dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta + dlse),
+        dQ = scale * dS K,   dK = scale * dS^T Q
+
+    summed over the R = Hq / G heads of each group for dK / dV. Returns (dq, dk, dv) in float64,
+    shaped as q, k, v. P is recomputed one query chunk at a time.
+    """
+    B, N, Hq, D = q.shape
+    G = k.shape[2]
+    R = Hq // G
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kd, vd = k.double(), v.double()
+    dq = torch.empty((B, N, Hq, D), dtype=torch.float64, device=q.device)
+    dk = torch.zeros((B, N, G, D), dtype=torch.float64, device=q.device)
+    dv = torch.zeros_like(dk)
+    chunk = _query_chunk(B * Hq, N)
+    for t0 in range(0, N, chunk):
+        t1 = min(N, t0 + chunk)
+        C = t1 - t0
+        p, _ = _attention_probs(q[:, t0:t1], k, _chunk_mask(indices, t0, t1, N, block_size, q.device), scale)
+        do_c = do[:, t0:t1].double().view(B, C, G, R, D)
+        o_c = torch.einsum("bgrcj,bjgd->bcgrd", p, vd)
+        delta = (do_c * o_c).sum(-1).permute(0, 2, 3, 1)  # [B, G, R, C]
+        if dlse is not None:
+            delta = delta - dlse[:, t0:t1].double().view(B, C, G, R).permute(0, 2, 3, 1)
+        dv += torch.einsum("bgrcj,bcgrd->bjgd", p, do_c)
+        dp = torch.einsum("bcgrd,bjgd->bgrcj", do_c, vd)
+        ds = p * (dp - delta[..., None])
+        dq[:, t0:t1] = (scale * torch.einsum("bgrcj,bjgd->bcgrd", ds, kd)).reshape(B, C, Hq, D)
+        dk += scale * torch.einsum("bgrcj,bcgrd->bjgd", ds, q[:, t0:t1].double().view(B, C, G, R, D))
+    return dq, dk, dv
+
+
 def dense_attention(q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal GQA attention (the warmup mode's main branch): :func:`sparse_attention` over all keys."""
     return sparse_attention(q, k, v, None, block_size=1, scale=scale)
@@ -221,21 +270,58 @@ def kl_alignment_loss(
     :func:`select_blocks`; returns a float64 scalar. Gradients reach q_idx and
     k_idx only.
     """
-    B, N, Hq, D = q.shape
-    G = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    B, N, _, _ = q.shape
     total = q_idx.new_zeros((), dtype=torch.float64)
+    for _, _, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+        log_student = torch.log_softmax(s, dim=-1).masked_fill(~mask, 0.0)
+        total = total + (torch.xlogy(teacher, teacher) - teacher * log_student).sum()
+    return total / (B * N * k.shape[2])
+
+
+def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+    """Per query chunk: (t0, t1, mask [B|1, G|1, C, N], teacher [B, G, C, N] detached, masked index scores s)."""
+    B, N, Hq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     chunk = _query_chunk(B * Hq, N)
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
         mask = _chunk_mask(indices, t0, t1, N, block_size, q.device)
         with torch.no_grad():
             p, _ = _attention_probs(q[:, t0:t1].detach(), k.detach(), mask, scale)
-            teacher = p.mean(dim=2)  # [B, G, C, N]
         s = index_token_scores(q_idx[:, t0:t1], k_idx, index_scale, t0).masked_fill(~mask, _NEG_INF)
-        log_student = torch.log_softmax(s, dim=-1).masked_fill(~mask, 0.0)
-        total = total + (torch.xlogy(teacher, teacher) - teacher * log_student).sum()
-    return total / (B * N * G)
+        yield t0, t1, mask, p.mean(dim=2), s
+
+
+def kl_alignment_loss_backward(
+    dloss: torch.Tensor | float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    indices: torch.Tensor | None,
+    block_size: int,
+    scale: float | None = None,
+    index_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`kl_alignment_loss` for q_idx and k_idx, written out (the KL kernel's oracle).
+
+    Per (b, g, t) row, with teacher rows summing to 1 over the attended tokens:
+    d loss / d s_j = dloss * (student_j - teacher_j) / (B * N * G); then
+    dq_idx[t, g] = index_scale * sum_j ds_j k_idx[j] and dk_idx[j] = index_scale * sum_{t,g} ds_j q_idx[t, g].
+    Returns (dq_idx [B, N, G, Di], dk_idx [B, N, Di]) in float64.
+    """
+    B, N, _, _ = q.shape
+    G, Di = k.shape[2], k_idx.shape[-1]
+    index_scale = 1.0 / math.sqrt(Di) if index_scale is None else index_scale
+    weight = torch.as_tensor(dloss, dtype=torch.float64, device=q.device) / (B * N * G)
+    dq_idx = torch.empty((B, N, G, Di), dtype=torch.float64, device=q.device)
+    dk_idx = torch.zeros((B, N, Di), dtype=torch.float64, device=q.device)
+    for t0, t1, _, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+        student = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        ds = weight * (student - teacher)
+        dq_idx[:, t0:t1] = index_scale * torch.einsum("bgtj,bjd->btgd", ds, k_idx.double())
+        dk_idx += index_scale * torch.einsum("bgtj,btgd->bjd", ds, q_idx[:, t0:t1].double())
+    return dq_idx, dk_idx
 
 
 def msa_forward(

@@ -20,7 +20,9 @@ PAPER_SHAPE = dict(dtype=torch.bfloat16, heads=64, groups=4, head_dim=128, index
 STAGES = {
     "select_blocks": "index branch: block scoring + exp-free top-k",
     "sparse_attention": "main branch: attention over the chosen blocks",
+    "sparse_attention_backward": "main branch backward: dq, dk, dv",
     "kl_alignment_loss": "KL alignment loss of the index branch",
+    "kl_alignment_loss_backward": "KL alignment loss backward: dq_idx, dk_idx",
 }
 
 # stage -> (kernel, predicate on the device and the call's shape). Kernel modules register here.

@@ -1,22 +1,28 @@
 """The functional MSA API on ``[batch, seq, heads, dim]`` tensors.
 
-Each stage dispatches to its TileLang kernel where one is registered for the
-device (:mod:`msa_tl.ops.dispatch`) and otherwise to the float64 reference,
-whose result is cast back to the input dtype (LSE stays float32).
+Each function validates its inputs, resolves default scales and calls the stage's custom op
+(:mod:`msa_tl.ops.custom_ops`). The op runs the TileLang kernel where one is registered for the
+device (:mod:`msa_tl.ops.dispatch`), otherwise the float64 reference cast back to the input dtype
+(LSE and the loss stay float32). The ops carry their own backward and trace under ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from msa_tl import reference
-from msa_tl.ops.dispatch import kernel_for
+from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.validation import (
     check_attention_inputs,
     check_index_inputs,
     check_indices,
     check_options,
 )
+
+
+def _default_scale(scale: float | None, dim: int) -> float:
+    return 1.0 / math.sqrt(dim) if scale is None else float(scale)
 
 
 def select_blocks(
@@ -43,11 +49,7 @@ def select_blocks(
     """
     check_options(block_size=block_size, topk=topk, index_scale=index_scale)
     k_idx = check_index_inputs(q_idx, k_idx)
-    kernel = kernel_for("select_blocks", q_idx.device, dtype=q_idx.dtype, groups=q_idx.shape[2],
-                        index_dim=q_idx.shape[3], block_size=block_size, topk=topk)
-    if kernel is not None:
-        return kernel(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
-    return reference.select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+    return select_blocks_op(q_idx, k_idx, block_size, topk, _default_scale(index_scale, q_idx.shape[3]))
 
 
 def sparse_attention(
@@ -76,14 +78,7 @@ def sparse_attention(
     check_attention_inputs(q, k, v)
     B, N, _, _ = q.shape
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    kernel = kernel_for("sparse_attention", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
-                        head_dim=q.shape[3], block_size=block_size, topk=indices.shape[3], needs_grad=needs_grad)
-    if kernel is not None:
-        o, lse = kernel(q, k, v, indices, block_size=block_size, scale=scale)
-    else:
-        o, lse = reference.sparse_attention(q, k, v, indices, block_size, scale)
-        o, lse = o.to(q.dtype), lse.float()
+    o, lse = sparse_attention_op(q, k, v, indices, block_size, _default_scale(scale, q.shape[3]))
     return (o, lse) if return_lse else o
 
 
@@ -111,12 +106,8 @@ def kl_alignment_loss(
     k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
     if indices is not None:
         check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
-    kernel = kernel_for("kl_alignment_loss", q.device, dtype=q.dtype, groups=k.shape[2], head_dim=q.shape[3],
-                        index_dim=q_idx.shape[3], block_size=block_size)
-    if kernel is not None:
-        return kernel(q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
-    loss = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
-    return loss.float()
+    return kl_alignment_loss_op(q, k, q_idx, k_idx, indices, block_size, _default_scale(scale, q.shape[3]),
+                                _default_scale(index_scale, q_idx.shape[3]))
 
 
 def msa_attention(

@@ -32,9 +32,9 @@ register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
-def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, needs_grad=False, **_) -> bool:
+def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, **_) -> bool:
     heads_per_group = heads // groups
-    return (is_hopper(device) and not needs_grad  # the backward kernel is issue 5's; autograd uses the reference
+    return (is_hopper(device)
             and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
             and block_size in INDEX_BLOCK_SIZES and 128 % heads_per_group == 0)
 

@@ -75,6 +75,46 @@ class MSAAttention(nn.Module):
         self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, **factory)
         self.index_k_proj = nn.Linear(hidden_size, index_head_dim, **factory)
 
+    @classmethod
+    def from_dense(cls, dense: nn.Module, *, num_heads: int, num_kv_heads: int, index_head_dim: int = 128,
+                   block_size: int = 128, topk: int = 16, mode: str = "warmup") -> "MSAAttention":
+        """An MSA layer from a trained causal GQA attention layer (the paper's MSA-CPT route).
+
+        ``dense`` has ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` ``nn.Linear`` layers (as in Llama,
+        Qwen and Mistral attention); they are copied, biases included, and the head dim is inferred from
+        ``q_proj``. The index projections are new (default init) on the same device and dtype. The layer
+        starts in ``"warmup"`` mode, where its output equals the dense layer's and the KL loss trains the
+        indexer; call ``set_mode("sparse")`` once it has learned.
+        """
+        projections = {}
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(dense, name, None)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"dense.{name} must be an nn.Linear, got {type(linear).__name__}")
+            projections[name] = linear
+        hidden_size = projections["q_proj"].in_features
+        if projections["q_proj"].out_features % num_heads:
+            raise ValueError(f"q_proj.out_features ({projections['q_proj'].out_features}) is not a multiple of "
+                             f"num_heads ({num_heads})")
+        head_dim = projections["q_proj"].out_features // num_heads
+        expected = dict(k_proj=(hidden_size, num_kv_heads * head_dim), v_proj=(hidden_size, num_kv_heads * head_dim),
+                        o_proj=(num_heads * head_dim, hidden_size))
+        for name, (fan_in, fan_out) in expected.items():
+            got = (projections[name].in_features, projections[name].out_features)
+            if got != (fan_in, fan_out):
+                raise ValueError(f"dense.{name} maps {got[0]} -> {got[1]}, expected {fan_in} -> {fan_out} for "
+                                 f"{num_heads} heads, {num_kv_heads} KV heads of dim {head_dim}")
+        weight = projections["q_proj"].weight
+        layer = cls(hidden_size, num_heads, num_kv_heads, head_dim, index_head_dim, block_size, topk, mode,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            for name, source in projections.items():
+                target = getattr(layer, name)
+                target.weight.copy_(source.weight)
+                if source.bias is not None:
+                    target.bias = nn.Parameter(source.bias.detach().clone())
+        return layer
+
     def set_mode(self, mode: str) -> None:
         """Switch between ``"warmup"`` (dense) and ``"sparse"``."""
         if mode not in self.MODES:

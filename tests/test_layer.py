@@ -89,3 +89,53 @@ def test_bad_configuration_is_rejected(kw, match):
 def test_bad_hidden_states_are_rejected():
     with pytest.raises(ValueError, match="hidden_states"):
         layer()(torch.randn(2, 50, 16, dtype=torch.float64))
+
+
+class DenseGQA(torch.nn.Module):
+    """A plain causal GQA attention layer shaped like Llama's (the kind from_dense converts)."""
+
+    def __init__(self, hidden, heads, kv_heads, head_dim, bias):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = torch.nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = torch.nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = torch.nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = torch.nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = (p(x).view(B, N, h, self.head_dim).transpose(1, 2)
+                   for p, h in ((self.q_proj, self.heads), (self.k_proj, self.kv_heads), (self.v_proj, self.kv_heads)))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_from_dense_copies_the_dense_layer_and_adds_fresh_index_projections(bias):
+    dense = DenseGQA(48, 6, 2, 8, bias).double()
+    layer = MSAAttention.from_dense(dense, num_heads=6, num_kv_heads=2, index_head_dim=8, block_size=16, topk=2)
+    assert layer.mode == "warmup" and layer.head_dim == 8 and layer.q_proj.weight.dtype == torch.float64
+    x = torch.randn(2, 50, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = dense(x)
+        torch.testing.assert_close(layer(x, compute_kl=False).output, expected)
+        layer.set_mode("sparse")
+        layer.topk = math.ceil(50 / 16)  # every visible block: sparse equals dense
+        torch.testing.assert_close(layer(x, compute_kl=False).output, expected)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        source, copy_ = getattr(dense, name), getattr(layer, name)
+        assert copy_.weight.data_ptr() != source.weight.data_ptr(), "a copy, not shared storage"
+        assert (copy_.bias is None) == (source.bias is None)
+    out = layer(x)
+    out.kl_loss.backward()
+    assert all(p.grad is not None for p in layer.index_parameters())
+
+
+def test_from_dense_rejects_mismatched_heads():
+    dense = DenseGQA(48, 6, 2, 8, False)
+    with pytest.raises(ValueError, match="k_proj"):
+        MSAAttention.from_dense(dense, num_heads=6, num_kv_heads=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        MSAAttention.from_dense(dense, num_heads=7, num_kv_heads=1)
+    with pytest.raises(ValueError, match="q_proj"):
+        MSAAttention.from_dense(torch.nn.Module(), num_heads=6, num_kv_heads=2)

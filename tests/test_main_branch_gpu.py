@@ -129,7 +129,7 @@ def test_scheduler_builds_the_reverse_index():
             assert int(n_items[bg]) <= sched.max_items
 
 
-def test_msa_attention_forward_runs_on_kernels_and_autograd_stays_on_reference():
+def test_msa_attention_trains_forward_on_kernels_backward_on_the_custom_op():
     import msa_tl
     from msa_tl.ops.dispatch import kernel_status
 
@@ -142,6 +142,7 @@ def test_msa_attention_forward_runs_on_kernels_and_autograd_stays_on_reference()
     ref_o, ref_lse = R.sparse_attention(q, k, v, indices, 128)
     assert ((o.double() - ref_o).norm() / ref_o.norm()).item() <= 1e-2
     q.requires_grad_(True)
-    o2 = msa_tl.msa_attention(q, k, v, q_idx, k_idx, topk=4)
-    o2.float().sum().backward()  # the reference path keeps the graph until the backward kernel lands
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    do = torch.randn_like(o)
+    msa_tl.msa_attention(q, k, v, q_idx, k_idx, topk=4).backward(do)
+    ref_dq = R.sparse_attention_backward(do, None, q.detach(), k, v, indices, 128)[0]
+    assert ((q.grad.double() - ref_dq).norm() / ref_dq.norm()).item() <= 2e-2

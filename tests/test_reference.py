@@ -223,3 +223,24 @@ def test_reference_accepts_low_precision_inputs_and_computes_in_float64():
     assert o.dtype == torch.float64 and lse.dtype == torch.float64
     o64, lse64, idx64 = R.msa_forward(*(t.double() for t in (q, k, v, q_idx, k_idx)), 16, 2)
     assert torch.equal(indices, idx64) and torch.equal(o, o64) and torch.equal(lse, lse64)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_written_out_backward_matches_autograd(dense):
+    B, N, Hq, G, D, Di, Bk, topk = 2, 70, 4, 2, 8, 5, 16, 3
+    q, k, v = (torch.randn(B, N, h, D, dtype=torch.float64, requires_grad=True) for h in (Hq, G, G))
+    q_idx = torch.randn(B, N, G, Di, dtype=torch.float64, requires_grad=True)
+    k_idx = torch.randn(B, N, Di, dtype=torch.float64, requires_grad=True)
+    indices = None if dense else R.select_blocks(q_idx.detach(), k_idx.detach(), Bk, topk)
+    o, lse = R.sparse_attention(q, k, v, indices, Bk, 0.3)
+    do, dlse = torch.randn_like(o), torch.randn_like(lse)
+    ((o * do).sum() + (lse * dlse).sum()).backward()
+    grads = R.sparse_attention_backward(do, dlse, q.detach(), k.detach(), v.detach(), indices, Bk, 0.3)
+    for got, leaf in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-10, atol=1e-12)
+    loss = R.kl_alignment_loss(q.detach(), k.detach(), q_idx, k_idx, indices, Bk, 0.3, 0.7)
+    (2.5 * loss).backward()
+    dq_idx, dk_idx = R.kl_alignment_loss_backward(2.5, q.detach(), k.detach(), q_idx.detach(), k_idx.detach(),
+                                                  indices, Bk, 0.3, 0.7)
+    torch.testing.assert_close(dq_idx, q_idx.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(dk_idx, k_idx.grad, rtol=1e-10, atol=1e-14)

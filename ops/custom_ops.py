@@ -1,0 +1,142 @@
+"""The MSA stages as ``torch.library`` custom ops with autograd, so ``torch.compile`` traces them whole.
+
+    msa_tl::select_blocks(q_idx, k_idx, block_size, topk, index_scale) -> indices            no gradient
+    msa_tl::sparse_attention(q, k, v, indices, block_size, scale) -> (o, lse)               grads: q, k, v
+    msa_tl::sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, ...) -> (dq, dk, dv)
+    msa_tl::kl_alignment_loss(q, k, q_idx, k_idx, indices?, ...) -> loss                    grads: q_idx, k_idx
+    msa_tl::kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices?, ...) -> (dq_idx, dk_idx)
+
+Shapes as in :mod:`msa_tl.reference`. Inputs arrive validated, with every scale resolved to a float
+(:mod:`msa_tl.ops.functional` does both). Each body runs the stage's TileLang kernel where one is
+registered for the device and shape (:mod:`msa_tl.ops.dispatch`). Otherwise it runs the float64
+reference and casts the result to the input dtype. LSE stays float32, and so does the loss, except
+float64 for float64 inputs. The KL op gives
+no gradient to q and k (the teacher is detached), and the attention op none to the indices: the LM
+loss never reaches the index projections, and the KL loss reaches nothing else.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from msa_tl import reference
+from msa_tl.ops.dispatch import kernel_for
+
+
+@torch.library.custom_op("msa_tl::select_blocks", mutates_args=())
+def select_blocks_op(q_idx: Tensor, k_idx: Tensor, block_size: int, topk: int, index_scale: float) -> Tensor:
+    kernel = kernel_for("select_blocks", q_idx.device, dtype=q_idx.dtype, groups=q_idx.shape[2],
+                        index_dim=q_idx.shape[3], block_size=block_size, topk=topk)
+    if kernel is not None:
+        return kernel(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
+    return reference.select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+
+
+@select_blocks_op.register_fake
+def _(q_idx, k_idx, block_size, topk, index_scale):
+    B, N, G, _ = q_idx.shape
+    return q_idx.new_empty((B, N, G, topk), dtype=torch.int32)
+
+
+@torch.library.custom_op("msa_tl::sparse_attention", mutates_args=())
+def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    kernel = kernel_for("sparse_attention", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
+                        head_dim=q.shape[3], block_size=block_size, topk=indices.shape[3])
+    if kernel is not None:
+        return kernel(q, k, v, indices, block_size=block_size, scale=scale)
+    o, lse = reference.sparse_attention(q, k, v, indices, block_size, scale)
+    return o.to(q.dtype), lse.float()
+
+
+@sparse_attention_op.register_fake
+def _(q, k, v, indices, block_size, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("msa_tl::sparse_attention_backward", mutates_args=())
+def sparse_attention_backward_op(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                                 indices: Tensor, o: Tensor, lse: Tensor, block_size: int,
+                                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    kernel = kernel_for("sparse_attention_backward", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
+                        head_dim=q.shape[3], block_size=block_size, topk=indices.shape[3])
+    if kernel is not None:
+        return kernel(do, dlse, q, k, v, indices, o, lse, block_size=block_size, scale=scale)
+    dq, dk, dv = reference.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@sparse_attention_backward_op.register_fake
+def _(do, dlse, q, k, v, indices, o, lse, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, indices, block_size, scale = inputs
+    ctx.save_for_backward(q, k, v, indices, *output)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _attention_backward(ctx, do, dlse):
+    q, k, v, indices, o, lse = ctx.saved_tensors
+    dq, dk, dv = sparse_attention_backward_op(do.contiguous(), None if dlse is None else dlse.contiguous(),
+                                              q, k, v, indices, o, lse, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+sparse_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _loss_dtype(q_idx: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (so gradcheck sees the reference's precision)."""
+    return torch.promote_types(torch.float32, q_idx.dtype)
+
+
+@torch.library.custom_op("msa_tl::kl_alignment_loss", mutates_args=())
+def kl_alignment_loss_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, indices: Optional[Tensor],
+                         block_size: int, scale: float, index_scale: float) -> Tensor:
+    kernel = kernel_for("kl_alignment_loss", q.device, dtype=q.dtype, groups=k.shape[2], head_dim=q.shape[3],
+                        index_dim=q_idx.shape[3], block_size=block_size)
+    if kernel is not None:
+        return kernel(q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
+    loss = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
+    return loss.to(_loss_dtype(q_idx))
+
+
+@kl_alignment_loss_op.register_fake
+def _(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+    return q.new_empty((), dtype=_loss_dtype(q_idx))
+
+
+@torch.library.custom_op("msa_tl::kl_alignment_loss_backward", mutates_args=())
+def kl_alignment_loss_backward_op(dloss: Tensor, q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor,
+                                  indices: Optional[Tensor], block_size: int, scale: float,
+                                  index_scale: float) -> tuple[Tensor, Tensor]:
+    kernel = kernel_for("kl_alignment_loss_backward", q.device, dtype=q.dtype, groups=k.shape[2],
+                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size)
+    if kernel is not None:
+        return kernel(dloss, q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
+    dq_idx, dk_idx = reference.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale,
+                                                          index_scale)
+    return dq_idx.to(q_idx.dtype), dk_idx.to(k_idx.dtype)
+
+
+@kl_alignment_loss_backward_op.register_fake
+def _(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+    return torch.empty_like(q_idx), torch.empty_like(k_idx)
+
+
+def _kl_setup(ctx, inputs, output):
+    q, k, q_idx, k_idx, indices, block_size, scale, index_scale = inputs
+    ctx.save_for_backward(q, k, q_idx, k_idx, indices)
+    ctx.options = (block_size, scale, index_scale)
+
+
+def _kl_backward(ctx, dloss):
+    q, k, q_idx, k_idx, indices = ctx.saved_tensors
+    dq_idx, dk_idx = kl_alignment_loss_backward_op(dloss, q, k, q_idx, k_idx, indices, *ctx.options)
+    return None, None, dq_idx, dk_idx, None, None, None, None  # the teacher (q, k) is detached
+
+
+kl_alignment_loss_op.register_autograd(_kl_backward, setup_context=_kl_setup)
