@@ -21,7 +21,7 @@ import tilelang.language as T
 import torch
 
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
-from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule
+from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
@@ -64,10 +64,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             row_sum = T.alloc_fragment((block_rows,), "float32")
             b = bg // groups
             g = bg % groups
-            live = item < ItemCount[bg]
-            blk = T.if_then_else(live, Items[bg, item, 0], 0)
-            start = T.if_then_else(live, Items[bg, item, 1], 0)
-            length = T.if_then_else(live, Items[bg, item, 2], 0)
+            blk, start, length = work_item(Items, ItemCount, bg, item)
             T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
             T.copy(V[b, blk * block_size:(blk + 1) * block_size, g, :], V_s)
             for tile in T.serial(T.ceildiv(length, tile_queries)):

@@ -142,6 +142,12 @@ def scatter_program(groups: int, topk: int):
     return schedule_scatter
 
 
+def work_item(Items, ItemCount, bg, item):
+    """Inside a kernel: (key block, first entry, entry count) of CTA ``item`` of ``bg``; all 0 past the item count."""
+    live = item < ItemCount[bg]
+    return tuple(T.if_then_else(live, Items[bg, item, c], 0) for c in range(3))
+
+
 class Schedule:
     """Device buffers of one chunk's schedule (reused across chunks of the same size)."""
 

@@ -68,3 +68,12 @@ def _sparse_attention(q, k, v, indices, *, block_size, scale):
 
 
 register_kernel("sparse_attention", _sparse_attention, _sparse_attention_supported)
+
+
+def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale):
+    from msa_tl.kv_outer_backward import sparse_attention_backward
+
+    return sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size, scale)
+
+
+register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)

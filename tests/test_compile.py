@@ -6,7 +6,8 @@ import pytest
 
 tilelang = pytest.importorskip("tilelang")
 
-from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, q_outer_attention, scheduler  # noqa: E402
+from msa_tl import (  # noqa: E402
+    index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler)
 from msa_tl.tl_compile import lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
@@ -64,4 +65,29 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
 def test_attention_compiles_with_nvcc(index, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     builder, config = MAIN_PROGRAMS[index]
+    assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
+
+
+BACKWARD_PROGRAMS = [
+    (kv_outer_backward.delta_program, dict(head_dim=128)),
+    (kv_outer_backward.kv_outer_backward_program,
+     dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
+    (kv_outer_backward.kv_outer_backward_program,
+     dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125, block_rows=32, threads=128,
+          dtype="float16")),
+]
+
+
+@pytest.mark.parametrize("builder,config", BACKWARD_PROGRAMS, ids=["delta", "kv_outer_bwd-paper", "kv_outer_bwd-R1"])
+def test_backward_programs_lower_for_sm90a(builder, config):
+    source = lower_to_cuda(builder, **config)
+    assert "__global__" in source
+    if builder is kv_outer_backward.kv_outer_backward_program:  # tensor cores, fp32 atomics for dQ / dK / dV
+        assert "wgmma" in source and "AtomicAdd" in source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_kv_outer_backward_compiles_with_nvcc(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    builder, config = BACKWARD_PROGRAMS[1]
     assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
