@@ -76,4 +76,13 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     return sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size, scale)
 
 
-register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)
+# The backward kernel compiles for sm_90a (tests/test_compile.py) but has not yet passed its GPU tests
+# (tests/test_backward_gpu.py): until it does, training keeps the logged reference backward.
+BACKWARD_KERNEL_VERIFIED = False
+
+
+def _sparse_attention_backward_supported(device, **shape) -> bool:
+    return BACKWARD_KERNEL_VERIFIED and _sparse_attention_supported(device, **shape)
+
+
+register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_backward_supported)
