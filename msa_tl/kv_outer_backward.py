@@ -28,6 +28,7 @@ import torch
 
 from msa_tl.scheduler import Schedule, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tuning.cache import tuned_config
 
 DELTA_DEFAULTS = dict(rows=64, threads=128)
 BACKWARD_DEFAULTS = dict(block_rows=64, threads=256)  # Bk = 128: 227 registers, no spills (ptxas, sm_90a)
@@ -168,7 +169,9 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     dv = torch.zeros_like(dk)
     # the key-major MMAs give each warp 16 of the Bk rows: at most Bk / 16 warps
     defaults = dict(BACKWARD_DEFAULTS, threads=min(BACKWARD_DEFAULTS["threads"], 2 * block_size))
+    shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
+    config = {**tuned_config("kv_outer_backward", shape, defaults, q.device), **(config or {})}
     kernel = compiled_kernel(kv_outer_backward_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
-                             topk=topk, scale=scale, dtype=dt, **{**defaults, **(config or {})})
+                             topk=topk, scale=scale, dtype=dt, **config)
     kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -30,3 +30,19 @@ def test_rows_carry_environment_and_csv_lands_under_gpu_folder(tmp_path):
 def test_markdown_table():
     text = markdown_table(pd.DataFrame({"N": [8192], "ms": [27.61234]}))
     assert text.splitlines() == ["| N | ms |", "|---|---|", "| 8192 | 27.61 |"]
+
+
+def test_kv_recall_training_script_runs_all_three_phases(tmp_path):
+    import pandas as pd
+
+    from benchmarks import train_kv_recall
+
+    argv = ["--device", "cpu", "--seq", "128", "--min-back", "32", "--pairs", "2", "--batch", "2", "--dense-steps", "2", "--steps", "2",
+            "--eval-every", "1", "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "8", "--block-size", "16", "--topk", "2", "--results-root", str(tmp_path)]
+    assert train_kv_recall.main(argv) == 0
+    frame = pd.read_csv(tmp_path / "cpu" / "kv_recall_training.csv")
+    assert list(frame.phase.unique()) == ["dense", "warmup", "sparse"]
+    assert (frame[frame.phase == "dense"].kl_loss == 0).all() and (frame[frame.phase != "dense"].kl_loss > 0).all()
+    for column in ("lm_loss", "recall", "sparse_accuracy", "dense_accuracy"):
+        assert frame[column].notna().all() and frame[column].between(0, 100).all(), column

@@ -2,7 +2,7 @@
 
 import pytest
 
-from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, q_outer_attention
+from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
 from msa_tl.tuning.spaces import SMEM_LIMIT, SPACES
 
 PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
@@ -15,6 +15,7 @@ PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, to
     ("kv_outer_attention", {k: v for k, v in kv_outer_attention.ATTENTION_DEFAULTS.items()}),
     ("lse_combine", lse_combine.COMBINE_DEFAULTS),
     ("q_outer_attention", q_outer_attention.Q_OUTER_DEFAULTS),
+    ("kv_outer_backward", kv_outer_backward.BACKWARD_DEFAULTS),
     ("schedule", kv_outer_attention.SCHEDULE_TUNABLES),
 ])
 def test_defaults_are_in_their_space_and_feasible(program, defaults):

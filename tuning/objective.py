@@ -18,15 +18,16 @@ import math
 import time
 
 PROGRAMS = ("index_select_fused", "index_block_scores", "index_topk", "kv_outer_attention", "q_outer_attention",
-            "lse_combine", "schedule")
+            "lse_combine", "schedule", "kv_outer_backward")
 PAPER_SHAPE = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
 
 
 def defaults(program: str) -> dict:
     """The documented default config of ``program`` (what a kernel runs without a tuned config)."""
-    from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, q_outer_attention
+    from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
 
     return dict({
+        "kv_outer_backward": kv_outer_backward.BACKWARD_DEFAULTS,
         "index_select_fused": index_topk.FUSED_DEFAULTS,
         "index_block_scores": index_scores.DEFAULTS,
         "index_topk": index_topk.TOPK_DEFAULTS,
@@ -39,7 +40,8 @@ def defaults(program: str) -> dict:
 
 def compile_units(program: str, shape: dict, config: dict) -> list:
     """[(builder, kwargs)] compiled by ``config``, with the same arguments the runtime passes."""
-    from msa_tl import index_scores, index_topk, kv_outer_attention, lse_combine, q_outer_attention, scheduler
+    from msa_tl import (index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine,
+                        q_outer_attention, scheduler)
 
     G, Hq, D, Di = shape["groups"], shape["heads"], shape["head_dim"], shape["index_dim"]
     Bk, topk, bf16 = shape["block_size"], shape["topk"], "bfloat16"
@@ -54,6 +56,7 @@ def compile_units(program: str, shape: dict, config: dict) -> list:
         "kv_outer_attention": lambda: [(kv_outer_attention.kv_outer_program,
                                         dict(attention, partial_dtype=bf16, **config))],
         "q_outer_attention": lambda: [(q_outer_attention.q_outer_program, dict(attention, **config))],
+        "kv_outer_backward": lambda: [(kv_outer_backward.kv_outer_backward_program, dict(attention, **config))],
         "lse_combine": lambda: [(lse_combine.combine_program,
                                  dict(heads=Hq, head_dim=D, topk=topk, dtype=bf16, partial_dtype=bf16, **config))],
         "schedule": lambda: [(scheduler.plan_program, dict(item_queries=config["item_queries"]))],
@@ -228,6 +231,26 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
                 l_part.copy_(torch.randn_like(l_part))  # finite LSEs: every slot is merged
                 return lambda: kernel(o_part.view(1, chunk * Hq, topk, D), l_part.view(1, chunk * Hq, topk),
                                       o.view(1, N * Hq, D), lse.view(1, N * Hq), t0)
+    elif program == "kv_outer_backward":
+        from msa_tl.kv_outer_backward import sparse_attention_backward
+
+        q, k, v, indices = _attention_inputs(shape, N)
+        o, lse = sparse_attention_forward(q, k, v, indices, Bk)
+        do = torch.randn_like(q)
+
+        def check(config):
+            from msa_tl import reference as R
+
+            qc, kc, vc, ic = _attention_inputs(shape, check_seq)
+            oc, lc = sparse_attention_forward(qc, kc, vc, ic, Bk)
+            doc = torch.randn_like(qc)
+            grads = sparse_attention_backward(doc, None, qc, kc, vc, ic, oc, lc, Bk, config=config)
+            for got, ref in zip(grads, R.sparse_attention_backward(doc, None, qc, kc, vc, ic, Bk)):
+                rel = ((got.double() - ref).norm() / ref.norm()).item()
+                assert rel <= 2e-2, f"gradient rel err {rel:.2e}"
+
+        def timed(config):
+            return lambda: sparse_attention_backward(do, None, q, k, v, indices, o, lse, Bk, config=config)
     else:
         raise ValueError(f"unknown program {program!r}; one of {PROGRAMS}")
 

@@ -92,6 +92,24 @@ def _reject_q_outer(config, shape):
     return None
 
 
+def _reject_backward(config, shape):
+    R, D, Bk = shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"]
+    rows, threads = config["block_rows"], config["threads"]
+    if rows % R:
+        return f"block_rows {rows} is not a whole number of queries x {R} heads"
+    if threads // 32 * 16 > Bk:
+        return f"{threads // 32} warps need {threads // 32 * 16} key rows, the block has {Bk}"
+    # dK, dV [Bk, D], S^T, dP^T and their casts [Bk, rows], dQ [rows, D]. Calibrated with ptxas: 288 by this
+    # count compiles to 227 registers (Bk 128, 64 rows, 256 threads), 416 spills.
+    regs = (2 * Bk * D + 4 * Bk * rows + rows * D) // threads
+    if regs > 300:
+        return f"about {regs} accumulator registers per thread"
+    smem = 2 * (2 * Bk * D + 2 * rows * D + Bk * rows) + 8 * rows
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    return None
+
+
 def _reject_combine(config, shape):
     if config["rows"] * shape["head_dim"] // config["threads"] > 128:
         return "too many accumulator registers per thread"
@@ -118,6 +136,8 @@ SPACES = {
     # threads=256 (two warpgroups on one tile) fails TileLang 0.1.15's layout inference for this kernel
     "kv_outer_attention": Space(dict(block_rows=(64, 128, 256), threads=(128,)), _reject_attention, ATTENTION_DIMS),
     "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
+    "kv_outer_backward": Space(dict(block_rows=(16, 32, 64, 128), threads=(128, 256)), _reject_backward,
+                               ATTENTION_DIMS),
     "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine, ("heads", "head_dim", "topk")),
     "schedule": Space(dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768)),
                       _reject_schedule, ATTENTION_DIMS),
