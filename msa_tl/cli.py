@@ -37,7 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         device = torch.device("cpu")
     print(f"stages on {device.type}:")
     for stage, path in kernel_status(device).items():
-        print(f"  {stage:<18} {path:<10} {STAGES[stage]}")
+        print(f"  {stage:<26} {path:<10} {STAGES[stage]}")
     from msa_tl.tuning.cache import user_cache
     from msa_tl.tuning.tune import cached_entries
 
