@@ -75,3 +75,20 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert p.exitcode == 0
     entries = C.ConfigCache(path).load()[GPU]
     assert set(entries) == {f"writer{w}-{i}" for w in range(2) for i in range(25)}
+
+
+def test_kernels_get_the_cached_config_remembered_until_the_tuner_writes(monkeypatch):
+    """tuned_config: what every kernel calls (the GPU key is faked: no GPU here)."""
+    monkeypatch.setattr(C, "device_gpu_key", lambda device: GPU)
+    monkeypatch.setattr(C, "_RESOLVED", {})
+    shape = dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, seq=100_000)
+    defaults = dict(block_rows=128, threads=128)
+    assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == defaults
+    key = C.shape_key("kv_outer_attention", shape)
+    C.user_cache().put(GPU, key, {"config": {"block_rows": 64}})
+    assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == defaults, "remembered per process"
+    C.forget_resolved()
+    assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == dict(block_rows=64, threads=128)
+    # dims a program does not depend on do not split its cache entries
+    other = dict(shape, index_dim=64)
+    assert C.shape_key("kv_outer_attention", other) == key
