@@ -32,7 +32,6 @@ import time
 import torch
 from torch import nn
 
-from msa_tl import reference
 from msa_tl.benchmark import BenchTable
 from msa_tl.ops import MSAAttention
 from msa_tl.ops.functional import select_blocks

@@ -96,8 +96,9 @@ def _loss_dtype(q_idx: Tensor) -> torch.dtype:
 @torch.library.custom_op("msa_tl::kl_alignment_loss", mutates_args=())
 def kl_alignment_loss_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, indices: Optional[Tensor],
                          block_size: int, scale: float, index_scale: float) -> Tensor:
-    kernel = kernel_for("kl_alignment_loss", q.device, dtype=q.dtype, groups=k.shape[2], head_dim=q.shape[3],
-                        index_dim=q_idx.shape[3], block_size=block_size)
+    kernel = kernel_for("kl_alignment_loss", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
+                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size,
+                        sparse=indices is not None)
     if kernel is not None:
         return kernel(q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
     loss = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
@@ -113,8 +114,9 @@ def _(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
 def kl_alignment_loss_backward_op(dloss: Tensor, q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor,
                                   indices: Optional[Tensor], block_size: int, scale: float,
                                   index_scale: float) -> tuple[Tensor, Tensor]:
-    kernel = kernel_for("kl_alignment_loss_backward", q.device, dtype=q.dtype, groups=k.shape[2],
-                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size)
+    kernel = kernel_for("kl_alignment_loss_backward", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
+                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size,
+                        sparse=indices is not None)
     if kernel is not None:
         return kernel(dloss, q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
     dq_idx, dk_idx = reference.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale,

@@ -7,7 +7,7 @@ import pytest
 tilelang = pytest.importorskip("tilelang")
 
 from msa_tl import (  # noqa: E402
-    index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler)
+    index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler)
 from msa_tl.tl_compile import lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
@@ -90,4 +90,27 @@ def test_backward_programs_lower_for_sm90a(builder, config):
 def test_kv_outer_backward_compiles_with_nvcc(tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     builder, config = BACKWARD_PROGRAMS[1]
+    assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
+
+
+KL_PROGRAMS = [
+    (kl_loss.kl_stats_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
+                                     scale=0.088, index_scale=0.088)),
+    (kl_loss.kl_backward_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
+                                       scale=0.088, index_scale=0.088)),
+    (kl_loss.kl_backward_program, dict(groups=2, heads=4, head_dim=64, index_dim=64, block_size=64, topk=4,
+                                       scale=0.125, index_scale=0.125, threads=128, dtype="float16")),
+]
+
+
+@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_stats-paper", "kl_backward-paper", "kl_backward-small"])
+def test_kl_programs_lower_for_sm90a(builder, config):
+    source = lower_to_cuda(builder, **config)
+    assert "__global__" in source and "wgmma" in source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_kl_backward_compiles_with_nvcc(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    builder, config = KL_PROGRAMS[1]
     assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
