@@ -228,29 +228,32 @@ def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
     return config, inputs, (schedule.items, schedule.item_count, schedule.entries)
 
 
+def _student_stats(config, inputs, schedule, indices):
+    """Run the stats kernel and merge its slots -> (loss float32 scalar, student lse [B, N, G])."""
+    B, N, G, topk = indices.shape
+    stats = torch.empty((B, N, G, topk, 2), device=indices.device, dtype=torch.float32)
+    stats[..., 0] = 0.0
+    stats[..., 1] = float("-inf")  # unused slots are never written
+    compiled_kernel(kl_stats_program, **config)(*inputs, *schedule, stats)
+    lse_student = torch.logsumexp(stats[..., 1], dim=-1)
+    return (stats[..., 0].sum(-1) + lse_student).mean(), lse_student
+
+
 def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scale: float, index_scale: float):
     """KL loss over the chosen tokens on the GPU -> (loss float32 scalar, student lse [B, N, G] float32).
 
     q [B, N, Hq, D], k [B, N, G, D], q_idx [B, N, G, Di], k_idx [B, N, Di], indices [B, N, G, topk].
     """
-    B, N, G, topk = indices.shape
-    config, inputs, schedule = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
-    stats = torch.empty((B, N, G, topk, 2), device=q.device, dtype=torch.float32)
-    stats[..., 0] = 0.0
-    stats[..., 1] = float("-inf")  # unused slots are never written
-    compiled_kernel(kl_stats_program, **config)(*inputs, *schedule, stats)
-    lse_student = torch.logsumexp(stats[..., 1], dim=-1)
-    loss = (stats[..., 0].sum(-1) + lse_student).mean()
-    return loss, lse_student
+    return _student_stats(*_prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale), indices)
 
 
 def kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size: int, scale: float,
                                index_scale: float, lse_student=None):
     """Gradients of the KL loss for q_idx and k_idx (their dtypes); the student lse is recomputed if not given."""
     B, N, G, _ = indices.shape
-    if lse_student is None:
-        _, lse_student = kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
     config, inputs, schedule = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
+    if lse_student is None:
+        _, lse_student = _student_stats(config, inputs, schedule, indices)
     dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
     dk_idx = torch.zeros(inputs[3].shape, device=q.device, dtype=torch.float32)
     weight = (torch.as_tensor(dloss, device=q.device, dtype=torch.float32) / (B * N * G)).reshape(1)
