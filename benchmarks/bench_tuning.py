@@ -52,7 +52,7 @@ def tpe_best(program, shape, measured, budget, seed):
         return value
 
     study = run_search(program, shape, replay, n_trials=budget, gpu=f"replay-{seed}",
-                       storage=optuna.storages.InMemoryStorage(), seed=seed, default=defaults(program))
+                       storage=optuna.storages.InMemoryStorage(), seed=seed, default=defaults(program, shape))
     return min(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
         if not ok:
             continue
         best_key = min(ok, key=ok.get)
-        default_ms = measured.get(tuple(sorted(defaults(program).items())))
+        default_ms = measured.get(tuple(sorted(defaults(program, shape).items())))
         budget = max(2, math.ceil(0.25 * len(measured)))
         found = sorted(tpe_best(program, shape, measured, budget, seed) for seed in range(args.seeds))
         median, worst = found[len(found) // 2], found[-1]

@@ -36,6 +36,11 @@ BACKWARD_ITEM_QUERIES = 1024
 _LOG2E = 1.4426950408889634
 
 
+def default_config(block_size: int) -> dict:
+    """BACKWARD_DEFAULTS, with at most Bk / 16 warps: the key-major MMAs give each warp 16 of the Bk rows."""
+    return dict(BACKWARD_DEFAULTS, threads=min(BACKWARD_DEFAULTS["threads"], 2 * block_size))
+
+
 def delta_program(head_dim: int, rows: int = 64, threads: int = 128, dtype: str = "bfloat16"):
     """O, dO [n_rows, D], LSE, dLSE [n_rows] (fp32) -> Stats [n_rows, 2] = (lse * log2 e, rowsum(dO * O) - dlse)."""
     n_rows = T.dynamic("n_rows")
@@ -167,10 +172,8 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     dq = torch.zeros((B, N, Hq, D), device=q.device, dtype=torch.float32)
     dk = torch.zeros((B, N, G, D), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    # the key-major MMAs give each warp 16 of the Bk rows: at most Bk / 16 warps
-    defaults = dict(BACKWARD_DEFAULTS, threads=min(BACKWARD_DEFAULTS["threads"], 2 * block_size))
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
-    config = {**tuned_config("kv_outer_backward", shape, defaults, q.device), **(config or {})}
+    config = {**tuned_config("kv_outer_backward", shape, default_config(block_size), q.device), **(config or {})}
     kernel = compiled_kernel(kv_outer_backward_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
                              topk=topk, scale=scale, dtype=dt, **config)
     kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq, dk, dv)

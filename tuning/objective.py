@@ -22,12 +22,12 @@ PROGRAMS = ("index_select_fused", "index_block_scores", "index_topk", "kv_outer_
 PAPER_SHAPE = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
 
 
-def defaults(program: str) -> dict:
-    """The documented default config of ``program`` (what a kernel runs without a tuned config)."""
+def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:
+    """The documented default config of ``program`` at ``shape`` (what a kernel runs without a tuned config)."""
     from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
 
     return dict({
-        "kv_outer_backward": kv_outer_backward.BACKWARD_DEFAULTS,
+        "kv_outer_backward": kv_outer_backward.default_config(shape["block_size"]),
         "index_select_fused": index_topk.FUSED_DEFAULTS,
         "index_block_scores": index_scores.DEFAULTS,
         "index_topk": index_topk.TOPK_DEFAULTS,

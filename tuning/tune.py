@@ -55,7 +55,7 @@ def tune(programs, seq_lens, *, shape=None, trials: int = 30, timeout=None, jobs
         for seq in seq_lens:
             shape_ = dict(base, seq=seq)
             cost = gpu_objective(program, shape_) if on_gpu else lowering_cost(program, shape_)
-            default = defaults(program)
+            default = defaults(program, shape_)
             bar, on_trial = _progress(trials, f"{program} N={seq}")
             study = run_search(program, shape_, cost, n_trials=trials, gpu=gpu, timeout=timeout, storage=storage,
                                seed=seed, default=default, batch=max(1, jobs), on_trial=on_trial,
