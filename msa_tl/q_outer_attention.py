@@ -108,6 +108,13 @@ def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, top
     return q_outer_attention
 
 
+# Measured on the H100 (benchmarks/NOTES.md, "Q-outer at Bk = 64"): TileLang 0.1.15's warp-specialised
+# lowering of this kernel (a TMA producer warpgroup beside the MMA warps) returned wrong rows at Bk = 64
+# (1-11% of rows off, relative error 1.5e-2 to 6e-2, varying run to run), while the same program without
+# warp specialisation matched the reference to 2.0e-3 at every stage and thread count tried.
+q_outer_program.pass_configs = {"tl.disable_warp_specialized": True}
+
+
 def q_outer_attention_forward(q, k, v, indices, block_size: int, scale=None, *, out=None, lse_out=None, **config):
     """Main-branch forward, Q-outer. Shapes as :func:`msa_tl.kv_outer_attention.sparse_attention_forward`; no workspace."""
     B, N, Hq, D = q.shape

@@ -2,7 +2,9 @@
 
 Programs are built by plain Python functions of their compile-time parameters
 (``builder(**config) -> T.prim_func``); sequence length and batch are symbolic,
-so one compiled kernel serves every N.
+so one compiled kernel serves every N. A builder may carry TileLang pass configs
+(``builder.pass_configs``, a dict); every path below (lowering, compiling, the
+tuner's precompile) applies them, so what is tested is what runs.
 """
 
 from __future__ import annotations
@@ -26,20 +28,31 @@ def sm90_target():
     return tvm.target.Target({"kind": "cuda", "arch": SM90_ARCH})
 
 
+def pass_configs(builder: Callable) -> dict:
+    """The TileLang pass configs ``builder``'s programs are compiled with (usually none)."""
+    return dict(getattr(builder, "pass_configs", None) or {})
+
+
 def lower_to_cuda(builder: Callable, **config) -> str:
     """CUDA source of ``builder(**config)`` for sm_90a; needs no GPU (used by the CI compile tests)."""
     import tilelang
+    from tilelang import tvm
 
     target = sm90_target()
-    with target:
+    with tvm.transform.PassContext(opt_level=3, config=pass_configs(builder)), target:
         return tilelang.lower(builder(**config), target=target).kernel_source
+
+
+def compile_program(builder: Callable, config: dict, target="cuda"):
+    """``tilelang.compile`` of ``builder(**config)`` with the builder's pass configs."""
+    import tilelang
+
+    return tilelang.compile(builder(**config), target=target, pass_configs=pass_configs(builder) or None)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(builder: Callable, items: tuple):
-    import tilelang
-
-    return tilelang.compile(builder(**dict(items)), target="cuda")
+    return compile_program(builder, dict(items))
 
 
 def compiled_kernel(builder: Callable, **config):

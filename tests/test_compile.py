@@ -8,7 +8,7 @@ tilelang = pytest.importorskip("tilelang")
 
 from msa_tl import (  # noqa: E402
     index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler)
-from msa_tl.tl_compile import lower_to_cuda, sm90_target  # noqa: E402
+from msa_tl.tl_compile import compile_program, lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
     (index_scores.block_scores_program, dict(groups=4, index_dim=128, block_size=128, scale=0.125)),
@@ -56,8 +56,9 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
     assert "__global__" in source
     if builder is kv_outer_attention.kv_outer_program:
         assert "wgmma" in source
-    if builder is q_outer_attention.q_outer_program:  # M = R rows: mma.sync, with K/V blocks loaded by TMA
-        assert "mma_sync" in source and "tma_load" in source
+    if builder is q_outer_attention.q_outer_program:
+        # M = R rows: mma.sync; no warp-specialised TMA producer (it gave wrong rows at Bk = 64 on the H100)
+        assert "mma_sync" in source and "mbarrier" not in source
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -65,7 +66,7 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
 def test_attention_compiles_with_nvcc(index, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     builder, config = MAIN_PROGRAMS[index]
-    assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
+    assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
 
 
 BACKWARD_PROGRAMS = [
@@ -90,7 +91,7 @@ def test_backward_programs_lower_for_sm90a(builder, config):
 def test_kv_outer_backward_compiles_with_nvcc(tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     builder, config = BACKWARD_PROGRAMS[1]
-    assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
+    assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
 
 
 KL_PROGRAMS = [
@@ -113,4 +114,4 @@ def test_kl_programs_lower_for_sm90a(builder, config):
 def test_kl_backward_compiles_with_nvcc(tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     builder, config = KL_PROGRAMS[1]
-    assert "__global__" in tilelang.compile(builder(**config), target=sm90_target()).get_kernel_source()
+    assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()

@@ -111,13 +111,11 @@ def _tell(study, trial, on_trial, *, value=None, state=None):
 def _compile_config(program: str, shape: dict, config: dict, target: str):
     """Worker: compile every unit of ``config`` (filling TileLang's on-disk kernel cache); the error or None."""
     try:
-        import tilelang
-
-        from msa_tl.tl_compile import sm90_target
+        from msa_tl.tl_compile import compile_program, sm90_target
         from msa_tl.tuning.objective import compile_units
 
         for builder, args in compile_units(program, shape, config):
-            tilelang.compile(builder(**args), target=sm90_target() if target == "sm90" else target)
+            compile_program(builder, args, target=sm90_target() if target == "sm90" else target)
         return None
     except Exception as exc:
         return f"compile: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
