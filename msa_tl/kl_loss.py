@@ -1,4 +1,4 @@
-"""KL alignment loss on the GPU (TileLang), over the KV-outer schedule. Written, compiled, not yet verified on a GPU.
+"""KL alignment loss on the GPU (TileLang), over the KV-outer schedule (sparse mode: the chosen blocks).
 
 For a (query t, group g) row with chosen tokens j:
 

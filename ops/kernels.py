@@ -76,26 +76,12 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     return sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size, scale)
 
 
-# The backward kernel compiles for sm_90a (tests/test_compile.py) but has not yet passed its GPU tests
-# (tests/test_backward_gpu.py): until it does, training keeps the logged reference backward.
-BACKWARD_KERNEL_VERIFIED = False
-
-
-def _sparse_attention_backward_supported(device, **shape) -> bool:
-    return BACKWARD_KERNEL_VERIFIED and _sparse_attention_supported(device, **shape)
-
-
-register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_backward_supported)
-
-
-# The KL kernels compile for sm_90a (tests/test_compile.py) but have not yet passed their GPU tests
-# (tests/test_kl_gpu.py): until they do, the KL loss runs the logged reference.
-KL_KERNEL_VERIFIED = False
+register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)
 
 
 def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, **_) -> bool:
     heads_per_group = heads // groups
-    return (KL_KERNEL_VERIFIED and is_hopper(device) and sparse  # warmup (all visible tokens) stays on the reference
+    return (is_hopper(device) and sparse  # warmup (all visible tokens) stays on the reference
             and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
             and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
 

@@ -25,9 +25,8 @@ def test_paper_shape_takes_both_kernels_on_hopper(hopper):
     assert kernels._select_blocks_supported(cuda, **PAPER)
     assert kernels._sparse_attention_supported(cuda, **PAPER)
     assert dispatch.kernel_status(cuda) == {
-        "select_blocks": "tilelang", "sparse_attention": "tilelang", "sparse_attention_backward": "tilelang" if kernels.BACKWARD_KERNEL_VERIFIED else "reference",
-        "kl_alignment_loss": "tilelang" if kernels.KL_KERNEL_VERIFIED else "reference",
-        "kl_alignment_loss_backward": "tilelang" if kernels.KL_KERNEL_VERIFIED else "reference"}
+        "select_blocks": "tilelang", "sparse_attention": "tilelang", "sparse_attention_backward": "tilelang",
+        "kl_alignment_loss": "tilelang", "kl_alignment_loss_backward": "tilelang"}
 
 
 @pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=3), dict(index_dim=96),
