@@ -56,6 +56,16 @@ def tpe_best(program, shape, measured, budget, seed):
     return min(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
 
 
+def write_results(root, sweep_table, evidence, gpu, winners):
+    """The sweep and evidence CSVs, and the winners as ``configs.json`` beside them."""
+    for table in (sweep_table, evidence):
+        path = table.write_csv(root) if root else table.write_csv()
+    out = cache.ConfigCache(path.parent / "configs.json")
+    for key, entry in winners.items():
+        out.put(gpu, key, entry)
+    print("wrote", path.parent, f"(configs.json for {gpu_slug(gpu)}: copy it to tuning/configs/ to ship it)", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
@@ -88,13 +98,7 @@ def main(argv=None):
                                                     "default_ms": default_ms, "trials": len(measured)}
         print(f"{program}: default {default_ms} ms, best {ok[best_key]:.4g} ms {dict(best_key)}; TPE with {budget} "
               f"trials: median {median:.4g}, worst {worst:.4g} ms", flush=True)
-    root = args.results_root
-    for table in (sweep_table, evidence):
-        print("wrote", table.write_csv(root) if root else table.write_csv())
-    out = cache.ConfigCache((table.write_csv(root) if root else table.write_csv()).parent / "configs.json")
-    for key, entry in winners.items():
-        out.put(gpu, key, entry)
-    print("wrote", out.path, f"({gpu_slug(gpu)}: copy it to tuning/configs/ to ship it)")
+        write_results(args.results_root, sweep_table, evidence, gpu, winners)  # after every program: a cut run keeps what it has
     print(evidence.markdown(["program", "feasible", "default_ms", "exhaustive_best_ms", "tpe_trials", "tpe_median_ms",
                              "tpe_worst_pct_of_best"]))
 
