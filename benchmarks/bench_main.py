@@ -60,12 +60,13 @@ def fla_selected_attention():
     return lambda q, k, v, idx: ParallelNSAFunction.apply(q, k, v, idx.clamp(min=0).long(), TOPK, BK, D ** -0.5, None)
 
 
-def dense_cudnn_ms(N):
+def dense_cudnn_ms(N, pass_name="fwd"):
+    """Dense cuDNN SDPA time at N from this GPU's ``dense_baselines.csv`` (``pass_name`` "fwd" or "fwd+bwd")."""
     path = RESULTS_ROOT / gpu_slug(torch.cuda.get_device_name()) / "dense_baselines.csv"
     if not path.exists():
         return float("nan")
     rows = pd.read_csv(path)
-    hit = rows[(rows.backend == "cudnn") & (rows["pass"] == "fwd") & (rows.N == N)]
+    hit = rows[(rows.backend == "cudnn") & (rows["pass"] == pass_name) & (rows.N == N)]
     return float(hit.ms.iloc[0]) if len(hit) else float("nan")
 
 

@@ -46,3 +46,15 @@ def test_kv_recall_training_script_runs_all_three_phases(tmp_path):
     assert (frame[frame.phase == "dense"].kl_loss == 0).all() and (frame[frame.phase != "dense"].kl_loss > 0).all()
     for column in ("lm_loss", "recall", "sparse_accuracy", "dense_accuracy"):
         assert frame[column].notna().all() and frame[column].between(0, 100).all(), column
+
+
+def test_dense_curriculum_doubles_to_the_full_length():
+    from benchmarks.train_kv_recall import curriculum_seq
+
+    lengths = [curriculum_seq(step, 700, 128, 8192) for step in range(700)]
+    assert lengths[0] == 128 and lengths[-1] == 8192
+    assert sorted(set(lengths)) == [128 * 2 ** i for i in range(7)]  # every doubling, none skipped
+    assert all(b in (a, 2 * a) for a, b in zip(lengths, lengths[1:]))  # never shrinks, doubles at most
+    assert lengths.count(8192) >= 100  # the last part of the phase trains at the full length
+    assert {curriculum_seq(step, 10, 8192, 8192) for step in range(10)} == {8192}
+    assert [curriculum_seq(step, 5, 100, 1000) for step in range(5)] == [100, 200, 400, 800, 1000]  # capped at N
