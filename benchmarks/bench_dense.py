@@ -131,7 +131,7 @@ def main(argv=None) -> None:
         for seq in args.scaled:
             bench_scaled_forward(scaled, seq, heads=16, kv_heads=1)
         print(scaled.markdown(["N", "Hq", "Hkv", "ms", "tflops", "note"]))
-        print("wrote", scaled.write_csv(args.results_root) if args.results_root else scaled.write_csv())
+        print("wrote", scaled.write_csv(args.results_root))
         return
 
     ceilings = BenchTable("ceilings")
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     print()
     print(dense.markdown(["backend", "pass", "N", "gqa", "ms", "tflops", "note"]))
     for table in (ceilings, dense):
-        path = table.write_csv(args.results_root) if args.results_root else table.write_csv()
+        path = table.write_csv(args.results_root)
         print(f"wrote {path}")
 
 

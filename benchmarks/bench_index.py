@@ -100,7 +100,7 @@ def main(argv=None):
         bench_length(table, N, gemm_tflops=args.gemm_tflops, copy_gbs=args.copy_gbs)
     print(table.markdown(["N", "stage", "ms", "tflops", "pct_gemm", "floor_ms", "pct_floor",
                           "speedup_of_topk_kernel", "peak_extra_gib"]))
-    print("wrote", table.write_csv(args.results_root) if args.results_root else table.write_csv())
+    print("wrote", table.write_csv(args.results_root))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_main import B, BK, D, G, HQ, TOPK, paper_inputs, selections
+from benchmarks.bench_main import B, BK, D, G, HQ, TOPK, main_branch_flops, paper_inputs, selections
 from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.kv_outer_attention import sparse_attention_forward
 from msa_tl.q_outer_attention import q_outer_attention_forward
@@ -28,7 +28,7 @@ def main(argv=None):
         q, k, v, q_idx, k_idx = paper_inputs(N)
         o = torch.empty_like(q)
         for kind, idx in selections(q_idx, k_idx):
-            flops = 4 * D * BK * (idx >= 0).sum().item() * (HQ // G)
+            flops = main_branch_flops(idx)
             runs = {"kv_outer": lambda: sparse_attention_forward(q, k, v, idx, BK, out=o)}
             for st in args.stages:
                 runs[f"q_outer stages={st}"] = lambda st=st: q_outer_attention_forward(q, k, v, idx, BK, out=o,
@@ -40,7 +40,7 @@ def main(argv=None):
         del q, k, v, q_idx, k_idx, o
         torch.cuda.empty_cache()
     print(table.markdown(["N", "selection", "what", "ms", "tflops"]))
-    print("wrote", table.write_csv(args.results_root) if args.results_root else table.write_csv())
+    print("wrote", table.write_csv(args.results_root))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def tpe_best(program, shape, measured, budget, seed):
 def write_results(root, sweep_table, evidence, gpu, winners):
     """The sweep and evidence CSVs, and the winners as ``configs.json`` beside them."""
     for table in (sweep_table, evidence):
-        path = table.write_csv(root) if root else table.write_csv()
+        path = table.write_csv(root)
     out = cache.ConfigCache(path.parent / "configs.json")
     for key, entry in winners.items():
         out.put(gpu, key, entry)

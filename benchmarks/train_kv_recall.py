@@ -204,7 +204,7 @@ def main(argv=None):
                 print(f"[{time.perf_counter() - start:7.1f}s] {phase:<6} step {step:4d}  lm {lm_loss.item():.3f}  "
                       f"kl {kl.item():.4f}  acc {accuracy:.2f}  | eval: dense {row['dense_accuracy']:.2f}  "
                       f"sparse {row['sparse_accuracy']:.2f}  recall {row['recall']:.2f}", flush=True)
-                path = table.write_csv(args.results_root) if args.results_root else table.write_csv()  # a cut run keeps its rows
+                path = table.write_csv(args.results_root)  # a cut run keeps its rows
     print("wrote", path)
     return 0
 

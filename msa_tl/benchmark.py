@@ -87,9 +87,9 @@ class BenchTable:
         frame = self.frame()
         return markdown_table(frame[columns] if columns else frame)
 
-    def write_csv(self, root: Path = RESULTS_ROOT) -> Path:
-        """Write ``<root>/<gpu slug>/<name>.csv`` and return its path."""
-        path = Path(root) / gpu_slug(self.env["gpu"]) / f"{self.name}.csv"
+    def write_csv(self, root: Path | str | None = None) -> Path:
+        """Write ``<root>/<gpu slug>/<name>.csv`` (root None: :data:`RESULTS_ROOT`) and return its path."""
+        path = Path(root or RESULTS_ROOT) / gpu_slug(self.env["gpu"]) / f"{self.name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.frame().to_csv(path, index=False)
         return path
