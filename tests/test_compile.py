@@ -29,13 +29,6 @@ def test_lowers_for_sm90a(builder, config):
         assert "wgmma" in source and "tma_load" in source
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("builder,config", PROGRAMS[::2], ids=IDS[::2])
-def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
-    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
-    kernel = tilelang.compile(builder(**config), target=sm90_target())
-    assert "__global__" in kernel.get_kernel_source()
-
 MAIN_PROGRAMS = [
     (scheduler.histogram_program, dict(groups=4, topk=16)),
     (scheduler.plan_program, dict(item_queries=4096)),
@@ -61,14 +54,6 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "mma_sync" in source and "mbarrier" not in source
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("index", [3, 6], ids=["kv_outer", "q_outer"])
-def test_attention_compiles_with_nvcc(index, tmp_path, monkeypatch):
-    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
-    builder, config = MAIN_PROGRAMS[index]
-    assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
-
-
 BACKWARD_PROGRAMS = [
     (kv_outer_backward.delta_program, dict(head_dim=128)),
     (kv_outer_backward.kv_outer_backward_program,
@@ -87,13 +72,6 @@ def test_backward_programs_lower_for_sm90a(builder, config):
         assert "wgmma" in source and "AtomicAdd" in source
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_kv_outer_backward_compiles_with_nvcc(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
-    builder, config = BACKWARD_PROGRAMS[1]
-    assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
-
-
 KL_PROGRAMS = [
     (kl_loss.kl_stats_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
                                      scale=0.088, index_scale=0.088)),
@@ -110,8 +88,12 @@ def test_kl_programs_lower_for_sm90a(builder, config):
     assert "__global__" in source and "wgmma" in source
 
 
+NVCC_PROGRAMS = [*PROGRAMS[::2], MAIN_PROGRAMS[3], MAIN_PROGRAMS[6], BACKWARD_PROGRAMS[1], KL_PROGRAMS[1]]
+NVCC_IDS = [*IDS[::2], "kv_outer", "q_outer", "kv_outer_backward", "kl_backward"]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_kl_backward_compiles_with_nvcc(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
-    builder, config = KL_PROGRAMS[1]
+@pytest.mark.parametrize("builder,config", NVCC_PROGRAMS, ids=NVCC_IDS)
+def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
     assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
