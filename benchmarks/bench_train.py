@@ -5,7 +5,8 @@
 Paper shape: B=1, Hq=64, G=4, D=Di=128, Bk=128, k=16, bf16. One training step of
 the attention layer is: the index branch selects (no gradient), the main branch
 runs forward and backward, and the KL alignment loss runs forward and backward
-(gradients for q_idx, k_idx only). Every stage is timed on its own kernels;
+(gradients for q_idx, k_idx only). Every stage is timed on its own kernels, and the
+whole step once more through the public autograd ops (selection included);
 the main branch alone is compared with fla's ``parallel_nsa`` forward+backward
 on the same selection, the whole step with dense cuDNN SDPA forward+backward
 (``dense_baselines.csv``). Useful FLOPs of the main-branch backward:
@@ -17,6 +18,7 @@ import argparse
 
 import torch
 
+import msa_tl
 from benchmarks.bench_main import (BK, D, G, HQ, TOPK, dense_cudnn_ms, fla_selected_attention, main_branch_flops,
                                    paper_inputs, selections)
 from msa_tl.benchmark import BenchTable, time_ms
@@ -24,6 +26,17 @@ from msa_tl.index_topk import select_blocks
 from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
 from msa_tl.kv_outer_attention import sparse_attention_forward
 from msa_tl.kv_outer_backward import sparse_attention_backward
+
+
+def autograd_step(q, k, v, q_idx, k_idx, do):
+    """One layer step on the public ops: select, attend, KL, and the backward of both losses."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, q_idx, k_idx)]
+    q, k, v, q_idx, k_idx = leaves
+    with torch.no_grad():
+        indices = msa_tl.select_blocks(q_idx, k_idx, block_size=BK, topk=TOPK)
+    o, lse = msa_tl.sparse_attention(q, k, v, indices, block_size=BK, return_lse=True)
+    kl = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=BK, lse=lse)
+    torch.autograd.backward([o, kl], [do, torch.ones_like(kl)])
 
 
 def main(argv=None):
@@ -40,9 +53,9 @@ def main(argv=None):
         do = torch.randn_like(q)
         main_ms, chosen = {}, {}
         for kind, idx in selections(q_idx, k_idx):
-            chosen[kind] = idx
             fwd_flops = main_branch_flops(idx)
             o, lse = sparse_attention_forward(q, k, v, idx, BK, scale)
+            chosen[kind] = idx, lse
             fwd = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, scale), rep_ms=1000)
             bwd = time_ms(lambda: sparse_attention_backward(do, None, q, k, v, idx, o, lse, BK, scale), rep_ms=1000)
             main_ms[kind] = (fwd, bwd)
@@ -56,15 +69,18 @@ def main(argv=None):
                           tflops=3.5 * fwd_flops / fla_ms / 1e9, speedup=fla_ms / (fwd + bwd))
                 line += f"; fla fwd+bwd {fla_ms:8.2f} ms -> ours {fla_ms / (fwd + bwd):.2f}x"
             print(line, flush=True)
-        idx = chosen["random"]  # the index kernels' selection; its main-branch times are the loop's
+        # the index kernels' selection; its main-branch times are the loop's. The KL gets the main forward's
+        # lse and keeps its own student lse for the backward, as the layer's autograd op does.
+        idx, lse = chosen["random"]
+        _, lse_student = kl_alignment_loss_forward(q, k, q_idx, k_idx, idx, BK, scale, index_scale, lse)
         stages = {
             "index select (fused score+top-k)": time_ms(lambda: select_blocks(q_idx, k_idx, BK, TOPK), rep_ms=1000),
             "main fwd": main_ms["random"][0],
             "main bwd": main_ms["random"][1],
-            "KL fwd": time_ms(lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, idx, BK, scale, index_scale),
+            "KL fwd": time_ms(lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, idx, BK, scale, index_scale, lse),
                               rep_ms=1000),
             "KL bwd": time_ms(lambda: kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, idx, BK, scale,
-                                                                 index_scale), rep_ms=1000),
+                                                                 index_scale, lse, lse_student), rep_ms=1000),
         }
         for stage, ms in stages.items():
             table.add(**row, what=f"stage: {stage}", selection="random", ms=ms)
@@ -72,8 +88,11 @@ def main(argv=None):
         dense = dense_cudnn_ms(N, "fwd+bwd")
         table.add(**row, what="MSA training step (index + main fwd/bwd + KL fwd/bwd)", selection="random",
                   ms=total, dense_cudnn_ms=dense, speedup=dense / total)
-        print(f"N={N:>7} step {total:8.1f} ms, dense cuDNN fwd+bwd {dense:.0f} ms -> {dense / total:.2f}x; stages "
-              + ", ".join(f"{s} {m:.1f}" for s, m in stages.items()), flush=True)
+        step = time_ms(lambda: autograd_step(q, k, v, q_idx, k_idx, do), rep_ms=1000)
+        table.add(**row, what="MSA training step through the autograd ops (measured whole)", selection="random",
+                  ms=step, dense_cudnn_ms=dense, speedup=dense / step)
+        print(f"N={N:>7} step {total:8.1f} ms (whole, autograd ops: {step:.1f} ms), dense cuDNN fwd+bwd {dense:.0f} ms"
+              f" -> {dense / total:.2f}x; stages " + ", ".join(f"{s} {m:.1f}" for s, m in stages.items()), flush=True)
         torch.cuda.empty_cache()
     cols = ["N", "what", "selection", "ms", "tflops", "speedup", "dense_cudnn_ms"]
     frame = table.frame()

@@ -235,12 +235,16 @@ def plot(csv_path):
     frame = pd.read_csv(csv_path)
     frame["t"] = range(len(frame))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colors = dict(dense="tab:blue", warmup="tab:orange", sparse="tab:green")
     for phase, part in frame.groupby("phase", sort=False):
-        axes[0].plot(part.t, part.kl_loss, "o-", label=phase)
-        axes[1].plot(part.t, part.recall, "o-", label=phase)
-        axes[2].plot(part.t, part.sparse_accuracy, "o-", label=f"{phase}: sparse mode")
-        axes[2].plot(part.t, part.dense_accuracy, "x--", label=f"{phase}: dense mode")
-    for ax, title in zip(axes, ("KL alignment loss", "recall of the teacher's top blocks", "answer accuracy")):
+        color = colors.get(phase)
+        if phase != "dense":  # the dense phase trains without the KL loss
+            axes[0].plot(part.t, part.kl_loss, "o-", color=color, label=phase)
+        axes[1].plot(part.t, part.recall, "o-", color=color, label=phase)
+        axes[2].plot(part.t, part.sparse_accuracy, "o-", color=color, label=f"{phase}: sparse mode")
+        axes[2].plot(part.t, part.dense_accuracy, "x--", color=color, alpha=0.6, label=f"{phase}: dense mode")
+    axes[0].set_xlim(axes[1].get_xlim())
+    for ax, title in zip(axes, ("KL loss (warmup: all visible tokens, sparse: chosen)", "recall of the teacher's top blocks", "answer accuracy")):
         ax.set_title(title)
         ax.set_xlabel("evaluation point")
         ax.legend(fontsize=7)

@@ -259,7 +259,8 @@ def kl_alignment_loss(
     block_size: int,
     scale: float | None = None,
     index_scale: float | None = None,
-) -> torch.Tensor:
+    return_student_lse: bool = False,
+):
     """KL(teacher || student) that trains the index branch, averaged over queries and groups.
 
     teacher[b, g, t, j]: the main branch's attention probabilities over the
@@ -267,15 +268,20 @@ def kl_alignment_loss(
     student[b, g, t, j]: softmax over the same tokens of the index scores
     q_idx[b, t, g] . k_idx[b, j] * index_scale. ``indices`` None takes every
     causally visible token (warmup). Shapes as in :func:`sparse_attention` and
-    :func:`select_blocks`; returns a float64 scalar. Gradients reach q_idx and
-    k_idx only.
+    :func:`select_blocks`; returns a float64 scalar, and with ``return_student_lse``
+    also the student's normaliser logsumexp_j s_j [B, N, G] float64 (detached).
+    Gradients reach q_idx and k_idx only.
     """
     B, N, _, _ = q.shape
     total = q_idx.new_zeros((), dtype=torch.float64)
+    student_lse = []
     for _, _, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
         log_student = torch.log_softmax(s, dim=-1).masked_fill(~mask, 0.0)
         total = total + (torch.xlogy(teacher, teacher) - teacher * log_student).sum()
-    return total / (B * N * k.shape[2])
+        if return_student_lse:
+            student_lse.append(torch.logsumexp(s.detach(), dim=-1).transpose(1, 2))
+    loss = total / (B * N * k.shape[2])
+    return (loss, torch.cat(student_lse, dim=1)) if return_student_lse else loss
 
 
 def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):

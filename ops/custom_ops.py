@@ -3,14 +3,17 @@
     msa_tl::select_blocks(q_idx, k_idx, block_size, topk, index_scale) -> indices            no gradient
     msa_tl::sparse_attention(q, k, v, indices, block_size, scale) -> (o, lse)               grads: q, k, v
     msa_tl::sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, ...) -> (dq, dk, dv)
-    msa_tl::kl_alignment_loss(q, k, q_idx, k_idx, indices?, ...) -> loss                    grads: q_idx, k_idx
-    msa_tl::kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices?, ...) -> (dq_idx, dk_idx)
+    msa_tl::kl_alignment_loss(q, k, q_idx, k_idx, indices?, lse?, ...) -> (loss, lse_student)  grads: q_idx, k_idx
+    msa_tl::kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices?, lse?, lse_student, ...)
+        -> (dq_idx, dk_idx)
 
 Shapes as in :mod:`msa_tl.reference`. Inputs arrive validated, with every scale resolved to a float
 (:mod:`msa_tl.ops.functional` does both). Each body runs the stage's TileLang kernel where one is
 registered for the device and shape (:mod:`msa_tl.ops.dispatch`). Otherwise it runs the float64
 reference and casts the result to the input dtype. LSE stays float32, and so does the loss, except
-float64 for float64 inputs. The KL op gives
+float64 for float64 inputs. The KL op's ``lse`` is the main branch's lse over the same selection when the
+caller has it (the kernels then skip recomputing it; the reference ignores it), and its ``lse_student``
+[B, N, G] is the index branch's normaliser, kept for the backward. The KL op gives
 no gradient to q and k (the teacher is detached), and the attention op none to the indices: the LM
 loss never reaches the index projections, and the KL loss reaches nothing else.
 """
@@ -95,50 +98,57 @@ def _loss_dtype(q_idx: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("msa_tl::kl_alignment_loss", mutates_args=())
 def kl_alignment_loss_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, indices: Optional[Tensor],
-                         block_size: int, scale: float, index_scale: float) -> Tensor:
-    kernel = kernel_for("kl_alignment_loss", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
-                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size,
-                        sparse=indices is not None)
+                         lse: Optional[Tensor], block_size: int, scale: float,
+                         index_scale: float) -> tuple[Tensor, Tensor]:
+    kernel = kernel_for("kl_alignment_loss", q.device, **_kl_shape(q, k, q_idx, indices, block_size))
     if kernel is not None:
-        return kernel(q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
-    loss = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
-    return loss.to(_loss_dtype(q_idx))
+        return kernel(q, k, q_idx, k_idx, indices, lse, block_size=block_size, scale=scale, index_scale=index_scale)
+    loss, lse_student = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale,
+                                                    return_student_lse=True)
+    return loss.to(_loss_dtype(q_idx)), lse_student.to(_loss_dtype(q_idx))
+
+
+def _kl_shape(q, k, q_idx, indices, block_size):
+    return dict(dtype=q.dtype, batch=q.shape[0], seq=q.shape[1], heads=q.shape[2], groups=k.shape[2],
+                head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size, sparse=indices is not None)
 
 
 @kl_alignment_loss_op.register_fake
-def _(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
-    return q.new_empty((), dtype=_loss_dtype(q_idx))
+def _(q, k, q_idx, k_idx, indices, lse, block_size, scale, index_scale):
+    B, N, G, _ = q_idx.shape
+    return q.new_empty((), dtype=_loss_dtype(q_idx)), q.new_empty((B, N, G), dtype=_loss_dtype(q_idx))
 
 
 @torch.library.custom_op("msa_tl::kl_alignment_loss_backward", mutates_args=())
 def kl_alignment_loss_backward_op(dloss: Tensor, q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor,
-                                  indices: Optional[Tensor], block_size: int, scale: float,
-                                  index_scale: float) -> tuple[Tensor, Tensor]:
-    kernel = kernel_for("kl_alignment_loss_backward", q.device, dtype=q.dtype, heads=q.shape[2], groups=k.shape[2],
-                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size,
-                        sparse=indices is not None)
+                                  indices: Optional[Tensor], lse: Optional[Tensor], lse_student: Tensor,
+                                  block_size: int, scale: float, index_scale: float) -> tuple[Tensor, Tensor]:
+    kernel = kernel_for("kl_alignment_loss_backward", q.device, **_kl_shape(q, k, q_idx, indices, block_size))
     if kernel is not None:
-        return kernel(dloss, q, k, q_idx, k_idx, indices, block_size=block_size, scale=scale, index_scale=index_scale)
+        return kernel(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, block_size=block_size, scale=scale,
+                      index_scale=index_scale)
     dq_idx, dk_idx = reference.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale,
                                                           index_scale)
     return dq_idx.to(q_idx.dtype), dk_idx.to(k_idx.dtype)
 
 
 @kl_alignment_loss_backward_op.register_fake
-def _(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+def _(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, block_size, scale, index_scale):
     return torch.empty_like(q_idx), torch.empty_like(k_idx)
 
 
 def _kl_setup(ctx, inputs, output):
-    q, k, q_idx, k_idx, indices, block_size, scale, index_scale = inputs
-    ctx.save_for_backward(q, k, q_idx, k_idx, indices)
+    q, k, q_idx, k_idx, indices, lse, block_size, scale, index_scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, q_idx, k_idx, indices, lse, output[1])
     ctx.options = (block_size, scale, index_scale)
 
 
-def _kl_backward(ctx, dloss):
-    q, k, q_idx, k_idx, indices = ctx.saved_tensors
-    dq_idx, dk_idx = kl_alignment_loss_backward_op(dloss, q, k, q_idx, k_idx, indices, *ctx.options)
-    return None, None, dq_idx, dk_idx, None, None, None, None  # the teacher (q, k) is detached
+def _kl_backward(ctx, dloss, _dlse_student):
+    q, k, q_idx, k_idx, indices, lse, lse_student = ctx.saved_tensors
+    dq_idx, dk_idx = kl_alignment_loss_backward_op(dloss, q, k, q_idx, k_idx, indices, lse, lse_student,
+                                                   *ctx.options)
+    return None, None, dq_idx, dk_idx, None, None, None, None, None  # the teacher (q, k, lse) is detached
 
 
 kl_alignment_loss_op.register_autograd(_kl_backward, setup_context=_kl_setup)

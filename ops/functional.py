@@ -17,6 +17,7 @@ from msa_tl.ops.validation import (
     check_attention_inputs,
     check_index_inputs,
     check_indices,
+    check_lse,
     check_options,
 )
 
@@ -92,6 +93,7 @@ def kl_alignment_loss(
     block_size: int = 128,
     scale: float | None = None,
     index_scale: float | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) that trains the index projections; a float32 scalar.
 
@@ -100,14 +102,23 @@ def kl_alignment_loss(
     index scores over the same tokens. Averaged over queries and groups.
     ``indices`` None means all causally visible tokens (warmup). Gradients
     reach q_idx and k_idx only. Shapes as in :func:`msa_attention`.
+
+    ``lse`` [B, N, Hq] float32: the main branch's lse for these q, k and indices
+    (``sparse_attention(..., return_lse=True)``). Passing it saves the kernels a
+    main-branch forward; it must come from the same selection, since it is the
+    teacher's normaliser. Its gradient is not taken.
     """
     check_options(block_size=block_size, scale=scale, index_scale=index_scale)
     check_attention_inputs(q, k, k)
     k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
     if indices is not None:
         check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
-    return kl_alignment_loss_op(q, k, q_idx, k_idx, indices, block_size, _default_scale(scale, q.shape[3]),
-                                _default_scale(index_scale, q_idx.shape[3]))
+    if lse is not None:
+        check_lse(lse, shape=q.shape[:3], device=q.device)
+        lse = lse.detach()
+    loss, _ = kl_alignment_loss_op(q, k, q_idx, k_idx, indices, lse, block_size, _default_scale(scale, q.shape[3]),
+                                   _default_scale(index_scale, q_idx.shape[3]))
+    return loss
 
 
 def msa_attention(

@@ -79,23 +79,36 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
 register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)
 
 
-def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, **_) -> bool:
+# The warmup's KL (all visible tokens) runs the same kernels over every visible block. Its selection, stats and
+# schedule take ~16 bytes per (query, group, block): at most 2**27 of them (~2 GB; N = 32K at B = 1, G = 4,
+# Bk = 128 is 2**25), and at most 256 blocks, which the LSE combine's shared weights [64, blocks] fp32 allow.
+WARMUP_MAX_BLOCKS = 256
+WARMUP_MAX_ENTRIES = 2 ** 27
+
+
+def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, batch=1,
+                  seq=1, **_) -> bool:
     heads_per_group = heads // groups
-    return (is_hopper(device) and sparse  # warmup (all visible tokens) stays on the reference
-            and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
+    if not sparse:
+        blocks = -(-seq // block_size)
+        if blocks > WARMUP_MAX_BLOCKS or batch * seq * groups * blocks > WARMUP_MAX_ENTRIES:
+            return False
+    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
             and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
 
 
-def _kl_alignment_loss(q, k, q_idx, k_idx, indices, *, block_size, scale, index_scale):
+def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale):
     from msa_tl.kl_loss import kl_alignment_loss_forward
 
-    return kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale)[0]
+    return kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
 
 
-def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, *, block_size, scale, index_scale):
+def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, *, block_size, scale,
+                                index_scale):
     from msa_tl.kl_loss import kl_alignment_loss_backward
 
-    return kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale)
+    return kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
+                                      lse_student)
 
 
 register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_supported)

@@ -139,18 +139,19 @@ class MSAAttention(nn.Module):
         k_idx = self.index_k_proj(detached)
 
         if self.mode == "warmup":
-            indices = None
+            indices, lse = None, None
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
             ).transpose(1, 2)
         else:
             with torch.no_grad():
                 indices = select_blocks(q_idx, k_idx, block_size=self.block_size, topk=self.topk)
-            o = sparse_attention(q, k, v, indices, block_size=self.block_size)
+            o, lse = sparse_attention(q, k, v, indices, block_size=self.block_size, return_lse=True)
 
         kl_loss = None
         if self.training if compute_kl is None else compute_kl:
-            kl_loss = kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=self.block_size)
+            # the sparse forward's lse is the teacher's normaliser, so the KL need not recompute it
+            kl_loss = kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=self.block_size, lse=lse)
         return MSAOutput(self.o_proj(o.reshape(B, N, H * D)), kl_loss, indices)
 
     def extra_repr(self) -> str:

@@ -95,3 +95,14 @@ def check_indices(indices, *, batch, seq, groups, device) -> None:
     if indices.shape[:3] != (batch, seq, groups):
         raise ValueError(f"indices must be [batch, seq, kv_heads, topk] with {(batch, seq, groups)} leading, got {tuple(indices.shape)}")
     check_options(topk=indices.shape[3])
+
+
+def check_lse(lse, *, shape, device) -> None:
+    """lse [B, N, Hq] float32, the main branch's log-sum-exp."""
+    _tensor("lse", lse, "[batch, seq, heads]")
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must be float32 (as sparse_attention returns it), got {lse.dtype}")
+    if lse.device != device:
+        raise ValueError(f"lse is on {lse.device} but q is on {device}")
+    if lse.shape != tuple(shape):
+        raise ValueError(f"lse must be [batch, seq, heads] = {tuple(shape)}, got {tuple(lse.shape)}")

@@ -123,3 +123,16 @@ def test_full_budget_through_the_api_equals_dense():
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     ).transpose(1, 2)
     torch.testing.assert_close(o, dense)
+
+
+def test_kl_loss_rejects_a_bad_main_branch_lse():
+    q, k, v, q_idx, k_idx = inputs(N=40)
+    indices = msa_tl.select_blocks(q_idx, k_idx, block_size=16, topk=2)
+    _, lse = msa_tl.sparse_attention(q, k, v, indices, block_size=16, return_lse=True)
+    for bad, error, match in ((lse.double(), TypeError, "lse must be float32"),
+                              (lse[:, :39].contiguous(), ValueError, r"lse must be \[batch, seq, heads\]"),
+                              (lse.transpose(1, 2), ValueError, "lse must be contiguous")):
+        with pytest.raises(error, match=match):
+            msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=bad)
+    given = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=lse)
+    assert given.item() == msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16).item()

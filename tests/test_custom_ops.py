@@ -9,6 +9,7 @@ import msa_tl
 from msa_tl import reference as R
 from msa_tl.ops import MSAAttention
 from msa_tl.ops.custom_ops import (
+    kl_alignment_loss_backward_op,
     kl_alignment_loss_op,
     select_blocks_op,
     sparse_attention_backward_op,
@@ -34,8 +35,12 @@ def test_opcheck_every_op():
         (sparse_attention_op, (q, k, v, indices, Bk, 0.3)),
         (sparse_attention_backward_op, (torch.randn_like(o), torch.randn_like(lse), q.detach(), k.detach(), v.detach(),
                                         indices, o.detach(), lse.detach(), Bk, 0.3)),
-        (kl_alignment_loss_op, (q, k, q_idx, k_idx, indices, Bk, 0.3, 0.5)),
-        (kl_alignment_loss_op, (q, k, q_idx, k_idx, None, Bk, 0.3, 0.5)),
+        (kl_alignment_loss_op, (q, k, q_idx, k_idx, indices, lse.detach(), Bk, 0.3, 0.5)),
+        (kl_alignment_loss_op, (q, k, q_idx, k_idx, indices, None, Bk, 0.3, 0.5)),
+        (kl_alignment_loss_op, (q, k, q_idx, k_idx, None, None, Bk, 0.3, 0.5)),
+        (kl_alignment_loss_backward_op, (torch.tensor(1.3, dtype=torch.float64), q.detach(), k.detach(),
+                                         q_idx.detach(), k_idx.detach(), indices, lse.detach(),
+                                         torch.randn(B, N, G, dtype=torch.float64), Bk, 0.3, 0.5)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -66,3 +66,25 @@ def test_attention_path_can_be_forced_and_rejects_unknown_paths(monkeypatch):
     monkeypatch.setenv("MSA_TL_ATTENTION_PATH", "fastest")
     with pytest.raises(ValueError, match="MSA_TL_ATTENTION_PATH"):
         kernels.attention_path(1024)
+
+
+def test_warmup_kl_takes_the_kernel_while_its_full_selection_stays_small(hopper):
+    cuda = torch.device("cuda")
+    warmup = dict(PAPER, sparse=False, batch=1)
+    assert kernels._kl_supported(cuda, **warmup, seq=8192)
+    assert kernels._kl_supported(cuda, **warmup, seq=kernels.WARMUP_MAX_BLOCKS * 128)
+    assert not kernels._kl_supported(cuda, **warmup, seq=kernels.WARMUP_MAX_BLOCKS * 128 + 1)  # one block too many
+    assert not kernels._kl_supported(cuda, **dict(warmup, batch=64), seq=16384)  # 2**28 (query, group, block) entries
+    assert kernels._kl_supported(cuda, **dict(PAPER, sparse=True, batch=64), seq=1 << 20)  # sparse: no such bound
+
+
+def test_causal_selection_lists_every_visible_block_once():
+    from msa_tl import reference as R
+    from msa_tl.kl_loss import causal_selection
+
+    B, N, G, Bk = 2, 70, 3, 16
+    chosen = causal_selection(B, N, G, Bk, "cpu")
+    assert chosen.dtype == torch.int32 and chosen.shape == (B, N, G, 5) and chosen.is_contiguous()
+    q_idx, k_idx = torch.randn(B, N, G, 8, dtype=torch.float64), torch.randn(B, N, 8, dtype=torch.float64)
+    every = R.select_blocks(q_idx, k_idx, Bk, 5)  # the reference's full budget, in score order
+    assert torch.equal(chosen.sort(-1).values, every.sort(-1).values)

@@ -51,3 +51,30 @@ def test_layer_trains_on_cuda():
     out = m(x)
     (out.output.float().square().mean() + out.kl_loss).backward()
     assert m.index_q_proj.weight.grad.abs().sum() > 0 and m.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_layer_kl_runs_the_kernels_and_matches_reference(mode, caplog, monkeypatch):
+    from msa_tl.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_REPORTED", set())
+    hidden, H, G, D, Di, Bk = 256, 8, 2, 64, 64, 64
+    m = msa_tl.MSAAttention(hidden, H, G, D, Di, block_size=Bk, topk=4, mode=mode).cuda().to(torch.bfloat16).train()
+    x = torch.randn(2, 700, hidden, device="cuda", dtype=torch.bfloat16)
+    out = m(x)
+    out.kl_loss.backward()
+    assert not [r for r in caplog.records if "KL" in r.getMessage()], "the KL ran the reference"
+    B, N, _ = x.shape
+    # the reference KL of the same projections, in float64, and its gradients for the index projections
+    with torch.no_grad():
+        q = m.q_proj(x).view(B, N, H, D)
+        k = m.k_proj(x).view(B, N, G, D)
+    w_q, w_k = (p.weight.detach().double().requires_grad_() for p in (m.index_q_proj, m.index_k_proj))
+    q_idx = (x.double() @ w_q.T).view(B, N, G, Di)
+    k_idx = x.double() @ w_k.T
+    ref = R.kl_alignment_loss(q, k, q_idx, k_idx, out.indices, Bk)
+    ref.backward()
+    assert abs(out.kl_loss.item() - ref.item()) <= 2e-2 * abs(ref.item()), (out.kl_loss.item(), ref.item())
+    for got, want in ((m.index_q_proj.weight.grad, w_q.grad), (m.index_k_proj.weight.grad, w_k.grad)):
+        rel = ((got.double() - want).norm() / want.norm()).item()
+        assert rel <= 5e-2, rel

@@ -11,25 +11,59 @@ from test_main_branch_gpu import attention_inputs, selection
 pytestmark = pytest.mark.gpu
 
 
+def check_close(name, got, want, tol=2e-2):
+    assert got.shape == want.shape and torch.isfinite(got).all(), name
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert rel <= tol, f"{name} rel err {rel:.2e}"
+
+
 @pytest.mark.parametrize("kind", ["random", "realistic", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Di,Bk,topk", [(1, 2125, 64, 4, 128, 128, 128, 16), (2, 1000, 8, 2, 64, 64, 64, 8)],
                          ids=["paper-ragged", "b2-Bk64"])
 def test_kl_loss_and_gradients_match_reference(kind, B, N, Hq, G, D, Di, Bk, topk):
     from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
+    from msa_tl.kv_outer_attention import sparse_attention_forward
 
-    q, k, _ = attention_inputs(B, N, Hq, G, D)
+    q, k, v = attention_inputs(B, N, Hq, G, D)
     q_idx = torch.randn(B, N, G, Di, device="cuda", dtype=torch.bfloat16)
     k_idx = torch.randn(B, N, Di, device="cuda", dtype=torch.bfloat16)
     indices = selection(kind, B, N, G, Bk, topk)
     scale, index_scale = 1 / math.sqrt(D), 1 / math.sqrt(Di)
-    loss, lse_student = kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, Bk, scale, index_scale)
-    ref = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, scale, index_scale)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-5, (loss.item(), ref.item())
-    dloss = torch.tensor(1.7, device="cuda")
-    dq_idx, dk_idx = kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, Bk, scale, index_scale, lse_student)
+    ref, ref_lse_student = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, scale, index_scale,
+                                               return_student_lse=True)
     ref_dq, ref_dk = R.kl_alignment_loss_backward(1.7, q, k, q_idx, k_idx, indices, Bk, scale, index_scale)
-    for name, got, want in (("dq_idx", dq_idx, ref_dq), ("dk_idx", dk_idx, ref_dk)):
-        assert got.dtype == torch.bfloat16 and got.shape == want.shape and torch.isfinite(got).all()
-        rel = ((got.double() - want).norm() / want.norm()).item()
-        assert rel <= 2e-2, f"{name} rel err {rel:.2e}"
+    # the main branch's lse, as the layer passes it, and recomputed inside (lse=None)
+    _, main_lse = sparse_attention_forward(q, k, v, indices, Bk, scale)
+    dloss = torch.tensor(1.7, device="cuda")
+    for lse in (main_lse, None):
+        loss, lse_student = kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, Bk, scale, index_scale, lse)
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+        assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-5, (loss.item(), ref.item())
+        assert (lse_student.double() - ref_lse_student).abs().max().item() <= 1e-3
+        for student in (lse_student, None):
+            dq_idx, dk_idx = kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, Bk, scale, index_scale,
+                                                        lse, student)
+            assert dq_idx.dtype == torch.bfloat16 and dk_idx.dtype == torch.bfloat16
+            check_close("dq_idx", dq_idx, ref_dq)
+            check_close("dk_idx", dk_idx, ref_dk)
+
+
+@pytest.mark.parametrize("B,N,Hq,G,D,Di,Bk", [(1, 1500, 16, 4, 128, 128, 128), (2, 1000, 8, 2, 64, 64, 64)],
+                         ids=["Bk128-ragged", "b2-Bk64"])
+def test_warmup_kl_over_every_visible_token_matches_reference(B, N, Hq, G, D, Di, Bk):
+    from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
+
+    q, k, _ = attention_inputs(B, N, Hq, G, D)
+    q_idx = torch.randn(B, N, G, Di, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(B, N, Di, device="cuda", dtype=torch.bfloat16)
+    scale, index_scale = 1 / math.sqrt(D), 1 / math.sqrt(Di)
+    ref, ref_lse_student = R.kl_alignment_loss(q, k, q_idx, k_idx, None, Bk, scale, index_scale,
+                                               return_student_lse=True)
+    loss, lse_student = kl_alignment_loss_forward(q, k, q_idx, k_idx, None, Bk, scale, index_scale)
+    assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-5, (loss.item(), ref.item())
+    assert (lse_student.double() - ref_lse_student).abs().max().item() <= 1e-3
+    dq_idx, dk_idx = kl_alignment_loss_backward(torch.tensor(0.6, device="cuda"), q, k, q_idx, k_idx, None, Bk,
+                                                scale, index_scale, None, lse_student)
+    ref_dq, ref_dk = R.kl_alignment_loss_backward(0.6, q, k, q_idx, k_idx, None, Bk, scale, index_scale)
+    check_close("dq_idx", dq_idx, ref_dq)
+    check_close("dk_idx", dk_idx, ref_dk)

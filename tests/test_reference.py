@@ -177,6 +177,13 @@ def test_kl_equals_per_row_formula_and_is_positive():
             total += float((teacher * (teacher.log() - student)).sum())
     assert loss.item() == pytest.approx(total / (N * G), rel=1e-10)
     assert loss.item() > 0
+    loss_again, student_lse = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, return_student_lse=True)
+    assert loss_again.item() == loss.item() and student_lse.shape == (B, N, G)
+    for t, g in ((0, 0), (17, 1), (N - 1, 0)):
+        keys = [j for blk in indices[0, t, g].tolist() if blk >= 0
+                for j in range(blk * Bk, min(N, (blk + 1) * Bk)) if j <= t]
+        want = torch.logsumexp(k_idx[0, keys] @ q_idx[0, t, g] / math.sqrt(Di), 0)
+        assert student_lse[0, t, g].item() == pytest.approx(want.item(), rel=1e-12)
 
 
 def test_warmup_kl_equals_sparse_kl_with_every_block():
