@@ -148,7 +148,7 @@ def main(argv=None):
                              "a 1-layer model solved N=128 in 200 steps, and was still near chance at N=256 after 1000)")
     parser.add_argument("--dense-seq-start", type=int, default=128,
                         help="the dense phase starts at this length and doubles up to --seq (a curriculum)")
-    parser.add_argument("--steps", type=int, default=100, help="steps of the warmup and of the sparse phase")
+    parser.add_argument("--steps", type=int, default=300, help="steps of the warmup and of the sparse phase")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=1)
