@@ -30,8 +30,7 @@ from msa_tl.kv_outer_backward import sparse_attention_backward
 
 def autograd_step(q, k, v, q_idx, k_idx, do):
     """One layer step on the public ops: select, attend, KL, and the backward of both losses."""
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, q_idx, k_idx)]
-    q, k, v, q_idx, k_idx = leaves
+    q, k, v, q_idx, k_idx = (t.detach().requires_grad_(True) for t in (q, k, v, q_idx, k_idx))
     with torch.no_grad():
         indices = msa_tl.select_blocks(q_idx, k_idx, block_size=BK, topk=TOPK)
     o, lse = msa_tl.sparse_attention(q, k, v, indices, block_size=BK, return_lse=True)

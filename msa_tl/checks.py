@@ -14,6 +14,12 @@ OUTPUT_RTOL = 1e-2  # bf16 main-branch output, relative Frobenius error
 LSE_ATOL = 1e-3
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (Frobenius norms, in float64)."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
 def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk):
     """Every row: local block present, nothing from the future, min(topk, local+1) distinct blocks, -1 only
     in trailing slots, and the chosen set equal to the reference's except for blocks whose reference score
@@ -53,7 +59,7 @@ def assert_attention_matches_reference(o, lse, q, k, v, indices, block_size):
     """o [B, N, Hq, D] within OUTPUT_RTOL (relative) and lse [B, N, Hq] within LSE_ATOL of the float64 reference."""
     assert torch.isfinite(o).all() and torch.isfinite(lse).all(), "unwritten or non-finite outputs"
     ref_o, ref_lse = R.sparse_attention(q, k, v, indices, block_size)
-    rel = ((o.double() - ref_o).norm() / ref_o.norm()).item()
+    rel = relative_error(o, ref_o)
     assert rel <= OUTPUT_RTOL, f"output rel err {rel:.2e}"
     lse_err = (lse.double() - ref_lse).abs().max().item()
     assert lse_err <= LSE_ATOL, f"lse err {lse_err:.2e}"

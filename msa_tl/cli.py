@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from msa_tl.checks import relative_error
 
 def _tilelang_status() -> str:
     try:
@@ -106,8 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         full_layer.topk = math.ceil(N / Bk)  # k*Bk >= N: MSA must equal dense attention
         y_full = full_layer(x, compute_kl=False).output.double()
         y_sparse = layer(x, compute_kl=False).output.double()
-    err_full = ((y_full - y_dense).norm() / y_dense.norm()).item()
-    diff_sparse = ((y_sparse - y_dense).norm() / y_dense.norm()).item()
+    err_full = relative_error(y_full, y_dense)
+    diff_sparse = relative_error(y_sparse, y_dense)
     ok = err_full <= tolerance and math.isfinite(diff_sparse)
     print(f"MSA with topk*block >= N vs dense SDPA: rel err {err_full:.2e} (tolerance {tolerance:.0e}) "
           f"{'OK' if ok else 'FAIL'}")

@@ -240,13 +240,14 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
 
         def check(config):
             from msa_tl import reference as R
+            from msa_tl.checks import relative_error
 
             qc, kc, vc, ic = _attention_inputs(shape, check_seq)
             oc, lc = sparse_attention_forward(qc, kc, vc, ic, Bk)
             doc = torch.randn_like(qc)
             grads = sparse_attention_backward(doc, None, qc, kc, vc, ic, oc, lc, Bk, config=config)
             for got, ref in zip(grads, R.sparse_attention_backward(doc, None, qc, kc, vc, ic, Bk)):
-                rel = ((got.double() - ref).norm() / ref.norm()).item()
+                rel = relative_error(got, ref)
                 assert rel <= 2e-2, f"gradient rel err {rel:.2e}"
 
         def timed(config):
