@@ -85,6 +85,20 @@ def bench_ceilings(table: BenchTable) -> None:
         print(f"  {row['what']}: {row['rate']:.0f} {row['unit']}", flush=True)
 
 
+def dense_cudnn_ms(seq: int, backward: bool = False, B=1, Hq=64, G=4, D=128, full_width_max=262144) -> float:
+    """Dense causal cuDNN SDPA at the paper shape, timed now (so ratios come from one process).
+
+    Past ``full_width_max`` tokens one forward takes seconds: it is timed with Hq/4 query heads over
+    G/4 KV heads (the same GQA ratio) and scaled x4, as :func:`bench_scaled_forward` does.
+    """
+    table = BenchTable("dense")
+    if seq > full_width_max and not backward and G % 4 == 0:
+        bench_scaled_forward(table, seq, heads=Hq // 4, kv_heads=G // 4, D=D, full_heads=Hq)
+        return table.rows[-1]["ms"] * 4
+    bench_sdpa(table, seq, "cudnn", backward, B=B, Hq=Hq, G=G, D=D)
+    return table.rows[-1]["ms"]
+
+
 def bench_scaled_forward(table: BenchTable, seq: int, heads: int, kv_heads: int, D=128, full_heads=64, runs=3) -> None:
     """cuDNN forward with fewer heads (same GQA ratio), scaled by full_heads / heads to the paper shape.
 

@@ -1,28 +1,33 @@
-"""Main branch and end-to-end MSA forward on the GPU, against fla's parallel_nsa and dense cuDNN attention.
+"""Main branch and end-to-end MSA forward against fla's parallel_nsa and dense cuDNN, all timed in one process.
 
-    python -m benchmarks.bench_main [--seq-lens 32768 131072 524288 1048576]
+    python -m benchmarks.bench_main [--seq-lens 32768 131072 1048576] [--sweep 131072]
 
 Paper shape: B=1, Hq=64, G=4, D=Di=128, Bk=128, k=16, bf16. Selections:
 "random" (the index kernels on random projections) and "realistic" (first
 block, the three blocks before the local one, a stripe every 8 blocks).
-Useful main-branch FLOPs: 4*D*Bk per (query, head, chosen block).
-Writes ``main_branch.csv``.
+Useful main-branch FLOPs: 4*D*Bk per (query, head, chosen block). Per stage
+the bytes this design must move (Q gathers, K/V loads, partials written and
+read back, O and LSE) are set against the copy bandwidth and the GEMM rate
+measured in the same run, as % of the stage's floor. ``--sweep N`` also times
+the attention and schedule knobs at N. Writes ``main_branch.csv``.
 """
 
 import argparse
 import math
 
-import pandas as pd
 import torch
 
-from msa_tl.benchmark import RESULTS_ROOT, BenchTable, gpu_slug, time_ms
+from benchmarks.bench_dense import bench_ceilings, dense_cudnn_ms
+from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.index_topk import select_blocks
-from msa_tl.kv_outer_attention import ATTENTION_DEFAULTS, kv_outer_program, sparse_attention_forward
+from msa_tl.kv_outer_attention import (ATTENTION_DEFAULTS, SCHEDULE_TUNABLES, kv_outer_program,
+                                       sparse_attention_forward)
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
-from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule
+from msa_tl.scheduler import Schedule
 from msa_tl.tl_compile import compiled_kernel
 
-B, HQ, G, D, BK, TOPK, CHUNK = 1, 64, 4, 128, 128, 16, 16384
+B, HQ, G, D, BK, TOPK = 1, 64, 4, 128, 128, 16
+R = HQ // G
 
 
 def realistic_selection(N):
@@ -65,22 +70,77 @@ def fla_selected_attention():
     return lambda q, k, v, idx: ParallelNSAFunction.apply(q, k, v, idx.clamp(min=0).long(), TOPK, BK, D ** -0.5, None)
 
 
-def dense_cudnn_ms(N, pass_name="fwd"):
-    """Dense cuDNN SDPA time at N from this GPU's ``dense_baselines.csv`` (``pass_name`` "fwd" or "fwd+bwd")."""
-    path = RESULTS_ROOT / gpu_slug(torch.cuda.get_device_name()) / "dense_baselines.csv"
-    if not path.exists():
-        return float("nan")
-    rows = pd.read_csv(path)
-    hit = rows[(rows.backend == "cudnn") & (rows["pass"] == pass_name) & (rows.N == N)]
-    return float(hit.ms.iloc[0]) if len(hit) else float("nan")
+def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk"]):
+    """Each forward stage timed over all query chunks, with the bytes it must move and its floor."""
+    N = q.shape[1]
+    chunk = min(N, chunk)
+    starts = list(range(0, N, chunk))
+    nblk = math.ceil(N / BK)
+    scheds = [Schedule(B, G, nblk, chunk, TOPK, SCHEDULE_TUNABLES["item_queries"], "cuda") for _ in starts]
+    for sched, t0 in zip(scheds, starts):
+        sched.build(idx, t0, min(chunk, N - t0))
+    att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
+                          scale=1.0 / math.sqrt(D), item_queries=SCHEDULE_TUNABLES["item_queries"], dtype="bfloat16",
+                          partial_dtype="bfloat16", **ATTENTION_DEFAULTS)
+    comb = compiled_kernel(combine_program, heads=HQ, head_dim=D, topk=TOPK, dtype="bfloat16",
+                           partial_dtype="bfloat16", **COMBINE_DEFAULTS)
+    op = torch.empty(B, chunk, HQ, TOPK, D, device="cuda", dtype=torch.bfloat16)
+    lp = torch.full((B, chunk, HQ, TOPK), float("-inf"), device="cuda")
+    o, lse = torch.empty_like(q), torch.empty(B, N, HQ, device="cuda")
+
+    def attention():
+        for sched, t0 in zip(scheds, starts):
+            att(q, k, v, sched.items, sched.item_count, sched.entries, op.view(B, -1, D), lp.view(B, -1), t0)
+
+    def combine():
+        for t0 in starts:
+            comb(op.view(B, chunk * HQ, TOPK, D), lp.view(B, chunk * HQ, TOPK), o.view(B, N * HQ, D),
+                 lse.view(B, N * HQ), t0)
+
+    entries = (idx >= 0).sum().item()  # (query, group, slot) entries
+    items = sum(int(s.item_count.sum()) for s in scheds)
+    partial_bytes = entries * R * (D * 2 + 4)
+    att_bytes = entries * R * D * 2 + items * 2 * BK * D * 2 + partial_bytes  # Q gathers, K/V, partials out
+    comb_bytes = partial_bytes + B * N * HQ * (D * 2 + 4)
+    flops = 4 * D * BK * entries * R
+    bw, gemm = ceilings["GB/s"] * 1e6, ceilings["TFLOP/s"] * 1e9  # bytes / ms, FLOP / ms
+    out = {}
+    for name, fn, nbytes, nflops in (("scheduler", lambda: [s.build(idx, t0, min(chunk, N - t0)) for s, t0 in
+                                                                zip(scheds, starts)], 0, 0),
+                                     ("attention", attention, att_bytes, flops), ("combine", combine, comb_bytes, 0)):
+        ms = time_ms(fn, rep_ms=1000)
+        floor = max(nbytes / bw, nflops / gemm)
+        out[name] = dict(ms=ms, gbytes=nbytes / 1e9, floor_ms=floor, pct_of_floor=100 * floor / ms if floor else None,
+                         tbps=nbytes / ms / 1e9, tflops=nflops / ms / 1e9 if nflops else None)
+    return out
+
+
+def sweep(table, row, q, k, v, idx, kind):
+    """Attention and schedule knobs at one length (random selection): the tuner's space, timed whole."""
+    o = torch.empty_like(q)
+    variants = [dict(attention_config=dict(stages=s)) for s in (1, 2, 3)]
+    variants += [dict(item_queries=i) for i in (64, 128, 512)]
+    variants += [dict(query_chunk=c) for c in (4096, 32768, 131072)]
+    for kw in variants:
+        ms = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw), rep_ms=1000)
+        label = ", ".join(f"{a}={b}" for a, b in kw.items())
+        table.add(**row, what=f"sweep: main branch with {label}", selection=kind, ms=ms)
+        print(f"  sweep {label:<40} {ms:8.2f} ms", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072, 524288, 1048576])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072, 1048576])
+    parser.add_argument("--sweep", type=int, nargs="*", default=[], help="lengths at which to sweep the knobs")
+    parser.add_argument("--no-dense", action="store_true", help="skip dense cuDNN (its 1M forward takes ~40 s)")
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
     table = BenchTable("main_branch")
+    ceil_table = BenchTable("ceilings")
+    bench_ceilings(ceil_table)
+    ceilings = {r["unit"]: r["rate"] for r in ceil_table.rows}
+    for r in ceil_table.rows:
+        table.add(what=f"ceiling: {r['what']}", ms=r["ms"], rate=r["rate"], unit=r["unit"])
     fla = fla_selected_attention()
     for N in args.seq_lens:
         row = dict(B=B, N=N, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, dtype="bf16")
@@ -90,33 +150,20 @@ def main(argv=None):
             flops = main_branch_flops(idx)
             ms = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o), rep_ms=2000)
             table.add(**row, what="main branch (ours, KV-outer)", selection=kind, ms=ms, tflops=flops / ms / 1e9)
-            print(f"N={N:>8} {kind:<9} main branch {ms:9.2f} ms  {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+            line = f"N={N:>8} {kind:<9} main branch {ms:9.2f} ms  {flops / ms / 1e9:6.1f} TFLOP/s"
             if fla is not None and N <= 131072:
                 ms_fla = time_ms(lambda: fla(q, k, v, idx), rep_ms=2000)
                 table.add(**row, what="fla parallel_nsa (selected attention)", selection=kind, ms=ms_fla,
                           tflops=flops / ms_fla / 1e9, speedup=ms_fla / ms)
-                print(f"N={N:>8} {kind:<9} fla parallel_nsa {ms_fla:9.2f} ms  -> ours {ms_fla / ms:.2f}x", flush=True)
-        # per-stage breakdown of one 16K-query chunk (the last one), random selection
-        idx = select_blocks(q_idx, k_idx, BK, TOPK)
-        chunk = min(N, CHUNK)
-        sched = Schedule(B, G, math.ceil(N / BK), chunk, TOPK, SCHEDULE_DEFAULTS["item_queries"], "cuda")
-        att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
-                              scale=D ** -0.5, dtype="bfloat16", partial_dtype="bfloat16", **ATTENTION_DEFAULTS)
-        comb = compiled_kernel(combine_program, heads=HQ, head_dim=D, topk=TOPK, dtype="bfloat16",
-                               partial_dtype="bfloat16", **COMBINE_DEFAULTS)
-        op = torch.empty(B, chunk, HQ, TOPK, D, device="cuda", dtype=torch.bfloat16)
-        lp = torch.full((B, chunk, HQ, TOPK), float("-inf"), device="cuda")
-        lse = torch.empty(B, N, HQ, device="cuda")
-        t0, n_chunks = N - chunk, math.ceil(N / chunk)
-        stages = {
-            "index (fused score+top-k)": time_ms(lambda: select_blocks(q_idx, k_idx, BK, TOPK), rep_ms=2000),
-            "scheduler": n_chunks * time_ms(lambda: sched.build(idx, t0, chunk)),
-            "attention": n_chunks * time_ms(lambda: att(q, k, v, sched.items, sched.item_count, sched.entries, op, lp, t0)),
-            "combine": n_chunks * time_ms(lambda: comb(op.view(B, chunk * HQ, TOPK, D), lp.view(B, chunk * HQ, TOPK),
-                                                       o.view(B, N * HQ, D), lse.view(B, N * HQ), t0)),
-        }
-        for stage, ms in stages.items():
-            table.add(**row, what=f"stage: {stage} (per-chunk time x {n_chunks} chunks)", selection="random", ms=ms)
+                line += f" | fla {ms_fla:9.2f} ms -> ours {ms_fla / ms:.2f}x"
+            print(line, flush=True)
+            if N <= 131072:
+                for stage, r in stage_breakdown(q, k, v, idx, ceilings).items():
+                    table.add(**row, what=f"stage: {stage}", selection=kind, **r)
+                    print(f"    {stage:<10} {r['ms']:8.2f} ms  {r['gbytes']:6.1f} GB  {r['tbps']:5.2f} TB/s  "
+                          f"floor {r['floor_ms']:6.2f} ms ({r['pct_of_floor'] or 0:.0f}%)", flush=True)
+            if N in args.sweep:
+                sweep(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -124,18 +171,18 @@ def main(argv=None):
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         ms_e2e = time_ms(msa, rep_ms=2000)
-        dense = dense_cudnn_ms(N)
+        del q, k, v, q_idx, k_idx, o
+        torch.cuda.empty_cache()
+        dense = float("nan") if args.no_dense else dense_cudnn_ms(N)
         dense_flops = 4 * HQ * D * N * N / 2
         msa_flops = 2 * G * D * N * N / 2 + 4 * HQ * D * BK * TOPK * N
         table.add(**row, what="MSA forward end to end (index + main)", selection="random", ms=ms_e2e,
                   dense_cudnn_ms=dense, speedup=dense / ms_e2e, compute_ratio_limit=dense_flops / msa_flops,
-                  peak_extra_gib=peak)
+                  peak_extra_gib=peak, note="dense timed with Hq/4, Hkv/4 and scaled x4" if N > 262144 else "")
         print(f"N={N:>8} end to end {ms_e2e:9.2f} ms, dense cuDNN {dense:.1f} ms -> {dense / ms_e2e:.2f}x "
-              f"(limit {dense_flops / msa_flops:.1f}x), peak extra {peak:.2f} GiB; stages "
-              + ", ".join(f"{s} {m:.1f}" for s, m in stages.items()), flush=True)
-        del q, k, v, q_idx, k_idx, o, op, lp, lse, sched
+              f"(limit {dense_flops / msa_flops:.1f}x), peak extra {peak:.2f} GiB", flush=True)
         torch.cuda.empty_cache()
-    cols = ["N", "what", "selection", "ms", "tflops", "speedup", "dense_cudnn_ms", "compute_ratio_limit", "peak_extra_gib"]
+    cols = ["N", "what", "selection", "ms", "tflops", "speedup", "pct_of_floor", "dense_cudnn_ms"]
     frame = table.frame()
     print(table.markdown([c for c in cols if c in frame.columns]))
     print("wrote", table.write_csv(args.results_root))

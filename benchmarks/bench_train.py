@@ -9,7 +9,7 @@ runs forward and backward, and the KL alignment loss runs forward and backward
 whole step once more through the public autograd ops (selection included);
 the main branch alone is compared with fla's ``parallel_nsa`` forward+backward
 on the same selection, the whole step with dense cuDNN SDPA forward+backward
-(``dense_baselines.csv``). Useful FLOPs of the main-branch backward:
+timed in the same run. Useful FLOPs of the main-branch backward:
 2.5x the forward's (dS, dP, dQ, dK, dV: 5 GEMMs against 2).
 Writes ``train_step.csv``.
 """
@@ -19,8 +19,8 @@ import argparse
 import torch
 
 import msa_tl
-from benchmarks.bench_main import (BK, D, G, HQ, TOPK, dense_cudnn_ms, fla_selected_attention, main_branch_flops,
-                                   paper_inputs, selections)
+from benchmarks.bench_dense import dense_cudnn_ms
+from benchmarks.bench_main import BK, D, G, HQ, TOPK, fla_selected_attention, main_branch_flops, paper_inputs, selections
 from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.index_topk import select_blocks
 from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
@@ -84,7 +84,7 @@ def main(argv=None):
         for stage, ms in stages.items():
             table.add(**row, what=f"stage: {stage}", selection="random", ms=ms)
         total = sum(stages.values())
-        dense = dense_cudnn_ms(N, "fwd+bwd")
+        dense = dense_cudnn_ms(N, backward=True)
         table.add(**row, what="MSA training step (index + main fwd/bwd + KL fwd/bwd)", selection="random",
                   ms=total, dense_cudnn_ms=dense, speedup=dense / total)
         step = time_ms(lambda: autograd_step(q, k, v, q_idx, k_idx, do), rep_ms=1000)

@@ -1,13 +1,21 @@
 """KV-outer sparse attention (TileLang) and the main branch's chunked forward driver.
 
 One CTA per work item of :mod:`msa_tl.scheduler` (a key block and up to
-``item_queries`` of the queries that chose it). It loads the K/V block once,
-then walks its queries in tiles of ``block_rows / R`` queries x R heads
-(R = Hq / G; 8 x 16 = 128 rows at the paper's shape):
+``item_queries`` of the (query, slot) entries that chose it), three warpgroups
+with roles and mbarriers written by hand:
 
-    S = Q_tile K_blk^T (tensor cores), causal mask inside the query's own block,
-    local softmax, O = P V_blk, and the partial o / l and its LSE go to the
-    (query, head, slot) home that the query's index row fixes.
+- the **producer** loads K/V of the block once, then gathers the item's query
+  tiles (``64 / R`` queries x R heads: each query's R heads are one contiguous
+  R x D box of Q) with 16-byte ``cp.async`` into a ring of ``2 * stages``
+  shared-memory slots, each completed on its ``full`` mbarrier;
+- two **consumers** take alternate tiles. For tile i a consumer runs
+  S = Q_tile K_blk^T (wgmma from shared memory), the causal mask (only on tiles
+  that reach into the key block itself), the local softmax and O = P V_blk
+  (P from registers); it issues S of tile i + 1 before tile i's epilogue, so
+  the tensor cores work while it normalises O, stages it through shared memory
+  (stmatrix) and writes whole 256-byte partial rows and their LSE to the
+  (query, head, slot) homes the index row fixes. The other consumer's MMAs
+  overlap this one's softmax.
 
 :mod:`msa_tl.lse_combine` then merges each (query, head)'s <= topk partials
 with a stable log-sum-exp. Partials cost ``chunk * Hq * topk * D`` elements (bf16 by
@@ -19,26 +27,91 @@ import math
 
 import tilelang.language as T
 import torch
+from tilelang.layout import make_swizzled_layout
 
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
-ATTENTION_DEFAULTS = dict(block_rows=128, threads=128)
+ATTENTION_DEFAULTS = dict(stages=2)
+CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                     block_rows: int = 128, threads: int = 128, dtype: str = "bfloat16",
-                     partial_dtype: str = "bfloat16"):
-    """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C, Hq, topk, D], Lpart [B, C, Hq, topk]."""
-    batch, seq, n_bg, n_items, cap, chunk = T.dynamic("batch, seq, n_bg, n_items, cap, chunk")
+                     item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2,
+                     dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
+    """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*Hq*topk, D], Lpart [B, C*Hq*topk].
+
+    Partial row ``(t * Hq + h) * topk + s`` holds query ``t0 + t``, head h, slot s. ``item_queries``
+    bounds the entries of one work item (the schedule's item size); ``stages`` is the depth of each
+    consumer's Q ring.
+    """
+    batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
-    tile_queries = block_rows // R
+    rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
+    TQ = rows // R  # queries per consumer tile
+    n_entries = math.ceil(item_queries / TQ) * TQ  # whole tiles: a tail tile reads -1, not stale entries
+    vec = 16 // (4 if partial_dtype == "float32" else 2)  # partial elements per 16-byte store
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
+
+    @T.macro
+    def issue_scores(i, c, ring, full, K_s, ent_s, t0, acc_s, qpos):
+        """Wait for the consumer's i-th tile and start S = Q_tile K_blk^T on the tensor cores."""
+        T.barrier_wait(full[2 * (i % stages) + c], (i // stages) & 1)
+        for r in T.Parallel(rows):  # the row's query position (-1: padding)
+            qpos[r] = T.if_then_else(ent_s[(2 * i + c) * TQ + r // R] >= 0,
+                                     t0 + ent_s[(2 * i + c) * TQ + r // R] // topk, -1)
+        T.wgmma_gemm(ring[2 * (i % stages) + c, :, :], K_s, acc_s, transpose_B=True, clear_accum=True)
+
+    @T.macro
+    def consumer(c, ctx, n_mine, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s, p, acc_o, m, l,
+                 qpos, dst, first, dst_s, O_s, Opart, Lpart):
+        """Consumer c's tiles 2 i + c: the scores of tile i + 1 run on the tensor cores during tile i's stores."""
+        if n_mine > 0:
+            issue_scores(0, c, ring, full, K_s, ent_s, t0, acc_s, qpos)
+        for i in T.serial(n_mine):
+            T.wait_wgmma(0)  # S of tile i  [rows, Bk]
+            T.barrier_arrive(empty[2 * (i % stages) + c])  # the producer may refill its ring slot
+            first[0] = seq  # the tile's first query: only a tile reaching into block blk needs the causal mask
+            for qi in T.unroll(TQ):
+                if ent_s[(2 * i + c) * TQ + qi] >= 0:
+                    first[0] = T.min(first[0], t0 + ent_s[(2 * i + c) * TQ + qi] // topk)
+            if first[0] < blk * Bk + Bk - 1:
+                for r, col in T.Parallel(rows, Bk):
+                    acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
+            T.reduce_max(acc_s, m, dim=1)
+            for r, col in T.Parallel(rows, Bk):  # one FFMA and one exp2 per score
+                acc_s[r, col] = T.exp2(acc_s[r, col] * scale_log2 - m[r] * scale_log2)
+            T.reduce_sum(acc_s, l, dim=1)
+            T.copy(acc_s, p)
+            for r in T.Parallel(rows):  # the row's partial row, -1 for padding
+                dst[r] = T.if_then_else(qpos[r] >= 0, ((qpos[r] - t0) * heads + g * R + r % R) * topk
+                                        + ent_s[(2 * i + c) * TQ + r // R] % topk, -1)
+            T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [rows, D]
+            if i + 1 < n_mine:
+                issue_scores(i + 1, c, ring, full, K_s, ent_s, t0, acc_s, qpos)
+                T.wait_wgmma(1)  # P V of tile i done; S of tile i + 1 still running
+            else:
+                T.wait_wgmma(0)
+            T.sync_threads(1 + c, 128)  # the previous tile's rows have left O_s and dst_s
+            for r in T.Parallel(rows):
+                dst_s[r] = dst[r]
+                if dst[r] >= 0:
+                    Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
+                l[r] = 1.0 / l[r]
+            for r, d in T.Parallel(rows, D):
+                acc_o[r, d] *= l[r]
+            T.copy(acc_o, O_s)
+            T.sync_threads(1 + c, 128)
+            for j in T.unroll(rows * D // vec // 128):  # 16-byte stores of whole partial rows
+                if dst_s[(j * 128 + ctx) // (D // vec)] >= 0:
+                    for v in T.vectorized(vec):
+                        Opart[b, dst_s[(j * 128 + ctx) // (D // vec)], (j * 128 + ctx) % (D // vec) * vec + v] = O_s[
+                            (j * 128 + ctx) // (D // vec), (j * 128 + ctx) % (D // vec) * vec + v]
 
     @T.prim_func
     def kv_outer_attention(
@@ -48,54 +121,89 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         Items: T.Tensor((n_bg, n_items, 3), "int32"),
         ItemCount: T.Tensor((n_bg,), "int32"),
         Entries: T.Tensor((n_bg, cap), "int32"),
-        Opart: T.Tensor((batch, chunk, heads, topk, head_dim), partial_dtype),
-        Lpart: T.Tensor((batch, chunk, heads, topk), "float32"),
+        Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+        Lpart: T.Tensor((batch, n_part), "float32"),
         t0: T.int32,
     ):
-        with T.Kernel(n_items, n_bg, threads=threads) as (item, bg):
-            K_s = T.alloc_shared((block_size, head_dim), dtype)
-            V_s = T.alloc_shared((block_size, head_dim), dtype)
-            Q_s = T.alloc_shared((block_rows, head_dim), dtype)
-            entry_s = T.alloc_shared((tile_queries,), "int32")
-            acc_s = T.alloc_fragment((block_rows, block_size), "float32")
-            p_cast = T.alloc_fragment((block_rows, block_size), dtype)
-            acc_o = T.alloc_fragment((block_rows, head_dim), "float32")
-            row_max = T.alloc_fragment((block_rows,), "float32")
-            row_sum = T.alloc_fragment((block_rows,), "float32")
+        with T.Kernel(n_items, n_bg, threads=384) as (item, bg):
+            K_s = T.alloc_shared((Bk, D), dtype)
+            V_s = T.alloc_shared((Bk, D), dtype)
+            ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
+            O_s0 = T.alloc_shared((rows, D), partial_dtype)
+            O_s1 = T.alloc_shared((rows, D), partial_dtype)
+            dst_s0 = T.alloc_shared((rows,), "int32")
+            dst_s1 = T.alloc_shared((rows,), "int32")
+            ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
+            acc_s0 = T.alloc_fragment((rows, Bk), "float32")
+            acc_s1 = T.alloc_fragment((rows, Bk), "float32")
+            p0 = T.alloc_fragment((rows, Bk), dtype)
+            p1 = T.alloc_fragment((rows, Bk), dtype)
+            acc_o0 = T.alloc_fragment((rows, D), "float32")
+            acc_o1 = T.alloc_fragment((rows, D), "float32")
+            m0 = T.alloc_fragment((rows,), "float32")
+            m1 = T.alloc_fragment((rows,), "float32")
+            l0 = T.alloc_fragment((rows,), "float32")
+            l1 = T.alloc_fragment((rows,), "float32")
+            qpos0 = T.alloc_fragment((rows,), "int32")
+            qpos1 = T.alloc_fragment((rows,), "int32")
+            dst0 = T.alloc_fragment((rows,), "int32")
+            dst1 = T.alloc_fragment((rows,), "int32")
+            src = T.alloc_local((1,), "int32")  # the producer's current entry
+            first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
+            T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+            kv_ready = T.alloc_barrier(128)
+            full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
+            empty = T.alloc_barrier([128] * (2 * stages))
+
             b = bg // groups
             g = bg % groups
             blk, start, length = work_item(Items, ItemCount, bg, item)
-            T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
-            T.copy(V[b, blk * block_size:(blk + 1) * block_size, g, :], V_s)
-            for tile in T.serial(T.ceildiv(length, tile_queries)):
-                for qi in T.Parallel(tile_queries):
-                    entry_s[qi] = T.if_then_else(tile * tile_queries + qi < length,
-                                                 Entries[bg, start + tile * tile_queries + qi], -1)
-                for r, d in T.Parallel(block_rows, head_dim):
-                    Q_s[r, d] = T.if_then_else(entry_s[r // R] >= 0,
-                                               Q[b, t0 + entry_s[r // R] // topk, g * R + r % R, d], 0)
-                T.clear(acc_s)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True)
-                for r, c in T.Parallel(block_rows, block_size):
-                    acc_s[r, c] = T.if_then_else(
-                        (entry_s[r // R] < 0) | (blk * block_size + c <= t0 + entry_s[r // R] // topk),
-                        acc_s[r, c] * scale_log2, neg_inf)
-                T.reduce_max(acc_s, row_max, dim=1)
-                for r, c in T.Parallel(block_rows, block_size):
-                    acc_s[r, c] = T.exp2(acc_s[r, c] - row_max[r])
-                T.reduce_sum(acc_s, row_sum, dim=1)
-                T.copy(acc_s, p_cast)
-                T.clear(acc_o)
-                T.gemm(p_cast, V_s, acc_o)
-                for r, d in T.Parallel(block_rows, head_dim):
-                    if entry_s[r // R] >= 0:
-                        Opart[b, entry_s[r // R] // topk, g * R + r % R, entry_s[r // R] % topk, d] = acc_o[r, d] / row_sum[r]
-                for r in T.Parallel(block_rows):
-                    if entry_s[r // R] >= 0:
-                        Lpart[b, entry_s[r // R] // topk, g * R + r % R, entry_s[r // R] % topk] = (
-                            row_max[r] + T.log2(row_sum[r])) * _LN2
+            n_tiles = T.ceildiv(length, TQ)
+            n_rounds = T.ceildiv(n_tiles, 2 * stages)
+            tx = T.get_thread_binding()
+            for i in T.Parallel(n_entries):
+                ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
+            T.sync_threads()
+
+            if tx >= 256:  # producer
+                T.set_max_nreg(56, 0)
+                T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
+                T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
+                T.cp_async_barrier_noinc(kv_ready[0])
+                for rnd in T.serial(n_rounds):
+                    for u in T.serial(2 * stages):
+                        if rnd * 2 * stages + u < n_tiles:
+                            T.barrier_wait(empty[u], (rnd & 1) ^ 1)
+                            for j in T.unroll(rows * D // 8 // 128):  # 16-byte pieces, rows * D / 1024 per thread
+                                src[0] = ent_s[(rnd * 2 * stages + u) * TQ + (j * 128 + tx - 256) // (D // 8) // R]
+                                T.ptx_cp_async(  # zero-fill for padding rows (src = -1)
+                                    T.access_ptr(ring[u, (j * 128 + tx - 256) // (D // 8), (tx - 256) % (D // 8) * 8],
+                                                 "w", 8),
+                                    T.access_ptr(Q[b, t0 + T.max(src[0], 0) // topk,
+                                                   g * R + (j * 128 + tx - 256) // (D // 8) % R, (tx - 256) % (D // 8) * 8],
+                                                 "r", 8),
+                                    8, src[0] >= 0)
+                            T.cp_async_barrier_noinc(full[u])
+            elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
+                T.set_max_nreg(224, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                consumer(0, tx, (n_tiles + 1) // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s0, p0,
+                         acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
+            else:  # consumer 1: tiles 1, 3, 5, ...
+                T.set_max_nreg(224, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                consumer(1, tx - 128, n_tiles // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s1, p1,
+                         acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart)
 
     return kv_outer_attention
+
+
+# Roles and barriers are written by hand: TileLang's own warp specialisation and its automatic
+# shared-memory syncs (which would put barriers between every two gathers of the producer) stay off.
+# Fast math makes exp2 one ex2.approx: the accurate exp2f costs four instructions per score, a
+# quarter of the consumers' issue slots (NOTES.md).
+kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True,
+                                 "tl.enable_fast_math": True}
 
 
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384)
@@ -131,14 +239,15 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
-                                scale=scale, dtype=dt, partial_dtype=pdt, **attention_config)
+                                scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
+                                **attention_config)
     combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, dtype=dt, partial_dtype=pdt,
                               **combine_config)
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         schedule.build(indices, t0, count)
-        op = o_part[: B * count * Hq * topk * D].view(B, count, Hq, topk, D)
-        lp = l_part[: B * count * Hq * topk].view(B, count, Hq, topk)
+        op = o_part[: B * count * Hq * topk * D].view(B, count * Hq * topk, D)
+        lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
         lp.fill_(float("-inf"))
         attention(q, k, v, schedule.items, schedule.item_count, schedule.entries, op, lp, t0)
         combine(op.view(B, count * Hq, topk, D), lp.view(B, count * Hq, topk), o.view(B, N * Hq, D),

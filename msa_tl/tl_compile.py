@@ -10,6 +10,9 @@ tuner's precompile) applies them, so what is tested is what runs.
 from __future__ import annotations
 
 import functools
+import importlib
+import json
+import os
 from typing import Callable
 
 SM90_ARCH = "sm_90a"
@@ -52,7 +55,17 @@ def compile_program(builder: Callable, config: dict, target="cuda"):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(builder: Callable, items: tuple):
+    log = os.environ.get("MSA_TL_KERNEL_LOG")
+    if log:  # one JSON line per distinct kernel, so a CPU machine can compile the same set ahead
+        with open(log, "a") as f:
+            f.write(json.dumps({"builder": f"{builder.__module__}:{builder.__name__}", "config": dict(items)}) + "\n")
     return compile_program(builder, dict(items))
+
+
+def builder_by_name(name: str) -> Callable:
+    """The builder ``"module:function"`` (as the kernel log writes it)."""
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def compiled_kernel(builder: Callable, **config):

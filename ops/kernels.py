@@ -36,7 +36,7 @@ def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block
     heads_per_group = heads // groups
     return (is_hopper(device)
             and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
-            and block_size in INDEX_BLOCK_SIZES and 128 % heads_per_group == 0)
+            and block_size in INDEX_BLOCK_SIZES and 64 % heads_per_group == 0)
 
 
 # Below this many queries the Q-outer kernel would run. Measured on the H100 at the paper shape

@@ -48,7 +48,11 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source
     if builder is kv_outer_attention.kv_outer_program:
-        assert "wgmma" in source
+        # tensor cores, and a producer whose Q gathers are cp.async signalled on mbarriers (a plain
+        # load + store there would serialise the pipeline)
+        assert "wgmma" in source and "warpgroup_reg_alloc" in source
+        assert "cp_async_gs_conditional<16>((&(((bfloat16_t*)ring)" in source
+        assert "mbarrier_cp_async_arrive_noinc(full" in source
     if builder is q_outer_attention.q_outer_program:
         # M = R rows: mma.sync; no warp-specialised TMA producer (it gave wrong rows at Bk = 64 on the H100)
         assert "mma_sync" in source and "mbarrier" not in source

@@ -30,8 +30,8 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("index_select_fused", dict(block_M=256, num_stages=1, threads=128, heavy_first=True), "registers"),
     ("index_select_fused", dict(block_M=128, num_stages=2, threads=128, heavy_first=True), None),
     ("index_block_scores", dict(block_M=256, num_stages=2, threads=256, heavy_first=False), None),
-    ("kv_outer_attention", dict(block_rows=256, threads=128), "registers"),
-    ("kv_outer_attention", dict(block_rows=64, threads=128), None),
+    ("kv_outer_attention", dict(stages=4), "shared memory"),  # 4 x 2 ring slots of 16 KB beside K/V
+    ("kv_outer_attention", dict(stages=3), None),
     ("schedule", dict(item_queries=256, query_chunk=65536), "GiB"),  # 17 GiB of partials
 ])
 def test_constraints(program, config, reason):
@@ -46,8 +46,8 @@ def test_layout_constraints_depend_on_the_shape():
     one_group = dict(PAPER, groups=1, block_size=64)  # 64 tokens per key block, one row per token
     assert "key block" in SPACES["index_select_fused"].reject(
         dict(block_M=128, num_stages=2, threads=128, heavy_first=True), one_group)
-    six_heads = dict(PAPER, heads=24, groups=4)  # 6 heads per group do not tile 128 rows
-    assert "heads" in SPACES["kv_outer_attention"].reject(dict(block_rows=128, threads=128), six_heads)
+    six_heads = dict(PAPER, heads=24, groups=4)  # 6 heads per group do not tile a consumer's 64 rows
+    assert "heads" in SPACES["kv_outer_attention"].reject(dict(stages=2), six_heads)
     assert "GiB" in SPACES["schedule"].reject(dict(item_queries=256, query_chunk=32768), dict(PAPER, heads=128))
     wide = dict(PAPER, index_dim=256)  # a wider index head needs more shared memory per stage
     assert "shared memory" in SPACES["index_block_scores"].reject(

@@ -54,7 +54,8 @@ def compile_units(program: str, shape: dict, config: dict) -> list:
                                              dtype=bf16, **config))],
         "index_topk": lambda: [(index_topk.topk_program, dict(groups=G, block_size=Bk, topk=topk, **config))],
         "kv_outer_attention": lambda: [(kv_outer_attention.kv_outer_program,
-                                        dict(attention, partial_dtype=bf16, **config))],
+                                        dict(attention, partial_dtype=bf16, item_queries=defaults("schedule", shape)[
+                                            "item_queries"], **config))],
         "q_outer_attention": lambda: [(q_outer_attention.q_outer_program, dict(attention, **config))],
         "kv_outer_backward": lambda: [(kv_outer_backward.kv_outer_backward_program, dict(attention, **config))],
         "lse_combine": lambda: [(lse_combine.combine_program,
@@ -226,7 +227,8 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
             def timed(config):
                 if program == "kv_outer_attention":
                     kernel = compiled_kernel(kv_outer_program, **compile_units(program, shape, config)[0][1])
-                    return lambda: kernel(q, k, v, sched.items, sched.item_count, sched.entries, o_part, l_part, t0)
+                    return lambda: kernel(q, k, v, sched.items, sched.item_count, sched.entries, o_part.view(1, -1, D),
+                                          l_part.view(1, -1), t0)
                 kernel = compiled_kernel(combine_program, **compile_units(program, shape, config)[0][1])
                 l_part.copy_(torch.randn_like(l_part))  # finite LSEs: every slot is merged
                 return lambda: kernel(o_part.view(1, chunk * Hq, topk, D), l_part.view(1, chunk * Hq, topk),

@@ -15,6 +15,7 @@ from typing import Callable
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
 REG_FILE = 64 * 1024  # 32-bit registers per SM
 MAX_REGS_PER_THREAD = 255
+MAX_ITEM_QUERIES = 4096  # the schedule space's largest work item
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,13 @@ def _reject_topk(config, shape):
 
 def _reject_attention(config, shape):
     R = shape["heads"] // shape["groups"]
-    if config["block_rows"] % R:
-        return f"block_rows {config['block_rows']} is not a whole number of queries x {R} heads"
+    if 64 % R:
+        return f"{R} heads per group do not tile a consumer's 64 rows"
     D, Bk = shape["head_dim"], shape["block_size"]
-    smem = 2 * (2 * Bk * D + config["block_rows"] * D) + 8 * config["block_rows"] // R
+    # K/V, two rings of `stages` 64-row Q tiles, two 64-row bf16 partial tiles, the largest item's entries
+    smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + 2 * 64 * D * 2 + 4 * MAX_ITEM_QUERIES
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
-    # S (fp32) and O (fp32) live together; P (bf16) reuses S's registers. Calibrated with ptxas:
-    # 128 rows x 128 keys x 128 dims on 128 threads is 256 by this count and compiles to 254, no spills.
-    regs = _acc_regs(config["block_rows"], Bk, config["threads"]) + _acc_regs(config["block_rows"], D, config["threads"])
-    if regs > MAX_REGS_PER_THREAD + 1:
-        return f"about {regs} accumulator registers per thread for S and O"
     return None
 
 
@@ -133,8 +130,7 @@ SPACES = {
         lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
     "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
                         ("groups", "block_size", "topk")),
-    # threads=256 (two warpgroups on one tile) fails TileLang 0.1.15's layout inference for this kernel
-    "kv_outer_attention": Space(dict(block_rows=(64, 128, 256), threads=(128,)), _reject_attention, ATTENTION_DIMS),
+    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4)), _reject_attention, ATTENTION_DIMS),
     "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
     "kv_outer_backward": Space(dict(block_rows=(16, 32, 64, 128), threads=(128, 256)), _reject_backward,
                                ATTENTION_DIMS),
