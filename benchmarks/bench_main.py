@@ -116,7 +116,7 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
 
 
 def sweep(table, row, q, k, v, idx, kind):
-    """Attention and schedule knobs at one length (random selection): the tuner's space, timed whole."""
+    """Attention and schedule knobs at one length, one selection: each knob varied alone, main branch timed whole."""
     o = torch.empty_like(q)
     variants = [dict(attention_config=dict(stages=s)) for s in (1, 2, 3)]
     variants += [dict(item_queries=i) for i in (64, 128, 512)]

@@ -33,7 +33,7 @@ ATTENTION_HEAD_DIMS = (64, 128)
 
 
 def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, **_) -> bool:
-    heads_per_group = heads // groups
+    heads_per_group = heads // groups  # whole queries in a 64-row tile (kv_outer_attention.CONSUMER_ROWS)
     return (is_hopper(device)
             and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
             and block_size in INDEX_BLOCK_SIZES and 64 % heads_per_group == 0)
