@@ -4,21 +4,22 @@ For a (query t, group g) row with chosen tokens j:
 
     teacher_j = mean over the group's R heads of exp(scale q_h . k_j - lse_h)    (the main branch, detached)
     s_j       = index_scale q_idx . k_idx_j                                     (student logits)
-    KL        = sum_j teacher_j log teacher_j - sum_j teacher_j s_j + logsumexp_j s_j
+    KL        = sum_j teacher_j (log teacher_j - s_j) + logsumexp_j s_j
 
-(sum_j teacher_j = 1, since the lse_h are the main branch's). Both programs run one CTA per work
-item of :mod:`msa_tl.scheduler` (a key block and the (query, slot) entries that chose it). Each
-loads K and K_idx of the block once, then walks tiles of ``tile_queries`` queries.
-- :func:`kl_stats_program` writes, per (query, slot), two partials over the block:
-  sum (t log t - t s) and logsumexp s. :func:`kl_alignment_loss_forward` merges them over the
-  slots in torch; that step is small, N·G·topk values.
-- :func:`kl_backward_program` recomputes teacher and student with the merged student LSE.
-  dS = w (softmax(s) - teacher); dk_idx and dq_idx are its two products with the index rows, on the
-  tensor cores. dk_idx accumulates per item and is added once (fp32 atomics); dq_idx gets one atomic
-  add per (query, slot) row.
-Nothing N x N is formed; the teacher tile is [Bk, tile_queries * R]. The teacher's lse is the main
-branch's own, passed in by the layer (one main-branch forward recomputes it otherwise). The warmup's KL,
-over every visible token, runs the same programs on :func:`causal_selection`.
+(sum_j teacher_j = 1, since the lse_h are the main branch's), and d KL / d s_j = softmax(s)_j - teacher_j.
+Two passes over the whole-sequence KV-outer schedule, one CTA per work item (a key block and the
+(query, slot) entries that chose it):
+- :func:`student_lse_program` gathers only q_idx rows and writes each (query, slot)'s logsumexp of s over
+  its block; torch merges the slots into the student LSE (N * G * topk values).
+- :func:`kl_fused_program`, pipelined like the attention kernels (a producer warpgroup gathering Q and q_idx
+  rows into an mbarrier ring, consumers on 64-key halves), computes per tile S^T = K Q^T, the teacher as
+  P^T times a head-averaging matrix (an MMA), the student logits, and from them at once the loss terms
+  (added per (query, slot)) and both index gradients: dk_idx += dS^T q_idx per item, dq_idx^T = k_idx^T dS^T
+  per tile. So the loss and its gradients cost one pass; :func:`kl_alignment_loss_forward` can return the
+  gradients (of the loss itself) with the value, and the backward only scales them.
+Nothing N x N is formed. The teacher's lse is the main branch's own, passed in by the layer (one
+main-branch forward recomputes it otherwise). The warmup's KL, over every visible token, runs the same
+programs on :func:`causal_selection`.
 """
 
 import math
@@ -26,199 +27,279 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.scheduler import Schedule, work_item
+from msa_tl.scheduler import Schedule, first_query_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
-KL_DEFAULTS = dict(tile_queries=8, threads=256)
+KL_DEFAULTS = dict(stages=2)
 KL_ITEM_QUERIES = 1024
+LSE_TILE = 64  # queries per tile of the student-LSE pass
+CONSUMER_KEYS = 64
+TILE_ROWS = 64
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def _teacher_student_macro(R: int, block_size: int, tile_queries: int, scale_log2: float, index_scale: float):
-    """Macro: teacher / student [tile_queries, Bk] of one tile (teacher 0 and student -inf where masked)."""
-    rows = tile_queries * R
-
-    @T.macro
-    def teacher_student(K_s, Kidx_s, Q_s, Qidx_s, lse_s, query_s, P_s, s_t, sp_t, Sp_s, teacher, student, blk):
-        T.clear(s_t)
-        T.gemm(K_s, Q_s, s_t, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-        for i, j in T.Parallel(block_size, rows):
-            P_s[i, j] = T.if_then_else((query_s[j // R] >= 0) & (blk * block_size + i <= query_s[j // R]),
-                                       T.exp2(s_t[i, j] * scale_log2 - lse_s[j]), 0)
-        T.clear(sp_t)
-        T.gemm(Kidx_s, Qidx_s, sp_t, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-        T.copy(sp_t, Sp_s)
-        for qi, i in T.Parallel(tile_queries, block_size):
-            student[qi, i] = T.if_then_else((query_s[qi] >= 0) & (blk * block_size + i <= query_s[qi]),
-                                            Sp_s[i, qi] * index_scale, -T.infinity("float32"))
-            teacher[qi, i] = 0.0
-            for r in T.serial(R):
-                teacher[qi, i] += P_s[i, qi * R + r]
-            teacher[qi, i] = teacher[qi, i] / R
-
-    return teacher_student
-
-
-def _gather_macro(R: int, topk: int, tile_queries: int, head_dim: int, index_dim: int):
-    """Macro: the tile's query positions and slots (-1 past the item), Q rows, q_idx rows and main-branch lse."""
-    rows = tile_queries * R
-
-    @T.macro
-    def gather(Q, Qidx, Lse2, Entries, query_s, slot_s, Q_s, Qidx_s, lse_s, b, g, bg, start, length, tile):
-        for qi in T.Parallel(tile_queries):
-            query_s[qi] = T.if_then_else(tile * tile_queries + qi < length,
-                                         Entries[bg, start + tile * tile_queries + qi] // topk, -1)
-            slot_s[qi] = T.if_then_else(tile * tile_queries + qi < length,
-                                        Entries[bg, start + tile * tile_queries + qi] % topk, 0)
-        for r, d in T.Parallel(rows, head_dim):
-            Q_s[r, d] = T.if_then_else(query_s[r // R] >= 0, Q[b, query_s[r // R], g * R + r % R, d], 0)
-        for qi, d in T.Parallel(tile_queries, index_dim):
-            Qidx_s[qi, d] = T.if_then_else(query_s[qi] >= 0, Qidx[b, query_s[qi], g, d], 0)
-        for r in T.Parallel(rows):
-            lse_s[r] = T.if_then_else(query_s[r // R] >= 0, Lse2[b, query_s[r // R], g * R + r % R], 0)
-
-    return gather
-
-
-def _tile_buffers(R: int, block_size: int, tile_queries: int, head_dim: int, index_dim: int, dtype: str):
-    """The buffers both programs pass to the gather and teacher/student macros, allocated in the kernel body."""
-    rows = tile_queries * R
-
-    def allocate():
-        return (T.alloc_shared((block_size, head_dim), dtype), T.alloc_shared((block_size, index_dim), dtype),
-                T.alloc_shared((rows, head_dim), dtype), T.alloc_shared((tile_queries, index_dim), dtype),
-                T.alloc_shared((rows,), "float32"), T.alloc_shared((tile_queries,), "int32"),
-                T.alloc_shared((tile_queries,), "int32"), T.alloc_shared((block_size, rows), "float32"),
-                T.alloc_shared((block_size, tile_queries), "float32"), T.alloc_fragment((block_size, rows), "float32"),
-                T.alloc_fragment((block_size, tile_queries), "float32"),
-                T.alloc_fragment((tile_queries, block_size), "float32"),
-                T.alloc_fragment((tile_queries, block_size), "float32"))
-
-    return allocate
-
-
-def kl_stats_program(groups: int, heads: int, head_dim: int, index_dim: int, block_size: int, topk: int, scale: float,
-                     index_scale: float, tile_queries: int = 8, threads: int = 256, dtype: str = "bfloat16"):
-    """Q [B,N,Hq,D], K [B,N,G,D], Qidx [B,N,G,Di], Kidx [B,N,Di], Lse2 [B,N,Hq] (lse * log2 e), the schedule
-    -> Stats [B, N, G, topk, 2]: per (query, slot) sum_j (t log t - t s) and logsumexp s over the slot's block."""
+def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int, index_scale: float,
+                        item_queries: int = KL_ITEM_QUERIES, dtype: str = "bfloat16"):
+    """Qidx [B, N, G, Di], Kidx [B, N, Di], the schedule -> LsePart [B, N, G, topk]: per (query, slot) the
+    logsumexp of the student logits over the slot's block (causal), -inf-initialised by the caller."""
     batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
-    R = heads // groups
-    gather = _gather_macro(R, topk, tile_queries, head_dim, index_dim)
-    teacher_student = _teacher_student_macro(R, block_size, tile_queries, scale * _LOG2E, index_scale)
-    tile_buffers = _tile_buffers(R, block_size, tile_queries, head_dim, index_dim, dtype)
+    Bk, Di, TQ = block_size, index_dim, LSE_TILE
+    n_entries = math.ceil(item_queries / TQ) * TQ
+    neg_inf = -T.infinity("float32")
+    scale_log2 = index_scale * _LOG2E
 
     @T.prim_func
-    def kl_alignment_stats(
-        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+    def kl_student_lse(
         Qidx: T.Tensor((batch, seq, groups, index_dim), dtype),
         Kidx: T.Tensor((batch, seq, index_dim), dtype),
-        Lse2: T.Tensor((batch, seq, heads), "float32"),
         Items: T.Tensor((n_bg, n_items, 3), "int32"),
         ItemCount: T.Tensor((n_bg,), "int32"),
         Entries: T.Tensor((n_bg, cap), "int32"),
-        Stats: T.Tensor((batch, seq, groups, topk, 2), "float32"),
+        LsePart: T.Tensor((batch, seq, groups, topk), "float32"),
     ):
-        with T.Kernel(n_items, n_bg, threads=threads) as (item, bg):
-            K_s, Kidx_s, Q_s, Qidx_s, lse_s, query_s, slot_s, P_s, Sp_s, s_t, sp_t, teacher, student = tile_buffers()
-            terms = T.alloc_fragment((tile_queries, block_size), "float32")
-            row_kl = T.alloc_fragment((tile_queries,), "float32")
-            row_max = T.alloc_fragment((tile_queries,), "float32")
-            row_sum = T.alloc_fragment((tile_queries,), "float32")
+        with T.Kernel(n_items, n_bg, threads=128) as (item, bg):
+            Kidx_s = T.alloc_shared((Bk, Di), dtype)
+            Qidx_s = T.alloc_shared((TQ, Di), dtype)
+            ent_s = T.alloc_shared((n_entries,), "int32")
+            qpos_s = T.alloc_shared((TQ,), "int32")  # the tile's query positions, -1 for padding (for the gather)
+            qpos = T.alloc_fragment((TQ,), "int32")  # the same, laid out like the score rows
+            s = T.alloc_fragment((TQ, Bk), "float32")  # student logits of the tile's queries over the block
+            m = T.alloc_fragment((TQ,), "float32")
+            l = T.alloc_fragment((TQ,), "float32")
             b = bg // groups
             g = bg % groups
             blk, start, length = work_item(Items, ItemCount, bg, item)
-            T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
-            T.copy(Kidx[b, blk * block_size:(blk + 1) * block_size, :], Kidx_s)
-            for tile in T.serial(T.ceildiv(length, tile_queries)):
-                gather(Q, Qidx, Lse2, Entries, query_s, slot_s, Q_s, Qidx_s, lse_s, b, g, bg, start, length, tile)
-                teacher_student(K_s, Kidx_s, Q_s, Qidx_s, lse_s, query_s, P_s, s_t, sp_t, Sp_s, teacher, student, blk)
-                for qi, i in T.Parallel(tile_queries, block_size):
-                    terms[qi, i] = T.if_then_else(teacher[qi, i] > 0,
-                                                  teacher[qi, i] * (T.log(teacher[qi, i]) - student[qi, i]), 0)
-                T.reduce_sum(terms, row_kl, dim=1)
-                T.reduce_max(student, row_max, dim=1)
-                for qi, i in T.Parallel(tile_queries, block_size):
-                    terms[qi, i] = T.exp2((student[qi, i] - row_max[qi]) * _LOG2E)
-                T.reduce_sum(terms, row_sum, dim=1)
-                for qi in T.Parallel(tile_queries):
-                    if query_s[qi] >= 0:
-                        Stats[b, query_s[qi], g, slot_s[qi], 0] = row_kl[qi]
-                        Stats[b, query_s[qi], g, slot_s[qi], 1] = row_max[qi] + T.log(row_sum[qi])
+            for i in T.Parallel(n_entries):
+                ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
+            T.copy(Kidx[b, blk * Bk:(blk + 1) * Bk, :], Kidx_s)
+            for tile in T.serial(T.ceildiv(length, TQ)):
+                for r in T.Parallel(TQ):
+                    qpos_s[r] = T.if_then_else(ent_s[tile * TQ + r] >= 0, ent_s[tile * TQ + r] // topk, -1)
+                for r in T.Parallel(TQ):
+                    qpos[r] = qpos_s[r]
+                for r, d in T.Parallel(TQ, Di):
+                    Qidx_s[r, d] = T.if_then_else(qpos_s[r] >= 0, Qidx[b, T.max(qpos_s[r], 0), g, d], 0)
+                T.gemm(Qidx_s, Kidx_s, s, transpose_B=True, clear_accum=True)
+                for r, col in T.Parallel(TQ, Bk):
+                    s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], s[r, col] * scale_log2, neg_inf)
+                T.reduce_max(s, m, dim=1)
+                for r, col in T.Parallel(TQ, Bk):
+                    s[r, col] = T.exp2(s[r, col] - m[r])
+                T.reduce_sum(s, l, dim=1)
+                for r in T.Parallel(TQ):
+                    if qpos[r] >= 0:
+                        LsePart[b, qpos[r], g, ent_s[tile * TQ + r] % topk] = (m[r] + T.log2(l[r])) * _LN2
 
-    return kl_alignment_stats
+    return kl_student_lse
 
 
-def kl_backward_program(groups: int, heads: int, head_dim: int, index_dim: int, block_size: int, topk: int,
-                        scale: float, index_scale: float, tile_queries: int = 8, threads: int = 256,
-                        dtype: str = "bfloat16"):
-    """As :func:`kl_stats_program`, plus LseS [B, N, G] (student LSE) and Weight [1] = dloss / (B N G)
-    (a tensor, so the backward needs no host sync) -> adds into fp32 dQidx [B, N, G, Di] and dKidx [B, N, Di].
+def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, block_size: int, topk: int,
+                     scale: float, index_scale: float, item_queries: int = KL_ITEM_QUERIES, stages: int = 2,
+                     dtype: str = "bfloat16"):
+    """Q [B,N,Hq,D], K [B,N,G,D], Qidx [B,N,G,Di], Kidx [B,N,Di], Lse2 [B,N,Hq] (teacher lse * log2 e),
+    LseS2 [B,N,G] (student lse * log2 e), the schedule, Weight [1] -> adds into KLpart [B,N,G,topk] (per
+    (query, slot): sum over the block of t (log t - s)), fp32 dQidx [B,N,G,Di] and dKidx [B,N,Di] (times Weight).
 
-    dk_idx += dS^T q_idx and dq_idx = dS k_idx run on the tensor cores, dS rounded to ``dtype`` and the
-    query tile padded to 16 rows (the MMA's K step). As fp32 CUDA-core loops they took 1.84x longer (H100)."""
+    One CTA per work item; a producer warpgroup gathers each tile's Q rows (64 / R queries x R heads), q_idx rows
+    and both LSEs into a ring of ``stages`` slots; Bk / 64 consumer warpgroups own 64 keys each.
+    """
     batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
     R = heads // groups
-    gather = _gather_macro(R, topk, tile_queries, head_dim, index_dim)
-    teacher_student = _teacher_student_macro(R, block_size, tile_queries, scale * _LOG2E, index_scale)
-    tile_buffers = _tile_buffers(R, block_size, tile_queries, head_dim, index_dim, dtype)
-    pad = -(-tile_queries // 16) * 16  # bf16 / fp16 MMA takes K in steps of 16
+    rows, D, Di, Bk = TILE_ROWS, head_dim, index_dim, block_size
+    NC = Bk // CONSUMER_KEYS
+    TQ = rows // R
+    TQP = max(16, TQ)  # the query tile padded to the 16-wide MMA step
+    n_entries = math.ceil(item_queries / TQ) * TQ
+    scale_log2 = scale * _LOG2E
+    parts = [(p, p % NC) for p in range(Di // 64)]  # (64-row slice of dq_idx^T, the consumer computing it)
+    seg = 128 // TQP  # key segments of the loss sum per query (TQP <= 64)
+    threads = 128 * (NC + 1)
+    t0 = 0  # the schedule covers the whole sequence
+    first_query = first_query_macro(TQ, topk)
+
+    @T.macro
+    def consumer(c, ctx, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty, ent_s, qcol_s,
+                 blk, t0, b, g, s_t, sp_t, p_cast, t_t, dsp, dsp_cast, xterm, dkidx, dqidx, first, acc,
+                 KLpart, dQidx, dKidx, Weight):
+        T.clear(dkidx)
+        for i in T.serial(n_tiles):
+            u = i % stages
+            for j in T.Parallel(TQP):
+                qcol_s[c, i % 2, j] = T.if_then_else(j < TQ, T.if_then_else(
+                    ent_s[i * TQ + T.min(j, TQ - 1)] >= 0, t0 + ent_s[i * TQ + T.min(j, TQ - 1)] // topk, -1), -1)
+            first_query(first, ent_s, i, t0, seq)
+            T.barrier_wait(full[u], (i // stages) & 1)
+            T.wgmma_gemm(K_s[c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :], Q_r[u, :, :], s_t, transpose_B=True,
+                         clear_accum=True)  # S^T [64 keys, rows]
+            T.wgmma_gemm(Kidx_s[c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :], Qi_r[u, :, :], sp_t,
+                         transpose_B=True, clear_accum=True)  # student logits^T / index_scale [64 keys, TQP]
+            T.sync_threads(1 + c, 128)  # qcol_s written
+            T.wait_wgmma(0)
+            if first[0] < blk * Bk + Bk - 1:
+                for k, j in T.Parallel(CONSUMER_KEYS, rows):
+                    s_t[k, j] = T.if_then_else(blk * Bk + c * CONSUMER_KEYS + k <= qcol_s[c, i % 2, j // R],
+                                               T.exp2(s_t[k, j] * scale_log2 - l_r[u, j]), 0)
+            else:
+                for k, j in T.Parallel(CONSUMER_KEYS, rows):
+                    s_t[k, j] = T.exp2(s_t[k, j] * scale_log2 - l_r[u, j])  # P^T
+            T.copy(s_t, p_cast)
+            T.wgmma_gemm(p_cast, avg_s, t_t, clear_accum=True)  # teacher^T = P^T avg: the mean over each query's heads
+            T.wait_wgmma(0)
+            for k, j in T.Parallel(CONSUMER_KEYS, TQP):
+                # d loss / d s = softmax(s) - teacher, through s = index_scale q_idx . k_idx
+                dsp[k, j] = T.if_then_else(blk * Bk + c * CONSUMER_KEYS + k <= qcol_s[c, i % 2, j], index_scale * (
+                    T.exp2(sp_t[k, j] * (index_scale * _LOG2E) - ls_r[u, j]) - t_t[k, j]), 0)
+                xterm[k, j] = T.if_then_else(t_t[k, j] > 0, t_t[k, j] * (T.log(t_t[k, j]) - sp_t[k, j] * index_scale), 0)
+            T.copy(dsp, dsp_cast)
+            T.wgmma_gemm(dsp_cast, Qi_r[u, :, :], dkidx)  # dk_idx += dS^T q_idx  [64 keys, Di]
+            T.copy(dsp_cast, dSp_s[i % 2, c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :])
+            T.copy(xterm, xs[c, :, :])
+            T.fence_proxy_async()
+            T.sync_threads(1 + NC, 128 * NC)  # every consumer's dS^T rows are in dSp_s
+            T.wait_wgmma(0)  # dk_idx += ...: the slot's q_idx rows are read
+            T.barrier_arrive(empty[u])
+            for p, owner in parts:
+                if owner == c:
+                    T.wgmma_gemm(Kidx_s[:, p * 64:(p + 1) * 64], dSp_s[i % 2, :, :], dqidx, transpose_A=True,
+                                 clear_accum=True)  # dq_idx^T [64 of Di, TQP]
+                    T.wait_wgmma(0)
+                    for r, j in T.Parallel(64, TQP):
+                        if qcol_s[c, i % 2, j] >= 0:
+                            T.atomic_add(dQidx[b, qcol_s[c, i % 2, j], g, p * 64 + r], dqidx[r, j] * Weight[0])
+            for e in T.serial(T.ceildiv(TQP * seg, 128)):  # the tile's loss terms, summed over the consumer's keys
+                if e * 128 + ctx < TQP * seg:
+                    acc[0] = 0.0
+                    for kk in T.serial(CONSUMER_KEYS // seg):
+                        acc[0] += xs[c, (e * 128 + ctx) // TQP * (CONSUMER_KEYS // seg) + kk, (e * 128 + ctx) % TQP]
+                    if qcol_s[c, i % 2, (e * 128 + ctx) % TQP] >= 0:
+                        T.atomic_add(KLpart[b, qcol_s[c, i % 2, (e * 128 + ctx) % TQP], g,
+                                            ent_s[i * TQ + T.min((e * 128 + ctx) % TQP, TQ - 1)] % topk], acc[0])
+        if n_tiles > 0:
+            for k, d in T.Parallel(CONSUMER_KEYS, Di):
+                if blk * Bk + c * CONSUMER_KEYS + k < seq:
+                    T.atomic_add(dKidx[b, blk * Bk + c * CONSUMER_KEYS + k, d], dkidx[k, d] * Weight[0])
 
     @T.prim_func
-    def kl_alignment_backward(
+    def kl_alignment_fused(
         Q: T.Tensor((batch, seq, heads, head_dim), dtype),
         K: T.Tensor((batch, seq, groups, head_dim), dtype),
         Qidx: T.Tensor((batch, seq, groups, index_dim), dtype),
         Kidx: T.Tensor((batch, seq, index_dim), dtype),
         Lse2: T.Tensor((batch, seq, heads), "float32"),
-        LseS: T.Tensor((batch, seq, groups), "float32"),
+        LseS2: T.Tensor((batch, seq, groups), "float32"),
         Items: T.Tensor((n_bg, n_items, 3), "int32"),
         ItemCount: T.Tensor((n_bg,), "int32"),
         Entries: T.Tensor((n_bg, cap), "int32"),
+        KLpart: T.Tensor((batch, seq, groups, topk), "float32"),
         dQidx: T.Tensor((batch, seq, groups, index_dim), "float32"),
         dKidx: T.Tensor((batch, seq, index_dim), "float32"),
         Weight: T.Tensor((1,), "float32"),
     ):
         with T.Kernel(n_items, n_bg, threads=threads) as (item, bg):
-            K_s, Kidx_s, Q_s, Qidx_s, lse_s, query_s, slot_s, P_s, Sp_s, s_t, sp_t, teacher, student = tile_buffers()
-            lse_student_s = T.alloc_shared((tile_queries,), "float32")
-            dS_s = T.alloc_shared((pad, block_size), dtype)
-            Qidx_pad = T.alloc_shared((pad, index_dim), dtype)
-            dkidx = T.alloc_fragment((block_size, index_dim), "float32")
-            dqidx = T.alloc_fragment((pad, index_dim), "float32")
+            K_s = T.alloc_shared((Bk, D), dtype)
+            Kidx_s = T.alloc_shared((Bk, Di), dtype)
+            Q_r = T.alloc_shared((stages, rows, D), dtype)  # the ring: Q rows, q_idx rows and both LSEs of a tile
+            Qi_r = T.alloc_shared((stages, TQP, Di), dtype)
+            l_r = T.alloc_shared((stages, rows), "float32")
+            ls_r = T.alloc_shared((stages, TQP), "float32")
+            avg_s = T.alloc_shared((rows, TQP), dtype)  # 1/R where row r is a head of query j
+            dSp_s = T.alloc_shared((2, Bk, TQP), dtype)  # dS^T of the last two tiles
+            xs = T.alloc_shared((NC, CONSUMER_KEYS, TQP), "float32")  # loss terms of the tile
+            ent_s = T.alloc_shared((n_entries,), "int32")
+            qcol_s = T.alloc_shared((NC, 2, TQP), "int32")
+            s_t0 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")  # S^T, then P^T
+            s_t1 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")
+            sp_t0 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            sp_t1 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            p_cast0 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
+            p_cast1 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
+            t_t0 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")  # teacher^T
+            t_t1 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            dsp0 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            dsp1 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            dsp_cast0 = T.alloc_fragment((CONSUMER_KEYS, TQP), dtype)
+            dsp_cast1 = T.alloc_fragment((CONSUMER_KEYS, TQP), dtype)
+            xterm0 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            xterm1 = T.alloc_fragment((CONSUMER_KEYS, TQP), "float32")
+            dkidx0 = T.alloc_fragment((CONSUMER_KEYS, Di), "float32")
+            dkidx1 = T.alloc_fragment((CONSUMER_KEYS, Di), "float32")
+            dqidx0 = T.alloc_fragment((64, TQP), "float32")  # dq_idx^T, 64 of the Di rows at a time
+            dqidx1 = T.alloc_fragment((64, TQP), "float32")
+            src = T.alloc_local((1,), "int32")
+            first = T.alloc_local((1,), "int32")
+            acc = T.alloc_local((1,), "float32")
+            kv_ready = T.alloc_barrier(128)
+            full = T.alloc_barrier([128] * stages)
+            empty = T.alloc_barrier([128 * NC] * stages)
+
             b = bg // groups
             g = bg % groups
             blk, start, length = work_item(Items, ItemCount, bg, item)
-            T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
-            T.copy(Kidx[b, blk * block_size:(blk + 1) * block_size, :], Kidx_s)
-            T.clear(dkidx)
-            T.clear(dS_s)  # rows past tile_queries stay zero: the padding of the GEMMs' K
-            T.clear(Qidx_pad)
-            for tile in T.serial(T.ceildiv(length, tile_queries)):
-                gather(Q, Qidx, Lse2, Entries, query_s, slot_s, Q_s, Qidx_s, lse_s, b, g, bg, start, length, tile)
-                for qi in T.Parallel(tile_queries):
-                    lse_student_s[qi] = T.if_then_else(query_s[qi] >= 0, LseS[b, query_s[qi], g], 0)
-                teacher_student(K_s, Kidx_s, Q_s, Qidx_s, lse_s, query_s, P_s, s_t, sp_t, Sp_s, teacher, student, blk)
-                # d loss / d s = w (softmax(s) - teacher), then through s = index_scale q_idx . k_idx;
-                # w (Weight) is applied to the fp32 results, so dS keeps its range in 16 bits
-                for qi, i in T.Parallel(tile_queries, block_size):
-                    dS_s[qi, i] = index_scale * (T.exp2((student[qi, i] - lse_student_s[qi]) * _LOG2E) - teacher[qi, i])
-                T.clear(dqidx)
-                for qi, d in T.Parallel(tile_queries, index_dim):
-                    Qidx_pad[qi, d] = Qidx_s[qi, d]
-                T.gemm(dS_s, Qidx_pad, dkidx, transpose_A=True, policy=T.GemmWarpPolicy.FullRow)
-                T.gemm(dS_s, Kidx_s, dqidx, policy=T.GemmWarpPolicy.FullCol)
-                for qi, d in T.Parallel(pad, index_dim):
-                    if qi < tile_queries:
-                        if query_s[qi] >= 0:
-                            T.atomic_add(dQidx[b, query_s[qi], g, d], dqidx[qi, d] * Weight[0])
-            if length > 0:
-                for i, d in T.Parallel(block_size, index_dim):
-                    if blk * block_size + i < seq:
-                        T.atomic_add(dKidx[b, blk * block_size + i, d], dkidx[i, d] * Weight[0])
+            n_tiles = T.ceildiv(length, TQ)
+            tx = T.get_thread_binding()
+            for i in T.Parallel(n_entries):
+                ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
+            for r, j in T.Parallel(rows, TQP):
+                avg_s[r, j] = T.if_then_else(r // R == j, 1.0 / R, 0.0)
+            for u, r, d in T.Parallel(stages, TQP, Di):  # query rows past TQ stay zero
+                Qi_r[u, r, d] = 0
+            T.fence_proxy_async()
+            T.sync_threads()
 
-    return kl_alignment_backward
+            if tx >= 128 * NC:  # producer
+                T.set_max_nreg(56, 0)
+                p = tx - 128 * NC
+                T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
+                T.async_copy(Kidx[b, blk * Bk:(blk + 1) * Bk, :], Kidx_s)
+                T.cp_async_barrier_noinc(kv_ready[0])
+                for i in T.serial(n_tiles):
+                    u = i % stages
+                    T.barrier_wait(empty[u], ((i // stages) & 1) ^ 1)
+                    for j in T.unroll(rows * D // 8 // 128):  # 16-byte pieces of the Q rows
+                        src[0] = ent_s[i * TQ + (j * 128 + p) // (D // 8) // R]
+                        T.ptx_cp_async(
+                            T.access_ptr(Q_r[u, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
+                            T.access_ptr(Q[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
+                                           p % (D // 8) * 8], "r", 8),
+                            8, src[0] >= 0)
+                    for j in T.unroll(T.ceildiv(TQ * Di // 8, 128)):  # the q_idx rows
+                        if j * 128 + p < TQ * Di // 8:
+                            src[0] = ent_s[i * TQ + (j * 128 + p) // (Di // 8)]
+                            T.ptx_cp_async(
+                                T.access_ptr(Qi_r[u, (j * 128 + p) // (Di // 8), (j * 128 + p) % (Di // 8) * 8], "w", 8),
+                                T.access_ptr(Qidx[b, t0 + T.max(src[0], 0) // topk, g, (j * 128 + p) % (Di // 8) * 8],
+                                             "r", 8),
+                                8, src[0] >= 0)
+                    if p < rows:
+                        src[0] = ent_s[i * TQ + p // R]
+                        T.ptx_cp_async(T.access_ptr(l_r[u, p], "w", 1),
+                                       T.access_ptr(Lse2[b, t0 + T.max(src[0], 0) // topk, g * R + p % R], "r", 1),
+                                       1, src[0] >= 0)
+                    elif p < rows + TQ:
+                        src[0] = ent_s[i * TQ + p - rows]
+                        T.ptx_cp_async(T.access_ptr(ls_r[u, p - rows], "w", 1),
+                                       T.access_ptr(LseS2[b, t0 + T.max(src[0], 0) // topk, g], "r", 1),
+                                       1, src[0] >= 0)
+                    T.cp_async_barrier_noinc(full[u])
+            elif tx < 128:
+                T.set_max_nreg(224, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                consumer(0, tx, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty, ent_s,
+                         qcol_s, blk, t0, b, g, s_t0, sp_t0, p_cast0, t_t0, dsp0, dsp_cast0, xterm0, dkidx0, dqidx0,
+                         first, acc, KLpart, dQidx, dKidx, Weight)
+            elif NC == 2:
+                T.set_max_nreg(224, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                consumer(1, tx - 128, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty,
+                         ent_s, qcol_s, blk, t0, b, g, s_t1, sp_t1, p_cast1, t_t1, dsp1, dsp_cast1, xterm1, dkidx1,
+                         dqidx1, first, acc, KLpart, dQidx, dKidx, Weight)
+
+    return kl_alignment_fused
+
+
+kl_fused_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True,
+                                 "tl.enable_fast_math": True}
 
 
 # Bound on the partial outputs of the warmup's teacher-lse pass: they grow with topk = ceil(N / Bk).
@@ -245,7 +326,7 @@ def teacher_lse(q, k, indices, block_size: int, scale: float, query_chunk=None) 
 
 
 def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
-    """The selection (indices None: :func:`causal_selection`), the whole-sequence schedule and the two kernels'
+    """The selection (indices None: :func:`causal_selection`), the whole-sequence schedule and the kernels'
     common arguments; the teacher lse is computed here when None."""
     B, N, Hq, D = q.shape
     G, Di = k.shape[2], k_idx.shape[-1]
@@ -259,45 +340,60 @@ def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
                           max(block_size, WARMUP_LSE_WORKSPACE_BYTES // per_query) if warmup else None)
     schedule = Schedule(B, G, math.ceil(N / block_size), N, topk, KL_ITEM_QUERIES, q.device).build(indices, 0, N)
     config = dict(groups=G, heads=Hq, head_dim=D, index_dim=Di, block_size=block_size, topk=topk, scale=scale,
-                  index_scale=index_scale, dtype=tl_dtype(q.dtype),
-                  **dict(KL_DEFAULTS, threads=min(KL_DEFAULTS["threads"], 2 * block_size)))
-    inputs = (q, k, q_idx, k_idx.reshape(B, N, Di), lse * _LOG2E)
-    return indices, config, inputs, (schedule.items, schedule.item_count, schedule.entries)
+                  index_scale=index_scale, dtype=tl_dtype(q.dtype), **KL_DEFAULTS)
+    return indices, config, (schedule.items, schedule.item_count, schedule.entries), lse
 
 
-def _student_stats(indices, config, inputs, schedule):
-    """Run the stats kernel and merge its slots -> (loss float32 scalar, student lse [B, N, G])."""
+def _student_lse(q_idx, k_idx, indices, config, schedule):
+    """The student LSE [B, N, G] float32 over each row's chosen tokens."""
     B, N, G, topk = indices.shape
-    stats = torch.empty((B, N, G, topk, 2), device=indices.device, dtype=torch.float32)
-    stats[..., 0] = 0.0
-    stats[..., 1] = float("-inf")  # unused slots are never written
-    compiled_kernel(kl_stats_program, **config)(*inputs, *schedule, stats)
-    lse_student = torch.logsumexp(stats[..., 1], dim=-1)
-    return (stats[..., 0].sum(-1) + lse_student).mean(), lse_student
+    parts = torch.full((B, N, G, topk), float("-inf"), device=q_idx.device, dtype=torch.float32)
+    kernel = compiled_kernel(student_lse_program, groups=G, index_dim=config["index_dim"],
+                             block_size=config["block_size"], topk=topk, index_scale=config["index_scale"],
+                             dtype=config["dtype"])
+    kernel(q_idx, k_idx.reshape(B, N, -1), *schedule, parts)
+    return torch.logsumexp(parts, dim=-1)
+
+
+def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight):
+    """The fused pass -> (per-row loss [B, N, G] float32, fp32 dq_idx, fp32 dk_idx [B, N, Di]) times ``weight``."""
+    B, N, G, topk = indices.shape
+    kl_part = torch.zeros((B, N, G, topk), device=q.device, dtype=torch.float32)
+    dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
+    dk_idx = torch.zeros((B, N, k_idx.shape[-1]), device=q.device, dtype=torch.float32)
+    compiled_kernel(kl_fused_program, **config)(
+        q, k, q_idx, k_idx.reshape(B, N, -1), lse * _LOG2E, lse_student * _LOG2E, *schedule, kl_part, dq_idx, dk_idx,
+        weight)
+    return kl_part.sum(-1) + lse_student, dq_idx, dk_idx
 
 
 def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scale: float, index_scale: float,
-                              lse=None):
-    """KL loss over the chosen tokens on the GPU -> (loss float32 scalar, student lse [B, N, G] float32).
+                              lse=None, *, with_grads: bool = False):
+    """KL loss over the chosen tokens on the GPU -> (loss float32 scalar, student lse [B, N, G] float32), and with
+    ``with_grads`` also the loss's own gradients (fp32 dq_idx [B, N, G, Di], dk_idx shaped like k_idx), which
+    the same pass computes.
 
     q [B, N, Hq, D], k [B, N, G, D], q_idx [B, N, G, Di], k_idx [B, N, Di], indices [B, N, G, topk] (None: every
     visible token, through :func:`causal_selection`). lse [B, N, Hq] float32: the main branch's lse over the same
     selection, when the caller has it (the layer does); otherwise one main-branch forward computes it.
     """
-    return _student_stats(*_prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse))
+    B, N, G, _ = q_idx.shape
+    indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+    lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
+    weight = torch.full((1,), 1.0 / (B * N * G), device=q.device, dtype=torch.float32)
+    rows, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight)
+    loss = rows.mean()
+    return (loss, lse_student, dq_idx, dk_idx.view(k_idx.shape)) if with_grads else (loss, lse_student)
 
 
 def kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size: int, scale: float,
                                index_scale: float, lse=None, lse_student=None):
-    """Gradients of the KL loss for q_idx and k_idx (their dtypes). ``lse`` (teacher) and ``lse_student`` (from
-    :func:`kl_alignment_loss_forward`) are recomputed when not given."""
-    prepared = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
-    indices, config, inputs, schedule = prepared
-    B, N, G, _ = indices.shape
+    """Gradients of the KL loss for q_idx and k_idx (their dtypes), scaled by ``dloss``. ``lse`` (teacher) and
+    ``lse_student`` (from :func:`kl_alignment_loss_forward`) are recomputed when not given."""
+    B, N, G, _ = q_idx.shape
+    indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
     if lse_student is None:
-        _, lse_student = _student_stats(*prepared)
-    dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
-    dk_idx = torch.zeros(inputs[3].shape, device=q.device, dtype=torch.float32)
+        lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = (torch.as_tensor(dloss, device=q.device, dtype=torch.float32) / (B * N * G)).reshape(1)
-    compiled_kernel(kl_backward_program, **config)(*inputs, lse_student.contiguous(), *schedule, dq_idx, dk_idx, weight)
+    _, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student.contiguous(), weight)
     return dq_idx.to(q_idx.dtype), dk_idx.view(k_idx.shape).to(k_idx.dtype)

@@ -27,27 +27,29 @@ import math
 
 import tilelang.language as T
 import torch
+from tilelang import tvm
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
-from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule, work_item
+from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule, first_query_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
-ATTENTION_DEFAULTS = dict(stages=2)
+ATTENTION_DEFAULTS = dict(stages=2, bulk_stores=False)  # bulk stores: +10% at 128K on the H200 (NOTES.md)
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                     item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2,
+                     item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, bulk_stores: bool = False,
                      dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*Hq*topk, D], Lpart [B, C*Hq*topk].
 
     Partial row ``(t * Hq + h) * topk + s`` holds query ``t0 + t``, head h, slot s. ``item_queries``
     bounds the entries of one work item (the schedule's item size); ``stages`` is the depth of each
-    consumer's Q ring.
+    consumer's Q ring. ``bulk_stores``: each partial row leaves shared memory as one asynchronous bulk copy
+    (``cp.async.bulk``, from a double-buffered O tile) instead of the consumers' 16-byte stores.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
@@ -57,6 +59,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     vec = 16 // (4 if partial_dtype == "float32" else 2)  # partial elements per 16-byte store
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
+    first_query = first_query_macro(TQ, topk)
 
     @T.macro
     def issue_scores(i, c, ring, full, K_s, ent_s, t0, acc_s, qpos):
@@ -76,10 +79,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         for i in T.serial(n_mine):
             T.wait_wgmma(0)  # S of tile i  [rows, Bk]
             T.barrier_arrive(empty[2 * (i % stages) + c])  # the producer may refill its ring slot
-            first[0] = seq  # the tile's first query: only a tile reaching into block blk needs the causal mask
-            for qi in T.unroll(TQ):
-                if ent_s[(2 * i + c) * TQ + qi] >= 0:
-                    first[0] = T.min(first[0], t0 + ent_s[(2 * i + c) * TQ + qi] // topk)
+            first_query(first, ent_s, 2 * i + c, t0, seq)
             if first[0] < blk * Bk + Bk - 1:
                 for r, col in T.Parallel(rows, Bk):
                     acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
@@ -97,6 +97,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.wait_wgmma(1)  # P V of tile i done; S of tile i + 1 still running
             else:
                 T.wait_wgmma(0)
+            if bulk_stores:
+                T.tma_store_wait(1)  # this thread's bulk copies of tile i - 2 have read their O_s buffer
             T.sync_threads(1 + c, 128)  # the previous tile's rows have left O_s and dst_s
             for r in T.Parallel(rows):
                 dst_s[r] = dst[r]
@@ -105,13 +107,26 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 l[r] = 1.0 / l[r]
             for r, d in T.Parallel(rows, D):
                 acc_o[r, d] *= l[r]
-            T.copy(acc_o, O_s)
-            T.sync_threads(1 + c, 128)
-            for j in T.unroll(rows * D // vec // 128):  # 16-byte stores of whole partial rows
-                if dst_s[(j * 128 + ctx) // (D // vec)] >= 0:
-                    for v in T.vectorized(vec):
-                        Opart[b, dst_s[(j * 128 + ctx) // (D // vec)], (j * 128 + ctx) % (D // vec) * vec + v] = O_s[
-                            (j * 128 + ctx) // (D // vec), (j * 128 + ctx) % (D // vec) * vec + v]
+            if bulk_stores:
+                T.copy(acc_o, O_s[i % 2, :, 0:D])
+                T.fence_proxy_async()  # the generic-proxy writes of O_s, before the bulk copies read it
+                T.sync_threads(1 + c, 128)
+                if ctx < rows:
+                    if dst_s[ctx] >= 0:
+                        T.call_intrin("handle", tvm.ir.Op.get("tl.tma_store"),  # cp.async.bulk.global.shared::cta
+                                      T.access_ptr(Opart[b, dst_s[ctx], 0], "w", D),
+                                      T.access_ptr(O_s[i % 2, ctx, 0], "r", D), D * 16 // vec, 0, 0)  # row bytes
+                    T.tma_store_arrive()
+            else:
+                T.copy(acc_o, O_s)
+                T.sync_threads(1 + c, 128)
+                for j in T.unroll(rows * D // vec // 128):  # 16-byte stores of whole partial rows
+                    if dst_s[(j * 128 + ctx) // (D // vec)] >= 0:
+                        for v in T.vectorized(vec):
+                            Opart[b, dst_s[(j * 128 + ctx) // (D // vec)], (j * 128 + ctx) % (D // vec) * vec + v] = O_s[
+                                (j * 128 + ctx) // (D // vec), (j * 128 + ctx) % (D // vec) * vec + v]
+        if bulk_stores:
+            T.tma_store_wait(0)  # the CTA's shared memory must outlive the last bulk copies
 
     @T.prim_func
     def kv_outer_attention(
@@ -129,8 +144,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             K_s = T.alloc_shared((Bk, D), dtype)
             V_s = T.alloc_shared((Bk, D), dtype)
             ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
-            O_s0 = T.alloc_shared((rows, D), partial_dtype)
-            O_s1 = T.alloc_shared((rows, D), partial_dtype)
+            # bulk stores: two O tiles per consumer, rows padded by 16 bytes (no bank conflicts, 16-byte aligned rows)
+            O_s0 = T.alloc_shared((2, rows, D + vec) if bulk_stores else (rows, D), partial_dtype)
+            O_s1 = T.alloc_shared((2, rows, D + vec) if bulk_stores else (rows, D), partial_dtype)
             dst_s0 = T.alloc_shared((rows,), "int32")
             dst_s1 = T.alloc_shared((rows,), "int32")
             ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
@@ -150,7 +166,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             dst1 = T.alloc_fragment((rows,), "int32")
             src = T.alloc_local((1,), "int32")  # the producer's current entry
             first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
-            T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+            if not bulk_stores:
+                T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
             kv_ready = T.alloc_barrier(128)
             full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
             empty = T.alloc_barrier([128] * (2 * stages))

@@ -1,4 +1,4 @@
-"""Main-branch backward (TileLang): the delta pre-pass and a KV-outer pass for dQ, dK and dV.
+"""Main-branch backward (TileLang): the delta pre-pass, a pipelined KV-outer pass for dQ, dK and dV, the dQ sum.
 
 With P = softmax of the scaled scores over the chosen keys, delta = rowsum(dO * O) - dlse:
 
@@ -6,39 +6,41 @@ With P = softmax of the scaled scores over the chosen keys, delta = rowsum(dO * 
 
 1. :func:`delta_program` reads O and dO once per (query, head) row and writes that row's
    (lse * log2 e, delta).
-2. :func:`kv_outer_backward_program` runs one CTA per work item of :mod:`msa_tl.scheduler`, built
-   over the whole sequence: a key block and up to ``item_queries`` of the (query, slot) entries
-   that chose it. It loads K/V[blk] once and walks the item's queries in tiles of
-   ``block_rows / R`` queries x R heads.
-   - Everything is computed key-major, S^T = K Q^T [Bk, rows], so P^T and dS^T stay in registers
-     as the A operand of dV += P^T dO and dK += dS^T Q.
-   - dQ = dS K goes through shared memory and is added to an fp32 dQ with atomics, one add per
-     (query, head, chosen block) row.
-   - dK and dV accumulate in registers for the whole item. Hot blocks are split into several
-     items, so each item adds its finished dK/dV once with fp32 atomics. That is Bk * D adds per
-     item, not per query.
-3. The fp32 gradients are cast to the input dtype.
-Causal masking happens only in the query's own block, and -1 slots are never scheduled.
+2. :func:`kv_outer_backward_program` runs one CTA per work item of :mod:`msa_tl.scheduler` (a key
+   block and up to ``item_queries`` of the (query, slot) entries that chose it), with roles and
+   mbarriers written by hand:
+   - a **producer** warpgroup loads K/V[blk] once, then gathers each tile's Q and dO rows
+     (``64 / R`` queries x R heads, one contiguous R x D box each) and their (lse, delta) with
+     ``cp.async`` into a ring of ``stages`` slots, each completed on its ``full`` mbarrier;
+   - ``Bk / 64`` **consumer** warpgroups each own 64 key rows. Per tile a consumer computes
+     S^T = K Q^T and dP^T = V dO^T (two async wgmma), P^T and dS^T in registers, issues
+     dV += P^T dO and dK += dS^T Q with P^T, dS^T as register operands, and puts its dS^T rows in
+     shared memory; once every consumer's rows are there, each computes its D / (Bk / 64) columns
+     of dQ = dS K for the tile's rows.
+   - dQ leaves either by fp32 atomics into dQ (one add per (query, head, chosen block) element) or as
+     one partial row per (query, head, slot) in the input dtype, which :func:`dq_reduce_program`
+     sums; dK and dV stay in registers for the whole item and are added once with fp32 atomics
+     (hot blocks are split into several items).
+3. The fp32 dK, dV (and atomic dQ) are cast to the input dtype.
+Causal masking happens only on tiles that reach into the key block itself; -1 slots are never scheduled.
 """
 
 import math
 
 import tilelang.language as T
 import torch
+from tilelang.layout import make_swizzled_layout
 
-from msa_tl.scheduler import Schedule, work_item
+from msa_tl.scheduler import Schedule, first_query_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 DELTA_DEFAULTS = dict(rows=64, threads=128)
-BACKWARD_DEFAULTS = dict(block_rows=64, threads=256)  # Bk = 128: 227 registers, no spills (ptxas, sm_90a)
+BACKWARD_DEFAULTS = dict(stages=2, dq_partials=True)  # H200, 128K: partials 60.6 ms, atomic dQ 74.8 (NOTES.md)
 BACKWARD_ITEM_QUERIES = 1024
+BACKWARD_QUERY_CHUNK = 16384  # with dQ partials: 2 * chunk * Hq * topk * D bytes of workspace (4 GiB, paper shape)
+REDUCE_DEFAULTS = dict(rows=64, threads=128)
 _LOG2E = 1.4426950408889634
-
-
-def default_config(block_size: int) -> dict:
-    """BACKWARD_DEFAULTS, with at most Bk / 16 warps: the key-major MMAs give each warp 16 of the Bk rows."""
-    return dict(BACKWARD_DEFAULTS, threads=min(BACKWARD_DEFAULTS["threads"], 2 * block_size))
 
 
 def delta_program(head_dim: int, rows: int = 64, threads: int = 128, dtype: str = "bfloat16"):
@@ -71,13 +73,93 @@ def delta_program(head_dim: int, rows: int = 64, threads: int = 128, dtype: str 
     return attention_backward_delta
 
 
+CONSUMER_KEYS = 64  # key rows per consumer warpgroup: one wgmma M tile of S^T = K Q^T
+TILE_ROWS = 64  # query rows (TQ queries x R heads) per tile: the wgmma N of S^T, the M of dQ
+
+
 def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                              block_rows: int = 64, threads: int = 256, dtype: str = "bfloat16"):
-    """Q, dO [B, N, Hq, D], K/V [B, N, G, D], Stats [B, N, Hq, 2], the schedule -> adds into fp32 dQ, dK, dV."""
-    batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
+                              item_queries: int = BACKWARD_ITEM_QUERIES, stages: int = 2, dq_partials: bool = False,
+                              dtype: str = "bfloat16"):
+    """Q, dO [B, N, Hq, D], K/V [B, N, G, D], Stats [B, N, Hq, 2], the schedule -> dK, dV (fp32, added into) and dQ.
+
+    dQ is either fp32 [B, N, Hq, D], added into with atomics (``dq_partials=False``), or one partial
+    row per (query, head, slot), DQpart [B, C*Hq*topk, D] in the input dtype at row
+    ``(t * Hq + h) * topk + s`` for query ``t0 + t`` (``dq_partials=True``), summed by
+    :func:`dq_reduce_program`. ``stages`` is the depth of the shared (Q, dO, stats) ring.
+    """
+    batch, seq, n_bg, n_items, cap, n_part, n_dq = T.dynamic("batch, seq, n_bg, n_items, cap, n_part, n_dq")
     R = heads // groups
-    tile_queries = block_rows // R
+    rows, D, Bk = TILE_ROWS, head_dim, block_size
+    NC = Bk // CONSUMER_KEYS  # consumer warpgroups, each owning 64 key rows of dK and dV
+    DQ = D // NC  # dQ columns per consumer
+    TQ = rows // R
+    n_entries = math.ceil(item_queries / TQ) * TQ
     scale_log2 = scale * _LOG2E
+    threads = 128 * (NC + 1)
+    first_query = first_query_macro(TQ, topk)
+
+    @T.macro
+    def consumer(c, ctx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
+                 s_t, dp_t, p_cast, ds_cast, dk, dv, dq, qrow, first, dQ_s, dQ, dQpart, dK, dV):
+        """Consumer c: key rows c * 64 .. c * 64 + 63 of every tile; dQ columns c * DQ .. c * DQ + DQ - 1."""
+        T.clear(dk)
+        T.clear(dv)
+        for i in T.serial(n_tiles):
+            u = i % stages
+            for j in T.Parallel(rows):  # the column's query position (-1: padding)
+                qcol_s[c, i % 2, j] = T.if_then_else(ent_s[i * TQ + j // R] >= 0, t0 + ent_s[i * TQ + j // R] // topk, -1)
+            first_query(first, ent_s, i, t0, seq)
+            T.barrier_wait(full[u], (i // stages) & 1)
+            T.wgmma_gemm(K_s[c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :], Q_r[u, :, :], s_t, transpose_B=True,
+                         clear_accum=True)  # S^T [64 keys, rows]
+            T.wgmma_gemm(V_s[c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :], dO_r[u, :, :], dp_t, transpose_B=True,
+                         clear_accum=True)  # dP^T [64 keys, rows]
+            T.sync_threads(1 + c, 128)  # qcol_s written
+            T.wait_wgmma(1)
+            if first[0] < blk * Bk + Bk - 1:
+                for k, j in T.Parallel(CONSUMER_KEYS, rows):
+                    s_t[k, j] = T.if_then_else(blk * Bk + c * CONSUMER_KEYS + k <= qcol_s[c, i % 2, j],
+                                               T.exp2(s_t[k, j] * scale_log2 - st_r[u, j, 0]), 0)
+            else:
+                for k, j in T.Parallel(CONSUMER_KEYS, rows):
+                    s_t[k, j] = T.exp2(s_t[k, j] * scale_log2 - st_r[u, j, 0])  # P^T
+            T.copy(s_t, p_cast)
+            T.wait_wgmma(0)
+            for k, j in T.Parallel(CONSUMER_KEYS, rows):
+                ds_cast[k, j] = s_t[k, j] * (dp_t[k, j] - st_r[u, j, 1])  # dS^T / scale
+            T.wgmma_gemm(p_cast, dO_r[u, :, :], dv)  # dV += P^T dO  [64 keys, D]
+            T.wgmma_gemm(ds_cast, Q_r[u, :, :], dk)  # dK += dS^T Q
+            T.copy(ds_cast, dS_s[i % 2, c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :])
+            T.fence_proxy_async()
+            T.sync_threads(1 + NC, 128 * NC)  # every consumer's dS^T rows are in dS_s
+            T.wgmma_gemm(dS_s[i % 2, :, :], K_s[:, c * DQ:(c + 1) * DQ], dq, transpose_A=True,
+                         clear_accum=True)  # dQ / scale [rows, DQ]
+            for r in T.Parallel(rows):
+                qrow[r] = qcol_s[c, i % 2, r]
+            T.wait_wgmma(0)
+            T.barrier_arrive(empty[u])  # the producer may refill the slot
+            if dq_partials:
+                T.sync_threads(1 + c, 128)  # the previous tile's rows have left dQ_s
+                for r, d in T.Parallel(rows, DQ):
+                    dq[r, d] *= scale
+                T.copy(dq, dQ_s[c, :, :])
+                T.sync_threads(1 + c, 128)
+                for jj in T.unroll(rows * DQ // 8 // 128):  # 16-byte stores of whole partial row pieces
+                    e = jj * 128 + ctx
+                    if qcol_s[c, i % 2, e // (DQ // 8)] >= 0:
+                        for v in T.vectorized(8):
+                            dQpart[b, ((qcol_s[c, i % 2, e // (DQ // 8)] - t0) * heads + g * R + e // (DQ // 8) % R) * topk
+                                   + ent_s[i * TQ + e // (DQ // 8) // R] % topk,
+                                   c * DQ + e % (DQ // 8) * 8 + v] = dQ_s[c, e // (DQ // 8), e % (DQ // 8) * 8 + v]
+            else:
+                for r, d in T.Parallel(rows, DQ):
+                    if qrow[r] >= 0:
+                        T.atomic_add(dQ[b, qrow[r], g * R + r % R, c * DQ + d], dq[r, d] * scale)
+        if n_tiles > 0:
+            for k, d in T.Parallel(CONSUMER_KEYS, D):
+                if blk * Bk + c * CONSUMER_KEYS + k < seq:
+                    T.atomic_add(dK[b, blk * Bk + c * CONSUMER_KEYS + k, g, d], dk[k, d] * scale)
+                    T.atomic_add(dV[b, blk * Bk + c * CONSUMER_KEYS + k, g, d], dv[k, d])
 
     @T.prim_func
     def kv_outer_attention_backward(
@@ -89,76 +171,140 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
         Items: T.Tensor((n_bg, n_items, 3), "int32"),
         ItemCount: T.Tensor((n_bg,), "int32"),
         Entries: T.Tensor((n_bg, cap), "int32"),
-        dQ: T.Tensor((batch, seq, heads, head_dim), "float32"),
+        dQ: T.Tensor((batch, n_dq, heads, head_dim), "float32"),  # atomic dQ (else unused)
+        dQpart: T.Tensor((batch, n_part, head_dim), dtype),  # dQ partials (else unused)
         dK: T.Tensor((batch, seq, groups, head_dim), "float32"),
         dV: T.Tensor((batch, seq, groups, head_dim), "float32"),
+        t0: T.int32,
     ):
         with T.Kernel(n_items, n_bg, threads=threads) as (item, bg):
-            K_s = T.alloc_shared((block_size, head_dim), dtype)
-            V_s = T.alloc_shared((block_size, head_dim), dtype)
-            Q_s = T.alloc_shared((block_rows, head_dim), dtype)
-            dO_s = T.alloc_shared((block_rows, head_dim), dtype)
-            dS_s = T.alloc_shared((block_size, block_rows), dtype)
-            stat_s = T.alloc_shared((block_rows, 2), "float32")
-            query_s = T.alloc_shared((tile_queries,), "int32")  # the tile's query positions, -1 past the item
-            s_t = T.alloc_fragment((block_size, block_rows), "float32")  # S^T, then P^T
-            dp_t = T.alloc_fragment((block_size, block_rows), "float32")  # dP^T
-            p_cast = T.alloc_fragment((block_size, block_rows), dtype)
-            ds_cast = T.alloc_fragment((block_size, block_rows), dtype)
-            dk = T.alloc_fragment((block_size, head_dim), "float32")
-            dv = T.alloc_fragment((block_size, head_dim), "float32")
-            dq = T.alloc_fragment((block_rows, head_dim), "float32")
+            K_s = T.alloc_shared((Bk, D), dtype)
+            V_s = T.alloc_shared((Bk, D), dtype)
+            Q_r = T.alloc_shared((stages, rows, D), dtype)  # the ring: Q, dO and (lse, delta) rows of a tile
+            dO_r = T.alloc_shared((stages, rows, D), dtype)
+            st_r = T.alloc_shared((stages, rows, 2), "float32")
+            dS_s = T.alloc_shared((2, Bk, rows), dtype)  # dS^T of the last two tiles
+            dQ_s = T.alloc_shared((NC, rows, DQ), dtype)
+            ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
+            qcol_s = T.alloc_shared((NC, 2, rows), "int32")  # per consumer, last two tiles: query positions, -1 = padding
+            s_t0 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")  # S^T, then P^T
+            s_t1 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")
+            dp_t0 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")  # dP^T
+            dp_t1 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")
+            p_cast0 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
+            p_cast1 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
+            ds_cast0 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
+            ds_cast1 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
+            dk0 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
+            dk1 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
+            dv0 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
+            dv1 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
+            dq0 = T.alloc_fragment((rows, DQ), "float32")
+            dq1 = T.alloc_fragment((rows, DQ), "float32")
+            qrow0 = T.alloc_fragment((rows,), "int32")
+            qrow1 = T.alloc_fragment((rows,), "int32")
+            src = T.alloc_local((1,), "int32")  # the producer's current entry
+            first = T.alloc_local((1,), "int32")
+            T.annotate_layout({dQ_s: make_swizzled_layout(dQ_s)})
+            kv_ready = T.alloc_barrier(128)
+            full = T.alloc_barrier([128] * stages)
+            empty = T.alloc_barrier([128 * NC] * stages)
+
             b = bg // groups
             g = bg % groups
             blk, start, length = work_item(Items, ItemCount, bg, item)
-            T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
-            T.copy(V[b, blk * block_size:(blk + 1) * block_size, g, :], V_s)
-            T.clear(dk)
-            T.clear(dv)
-            for tile in T.serial(T.ceildiv(length, tile_queries)):
-                for qi in T.Parallel(tile_queries):
-                    query_s[qi] = T.if_then_else(tile * tile_queries + qi < length,
-                                                 Entries[bg, start + tile * tile_queries + qi] // topk, -1)
-                for r, d in T.Parallel(block_rows, head_dim):
-                    Q_s[r, d] = T.if_then_else(query_s[r // R] >= 0, Q[b, query_s[r // R], g * R + r % R, d], 0)
-                    dO_s[r, d] = T.if_then_else(query_s[r // R] >= 0, dO[b, query_s[r // R], g * R + r % R, d], 0)
-                for r, c in T.Parallel(block_rows, 2):
-                    stat_s[r, c] = T.if_then_else(query_s[r // R] >= 0, Stats[b, query_s[r // R], g * R + r % R, c], 0)
-                T.clear(s_t)
-                T.gemm(K_s, Q_s, s_t, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.clear(dp_t)
-                T.gemm(V_s, dO_s, dp_t, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                for i, j in T.Parallel(block_size, block_rows):
-                    s_t[i, j] = T.if_then_else(
-                        (query_s[j // R] >= 0) & (blk * block_size + i <= query_s[j // R]),
-                        T.exp2(s_t[i, j] * scale_log2 - stat_s[j, 0]), 0)
-                T.copy(s_t, p_cast)
-                T.gemm(p_cast, dO_s, dv, policy=T.GemmWarpPolicy.FullRow)
-                for i, j in T.Parallel(block_size, block_rows):
-                    ds_cast[i, j] = s_t[i, j] * (dp_t[i, j] - stat_s[j, 1]) * scale
-                T.gemm(ds_cast, Q_s, dk, policy=T.GemmWarpPolicy.FullRow)
-                T.copy(ds_cast, dS_s)
-                T.clear(dq)
-                T.gemm(dS_s, K_s, dq, transpose_A=True)
-                for r, d in T.Parallel(block_rows, head_dim):
-                    if query_s[r // R] >= 0:
-                        T.atomic_add(dQ[b, query_s[r // R], g * R + r % R, d], dq[r, d])
-            if length > 0:
-                for i, d in T.Parallel(block_size, head_dim):
-                    if blk * block_size + i < seq:
-                        T.atomic_add(dK[b, blk * block_size + i, g, d], dk[i, d])
-                        T.atomic_add(dV[b, blk * block_size + i, g, d], dv[i, d])
+            n_tiles = T.ceildiv(length, TQ)
+            tx = T.get_thread_binding()
+            for i in T.Parallel(n_entries):
+                ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
+            T.sync_threads()
+
+            if tx >= 128 * NC:  # producer
+                T.set_max_nreg(40 if NC == 2 else 56, 0)
+                p = tx - 128 * NC
+                T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
+                T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
+                T.cp_async_barrier_noinc(kv_ready[0])
+                for i in T.serial(n_tiles):
+                    u = i % stages
+                    T.barrier_wait(empty[u], ((i // stages) & 1) ^ 1)
+                    for j in T.unroll(rows * D // 8 // 128):  # 16-byte pieces of the Q and dO rows
+                        src[0] = ent_s[i * TQ + (j * 128 + p) // (D // 8) // R]
+                        T.ptx_cp_async(  # zero-fill for padding rows (src = -1)
+                            T.access_ptr(Q_r[u, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
+                            T.access_ptr(Q[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
+                                           p % (D // 8) * 8], "r", 8),
+                            8, src[0] >= 0)
+                        T.ptx_cp_async(
+                            T.access_ptr(dO_r[u, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
+                            T.access_ptr(dO[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
+                                            p % (D // 8) * 8], "r", 8),
+                            8, src[0] >= 0)
+                    if p < rows:  # 8 bytes of (lse, delta) per row
+                        src[0] = ent_s[i * TQ + p // R]
+                        T.ptx_cp_async(T.access_ptr(st_r[u, p, 0], "w", 2),
+                                       T.access_ptr(Stats[b, t0 + T.max(src[0], 0) // topk, g * R + p % R, 0], "r", 2),
+                                       2, src[0] >= 0)
+                    T.cp_async_barrier_noinc(full[u])
+            elif tx < 128:
+                T.set_max_nreg(232 if NC == 2 else 224, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                consumer(0, tx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
+                         s_t0, dp_t0, p_cast0, ds_cast0, dk0, dv0, dq0, qrow0, first, dQ_s, dQ, dQpart, dK, dV)
+            elif NC == 2:
+                T.set_max_nreg(232, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                consumer(1, tx - 128, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0,
+                         b, g, s_t1, dp_t1, p_cast1, ds_cast1, dk1, dv1, dq1, qrow1, first, dQ_s, dQ, dQpart, dK, dV)
 
     return kv_outer_attention_backward
 
 
+# As in the forward: roles and barriers by hand, no automatic shared-memory syncs, fast exp2.
+kv_outer_backward_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True,
+                                          "tl.enable_fast_math": True}
+
+
+def dq_reduce_program(groups: int, heads: int, head_dim: int, topk: int, rows: int = 64, threads: int = 128,
+                      dtype: str = "bfloat16"):
+    """dQpart [B, C*Hq, topk, D], Indices [B, N, G, topk] -> dQ [B, N*Hq, D]: the sum of each row's chosen slots."""
+    batch, seq, rows_c = T.dynamic("batch, seq, rows_c")
+    R = heads // groups
+
+    @T.prim_func
+    def dq_reduce(
+        dQpart: T.Tensor((batch, rows_c, topk, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        dQ: T.Tensor((batch, seq * heads, head_dim), dtype),
+        t0: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(rows_c, rows), batch, threads=threads) as (bx, b):
+            chosen = T.alloc_shared((rows, topk), "int32")  # 1 where the slot holds a block (its partial was written)
+            acc = T.alloc_fragment((rows, head_dim), "float32")
+            r0 = bx * rows
+            for r, s in T.Parallel(rows, topk):
+                chosen[r, s] = T.if_then_else(r0 + r < rows_c, T.if_then_else(
+                    Indices[b, t0 + (r0 + r) // heads, (r0 + r) % heads // R, s] >= 0, 1, 0), 0)
+            T.clear(acc)
+            for s in T.serial(topk):  # a select: unwritten partials hold garbage (even NaN)
+                for r, d in T.Parallel(rows, head_dim):
+                    acc[r, d] += T.if_then_else(chosen[r, s] > 0, T.cast(dQpart[b, r0 + r, s, d], "float32"), 0.0)
+            for r, d in T.Parallel(rows, head_dim):
+                if r0 + r < rows_c:
+                    dQ[b, t0 * heads + r0 + r, d] = acc[r, d]
+
+    return dq_reduce
+
+
 def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: int, scale=None, *,
-                              item_queries: int = BACKWARD_ITEM_QUERIES, config=None):
+                              item_queries: int = BACKWARD_ITEM_QUERIES, query_chunk=None, config=None):
     """Main-branch backward on the GPU -> (dq, dk, dv) in the input dtype.
 
     do, o, q [B, N, Hq, D]; k, v [B, N, G, D]; lse (and dlse, or None) [B, N, Hq] float32;
-    indices [B, N, G, topk] int32 (-1 = unused). Workspace: fp32 dQ, dK, dV, the (lse, delta)
-    rows (8 bytes per query head) and one schedule over the whole sequence (N * G * topk entries).
+    indices [B, N, G, topk] int32 (-1 = unused). Workspace: fp32 dK, dV, the (lse, delta) rows
+    (8 bytes per query head), a schedule, and either an fp32 dQ (atomic dQ: one schedule over the
+    whole sequence) or the dQ partials of one query chunk (``query_chunk`` queries, default
+    BACKWARD_QUERY_CHUNK).
     """
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
@@ -168,13 +314,29 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
     delta = compiled_kernel(delta_program, head_dim=D, dtype=dt, **DELTA_DEFAULTS)
     delta(o.reshape(-1, D), do.reshape(-1, D), lse.reshape(-1), dlse.reshape(-1), stats.view(-1, 2))
-    schedule = Schedule(B, G, math.ceil(N / block_size), N, topk, item_queries, q.device).build(indices, 0, N)
-    dq = torch.zeros((B, N, Hq, D), device=q.device, dtype=torch.float32)
+    shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
+    config = {**tuned_config("kv_outer_backward", shape, BACKWARD_DEFAULTS, q.device), **(config or {})}
+    chunk = min(N, query_chunk or BACKWARD_QUERY_CHUNK) if config["dq_partials"] else N
+    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device)
     dk = torch.zeros((B, N, G, D), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
-    config = {**tuned_config("kv_outer_backward", shape, default_config(block_size), q.device), **(config or {})}
+    if config["dq_partials"]:
+        dq_acc = torch.empty((B, 1, Hq, D), device=q.device, dtype=torch.float32)  # unused
+        dq = torch.empty_like(q)
+        dq_part = torch.empty(B * chunk * Hq * topk * D, device=q.device, dtype=q.dtype)
+        reduce = compiled_kernel(dq_reduce_program, groups=G, heads=Hq, head_dim=D, topk=topk, dtype=dt,
+                                 **REDUCE_DEFAULTS)
+    else:
+        dq_acc = torch.zeros((B, N, Hq, D), device=q.device, dtype=torch.float32)
+        dq_part = torch.empty(B * D, device=q.device, dtype=q.dtype)  # unused
     kernel = compiled_kernel(kv_outer_backward_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
-                             topk=topk, scale=scale, dtype=dt, **config)
-    kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq, dk, dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+                             topk=topk, scale=scale, item_queries=item_queries, dtype=dt, **config)
+    for t0 in range(0, N, chunk):
+        count = min(chunk, N - t0)
+        schedule.build(indices, t0, count)
+        part = dq_part[: B * count * Hq * topk * D].view(B, -1, D) if config["dq_partials"] else dq_part.view(B, 1, D)
+        kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq_acc, part, dk, dv, t0)
+        if config["dq_partials"]:
+            reduce(part.view(B, count * Hq, topk, D), indices, dq.view(B, N * Hq, D), t0)
+    dq = dq if config["dq_partials"] else dq_acc.to(q.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -142,6 +142,21 @@ def scatter_program(groups: int, topk: int):
     return schedule_scatter
 
 
+def first_query_macro(tile_queries: int, topk: int):
+    """Macro ``first_query(first, ent_s, tile, t0, seq)``: first[0] = the earliest query position among tile
+    ``tile``'s entries of ``ent_s`` (``seq`` if none). Only a tile whose first query lies inside its key
+    block needs the causal mask."""
+
+    @T.macro
+    def first_query(first, ent_s, tile, t0, seq):
+        first[0] = seq
+        for qi in T.unroll(tile_queries):
+            if ent_s[tile * tile_queries + qi] >= 0:
+                first[0] = T.min(first[0], t0 + ent_s[tile * tile_queries + qi] // topk)
+
+    return first_query
+
+
 def work_item(Items, ItemCount, bg, item):
     """Inside a kernel: (key block, first entry, entry count) of CTA ``item`` of ``bg``; all 0 past the item count."""
     live = item < ItemCount[bg]

@@ -3,7 +3,8 @@
     msa_tl::select_blocks(q_idx, k_idx, block_size, topk, index_scale) -> indices            no gradient
     msa_tl::sparse_attention(q, k, v, indices, block_size, scale) -> (o, lse)               grads: q, k, v
     msa_tl::sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, ...) -> (dq, dk, dv)
-    msa_tl::kl_alignment_loss(q, k, q_idx, k_idx, indices?, lse?, ...) -> (loss, lse_student)  grads: q_idx, k_idx
+    msa_tl::kl_alignment_loss(q, k, q_idx, k_idx, indices?, lse?, ..., with_grads) -> (loss, lse_student, dq_idx, dk_idx)
+        grads: q_idx, k_idx (with_grads: the forward's own, scaled by the backward)
     msa_tl::kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices?, lse?, lse_student, ...)
         -> (dq_idx, dk_idx)
 
@@ -98,14 +99,26 @@ def _loss_dtype(q_idx: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("msa_tl::kl_alignment_loss", mutates_args=())
 def kl_alignment_loss_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, indices: Optional[Tensor],
-                         lse: Optional[Tensor], block_size: int, scale: float,
-                         index_scale: float) -> tuple[Tensor, Tensor]:
+                         lse: Optional[Tensor], block_size: int, scale: float, index_scale: float,
+                         with_grads: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse_student, dq_idx, dk_idx): with ``with_grads`` the last two are the loss's own gradients
+    (float32, computed by the same pass), which the backward scales; otherwise they are empty."""
     kernel = kernel_for("kl_alignment_loss", q.device, **_kl_shape(q, k, q_idx, indices, block_size))
     if kernel is not None:
-        return kernel(q, k, q_idx, k_idx, indices, lse, block_size=block_size, scale=scale, index_scale=index_scale)
+        out = kernel(q, k, q_idx, k_idx, indices, lse, block_size=block_size, scale=scale, index_scale=index_scale,
+                     with_grads=with_grads)
+        return out if with_grads else (*out, q_idx.new_empty(0, dtype=torch.float32),
+                                       k_idx.new_empty(0, dtype=torch.float32))
     loss, lse_student = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale,
                                                     return_student_lse=True)
-    return loss.to(_loss_dtype(q_idx)), lse_student.to(_loss_dtype(q_idx))
+    dtype = _loss_dtype(q_idx)
+    if with_grads:
+        dq_idx, dk_idx = reference.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, block_size, scale,
+                                                              index_scale)
+        dq_idx, dk_idx = dq_idx.to(dtype), dk_idx.to(dtype)
+    else:
+        dq_idx, dk_idx = q_idx.new_empty(0, dtype=dtype), k_idx.new_empty(0, dtype=dtype)
+    return loss.to(dtype), lse_student.to(dtype), dq_idx, dk_idx
 
 
 def _kl_shape(q, k, q_idx, indices, block_size):
@@ -114,9 +127,12 @@ def _kl_shape(q, k, q_idx, indices, block_size):
 
 
 @kl_alignment_loss_op.register_fake
-def _(q, k, q_idx, k_idx, indices, lse, block_size, scale, index_scale):
+def _(q, k, q_idx, k_idx, indices, lse, block_size, scale, index_scale, with_grads=False):
     B, N, G, _ = q_idx.shape
-    return q.new_empty((), dtype=_loss_dtype(q_idx)), q.new_empty((B, N, G), dtype=_loss_dtype(q_idx))
+    dtype = _loss_dtype(q_idx)
+    grads = ((q_idx.new_empty(q_idx.shape, dtype=dtype), k_idx.new_empty(k_idx.shape, dtype=dtype)) if with_grads
+             else (q_idx.new_empty(0, dtype=dtype), k_idx.new_empty(0, dtype=dtype)))
+    return q.new_empty((), dtype=dtype), q.new_empty((B, N, G), dtype=dtype), *grads
 
 
 @torch.library.custom_op("msa_tl::kl_alignment_loss_backward", mutates_args=())
@@ -138,17 +154,20 @@ def _(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, block_size, scale, i
 
 
 def _kl_setup(ctx, inputs, output):
-    q, k, q_idx, k_idx, indices, lse, block_size, scale, index_scale = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, q_idx, k_idx, indices, lse, output[1])
+    q, k, q_idx, k_idx, indices, lse, block_size, scale, index_scale, with_grads = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(q, k, q_idx, k_idx, indices, lse, *output[1:])
     ctx.options = (block_size, scale, index_scale)
 
 
-def _kl_backward(ctx, dloss, _dlse_student):
-    q, k, q_idx, k_idx, indices, lse, lse_student = ctx.saved_tensors
-    dq_idx, dk_idx = kl_alignment_loss_backward_op(dloss, q, k, q_idx, k_idx, indices, lse, lse_student,
-                                                   *ctx.options)
-    return None, None, dq_idx, dk_idx, None, None, None, None, None  # the teacher (q, k, lse) is detached
+def _kl_backward(ctx, dloss, _dlse_student, _ddq, _ddk):
+    q, k, q_idx, k_idx, indices, lse, lse_student, dq_unit, dk_unit = ctx.saved_tensors
+    if dq_unit.numel():  # the forward's pass computed the gradients of the loss itself
+        dq_idx, dk_idx = (dloss * dq_unit).to(q_idx.dtype), (dloss * dk_unit).to(k_idx.dtype)
+    else:
+        dq_idx, dk_idx = kl_alignment_loss_backward_op(dloss, q, k, q_idx, k_idx, indices, lse, lse_student,
+                                                       *ctx.options)
+    return None, None, dq_idx, dk_idx, None, None, None, None, None, None  # the teacher (q, k, lse) is detached
 
 
 kl_alignment_loss_op.register_autograd(_kl_backward, setup_context=_kl_setup)

@@ -116,8 +116,10 @@ def kl_alignment_loss(
     if lse is not None:
         check_lse(lse, shape=q.shape[:3], device=q.device)
         lse = lse.detach()
-    loss, _ = kl_alignment_loss_op(q, k, q_idx, k_idx, indices, lse, block_size, _default_scale(scale, q.shape[3]),
-                                   _default_scale(index_scale, q_idx.shape[3]))
+    # when the gradients will be wanted, the forward's pass computes them with the value (one pass, not two)
+    with_grads = torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad)
+    loss, *_ = kl_alignment_loss_op(q, k, q_idx, k_idx, indices, lse, block_size, _default_scale(scale, q.shape[3]),
+                                    _default_scale(index_scale, q_idx.shape[3]), with_grads)
     return loss
 
 

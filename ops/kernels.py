@@ -97,10 +97,11 @@ def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block
             and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
 
 
-def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale):
+def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False):
     from msa_tl.kl_loss import kl_alignment_loss_forward
 
-    return kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+    return kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
+                                     with_grads=with_grads)
 
 
 def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, *, block_size, scale,

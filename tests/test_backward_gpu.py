@@ -29,17 +29,25 @@ def check_backward(B, N, Hq, G, D, Bk, topk, kind, with_dlse=False, **kw):
         assert rel <= GRAD_RTOL, f"{name} rel err {rel:.2e}"
 
 
+@pytest.mark.parametrize("dq", ["atomic", "partials"])
 @pytest.mark.parametrize("kind", ["random", "realistic", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk", [(1, 2125, 64, 4, 128, 128, 16), (2, 1000, 16, 2, 64, 64, 8)],
                          ids=["paper-ragged", "b2-Bk64"])
-def test_backward_matches_reference(kind, B, N, Hq, G, D, Bk, topk):
-    check_backward(B, N, Hq, G, D, Bk, topk, kind)
+def test_backward_matches_reference(kind, B, N, Hq, G, D, Bk, topk, dq):
+    check_backward(B, N, Hq, G, D, Bk, topk, kind, config=dict(dq_partials=dq == "partials"))
+
+
+@pytest.mark.parametrize("Hq,G,D", [(64, 4, 128), (8, 8, 128), (16, 2, 64)], ids=["R16", "R1", "R8-D64"])
+def test_backward_dq_partials_over_query_chunks(Hq, G, D):
+    """dQ partials of several query chunks (the last one ragged), each with its own schedule and sum."""
+    check_backward(1, 1700, Hq, G, D, 128, 8, "random", query_chunk=384, config=dict(dq_partials=True))
 
 
 @pytest.mark.parametrize("Hq,G", [(8, 8), (16, 4), (32, 4), (64, 4)], ids=["R1", "R4", "R8", "R16"])
 def test_backward_gqa_ratios_and_split_hot_blocks(Hq, G):
     """Small work items split the hot block across many CTAs, whose dK / dV adds must all land."""
     check_backward(1, 1500, Hq, G, 128, 128, 4, "hot", item_queries=48)
+    check_backward(1, 1500, Hq, G, 128, 128, 4, "hot", item_queries=48, config=dict(dq_partials=True))
 
 
 def test_backward_carries_the_lse_gradient():

@@ -63,8 +63,7 @@ BACKWARD_PROGRAMS = [
     (kv_outer_backward.kv_outer_backward_program,
      dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (kv_outer_backward.kv_outer_backward_program,
-     dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125, block_rows=32, threads=128,
-          dtype="float16")),
+     dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125, dq_partials=False, dtype="float16")),
 ]
 
 
@@ -72,28 +71,29 @@ BACKWARD_PROGRAMS = [
 def test_backward_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source
-    if builder is kv_outer_backward.kv_outer_backward_program:  # tensor cores, fp32 atomics for dQ / dK / dV
-        assert "wgmma" in source and "AtomicAdd" in source
+    if builder is kv_outer_backward.kv_outer_backward_program:  # a cp.async ring, wgmma, fp32 atomics for dK / dV
+        assert "wgmma" in source and "AtomicAdd" in source and "mbarrier_cp_async_arrive_noinc(full" in source
 
 
 KL_PROGRAMS = [
-    (kl_loss.kl_stats_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
-                                     scale=0.088, index_scale=0.088)),
-    (kl_loss.kl_backward_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
-                                       scale=0.088, index_scale=0.088)),
-    (kl_loss.kl_backward_program, dict(groups=2, heads=4, head_dim=64, index_dim=64, block_size=64, topk=4,
-                                       scale=0.125, index_scale=0.125, threads=128, dtype="float16")),
+    (kl_loss.student_lse_program, dict(groups=4, index_dim=128, block_size=128, topk=16, index_scale=0.088)),
+    (kl_loss.kl_fused_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
+                                    scale=0.088, index_scale=0.088)),
+    (kl_loss.kl_fused_program, dict(groups=2, heads=4, head_dim=64, index_dim=64, block_size=64, topk=4,
+                                    scale=0.125, index_scale=0.125, dtype="float16")),
 ]
 
 
-@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_stats-paper", "kl_backward-paper", "kl_backward-small"])
+@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_student_lse-paper", "kl_fused-paper", "kl_fused-small"])
 def test_kl_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source and "wgmma" in source
+    if builder is kl_loss.kl_fused_program:  # a cp.async ring, wgmma, atomics for the loss terms and dq_idx / dk_idx
+        assert "mbarrier_cp_async_arrive_noinc(full" in source and "AtomicAdd" in source
 
 
 NVCC_PROGRAMS = [*PROGRAMS[::2], MAIN_PROGRAMS[3], MAIN_PROGRAMS[6], BACKWARD_PROGRAMS[1], KL_PROGRAMS[1]]
-NVCC_IDS = [*IDS[::2], "kv_outer", "q_outer", "kv_outer_backward", "kl_backward"]
+NVCC_IDS = [*IDS[::2], "kv_outer", "q_outer", "kv_outer_backward", "kl_fused"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

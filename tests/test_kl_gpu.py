@@ -41,6 +41,12 @@ def test_kl_loss_and_gradients_match_reference(kind, B, N, Hq, G, D, Di, Bk, top
         assert loss.dtype == torch.float32 and loss.dim() == 0
         assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-5, (loss.item(), ref.item())
         assert (lse_student.double() - ref_lse_student).abs().max().item() <= 1e-3
+        # the forward's own gradients (dloss = 1), from the same pass as the value
+        loss_g, _, dq_unit, dk_unit = kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, Bk, scale, index_scale,
+                                                                lse, with_grads=True)
+        assert abs(loss_g.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-5, (loss_g.item(), ref.item())
+        check_close("dq_idx (forward)", dq_unit, ref_dq / 1.7)
+        check_close("dk_idx (forward)", dk_unit, ref_dk / 1.7)
         for student in (lse_student, None):
             dq_idx, dk_idx = kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, Bk, scale, index_scale,
                                                         lse, student)

@@ -60,6 +60,17 @@ def test_main_branch_matches_reference(path, kind, B, N, Hq, G, D, Bk, topk):
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, path=path)
 
 
+@pytest.mark.parametrize("kind", ["random", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,partial_dtype", [(1, 2125, 64, 4, 128, 128, 16, torch.bfloat16),
+                                                             (2, 1000, 16, 2, 64, 64, 8, torch.float32)],
+                         ids=["paper-ragged-bf16", "b2-Bk64-fp32"])
+def test_bulk_partial_stores_match_reference(kind, B, N, Hq, G, D, Bk, topk, partial_dtype):
+    """Partial rows written by asynchronous bulk copies from the double-buffered O tiles."""
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, partial_dtype=partial_dtype,
+                            attention_config=dict(bulk_stores=True))
+
+
 @pytest.mark.parametrize("num_stages", [1, 3])
 @pytest.mark.parametrize("Hq,G", [(8, 8), (32, 2), (64, 4)], ids=["R1", "R16", "R16-paper"])
 def test_q_outer_gqa_ratios_and_stages(Hq, G, num_stages):

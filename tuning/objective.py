@@ -27,7 +27,7 @@ def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:
     from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
 
     return dict({
-        "kv_outer_backward": kv_outer_backward.default_config(shape["block_size"]),
+        "kv_outer_backward": kv_outer_backward.BACKWARD_DEFAULTS,
         "index_select_fused": index_topk.FUSED_DEFAULTS,
         "index_block_scores": index_scores.DEFAULTS,
         "index_topk": index_topk.TOPK_DEFAULTS,
@@ -57,7 +57,11 @@ def compile_units(program: str, shape: dict, config: dict) -> list:
                                         dict(attention, partial_dtype=bf16, item_queries=defaults("schedule", shape)[
                                             "item_queries"], **config))],
         "q_outer_attention": lambda: [(q_outer_attention.q_outer_program, dict(attention, **config))],
-        "kv_outer_backward": lambda: [(kv_outer_backward.kv_outer_backward_program, dict(attention, **config))],
+        "kv_outer_backward": lambda: [(kv_outer_backward.kv_outer_backward_program,
+                                       dict(attention, item_queries=kv_outer_backward.BACKWARD_ITEM_QUERIES, **config))]
+        + ([(kv_outer_backward.dq_reduce_program, dict(groups=G, heads=Hq, head_dim=D, topk=topk, dtype=bf16,
+                                                      **kv_outer_backward.REDUCE_DEFAULTS))]
+           if config["dq_partials"] else []),
         "lse_combine": lambda: [(lse_combine.combine_program,
                                  dict(heads=Hq, head_dim=D, topk=topk, dtype=bf16, partial_dtype=bf16, **config))],
         "schedule": lambda: [(scheduler.plan_program, dict(item_queries=config["item_queries"]))],

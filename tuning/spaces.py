@@ -70,8 +70,10 @@ def _reject_attention(config, shape):
     if 64 % R:
         return f"{R} heads per group do not tile a consumer's 64 rows"
     D, Bk = shape["head_dim"], shape["block_size"]
-    # K/V, two rings of `stages` 64-row Q tiles, two 64-row bf16 partial tiles, the largest item's entries
-    smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + 2 * 64 * D * 2 + 4 * MAX_ITEM_QUERIES
+    # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each, 16-byte padded
+    # rows, with bulk stores), the largest item's entries
+    o_tiles = 2 * 2 * 64 * (D + 8) * 2 if config["bulk_stores"] else 2 * 64 * D * 2
+    smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
     return None
@@ -91,17 +93,10 @@ def _reject_q_outer(config, shape):
 
 def _reject_backward(config, shape):
     R, D, Bk = shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"]
-    rows, threads = config["block_rows"], config["threads"]
-    if rows % R:
-        return f"block_rows {rows} is not a whole number of queries x {R} heads"
-    if threads // 32 * 16 > Bk:
-        return f"{threads // 32} warps need {threads // 32 * 16} key rows, the block has {Bk}"
-    # dK, dV [Bk, D], S^T, dP^T and their casts [Bk, rows], dQ [rows, D]. Calibrated with ptxas: 288 by this
-    # count compiles to 227 registers (Bk 128, 64 rows, 256 threads), 416 spills.
-    regs = (2 * Bk * D + 4 * Bk * rows + rows * D) // threads
-    if regs > 300:
-        return f"about {regs} accumulator registers per thread"
-    smem = 2 * (2 * Bk * D + 2 * rows * D + Bk * rows) + 8 * rows
+    if 64 % R or Bk % 64:
+        return f"tiles of 64 rows need whole queries ({R} heads) and 64-key consumers (Bk {Bk})"
+    # K, V; the ring of Q, dO and (lse, delta) rows; dS^T of two tiles; the dQ staging tile; 1024 entries
+    smem = 2 * 2 * Bk * D + config["stages"] * (2 * 64 * D * 2 + 64 * 8) + 2 * Bk * 64 * 2 + 64 * D * 2 + 4096
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
     return None
@@ -130,9 +125,10 @@ SPACES = {
         lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
     "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
                         ("groups", "block_size", "topk")),
-    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4)), _reject_attention, ATTENTION_DIMS),
+    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), bulk_stores=(False, True)), _reject_attention,
+                                ATTENTION_DIMS),
     "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
-    "kv_outer_backward": Space(dict(block_rows=(16, 32, 64, 128), threads=(128, 256)), _reject_backward,
+    "kv_outer_backward": Space(dict(stages=(1, 2, 3, 4), dq_partials=(False, True)), _reject_backward,
                                ATTENTION_DIMS),
     "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine, ("heads", "head_dim", "topk")),
     "schedule": Space(dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768)),
