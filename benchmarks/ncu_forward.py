@@ -1,27 +1,38 @@
-"""One main-branch forward at the paper shape, for Nsight Compute to profile its kernels.
+"""One main-branch forward at the paper shape (``--train``: then its backward and the KL pass), for Nsight
+Compute to profile the kernels.
 
     ncu --clock-control none --kernel-name regex:kv_outer --launch-count 1 \\
         --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,... \\
         python -m benchmarks.ncu_forward --seq-len 32768
+
+At ``--seq-len 16384`` each pipelined kernel (attention, backward, KL) launches once.
 """
 
 import argparse
+import math
 
 import torch
 
-from benchmarks.bench_main import BK, paper_inputs, realistic_selection
+from benchmarks.bench_main import BK, D, paper_inputs, realistic_selection
 from msa_tl.index_topk import select_blocks
+from msa_tl.kl_loss import kl_alignment_loss_forward
 from msa_tl.kv_outer_attention import sparse_attention_forward
+from msa_tl.kv_outer_backward import sparse_attention_backward
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--selection", choices=("random", "realistic"), default="random")
+    parser.add_argument("--train", action="store_true", help="also the backward and the KL pass (with gradients)")
     args = parser.parse_args(argv)
     q, k, v, q_idx, k_idx = paper_inputs(args.seq_len)
     idx = select_blocks(q_idx, k_idx, BK, 16) if args.selection == "random" else realistic_selection(args.seq_len)
-    sparse_attention_forward(q, k, v, idx, BK)
+    o, lse = sparse_attention_forward(q, k, v, idx, BK)
+    if args.train:
+        sparse_attention_backward(torch.randn_like(q), None, q, k, v, idx, o, lse, BK)
+        kl_alignment_loss_forward(q, k, q_idx, k_idx, idx, BK, 1.0 / math.sqrt(D), 1.0 / math.sqrt(D), lse,
+                                  with_grads=True)
     torch.cuda.synchronize()
 
 
