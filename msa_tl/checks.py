@@ -21,19 +21,19 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk):
-    """Every row: local block present, nothing from the future, min(topk, local+1) distinct blocks, -1 only
-    in trailing slots, and the chosen set equal to the reference's except for blocks whose reference score
-    ties the selection boundary within bf16 rounding."""
+    """Every row: local block present, nothing from the future, min(topk, local+1) distinct blocks and -1
+    elsewhere (slot order is not part of the contract), and the chosen set equal to the reference's except for
+    blocks whose reference score ties the selection boundary within bf16 rounding."""
     B, N, G, _ = q_idx.shape
     assert indices.dtype == torch.int32 and indices.shape == (B, N, G, topk)
     idx = indices.cpu().long()
     assert not (idx == POISON_INDEX).any(), "unwritten slots"
     t = torch.arange(N)
     local = (t // block_size)[None, :, None]
-    assert (idx[..., 0] == local).all(), "slot 0 holds the local block"
+    assert (idx == local[..., None]).any(-1).all(), "the local block is chosen"  # in any slot: order is free
     count = torch.clamp(local + 1, max=topk)
-    slot = torch.arange(topk)
-    assert ((idx >= 0) == (slot < count[..., None])).all(), "used slots first, -1 after, min(topk, local+1) used"
+    assert ((idx >= 0).sum(-1) == count).all(), "min(topk, local+1) slots used"
+    assert ((idx >= 0) | (idx == -1)).all(), "unused slots hold -1"
     assert (idx <= local[..., None]).all(), "no block from the future"
     chosen = torch.zeros(B, N, G, math.ceil(N / block_size) + 1, dtype=torch.bool)
     chosen.scatter_(-1, torch.where(idx < 0, chosen.shape[-1] - 1, idx), True)

@@ -117,33 +117,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _at_least(low: int):
+    """argparse type: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msa-tl", description="MiniMax Sparse Attention in TileLang")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="GPU, versions, which stages have kernels, tuned configs").set_defaults(run=cmd_info)
     demo = commands.add_parser("demo", help="run the MSA layer forward and backward on a small problem")
-    demo.add_argument("--seq-len", type=int, default=1024, help="sequence length N (default 1024)")
+    demo.add_argument("--seq-len", type=_at_least(1), default=1024, help="sequence length N (default 1024)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     demo.set_defaults(run=cmd_demo)
+    from msa_tl.ops.kernels import INDEX_BLOCK_SIZES
+    from msa_tl.ops.validation import MAX_TOPK
     from msa_tl.tuning.objective import PAPER_SHAPE, PROGRAMS
 
     tune_cmd = commands.add_parser("tune", help="search tile/stage/chunk sizes on this GPU and cache the winners")
     tune_cmd.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS), metavar="P",
                           help=f"programs to tune (default all: {' '.join(PROGRAMS)})")
-    tune_cmd.add_argument("--seq-lens", type=int, nargs="+", default=[PAPER_SHAPE["seq"]], metavar="N")
-    tune_cmd.add_argument("--trials", type=int, default=30, help="finished trials per (program, N), default 30")
-    tune_cmd.add_argument("--timeout", type=float, default=None, help="seconds per (program, N)")
-    tune_cmd.add_argument("--jobs", type=int, default=4, help="configs compiled in parallel on the CPU (default 4)")
+    tune_cmd.add_argument("--seq-lens", type=_at_least(1), nargs="+", default=[PAPER_SHAPE["seq"]], metavar="N")
+    tune_cmd.add_argument("--trials", type=_at_least(1), default=30, help="finished trials per (program, N), default 30")
+    tune_cmd.add_argument("--timeout", type=_positive_float, default=None, help="seconds per (program, N)")
+    tune_cmd.add_argument("--jobs", type=_at_least(1), default=4, help="configs compiled in parallel on the CPU (default 4)")
     tune_cmd.add_argument("--objective", choices=("gpu", "lowering"), default="gpu",
                           help="gpu: check then time each config (default); lowering: CPU-only dry run of the search")
     tune_cmd.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under the cache dir)")
     tune_cmd.add_argument("--no-save", action="store_true", help="do not write the winners to the user cache")
-    for dim in ("groups", "heads", "head_dim", "index_dim", "block_size", "topk"):
-        tune_cmd.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=int, default=PAPER_SHAPE[dim],
+    for dim in ("groups", "heads", "head_dim", "index_dim"):
+        tune_cmd.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=_at_least(1), default=PAPER_SHAPE[dim],
                               help=f"default {PAPER_SHAPE[dim]}")
+    tune_cmd.add_argument("--block-size", dest="block_size", type=int, choices=INDEX_BLOCK_SIZES,
+                          default=PAPER_SHAPE["block_size"], help=f"the kernels' block sizes (default {PAPER_SHAPE['block_size']})")
+    tune_cmd.add_argument("--topk", type=_at_least(1), default=PAPER_SHAPE["topk"], help=f"default {PAPER_SHAPE['topk']}")
     tune_cmd.set_defaults(run=cmd_tune)
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        if args.topk > MAX_TOPK:
+            parser.error(f"argument --topk: at most {MAX_TOPK}, got {args.topk}")
+        if args.heads % args.groups:
+            parser.error(f"--heads ({args.heads}) must be a multiple of --groups ({args.groups})")
     return args.run(args)
 
 

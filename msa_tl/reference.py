@@ -260,13 +260,17 @@ def kl_alignment_loss(
     scale: float | None = None,
     index_scale: float | None = None,
     return_student_lse: bool = False,
+    lse: torch.Tensor | None = None,
 ):
     """KL(teacher || student) that trains the index branch, averaged over queries and groups.
 
     teacher[b, g, t, j]: the main branch's attention probabilities over the
-    chosen tokens, averaged over the group's Hq / G heads and detached.
-    student[b, g, t, j]: softmax over the same tokens of the index scores
-    q_idx[b, t, g] . k_idx[b, j] * index_scale. ``indices`` None takes every
+    chosen tokens, exp(scale q_h . k_j - lse_h) averaged over the group's Hq / G heads and
+    detached; ``lse`` [B, N, Hq] is the main branch's (None: computed here, so the teacher
+    sums to 1). student[b, g, t, j]: softmax over the same tokens of the index scores
+    q_idx[b, t, g] . k_idx[b, j] * index_scale. Per row the loss is
+    sum_j teacher_j (log teacher_j - s_j) + logsumexp_j s_j, the kernels' formula (the KL itself
+    when the teacher sums to 1, as it does with the main branch's own lse). ``indices`` None takes every
     causally visible token (warmup). Shapes as in :func:`sparse_attention` and
     :func:`select_blocks`; returns a float64 scalar, and with ``return_student_lse``
     also the student's normaliser logsumexp_j s_j [B, N, G] float64 (detached).
@@ -275,25 +279,31 @@ def kl_alignment_loss(
     B, N, _, _ = q.shape
     total = q_idx.new_zeros((), dtype=torch.float64)
     student_lse = []
-    for _, _, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
-        log_student = torch.log_softmax(s, dim=-1).masked_fill(~mask, 0.0)
-        total = total + (torch.xlogy(teacher, teacher) - teacher * log_student).sum()
+    for _, _, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+        row_lse = torch.logsumexp(s, dim=-1)
+        row_lse = row_lse.masked_fill(~mask.any(-1).expand_as(row_lse), 0.0)  # a row with nothing chosen adds 0
+        total = total + (torch.xlogy(teacher, teacher) - teacher * s.masked_fill(~mask, 0.0)).sum() + row_lse.sum()
         if return_student_lse:
             student_lse.append(torch.logsumexp(s.detach(), dim=-1).transpose(1, 2))
     loss = total / (B * N * k.shape[2])
     return (loss, torch.cat(student_lse, dim=1)) if return_student_lse else loss
 
 
-def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
-    """Per query chunk: (t0, t1, mask [B|1, G|1, C, N], teacher [B, G, C, N] detached, masked index scores s)."""
+def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=None):
+    """Per query chunk: (t0, t1, mask [B|1, G|1, C, N], teacher [B, G, C, N] detached, masked index scores s).
+    With ``lse`` [B, N, Hq] the teacher is normalised by it, else by its own logsumexp."""
     B, N, Hq, D = q.shape
+    G = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     chunk = _query_chunk(B * Hq, N)
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
         mask = _chunk_mask(indices, t0, t1, N, block_size, q.device)
         with torch.no_grad():
-            p, _ = _attention_probs(q[:, t0:t1].detach(), k.detach(), mask, scale)
+            p, own_lse = _attention_probs(q[:, t0:t1].detach(), k.detach(), mask, scale)
+            if lse is not None:  # p = exp(s - own_lse) -> exp(s - lse)  [B, G, R, C, N]
+                given = lse[:, t0:t1].double().view(B, t1 - t0, G, Hq // G).permute(0, 2, 3, 1)
+                p = p * torch.exp(torch.where(torch.isfinite(own_lse), own_lse, 0.0) - given)[..., None]
         s = index_token_scores(q_idx[:, t0:t1], k_idx, index_scale, t0).masked_fill(~mask, _NEG_INF)
         yield t0, t1, mask, p.mean(dim=2), s
 
@@ -308,8 +318,10 @@ def kl_alignment_loss_backward(
     block_size: int,
     scale: float | None = None,
     index_scale: float | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`kl_alignment_loss` for q_idx and k_idx, written out (the KL kernel's oracle).
+    """Gradients of :func:`kl_alignment_loss` (``lse`` as there) for q_idx and k_idx, written out (the KL
+    kernel's oracle).
 
     Per (b, g, t) row, with teacher rows summing to 1 over the attended tokens:
     d loss / d s_j = dloss * (student_j - teacher_j) / (B * N * G); then
@@ -322,7 +334,7 @@ def kl_alignment_loss_backward(
     weight = torch.as_tensor(dloss, dtype=torch.float64, device=q.device) / (B * N * G)
     dq_idx = torch.empty((B, N, G, Di), dtype=torch.float64, device=q.device)
     dk_idx = torch.zeros((B, N, Di), dtype=torch.float64, device=q.device)
-    for t0, t1, _, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale):
+    for t0, t1, _, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
         student = torch.softmax(s, dim=-1).nan_to_num(0.0)
         ds = weight * (student - teacher)
         dq_idx[:, t0:t1] = index_scale * torch.einsum("bgtj,bjd->btgd", ds, k_idx.double())

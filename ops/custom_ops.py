@@ -110,11 +110,11 @@ def kl_alignment_loss_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, ind
         return out if with_grads else (*out, q_idx.new_empty(0, dtype=torch.float32),
                                        k_idx.new_empty(0, dtype=torch.float32))
     loss, lse_student = reference.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale,
-                                                    return_student_lse=True)
+                                                    return_student_lse=True, lse=lse)
     dtype = _loss_dtype(q_idx)
     if with_grads:
         dq_idx, dk_idx = reference.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, block_size, scale,
-                                                              index_scale)
+                                                              index_scale, lse=lse)
         dq_idx, dk_idx = dq_idx.to(dtype), dk_idx.to(dtype)
     else:
         dq_idx, dk_idx = q_idx.new_empty(0, dtype=dtype), k_idx.new_empty(0, dtype=dtype)
@@ -144,7 +144,7 @@ def kl_alignment_loss_backward_op(dloss: Tensor, q: Tensor, k: Tensor, q_idx: Te
         return kernel(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, block_size=block_size, scale=scale,
                       index_scale=index_scale)
     dq_idx, dk_idx = reference.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale,
-                                                          index_scale)
+                                                          index_scale, lse=lse)
     return dq_idx.to(q_idx.dtype), dk_idx.to(k_idx.dtype)
 
 

@@ -110,7 +110,7 @@ def kl_alignment_loss(
     """
     check_options(block_size=block_size, scale=scale, index_scale=index_scale)
     check_attention_inputs(q, k, k)
-    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
+    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
     if indices is not None:
         check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
     if lse is not None:
@@ -162,7 +162,7 @@ def msa_attention(
     """
     check_options(block_size=block_size, topk=topk, scale=scale, index_scale=index_scale)
     check_attention_inputs(q, k, v)
-    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2])
+    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
     with torch.no_grad():
         indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
     o, lse = sparse_attention(q, k, v, indices, block_size=block_size, scale=scale, return_lse=True)

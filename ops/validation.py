@@ -57,6 +57,8 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q must have batch >= 1 and seq >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if D < 1:
+        raise ValueError(f"q must have head dim >= 1, got shape {tuple(q.shape)}")
     if k.shape[-1] != D:
         raise ValueError(f"k head dim {k.shape[-1]} differs from q head dim {D}")
     G = k.shape[2]
@@ -64,16 +66,21 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({G})")
 
 
-def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None) -> torch.Tensor:
-    """q_idx [B, N, G, Di], k_idx [B, N, Di] (or [B, N, 1, Di]); returns k_idx as [B, N, Di]."""
+def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None, like=None) -> torch.Tensor:
+    """q_idx [B, N, G, Di], k_idx [B, N, Di] (or [B, N, 1, Di]); returns k_idx as [B, N, Di]. ``like`` (q):
+    the index tensors must share its device and dtype."""
     _tensor("q_idx", q_idx, "[batch, seq, kv_heads, index_dim]")
     if isinstance(k_idx, torch.Tensor) and k_idx.dim() == 4:
         if k_idx.shape[2] != 1:
             raise ValueError(f"k_idx has one head shared by all groups: expected [batch, seq, 1, index_dim], got {tuple(k_idx.shape)}")
         k_idx = k_idx.squeeze(2)
     _tensor("k_idx", k_idx, "[batch, seq, index_dim]")
+    if like is not None:
+        _same_device_and_dtype("q", like, q_idx=q_idx, k_idx=k_idx)
     _same_device_and_dtype("q_idx", q_idx, k_idx=k_idx)
     B, N, G, Di = q_idx.shape
+    if Di < 1:
+        raise ValueError(f"q_idx must have index dim >= 1, got shape {tuple(q_idx.shape)}")
     if k_idx.shape != (B, N, Di):
         raise ValueError(f"k_idx must be [batch, seq, index_dim] = {(B, N, Di)} to match q_idx {tuple(q_idx.shape)}, got {tuple(k_idx.shape)}")
     if N < 1 or B < 1:

@@ -96,6 +96,11 @@ BAD_INPUTS = [
     ("topk", ValueError, dict(topk=0)),
     ("topk", ValueError, dict(topk=65)),
     ("topk", ValueError, dict(topk=2.0)),
+    ("head dim >= 1", ValueError, dict(q=lambda t: t[..., :0].contiguous(), k=lambda t: t[..., :0].contiguous(),
+                                       v=lambda t: t[..., :0].contiguous())),
+    ("index dim >= 1", ValueError, dict(q_idx=lambda t: t[..., :0].contiguous(), k_idx=lambda t: t[..., :0].contiguous())),
+    ("q_idx has dtype", TypeError, dict(q_idx=lambda t: t.bfloat16(), k_idx=lambda t: t.bfloat16())),
+    ("q_idx is on meta", ValueError, dict(q_idx=lambda t: t.to("meta"), k_idx=lambda t: t.to("meta"))),
     ("scale", ValueError, dict(scale=-1.0)),
     ("index_scale", ValueError, dict(index_scale=float("nan"))),
 ]
@@ -135,4 +140,7 @@ def test_kl_loss_rejects_a_bad_main_branch_lse():
         with pytest.raises(error, match=match):
             msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=bad)
     given = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=lse)
-    assert given.item() == msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16).item()
+    torch.testing.assert_close(given, msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16))
+    # the lse is the teacher's normaliser on this path as in the kernels: a wrong one changes the loss
+    wrong = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=lse + 1.0)
+    assert abs(wrong.item() - given.item()) > 1e-2 * abs(given.item())

@@ -21,6 +21,22 @@ def test_unknown_command_exits_with_usage():
         main(["frobnicate"])
 
 
+@pytest.mark.parametrize("flags", [["--seq-lens", "-5"], ["--seq-lens", "0"], ["--topk", "1000"], ["--topk", "0"],
+                                   ["--block-size", "100"], ["--trials", "0"], ["--jobs", "0"], ["--timeout", "0"],
+                                   ["--heads", "30", "--groups", "4"], ["--head-dim", "0"]])
+def test_tune_rejects_bad_flags_before_running(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "--programs", "lse_combine", "--objective", "lowering", *flags])
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_demo_rejects_a_bad_sequence_length(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--seq-len", "0"])
+    assert exit_info.value.code == 2
+
+
 @pytest.fixture
 def tuning_dirs(tmp_path, monkeypatch):
     from msa_tl.tuning import cache

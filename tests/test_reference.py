@@ -251,3 +251,42 @@ def test_written_out_backward_matches_autograd(dense):
                                                   indices, Bk, 0.3, 0.7)
     torch.testing.assert_close(dq_idx, q_idx.grad, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(dk_idx, k_idx.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "warmup"])
+def test_kl_takes_the_given_lse_as_the_teachers_normaliser(dense):
+    """With the main branch's own lse the loss is the KL; with any lse the written-out backward is its gradient."""
+    B, N, Hq, G, D, Di, Bk, topk = 2, 50, 4, 2, 8, 5, 16, 2
+    q, k, v = (torch.randn(B, N, h, D, dtype=torch.float64) for h in (Hq, G, G))
+    q_idx = torch.randn(B, N, G, Di, dtype=torch.float64)
+    k_idx = torch.randn(B, N, Di, dtype=torch.float64)
+    indices = None if dense else R.select_blocks(q_idx, k_idx, Bk, topk)
+    _, lse = R.sparse_attention(q, k, v, indices, Bk, 0.3)
+    kl = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, 0.3, 0.7)
+    torch.testing.assert_close(R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, 0.3, 0.7, lse=lse), kl)
+    for given in (lse, lse + 0.3 * torch.randn_like(lse)):
+        qi, ki = q_idx.clone().requires_grad_(True), k_idx.clone().requires_grad_(True)
+        loss = R.kl_alignment_loss(q, k, qi, ki, indices, Bk, 0.3, 0.7, lse=given)
+        loss.backward()
+        dq_idx, dk_idx = R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, Bk, 0.3, 0.7, lse=given)
+        torch.testing.assert_close(dq_idx, qi.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(dk_idx, ki.grad, rtol=1e-10, atol=1e-14)
+    assert (R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, 0.3, 0.7, lse=lse + 1.0) - kl).abs() > 1e-2
+
+
+def test_selection_check_takes_any_slot_order_and_catches_bad_rows():
+    from msa_tl.checks import assert_same_selection_up_to_ties
+
+    q_idx, k_idx = torch.randn(1, 300, 2, 16).bfloat16(), torch.randn(1, 300, 16).bfloat16()
+    idx = R.select_blocks(q_idx, k_idx, 32, 4).int()
+    shuffled = torch.stack([row[torch.randperm(4)] for row in idx.view(-1, 4)]).view_as(idx)
+    assert_same_selection_up_to_ties(shuffled, q_idx, k_idx, 32, 4)  # slot order is not part of the contract
+    no_local = idx.clone()
+    no_local[0, 200, 0][no_local[0, 200, 0] == 200 // 32] = -1
+    future = idx.clone()
+    future[0, 40, 0, 3] = 5  # query 40 (block 1) has two free slots
+    negative = idx.clone()
+    negative[0, 250, 0][negative[0, 250, 0] != 250 // 32] = -3
+    for bad in (no_local, future, negative):
+        with pytest.raises(AssertionError):
+            assert_same_selection_up_to_ties(bad, q_idx, k_idx, 32, 4)

@@ -60,8 +60,9 @@ def test_layout_constraints_depend_on_the_shape():
 
 def test_feasible_grids_are_nonempty_and_within_smem():
     for name, space in SPACES.items():
-        feasible = space.feasible(PAPER)
+        feasible, grid = space.feasible(PAPER), list(space.grid())
         assert feasible, name
-        assert len(feasible) <= len(list(space.grid()))
+        assert all(c in grid and space.reject(c, PAPER) is None for c in feasible), name
+        assert all(space.reject(c, PAPER) for c in grid if c not in feasible), name  # the rest, each with a reason
     assert all(2 * (c["block_M"] * 128 + c["num_stages"] * 128 * 128) <= SMEM_LIMIT
                for c in SPACES["index_block_scores"].feasible(PAPER))
