@@ -141,14 +141,15 @@ def _chunk_mask(indices: torch.Tensor | None, t0: int, t1: int, n_keys: int, blo
     """Which keys queries t0 .. t1-1 attend to: [B or 1, G or 1, t1 - t0, N] bool.
 
     indices [B, N, G, topk] (-1 = unused) or None for dense causal attention.
-    A key is attended iff its block is chosen and j <= t.
+    A key is attended iff its block is chosen and j <= t: ids past the last block are ignored like -1,
+    blocks after the query's own contribute no key, and a block chosen twice counts once.
     """
     causal = _causal(t0, t1 - t0, n_keys, device)
     if indices is None:
         return causal[None, None]
     rows = indices[:, t0:t1]
     nblk = math.ceil(n_keys / block_size)
-    slot_ids = torch.where(rows < 0, nblk, rows).long()  # -1 -> a spare column, dropped below
+    slot_ids = torch.where((rows < 0) | (rows >= nblk), nblk, rows).long()  # -1, past the end -> a spare column
     chosen = torch.zeros((*rows.shape[:3], nblk + 1), dtype=torch.bool, device=device)
     chosen.scatter_(-1, slot_ids, True)
     key_block = torch.arange(n_keys, device=device) // block_size

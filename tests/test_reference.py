@@ -290,3 +290,21 @@ def test_selection_check_takes_any_slot_order_and_catches_bad_rows():
     for bad in (no_local, future, negative):
         with pytest.raises(AssertionError):
             assert_same_selection_up_to_ties(bad, q_idx, k_idx, 32, 4)
+
+
+def test_indices_outside_the_visible_blocks_are_ignored_and_duplicates_count_once():
+    """The reference side of the indices contract: only ids in [0, the query's block] select keys."""
+    B, N, Hq, G, D, Bk = 1, 90, 4, 2, 8, 16
+    q, k, v = (torch.randn(B, N, h, D, dtype=torch.float64) for h in (Hq, G, G))
+    local = (torch.arange(N) // Bk).int()[None, :, None].expand(B, N, G)
+    clean = torch.stack([local, torch.zeros_like(local), torch.full_like(local, -1)], -1).contiguous()
+    clean[..., 1] = torch.where(local > 0, 0, -1)
+    messy = clean.clone()
+    messy[..., 2] = torch.where(local > 0, clean[..., 1], local + 1)  # a duplicate, or the next (future) block
+    messy[:, ::7, :, 2] = 1000  # past the last block
+    for got, want in zip(R.sparse_attention(q, k, v, messy, Bk), R.sparse_attention(q, k, v, clean, Bk)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    do = torch.randn(B, N, Hq, D, dtype=torch.float64)
+    for got, want in zip(R.sparse_attention_backward(do, None, q, k, v, messy, Bk),
+                         R.sparse_attention_backward(do, None, q, k, v, clean, Bk)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
