@@ -159,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     tune_cmd.add_argument("--programs", nargs="+", choices=PROGRAMS, default=list(PROGRAMS), metavar="P",
                           help=f"programs to tune (default all: {' '.join(PROGRAMS)})")
     tune_cmd.add_argument("--seq-lens", type=_at_least(1), nargs="+", default=[PAPER_SHAPE["seq"]], metavar="N")
-    tune_cmd.add_argument("--trials", type=_at_least(1), default=30, help="finished trials per (program, N), default 30")
+    tune_cmd.add_argument("--trials", type=_at_least(1), default=30,
+                          help="finished trials per (program, N), default 30")
     tune_cmd.add_argument("--timeout", type=_positive_float, default=None, help="seconds per (program, N)")
-    tune_cmd.add_argument("--jobs", type=_at_least(1), default=4, help="configs compiled in parallel on the CPU (default 4)")
+    tune_cmd.add_argument("--jobs", type=_at_least(1), default=4,
+                          help="configs compiled in parallel on the CPU (default 4)")
     tune_cmd.add_argument("--objective", choices=("gpu", "lowering"), default="gpu",
                           help="gpu: check then time each config (default); lowering: CPU-only dry run of the search")
     tune_cmd.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under the cache dir)")
@@ -170,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         tune_cmd.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=_at_least(1), default=PAPER_SHAPE[dim],
                               help=f"default {PAPER_SHAPE[dim]}")
     tune_cmd.add_argument("--block-size", dest="block_size", type=int, choices=INDEX_BLOCK_SIZES,
-                          default=PAPER_SHAPE["block_size"], help=f"the kernels' block sizes (default {PAPER_SHAPE['block_size']})")
-    tune_cmd.add_argument("--topk", type=_at_least(1), default=PAPER_SHAPE["topk"], help=f"default {PAPER_SHAPE['topk']}")
+                          default=PAPER_SHAPE["block_size"],
+                          help=f"one of the kernels' block sizes (default {PAPER_SHAPE['block_size']})")
+    tune_cmd.add_argument("--topk", type=_at_least(1), default=PAPER_SHAPE["topk"],
+                          help=f"1 to {MAX_TOPK} (default {PAPER_SHAPE['topk']})")
     tune_cmd.set_defaults(run=cmd_tune)
     args = parser.parse_args(argv)
     if args.command == "tune":

@@ -102,13 +102,17 @@ def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: i
     the highest-scoring visible blocks b < t // block_size (raw scores are
     ranked: softmax preserves order, so no exp is needed). With fewer than
     ``topk`` visible blocks all of them are chosen. Chosen ids are sorted
-    ascending; unused slots hold -1 and come last.
+    ascending; unused slots hold -1 and come last. A NaN or -inf score never
+    chooses its block, and a +inf score ranks first among the others: no score
+    can displace the local block.
     """
     B, G, C, nblk = scores.shape
     rows = torch.arange(C, device=scores.device)
     local = (rows + query_start) // block_size
     visible = torch.arange(nblk, device=scores.device)[None, :] <= local[:, None]  # [C, nblk]
-    ranked = scores.double().masked_fill(~visible, _NEG_INF)
+    finite_max = torch.finfo(torch.float64).max
+    ranked = scores.double().nan_to_num(nan=_NEG_INF, posinf=finite_max, neginf=_NEG_INF)
+    ranked = ranked.masked_fill(~visible, _NEG_INF)
     ranked[:, :, rows, local] = float("inf")  # the local block wins every comparison
     kk = min(topk, nblk)
     top_vals, top_ids = ranked.topk(kk, dim=-1)

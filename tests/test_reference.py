@@ -308,3 +308,18 @@ def test_indices_outside_the_visible_blocks_are_ignored_and_duplicates_count_onc
     for got, want in zip(R.sparse_attention_backward(do, None, q, k, v, messy, Bk),
                          R.sparse_attention_backward(do, None, q, k, v, clean, Bk)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_nan_and_inf_index_scores_never_cost_the_local_block():
+    B, G, N, Bk, topk = 1, 1, 256, 16, 4
+    nblk = N // Bk
+    scores = torch.randn(B, G, N, nblk, dtype=torch.float64)
+    scores[..., ::2] = float("nan")  # half the blocks score NaN for every query
+    scores[..., 1::4] = float("inf")
+    indices = R.topk_blocks(scores, topk, Bk)
+    local = (torch.arange(N) // Bk)[None, :, None]
+    assert (indices == local[..., None]).any(-1).all(), "the local block is always chosen"
+    chosen_nan = ((indices >= 0) & (indices % 2 == 0) & (indices != local[..., None])).any()
+    assert not chosen_nan, "a NaN score never chooses its block"
+    late = indices[0, 200, 0].tolist()  # block 12: the +inf blocks 1, 5, 9 win the other three slots
+    assert sorted(late) == [1, 5, 9, 12]
