@@ -27,7 +27,7 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.scheduler import Schedule, first_query_macro, work_item
+from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 KL_DEFAULTS = dict(stages=2)
@@ -117,6 +117,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     threads = 128 * (NC + 1)
     t0 = 0  # the schedule covers the whole sequence
     first_query = first_query_macro(TQ, topk)
+    gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
     @T.macro
     def consumer(c, ctx, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty, ent_s, qcol_s,
@@ -256,13 +257,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                 for i in T.serial(n_tiles):
                     u = i % stages
                     T.barrier_wait(empty[u], ((i // stages) & 1) ^ 1)
-                    for j in T.unroll(rows * D // 8 // 128):  # 16-byte pieces of the Q rows
-                        src[0] = ent_s[i * TQ + (j * 128 + p) // (D // 8) // R]
-                        T.ptx_cp_async(
-                            T.access_ptr(Q_r[u, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
-                            T.access_ptr(Q[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
-                                           p % (D // 8) * 8], "r", 8),
-                            8, src[0] >= 0)
+                    gather_tile_rows(ent_s, i, t0, b, g, p, src, u, Q_r, Q)  # the Q rows
                     for j in T.unroll(T.ceildiv(TQ * Di // 8, 128)):  # the q_idx rows
                         if j * 128 + p < TQ * Di // 8:
                             src[0] = ent_s[i * TQ + (j * 128 + p) // (Di // 8)]

@@ -31,7 +31,8 @@ from tilelang import tvm
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
-from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS, Schedule, first_query_macro, work_item
+from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
+from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
@@ -60,6 +61,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
     first_query = first_query_macro(TQ, topk)
+    gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
 
     @T.macro
     def issue_scores(i, c, ring, full, K_s, ent_s, t0, acc_s, qpos):
@@ -191,15 +193,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     for u in T.serial(2 * stages):
                         if rnd * 2 * stages + u < n_tiles:
                             T.barrier_wait(empty[u], (rnd & 1) ^ 1)
-                            for j in T.unroll(rows * D // 8 // 128):  # 16-byte pieces, rows * D / 1024 per thread
-                                src[0] = ent_s[(rnd * 2 * stages + u) * TQ + (j * 128 + tx - 256) // (D // 8) // R]
-                                T.ptx_cp_async(  # zero-fill for padding rows (src = -1)
-                                    T.access_ptr(ring[u, (j * 128 + tx - 256) // (D // 8), (tx - 256) % (D // 8) * 8],
-                                                 "w", 8),
-                                    T.access_ptr(Q[b, t0 + T.max(src[0], 0) // topk,
-                                                   g * R + (j * 128 + tx - 256) // (D // 8) % R, (tx - 256) % (D // 8) * 8],
-                                                 "r", 8),
-                                    8, src[0] >= 0)
+                            gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
                             T.cp_async_barrier_noinc(full[u])
             elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
                 T.set_max_nreg(224, 1)

@@ -31,7 +31,7 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.scheduler import Schedule, first_query_macro, work_item
+from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
@@ -97,6 +97,7 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
     scale_log2 = scale * _LOG2E
     threads = 128 * (NC + 1)
     first_query = first_query_macro(TQ, topk)
+    gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
     @T.macro
     def consumer(c, ctx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
@@ -228,18 +229,7 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
                 for i in T.serial(n_tiles):
                     u = i % stages
                     T.barrier_wait(empty[u], ((i // stages) & 1) ^ 1)
-                    for j in T.unroll(rows * D // 8 // 128):  # 16-byte pieces of the Q and dO rows
-                        src[0] = ent_s[i * TQ + (j * 128 + p) // (D // 8) // R]
-                        T.ptx_cp_async(  # zero-fill for padding rows (src = -1)
-                            T.access_ptr(Q_r[u, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
-                            T.access_ptr(Q[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
-                                           p % (D // 8) * 8], "r", 8),
-                            8, src[0] >= 0)
-                        T.ptx_cp_async(
-                            T.access_ptr(dO_r[u, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
-                            T.access_ptr(dO[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
-                                            p % (D // 8) * 8], "r", 8),
-                            8, src[0] >= 0)
+                    gather_tile_rows(ent_s, i, t0, b, g, p, src, u, Q_r, Q, dO_r, dO)  # zero-fill for padding
                     if p < rows:  # 8 bytes of (lse, delta) per row
                         src[0] = ent_s[i * TQ + p // R]
                         T.ptx_cp_async(T.access_ptr(st_r[u, p, 0], "w", 2),

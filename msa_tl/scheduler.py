@@ -157,6 +157,33 @@ def first_query_macro(tile_queries: int, topk: int):
     return first_query
 
 
+def tile_rows_macro(heads_per_group: int, head_dim: int, tile_queries: int, topk: int):
+    """Macro ``gather_tile_rows(ent_s, tile, t0, b, g, p, src, slot, dst, X, dst2=None, X2=None)``: producer
+    thread ``p`` (0..127) issues its 16-byte ``cp.async`` pieces of tile ``tile``'s rows (``tile_queries``
+    entries of ``ent_s`` x R heads; each query's rows are one contiguous R x D box of X [B, N, Hq, D]) into
+    dst[slot] [rows, D], and the same rows of X2 into dst2[slot] when given. Rows of padding entries (-1) are
+    zero-filled; ``src`` is a 1-element local."""
+    R, D = heads_per_group, head_dim
+
+    @T.macro
+    def gather_tile_rows(ent_s, tile, t0, b, g, p, src, slot, dst, X, dst2=None, X2=None):
+        for j in T.unroll(tile_queries * R * D // 8 // 128):
+            src[0] = ent_s[tile * tile_queries + (j * 128 + p) // (D // 8) // R]
+            T.ptx_cp_async(
+                T.access_ptr(dst[slot, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
+                T.access_ptr(X[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
+                               p % (D // 8) * 8], "r", 8),
+                8, src[0] >= 0)
+            if dst2 is not None:
+                T.ptx_cp_async(
+                    T.access_ptr(dst2[slot, (j * 128 + p) // (D // 8), p % (D // 8) * 8], "w", 8),
+                    T.access_ptr(X2[b, t0 + T.max(src[0], 0) // topk, g * R + (j * 128 + p) // (D // 8) % R,
+                                    p % (D // 8) * 8], "r", 8),
+                    8, src[0] >= 0)
+
+    return gather_tile_rows
+
+
 def work_item(Items, ItemCount, bg, item):
     """Inside a kernel: (key block, first entry, entry count) of CTA ``item`` of ``bg``; all 0 past the item count."""
     live = item < ItemCount[bg]
