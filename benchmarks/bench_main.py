@@ -82,10 +82,10 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
     att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
                           scale=1.0 / math.sqrt(D), item_queries=SCHEDULE_TUNABLES["item_queries"], dtype="bfloat16",
                           partial_dtype="bfloat16", **ATTENTION_DEFAULTS)
-    comb = compiled_kernel(combine_program, heads=HQ, head_dim=D, topk=TOPK, dtype="bfloat16",
+    comb = compiled_kernel(combine_program, heads=HQ, head_dim=D, topk=TOPK, groups=G, dtype="bfloat16",
                            partial_dtype="bfloat16", **COMBINE_DEFAULTS)
-    op = torch.empty(B, chunk, HQ, TOPK, D, device="cuda", dtype=torch.bfloat16)
-    lp = torch.full((B, chunk, HQ, TOPK), float("-inf"), device="cuda")
+    op = torch.empty(B, chunk * G, TOPK, HQ // G, D, device="cuda", dtype=torch.bfloat16)
+    lp = torch.full((B, chunk * G, TOPK, HQ // G), float("-inf"), device="cuda")
     o, lse = torch.empty_like(q), torch.empty(B, N, HQ, device="cuda")
 
     def attention():
@@ -94,8 +94,7 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
 
     def combine():
         for t0 in starts:
-            comb(op.view(B, chunk * HQ, TOPK, D), lp.view(B, chunk * HQ, TOPK), o.view(B, N * HQ, D),
-                 lse.view(B, N * HQ), t0)
+            comb(op, lp, o.view(B, N * HQ, D), lse.view(B, N * HQ), t0)
 
     entries = (idx >= 0).sum().item()  # (query, group, slot) entries
     items = sum(int(s.item_count.sum()) for s in scheds)

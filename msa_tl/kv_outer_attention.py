@@ -12,10 +12,11 @@ with roles and mbarriers written by hand:
   S = Q_tile K_blk^T (wgmma from shared memory), the causal mask (only on tiles
   that reach into the key block itself), the local softmax and O = P V_blk
   (P from registers); it issues S of tile i + 1 before tile i's epilogue, so
-  the tensor cores work while it normalises O, stages it through shared memory
-  (stmatrix) and writes whole 256-byte partial rows and their LSE to the
-  (query, head, slot) homes the index row fixes. The other consumer's MMAs
-  overlap this one's softmax.
+  the tensor cores work while it normalises O into a double-buffered shared
+  tile. One lane then sends each query's R x D partial box to its (query, KV
+  head, slot) home with a TMA tensor store, at the start of the next tile,
+  where no wgmma is in flight. The consumers take turns issuing their MMAs
+  (named barriers, FA3's ping-pong), so one's softmax runs under the other's.
 
 :mod:`msa_tl.lse_combine` then merges each (query, head)'s <= topk partials
 with a stable log-sum-exp. Partials cost ``chunk * Hq * topk * D`` elements (bf16 by
@@ -27,7 +28,6 @@ import math
 
 import tilelang.language as T
 import torch
-from tilelang import tvm
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
@@ -36,30 +36,40 @@ from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
-ATTENTION_DEFAULTS = dict(stages=2, bulk_stores=False)  # bulk stores: +10% at 128K on the H200 (NOTES.md)
+ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True)
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
+TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                     item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, bulk_stores: bool = False,
+                     item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
+                     pingpong: bool = True,
                      dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
-    """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*Hq*topk, D], Lpart [B, C*Hq*topk].
+    """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
-    Partial row ``(t * Hq + h) * topk + s`` holds query ``t0 + t``, head h, slot s. ``item_queries``
-    bounds the entries of one work item (the schedule's item size); ``stages`` is the depth of each
-    consumer's Q ring. ``bulk_stores``: each partial row leaves shared memory as one asynchronous bulk copy
-    (``cp.async.bulk``, from a double-buffered O tile) instead of the consumers' 16-byte stores.
+    Partial row ``((t * G + g) * topk + s) * R + r`` (R = Hq / G) holds query ``t0 + t``, head
+    ``g * R + r``, slot s: the R rows one query's slot writes are contiguous. ``item_queries`` bounds the
+    entries of one work item (the schedule's item size); ``stages`` is the depth of each consumer's Q
+    ring. ``tma_stores``: each query's R x D partial box leaves a double-buffered O tile as one TMA
+    tensor store, issued by one thread, instead of the consumers' 16-byte stores (needs R >= 8).
+    ``pingpong``: the two consumers take turns issuing their MMAs.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
+    if tma_stores and R < TMA_MIN_HEADS:
+        raise ValueError(f"tma_stores needs >= {TMA_MIN_HEADS} query heads per KV head (one TMA box a query), got {R}")
     rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
     TQ = rows // R  # queries per consumer tile
     n_entries = math.ceil(item_queries / TQ) * TQ  # whole tiles: a tail tile reads -1, not stale entries
     vec = 16 // (4 if partial_dtype == "float32" else 2)  # partial elements per 16-byte store
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
+    # setmaxnreg only moves registers within what the CTA got at launch (168 x 384 threads): a split that
+    # asks for more hangs the consumers. The producer spills at 56 with the TMA descriptor.
+    producer_regs, consumer_regs = (72, 216) if tma_stores else (56, 224)
+    assert 128 * producer_regs + 256 * consumer_regs <= 168 * 384
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
 
@@ -73,14 +83,44 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         T.wgmma_gemm(ring[2 * (i % stages) + c, :, :], K_s, acc_s, transpose_B=True, clear_accum=True)
 
     @T.macro
-    def consumer(c, ctx, n_mine, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s, p, acc_o, m, l,
+    def issue_partial_boxes(buf, dst_s, O_s, Opart, b):
+        """TMA stores of one finished tile: one R x D box a query, exactly TQ bulk groups (empty for padding)."""
+        for q in T.serial(TQ):
+            if dst_s[buf * rows + q * R] >= 0:
+                T.tma_copy(O_s[buf, q, :, :], Opart[b, dst_s[buf * rows + q * R]:dst_s[buf * rows + q * R] + R, :])
+            else:
+                T.tma_store_arrive()
+
+    @T.macro
+    def pass_turn(c, i, n_other):
+        """Ping-pong: let the other consumer issue, if it has a next tile (arrivals match syncs exactly)."""
+        if pingpong:
+            if i + c < n_other:
+                T.named_barrier_arrive(4 - c, 256)
+
+    @T.macro
+    def consumer(c, ctx, n_mine, n_other, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s, p, acc_o, m, l,
                  qpos, dst, first, dst_s, O_s, Opart, Lpart):
-        """Consumer c's tiles 2 i + c: the scores of tile i + 1 run on the tensor cores during tile i's stores."""
+        """Consumer c's tiles 2 i + c: the scores of tile i + 1 run on the tensor cores during tile i's stores.
+
+        ``pingpong``: the consumers take turns issuing P V and the next S (named barriers 3 and 4), so one's
+        softmax runs under the other's MMAs.
+        """
+        if pingpong and c == 1:
+            if n_other > 0:
+                T.named_barrier_arrive(3, 256)  # consumer 0 goes first
         if n_mine > 0:
             issue_scores(0, c, ring, full, K_s, ent_s, t0, acc_s, qpos)
         for i in T.serial(n_mine):
             T.wait_wgmma(0)  # S of tile i  [rows, Bk]
             T.barrier_arrive(empty[2 * (i % stages) + c])  # the producer may refill its ring slot
+            if tma_stores:
+                # Issued here, where no wgmma is in flight: a single-thread branch while S of tile i + 1
+                # runs makes ptxas serialise the wgmma (C7518).
+                if i > 0:
+                    if ctx < 32:
+                        issue_partial_boxes((i - 1) % 2, dst_s, O_s, Opart, b)
+                        T.tma_store_wait(TQ)  # tile i - 2's boxes have left O_s[i % 2]
             first_query(first, ent_s, 2 * i + c, t0, seq)
             if first[0] < blk * Bk + Bk - 1:
                 for r, col in T.Parallel(rows, Bk):
@@ -91,34 +131,31 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             T.reduce_sum(acc_s, l, dim=1)
             T.copy(acc_s, p)
             for r in T.Parallel(rows):  # the row's partial row, -1 for padding
-                dst[r] = T.if_then_else(qpos[r] >= 0, ((qpos[r] - t0) * heads + g * R + r % R) * topk
-                                        + ent_s[(2 * i + c) * TQ + r // R] % topk, -1)
+                dst[r] = T.if_then_else(qpos[r] >= 0, (((qpos[r] - t0) * groups + g) * topk
+                                                      + ent_s[(2 * i + c) * TQ + r // R] % topk) * R + r % R, -1)
+            if pingpong:
+                T.sync_threads(3 + c, 256)  # this consumer's turn: the other has issued its GEMMs
             T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [rows, D]
             if i + 1 < n_mine:
                 issue_scores(i + 1, c, ring, full, K_s, ent_s, t0, acc_s, qpos)
+                pass_turn(c, i, n_other)
                 T.wait_wgmma(1)  # P V of tile i done; S of tile i + 1 still running
             else:
+                pass_turn(c, i, n_other)
                 T.wait_wgmma(0)
-            if bulk_stores:
-                T.tma_store_wait(1)  # this thread's bulk copies of tile i - 2 have read their O_s buffer
-            T.sync_threads(1 + c, 128)  # the previous tile's rows have left O_s and dst_s
+            T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
             for r in T.Parallel(rows):
-                dst_s[r] = dst[r]
+                dst_s[(i % 2) * rows + r if tma_stores else r] = dst[r]
                 if dst[r] >= 0:
                     Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
                 l[r] = 1.0 / l[r]
             for r, d in T.Parallel(rows, D):
                 acc_o[r, d] *= l[r]
-            if bulk_stores:
-                T.copy(acc_o, O_s[i % 2, :, 0:D])
-                T.fence_proxy_async()  # the generic-proxy writes of O_s, before the bulk copies read it
+            if tma_stores:
+                for r, d in T.Parallel(rows, D):  # [TQ, R, D]: one query's R partial rows are one TMA box
+                    O_s[i % 2, r // R, r % R, d] = acc_o[r, d]
+                T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
                 T.sync_threads(1 + c, 128)
-                if ctx < rows:
-                    if dst_s[ctx] >= 0:
-                        T.call_intrin("handle", tvm.ir.Op.get("tl.tma_store"),  # cp.async.bulk.global.shared::cta
-                                      T.access_ptr(Opart[b, dst_s[ctx], 0], "w", D),
-                                      T.access_ptr(O_s[i % 2, ctx, 0], "r", D), D * 16 // vec, 0, 0)  # row bytes
-                    T.tma_store_arrive()
             else:
                 T.copy(acc_o, O_s)
                 T.sync_threads(1 + c, 128)
@@ -127,8 +164,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         for v in T.vectorized(vec):
                             Opart[b, dst_s[(j * 128 + ctx) // (D // vec)], (j * 128 + ctx) % (D // vec) * vec + v] = O_s[
                                 (j * 128 + ctx) // (D // vec), (j * 128 + ctx) % (D // vec) * vec + v]
-        if bulk_stores:
-            T.tma_store_wait(0)  # the CTA's shared memory must outlive the last bulk copies
+        if tma_stores:
+            if n_mine > 0:
+                if ctx < 32:
+                    issue_partial_boxes((n_mine - 1) % 2, dst_s, O_s, Opart, b)
+                    T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
 
     @T.prim_func
     def kv_outer_attention(
@@ -146,11 +186,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             K_s = T.alloc_shared((Bk, D), dtype)
             V_s = T.alloc_shared((Bk, D), dtype)
             ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
-            # bulk stores: two O tiles per consumer, rows padded by 16 bytes (no bank conflicts, 16-byte aligned rows)
-            O_s0 = T.alloc_shared((2, rows, D + vec) if bulk_stores else (rows, D), partial_dtype)
-            O_s1 = T.alloc_shared((2, rows, D + vec) if bulk_stores else (rows, D), partial_dtype)
-            dst_s0 = T.alloc_shared((rows,), "int32")
-            dst_s1 = T.alloc_shared((rows,), "int32")
+            o_tile = (2, TQ, R, D) if tma_stores else (rows, D)  # TMA stores: two O tiles per consumer
+            O_s0 = T.alloc_shared(o_tile, partial_dtype)
+            O_s1 = T.alloc_shared(o_tile, partial_dtype)
+            dst_s0 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
+            dst_s1 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")
             ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
             acc_s0 = T.alloc_fragment((rows, Bk), "float32")
             acc_s1 = T.alloc_fragment((rows, Bk), "float32")
@@ -168,8 +208,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             dst1 = T.alloc_fragment((rows,), "int32")
             src = T.alloc_local((1,), "int32")  # the producer's current entry
             first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
-            if not bulk_stores:
-                T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+            T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
             kv_ready = T.alloc_barrier(128)
             full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
             empty = T.alloc_barrier([128] * (2 * stages))
@@ -185,7 +224,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             T.sync_threads()
 
             if tx >= 256:  # producer
-                T.set_max_nreg(56, 0)
+                T.set_max_nreg(producer_regs, 0)
                 T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
                 T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
                 T.cp_async_barrier_noinc(kv_ready[0])
@@ -196,14 +235,14 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                             gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
                             T.cp_async_barrier_noinc(full[u])
             elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
-                T.set_max_nreg(224, 1)
+                T.set_max_nreg(consumer_regs, 1)
                 T.barrier_wait(kv_ready[0], 0)
-                consumer(0, tx, (n_tiles + 1) // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s0, p0,
+                consumer(0, tx, (n_tiles + 1) // 2, n_tiles // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s0, p0,
                          acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
             else:  # consumer 1: tiles 1, 3, 5, ...
-                T.set_max_nreg(224, 1)
+                T.set_max_nreg(consumer_regs, 1)
                 T.barrier_wait(kv_ready[0], 0)
-                consumer(1, tx - 128, n_tiles // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s1, p1,
+                consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s1, p1,
                          acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart)
 
     return kv_outer_attention
@@ -218,6 +257,13 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 
 
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384)
+
+
+def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
+    """The forward kernel's defaults for a GQA ratio and partial element size: TMA partial stores only where
+    a query's box has >= 8 rows and the double-buffered O tiles are bf16/fp16 (fp32 ones overflow shared memory)."""
+    tma = ATTENTION_DEFAULTS["tma_stores"] and heads_per_group >= TMA_MIN_HEADS and partial_bytes == 2
+    return dict(ATTENTION_DEFAULTS, tma_stores=tma)
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
@@ -240,7 +286,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
-    attention_config = {**tuned_config("kv_outer_attention", shape, ATTENTION_DEFAULTS, q.device),
+    attention_config = {**tuned_config("kv_outer_attention", shape,
+                                     attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
                         **(attention_config or {})}
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
     o = torch.empty_like(q) if out is None else out
@@ -252,8 +299,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config)
-    combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, dtype=dt, partial_dtype=pdt,
-                              **combine_config)
+    combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
+                              partial_dtype=pdt, **combine_config)
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         schedule.build(indices, t0, count)
@@ -261,6 +308,6 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
         lp.fill_(float("-inf"))
         attention(q, k, v, schedule.items, schedule.item_count, schedule.entries, op, lp, t0)
-        combine(op.view(B, count * Hq, topk, D), lp.view(B, count * Hq, topk), o.view(B, N * Hq, D),
-                lse.view(B, N * Hq), t0)
+        combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
+                o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
     return o, lse

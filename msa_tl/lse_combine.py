@@ -13,21 +13,26 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def combine_program(heads: int, head_dim: int, topk: int, rows: int = 64, threads: int = 128,
+def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int = 64, threads: int = 128,
                     dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
-    """Opart [B, C*Hq, topk, D], Lpart [B, C*Hq, topk] (-inf = unused slot) -> O [B, N, Hq, D], LSE [B, N, Hq]."""
-    batch, seq, rows_c = T.dynamic("batch, seq, rows_c")
+    """Opart [B, C*G, topk, R, D], Lpart [B, C*G, topk, R] (R = Hq / G; -inf = unused slot) -> O [B, N, Hq, D], LSE [B, N, Hq].
+
+    Row ``t * Hq + h`` of the chunk (h = g * R + r) merges ``Opart[b, t * G + g, :, r]``.
+    """
+    batch, seq, n_tg = T.dynamic("batch, seq, n_tg")  # n_tg: the chunk's (query, KV head) pairs
+    R = heads // groups
     neg_inf = -T.infinity("float32")
 
     @T.prim_func
     def lse_combine(
-        Opart: T.Tensor((batch, rows_c, topk, head_dim), partial_dtype),
-        Lpart: T.Tensor((batch, rows_c, topk), "float32"),
+        Opart: T.Tensor((batch, n_tg, topk, R, head_dim), partial_dtype),
+        Lpart: T.Tensor((batch, n_tg, topk, R), "float32"),
         O: T.Tensor((batch, seq * heads, head_dim), dtype),
         LSE: T.Tensor((batch, seq * heads), "float32"),
         t0: T.int32,
     ):
-        with T.Kernel(T.ceildiv(rows_c, rows), batch, threads=threads) as (bx, b):
+        with T.Kernel(T.ceildiv(n_tg * R, rows), batch, threads=threads) as (bx, b):
+            rows_c = n_tg * R
             weight = T.alloc_shared((rows, topk), "float32")
             stats = T.alloc_shared((rows, 2), "float32")  # running max, sum of weights
             acc = T.alloc_fragment((rows, head_dim), "float32")
@@ -37,19 +42,19 @@ def combine_program(heads: int, head_dim: int, topk: int, rows: int = 64, thread
                 stats[r, 1] = 0.0
                 for s in T.serial(topk):
                     if r0 + r < rows_c:
-                        stats[r, 0] = T.max(stats[r, 0], Lpart[b, r0 + r, s])
+                        stats[r, 0] = T.max(stats[r, 0], Lpart[b, (r0 + r) // R, s, (r0 + r) % R])
                 for s in T.serial(topk):
                     weight[r, s] = 0.0
                     if r0 + r < rows_c:
-                        if Lpart[b, r0 + r, s] > neg_inf:
-                            weight[r, s] = T.exp2((Lpart[b, r0 + r, s] - stats[r, 0]) * _LOG2E)
+                        if Lpart[b, (r0 + r) // R, s, (r0 + r) % R] > neg_inf:
+                            weight[r, s] = T.exp2((Lpart[b, (r0 + r) // R, s, (r0 + r) % R] - stats[r, 0]) * _LOG2E)
                     stats[r, 1] += weight[r, s]
             T.clear(acc)
             for s in T.serial(topk):
                 # a select, not an `if`: unused slots hold garbage (even NaN) that must not reach acc.
                 # (An `if` here is vectorised by TileLang 0.1.15 into a test of an uninitialised copy.)
                 for r, d in T.Parallel(rows, head_dim):
-                    acc[r, d] += T.if_then_else(weight[r, s] > 0, weight[r, s] * Opart[b, r0 + r, s, d], 0.0)
+                    acc[r, d] += T.if_then_else(weight[r, s] > 0, weight[r, s] * Opart[b, (r0 + r) // R, s, (r0 + r) % R, d], 0.0)
             for r, d in T.Parallel(rows, head_dim):
                 if r0 + r < rows_c:
                     O[b, t0 * heads + r0 + r, d] = acc[r, d] / stats[r, 1]

@@ -36,7 +36,9 @@ MAIN_PROGRAMS = [
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (kv_outer_attention.kv_outer_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
                                                partial_dtype="float32")),
-    (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16)),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                               tma_stores=False, pingpong=False)),
+    (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
     (q_outer_attention.q_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (q_outer_attention.q_outer_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                              num_stages=1, dtype="float16")),
@@ -53,6 +55,8 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "wgmma" in source and "warpgroup_reg_alloc" in source
         assert "cp_async_gs_conditional<16>((&(((bfloat16_t*)ring)" in source
         assert "mbarrier_cp_async_arrive_noinc(full" in source
+        tma_stores = config.get("tma_stores", kv_outer_attention.ATTENTION_DEFAULTS["tma_stores"])
+        assert ("tl::tma_store(Opart_desc" in source) == tma_stores  # partial boxes by TMA, else thread stores
     if builder is q_outer_attention.q_outer_program:
         # M = R rows: mma.sync; no warp-specialised TMA producer (it gave wrong rows at Bk = 64 on the H100)
         assert "mma_sync" in source and "mbarrier" not in source
@@ -101,3 +105,13 @@ NVCC_IDS = [*IDS[::2], "kv_outer", "q_outer", "kv_outer_backward", "kl_fused"]
 def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
     assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
+
+
+def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():
+    """A TMA box a query pays only with >= 8 rows; fp32 O tiles, double-buffered, overflow shared memory."""
+    assert kv_outer_attention.attention_defaults(16, 2)["tma_stores"]
+    assert not kv_outer_attention.attention_defaults(4, 2)["tma_stores"]
+    assert not kv_outer_attention.attention_defaults(16, 4)["tma_stores"]
+    with pytest.raises(ValueError, match="TMA box"):
+        kv_outer_attention.kv_outer_program(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
+                                            tma_stores=True)

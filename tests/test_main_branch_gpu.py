@@ -60,15 +60,17 @@ def test_main_branch_matches_reference(path, kind, B, N, Hq, G, D, Bk, topk):
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, path=path)
 
 
+@pytest.mark.parametrize("config", [dict(tma_stores=False), dict(pingpong=False), dict(tma_stores=False, pingpong=False)],
+                         ids=["thread-stores", "no-pingpong", "thread-stores-no-pingpong"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,partial_dtype", [(1, 2125, 64, 4, 128, 128, 16, torch.bfloat16),
                                                              (2, 1000, 16, 2, 64, 64, 8, torch.float32)],
                          ids=["paper-ragged-bf16", "b2-Bk64-fp32"])
-def test_bulk_partial_stores_match_reference(kind, B, N, Hq, G, D, Bk, topk, partial_dtype):
-    """Partial rows written by asynchronous bulk copies from the double-buffered O tiles."""
+def test_forward_variants_match_reference(config, kind, B, N, Hq, G, D, Bk, topk, partial_dtype):
+    """The forward's non-default epilogues: 16-byte thread stores instead of TMA boxes, consumers not taking turns."""
     q, k, v = attention_inputs(B, N, Hq, G, D)
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, partial_dtype=partial_dtype,
-                            attention_config=dict(bulk_stores=True))
+                            attention_config=config)
 
 
 @pytest.mark.parametrize("num_stages", [1, 3])

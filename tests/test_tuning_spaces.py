@@ -30,10 +30,10 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("index_select_fused", dict(block_M=256, num_stages=1, threads=128, heavy_first=True), "registers"),
     ("index_select_fused", dict(block_M=128, num_stages=2, threads=128, heavy_first=True), None),
     ("index_block_scores", dict(block_M=256, num_stages=2, threads=256, heavy_first=False), None),
-    ("kv_outer_attention", dict(stages=4, bulk_stores=False), "shared memory"),  # 4 x 2 ring slots of 16 KB beside K/V
-    ("kv_outer_attention", dict(stages=3, bulk_stores=False), None),
-    ("kv_outer_attention", dict(stages=3, bulk_stores=True), "shared memory"),  # 230 KB: failed to launch (H200)
-    ("kv_outer_attention", dict(stages=2, bulk_stores=True), None),
+    ("kv_outer_attention", dict(stages=4, tma_stores=False, pingpong=False), "shared memory"),  # 4 x 2 ring slots of 16 KB beside K/V
+    ("kv_outer_attention", dict(stages=3, tma_stores=False, pingpong=True), None),
+    ("kv_outer_attention", dict(stages=3, tma_stores=True, pingpong=False), "shared memory"),  # 240 KB
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True), None),
     ("kv_outer_backward", dict(stages=4, dq_partials=True), "shared memory"),
     ("kv_outer_backward", dict(stages=3, dq_partials=True), None),
     ("schedule", dict(item_queries=256, query_chunk=65536), "GiB"),  # 17 GiB of partials

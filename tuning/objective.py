@@ -31,7 +31,7 @@ def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:
         "index_select_fused": index_topk.FUSED_DEFAULTS,
         "index_block_scores": index_scores.DEFAULTS,
         "index_topk": index_topk.TOPK_DEFAULTS,
-        "kv_outer_attention": kv_outer_attention.ATTENTION_DEFAULTS,
+        "kv_outer_attention": kv_outer_attention.attention_defaults(shape["heads"] // shape["groups"]),
         "q_outer_attention": q_outer_attention.Q_OUTER_DEFAULTS,
         "lse_combine": lse_combine.COMBINE_DEFAULTS,
         "schedule": kv_outer_attention.SCHEDULE_TUNABLES,
@@ -63,7 +63,8 @@ def compile_units(program: str, shape: dict, config: dict) -> list:
                                                       **kv_outer_backward.REDUCE_DEFAULTS))]
            if config["dq_partials"] else []),
         "lse_combine": lambda: [(lse_combine.combine_program,
-                                 dict(heads=Hq, head_dim=D, topk=topk, dtype=bf16, partial_dtype=bf16, **config))],
+                                 dict(heads=Hq, head_dim=D, topk=topk, groups=G, dtype=bf16, partial_dtype=bf16,
+                                      **config))],
         "schedule": lambda: [(scheduler.plan_program, dict(item_queries=config["item_queries"]))],
     }[program]()
 
@@ -224,8 +225,8 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
         else:
             sched = Schedule(1, G, math.ceil(N / Bk), chunk, topk, defaults("schedule")["item_queries"], "cuda")
             sched.build(indices, t0, chunk)
-            o_part = torch.randn(1, chunk, Hq, topk, D, device="cuda", dtype=torch.bfloat16)
-            l_part = torch.full((1, chunk, Hq, topk), float("-inf"), device="cuda")
+            o_part = torch.randn(1, chunk * G, topk, Hq // G, D, device="cuda", dtype=torch.bfloat16)
+            l_part = torch.full((1, chunk * G, topk, Hq // G), float("-inf"), device="cuda")
             lse = torch.empty(1, N, Hq, device="cuda")
 
             def timed(config):
@@ -235,8 +236,7 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
                                           l_part.view(1, -1), t0)
                 kernel = compiled_kernel(combine_program, **compile_units(program, shape, config)[0][1])
                 l_part.copy_(torch.randn_like(l_part))  # finite LSEs: every slot is merged
-                return lambda: kernel(o_part.view(1, chunk * Hq, topk, D), l_part.view(1, chunk * Hq, topk),
-                                      o.view(1, N * Hq, D), lse.view(1, N * Hq), t0)
+                return lambda: kernel(o_part, l_part, o.view(1, N * Hq, D), lse.view(1, N * Hq), t0)
     elif program == "kv_outer_backward":
         from msa_tl.kv_outer_backward import sparse_attention_backward
 

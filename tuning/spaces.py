@@ -69,10 +69,12 @@ def _reject_attention(config, shape):
     R = shape["heads"] // shape["groups"]
     if 64 % R:
         return f"{R} heads per group do not tile a consumer's 64 rows"
+    if config["tma_stores"] and R < 8:
+        return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
     D, Bk = shape["head_dim"], shape["block_size"]
-    # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each, 16-byte padded
-    # rows, with bulk stores), the largest item's entries
-    o_tiles = 2 * 2 * 64 * (D + 8) * 2 if config["bulk_stores"] else 2 * 64 * D * 2
+    # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each with TMA
+    # stores), the largest item's entries
+    o_tiles = 2 * (2 if config["tma_stores"] else 1) * 64 * D * 2
     smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
@@ -125,7 +127,8 @@ SPACES = {
         lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
     "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
                         ("groups", "block_size", "topk")),
-    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), bulk_stores=(False, True)), _reject_attention,
+    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True)),
+                                _reject_attention,
                                 ATTENTION_DIMS),
     "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
     "kv_outer_backward": Space(dict(stages=(1, 2, 3, 4), dq_partials=(False, True)), _reject_backward,
