@@ -2,8 +2,10 @@
 
     m = max_s lse_s,  w_s = exp(lse_s - m),  o = sum_s w_s o_s / sum_s w_s,  lse = m + log sum_s w_s
 
-Unused slots carry lse = -inf (their partial is never read). Memory-bound: it
-reads each partial once and writes O in the input dtype and LSE in float32.
+Unused slots carry lse = -inf (their partial is never read). A row with no used
+slot gets o = 0 and lse = -inf; a NaN partial LSE (a NaN score in its block)
+makes the row's o and lse NaN, as in dense attention. Memory-bound: it reads each
+partial once and writes O in the input dtype and LSE in float32.
 """
 
 import tilelang.language as T
@@ -46,7 +48,7 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
                 for s in T.serial(topk):
                     weight[r, s] = 0.0
                     if r0 + r < rows_c:
-                        if Lpart[b, (r0 + r) // R, s, (r0 + r) % R] > neg_inf:
+                        if Lpart[b, (r0 + r) // R, s, (r0 + r) % R] != neg_inf:  # NaN passes: exp2(NaN) poisons the row
                             weight[r, s] = T.exp2((Lpart[b, (r0 + r) // R, s, (r0 + r) % R] - stats[r, 0]) * _LOG2E)
                     stats[r, 1] += weight[r, s]
             T.clear(acc)
@@ -57,7 +59,7 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
                     acc[r, d] += T.if_then_else(weight[r, s] > 0, weight[r, s] * Opart[b, (r0 + r) // R, s, (r0 + r) % R, d], 0.0)
             for r, d in T.Parallel(rows, head_dim):
                 if r0 + r < rows_c:
-                    O[b, t0 * heads + r0 + r, d] = acc[r, d] / stats[r, 1]
+                    O[b, t0 * heads + r0 + r, d] = T.if_then_else(stats[r, 1] == 0.0, 0.0, acc[r, d] / stats[r, 1])
             for r in T.Parallel(rows):
                 if r0 + r < rows_c:
                     LSE[b, t0 * heads + r0 + r] = stats[r, 0] + T.log2(stats[r, 1]) * _LN2

@@ -14,6 +14,7 @@ import torch
 
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.validation import (
+    canonical_indices,
     check_attention_inputs,
     check_index_inputs,
     check_indices,
@@ -67,7 +68,10 @@ def sparse_attention(
 
     Args:
         q: [B, N, Hq, D]; k, v: [B, N, G, D] with Hq a multiple of G (head h uses group h // (Hq / G)).
-        indices: [B, N, G, topk] int32 block ids from :func:`select_blocks` (-1 = unused slot).
+        indices: [B, N, G, topk] int32 block ids from :func:`select_blocks` (-1 = unused slot). Any ids
+            are safe: each query attends to the set of its chosen blocks it can see (ids in its future or
+            past the last block are ignored, repeats count once; :func:`canonical_indices`). A query with
+            no visible block gets o = 0 and lse = -inf.
         block_size: key block size Bk the indices refer to.
         scale: softmax scale, default 1/sqrt(D).
         return_lse: also return the log-sum-exp.
@@ -79,6 +83,11 @@ def sparse_attention(
     check_attention_inputs(q, k, v)
     B, N, _, _ = q.shape
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
+    return _sparse_attention(q, k, v, canonical_indices(indices, block_size), block_size, scale, return_lse)
+
+
+def _sparse_attention(q, k, v, indices, block_size, scale, return_lse):
+    """:func:`sparse_attention` on checked inputs and canonical indices (the index kernels' own selection)."""
     o, lse = sparse_attention_op(q, k, v, indices, block_size, _default_scale(scale, q.shape[3]))
     return (o, lse) if return_lse else o
 
@@ -113,8 +122,15 @@ def kl_alignment_loss(
     k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
     if indices is not None:
         check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
+        indices = canonical_indices(indices, block_size)
     if lse is not None:
         check_lse(lse, shape=q.shape[:3], device=q.device)
+    return _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+
+
+def _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+    """:func:`kl_alignment_loss` on checked inputs and canonical indices (or None)."""
+    if lse is not None:
         lse = lse.detach()
     # when the gradients will be wanted, the forward's pass computes them with the value (one pass, not two)
     with_grads = torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad)
@@ -165,6 +181,6 @@ def msa_attention(
     k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
     with torch.no_grad():
         indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
-    o, lse = sparse_attention(q, k, v, indices, block_size=block_size, scale=scale, return_lse=True)
+    o, lse = _sparse_attention(q, k, v, indices, block_size, scale, return_lse=True)
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
     return (o, *extras) if extras else o

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msa_tl.ops.functional import kl_alignment_loss, select_blocks, sparse_attention
+from msa_tl.ops.functional import _kl_alignment_loss, _sparse_attention, select_blocks
 from msa_tl.ops.validation import check_options
 
 
@@ -146,12 +146,12 @@ class MSAAttention(nn.Module):
         else:
             with torch.no_grad():
                 indices = select_blocks(q_idx, k_idx, block_size=self.block_size, topk=self.topk)
-            o, lse = sparse_attention(q, k, v, indices, block_size=self.block_size, return_lse=True)
+            o, lse = _sparse_attention(q, k, v, indices, self.block_size, None, return_lse=True)
 
         kl_loss = None
         if self.training if compute_kl is None else compute_kl:
             # the sparse forward's lse is the teacher's normaliser, so the KL need not recompute it
-            kl_loss = kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=self.block_size, lse=lse)
+            kl_loss = _kl_alignment_loss(q, k, q_idx, k_idx, indices, self.block_size, None, None, lse)
         return MSAOutput(self.o_proj(o.reshape(B, N, H * D)), kl_loss, indices)
 
     def extra_repr(self) -> str:

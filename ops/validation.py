@@ -113,3 +113,21 @@ def check_lse(lse, *, shape, device) -> None:
         raise ValueError(f"lse is on {lse.device} but q is on {device}")
     if lse.shape != tuple(shape):
         raise ValueError(f"lse must be [batch, seq, heads] = {tuple(shape)}, got {tuple(lse.shape)}")
+
+
+def canonical_indices(indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The indices contract: indices [B, N, G, topk] int32 -> the same block sets, in the form the kernels need.
+
+    Query t's slots are read as a set of blocks it may see: an id outside ``0 .. t // block_size`` (a block
+    in the query's future, an id past the last block) is ignored like -1, and an id given twice counts once.
+    Returns the ids in descending order with repeats replaced by -1 (so -1 may sit in any slot). Runs on the
+    indices' device without a host sync (one sort per row); the index kernels' own selection is already canonical.
+    """
+    N = indices.shape[1]
+    own_block = torch.div(torch.arange(N, device=indices.device, dtype=torch.int32), block_size,
+                          rounding_mode="floor").view(1, N, 1, 1)
+    visible = torch.where((indices >= 0) & (indices <= own_block), indices, -1)
+    ids = visible.sort(dim=-1, descending=True).values
+    repeat = torch.cat([torch.zeros_like(ids[..., :1], dtype=torch.bool), ids[..., 1:] == ids[..., :-1]], dim=-1)
+    return torch.where(repeat, -1, ids)
+

@@ -121,6 +121,41 @@ def test_sparse_attention_rejects_bad_indices():
         msa_tl.sparse_attention(q, k, v, good[:, :39].contiguous(), block_size=16)
 
 
+def hostile_indices(B, N, G, Bk, topk, generator=None):
+    """Ids anywhere in -1 .. nblk + 2: future blocks, ids past the end, repeats, and rows of only -1."""
+    nblk = math.ceil(N / Bk)
+    ids = torch.randint(-1, nblk + 3, (B, N, G, topk), generator=generator, dtype=torch.int32)
+    ids[:, ::7, :, 1] = ids[:, ::7, :, 0]  # a repeat in every seventh row
+    ids[:, 3::11] = -1  # rows with no block at all
+    return ids
+
+
+def test_canonical_indices_keep_the_visible_set_once():
+    from msa_tl.ops.validation import canonical_indices
+
+    B, N, G, Bk, topk = 2, 90, 2, 16, 5
+    raw = hostile_indices(B, N, G, Bk, topk)
+    canon = canonical_indices(raw, Bk)
+    own = (torch.arange(N) // Bk).view(1, N, 1)
+    for b, t, g in [(b, t, g) for b in range(B) for t in range(N) for g in range(G)]:
+        row = canon[b, t, g].tolist()
+        visible = {i for i in raw[b, t, g].tolist() if 0 <= i <= own[0, t, 0]}
+        assert sorted(i for i in row if i >= 0) == sorted(visible), (b, t, g, raw[b, t, g].tolist(), row)
+    assert canon.dtype == torch.int32 and canon.shape == raw.shape
+
+
+def test_hostile_indices_follow_the_set_contract():
+    """Any int32 ids through the API give the reference's set semantics; empty rows give o = 0, lse = -inf."""
+    q, k, v, _, _ = inputs(N=90, dtype=torch.float64)
+    raw = hostile_indices(2, 90, 2, 16, 5)
+    o, lse = msa_tl.sparse_attention(q, k, v, raw, block_size=16, return_lse=True)
+    ref_o, ref_lse = R.sparse_attention(q, k, v, raw, 16)
+    torch.testing.assert_close(o, ref_o)
+    torch.testing.assert_close(lse.double(), ref_lse.float().double())
+    empty = (raw[:, 3::11] < 0).all()
+    assert empty and (o[:, 3::11] == 0).all() and (lse[:, 3::11] == float("-inf")).all()
+
+
 def test_full_budget_through_the_api_equals_dense():
     q, k, v, q_idx, k_idx = inputs(dtype=torch.float64)
     o = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=math.ceil(70 / 16))

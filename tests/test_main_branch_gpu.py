@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from msa_tl import reference as R
-from msa_tl.checks import assert_attention_matches_reference, relative_error
+from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, assert_attention_matches_reference, relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -159,3 +159,39 @@ def test_msa_attention_trains_forward_on_kernels_backward_on_the_custom_op():
     msa_tl.msa_attention(q, k, v, q_idx, k_idx, topk=4).backward(do)
     ref_dq = R.sparse_attention_backward(do, None, q.detach(), k, v, indices, 128)[0]
     assert relative_error(q.grad, ref_dq) <= 2e-2
+
+
+def test_hostile_indices_follow_the_set_contract():
+    """Any int32 ids through the API: future blocks, ids past the end and repeats follow the reference's set
+    semantics (causality holds whatever the indices say); a row with no visible block gives o = 0, lse = -inf."""
+    import msa_tl
+
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    nblk = math.ceil(N / Bk)
+    raw = torch.randint(-1, nblk + 3, (B, N, G, topk), dtype=torch.int32, device="cuda")
+    raw[:, ::7, :, 1] = raw[:, ::7, :, 0]
+    raw[:, 3::11] = -1
+    o, lse = msa_tl.sparse_attention(q, k, v, raw, block_size=Bk, return_lse=True)
+    ref_o, ref_lse = R.sparse_attention(q, k, v, raw, Bk)
+    empty = torch.isneginf(ref_lse)  # [B, N, Hq]
+    assert empty[:, 3::11].all() and not empty.all()
+    assert torch.isneginf(lse[empty]).all() and (o[empty] == 0).all()
+    assert relative_error(o[~empty], ref_o[~empty]) <= OUTPUT_RTOL
+    assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= LSE_ATOL
+
+
+def test_a_nan_key_reaches_every_row_that_attends_to_it():
+    """As in dense attention, a NaN score makes the rows that see it NaN; the kernels must not drop it."""
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    k[0, 700, 1, 5] = float("nan")
+    indices = selection("random", B, N, G, Bk, topk)
+    from msa_tl.kv_outer_attention import sparse_attention_forward
+
+    o, lse = sparse_attention_forward(q, k, v, indices, Bk)
+    ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
+    poisoned = torch.isnan(ref_lse)
+    assert poisoned.any() and not poisoned.all()
+    assert torch.equal(torch.isnan(lse), poisoned) and torch.isnan(o[poisoned]).all()
+    assert relative_error(o[~poisoned], ref_o[~poisoned]) <= OUTPUT_RTOL
