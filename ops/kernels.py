@@ -32,11 +32,39 @@ register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
+TILE_HEADS = (1, 2, 4, 8, 16, 32, 64)  # heads per group that tile a consumer's 64 rows with whole queries
+
+
+def padded_heads(heads_per_group: int) -> int:
+    """The kernels' heads per group for a GQA ratio: the next divisor of 64 (7 -> 8, 12 -> 16, 24 -> 32)."""
+    return next(p for p in TILE_HEADS if p >= heads_per_group)
+
+
+def pad_heads(x: torch.Tensor, groups: int, padded: int, value: float = 0.0) -> torch.Tensor:
+    """x [B, N, G*R, *rest] -> [B, N, G*padded, *rest]: each group's R heads, then ``value`` heads."""
+    B, N, Hq, *rest = x.shape
+    R = Hq // groups
+    if R == padded:
+        return x
+    out = x.new_full((B, N, groups, padded, *rest), value)
+    out[:, :, :, :R] = x.view(B, N, groups, R, *rest)
+    return out.view(B, N, groups * padded, *rest)
+
+
+def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Tensor:
+    """The inverse of :func:`pad_heads`: [B, N, G*padded, *rest] -> [B, N, G*R, *rest], contiguous."""
+    B, N, Hp, *rest = x.shape
+    padded = Hp // groups
+    if padded == heads_per_group:
+        return x
+    return x.view(B, N, groups, padded, *rest)[:, :, :, :heads_per_group].reshape(B, N, groups * heads_per_group, *rest)
+
+
 def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, **_) -> bool:
-    heads_per_group = heads // groups  # whole queries in a 64-row tile (kv_outer_attention.CONSUMER_ROWS)
+    # a GQA ratio that does not tile 64 rows runs with zero query heads padded in (padded_heads)
     return (is_hopper(device)
             and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
-            and block_size in INDEX_BLOCK_SIZES and 64 % heads_per_group == 0)
+            and block_size in INDEX_BLOCK_SIZES and heads // groups <= TILE_HEADS[-1])
 
 
 # Below this many queries the Q-outer kernel would run. Measured on the H100 at the paper shape
@@ -58,13 +86,18 @@ def attention_path(seq_len: int) -> str:
 
 
 def _sparse_attention(q, k, v, indices, *, block_size, scale):
+    G = k.shape[2]
+    R = q.shape[2] // G
+    q_kernel = pad_heads(q, G, padded_heads(R))  # a padded head attends uniformly and is dropped
     if attention_path(q.shape[1]) == "q_outer":
         from msa_tl.q_outer_attention import q_outer_attention_forward
 
-        return q_outer_attention_forward(q, k, v, indices, block_size, scale)
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+        o, lse = q_outer_attention_forward(q_kernel, k, v, indices, block_size, scale)
+    else:
+        from msa_tl.kv_outer_attention import sparse_attention_forward
 
-    return sparse_attention_forward(q, k, v, indices, block_size, scale)
+        o, lse = sparse_attention_forward(q_kernel, k, v, indices, block_size, scale)
+    return unpad_heads(o, G, R), unpad_heads(lse, G, R)
 
 
 register_kernel("sparse_attention", _sparse_attention, _sparse_attention_supported)
@@ -73,7 +106,14 @@ register_kernel("sparse_attention", _sparse_attention, _sparse_attention_support
 def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale):
     from msa_tl.kv_outer_backward import sparse_attention_backward
 
-    return sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size, scale)
+    G = k.shape[2]
+    R = q.shape[2] // G
+    P = padded_heads(R)
+    # padded heads: q = dO = 0, lse = 0, so their dS and dO are 0 and they add nothing to dK / dV
+    pad = lambda x: None if x is None else pad_heads(x, G, P)  # noqa: E731
+    dq, dk, dv = sparse_attention_backward(pad(do), pad(dlse), pad(q), k, v, indices, pad(o), pad(lse),
+                                           block_size, scale)
+    return unpad_heads(dq, G, R), dk, dv
 
 
 register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)
@@ -94,7 +134,8 @@ def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block
         if blocks > WARMUP_MAX_BLOCKS or batch * seq * groups * blocks > WARMUP_MAX_ENTRIES:
             return False
     return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
-            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
+            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16
+            and 64 % heads_per_group == 0)  # the gather fills whole 64-row tiles only (R = 7 left rows stale)
 
 
 def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False):

@@ -35,10 +35,52 @@ def test_index_shapes_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, **change})
 
 
-@pytest.mark.parametrize("change", [dict(head_dim=96), dict(heads=64, groups=3),
-                                    dict(heads=48, groups=1), dict(dtype=torch.float32)])
+@pytest.mark.parametrize("change", [dict(head_dim=96), dict(heads=128, groups=1), dict(dtype=torch.float32)])
 def test_attention_calls_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._sparse_attention_supported(torch.device("cuda"), **{**PAPER, **change})
+
+
+@pytest.mark.parametrize("heads,groups,padded", [(28, 4, 8), (20, 4, 8), (24, 2, 16), (48, 1, 64), (12, 4, 4)])
+def test_gqa_ratios_that_do_not_tile_64_rows_take_the_kernels_padded(hopper, heads, groups, padded):
+    """Qwen2.5-7B's 28 / 4 heads (ratio 7) and the like run the attention kernels with zero heads padded in;
+    the KL kernel, whose gather fills whole 64-row tiles only, takes the reference for them."""
+    shape = {**PAPER, "heads": heads, "groups": groups}
+    assert kernels._sparse_attention_supported(torch.device("cuda"), **shape)
+    assert kernels.padded_heads(heads // groups) == padded
+    assert not kernels._kl_supported(torch.device("cuda"), **shape)
+
+
+def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch):
+    """The padding around the kernels, with the float64 reference standing in for them: outputs, lse and dq of
+    the real heads and dk / dv equal the unpadded computation (padded heads: q = dO = 0)."""
+    import msa_tl.kv_outer_attention as fwd
+    import msa_tl.kv_outer_backward as bwd
+    from msa_tl import reference as R
+
+    calls = []
+
+    def forward(q, k, v, indices, block_size, scale):
+        calls.append(q.shape[2])
+        return R.sparse_attention(q, k, v, indices, block_size, scale)
+
+    def backward(do, dlse, q, k, v, indices, o, lse, block_size, scale):
+        calls.append(q.shape[2])
+        return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale)
+
+    monkeypatch.setattr(fwd, "sparse_attention_forward", forward)
+    monkeypatch.setattr(bwd, "sparse_attention_backward", backward)
+    B, N, G, Rh, D, Bk, topk = 2, 50, 2, 7, 8, 16, 3
+    q, do = torch.randn(B, N, G * Rh, D, dtype=torch.float64), torch.randn(B, N, G * Rh, D, dtype=torch.float64)
+    k, v = torch.randn(B, N, G, D, dtype=torch.float64), torch.randn(B, N, G, D, dtype=torch.float64)
+    indices = R.topk_blocks(torch.randn(B, G, N, 4, dtype=torch.float64), topk, Bk)
+    o, lse = kernels._sparse_attention(q, k, v, indices, block_size=Bk, scale=0.3)
+    ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk, 0.3)
+    torch.testing.assert_close(o, ref_o)
+    torch.testing.assert_close(lse, ref_lse)
+    grads = kernels._sparse_attention_backward(do, None, q, k, v, indices, o, lse, block_size=Bk, scale=0.3)
+    for got, want in zip(grads, R.sparse_attention_backward(do, None, q, k, v, indices, Bk, 0.3)):
+        torch.testing.assert_close(got, want)
+    assert calls == [G * 8, G * 8] and o.is_contiguous() and grads[0].shape == q.shape
 
 
 def test_kernel_for_logs_the_reference_once_per_stage_and_device(monkeypatch, caplog):
