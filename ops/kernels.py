@@ -15,23 +15,7 @@ def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _select_blocks_supported(device, *, dtype, groups, index_dim, block_size, topk, **_) -> bool:
-    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and groups in INDEX_GROUPS
-            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES)
-
-
-def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
-    from msa_tl.index_topk import select_blocks
-
-    return select_blocks(q_idx, k_idx, block_size, topk, index_scale)
-
-
-register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
-
-
 ATTENTION_HEAD_DIMS = (64, 128)
-
-
 TILE_HEADS = (1, 2, 4, 8, 16, 32, 64)  # heads per group that tile a consumer's 64 rows with whole queries
 
 
@@ -57,7 +41,26 @@ def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Ten
     padded = Hp // groups
     if padded == heads_per_group:
         return x
-    return x.view(B, N, groups, padded, *rest)[:, :, :, :heads_per_group].reshape(B, N, groups * heads_per_group, *rest)
+    kept = x.view(B, N, groups, padded, *rest)[:, :, :, :heads_per_group]
+    return kept.reshape(B, N, groups * heads_per_group, *rest).contiguous()
+
+
+def _select_blocks_supported(device, *, dtype, groups, index_dim, block_size, topk, **_) -> bool:
+    # other group counts up to 8 run with zero index heads padded in (3 -> 4, 5..7 -> 8)
+    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and groups <= INDEX_GROUPS[-1]
+            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES)
+
+
+def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
+    from msa_tl.index_topk import select_blocks
+
+    G = q_idx.shape[2]
+    padded = next(p for p in INDEX_GROUPS if p >= G)  # a padded head's selection is computed and dropped
+    indices = select_blocks(pad_heads(q_idx, 1, padded), k_idx, block_size, topk, index_scale)
+    return unpad_heads(indices, 1, G)
+
+
+register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
 
 
 def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, **_) -> bool:

@@ -29,7 +29,7 @@ def test_paper_shape_takes_both_kernels_on_hopper(hopper):
         "kl_alignment_loss": "tilelang", "kl_alignment_loss_backward": "tilelang"}
 
 
-@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=3), dict(index_dim=96),
+@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=16), dict(index_dim=96),
                                     dict(block_size=256), dict(block_size=32)])
 def test_index_shapes_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, **change})
@@ -130,3 +130,25 @@ def test_causal_selection_lists_every_visible_block_once():
     q_idx, k_idx = torch.randn(B, N, G, 8, dtype=torch.float64), torch.randn(B, N, 8, dtype=torch.float64)
     every = R.select_blocks(q_idx, k_idx, Bk, 5)  # the reference's full budget, in score order
     assert torch.equal(chosen.sort(-1).values, every.sort(-1).values)
+
+
+@pytest.mark.parametrize("groups,padded", [(3, 4), (5, 8), (6, 8), (7, 8)])
+def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypatch, groups, padded):
+    """3, 5, 6, 7 index heads run the select kernel with zero index heads padded in; the real heads'
+    selection is the unpadded one (the float64 reference stands in for the kernel)."""
+    import msa_tl.index_topk as index_topk
+    from msa_tl import reference as R
+
+    assert kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, "groups": groups})
+    seen = []
+
+    def select(q_idx, k_idx, block_size, topk, index_scale):
+        seen.append(q_idx.shape[2])
+        return R.select_blocks(q_idx, k_idx, block_size, topk)
+
+    monkeypatch.setattr(index_topk, "select_blocks", select)
+    q_idx, k_idx = torch.randn(2, 70, groups, 8, dtype=torch.float64), torch.randn(2, 70, 8, dtype=torch.float64)
+    got = kernels._select_blocks(q_idx, k_idx, block_size=16, topk=3, index_scale=None)
+    assert seen == [padded] and got.is_contiguous()
+    assert torch.equal(got, R.select_blocks(q_idx, k_idx, 16, 3))
+

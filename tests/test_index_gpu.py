@@ -75,3 +75,14 @@ def test_msa_attention_selects_with_the_kernel():
     ref_o, _ = R.sparse_attention(q, k, v, indices, 128)
     rel = relative_error(o, ref_o)
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("G", [3, 6])
+def test_index_groups_outside_the_tiles_select_through_the_api(G):
+    """3 or 6 index heads: the select kernel runs with zero index heads padded in (4, 8)."""
+    import msa_tl
+
+    q_idx, k_idx = index_inputs(1, 2100, G, 128)
+    indices = msa_tl.select_blocks(q_idx, k_idx, block_size=128, topk=8)
+    assert indices.shape == (1, 2100, G, 8) and indices.is_contiguous()
+    assert_same_selection_up_to_ties(indices, q_idx, k_idx, 128, 8)
