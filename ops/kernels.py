@@ -16,6 +16,22 @@ def is_hopper(device: torch.device) -> bool:
 
 
 ATTENTION_HEAD_DIMS = (64, 128)
+
+
+def padded_dim(dim: int, dims=ATTENTION_HEAD_DIMS) -> int:
+    """The kernels' head dim for ``dim`` <= max(dims): the next one of ``dims`` (80, 96, 112 -> 128)."""
+    return next(d for d in dims if d >= dim)
+
+
+def pad_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x [..., d] -> [..., dim] with zeros: dot products, and so scores, softmax and outputs, are unchanged."""
+    return x if x.shape[-1] == dim else torch.nn.functional.pad(x, (0, dim - x.shape[-1])).contiguous()
+
+
+def unpad_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x if x.shape[-1] == dim else x[..., :dim].contiguous()
+
+
 TILE_HEADS = (1, 2, 4, 8, 16, 32, 64)  # heads per group that tile a consumer's 64 rows with whole queries
 
 
@@ -46,17 +62,19 @@ def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Ten
 
 
 def _select_blocks_supported(device, *, dtype, groups, index_dim, block_size, topk, **_) -> bool:
-    # other group counts up to 8 run with zero index heads padded in (3 -> 4, 5..7 -> 8)
+    # other group counts up to 8 run with zero index heads padded in (3 -> 4, 5..7 -> 8), other index dims up
+    # to 128 with zero dims padded in
     return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and groups <= INDEX_GROUPS[-1]
-            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES)
+            and index_dim <= INDEX_DIMS[-1] and block_size in INDEX_BLOCK_SIZES)
 
 
 def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
     from msa_tl.index_topk import select_blocks
 
-    G = q_idx.shape[2]
+    G, Di = q_idx.shape[2], padded_dim(q_idx.shape[3], INDEX_DIMS)
     padded = next(p for p in INDEX_GROUPS if p >= G)  # a padded head's selection is computed and dropped
-    indices = select_blocks(pad_heads(q_idx, 1, padded), k_idx, block_size, topk, index_scale)
+    indices = select_blocks(pad_heads(pad_dim(q_idx, Di), 1, padded), pad_dim(k_idx, Di), block_size, topk,
+                            index_scale)
     return unpad_heads(indices, 1, G)
 
 
@@ -66,7 +84,7 @@ register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
 def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, **_) -> bool:
     # a GQA ratio that does not tile 64 rows runs with zero query heads padded in (padded_heads)
     return (is_hopper(device)
-            and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
+            and dtype in (torch.bfloat16, torch.float16) and head_dim <= ATTENTION_HEAD_DIMS[-1]
             and block_size in INDEX_BLOCK_SIZES and heads // groups <= TILE_HEADS[-1])
 
 
@@ -89,9 +107,10 @@ def attention_path(seq_len: int) -> str:
 
 
 def _sparse_attention(q, k, v, indices, *, block_size, scale):
-    G = k.shape[2]
-    R = q.shape[2] // G
-    q_kernel = pad_heads(q, G, padded_heads(R))  # a padded head attends uniformly and is dropped
+    G, D = k.shape[2], q.shape[3]
+    R, Dp = q.shape[2] // G, padded_dim(D)
+    q_kernel = pad_heads(pad_dim(q, Dp), G, padded_heads(R))  # a padded head attends uniformly and is dropped
+    k, v = pad_dim(k, Dp), pad_dim(v, Dp)  # scale stays the caller's (1/sqrt(D) by default)
     if attention_path(q.shape[1]) == "q_outer":
         from msa_tl.q_outer_attention import q_outer_attention_forward
 
@@ -100,7 +119,7 @@ def _sparse_attention(q, k, v, indices, *, block_size, scale):
         from msa_tl.kv_outer_attention import sparse_attention_forward
 
         o, lse = sparse_attention_forward(q_kernel, k, v, indices, block_size, scale)
-    return unpad_heads(o, G, R), unpad_heads(lse, G, R)
+    return unpad_dim(unpad_heads(o, G, R), D), unpad_heads(lse, G, R)
 
 
 register_kernel("sparse_attention", _sparse_attention, _sparse_attention_supported)
@@ -109,14 +128,16 @@ register_kernel("sparse_attention", _sparse_attention, _sparse_attention_support
 def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale):
     from msa_tl.kv_outer_backward import sparse_attention_backward
 
-    G = k.shape[2]
-    R = q.shape[2] // G
+    G, D = k.shape[2], q.shape[3]
+    R, Dp = q.shape[2] // G, padded_dim(D)
     P = padded_heads(R)
-    # padded heads: q = dO = 0, lse = 0, so their dS and dO are 0 and they add nothing to dK / dV
+    # padded heads: q = dO = 0, lse = 0, so their dS and dO are 0 and they add nothing to dK / dV;
+    # padded dims are 0 in q, k, v, dO and O, so they change no score and no delta
     pad = lambda x: None if x is None else pad_heads(x, G, P)  # noqa: E731
-    dq, dk, dv = sparse_attention_backward(pad(do), pad(dlse), pad(q), k, v, indices, pad(o), pad(lse),
-                                           block_size, scale)
-    return unpad_heads(dq, G, R), dk, dv
+    padd = lambda x: pad(pad_dim(x, Dp))  # noqa: E731
+    dq, dk, dv = sparse_attention_backward(padd(do), pad(dlse), padd(q), pad_dim(k, Dp), pad_dim(v, Dp), indices,
+                                           padd(o), pad(lse), block_size, scale)
+    return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
 register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)

@@ -73,13 +73,14 @@ def test_full_budget_backward_equals_dense_sdpa_backward():
         assert relative_error(got, ref) <= GRAD_RTOL
 
 
-@pytest.mark.parametrize("Hq,G", [(28, 4), (24, 2), (12, 4)], ids=["R7-qwen", "R12", "R3"])
-def test_gqa_ratios_that_do_not_tile_64_rows_run_padded_through_the_api(Hq, G):
-    """Forward and backward through the autograd op, on the kernels with zero query heads padded in."""
+@pytest.mark.parametrize("Hq,G,D", [(28, 4, 128), (24, 2, 128), (12, 4, 128), (16, 4, 96)],
+                         ids=["R7-qwen", "R12", "R3", "D96"])
+def test_gqa_ratios_that_do_not_tile_64_rows_run_padded_through_the_api(Hq, G, D):
+    """Forward and backward through the autograd op, on the kernels with zero query heads (and head dims) padded in."""
     import msa_tl
     from msa_tl.ops import dispatch
 
-    B, N, D, Bk, topk = 1, 1100, 128, 128, 4
+    B, N, Bk, topk = 1, 1100, 128, 4
     assert dispatch.kernel_for("sparse_attention_backward", torch.device("cuda"), dtype=torch.bfloat16, heads=Hq,
                                groups=G, head_dim=D, block_size=Bk, topk=topk) is not None
     q, k, v = (t.requires_grad_(True) for t in attention_inputs(B, N, Hq, G, D))

@@ -29,13 +29,13 @@ def test_paper_shape_takes_both_kernels_on_hopper(hopper):
         "kl_alignment_loss": "tilelang", "kl_alignment_loss_backward": "tilelang"}
 
 
-@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=16), dict(index_dim=96),
+@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=16), dict(index_dim=256),
                                     dict(block_size=256), dict(block_size=32)])
 def test_index_shapes_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, **change})
 
 
-@pytest.mark.parametrize("change", [dict(head_dim=96), dict(heads=128, groups=1), dict(dtype=torch.float32)])
+@pytest.mark.parametrize("change", [dict(head_dim=256), dict(heads=128, groups=1), dict(dtype=torch.float32)])
 def test_attention_calls_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._sparse_attention_supported(torch.device("cuda"), **{**PAPER, **change})
 
@@ -50,9 +50,10 @@ def test_gqa_ratios_that_do_not_tile_64_rows_take_the_kernels_padded(hopper, hea
     assert not kernels._kl_supported(torch.device("cuda"), **shape)
 
 
-def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch):
+@pytest.mark.parametrize("D", [8, 64], ids=["D8-padded-to-64", "D64"])
+def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch, D):
     """The padding around the kernels, with the float64 reference standing in for them: outputs, lse and dq of
-    the real heads and dk / dv equal the unpadded computation (padded heads: q = dO = 0)."""
+    the real heads and dk / dv equal the unpadded computation (padded heads: q = dO = 0; padded dims: 0)."""
     import msa_tl.kv_outer_attention as fwd
     import msa_tl.kv_outer_backward as bwd
     from msa_tl import reference as R
@@ -60,16 +61,16 @@ def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch):
     calls = []
 
     def forward(q, k, v, indices, block_size, scale):
-        calls.append(q.shape[2])
+        calls.append((q.shape[2], q.shape[3]))
         return R.sparse_attention(q, k, v, indices, block_size, scale)
 
     def backward(do, dlse, q, k, v, indices, o, lse, block_size, scale):
-        calls.append(q.shape[2])
+        calls.append((q.shape[2], q.shape[3]))
         return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale)
 
     monkeypatch.setattr(fwd, "sparse_attention_forward", forward)
     monkeypatch.setattr(bwd, "sparse_attention_backward", backward)
-    B, N, G, Rh, D, Bk, topk = 2, 50, 2, 7, 8, 16, 3
+    B, N, G, Rh, Bk, topk = 2, 50, 2, 7, 16, 3
     q, do = torch.randn(B, N, G * Rh, D, dtype=torch.float64), torch.randn(B, N, G * Rh, D, dtype=torch.float64)
     k, v = torch.randn(B, N, G, D, dtype=torch.float64), torch.randn(B, N, G, D, dtype=torch.float64)
     indices = R.topk_blocks(torch.randn(B, G, N, 4, dtype=torch.float64), topk, Bk)
@@ -80,7 +81,7 @@ def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch):
     grads = kernels._sparse_attention_backward(do, None, q, k, v, indices, o, lse, block_size=Bk, scale=0.3)
     for got, want in zip(grads, R.sparse_attention_backward(do, None, q, k, v, indices, Bk, 0.3)):
         torch.testing.assert_close(got, want)
-    assert calls == [G * 8, G * 8] and o.is_contiguous() and grads[0].shape == q.shape
+    assert calls == [(G * 8, 64)] * 2 and o.is_contiguous() and all(g.shape == t.shape for g, t in zip(grads, (q, k, v)))
 
 
 def test_kernel_for_logs_the_reference_once_per_stage_and_device(monkeypatch, caplog):
@@ -134,8 +135,8 @@ def test_causal_selection_lists_every_visible_block_once():
 
 @pytest.mark.parametrize("groups,padded", [(3, 4), (5, 8), (6, 8), (7, 8)])
 def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypatch, groups, padded):
-    """3, 5, 6, 7 index heads run the select kernel with zero index heads padded in; the real heads'
-    selection is the unpadded one (the float64 reference stands in for the kernel)."""
+    """3, 5, 6, 7 index heads run the select kernel with zero index heads padded in (and index dim 8 with zero
+    dims, to 64); the real heads' selection is the unpadded one (the float64 reference stands in for the kernel)."""
     import msa_tl.index_topk as index_topk
     from msa_tl import reference as R
 
@@ -143,12 +144,12 @@ def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypat
     seen = []
 
     def select(q_idx, k_idx, block_size, topk, index_scale):
-        seen.append(q_idx.shape[2])
+        seen.append((q_idx.shape[2], q_idx.shape[3], k_idx.shape[2]))
         return R.select_blocks(q_idx, k_idx, block_size, topk)
 
     monkeypatch.setattr(index_topk, "select_blocks", select)
     q_idx, k_idx = torch.randn(2, 70, groups, 8, dtype=torch.float64), torch.randn(2, 70, 8, dtype=torch.float64)
     got = kernels._select_blocks(q_idx, k_idx, block_size=16, topk=3, index_scale=None)
-    assert seen == [padded] and got.is_contiguous()
+    assert seen == [(padded, 64, 64)] and got.is_contiguous()
     assert torch.equal(got, R.select_blocks(q_idx, k_idx, 16, 3))
 

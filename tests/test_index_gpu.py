@@ -77,12 +77,12 @@ def test_msa_attention_selects_with_the_kernel():
     assert rel < 1e-2, rel
 
 
-@pytest.mark.parametrize("G", [3, 6])
-def test_index_groups_outside_the_tiles_select_through_the_api(G):
-    """3 or 6 index heads: the select kernel runs with zero index heads padded in (4, 8)."""
+@pytest.mark.parametrize("G,Di", [(3, 128), (6, 128), (4, 96)])
+def test_index_groups_outside_the_tiles_select_through_the_api(G, Di):
+    """3 or 6 index heads, or index dim 96: the select kernel runs with zero heads (4, 8) or dims (128) padded in."""
     import msa_tl
 
-    q_idx, k_idx = index_inputs(1, 2100, G, 128)
+    q_idx, k_idx = index_inputs(1, 2100, G, Di)
     indices = msa_tl.select_blocks(q_idx, k_idx, block_size=128, topk=8)
     assert indices.shape == (1, 2100, G, 8) and indices.is_contiguous()
     assert_same_selection_up_to_ties(indices, q_idx, k_idx, 128, 8)
