@@ -96,13 +96,14 @@ def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int,
 
 def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, block_size: int, topk: int,
                      scale: float, index_scale: float, item_queries: int = KL_ITEM_QUERIES, stages: int = 2,
-                     dtype: str = "bfloat16"):
+                     mean_heads: int | None = None, dtype: str = "bfloat16"):
     """Q [B,N,Hq,D], K [B,N,G,D], Qidx [B,N,G,Di], Kidx [B,N,Di], Lse2 [B,N,Hq] (teacher lse * log2 e),
     LseS2 [B,N,G] (student lse * log2 e), the schedule, Weight [1] -> adds into KLpart [B,N,G,topk] (per
     (query, slot): sum over the block of t (log t - s)), fp32 dQidx [B,N,G,Di] and dKidx [B,N,Di] (times Weight).
 
     One CTA per work item; a producer warpgroup gathers each tile's Q rows (64 / R queries x R heads), q_idx rows
-    and both LSEs into a ring of ``stages`` slots; Bk / 64 consumer warpgroups own 64 keys each.
+    and both LSEs into a ring of ``stages`` slots; Bk / 64 consumer warpgroups own 64 keys each. ``mean_heads``:
+    the teacher averages only each group's first ``mean_heads`` of its R heads (the rest are padding).
     """
     batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
     R = heads // groups
@@ -116,6 +117,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     seg = 128 // TQP  # key segments of the loss sum per query (TQP <= 64)
     threads = 128 * (NC + 1)
     t0 = 0  # the schedule covers the whole sequence
+    padded_heads = mean_heads is not None and mean_heads != R
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
@@ -147,6 +149,9 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
             T.copy(s_t, p_cast)
             T.wgmma_gemm(p_cast, avg_s, t_t, clear_accum=True)  # teacher^T = P^T avg: the mean over each query's heads
             T.wait_wgmma(0)
+            if padded_heads:  # avg_s holds 1 for a real head: 1 / mean_heads (inexact in bf16) is applied in fp32
+                for k, j in T.Parallel(CONSUMER_KEYS, TQP):
+                    t_t[k, j] *= 1.0 / mean_heads
             for k, j in T.Parallel(CONSUMER_KEYS, TQP):
                 # d loss / d s = softmax(s) - teacher, through s = index_scale q_idx . k_idx
                 dsp[k, j] = T.if_then_else(blk * Bk + c * CONSUMER_KEYS + k <= qcol_s[c, i % 2, j], index_scale * (
@@ -241,8 +246,12 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
             tx = T.get_thread_binding()
             for i in T.Parallel(n_entries):
                 ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
-            for r, j in T.Parallel(rows, TQP):
-                avg_s[r, j] = T.if_then_else(r // R == j, 1.0 / R, 0.0)
+            if not padded_heads:
+                for r, j in T.Parallel(rows, TQP):
+                    avg_s[r, j] = T.if_then_else(r // R == j, 1.0 / R, 0.0)
+            else:  # padded heads weigh nothing in the teacher
+                for r, j in T.Parallel(rows, TQP):
+                    avg_s[r, j] = T.if_then_else((r // R == j) & (r % R < mean_heads), 1.0, 0.0)
             for u, r, d in T.Parallel(stages, TQP, Di):  # query rows past TQ stay zero
                 Qi_r[u, r, d] = 0
             T.fence_proxy_async()
@@ -320,7 +329,7 @@ def teacher_lse(q, k, indices, block_size: int, scale: float, query_chunk=None) 
     return sparse_attention_forward(q, k, k, indices, block_size, scale, query_chunk=query_chunk)[1]
 
 
-def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, mean_heads=None):
     """The selection (indices None: :func:`causal_selection`), the whole-sequence schedule and the kernels'
     common arguments; the teacher lse is computed here when None."""
     B, N, Hq, D = q.shape
@@ -336,6 +345,8 @@ def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
     schedule = Schedule(B, G, math.ceil(N / block_size), N, topk, KL_ITEM_QUERIES, q.device).build(indices, 0, N)
     config = dict(groups=G, heads=Hq, head_dim=D, index_dim=Di, block_size=block_size, topk=topk, scale=scale,
                   index_scale=index_scale, dtype=tl_dtype(q.dtype), **KL_DEFAULTS)
+    if mean_heads is not None and mean_heads != Hq // G:
+        config["mean_heads"] = mean_heads
     return indices, config, (schedule.items, schedule.item_count, schedule.entries), lse
 
 
@@ -363,7 +374,7 @@ def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weig
 
 
 def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scale: float, index_scale: float,
-                              lse=None, *, with_grads: bool = False):
+                              lse=None, *, with_grads: bool = False, mean_heads=None):
     """KL loss over the chosen tokens on the GPU -> (loss float32 scalar, student lse [B, N, G] float32), and with
     ``with_grads`` also the loss's own gradients (fp32 dq_idx [B, N, G, Di], dk_idx shaped like k_idx), which
     the same pass computes.
@@ -371,9 +382,11 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
     q [B, N, Hq, D], k [B, N, G, D], q_idx [B, N, G, Di], k_idx [B, N, Di], indices [B, N, G, topk] (None: every
     visible token, through :func:`causal_selection`). lse [B, N, Hq] float32: the main branch's lse over the same
     selection, when the caller has it (the layer does); otherwise one main-branch forward computes it.
+    ``mean_heads``: the teacher averages each group's first ``mean_heads`` heads only (q padded with zero heads).
     """
     B, N, G, _ = q_idx.shape
-    indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+    indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
+                                              mean_heads)
     lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = torch.full((1,), 1.0 / (B * N * G), device=q.device, dtype=torch.float32)
     rows, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight)
@@ -382,11 +395,12 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
 
 
 def kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size: int, scale: float,
-                               index_scale: float, lse=None, lse_student=None):
+                               index_scale: float, lse=None, lse_student=None, *, mean_heads=None):
     """Gradients of the KL loss for q_idx and k_idx (their dtypes), scaled by ``dloss``. ``lse`` (teacher) and
     ``lse_student`` (from :func:`kl_alignment_loss_forward`) are recomputed when not given."""
     B, N, G, _ = q_idx.shape
-    indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+    indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
+                                              mean_heads)
     if lse_student is None:
         lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = (torch.as_tensor(dloss, device=q.device, dtype=torch.float32) / (B * N * G)).reshape(1)

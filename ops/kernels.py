@@ -158,23 +158,33 @@ def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block
         if blocks > WARMUP_MAX_BLOCKS or batch * seq * groups * blocks > WARMUP_MAX_ENTRIES:
             return False
     return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
-            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16
-            and 64 % heads_per_group == 0)  # the gather fills whole 64-row tiles only (R = 7 left rows stale)
+            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
+    # (a ratio that does not divide 64 runs padded: the gather fills whole 64-row tiles only)
+
+
+def _kl_padded(q, k, lse):
+    """q and the teacher lse with zero heads padded in up to a divisor of 64, and the real heads per group."""
+    G = k.shape[2]
+    R = q.shape[2] // G
+    P = padded_heads(R)  # a padded head's lse is 0 (finite); the teacher's mean gives it no weight
+    return pad_heads(q, G, P), None if lse is None else pad_heads(lse, G, P), R
 
 
 def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False):
     from msa_tl.kl_loss import kl_alignment_loss_forward
 
+    q, lse, R = _kl_padded(q, k, lse)
     return kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                     with_grads=with_grads)
+                                     with_grads=with_grads, mean_heads=R)
 
 
 def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, *, block_size, scale,
                                 index_scale):
     from msa_tl.kl_loss import kl_alignment_loss_backward
 
+    q, lse, R = _kl_padded(q, k, lse)
     return kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                      lse_student)
+                                      lse_student, mean_heads=R)
 
 
 register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_supported)

@@ -85,10 +85,12 @@ KL_PROGRAMS = [
                                     scale=0.088, index_scale=0.088)),
     (kl_loss.kl_fused_program, dict(groups=2, heads=4, head_dim=64, index_dim=64, block_size=64, topk=4,
                                     scale=0.125, index_scale=0.125, dtype="float16")),
+    (kl_loss.kl_fused_program, dict(groups=4, heads=32, head_dim=128, index_dim=128, block_size=128, topk=8,
+                                    scale=0.088, index_scale=0.088, mean_heads=7)),  # 28 heads padded to 32
 ]
 
 
-@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_student_lse-paper", "kl_fused-paper", "kl_fused-small"])
+@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_student_lse-paper", "kl_fused-paper", "kl_fused-small", "kl_fused-padded-R7"])
 def test_kl_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source and "wgmma" in source

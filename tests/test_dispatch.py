@@ -42,12 +42,12 @@ def test_attention_calls_outside_the_kernel_take_the_reference(hopper, change):
 
 @pytest.mark.parametrize("heads,groups,padded", [(28, 4, 8), (20, 4, 8), (24, 2, 16), (48, 1, 64), (12, 4, 4)])
 def test_gqa_ratios_that_do_not_tile_64_rows_take_the_kernels_padded(hopper, heads, groups, padded):
-    """Qwen2.5-7B's 28 / 4 heads (ratio 7) and the like run the attention kernels with zero heads padded in;
-    the KL kernel, whose gather fills whole 64-row tiles only, takes the reference for them."""
+    """Qwen2.5-7B's 28 / 4 heads (ratio 7) and the like run the attention kernels with zero heads padded in, and
+    the KL kernel too while the padded ratio is at most 16 (its teacher then averages the real heads only)."""
     shape = {**PAPER, "heads": heads, "groups": groups}
     assert kernels._sparse_attention_supported(torch.device("cuda"), **shape)
     assert kernels.padded_heads(heads // groups) == padded
-    assert not kernels._kl_supported(torch.device("cuda"), **shape)
+    assert kernels._kl_supported(torch.device("cuda"), **shape) == (padded <= 16)
 
 
 @pytest.mark.parametrize("D", [8, 64], ids=["D8-padded-to-64", "D64"])
@@ -153,3 +153,23 @@ def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypat
     assert seen == [(padded, 64, 64)] and got.is_contiguous()
     assert torch.equal(got, R.select_blocks(q_idx, k_idx, 16, 3))
 
+
+
+def test_kl_kernel_gets_zero_heads_padded_in_and_the_real_head_count(monkeypatch):
+    import msa_tl.kl_loss as kl
+
+    seen = {}
+
+    def forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads):
+        seen.update(q=q, lse=lse, mean_heads=mean_heads)
+        return "done"
+
+    monkeypatch.setattr(kl, "kl_alignment_loss_forward", forward)
+    B, N, G, Rh, D = 1, 10, 4, 7, 16
+    q, k = torch.randn(B, N, G * Rh, D), torch.randn(B, N, G, D)
+    lse = torch.randn(B, N, G * Rh)
+    assert kernels._kl_alignment_loss(q, k, None, None, None, lse, block_size=16, scale=1.0, index_scale=1.0) == "done"
+    assert seen["mean_heads"] == Rh and seen["q"].shape == (B, N, G * 8, D) and seen["lse"].shape == (B, N, G * 8)
+    padded_q, padded_lse = seen["q"].view(B, N, G, 8, D), seen["lse"].view(B, N, G, 8)
+    assert torch.equal(padded_q[:, :, :, :Rh], q.view(B, N, G, Rh, D)) and (padded_q[:, :, :, Rh:] == 0).all()
+    assert torch.equal(padded_lse[:, :, :, :Rh], lse.view(B, N, G, Rh)) and (padded_lse[:, :, :, Rh:] == 0).all()

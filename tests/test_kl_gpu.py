@@ -74,3 +74,30 @@ def test_warmup_kl_over_every_visible_token_matches_reference(B, N, Hq, G, D, Di
     ref_dq, ref_dk = R.kl_alignment_loss_backward(0.6, q, k, q_idx, k_idx, None, Bk, scale, index_scale)
     check_close("dq_idx", dq_idx, ref_dq)
     check_close("dk_idx", dk_idx, ref_dk)
+
+
+@pytest.mark.parametrize("Hq,G", [(28, 4), (12, 4)], ids=["R7-qwen", "R3"])
+def test_kl_for_ratios_that_do_not_tile_64_rows_runs_padded(Hq, G):
+    """Through the API: q padded with zero heads, the teacher's mean over the real heads only."""
+    import msa_tl
+    from msa_tl.ops import dispatch
+
+    B, N, D, Di, Bk, topk = 1, 1500, 128, 128, 128, 8
+    assert dispatch.kernel_for("kl_alignment_loss", torch.device("cuda"), dtype=torch.bfloat16, heads=Hq, groups=G,
+                               head_dim=D, index_dim=Di, block_size=Bk) is not None
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    q_idx = torch.randn(B, N, G, Di, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k_idx = torch.randn(B, N, Di, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    indices = selection("random", B, N, G, Bk, topk)
+    scale, index_scale = 1 / math.sqrt(D), 1 / math.sqrt(Di)
+    ref = R.kl_alignment_loss(q, k, q_idx.detach(), k_idx.detach(), indices, Bk, scale, index_scale)
+    ref_dq, ref_dk = R.kl_alignment_loss_backward(1.0, q, k, q_idx.detach(), k_idx.detach(), indices, Bk, scale,
+                                                  index_scale)
+    _, lse = msa_tl.sparse_attention(q, k, v, indices, block_size=Bk, return_lse=True)
+    for teacher_lse in (lse, None):
+        q_idx.grad = k_idx.grad = None
+        loss = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=Bk, lse=teacher_lse)
+        assert abs(loss.item() - ref.item()) <= 1e-2 * abs(ref.item()) + 1e-5, (loss.item(), ref.item())
+        loss.backward()
+        check_close("dq_idx", q_idx.grad, ref_dq)
+        check_close("dk_idx", k_idx.grad, ref_dk)
