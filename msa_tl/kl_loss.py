@@ -117,7 +117,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     seg = 128 // TQP  # key segments of the loss sum per query (TQP <= 64)
     threads = 128 * (NC + 1)
     t0 = 0  # the schedule covers the whole sequence
-    padded_heads = mean_heads is not None and mean_heads != R
+    real_heads_only = mean_heads is not None and mean_heads != R
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
@@ -149,7 +149,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
             T.copy(s_t, p_cast)
             T.wgmma_gemm(p_cast, avg_s, t_t, clear_accum=True)  # teacher^T = P^T avg: the mean over each query's heads
             T.wait_wgmma(0)
-            if padded_heads:  # avg_s holds 1 for a real head: 1 / mean_heads (inexact in bf16) is applied in fp32
+            if real_heads_only:  # avg_s holds 1 for a real head: 1 / mean_heads (inexact in bf16) is applied in fp32
                 for k, j in T.Parallel(CONSUMER_KEYS, TQP):
                     t_t[k, j] *= 1.0 / mean_heads
             for k, j in T.Parallel(CONSUMER_KEYS, TQP):
@@ -246,7 +246,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
             tx = T.get_thread_binding()
             for i in T.Parallel(n_entries):
                 ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
-            if not padded_heads:
+            if not real_heads_only:
                 for r, j in T.Parallel(rows, TQP):
                     avg_s[r, j] = T.if_then_else(r // R == j, 1.0 / R, 0.0)
             else:  # padded heads weigh nothing in the teacher

@@ -18,17 +18,23 @@ def is_hopper(device: torch.device) -> bool:
 ATTENTION_HEAD_DIMS = (64, 128)
 
 
+def next_supported(value: int, supported: tuple) -> int:
+    """The smallest of the kernels' ``supported`` sizes (ascending) that holds ``value``: 96 -> 128, 7 -> 8."""
+    return next(s for s in supported if s >= value)
+
+
 def padded_dim(dim: int, dims=ATTENTION_HEAD_DIMS) -> int:
     """The kernels' head dim for ``dim`` <= max(dims): the next one of ``dims`` (80, 96, 112 -> 128)."""
-    return next(d for d in dims if d >= dim)
+    return next_supported(dim, dims)
 
 
 def pad_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
     """x [..., d] -> [..., dim] with zeros: dot products, and so scores, softmax and outputs, are unchanged."""
-    return x if x.shape[-1] == dim else torch.nn.functional.pad(x, (0, dim - x.shape[-1])).contiguous()
+    return x if x.shape[-1] == dim else torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
 
 
 def unpad_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of :func:`pad_dim`, contiguous."""
     return x if x.shape[-1] == dim else x[..., :dim].contiguous()
 
 
@@ -37,7 +43,7 @@ TILE_HEADS = (1, 2, 4, 8, 16, 32, 64)  # heads per group that tile a consumer's 
 
 def padded_heads(heads_per_group: int) -> int:
     """The kernels' heads per group for a GQA ratio: the next divisor of 64 (7 -> 8, 12 -> 16, 24 -> 32)."""
-    return next(p for p in TILE_HEADS if p >= heads_per_group)
+    return next_supported(heads_per_group, TILE_HEADS)
 
 
 def pad_heads(x: torch.Tensor, groups: int, padded: int, value: float = 0.0) -> torch.Tensor:
@@ -72,7 +78,7 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
     from msa_tl.index_topk import select_blocks
 
     G, Di = q_idx.shape[2], padded_dim(q_idx.shape[3], INDEX_DIMS)
-    padded = next(p for p in INDEX_GROUPS if p >= G)  # a padded head's selection is computed and dropped
+    padded = next_supported(G, INDEX_GROUPS)  # a padded head's selection is computed and dropped
     indices = select_blocks(pad_heads(pad_dim(q_idx, Di), 1, padded), pad_dim(k_idx, Di), block_size, topk,
                             index_scale)
     return unpad_heads(indices, 1, G)
@@ -133,10 +139,15 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     P = padded_heads(R)
     # padded heads: q = dO = 0, lse = 0, so their dS and dO are 0 and they add nothing to dK / dV;
     # padded dims are 0 in q, k, v, dO and O, so they change no score and no delta
-    pad = lambda x: None if x is None else pad_heads(x, G, P)  # noqa: E731
-    padd = lambda x: pad(pad_dim(x, Dp))  # noqa: E731
-    dq, dk, dv = sparse_attention_backward(padd(do), pad(dlse), padd(q), pad_dim(k, Dp), pad_dim(v, Dp), indices,
-                                           padd(o), pad(lse), block_size, scale)
+
+    def per_head(x):  # [B, N, Hq] (lse, dlse) -> the kernels' heads
+        return None if x is None else pad_heads(x, G, P)
+
+    def per_head_row(x):  # [B, N, Hq, D] (q, dO, O) -> the kernels' heads and dims
+        return pad_heads(pad_dim(x, Dp), G, P)
+
+    dq, dk, dv = sparse_attention_backward(per_head_row(do), per_head(dlse), per_head_row(q), pad_dim(k, Dp),
+                                           pad_dim(v, Dp), indices, per_head_row(o), per_head(lse), block_size, scale)
     return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
@@ -152,6 +163,7 @@ WARMUP_MAX_ENTRIES = 2 ** 27
 
 def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, batch=1,
                   seq=1, **_) -> bool:
+    # a ratio that does not divide 64 runs padded (the gather fills whole 64-row tiles only), up to 16
     heads_per_group = heads // groups
     if not sparse:
         blocks = -(-seq // block_size)
@@ -159,7 +171,6 @@ def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block
             return False
     return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
             and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
-    # (a ratio that does not divide 64 runs padded: the gather fills whole 64-row tiles only)
 
 
 def _kl_padded(q, k, lse):
