@@ -43,9 +43,13 @@ def bench_length(table, N, *, G=4, Di=128, Bk=128, topk=16, gemm_tflops, copy_gb
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    # fused: scores never leave the chip
-    fused = lambda: select_blocks(q_idx, k_idx, Bk, topk, fused=True)
-    fused()
+    # pipelined (producer + two consumers) and fused (one warpgroup): scores never leave the chip
+    pipelined = lambda: select_blocks(q_idx, k_idx, Bk, topk, method="pipelined")
+    fused = lambda: select_blocks(q_idx, k_idx, Bk, topk, method="fused")
+    same = torch.equal(pipelined(), fused())
+    ms_pipelined = time_ms(pipelined)
+    record("pipelined select", ms_pipelined, peak_of(pipelined), tflops=flops / ms_pipelined / 1e9,
+           identical_to_fused=float(same))
     ms_fused = time_ms(fused)
     record("fused select", ms_fused, peak_of(fused), tflops=flops / ms_fused / 1e9)
 
@@ -71,11 +75,13 @@ def bench_length(table, N, *, G=4, Di=128, Bk=128, topk=16, gemm_tflops, copy_gb
     ms_topk = time_ms(topk_all)
     record("top-k kernel", ms_topk, 0, floor_ms=score_bytes / copy_gbs / 1e6,
            pct_floor=100 * score_bytes / copy_gbs / 1e6 / ms_topk)
-    two_pass = lambda: select_blocks(q_idx, k_idx, Bk, topk, fused=False, query_chunk=chunk)
+    two_pass = lambda: select_blocks(q_idx, k_idx, Bk, topk, method="two_pass", query_chunk=chunk)
     record("two-pass select", time_ms(two_pass), peak_of(two_pass))
     # the second measurement of each, in the other order, shows the run-to-run spread
     ms_fused = time_ms(fused)
     record("fused select (again)", ms_fused, peak_of(fused), tflops=flops / ms_fused / 1e9)
+    ms_pipelined = time_ms(pipelined)
+    record("pipelined select (again)", ms_pipelined, peak_of(pipelined), tflops=flops / ms_pipelined / 1e9)
 
     if N <= 131072:  # torch.topk over the full fp32 score matrix [G, N, nblk] (future blocks -inf)
         S = torch.full((N * G * nblk,), float("-inf"), device="cuda")

@@ -18,6 +18,14 @@ common case once the list fills.
 * ``fused_select_program`` computes each block score with a tensor-core GEMM
   and feeds it to the list directly, so block scores never reach device memory
   and the local block's score (never needed: it is forced) is not computed.
+* ``pipelined_select_program`` (the default where a key block holds >= 128
+  rows) does the same with the roles written by hand: a producer warpgroup
+  streams key blocks into a ring of cp.async stages on mbarriers, and two
+  consumer warpgroups, each owning up to 128 rows, run GEMM, row max and
+  inserts on every block, so one's row maxima and inserts run under the
+  other's GEMM and each key block is read once for 256 rows. Each row's list
+  is filled in block order, as in the fused kernel, so the two select
+  identically.
 """
 
 
@@ -32,6 +40,8 @@ from msa_tl.tuning.cache import tuned_config
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
 FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
+PIPELINED_DEFAULTS = dict(stages=3, heavy_first=True)  # stages 2-4 within 1% on the H200 (NOTES.md)
+SELECT_METHODS = ("pipelined", "fused", "two_pass")
 _LOWEST = -3.0e38  # below every finite score; "no candidate yet"
 
 
@@ -140,25 +150,124 @@ def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int
     return index_select_fused
 
 
+def pipelined_rows(groups: int, block_size: int) -> int:
+    """Rows per consumer of :func:`pipelined_select_program` (two consumers' rows lie in one key block), 0 if
+    fewer than one wgmma M tile (64) would fit."""
+    rows = min(128, groups * block_size // 2)
+    return rows if rows >= 64 else 0
+
+
+def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
+                             heavy_first: bool = True, dtype: str = "bfloat16"):
+    """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32; a producer and two consumers.
+
+    Each consumer owns M = :func:`pipelined_rows` rows and both read every key block of a ``stages``-deep ring.
+    """
+    batch, seq = T.dynamic("batch"), T.dynamic("seq")
+    Bk, Di, M = block_size, index_dim, pipelined_rows(groups, block_size)
+    if not M:
+        raise ValueError(f"the pipelined select needs >= 128 rows in a key block (G * Bk = {groups * block_size})")
+    slots = max(topk - 1, 1)
+
+    @T.macro
+    def consume(c, ctx, r0, local, Q_s, ring, full, empty, acc, rmax, rmax_s, top_val, top_blk, Idx, bz):
+        insert = _list_insert(top_val, top_blk, slots)
+        for j in T.serial(slots):
+            top_val[j] = _LOWEST
+            top_blk[j] = -1
+        for blk in T.serial(local):
+            T.barrier_wait(full[blk % stages], (blk // stages) & 1)
+            T.wgmma_gemm(Q_s, ring[blk % stages, :, :], acc, transpose_B=True, clear_accum=True)
+            T.wait_wgmma(0)
+            T.barrier_arrive(empty[blk % stages])
+            T.reduce_max(acc, rmax, dim=1)
+            T.sync_threads(1 + c, 128)  # every thread has read the previous block's row maxima
+            T.copy(rmax, rmax_s)
+            T.sync_threads(1 + c, 128)
+            if ctx < M:
+                insert(rmax_s[ctx], blk)
+        if ctx < M and r0 + c * M + ctx < seq * groups:
+            Idx[bz, r0 + c * M + ctx, 0] = local
+            for j in T.serial(topk - 1):
+                Idx[bz, r0 + c * M + ctx, j + 1] = top_blk[j]
+
+    @T.prim_func
+    def index_select_pipelined(
+        Q: T.Tensor((batch, seq * groups, index_dim), dtype),
+        K: T.Tensor((batch, seq, index_dim), dtype),
+        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+    ):
+        with T.Kernel(T.ceildiv(seq * groups, 2 * M), batch, threads=384) as (tile, bz):
+            bx = T.ceildiv(seq * groups, 2 * M) - 1 - tile if heavy_first else tile
+            Q_s0 = T.alloc_shared((M, Di), dtype)  # [M, Di] consumer 0's rows
+            Q_s1 = T.alloc_shared((M, Di), dtype)  # [M, Di] consumer 1's rows
+            ring = T.alloc_shared((stages, Bk, Di), dtype)  # [stages, Bk, Di]
+            acc0 = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
+            acc1 = T.alloc_fragment((M, Bk), "float32")
+            rmax0 = T.alloc_fragment((M,), "float32")
+            rmax1 = T.alloc_fragment((M,), "float32")
+            rmax_s0 = T.alloc_shared((M,), "float32")
+            rmax_s1 = T.alloc_shared((M,), "float32")
+            top_val = T.alloc_local((slots,), "float32")
+            top_blk = T.alloc_local((slots,), "int32")
+            q_ready = T.alloc_barrier(128)
+            full = T.alloc_barrier([128] * stages)
+            empty = T.alloc_barrier([256] * stages)  # both consumers release a slot
+            tx = T.get_thread_binding()
+            r0 = bx * 2 * M
+            local = r0 // groups // Bk
+            if tx >= 256:  # producer: both consumers' Q rows once, then key blocks 0 .. local-1
+                T.set_max_nreg(40, 0)
+                T.async_copy(Q[bz, r0:r0 + M, :], Q_s0)
+                T.async_copy(Q[bz, r0 + M:r0 + 2 * M, :], Q_s1)
+                T.cp_async_barrier_noinc(q_ready[0])
+                for blk in T.serial(local):
+                    T.barrier_wait(empty[blk % stages], ((blk // stages) & 1) ^ 1)
+                    T.async_copy(K[bz, blk * Bk:(blk + 1) * Bk, :], ring[blk % stages, :, :])
+                    T.cp_async_barrier_noinc(full[blk % stages])
+            elif tx < 128:
+                T.set_max_nreg(232, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(0, tx, r0, local, Q_s0, ring, full, empty, acc0, rmax0, rmax_s0, top_val, top_blk, Idx, bz)
+            else:
+                T.set_max_nreg(232, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(1, tx - 128, r0, local, Q_s1, ring, full, empty, acc1, rmax1, rmax_s1, top_val, top_blk, Idx,
+                        bz)
+
+    return index_select_pipelined
+
+
+# The roles are written by hand: TileLang's own warp specialisation and its inserted syncs would fight them.
+pipelined_select_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
+
+
 def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
-                  fused: bool = True, query_chunk: int = 16384, config=None, out=None):
+                  method: str | None = None, query_chunk: int = 16384, config=None, out=None):
     """Index branch on the GPU. q_idx [B, N, G, Di], k_idx [B, N, Di] -> indices [B, N, G, topk] int32.
 
-    ``fused`` (default) scores and selects in one kernel with no score buffer;
-    otherwise block scores go through a buffer of B * query_chunk * G *
-    ceil(N / Bk) float32 and the standalone top-k kernel. ``index_scale`` only
-    matters to the unfused path's scores: a positive scale does not change ranks.
-    ``out`` may supply the contiguous int32 [B, N, G, topk] result tensor. ``config`` overrides the
-    tuned config (:func:`msa_tl.tuning.cache.tuned_config`) of the select kernel that runs.
+    ``method``: ``"pipelined"`` (default where G * Bk >= 128, else ``"fused"``) or ``"fused"`` score and
+    select in one kernel with no score buffer (the two select identically); ``"two_pass"`` writes block
+    scores to a buffer of B * query_chunk * G * ceil(N / Bk) float32 for the standalone top-k kernel. ``index_scale`` only matters to the
+    two-pass scores: a positive scale does not change ranks. ``out`` may supply the contiguous int32
+    [B, N, G, topk] result tensor. ``config`` overrides the tuned config
+    (:func:`msa_tl.tuning.cache.tuned_config`) of the select kernel that runs.
     """
     B, N, G, Di = q_idx.shape
+    if method is None:
+        method = "pipelined" if pipelined_rows(G, block_size) else "fused"
+    if method not in SELECT_METHODS:
+        raise ValueError(f"method must be one of {SELECT_METHODS}, got {method!r}")
     if out is None:
         out = torch.empty((B, N, G, topk), device=q_idx.device, dtype=torch.int32)
     indices = out.view(B, N * G, topk)
     shape = dict(groups=G, index_dim=Di, block_size=block_size, topk=topk, seq=N)
-    if fused:
-        config = {**tuned_config("index_select_fused", shape, FUSED_DEFAULTS, q_idx.device), **(config or {})}
-        kernel = compiled_kernel(fused_select_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
+    if method != "two_pass":
+        program, builder, defaults = {
+            "pipelined": ("index_select_pipelined", pipelined_select_program, PIPELINED_DEFAULTS),
+            "fused": ("index_select_fused", fused_select_program, FUSED_DEFAULTS)}[method]
+        config = {**tuned_config(program, shape, defaults, q_idx.device), **(config or {})}
+        kernel = compiled_kernel(builder, groups=G, index_dim=Di, block_size=block_size, topk=topk,
                                  dtype=tl_dtype(q_idx.dtype), **config)
         kernel(q_idx.view(B, N * G, Di), k_idx, indices)
         return indices.view(B, N, G, topk)

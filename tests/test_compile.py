@@ -17,6 +17,8 @@ PROGRAMS = [
     (index_topk.topk_program, dict(groups=8, block_size=64, topk=8)),
     (index_topk.fused_select_program, dict(groups=4, index_dim=128, block_size=128, topk=16)),
     (index_topk.fused_select_program, dict(groups=2, index_dim=64, block_size=64, topk=4)),
+    (index_topk.pipelined_select_program, dict(groups=4, index_dim=128, block_size=128, topk=16)),
+    (index_topk.pipelined_select_program, dict(groups=1, index_dim=64, block_size=128, topk=8)),  # 64 rows a consumer
 ]
 IDS = [f"{b.__name__}-{'-'.join(str(v) for v in c.values())}" for b, c in PROGRAMS]
 
@@ -25,7 +27,9 @@ IDS = [f"{b.__name__}-{'-'.join(str(v) for v in c.values())}" for b, c in PROGRA
 def test_lowers_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source
-    if builder is not index_topk.topk_program:  # the GEMM programs must use Hopper tensor cores and TMA
+    if builder is index_topk.pipelined_select_program:  # roles by hand: a cp.async ring on mbarriers, wgmma
+        assert "wgmma" in source and "mbarrier_cp_async_arrive_noinc(full" in source and "warpgroup_reg_alloc" in source
+    elif builder is not index_topk.topk_program:  # the GEMM programs must use Hopper tensor cores and TMA
         assert "wgmma" in source and "tma_load" in source
 
 
@@ -99,7 +103,7 @@ def test_kl_programs_lower_for_sm90a(builder, config):
 
 
 NVCC_PROGRAMS = [*PROGRAMS[::2], MAIN_PROGRAMS[3], MAIN_PROGRAMS[6], BACKWARD_PROGRAMS[1], KL_PROGRAMS[1]]
-NVCC_IDS = [*IDS[::2], "kv_outer", "q_outer", "kv_outer_backward", "kl_fused"]
+NVCC_IDS = [*IDS[::2], "kv_outer", "lse_combine", "kv_outer_backward", "kl_fused"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -107,6 +111,11 @@ NVCC_IDS = [*IDS[::2], "kv_outer", "q_outer", "kv_outer_backward", "kl_fused"]
 def test_compiles_with_nvcc(builder, config, tmp_path, monkeypatch):
     monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))  # a real nvcc run, not a cache hit
     assert "__global__" in compile_program(builder, config, target=sm90_target()).get_kernel_source()
+
+
+def test_the_pipelined_select_names_a_key_block_too_small_for_two_consumers():
+    with pytest.raises(ValueError, match="128 rows"):
+        index_topk.pipelined_select_program(groups=1, index_dim=64, block_size=64, topk=8)
 
 
 def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():

@@ -16,29 +16,57 @@ def index_inputs(B, N, G, Di, dtype=torch.bfloat16):
             torch.randn(B, N, Di, device="cuda", dtype=dtype))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])
+METHODS = [None, "pipelined", "fused", "two_pass"]  # None: the default for the layout
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "B,N,G,Di,Bk,topk",
     [(1, 4096, 4, 128, 128, 16), (2, 1000, 4, 128, 128, 16), (2, 300, 2, 64, 64, 16),
      (1, 2500, 1, 128, 128, 16), (1, 3000, 8, 64, 64, 8), (1, 2048, 2, 128, 128, 4)],
     ids=["paper", "ragged-b2", "N<k*Bk", "G1", "G8-Bk64", "k4"],
 )
-def test_select_blocks_matches_reference(fused, B, N, G, Di, Bk, topk):
+def test_select_blocks_matches_reference(method, B, N, G, Di, Bk, topk):
     from msa_tl.index_topk import select_blocks
 
     q_idx, k_idx = index_inputs(B, N, G, Di)
-    indices = select_blocks(q_idx, k_idx, Bk, topk, fused=fused, query_chunk=1024)
+    indices = select_blocks(q_idx, k_idx, Bk, topk, method=method, query_chunk=1024)
     assert_same_selection_up_to_ties(indices, q_idx, k_idx, Bk, topk)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-pass"])
-def test_every_slot_of_a_poisoned_output_is_written(fused):
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "many-ties"])
+@pytest.mark.parametrize("N,G,Di,Bk,topk", [(4096, 4, 128, 128, 16), (2500, 1, 128, 128, 8), (1900, 8, 64, 64, 4),
+                                            (1000, 2, 64, 64, 16)],
+                         ids=["paper", "G1-64-rows", "G8-k4", "G2-Bk64-64-rows"])
+def test_pipelined_and_fused_select_the_same_blocks(ties, N, G, Di, Bk, topk):
+    """Both fill each row's list in block order: the same choice, ties included, at 64 or 128 rows a consumer."""
+    from msa_tl.index_topk import select_blocks
+
+    q_idx, k_idx = index_inputs(2, N, G, Di)
+    if ties:  # entries in {-1, 0, 1}: block maxima repeat across blocks
+        q_idx, k_idx = q_idx.round().clamp(-1, 1), k_idx.round().clamp(-1, 1)
+    fused = select_blocks(q_idx, k_idx, Bk, topk, method="fused")
+    out = torch.full_like(fused, POISON)
+    pipelined = select_blocks(q_idx, k_idx, Bk, topk, method="pipelined", out=out)
+    assert torch.equal(pipelined, fused)
+
+
+def test_an_unknown_select_method_is_named():
+    from msa_tl.index_topk import select_blocks
+
+    q_idx, k_idx = index_inputs(1, 256, 4, 128)
+    with pytest.raises(ValueError, match="method"):
+        select_blocks(q_idx, k_idx, 128, 4, method="serial")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_slot_of_a_poisoned_output_is_written(method):
     from msa_tl.index_topk import select_blocks
 
     B, N, G, Di, Bk, topk = 2, 1500, 4, 128, 128, 16
     q_idx, k_idx = index_inputs(B, N, G, Di)
     out = torch.full((B, N, G, topk), POISON, device="cuda", dtype=torch.int32)
-    indices = select_blocks(q_idx, k_idx, Bk, topk, fused=fused, query_chunk=512, out=out)
+    indices = select_blocks(q_idx, k_idx, Bk, topk, method=method, query_chunk=512, out=out)
     assert indices.data_ptr() == out.data_ptr()
     assert_same_selection_up_to_ties(indices, q_idx, k_idx, Bk, topk)
 

@@ -10,6 +10,7 @@ PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, to
 
 @pytest.mark.parametrize("program,defaults", [
     ("index_block_scores", index_scores.DEFAULTS),
+    ("index_select_pipelined", index_topk.PIPELINED_DEFAULTS),
     ("index_select_fused", index_topk.FUSED_DEFAULTS),
     ("index_topk", index_topk.TOPK_DEFAULTS),
     ("kv_outer_attention", {k: v for k, v in kv_outer_attention.ATTENTION_DEFAULTS.items()}),
@@ -30,6 +31,7 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("index_select_fused", dict(block_M=256, num_stages=1, threads=128, heavy_first=True), "registers"),
     ("index_select_fused", dict(block_M=128, num_stages=2, threads=128, heavy_first=True), None),
     ("index_block_scores", dict(block_M=256, num_stages=2, threads=256, heavy_first=False), None),
+    ("index_select_pipelined", dict(stages=4, heavy_first=True), None),  # 2 x 32 KB of Q + 4 x 32 KB of K
     ("kv_outer_attention", dict(stages=4, tma_stores=False, pingpong=False), "shared memory"),  # 4 x 2 ring slots of 16 KB beside K/V
     ("kv_outer_attention", dict(stages=3, tma_stores=False, pingpong=True), None),
     ("kv_outer_attention", dict(stages=3, tma_stores=True, pingpong=False), "shared memory"),  # 240 KB
@@ -53,6 +55,7 @@ def test_layout_constraints_depend_on_the_shape():
     six_heads = dict(PAPER, heads=24, groups=4)  # 6 heads per group do not tile a consumer's 64 rows
     assert "heads" in SPACES["kv_outer_attention"].reject(dict(stages=2), six_heads)
     assert "GiB" in SPACES["schedule"].reject(dict(item_queries=256, query_chunk=32768), dict(PAPER, heads=128))
+    assert "rows" in SPACES["index_select_pipelined"].reject(dict(stages=2, heavy_first=True), one_group)
     wide = dict(PAPER, index_dim=256)  # a wider index head needs more shared memory per stage
     assert "shared memory" in SPACES["index_block_scores"].reject(
         dict(block_M=256, num_stages=4, threads=256, heavy_first=False), wide)

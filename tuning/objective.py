@@ -17,8 +17,8 @@
 import math
 import time
 
-PROGRAMS = ("index_select_fused", "index_block_scores", "index_topk", "kv_outer_attention", "q_outer_attention",
-            "lse_combine", "schedule", "kv_outer_backward")
+PROGRAMS = ("index_select_pipelined", "index_select_fused", "index_block_scores", "index_topk", "kv_outer_attention",
+            "q_outer_attention", "lse_combine", "schedule", "kv_outer_backward")
 PAPER_SHAPE = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
 
 
@@ -28,6 +28,7 @@ def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:
 
     return dict({
         "kv_outer_backward": kv_outer_backward.BACKWARD_DEFAULTS,
+        "index_select_pipelined": index_topk.PIPELINED_DEFAULTS,
         "index_select_fused": index_topk.FUSED_DEFAULTS,
         "index_block_scores": index_scores.DEFAULTS,
         "index_topk": index_topk.TOPK_DEFAULTS,
@@ -47,6 +48,9 @@ def compile_units(program: str, shape: dict, config: dict) -> list:
     Bk, topk, bf16 = shape["block_size"], shape["topk"], "bfloat16"
     attention = dict(groups=G, heads=Hq, head_dim=D, block_size=Bk, topk=topk, scale=1.0 / math.sqrt(D), dtype=bf16)
     return {
+        "index_select_pipelined": lambda: [(index_topk.pipelined_select_program,
+                                            dict(groups=G, index_dim=Di, block_size=Bk, topk=topk, dtype=bf16,
+                                                 **config))],
         "index_select_fused": lambda: [(index_topk.fused_select_program,
                                         dict(groups=G, index_dim=Di, block_size=Bk, topk=topk, dtype=bf16, **config))],
         "index_block_scores": lambda: [(index_scores.block_scores_program,
@@ -144,9 +148,9 @@ def _check_block_scores(shape, seq, config):
 def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: float = 300):
     """objective(config) -> median ms of ``program`` at ``shape["seq"]``, after a reference check at ``check_seq``.
 
-    What is timed: the fused select (whole index branch) for ``index_select_fused``. The kernel alone on
-    the last (heaviest) query chunk for ``index_block_scores``, ``index_topk``, ``kv_outer_attention`` and
-    ``lse_combine``. The whole main branch for ``q_outer_attention`` and ``schedule``.
+    What is timed: the whole index branch for ``index_select_pipelined`` and ``index_select_fused``. The
+    kernel alone on the last (heaviest) query chunk for ``index_block_scores``, ``index_topk``,
+    ``kv_outer_attention`` and ``lse_combine``. The whole main branch for ``q_outer_attention`` and ``schedule``.
     """
     import torch
 
@@ -166,14 +170,16 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
     t0 = N - chunk
     D = shape["head_dim"]
 
-    if program == "index_select_fused":
+    if program in ("index_select_pipelined", "index_select_fused"):
         q_idx, k_idx = _index_inputs(shape, N)
+        method = program.removeprefix("index_select_")
 
         def check(config):
-            _check_selection(shape, check_seq, lambda q, k, out: select_blocks(q, k, Bk, topk, config=config, out=out))
+            _check_selection(shape, check_seq, lambda q, k, out: select_blocks(q, k, Bk, topk, method=method,
+                                                                               config=config, out=out))
 
         def timed(config):
-            return lambda: select_blocks(q_idx, k_idx, Bk, topk, config=config)
+            return lambda: select_blocks(q_idx, k_idx, Bk, topk, method=method, config=config)
     elif program == "index_block_scores":
         q_idx, k_idx = _index_inputs(shape, N)
         buffer = torch.empty(chunk * G * math.ceil(N / Bk), device="cuda")
@@ -190,7 +196,7 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
 
         def check(config):
             _check_selection(shape, check_seq,
-                             lambda q, k, o: select_blocks(q, k, Bk, topk, fused=False, query_chunk=1024,
+                             lambda q, k, o: select_blocks(q, k, Bk, topk, method="two_pass", query_chunk=1024,
                                                            config=config, out=o))
 
         def timed(config):

@@ -56,6 +56,20 @@ def _reject_index(config, shape, *, stored_scores: bool):
     return None
 
 
+def _reject_pipelined_select(config, shape):
+    from msa_tl.index_topk import pipelined_rows
+
+    rows, Bk, Di = pipelined_rows(shape["groups"], shape["block_size"]), shape["block_size"], shape["index_dim"]
+    if not rows:
+        return "fewer than 2 x 64 rows per key block: a consumer needs one wgmma M tile"
+    smem = 2 * (2 * rows * Di + config["stages"] * Bk * Di) + 8 * rows
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if _acc_regs(rows, Bk, 128) > 232 - 40:
+        return "a consumer's accumulator leaves too few of its 232 registers for the rest"
+    return None
+
+
 def _reject_topk(config, shape):
     smem = 4 * config["block_M"] * (config["col_tile"] + 1)
     if smem > SMEM_LIMIT:
@@ -122,6 +136,8 @@ SPACES = {
     "index_block_scores": Space(
         dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
         lambda c, s: _reject_index(c, s, stored_scores=True), ("groups", "index_dim", "block_size")),
+    "index_select_pipelined": Space(dict(stages=(2, 3, 4), heavy_first=(False, True)), _reject_pipelined_select,
+                                    ("groups", "index_dim", "block_size", "topk")),
     "index_select_fused": Space(
         dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
         lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
