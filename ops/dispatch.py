@@ -2,8 +2,8 @@
 
 A stage runs a TileLang kernel when one is registered for it and supports the
 device; otherwise it runs the float64 reference (``msa_tl.reference``) and
-says so once per (stage, device type) through the ``msa_tl`` logger at
-WARNING level, so a slow path is never silent.
+says so, with the limit the call hit, once per (stage, device type, limit)
+through the ``msa_tl`` logger at WARNING level, so a slow path is never silent.
 """
 
 from __future__ import annotations
@@ -25,31 +25,34 @@ STAGES = {
     "kl_alignment_loss_backward": "KL alignment loss backward: dq_idx, dk_idx",
 }
 
-# stage -> (kernel, predicate on the device and the call's shape). Kernel modules register here.
-_KERNELS: dict[str, tuple[Callable, Callable[..., bool]]] = {}
-_REPORTED: set[tuple[str, str]] = set()
+# stage -> (kernel, limit on the device and the call's shape). Kernel modules register here.
+_KERNELS: dict[str, tuple[Callable, Callable[..., str | None]]] = {}
+_REPORTED: set[tuple[str, str, str]] = set()
 
 
-def register_kernel(stage: str, kernel: Callable, supports: Callable[..., bool]) -> None:
-    """``supports(device, **shape)`` says whether ``kernel`` handles a call (shape keywords per stage)."""
+def register_kernel(stage: str, kernel: Callable, limit: Callable[..., str | None]) -> None:
+    """``limit(device, **shape)`` says which of ``kernel``'s limits a call hits (a string), None if it runs it."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {sorted(STAGES)}")
-    _KERNELS[stage] = (kernel, supports)
+    _KERNELS[stage] = (kernel, limit)
 
 
 def kernel_for(stage: str, device: torch.device, **shape) -> Callable | None:
-    """The registered kernel for ``stage`` on ``device`` and ``shape``, or None after logging (once) that the reference runs."""
+    """The registered kernel for ``stage`` on ``device`` and ``shape``, or None after logging (once per limit)
+    that the reference runs and why."""
     entry = _KERNELS.get(stage)
-    if entry is not None and entry[1](device, **shape):
+    hit = "no TileLang kernel is registered" if entry is None else entry[1](device, **shape)
+    if hit is None:
         return entry[0]
-    key = (stage, device.type)
+    key = (stage, device.type, hit)
     if key not in _REPORTED:
         _REPORTED.add(key)
         logger.warning(
-            "msa_tl: %s runs the float64 reference on %s (no TileLang kernel for this device or shape); "
+            "msa_tl: %s runs the float64 reference on %s (the kernel's limit: %s); "
             "it costs O(N^2) time and is meant for checking and small problems",
             STAGES[stage],
             device.type,
+            hit,
         )
     return None
 
@@ -57,6 +60,6 @@ def kernel_for(stage: str, device: torch.device, **shape) -> Callable | None:
 def kernel_status(device: torch.device) -> dict[str, str]:
     """stage -> 'tilelang' or 'reference' for ``device`` at the paper's shape (for ``msa-tl info``; logs nothing)."""
     return {
-        stage: "tilelang" if stage in _KERNELS and _KERNELS[stage][1](device, **PAPER_SHAPE) else "reference"
+        stage: "tilelang" if stage in _KERNELS and _KERNELS[stage][1](device, **PAPER_SHAPE) is None else "reference"
         for stage in STAGES
     }

@@ -6,13 +6,23 @@ import torch
 
 from msa_tl.ops.dispatch import register_kernel
 
-INDEX_GROUPS = (1, 2, 4, 8)
+INDEX_GROUPS = (1, 2, 4, 8, 16, 32, 64)  # powers of 2 tile the select's 128-row CTAs with whole tokens
 INDEX_DIMS = (64, 128)
 INDEX_BLOCK_SIZES = (64, 128)
 
 
 def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _first_limit(*limits):
+    """The first limit that applies (a string saying which), or None: the kernel runs the call."""
+    return next((limit for limit in limits if limit), None)
+
+
+def _device_limit(device, dtype):
+    return _first_limit(not is_hopper(device) and f"a {device.type} device, not a Hopper GPU",
+                        dtype not in (torch.bfloat16, torch.float16) and f"{dtype} inputs (bfloat16 / float16 only)")
 
 
 ATTENTION_HEAD_DIMS = (64, 128)
@@ -67,11 +77,17 @@ def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Ten
     return kept.reshape(B, N, groups * heads_per_group, *rest).contiguous()
 
 
-def _select_blocks_supported(device, *, dtype, groups, index_dim, block_size, topk, **_) -> bool:
-    # other group counts up to 8 run with zero index heads padded in (3 -> 4, 5..7 -> 8), other index dims up
-    # to 128 with zero dims padded in
-    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and groups <= INDEX_GROUPS[-1]
-            and index_dim <= INDEX_DIMS[-1] and block_size in INDEX_BLOCK_SIZES)
+def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, **_):
+    # other group counts up to 64 run with zero index heads padded in (3 -> 4, 5..7 -> 8, 12 -> 16), other index
+    # dims up to 128 with zero dims padded in
+    return _first_limit(_device_limit(device, dtype),
+                        groups > INDEX_GROUPS[-1] and f"{groups} index heads (at most {INDEX_GROUPS[-1]})",
+                        index_dim > INDEX_DIMS[-1] and f"index dim {index_dim} (at most {INDEX_DIMS[-1]})",
+                        block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})")
+
+
+def _select_blocks_supported(device, **shape) -> bool:
+    return _select_blocks_limit(device, **shape) is None
 
 
 def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
@@ -84,14 +100,20 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
     return unpad_heads(indices, 1, G)
 
 
-register_kernel("select_blocks", _select_blocks, _select_blocks_supported)
+register_kernel("select_blocks", _select_blocks, _select_blocks_limit)
 
 
-def _sparse_attention_supported(device, *, dtype, heads, groups, head_dim, block_size, topk, **_) -> bool:
+def _sparse_attention_limit(device, *, dtype, heads, groups, head_dim, block_size, topk, **_):
     # a GQA ratio that does not tile 64 rows runs with zero query heads padded in (padded_heads)
-    return (is_hopper(device)
-            and dtype in (torch.bfloat16, torch.float16) and head_dim <= ATTENTION_HEAD_DIMS[-1]
-            and block_size in INDEX_BLOCK_SIZES and heads // groups <= TILE_HEADS[-1])
+    return _first_limit(
+        _device_limit(device, dtype),
+        head_dim > ATTENTION_HEAD_DIMS[-1] and f"head dim {head_dim} (at most {ATTENTION_HEAD_DIMS[-1]})",
+        block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
+        heads // groups > TILE_HEADS[-1] and f"{heads // groups} query heads per KV head (at most {TILE_HEADS[-1]})")
+
+
+def _sparse_attention_supported(device, **shape) -> bool:
+    return _sparse_attention_limit(device, **shape) is None
 
 
 # Below this many queries the Q-outer kernel would run. Measured on the H100 at the paper shape
@@ -128,7 +150,7 @@ def _sparse_attention(q, k, v, indices, *, block_size, scale):
     return unpad_dim(unpad_heads(o, G, R), D), unpad_heads(lse, G, R)
 
 
-register_kernel("sparse_attention", _sparse_attention, _sparse_attention_supported)
+register_kernel("sparse_attention", _sparse_attention, _sparse_attention_limit)
 
 
 def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale):
@@ -151,7 +173,7 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
-register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_supported)
+register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_limit)
 
 
 # The warmup's KL (all visible tokens) runs the same kernels over every visible block. Its selection, stats and
@@ -161,16 +183,23 @@ WARMUP_MAX_BLOCKS = 256
 WARMUP_MAX_ENTRIES = 2 ** 27
 
 
-def _kl_supported(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, batch=1,
-                  seq=1, **_) -> bool:
+def _kl_limit(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, batch=1, seq=1,
+              **_):
     # a ratio that does not divide 64 runs padded (the gather fills whole 64-row tiles only), up to 16
-    heads_per_group = heads // groups
-    if not sparse:
-        blocks = -(-seq // block_size)
-        if blocks > WARMUP_MAX_BLOCKS or batch * seq * groups * blocks > WARMUP_MAX_ENTRIES:
-            return False
-    return (is_hopper(device) and dtype in (torch.bfloat16, torch.float16) and head_dim in ATTENTION_HEAD_DIMS
-            and index_dim in INDEX_DIMS and block_size in INDEX_BLOCK_SIZES and heads_per_group <= 16)
+    blocks = -(-seq // block_size)
+    return _first_limit(
+        _device_limit(device, dtype),
+        head_dim not in ATTENTION_HEAD_DIMS and f"head dim {head_dim} (one of {ATTENTION_HEAD_DIMS})",
+        index_dim not in INDEX_DIMS and f"index dim {index_dim} (one of {INDEX_DIMS})",
+        block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
+        heads // groups > 16 and f"{heads // groups} query heads per KV head (at most 16)",
+        not sparse and blocks > WARMUP_MAX_BLOCKS and f"a warmup over {blocks} blocks (at most {WARMUP_MAX_BLOCKS})",
+        not sparse and batch * seq * groups * blocks > WARMUP_MAX_ENTRIES
+        and f"a warmup of {batch * seq * groups * blocks} (query, group, block) entries (at most 2**27)")
+
+
+def _kl_supported(device, **shape) -> bool:
+    return _kl_limit(device, **shape) is None
 
 
 def _kl_padded(q, k, lse):
@@ -198,5 +227,5 @@ def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_stu
                                       lse_student, mean_heads=R)
 
 
-register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_supported)
-register_kernel("kl_alignment_loss_backward", _kl_alignment_loss_backward, _kl_supported)
+register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_limit)
+register_kernel("kl_alignment_loss_backward", _kl_alignment_loss_backward, _kl_limit)

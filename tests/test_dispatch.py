@@ -1,5 +1,7 @@
 """Which calls reach the TileLang kernels, and which fall back to the (logged) reference."""
 
+import logging
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def test_paper_shape_takes_both_kernels_on_hopper(hopper):
         "kl_alignment_loss": "tilelang", "kl_alignment_loss_backward": "tilelang"}
 
 
-@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=16), dict(index_dim=256),
+@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=65), dict(index_dim=256),
                                     dict(block_size=256), dict(block_size=32)])
 def test_index_shapes_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, **change})
@@ -92,6 +94,24 @@ def test_kernel_for_logs_the_reference_once_per_stage_and_device(monkeypatch, ca
     assert sum("main branch" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_the_reference_log_names_the_limit_once_per_limit(hopper, monkeypatch, caplog):
+    """A fallback says which limit the call hit; a second call with another limit says so too."""
+    monkeypatch.setattr(dispatch, "_REPORTED", set())
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="msa_tl"):
+        for _ in range(2):
+            assert dispatch.kernel_for("select_blocks", cuda, **{**PAPER, "groups": 128}) is None
+        assert dispatch.kernel_for("sparse_attention", cuda, **{**PAPER, "head_dim": 256}) is None
+        assert dispatch.kernel_for("kl_alignment_loss", cuda, **{**PAPER, "dtype": torch.float32}) is None
+        assert dispatch.kernel_for("select_blocks", cuda, **{**PAPER, "block_size": 32}) is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "msa_tl"]
+    assert len(messages) == 4, messages
+    for message, limit in zip(messages, ("128 index heads (at most 64)", "head dim 256 (at most 128)",
+                                         "torch.float32 inputs", "block size 32")):
+        assert limit in message, (limit, message)
+    assert dispatch.kernel_for("select_blocks", cuda, **PAPER) is not None
+
+
 def test_register_kernel_rejects_unknown_stages():
     with pytest.raises(ValueError, match="unknown stage"):
         dispatch.register_kernel("decode", lambda: None, lambda device, **shape: True)
@@ -133,9 +153,9 @@ def test_causal_selection_lists_every_visible_block_once():
     assert torch.equal(chosen.sort(-1).values, every.sort(-1).values)
 
 
-@pytest.mark.parametrize("groups,padded", [(3, 4), (5, 8), (6, 8), (7, 8)])
+@pytest.mark.parametrize("groups,padded", [(3, 4), (5, 8), (6, 8), (7, 8), (12, 16), (16, 16), (40, 64)])
 def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypatch, groups, padded):
-    """3, 5, 6, 7 index heads run the select kernel with zero index heads padded in (and index dim 8 with zero
+    """3, 5, 6, 7, 12, 40 index heads run the select kernel with zero index heads padded in (and index dim 8 with zero
     dims, to 64); the real heads' selection is the unpadded one (the float64 reference stands in for the kernel)."""
     import msa_tl.index_topk as index_topk
     from msa_tl import reference as R

@@ -105,9 +105,10 @@ def test_msa_attention_selects_with_the_kernel():
     assert rel < 1e-2, rel
 
 
-@pytest.mark.parametrize("G,Di", [(3, 128), (6, 128), (4, 96)])
+@pytest.mark.parametrize("G,Di", [(3, 128), (6, 128), (4, 96), (16, 128), (12, 64)])
 def test_index_groups_outside_the_tiles_select_through_the_api(G, Di):
-    """3 or 6 index heads, or index dim 96: the select kernel runs with zero heads (4, 8) or dims (128) padded in."""
+    """3, 6 or 12 index heads, or index dim 96: the select kernel runs with zero heads (4, 8, 16) or dims (128)
+    padded in; 16 index heads run it as they are."""
     import msa_tl
 
     q_idx, k_idx = index_inputs(1, 2100, G, Di)
