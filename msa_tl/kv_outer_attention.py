@@ -256,7 +256,9 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
                                  "tl.enable_fast_math": True}
 
 
-SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384)
+# build_once: one schedule build for every query chunk (3 launches, not 3 per chunk; the schedule then holds
+# ~N * G * topk int32) instead of one build per chunk
+SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=False)
 
 
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
@@ -267,16 +269,17 @@ def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
-                             item_queries=None, partial_dtype=None, attention_config=None, combine_config=None,
-                             out=None, lse_out=None):
+                             item_queries=None, build_once=None, partial_dtype=None, attention_config=None,
+                             combine_config=None, out=None, lse_out=None):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
     [B, N, G, topk] int32 (-1 = unused) -> (o [B, N, Hq, D] in q's dtype,
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
-    B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule; it does not grow with N.
-    ``query_chunk``, ``item_queries`` and the two kernels' configs default to the tuned configs of
-    this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
+    B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule; it does not grow with N
+    unless ``build_once`` builds every chunk's schedule in one go (~4 * B * N * G * topk bytes).
+    ``query_chunk``, ``item_queries``, ``build_once`` and the two kernels' configs default to the tuned
+    configs of this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
@@ -292,7 +295,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
-    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device)
+    build_once = schedule_config["build_once"] if build_once is None else build_once
+    chunks = math.ceil(N / chunk)
+    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device,
+                        chunks=chunks if build_once else 1)
+    if build_once:
+        schedule.build(indices, 0, N)
     o_part = torch.empty(B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
     l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
@@ -301,13 +309,15 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                                 **attention_config)
     combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                               partial_dtype=pdt, **combine_config)
-    for t0 in range(0, N, chunk):
+    for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
-        schedule.build(indices, t0, count)
+        if not build_once:
+            schedule.build(indices, t0, count)
+        items, item_count, entries = schedule.part(c if build_once else 0)
         op = o_part[: B * count * Hq * topk * D].view(B, count * Hq * topk, D)
         lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
         lp.fill_(float("-inf"))
-        attention(q, k, v, schedule.items, schedule.item_count, schedule.entries, op, lp, t0)
+        attention(q, k, v, items, item_count, entries, op, lp, t0)
         combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
     return o, lse

@@ -1,7 +1,9 @@
 """The KV-outer scheduler (TileLang): reverse index from blocks to the queries that chose them.
 
 For the queries ``t0 <= t < t0 + C`` of one chunk and every (batch, group)
-``bg = b * G + g``, three programs build, with no host synchronisation:
+``bg = b * G + g``, three programs build, with no host synchronisation (one
+launch each also builds several consecutive chunks, chunk c in rows
+``c * B * G + bg``):
 
 1. ``histogram``: ``counts[bg, blk]`` = number of (query, slot) pairs choosing blk.
 2. ``plan`` (one CTA per bg): ``offsets[bg, blk]``, the exclusive prefix sum of
@@ -38,24 +40,26 @@ def max_items(n_blocks: int, chunk: int, topk: int, item_queries: int) -> int:
 
 
 def histogram_program(groups: int, topk: int):
-    """Indices [B, N, G, topk] int32, t0, chunk -> counts [B*G, nblk] += per-block choices (zeroed by the caller)."""
-    batch, seq, nblk, n_bg = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("nblk"), T.dynamic("n_bg")
+    """Indices [B, N, G, topk] int32, t0, count, chunk -> counts [C*B*G, nblk] += per-block choices (zeroed by
+    the caller) of queries t0 .. t0+count-1; query t0 + i belongs to chunk c = i // chunk, row (c*B + b)*G + g."""
+    batch, seq, nblk, n_rows = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("nblk"), T.dynamic("n_rows")
     per_token = groups * topk
 
     @T.prim_func
     def schedule_histogram(
         Indices: T.Tensor((batch, seq * per_token), "int32"),
-        Counts: T.Tensor((n_bg, nblk), "int32"),
+        Counts: T.Tensor((n_rows, nblk), "int32"),
         t0: T.int32,
+        count: T.int32,
         chunk: T.int32,
     ):
-        with T.Kernel(T.ceildiv(chunk * per_token, _THREADS), batch, threads=_THREADS) as (bx, b):
+        with T.Kernel(T.ceildiv(count * per_token, _THREADS), batch, threads=_THREADS) as (bx, b):
             tx = T.get_thread_binding()
             e = bx * _THREADS + tx
-            if e < chunk * per_token:
+            if e < count * per_token:
                 blk = Indices[b, t0 * per_token + e]
                 if blk >= 0:
-                    T.atomic_add(Counts[b * groups + (e // topk) % groups, blk], 1)
+                    T.atomic_add(Counts[(e // per_token // chunk * batch + b) * groups + (e // topk) % groups, blk], 1)
 
     return schedule_histogram
 
@@ -116,28 +120,30 @@ def plan_program(item_queries: int):
 
 
 def scatter_program(groups: int, topk: int):
-    """Place every (query, slot) entry of the chunk in its block's list: Entries [B*G, chunk*topk]."""
-    batch, seq, nblk, n_bg, cap = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("nblk"), T.dynamic("n_bg"), T.dynamic("cap")
+    """Place every (query, slot) entry in its block's list: Entries [C*B*G, chunk*topk], entry
+    (query - chunk start) * topk + slot, rows as :func:`histogram_program`."""
+    batch, seq, nblk, n_rows, cap = T.dynamic("batch, seq, nblk, n_rows, cap")
     per_token = groups * topk
 
     @T.prim_func
     def schedule_scatter(
         Indices: T.Tensor((batch, seq * per_token), "int32"),
-        Offsets: T.Tensor((n_bg, nblk), "int32"),
-        Cursor: T.Tensor((n_bg, nblk), "int32"),
-        Entries: T.Tensor((n_bg, cap), "int32"),
+        Offsets: T.Tensor((n_rows, nblk), "int32"),
+        Cursor: T.Tensor((n_rows, nblk), "int32"),
+        Entries: T.Tensor((n_rows, cap), "int32"),
         t0: T.int32,
+        count: T.int32,
         chunk: T.int32,
     ):
-        with T.Kernel(T.ceildiv(chunk * per_token, _THREADS), batch, threads=_THREADS) as (bx, b):
+        with T.Kernel(T.ceildiv(count * per_token, _THREADS), batch, threads=_THREADS) as (bx, b):
             tx = T.get_thread_binding()
             e = bx * _THREADS + tx
-            if e < chunk * per_token:
+            if e < count * per_token:
                 blk = Indices[b, t0 * per_token + e]
                 if blk >= 0:
-                    bg = b * groups + (e // topk) % groups
-                    pos = Offsets[bg, blk] + T.atomic_add(Cursor[bg, blk], 1, return_prev=True)
-                    Entries[bg, pos] = (e // per_token) * topk + e % topk
+                    row = (e // per_token // chunk * batch + b) * groups + (e // topk) % groups
+                    pos = Offsets[row, blk] + T.atomic_add(Cursor[row, blk], 1, return_prev=True)
+                    Entries[row, pos] = (e // per_token % chunk) * topk + e % topk
 
     return schedule_scatter
 
@@ -191,26 +197,41 @@ def work_item(Items, ItemCount, bg, item):
 
 
 class Schedule:
-    """Device buffers of one chunk's schedule (reused across chunks of the same size)."""
+    """Device buffers of the schedules of ``chunks`` query chunks of ``chunk`` queries (reused across builds).
 
-    def __init__(self, batch, groups, n_blocks, chunk, topk, item_queries, device):
-        n_bg = batch * groups
+    One build fills them all in three launches (histogram, plan, scatter); :meth:`part` gives chunk c's
+    (items, item_count, entries), the attention kernels' arguments. With ``chunks`` = 1 the buffers are
+    rebuilt per chunk and take ~``B * G * chunk * topk`` int32; a whole-sequence build holds N's.
+    """
+
+    def __init__(self, batch, groups, n_blocks, chunk, topk, item_queries, device, chunks: int = 1):
+        n_rows = chunks * batch * groups
+        self.n_bg, self.chunk, self.chunks = batch * groups, chunk, chunks
         self.item_queries = item_queries
         self.max_items = max_items(n_blocks, chunk, topk, item_queries)
-        self.counts = torch.empty((n_bg, n_blocks), device=device, dtype=torch.int32)
-        self.cursor = torch.empty((n_bg, n_blocks), device=device, dtype=torch.int32)
-        self.offsets = torch.empty((n_bg, n_blocks), device=device, dtype=torch.int32)
-        self.items = torch.empty((n_bg, self.max_items, 3), device=device, dtype=torch.int32)
-        self.item_count = torch.empty((n_bg,), device=device, dtype=torch.int32)
-        self.entries = torch.empty((n_bg, chunk * topk), device=device, dtype=torch.int32)
+        self.counts = torch.empty((n_rows, n_blocks), device=device, dtype=torch.int32)
+        self.cursor = torch.empty((n_rows, n_blocks), device=device, dtype=torch.int32)
+        self.offsets = torch.empty((n_rows, n_blocks), device=device, dtype=torch.int32)
+        self.items = torch.empty((n_rows, self.max_items, 3), device=device, dtype=torch.int32)
+        self.item_count = torch.empty((n_rows,), device=device, dtype=torch.int32)
+        self.entries = torch.empty((n_rows, chunk * topk), device=device, dtype=torch.int32)
 
-    def build(self, indices, t0: int, chunk: int) -> "Schedule":
-        """Fill the buffers for queries t0 .. t0+chunk-1 of ``indices`` [B, N, G, topk] (int32, contiguous)."""
+    def build(self, indices, t0: int, count: int) -> "Schedule":
+        """Fill the buffers for queries t0 .. t0+count-1 of ``indices`` [B, N, G, topk] (int32, contiguous):
+        chunk c holds queries t0 + c * chunk onwards, at most ``chunks * chunk`` queries in all."""
+        if count > self.chunks * self.chunk:
+            raise ValueError(f"{count} queries exceed {self.chunks} chunk(s) of {self.chunk}")
         B, N, G, topk = indices.shape
         flat = indices.view(B, N * G * topk)
         self.counts.zero_()
         self.cursor.zero_()
-        compiled_kernel(histogram_program, groups=G, topk=topk)(flat, self.counts, t0, chunk)
+        compiled_kernel(histogram_program, groups=G, topk=topk)(flat, self.counts, t0, count, self.chunk)
         compiled_kernel(plan_program, item_queries=self.item_queries)(self.counts, self.offsets, self.items, self.item_count)
-        compiled_kernel(scatter_program, groups=G, topk=topk)(flat, self.offsets, self.cursor, self.entries, t0, chunk)
+        compiled_kernel(scatter_program, groups=G, topk=topk)(flat, self.offsets, self.cursor, self.entries, t0, count,
+                                                              self.chunk)
         return self
+
+    def part(self, c: int) -> tuple:
+        """(items, item_count, entries) of chunk c of the last build."""
+        rows = slice(c * self.n_bg, (c + 1) * self.n_bg)
+        return self.items[rows], self.item_count[rows], self.entries[rows]

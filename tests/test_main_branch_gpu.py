@@ -107,39 +107,52 @@ def test_fp32_partials():
     check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, partial_dtype=torch.float32)
 
 
-def test_scheduler_builds_the_reverse_index():
+@pytest.mark.parametrize("chunks,count", [(1, 512), (3, 644)], ids=["one-chunk", "three-chunks-ragged"])
+def test_scheduler_builds_the_reverse_index(chunks, count):
+    """Chunk c of a build (queries t0 + c * chunk onwards, the last one ragged) lists every (query, slot) of
+    its chunk under the block it chose, and its items cover each list once."""
     from msa_tl.scheduler import Schedule
 
     B, N, G, Bk, topk, item_queries = 2, 900, 2, 64, 4, 40
     indices = selection("realistic", B, N, G, Bk, topk)
-    t0, chunk = 256, 512
+    t0, chunk = 256, 512 if chunks == 1 else 224
     nblk = math.ceil(N / Bk)
-    sched = Schedule(B, G, nblk, chunk, topk, item_queries, "cuda")
+    sched = Schedule(B, G, nblk, chunk, topk, item_queries, "cuda", chunks=chunks)
     sched.entries.fill_(-7)
-    sched.build(indices, t0, chunk)
-    counts, offsets = sched.counts.cpu(), sched.offsets.cpu()
-    entries, items, n_items = sched.entries.cpu(), sched.items.cpu(), sched.item_count.cpu()
+    sched.build(indices, t0, count)
     idx = indices.cpu()
-    for b in range(B):
-        for g in range(G):
-            bg = b * G + g
-            expected = {blk: [] for blk in range(nblk)}
-            for t in range(t0, t0 + chunk):
-                for s in range(topk):
-                    if idx[b, t, g, s] >= 0:
-                        expected[int(idx[b, t, g, s])].append((t - t0) * topk + s)
-            covered = 0
-            for blk in range(nblk):
-                c, off = int(counts[bg, blk]), int(offsets[bg, blk])
-                assert c == len(expected[blk])
-                assert sorted(entries[bg, off:off + c].tolist()) == sorted(expected[blk])
-            for i in range(int(n_items[bg])):
-                blk, start, length = items[bg, i].tolist()
-                assert 0 < length <= item_queries and offsets[bg, blk] <= start
-                assert start + length <= offsets[bg, blk] + counts[bg, blk]
-                covered += length
-            assert covered == int(counts[bg].sum())
-            assert int(n_items[bg]) <= sched.max_items
+    for part in range(chunks):
+        items, n_items, entries = (x.cpu() for x in sched.part(part))
+        rows = slice(part * B * G, (part + 1) * B * G)
+        counts, offsets = sched.counts[rows].cpu(), sched.offsets[rows].cpu()
+        first, last = t0 + part * chunk, min(t0 + (part + 1) * chunk, t0 + count)
+        for b in range(B):
+            for g in range(G):
+                bg = b * G + g
+                expected = {blk: [] for blk in range(nblk)}
+                for t in range(first, last):
+                    for s in range(topk):
+                        if idx[b, t, g, s] >= 0:
+                            expected[int(idx[b, t, g, s])].append((t - first) * topk + s)
+                covered = 0
+                for blk in range(nblk):
+                    c, off = int(counts[bg, blk]), int(offsets[bg, blk])
+                    assert c == len(expected[blk])
+                    assert sorted(entries[bg, off:off + c].tolist()) == sorted(expected[blk])
+                for i in range(int(n_items[bg])):
+                    blk, start, length = items[bg, i].tolist()
+                    assert 0 < length <= item_queries and offsets[bg, blk] <= start
+                    assert start + length <= offsets[bg, blk] + counts[bg, blk]
+                    covered += length
+                assert covered == int(counts[bg].sum())
+                assert int(n_items[bg]) <= sched.max_items
+
+
+def test_a_schedule_built_once_for_every_chunk():
+    """build_once: one schedule build for all query chunks (the last ragged) gives the reference's output."""
+    B, N, Hq, G, D, Bk, topk = 2, 1700, 16, 2, 128, 64, 8
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, query_chunk=384, build_once=True)
 
 
 def test_msa_attention_trains_forward_on_kernels_backward_on_the_custom_op():
