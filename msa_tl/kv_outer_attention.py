@@ -33,6 +33,7 @@ from tilelang.layout import make_swizzled_layout
 from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
+from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, without_shared_tiles
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
@@ -257,8 +258,9 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 
 
 # build_once: one schedule build for every query chunk (3 launches, not 3 per chunk; the schedule then holds
-# ~N * G * topk int32) instead of one build per chunk
-SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=False)
+# ~N * G * topk int32) instead of one build per chunk. shared_tiles: query tiles whose rows chose the same
+# blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials.
+SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=False, shared_tiles=False)
 
 
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
@@ -269,8 +271,8 @@ def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
-                             item_queries=None, build_once=None, partial_dtype=None, attention_config=None,
-                             combine_config=None, out=None, lse_out=None):
+                             item_queries=None, build_once=None, shared_tiles=None, partial_dtype=None,
+                             attention_config=None, combine_config=None, out=None, lse_out=None):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -278,8 +280,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule; it does not grow with N
     unless ``build_once`` builds every chunk's schedule in one go (~4 * B * N * G * topk bytes).
-    ``query_chunk``, ``item_queries``, ``build_once`` and the two kernels' configs default to the tuned
-    configs of this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
+    ``shared_tiles``: query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`) are
+    attended Q-outer, with no partials. ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``
+    and the kernels' configs default to the tuned configs of this GPU and shape
+    (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
@@ -296,6 +300,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     build_once = schedule_config["build_once"] if build_once is None else build_once
+    shared_tiles = schedule_config["shared_tiles"] if shared_tiles is None else shared_tiles
+    if shared_tiles:  # the KV-outer path gets the other rows; the tiles are attended after the combine
+        shared = sharing_tiles(indices, Hq // G, block_size)
+        tile_indices, indices = indices, without_shared_tiles(indices, shared, Hq // G, block_size)
     chunks = math.ceil(N / chunk)
     schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device,
                         chunks=chunks if build_once else 1)
@@ -308,7 +316,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                                 scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config)
     combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
-                              partial_dtype=pdt, **combine_config)
+                              partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if shared_tiles else {}))
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not build_once:
@@ -320,4 +328,6 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         attention(q, k, v, items, item_count, entries, op, lp, t0)
         combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
+    if shared_tiles:
+        shared_tile_attention(q, k, v, tile_indices, shared, block_size, scale, o, lse)
     return o, lse

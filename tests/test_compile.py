@@ -7,7 +7,8 @@ import pytest
 tilelang = pytest.importorskip("tilelang")
 
 from msa_tl import (  # noqa: E402
-    index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler)
+    index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler,
+    shared_tiles)
 from msa_tl.tl_compile import compile_program, lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
@@ -46,6 +47,9 @@ MAIN_PROGRAMS = [
     (q_outer_attention.q_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (q_outer_attention.q_outer_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                              num_stages=1, dtype="float16")),
+    (shared_tiles.tile_attention_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
+    (shared_tiles.tile_attention_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
+                                               dtype="float16")),  # R = 1: 64-row tiles
 ]
 
 
@@ -61,6 +65,8 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "mbarrier_cp_async_arrive_noinc(full" in source
         tma_stores = config.get("tma_stores", kv_outer_attention.ATTENTION_DEFAULTS["tma_stores"])
         assert ("tl::tma_store(Opart_desc" in source) == tma_stores  # partial boxes by TMA, else thread stores
+    if builder is shared_tiles.tile_attention_program:  # the tile's rows on tensor cores
+        assert "wgmma" in source
     if builder is q_outer_attention.q_outer_program:
         # M = R rows: mma.sync; no warp-specialised TMA producer (it gave wrong rows at Bk = 64 on the H100)
         assert "mma_sync" in source and "mbarrier" not in source

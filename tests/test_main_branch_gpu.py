@@ -148,6 +148,33 @@ def test_scheduler_builds_the_reverse_index(chunks, count):
                 assert int(n_items[bg]) <= sched.max_items
 
 
+@pytest.mark.parametrize("kind", ["realistic", "hot", "random", "mixed"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk", [(1, 2125, 64, 4, 128, 128, 16), (2, 1000, 16, 2, 64, 64, 8),
+                                               (1, 1300, 8, 8, 128, 64, 4), (2, 777, 64, 1, 64, 128, 6)],
+                         ids=["paper-ragged", "b2-Bk64", "R1-64-rows", "R64"])
+def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, topk):
+    """shared_tiles: tiles whose queries chose the same blocks (every tile when each key block's queries take
+    its first query's row; none for random rows; every other tile for mixed) are attended Q-outer and the rest
+    KV-outer; together, the reference's output."""
+    from msa_tl.shared_tiles import sharing_tiles, tile_queries
+
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    per_query = selection("random" if kind == "mixed" else kind, B, N, G, Bk, topk).sort(dim=-1, descending=True).values
+    first_of_block = torch.arange(N, device="cuda") // Bk * Bk
+    per_block = per_query[:, first_of_block]  # valid for every query of the block: its blocks are all <= local
+    if kind == "random":
+        indices = per_query
+    elif kind == "mixed":
+        even = (torch.arange(N, device="cuda") // tile_queries(Hq // G, Bk) % 2 == 0)[None, :, None, None]
+        indices = torch.where(even, per_block, per_query)
+    else:
+        indices = per_block
+    indices = indices.contiguous()
+    shared = sharing_tiles(indices, Hq // G, Bk)
+    assert shared.any() == (kind != "random") and (kind != "mixed" or not shared.all())
+    check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
+
+
 def test_a_schedule_built_once_for_every_chunk():
     """build_once: one schedule build for all query chunks (the last ragged) gives the reference's output."""
     B, N, Hq, G, D, Bk, topk = 2, 1700, 16, 2, 128, 64, 8

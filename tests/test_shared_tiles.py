@@ -1,0 +1,50 @@
+"""Which query tiles share their selection, and what the KV-outer path is left with (CPU)."""
+
+import torch
+
+from msa_tl.shared_tiles import sharing_tiles, tile_queries, tile_rows, without_shared_tiles
+
+
+def block_pattern(B, N, G, Bk, topk):
+    """Every query of a key block chooses the same blocks: its own, then the ones before it."""
+    local = (torch.arange(N) // Bk)[None, :, None, None]
+    cand = local - torch.arange(topk)
+    return torch.where(cand >= 0, cand, -1).expand(B, N, G, topk).int().contiguous()
+
+
+def test_tiles_are_128_rows_of_whole_queries_inside_one_key_block():
+    assert (tile_rows(16, 128), tile_queries(16, 128)) == (128, 8)
+    assert (tile_rows(1, 64), tile_queries(1, 64)) == (64, 64)  # 128 queries would span two blocks
+    assert (tile_rows(64, 64), tile_queries(64, 64)) == (128, 2)
+
+
+def test_a_tile_is_shared_only_where_all_its_rows_are_equal():
+    B, N, G, Bk, topk, R = 2, 1000, 3, 64, 4, 16  # 8 queries a tile: 125 tiles
+    indices = block_pattern(B, N, G, Bk, topk)
+    indices[1, 13, 2, 3] = 0 if indices[1, 13, 2, 3] != 0 else 1  # query 13 (tile 1), group 2 of batch 1
+    shared = sharing_tiles(indices, R, Bk)
+    assert shared.shape == (B, 125, G) and shared.dtype == torch.int32
+    expected = torch.ones(B, 125, G, dtype=torch.int32)
+    expected[1, 1, 2] = 0
+    assert torch.equal(shared, expected)
+
+
+def test_the_ragged_tail_and_random_rows_are_not_shared():
+    B, N, G, Bk, topk, R = 1, 1003, 2, 64, 4, 16
+    indices = torch.randint(0, 8, (B, N, G, topk), dtype=torch.int32)
+    shared = sharing_tiles(indices, R, Bk)
+    assert shared.shape == (B, 125, G) and not shared.any()  # 1003 = 125 * 8 + 3: the tail is not a tile
+
+
+def test_the_kv_outer_path_keeps_exactly_the_other_rows():
+    B, N, G, Bk, topk, R = 1, 203, 2, 64, 4, 16
+    indices = block_pattern(B, N, G, Bk, topk)
+    indices[0, 40:48, 0] = torch.randint(0, 1, (8, topk), dtype=torch.int32).sort(-1).values  # tile 5: all 0s
+    indices[0, 41, 0, 1] = -1  # ... now unequal
+    shared = sharing_tiles(indices, R, Bk)
+    left = without_shared_tiles(indices, shared, R, Bk)
+    rows_shared = shared.bool().repeat_interleave(8, dim=1)  # [B, 200, G]
+    assert (left[:, :200][rows_shared] == -1).all()
+    assert torch.equal(left[:, :200][~rows_shared], indices[:, :200][~rows_shared])
+    assert torch.equal(left[:, 200:], indices[:, 200:])  # the tail tile runs KV-outer
+    assert not rows_shared[0, 40:48, 0].any() and rows_shared[0, 40:48, 1].all()
