@@ -175,6 +175,20 @@ def _attention_probs(q, k, mask, scale):
     return p, lse
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x in float64 with non-finite entries zeroed: a product with a zero weight must give 0, not NaN."""
+    x = x.double()
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _weighted_values(p, v, mask):
+    """o = p V over the chosen keys [B, C, G, R, D]; an entry is NaN where a chosen key's V entry is not finite
+    (as in dense attention over those tokens), while keys nobody chose cannot poison it."""
+    o = torch.einsum("bgrcj,bjgd->bcgrd", p, _finite(v))
+    bad = torch.einsum("bgcj,bjgd->bcgd", mask.double(), (~torch.isfinite(v)).double()) > 0  # [B, C, G, D]
+    return torch.where(bad[:, :, :, None], float("nan"), o)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,8 +210,9 @@ def sparse_attention(
     chunk = _query_chunk(B * Hq, N)
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
-        p, lse = _attention_probs(q[:, t0:t1], k, _chunk_mask(indices, t0, t1, N, block_size, q.device), scale)
-        o = torch.einsum("bgrcj,bjgd->bcgrd", p, v.double())
+        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device).expand(B, k.shape[2], t1 - t0, N)
+        p, lse = _attention_probs(q[:, t0:t1], k, mask, scale)
+        o = _weighted_values(p, v, mask)
         outs.append(o.reshape(B, t1 - t0, Hq, D))
         lses.append(lse.permute(0, 3, 1, 2).reshape(B, t1 - t0, Hq))
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
@@ -228,7 +243,7 @@ def sparse_attention_backward(
     G = k.shape[2]
     R = Hq // G
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kd, vd = k.double(), v.double()
+    kd, qd = _finite(k), _finite(q)  # a NaN reaches dq / dk through dS, only where a row chose its token
     dq = torch.empty((B, N, Hq, D), dtype=torch.float64, device=q.device)
     dk = torch.zeros((B, N, G, D), dtype=torch.float64, device=q.device)
     dv = torch.zeros_like(dk)
@@ -236,17 +251,19 @@ def sparse_attention_backward(
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
         C = t1 - t0
-        p, _ = _attention_probs(q[:, t0:t1], k, _chunk_mask(indices, t0, t1, N, block_size, q.device), scale)
+        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device).expand(B, G, C, N)
+        p, _ = _attention_probs(q[:, t0:t1], k, mask, scale)
         do_c = do[:, t0:t1].double().view(B, C, G, R, D)
-        o_c = torch.einsum("bgrcj,bjgd->bcgrd", p, vd)
+        o_c = _weighted_values(p, v, mask)
         delta = (do_c * o_c).sum(-1).permute(0, 2, 3, 1)  # [B, G, R, C]
         if dlse is not None:
             delta = delta - dlse[:, t0:t1].double().view(B, C, G, R).permute(0, 2, 3, 1)
         dv += torch.einsum("bgrcj,bcgrd->bjgd", p, do_c)
-        dp = torch.einsum("bcgrd,bjgd->bgrcj", do_c, vd)
-        ds = p * (dp - delta[..., None])
+        dp = torch.einsum("bcgrd,bjgd->bgrcj", do_c, _finite(v))
+        # zero off the chosen keys: a NaN row's delta must not reach keys it never attended (0 * NaN)
+        ds = torch.where(mask[:, :, None], p * (dp - delta[..., None]), 0.0)
         dq[:, t0:t1] = (scale * torch.einsum("bgrcj,bjgd->bcgrd", ds, kd)).reshape(B, C, Hq, D)
-        dk += scale * torch.einsum("bgrcj,bcgrd->bjgd", ds, q[:, t0:t1].double().view(B, C, G, R, D))
+        dk += scale * torch.einsum("bgrcj,bcgrd->bjgd", ds, qd[:, t0:t1].view(B, C, G, R, D))
     return dq, dk, dv
 
 

@@ -93,3 +93,34 @@ def test_gqa_ratios_that_do_not_tile_64_rows_run_padded_through_the_api(Hq, G, D
     expected = R.sparse_attention_backward(do, None, q.detach(), k.detach(), v.detach(), indices, Bk)
     for name, got, ref in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), expected):
         assert torch.isfinite(got).all() and relative_error(got, ref) <= GRAD_RTOL, name
+
+
+def test_a_nan_key_reaches_the_gradients_that_depend_on_it():
+    """As in dense attention over the chosen tokens: a NaN score makes dq NaN for exactly the rows that see it;
+    dk / dv turn NaN at least where the reference's do and only inside blocks those rows chose (the kernels
+    work in whole blocks); every other gradient is finite and matches the reference."""
+    import math
+
+    import msa_tl
+
+    B, N, Hq, G, D, Bk, topk = 1, 1500, 32, 2, 128, 128, 3
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    k[0, 1450, 1, 5] = float("nan")  # seen by queries 1450.. of the last block, which choose blocks 0, 10, 11
+    indices = selection("hot", B, N, G, Bk, topk)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    do = torch.randn_like(q)
+    msa_tl.sparse_attention(*leaves, indices, block_size=Bk).backward(do)
+    expected = R.sparse_attention_backward(do, None, q, k, v, indices, Bk)
+    dq, dk, dv = (t.grad for t in leaves)
+    assert torch.equal(torch.isnan(dq), torch.isnan(expected[0])) and torch.isnan(dq).any()
+    poisoned = torch.isnan(R.sparse_attention(q, k, v, indices, Bk)[1]).view(B, N, G, Hq // G).any(-1)  # [B, N, G]
+    chosen = torch.zeros(B, G, math.ceil(N / Bk) + 1, dtype=torch.bool, device="cuda")
+    blocks = torch.where(poisoned[..., None] & (indices >= 0), indices, chosen.shape[-1] - 1).long()  # [B, N, G, k]
+    chosen.scatter_(-1, blocks.permute(0, 2, 1, 3).reshape(B, G, -1), True)
+    reachable = chosen[..., :-1].repeat_interleave(Bk, dim=-1)[..., :N].permute(0, 2, 1)[..., None]  # [B, N, G, 1]
+    for name, got, ref in (("dq", dq, expected[0]), ("dk", dk, expected[1]), ("dv", dv, expected[2])):
+        assert (torch.isnan(got) | ~torch.isnan(ref)).all(), f"{name}: a NaN of the reference is missing"
+        if name != "dq":
+            assert not (torch.isnan(got) & ~reachable).any(), f"{name}: NaN outside the blocks the NaN rows chose"
+        clean = ~(torch.isnan(ref) | (reachable.expand_as(ref) if name != "dq" else torch.isnan(got)))
+        assert relative_error(got[clean], ref[clean]) <= GRAD_RTOL, name

@@ -323,3 +323,20 @@ def test_nan_and_inf_index_scores_never_cost_the_local_block():
     assert not chosen_nan, "a NaN score never chooses its block"
     late = indices[0, 200, 0].tolist()  # block 12: the +inf blocks 1, 5, 9 win the other three slots
     assert sorted(late) == [1, 5, 9, 12]
+
+
+def test_a_nan_key_reaches_only_the_gradients_of_tokens_its_rows_chose():
+    """dk / dv of a key that no NaN row chose stay finite (a NaN row's delta times a zero probability is not
+    let through); dq is NaN for exactly the rows that see the NaN."""
+    B, N, Hq, G, D, Bk = 1, 96, 4, 2, 8, 16
+    q, k, v = torch.randn(B, N, Hq, D), torch.randn(B, N, G, D), torch.randn(B, N, G, D)
+    k[0, 90, 1, 3] = float("nan")  # block 5, seen by queries 90..95 of group 1
+    local = (torch.arange(N) // Bk)[None, :, None, None]
+    indices = torch.cat([local, torch.zeros_like(local)], dim=-1).expand(B, N, G, 2).int()  # own block and block 0
+    dq, dk, dv = R.sparse_attention_backward(torch.randn(B, N, Hq, D), None, q, k, v, indices, Bk)
+    poisoned = torch.isnan(R.sparse_attention(q, k, v, indices, Bk)[1])
+    assert torch.equal(torch.isnan(dq).any(-1), poisoned) and poisoned[0, 90:, 2:].all() and not poisoned[0, :90].any()
+    nan_keys = torch.isnan(dk).any(-1)[0]  # [N, G]
+    assert nan_keys[80:96, 1].any() and nan_keys[:16, 1].any()  # the NaN rows' own block and block 0
+    assert not nan_keys[16:80].any() and not nan_keys[:, 0].any()  # keys they never chose, the other group
+    assert not torch.isnan(dv[0, 16:80]).any()
