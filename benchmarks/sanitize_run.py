@@ -1,0 +1,70 @@
+"""Every TileLang program once, at a small ragged shape with B = 2, a hot block and -1 slots, for
+compute-sanitizer (issue 13):
+
+    compute-sanitizer --tool memcheck  python -m benchmarks.sanitize_run
+    compute-sanitizer --tool racecheck python -m benchmarks.sanitize_run
+    compute-sanitizer --tool initcheck python -m benchmarks.sanitize_run
+
+Each stage prints its name before it runs, so a report can be placed.
+"""
+
+import argparse
+import math
+
+import torch
+
+from msa_tl.index_topk import select_blocks
+from msa_tl.kl_loss import kl_alignment_loss_forward
+from msa_tl.kv_outer_attention import sparse_attention_forward
+from msa_tl.kv_outer_backward import sparse_attention_backward
+
+
+def hot_selection(B, N, G, Bk, topk, device):
+    """Block 0 for every query, then its most recent blocks, with -1 where fewer exist, canonical order."""
+    local = (torch.arange(N, device=device) // Bk)[None, :, None, None]
+    cand = torch.cat([local - torch.arange(topk - 1, device=device), 0 * local], dim=-1)
+    cand = torch.where((cand >= 0) & (cand <= local), cand, -1)
+    dup = (cand[..., :, None] == cand[..., None, :]).triu(1).any(-2) & (cand >= 0)
+    cand = torch.where(dup, -1, cand).sort(dim=-1, descending=True).values
+    return cand.expand(B, N, G, topk).int().contiguous()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=777)
+    args = parser.parse_args(argv)
+    B, N, Hq, G, D, Di, Bk, topk = 2, args.seq_len, 32, 2, 128, 128, 64, 6
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q, k, v = rand(B, N, Hq, D), rand(B, N, G, D), rand(B, N, G, D)
+    q_idx, k_idx = rand(B, N, G, Di), rand(B, N, Di)
+    scale = 1.0 / math.sqrt(D)
+
+    def stage(name, fn):
+        print(f"== {name}", flush=True)
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    for method in ("pipelined", "fused", "two_pass"):
+        stage(f"select ({method})", lambda: select_blocks(q_idx, k_idx, Bk, topk, method=method, query_chunk=256))
+    hot = hot_selection(B, N, G, Bk, topk, "cuda")
+    o, lse = stage("forward (KV-outer + combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256))
+    stage("forward (one schedule build)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
+                                                                           build_once=True))
+    stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
+    stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
+        q, k, v, hot, Bk, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))
+    do = torch.randn_like(q)
+    for dq_partials in (True, False):
+        stage(f"backward (dq partials: {dq_partials})", lambda: sparse_attention_backward(
+            do, None, q, k, v, hot, o, lse, Bk, query_chunk=256, config=dict(dq_partials=dq_partials)))
+    stage("KL (sparse, with gradients)", lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, hot, Bk, scale,
+                                                                           scale, lse, with_grads=True))
+    stage("KL (warmup: every visible block)", lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, None, Bk, scale,
+                                                                                scale, None, with_grads=True))
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
