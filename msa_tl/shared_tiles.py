@@ -5,7 +5,8 @@ A tile is ``128 / R`` consecutive queries (R = Hq / G heads each: 128 rows, two 
 their index rows, no host sync), :func:`tile_attention_program` attends them as a flash-attention tile:
 Q [64, D] against each chosen block's K/V [Bk, D] (software-pipelined loads, mostly L2 hits since
 neighbouring tiles choose alike), online softmax, causal inside the tile's own block, and writes O and
-LSE final. The KV-outer path never sees those rows (their index rows are -1 in the copy it schedules), so
+LSE final (:func:`tile_attention_roles_program` does the same with a producer warpgroup and two
+consumers). The KV-outer path never sees those rows (their index rows are -1 in the copy it schedules), so
 the tile's (query, slot) pairs cost no partial writes and reads: Q once and O once instead of k partials.
 """
 
@@ -49,6 +50,28 @@ def without_shared_tiles(indices: torch.Tensor, shared: torch.Tensor, heads_per_
     return torch.where(mask[..., None], -1, indices).contiguous()
 
 
+def _online_softmax(rows: int, cols: int, head_dim: int):
+    """Macro ``step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)``: fold one block's masked,
+    log2-scaled scores [rows, cols] into the running max and sum, rescale O [rows, D], leave P in acc_s."""
+    neg_inf = -T.infinity("float32")
+
+    @T.macro
+    def step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum):
+        T.copy(row_max, prev_max)
+        T.reduce_max(acc_s, row_max, dim=1, clear=False)
+        for i in T.Parallel(rows):  # no key yet (-inf): keep the rescale finite
+            rescale[i] = T.if_then_else(row_max[i] == neg_inf, 1.0, T.exp2(prev_max[i] - row_max[i]))
+        for i, c in T.Parallel(rows, cols):
+            acc_s[i, c] = T.if_then_else(row_max[i] == neg_inf, 0.0, T.exp2(acc_s[i, c] - row_max[i]))
+        T.reduce_sum(acc_s, block_sum, dim=1)
+        for i in T.Parallel(rows):
+            row_sum[i] = row_sum[i] * rescale[i] + block_sum[i]
+        for i, d in T.Parallel(rows, head_dim):
+            acc_o[i, d] *= rescale[i]
+
+    return step
+
+
 def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                            num_stages: int = 2, dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], Indices [B, N, G, topk], Shared [B, N // TQ, G] -> O, LSE of the shared
@@ -60,6 +83,7 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
     TQ = rows // R
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
+    softmax_step = _online_softmax(rows, Bk, D)
 
     @T.prim_func
     def tile_attention(
@@ -101,17 +125,7 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
                         for i, c in T.Parallel(rows, Bk):  # causal: only the tile's own block has later keys
                             acc_s[i, c] = T.if_then_else(blk * Bk + c <= first + i // R, acc_s[i, c] * scale_log2,
                                                          neg_inf)
-                        T.copy(row_max, prev_max)
-                        T.reduce_max(acc_s, row_max, dim=1, clear=False)
-                        for i in T.Parallel(rows):  # no key yet (-inf): keep the rescale finite
-                            rescale[i] = T.if_then_else(row_max[i] == neg_inf, 1.0, T.exp2(prev_max[i] - row_max[i]))
-                        for i, c in T.Parallel(rows, Bk):
-                            acc_s[i, c] = T.if_then_else(row_max[i] == neg_inf, 0.0, T.exp2(acc_s[i, c] - row_max[i]))
-                        T.reduce_sum(acc_s, block_sum, dim=1)
-                        for i in T.Parallel(rows):
-                            row_sum[i] = row_sum[i] * rescale[i] + block_sum[i]
-                        for i, d in T.Parallel(rows, D):
-                            acc_o[i, d] *= rescale[i]
+                        softmax_step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
                         T.copy(acc_s, acc_p)
                         T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
                 for i, d in T.Parallel(rows, D):  # nothing chosen: o = 0, lse = -inf
@@ -130,14 +144,131 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
 tile_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 
-def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None):
-    """Attend the tiles ``shared`` marks (:func:`sharing_tiles`) into o [B, N, Hq, D] and lse [B, N, Hq]."""
+def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
+                                 dtype: str = "bfloat16"):
+    """:func:`tile_attention_program` with the roles by hand: a producer warpgroup loads Q once and each chosen
+    block's K/V into a two-stage cp.async ring on mbarriers; two consumer warpgroups own 64 rows each and both
+    read every stage, so one's softmax runs under the other's MMAs. 128-row tiles only."""
+    batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
+    R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
+    if tile_rows(R, Bk) != 2 * M:
+        raise ValueError(f"the hand-pipelined tile needs 128 rows in a key block (R = {R}, Bk = {Bk})")
+    TQ = 2 * M // R
+    neg_inf = -T.infinity("float32")
+    scale_log2 = scale * _LOG2E
+    softmax_step = _online_softmax(M, Bk, D)
+
+    @T.macro
+    def consume(c, ctx, Q_c, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s, acc_p, acc_o,
+                row_max, prev_max, rescale, block_sum, row_sum, n):
+        T.clear(acc_o)
+        T.clear(row_sum)
+        T.fill(row_max, neg_inf)
+        n[0] = 0
+        for s in T.serial(topk):
+            blk = Indices[b, first, g, s]
+            if blk >= 0:
+                T.barrier_wait(full[n[0] % 2], (n[0] // 2) & 1)
+                T.wgmma_gemm(Q_c, ring_k[n[0] % 2, :, :], acc_s, transpose_B=True, clear_accum=True)
+                T.wait_wgmma(0)
+                for i, col in T.Parallel(M, Bk):  # causal: only the tile's own block has later keys
+                    acc_s[i, col] = T.if_then_else(blk * Bk + col <= first + (c * M + i) // R,
+                                                   acc_s[i, col] * scale_log2, neg_inf)
+                softmax_step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
+                T.copy(acc_s, acc_p)
+                T.wgmma_gemm(acc_p, ring_v[n[0] % 2, :, :], acc_o)
+                T.wait_wgmma(0)
+                T.barrier_arrive(empty[n[0] % 2])
+                n[0] += 1
+        for i, d in T.Parallel(M, D):  # nothing chosen: o = 0, lse = -inf
+            O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = T.if_then_else(
+                row_sum[i] == 0.0, 0.0, acc_o[i, d] / row_sum[i])
+        for i in T.Parallel(M):
+            LSE[b, first + (c * M + i) // R, g * R + (c * M + i) % R] = T.if_then_else(
+                row_sum[i] == 0.0, neg_inf, (row_max[i] + T.log2(row_sum[i])) * _LN2)
+
+    @T.prim_func
+    def tile_attention_roles(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+    ):
+        with T.Kernel(n_tiles, groups, batch, threads=384) as (tile, g, b):
+            Q_s0 = T.alloc_shared((M, D), dtype)  # [M, D] consumer 0's rows
+            Q_s1 = T.alloc_shared((M, D), dtype)
+            ring_k = T.alloc_shared((2, Bk, D), dtype)  # [2, Bk, D]
+            ring_v = T.alloc_shared((2, Bk, D), dtype)
+            acc_s0 = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
+            acc_s1 = T.alloc_fragment((M, Bk), "float32")
+            acc_p0 = T.alloc_fragment((M, Bk), dtype)
+            acc_p1 = T.alloc_fragment((M, Bk), dtype)
+            acc_o0 = T.alloc_fragment((M, D), "float32")  # [M, D]
+            acc_o1 = T.alloc_fragment((M, D), "float32")
+            row_max0, row_max1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
+            prev_max0, prev_max1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
+            rescale0, rescale1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
+            block_sum0, block_sum1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
+            row_sum0, row_sum1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
+            n = T.alloc_local((1,), "int32")  # the chosen blocks seen so far: the ring stage and its phase
+            q_ready = T.alloc_barrier(128)
+            full = T.alloc_barrier([128] * 2)
+            empty = T.alloc_barrier([256] * 2)  # both consumers release a stage
+            tx = T.get_thread_binding()
+            first = tile * TQ
+            if Shared[b, tile, g] != 0:
+                if tx >= 256:  # producer
+                    T.set_max_nreg(56, 0)
+                    for i, d in T.Parallel(M, D):
+                        Q_s0[i, d] = Q[b, first + i // R, g * R + i % R, d]
+                        Q_s1[i, d] = Q[b, first + (M + i) // R, g * R + (M + i) % R, d]
+                    T.fence_proxy_async()  # generic-proxy writes of Q before the consumers' wgmma read them
+                    T.barrier_arrive(q_ready[0])
+                    n[0] = 0
+                    for s in T.serial(topk):
+                        blk = Indices[b, first, g, s]
+                        if blk >= 0:
+                            T.barrier_wait(empty[n[0] % 2], ((n[0] // 2) & 1) ^ 1)
+                            T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[n[0] % 2, :, :])
+                            T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[n[0] % 2, :, :])
+                            T.cp_async_barrier_noinc(full[n[0] % 2])
+                            n[0] += 1
+                elif tx < 128:
+                    T.set_max_nreg(224, 1)
+                    T.barrier_wait(q_ready[0], 0)
+                    consume(0, tx, Q_s0, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s0, acc_p0,
+                            acc_o0, row_max0, prev_max0, rescale0, block_sum0, row_sum0, n)
+                else:
+                    T.set_max_nreg(224, 1)
+                    T.barrier_wait(q_ready[0], 0)
+                    consume(1, tx - 128, Q_s1, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s1,
+                            acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1, row_sum1, n)
+
+    return tile_attention_roles
+
+
+tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True,
+                                             "tl.disable_thread_storage_sync": True}
+
+
+def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None):
+    """Attend the tiles ``shared`` marks (:func:`sharing_tiles`) into o [B, N, Hq, D] and lse [B, N, Hq].
+
+    ``roles`` (default: where a tile has 128 rows) runs :func:`tile_attention_roles_program`, else
+    :func:`tile_attention_program` with ``config`` (its ``TILE_DEFAULTS`` knobs)."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
+    roles = tile_rows(Hq // G, block_size) == 128 if roles is None else roles
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
-    config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
-    kernel = compiled_kernel(tile_attention_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
-                             topk=topk, scale=scale, dtype=tl_dtype(q.dtype), **config)
+    dims = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale, dtype=tl_dtype(q.dtype))
+    if roles:
+        kernel = compiled_kernel(tile_attention_roles_program, **dims)
+    else:
+        config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
+        kernel = compiled_kernel(tile_attention_program, **dims, **config)
     if shared.shape[1]:
         kernel(q, k, v, indices, shared, o, lse)
     return o, lse

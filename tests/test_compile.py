@@ -50,6 +50,8 @@ MAIN_PROGRAMS = [
     (shared_tiles.tile_attention_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (shared_tiles.tile_attention_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                                dtype="float16")),  # R = 1: 64-row tiles
+    (shared_tiles.tile_attention_roles_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
+                                                     scale=0.088)),
 ]
 
 
@@ -67,6 +69,8 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert ("tl::tma_store(Opart_desc" in source) == tma_stores  # partial boxes by TMA, else thread stores
     if builder is shared_tiles.tile_attention_program:  # the tile's rows on tensor cores
         assert "wgmma" in source
+    if builder is shared_tiles.tile_attention_roles_program:  # a cp.async ring on mbarriers, registers split
+        assert "wgmma" in source and "mbarrier_cp_async_arrive_noinc(full" in source and "warpgroup_reg_alloc" in source
     if builder is q_outer_attention.q_outer_program:
         # M = R rows: mma.sync; no warp-specialised TMA producer (it gave wrong rows at Bk = 64 on the H100)
         assert "mma_sync" in source and "mbarrier" not in source

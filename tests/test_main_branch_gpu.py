@@ -175,6 +175,25 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
 
 
+@pytest.mark.parametrize("roles", [True, False], ids=["producer-consumers", "pipelined-loop"])
+def test_both_tile_kernels_attend_the_shared_tiles(roles):
+    """The hand-pipelined tile kernel and the plain one, alone, on every tile of a block-shared selection."""
+    from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles
+
+    B, N, Hq, G, D, Bk, topk = 2, 1024, 64, 4, 128, 128, 8
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    per_query = selection("hot", B, N, G, Bk, topk).sort(dim=-1, descending=True).values
+    indices = per_query[:, torch.arange(N, device="cuda") // Bk * Bk].contiguous()
+    shared = sharing_tiles(indices, Hq // G, Bk)
+    assert shared.all()
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, roles=roles)
+    from msa_tl.checks import assert_attention_matches_reference
+
+    assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
+
+
 def test_a_schedule_built_once_for_every_chunk():
     """build_once: one schedule build for all query chunks (the last ragged) gives the reference's output."""
     B, N, Hq, G, D, Bk, topk = 2, 1700, 16, 2, 128, 64, 8
