@@ -248,8 +248,8 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
 
     ``method``: ``"pipelined"`` (default where G * Bk >= 128, else ``"fused"``) or ``"fused"`` score and
     select in one kernel with no score buffer (the two select identically); ``"two_pass"`` writes block
-    scores to a buffer of B * query_chunk * G * ceil(N / Bk) float32 for the standalone top-k kernel. ``index_scale`` only matters to the
-    two-pass scores: a positive scale does not change ranks. ``out`` may supply the contiguous int32
+    scores to a buffer of B * query_chunk * G * ceil(N / Bk) float32 for the standalone top-k kernel.
+    ``index_scale`` only matters to the two-pass scores: a positive scale does not change ranks. ``out`` may supply the contiguous int32
     [B, N, G, topk] result tensor. ``config`` overrides the tuned config
     (:func:`msa_tl.tuning.cache.tuned_config`) of the select kernel that runs.
     """

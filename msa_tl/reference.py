@@ -181,11 +181,12 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
 
-def _weighted_values(p, v, mask):
-    """o = p V over the chosen keys [B, C, G, R, D]; an entry is NaN where a chosen key's V entry is not finite
-    (as in dense attention over those tokens), while keys nobody chose cannot poison it."""
-    o = torch.einsum("bgrcj,bjgd->bcgrd", p, _finite(v))
-    bad = torch.einsum("bgcj,bjgd->bcgd", mask.double(), (~torch.isfinite(v)).double()) > 0  # [B, C, G, D]
+def _weighted_values(p, v_finite, v_bad, mask):
+    """o = p V over the chosen keys [B, C, G, R, D] from V with non-finite entries zeroed (``_finite``) and
+    their places (``v_bad``, float64 0 / 1): an entry is NaN where a chosen key's V entry is not finite (as in
+    dense attention over those tokens), while keys nobody chose cannot poison it."""
+    o = torch.einsum("bgrcj,bjgd->bcgrd", p, v_finite)
+    bad = torch.einsum("bgcj,bjgd->bcgd", mask.double(), v_bad) > 0  # [B, C, G, D]
     return torch.where(bad[:, :, :, None], float("nan"), o)
 
 
@@ -207,12 +208,13 @@ def sparse_attention(
     B, N, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     outs, lses = [], []
+    vf, v_bad = _finite(v), (~torch.isfinite(v)).double()
     chunk = _query_chunk(B * Hq, N)
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
         mask = _chunk_mask(indices, t0, t1, N, block_size, q.device).expand(B, k.shape[2], t1 - t0, N)
         p, lse = _attention_probs(q[:, t0:t1], k, mask, scale)
-        o = _weighted_values(p, v, mask)
+        o = _weighted_values(p, vf, v_bad, mask)
         outs.append(o.reshape(B, t1 - t0, Hq, D))
         lses.append(lse.permute(0, 3, 1, 2).reshape(B, t1 - t0, Hq))
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
@@ -243,7 +245,8 @@ def sparse_attention_backward(
     G = k.shape[2]
     R = Hq // G
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kd, qd = _finite(k), _finite(q)  # a NaN reaches dq / dk through dS, only where a row chose its token
+    kd, qd, vf = _finite(k), _finite(q), _finite(v)  # a NaN reaches the gradients through dS, only where chosen
+    v_bad = (~torch.isfinite(v)).double()
     dq = torch.empty((B, N, Hq, D), dtype=torch.float64, device=q.device)
     dk = torch.zeros((B, N, G, D), dtype=torch.float64, device=q.device)
     dv = torch.zeros_like(dk)
@@ -254,12 +257,12 @@ def sparse_attention_backward(
         mask = _chunk_mask(indices, t0, t1, N, block_size, q.device).expand(B, G, C, N)
         p, _ = _attention_probs(q[:, t0:t1], k, mask, scale)
         do_c = do[:, t0:t1].double().view(B, C, G, R, D)
-        o_c = _weighted_values(p, v, mask)
+        o_c = _weighted_values(p, vf, v_bad, mask)
         delta = (do_c * o_c).sum(-1).permute(0, 2, 3, 1)  # [B, G, R, C]
         if dlse is not None:
             delta = delta - dlse[:, t0:t1].double().view(B, C, G, R).permute(0, 2, 3, 1)
         dv += torch.einsum("bgrcj,bcgrd->bjgd", p, do_c)
-        dp = torch.einsum("bcgrd,bjgd->bgrcj", do_c, _finite(v))
+        dp = torch.einsum("bcgrd,bjgd->bgrcj", do_c, vf)
         # zero off the chosen keys: a NaN row's delta must not reach keys it never attended (0 * NaN)
         ds = torch.where(mask[:, :, None], p * (dp - delta[..., None]), 0.0)
         dq[:, t0:t1] = (scale * torch.einsum("bgrcj,bjgd->bcgrd", ds, kd)).reshape(B, C, Hq, D)

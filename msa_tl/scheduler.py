@@ -39,6 +39,12 @@ def max_items(n_blocks: int, chunk: int, topk: int, item_queries: int) -> int:
     return n_blocks + math.ceil(chunk * topk / item_queries)
 
 
+def _entry_row(e, b, batch, chunk, groups: int, topk: int):
+    """Inside a kernel: the schedule row of entry ``e`` (query-major, from the build's first query) of batch b:
+    ``(c * B + b) * G + g`` for its chunk c = query // chunk and group g."""
+    return (e // (groups * topk) // chunk * batch + b) * groups + (e // topk) % groups
+
+
 def histogram_program(groups: int, topk: int):
     """Indices [B, N, G, topk] int32, t0, count, chunk -> counts [C*B*G, nblk] += per-block choices (zeroed by
     the caller) of queries t0 .. t0+count-1; query t0 + i belongs to chunk c = i // chunk, row (c*B + b)*G + g."""
@@ -59,7 +65,7 @@ def histogram_program(groups: int, topk: int):
             if e < count * per_token:
                 blk = Indices[b, t0 * per_token + e]
                 if blk >= 0:
-                    T.atomic_add(Counts[(e // per_token // chunk * batch + b) * groups + (e // topk) % groups, blk], 1)
+                    T.atomic_add(Counts[_entry_row(e, b, batch, chunk, groups, topk), blk], 1)
 
     return schedule_histogram
 
@@ -141,7 +147,7 @@ def scatter_program(groups: int, topk: int):
             if e < count * per_token:
                 blk = Indices[b, t0 * per_token + e]
                 if blk >= 0:
-                    row = (e // per_token // chunk * batch + b) * groups + (e // topk) % groups
+                    row = _entry_row(e, b, batch, chunk, groups, topk)
                     pos = Offsets[row, blk] + T.atomic_add(Cursor[row, blk], 1, return_prev=True)
                     Entries[row, pos] = (e // per_token % chunk) * topk + e % topk
 

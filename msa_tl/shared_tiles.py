@@ -1,11 +1,11 @@
 """Query tiles that share their selection (TileLang): attended Q-outer, with no partials.
 
 A tile is ``128 / R`` consecutive queries (R = Hq / G heads each: 128 rows, two warpgroups' wgmma M tiles;
-64 rows where a key block holds fewer) of one key block and one KV group. Where all its queries chose the same blocks in the same slot order (a torch compare of
-their index rows, no host sync), :func:`tile_attention_program` attends them as a flash-attention tile:
-Q [64, D] against each chosen block's K/V [Bk, D] (software-pipelined loads, mostly L2 hits since
-neighbouring tiles choose alike), online softmax, causal inside the tile's own block, and writes O and
-LSE final (:func:`tile_attention_roles_program` does the same with a producer warpgroup and two
+64 rows where a key block holds fewer) of one key block and one KV group. Where all its queries chose the
+same blocks in the same slot order (a torch compare of their index rows, no host sync),
+:func:`tile_attention_program` attends them as a flash-attention tile: Q [rows, D] against each chosen
+block's K/V [Bk, D] (software-pipelined loads, mostly L2 hits since neighbouring tiles choose alike),
+online softmax, causal inside the tile's own block, and writes O and LSE final (:func:`tile_attention_roles_program` does the same with a producer warpgroup and two
 consumers). The KV-outer path never sees those rows (their index rows are -1 in the copy it schedules), so
 the tile's (query, slot) pairs cost no partial writes and reads: Q once and O once instead of k partials.
 """
