@@ -103,6 +103,12 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
     def consumer(c, ctx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
                  s_t, dp_t, p_cast, ds_cast, dk, dv, dq, qrow, first, dQ_s, dQ, dQpart, dK, dV):
         """Consumer c: key rows c * 64 .. c * 64 + 63 of every tile; dQ columns c * DQ .. c * DQ + DQ - 1."""
+        # A non-finite key must not reach the dQ of rows that do not see it (0 * NaN in dS K): zero it here.
+        # The rows that do see it still get NaN, through their forward LSE (NaN) in P.
+        for k, d in T.Parallel(CONSUMER_KEYS, D):
+            K_s[c * CONSUMER_KEYS + k, d] = T.if_then_else(T.isfinite(T.cast(K_s[c * CONSUMER_KEYS + k, d], "float32")),
+                                                           K_s[c * CONSUMER_KEYS + k, d], 0)
+        T.fence_proxy_async()  # before the tensor cores read K_s (the first tile's barrier orders the other half)
         T.clear(dk)
         T.clear(dv)
         for i in T.serial(n_tiles):
