@@ -19,8 +19,8 @@ with roles and mbarriers written by hand:
   (named barriers, FA3's ping-pong), so one's softmax runs under the other's.
 
 :mod:`msa_tl.lse_combine` then merges each (query, head)'s <= topk partials
-with a stable log-sum-exp. Partials cost ``chunk * Hq * topk * D`` elements (bf16 by
-default: 4 GiB for a 16K-query chunk at the paper's shape), so prefill runs
+with a stable log-sum-exp. Partials cost ``chunk * Hq * topk * D`` elements (the input dtype by
+default, bf16: 4 GiB for a 16K-query chunk at the paper's shape), so prefill runs
 in query chunks with a fixed workspace.
 """
 
@@ -260,7 +260,7 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # build_once: one schedule build for every query chunk (3 launches, not 3 per chunk; the schedule then holds
 # ~N * G * topk int32) instead of one build per chunk. shared_tiles: query tiles whose rows chose the same
 # blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials.
-SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=False, shared_tiles=False)
+SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=False)
 
 
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
@@ -278,8 +278,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
     [B, N, G, topk] int32 (-1 = unused) -> (o [B, N, Hq, D] in q's dtype,
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
-    B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule; it does not grow with N
-    unless ``build_once`` builds every chunk's schedule in one go (~4 * B * N * G * topk bytes).
+    B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
+    (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
     ``shared_tiles``: query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`) are
     attended Q-outer, with no partials. ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``
     and the kernels' configs default to the tuned configs of this GPU and shape
@@ -288,7 +288,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    partial_dtype = partial_dtype or torch.bfloat16
+    partial_dtype = partial_dtype or q.dtype  # fp16 inputs keep fp16 partials: bf16 ones would cost 3 bits
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]

@@ -154,8 +154,8 @@ def test_scheduler_builds_the_reverse_index(chunks, count):
                          ids=["paper-ragged", "b2-Bk64", "R1-64-rows", "R64"])
 def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, topk):
     """shared_tiles: tiles whose queries chose the same blocks (every tile when each key block's queries take
-    its first query's row; none for random rows; every other tile for mixed) are attended Q-outer and the rest
-    KV-outer; together, the reference's output."""
+    its first query's row; for random rows only the first topk blocks', whose queries choose all they see;
+    every other tile for mixed) are attended Q-outer and the rest KV-outer; together, the reference's output."""
     from msa_tl.shared_tiles import sharing_tiles, tile_queries
 
     q, k, v = attention_inputs(B, N, Hq, G, D)
@@ -170,8 +170,12 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     else:
         indices = per_block
     indices = indices.contiguous()
-    shared = sharing_tiles(indices, Hq // G, Bk)
-    assert shared.any() == (kind != "random") and (kind != "mixed" or not shared.all())
+    shared = sharing_tiles(indices, Hq // G, Bk).bool()  # [B, N // TQ, G]
+    if kind == "random":  # only where every query chooses every block it sees (blocks < topk) are rows equal
+        early = torch.arange(shared.shape[1], device="cuda") * tile_queries(Hq // G, Bk) // Bk < topk
+        assert shared[:, early].all() and not shared.all()
+    else:
+        assert shared.any() and (kind != "mixed" or not shared.all())
     check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
 
 
@@ -194,11 +198,14 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles):
     assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
 
 
-def test_a_schedule_built_once_for_every_chunk():
-    """build_once: one schedule build for all query chunks (the last ragged) gives the reference's output."""
+@pytest.mark.parametrize("build_once", [True, False], ids=["built-once", "built-per-chunk"])
+def test_a_schedule_built_once_for_every_chunk(build_once):
+    """build_once (the default): one schedule build for all query chunks (the last ragged), or one build per
+    chunk, gives the reference's output."""
     B, N, Hq, G, D, Bk, topk = 2, 1700, 16, 2, 128, 64, 8
     q, k, v = attention_inputs(B, N, Hq, G, D)
-    check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, query_chunk=384, build_once=True)
+    check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, query_chunk=384,
+                            build_once=build_once)
 
 
 def test_msa_attention_trains_forward_on_kernels_backward_on_the_custom_op():
