@@ -120,7 +120,8 @@ def sweep(table, row, q, k, v, idx, kind):
     variants = [dict(attention_config=dict(stages=s)) for s in (1, 2, 3)]
     variants += [dict(item_queries=i) for i in (64, 128, 512)]
     variants += [dict(query_chunk=c) for c in (4096, 32768, 131072)]
-    variants += [dict(build_once=False), dict(shared_tiles=True), dict(build_once=False, shared_tiles=True)]
+    variants += [dict(build_once=False), dict(shared_tiles=True), dict(persistent_combine=True),
+                 dict(shared_tiles=True, persistent_combine=True)]
     for kw in variants:
         ms = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw), rep_ms=1000)
         label = ", ".join(f"{a}={b}" for a, b in kw.items())

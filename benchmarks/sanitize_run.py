@@ -50,8 +50,10 @@ def main(argv=None):
         stage(f"select ({method})", lambda: select_blocks(q_idx, k_idx, Bk, topk, method=method, query_chunk=256))
     hot = hot_selection(B, N, G, Bk, topk, "cuda")
     o, lse = stage("forward (KV-outer + combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256))
-    stage("forward (one schedule build)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
-                                                                           build_once=True))
+    stage("forward (a schedule build per chunk)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
+                                                                                   build_once=False))
+    stage("forward (persistent combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
+                                                                           persistent_combine=True))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))

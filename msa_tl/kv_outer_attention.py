@@ -30,7 +30,8 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
+from msa_tl.lse_combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
+                                persistent_combine_limit, persistent_combine_program)
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, without_shared_tiles
@@ -259,8 +260,10 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 
 # build_once: one schedule build for every query chunk (3 launches, not 3 per chunk; the schedule then holds
 # ~N * G * topk int32) instead of one build per chunk. shared_tiles: query tiles whose rows chose the same
-# blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials.
-SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=False)
+# blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
+# runs msa_tl.lse_combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
+SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=False,
+                         persistent_combine=False)
 
 
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
@@ -271,8 +274,9 @@ def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
-                             item_queries=None, build_once=None, shared_tiles=None, partial_dtype=None,
-                             attention_config=None, combine_config=None, out=None, lse_out=None):
+                             item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
+                             partial_dtype=None, attention_config=None, combine_config=None,
+                             persistent_combine_config=None, out=None, lse_out=None):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -281,8 +285,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
     ``shared_tiles``: query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`) are
-    attended Q-outer, with no partials. ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``
-    and the kernels' configs default to the tuned configs of this GPU and shape
+    attended Q-outer, with no partials. ``persistent_combine``: the combine is
+    :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError where its ring does not fit, if asked
+    for). ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the
+    kernels' configs default to the tuned configs of this GPU and shape
     (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
     B, N, Hq, D = q.shape
@@ -297,6 +303,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                                      attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
                         **(attention_config or {})}
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
+    persistent_config = {**PERSISTENT_COMBINE_DEFAULTS, **(persistent_combine_config or {})}
+    unfit = persistent_combine_limit(Hq, D, topk, G, partial_dtype.itemsize, persistent_config)
+    if persistent_combine and unfit:
+        raise ValueError(f"persistent_combine: {unfit}")
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     build_once = schedule_config["build_once"] if build_once is None else build_once
@@ -315,8 +325,14 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config)
-    combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
-                              partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if shared_tiles else {}))
+    persistent = schedule_config["persistent_combine"] if persistent_combine is None else persistent_combine
+    if persistent and not unfit:
+        ctas = persistent_config["ctas"] or torch.cuda.get_device_properties(q.device).multi_processor_count
+        combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
+                                  partial_dtype=pdt, **dict(persistent_config, ctas=ctas))
+    else:
+        combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
+                                  partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if shared_tiles else {}))
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not build_once:

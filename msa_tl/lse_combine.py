@@ -5,7 +5,9 @@
 Unused slots carry lse = -inf (their partial is never read). A row with no used
 slot gets o = 0 and lse = -inf; a NaN partial LSE (a NaN score in its block)
 makes the row's o and lse NaN, as in dense attention. Memory-bound: it reads each
-partial once and writes O in the input dtype and LSE in float32.
+partial once and writes O in the input dtype and LSE in float32. Two programs:
+:func:`combine_program` (a CTA per 64 rows, per-thread loads) and
+:func:`persistent_combine_program` (a CTA an SM, TMA bulk copies of whole pairs into a ring).
 """
 
 import tilelang.language as T
@@ -78,3 +80,99 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
                     LSE[b, t0 * heads + r0 + r] = stats[r, 0] + T.log2(stats[r, 1]) * _LN2
 
     return lse_combine
+
+
+# ctas: CTAs of the persistent combine (None: one an SM; its ring fills most of an SM's shared memory);
+# stages: the ring's depth; pairs: (query, KV head) pairs a stage (None: as many as fit 64 KB and divide G,
+# so a stage never straddles the chunk's end).
+PERSISTENT_COMBINE_DEFAULTS = dict(ctas=None, stages=3, threads=256, pairs=None)
+_STAGE_BYTES = 64 * 1024
+_SHARED_BYTES = 220 * 1024  # Hopper's 227 KB a CTA, less the weights and barriers
+
+
+def stage_pairs(heads: int, head_dim: int, topk: int, groups: int, partial_bytes: int = 2) -> int:
+    """(query, KV head) pairs a ring stage holds: the largest power of two dividing G within 64 KB (at least 1)."""
+    pair_bytes = topk * heads // groups * (head_dim * partial_bytes + 4)
+    pairs = 1
+    while groups % (2 * pairs) == 0 and 2 * pairs * pair_bytes <= _STAGE_BYTES:
+        pairs *= 2
+    return pairs
+
+
+def persistent_combine_limit(heads: int, head_dim: int, topk: int, groups: int, partial_bytes: int,
+                             config: dict) -> str | None:
+    """None if :func:`persistent_combine_program` takes this shape and config, else why not."""
+    pairs = config.get("pairs") or stage_pairs(heads, head_dim, topk, groups, partial_bytes)
+    stage = pairs * topk * heads // groups * (head_dim * partial_bytes + 4)
+    if groups % pairs:
+        return f"pairs={pairs} does not divide the {groups} KV heads"
+    if stage * config["stages"] > _SHARED_BYTES:
+        return f"{config['stages']} stages of {stage} bytes exceed {_SHARED_BYTES} bytes of shared memory"
+    return None
+
+
+def persistent_combine_program(heads: int, head_dim: int, topk: int, groups: int, ctas: int = 132, stages: int = 3,
+                               threads: int = 256, pairs: int | None = None, dtype: str = "bfloat16",
+                               partial_dtype: str = "bfloat16"):
+    """:func:`combine_program`'s merge on ``ctas`` persistent CTAs, each streaming its share of the chunk through a ring.
+
+    Same tensors and results as :func:`combine_program` (to fp32 rounding: the weights are summed as a
+    tree). Each CTA takes every ``ctas``-th stage of ``pairs`` (query, KV head) pairs: a pair's partials
+    ``Opart[b, pair]`` [topk, R, D] are one contiguous block (64 KB at the paper's shape), copied by a TMA
+    bulk copy into a ``stages``-deep ring while the stages before it are merged (TileLang's warp
+    specialisation makes the producer warp and the mbarriers). One CTA an SM moves a 128K forward's
+    partials 6% faster than :func:`combine_program`'s per-thread loads (NOTES.md).
+    """
+    batch, seq, n_tg = T.dynamic("batch, seq, n_tg")
+    R = heads // groups
+    P = pairs or stage_pairs(heads, head_dim, topk, groups, 4 if partial_dtype == "float32" else 2)
+    if groups % P:
+        raise ValueError(f"pairs={P} must divide the {groups} KV heads (a stage must not pass the chunk's end)")
+    neg_inf = -T.infinity("float32")
+
+    @T.prim_func
+    def persistent_combine(
+        Opart: T.Tensor((batch, n_tg, topk, R, head_dim), partial_dtype),
+        Lpart: T.Tensor((batch, n_tg, topk, R), "float32"),
+        O: T.Tensor((batch, seq * heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq * heads), "float32"),
+        t0: T.int32,
+    ):
+        with T.Kernel(ctas, threads=threads) as cta:
+            O_s = T.alloc_shared((P, topk, R, head_dim), partial_dtype)  # [P, topk, R, D], one ring stage
+            L_s = T.alloc_shared((P, topk, R), "float32")
+            weight = T.alloc_shared((P * R, topk), "float32")
+            stats = T.alloc_shared((P * R, 2), "float32")  # max, sum of weights
+            lse_f = T.alloc_fragment((P * R, topk), "float32")
+            max_f = T.alloc_fragment((P * R,), "float32")
+            sum_f = T.alloc_fragment((P * R,), "float32")
+            acc = T.alloc_fragment((P, R, head_dim), "float32")
+            n_units = n_tg // P
+            for b in T.serial(batch):
+                for it in T.Pipelined(T.ceildiv(n_units - cta, ctas), num_stages=stages):
+                    u = cta + it * ctas
+                    T.copy(Lpart[b, u * P:(u + 1) * P, :, :], L_s)
+                    T.copy(Opart[b, u * P:(u + 1) * P, :, :, :], O_s)
+                    for i, s in T.Parallel(P * R, topk):  # [P * R, topk]
+                        lse_f[i, s] = L_s[i // R, s, i % R]
+                    T.reduce_max(lse_f, max_f, dim=1)
+                    for i, s in T.Parallel(P * R, topk):  # NaN passes: exp2(NaN) poisons the row
+                        lse_f[i, s] = T.if_then_else(lse_f[i, s] != neg_inf,
+                                                     T.exp2((lse_f[i, s] - max_f[i]) * _LOG2E), 0.0)
+                    T.reduce_sum(lse_f, sum_f, dim=1)
+                    T.copy(lse_f, weight)
+                    for i in T.Parallel(P * R):
+                        stats[i, 0] = max_f[i]
+                        stats[i, 1] = sum_f[i]
+                    T.clear(acc)
+                    for s in T.serial(topk):
+                        for pp, r, d in T.Parallel(P, R, head_dim):  # a select: unused slots hold garbage
+                            acc[pp, r, d] += T.if_then_else(weight[pp * R + r, s] > 0,
+                                                            weight[pp * R + r, s] * O_s[pp, s, r, d], 0.0)
+                    for pp, r, d in T.Parallel(P, R, head_dim):
+                        O[b, t0 * heads + (u * P + pp) * R + r, d] = T.if_then_else(
+                            stats[pp * R + r, 1] == 0.0, 0.0, acc[pp, r, d] / stats[pp * R + r, 1])
+                    for i in T.Parallel(P * R):
+                        LSE[b, t0 * heads + u * P * R + i] = stats[i, 0] + T.log2(stats[i, 1]) * _LN2
+
+    return persistent_combine

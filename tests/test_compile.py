@@ -44,6 +44,9 @@ MAIN_PROGRAMS = [
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                                tma_stores=False, pingpong=False)),
     (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
+    (lse_combine.persistent_combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
+    (lse_combine.persistent_combine_program, dict(heads=8, head_dim=64, topk=4, groups=8, ctas=114, stages=4,
+                                                  dtype="float16", partial_dtype="float16")),  # 8 pairs a stage
     (q_outer_attention.q_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (q_outer_attention.q_outer_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                              num_stages=1, dtype="float16")),
@@ -67,6 +70,8 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "mbarrier_cp_async_arrive_noinc(full" in source
         tma_stores = config.get("tma_stores", kv_outer_attention.ATTENTION_DEFAULTS["tma_stores"])
         assert ("tl::tma_store(Opart_desc" in source) == tma_stores  # partial boxes by TMA, else thread stores
+    if builder is lse_combine.persistent_combine_program:  # whole pairs by TMA bulk copies into an mbarrier ring
+        assert "tl::tma_load(" in source and "arrive_and_expect_tx" in source
     if builder is shared_tiles.tile_attention_program:  # the tile's rows on tensor cores
         assert "wgmma" in source
     if builder is shared_tiles.tile_attention_roles_program:  # a cp.async ring on mbarriers, registers split
@@ -136,3 +141,12 @@ def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():
     with pytest.raises(ValueError, match="TMA box"):
         kv_outer_attention.kv_outer_program(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                             tma_stores=True)
+
+
+def test_persistent_combine_limit_names_what_does_not_fit():
+    """The persistent combine takes a shape only where its ring fits shared memory and a stage holds whole pairs."""
+    defaults = lse_combine.PERSISTENT_COMBINE_DEFAULTS
+    assert lse_combine.persistent_combine_limit(64, 128, 16, 4, 2, defaults) is None  # 3 x 65 KB
+    assert "shared memory" in lse_combine.persistent_combine_limit(64, 128, 16, 4, 4, defaults)  # fp32: 3 x 129 KB
+    assert "divide" in lse_combine.persistent_combine_limit(64, 128, 16, 4, 2, dict(defaults, pairs=3))
+    assert lse_combine.stage_pairs(8, 64, 4, 8) == 8 and lse_combine.stage_pairs(64, 128, 16, 4) == 1

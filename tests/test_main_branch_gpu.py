@@ -208,6 +208,35 @@ def test_a_schedule_built_once_for_every_chunk(build_once):
                             build_once=build_once)
 
 
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, 512), (2, 1000, 16, 2, 64, 64, 8, 300),
+                                                      (1, 900, 32, 1, 128, 128, 8, 256), (1, 700, 8, 8, 64, 64, 4, 700)],
+                         ids=["paper-5-chunks", "b2-Bk64-4-chunks", "one-kv-head-4-chunks", "ratio1-8-pairs"])
+@pytest.mark.parametrize("ctas", [3, None], ids=["3-ctas", "one-an-sm"])
+@pytest.mark.parametrize("kind", ["random", "hot"])
+def test_persistent_combine_matches_the_combine(kind, ctas, B, N, Hq, G, D, Bk, topk, chunk):
+    """persistent_combine: the merge by a few persistent CTAs streaming whole (query, KV head) pairs gives the
+    reference's output and the per-row combine's, to one rounding (its weights are summed as a tree)."""
+    from msa_tl.kv_outer_attention import sparse_attention_forward
+
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection(kind, B, N, G, Bk, topk)
+    o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
+                                     persistent_combine_config=dict(ctas=ctas))
+    rows_o, rows_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=False)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert ((o.float() - rows_o.float()).abs() <= eps * rows_o.float().abs() + 1e-6).all()
+    assert torch.allclose(lse, rows_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_persistent_combine_says_when_its_ring_does_not_fit():
+    from msa_tl.kv_outer_attention import sparse_attention_forward
+
+    q, k, v = attention_inputs(1, 300, 64, 4, 128)
+    with pytest.raises(ValueError, match="persistent_combine: 3 stages"):
+        sparse_attention_forward(q, k, v, selection("random", 1, 300, 4, 128, 16), 128, partial_dtype=torch.float32,
+                                 persistent_combine=True)
+
+
 def test_msa_attention_trains_forward_on_kernels_backward_on_the_custom_op():
     import msa_tl
     from msa_tl.ops.dispatch import kernel_status

@@ -151,6 +151,6 @@ SPACES = {
                                ATTENTION_DIMS),
     "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine, ("heads", "head_dim", "topk")),
     "schedule": Space(dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
-                           build_once=(False, True), shared_tiles=(False, True)),
+                           build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True)),
                       _reject_schedule, ATTENTION_DIMS),
 }
