@@ -117,7 +117,7 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
 def sweep(table, row, q, k, v, idx, kind):
     """Attention and schedule knobs at one length, one selection: each knob varied alone, main branch timed whole."""
     o = torch.empty_like(q)
-    variants = [dict(attention_config=dict(stages=s)) for s in (1, 2, 3)]
+    variants = [dict(attention_config=dict(stages=s)) for s in (1, 2, 3)] + [dict(attention_config=dict(persistent=True))]
     variants += [dict(item_queries=i) for i in (64, 128, 512)]
     variants += [dict(query_chunk=c) for c in (4096, 32768, 131072)]
     variants += [dict(build_once=False), dict(shared_tiles=True), dict(persistent_combine=True),

@@ -54,6 +54,8 @@ def main(argv=None):
                                                                                    build_once=False))
     stage("forward (persistent combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
                                                                            persistent_combine=True))
+    stage("forward (persistent attention, 3 CTAs)", lambda: sparse_attention_forward(
+        q, k, v, hot, Bk, query_chunk=256, attention_config=dict(persistent=True, ctas=3)))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))

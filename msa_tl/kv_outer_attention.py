@@ -38,16 +38,17 @@ from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, without_sh
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
-ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True)
+ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False)
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+_SHARED_LIMIT = 227 * 1024  # a Hopper CTA's shared memory, static and dynamic
 
 
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
-                     pingpong: bool = True,
+                     pingpong: bool = True, persistent: bool = False, ctas: int = 132,
                      dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
@@ -56,7 +57,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     entries of one work item (the schedule's item size); ``stages`` is the depth of each consumer's Q
     ring. ``tma_stores``: each query's R x D partial box leaves a double-buffered O tile as one TMA
     tensor store, issued by one thread, instead of the consumers' 16-byte stores (needs R >= 8).
-    ``pingpong``: the two consumers take turns issuing their MMAs.
+    ``pingpong``: the two consumers take turns issuing their MMAs. ``persistent``: ``ctas`` CTAs take the
+    work items in turn (CTA c the c-th, (c + ctas)-th, ...), K/V and the entries double-buffered, so the
+    producer loads the next item's while the consumers work on this one and the ring runs on across items
+    (the O tile is then single-buffered: shared memory holds two K/V blocks instead).
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
@@ -72,17 +76,29 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     # asks for more hangs the consumers. The producer spills at 56 with the TMA descriptor.
     producer_regs, consumer_regs = (72, 216) if tma_stores else (56, 224)
     assert 128 * producer_regs + 256 * consumer_regs <= 168 * 384
+    if persistent:  # two K/V blocks, the ring, one O tile a consumer, two entry lists; 1 KB for the barriers
+        item_bytes = 2 if dtype in ("bfloat16", "float16") else 4
+        smem = (2 * 2 * Bk * D + 2 * stages * rows * D) * item_bytes + 2 * 4 * n_entries + 1024 + (
+            2 * TQ * R * D * 2 if tma_stores else 2 * rows * D * (4 if partial_dtype == "float32" else 2) + 2 * 4 * rows)
+        if smem > _SHARED_LIMIT:
+            raise ValueError(f"persistent: {smem} B of shared memory > {_SHARED_LIMIT} B (stages={stages}, "
+                             f"item_queries={item_queries}, head_dim={D}, block_size={Bk})")
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
+    kv_bufs = 2 if persistent else 1
+    o_bufs = 1 if persistent else 2  # persistent: shared memory holds two K/V blocks, so one O tile a consumer
+
+    def o_buf(i):
+        return i % 2 if o_bufs == 2 else 0
 
     @T.macro
-    def issue_scores(i, c, ring, full, K_s, ent_s, t0, acc_s, qpos):
-        """Wait for the consumer's i-th tile and start S = Q_tile K_blk^T on the tensor cores."""
-        T.barrier_wait(full[2 * (i % stages) + c], (i // stages) & 1)
+    def issue_scores(i, j, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos):
+        """Wait for the consumer's i-th tile of the item (its j-th in all) and start S = Q_tile K_blk^T."""
+        T.barrier_wait(full[2 * (j % stages) + c], (j // stages) & 1)
         for r in T.Parallel(rows):  # the row's query position (-1: padding)
-            qpos[r] = T.if_then_else(ent_s[(2 * i + c) * TQ + r // R] >= 0,
-                                     t0 + ent_s[(2 * i + c) * TQ + r // R] // topk, -1)
-        T.wgmma_gemm(ring[2 * (i % stages) + c, :, :], K_s, acc_s, transpose_B=True, clear_accum=True)
+            qpos[r] = T.if_then_else(ent_s[e0 + (2 * i + c) * TQ + r // R] >= 0,
+                                     t0 + ent_s[e0 + (2 * i + c) * TQ + r // R] // topk, -1)
+        T.wgmma_gemm(ring[2 * (j % stages) + c, :, :], K_blk, acc_s, transpose_B=True, clear_accum=True)
 
     @T.macro
     def issue_partial_boxes(buf, dst_s, O_s, Opart, b):
@@ -94,6 +110,47 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.tma_store_arrive()
 
     @T.macro
+    def issue_entry_boxes(ent_s, tile, g, O_s, Opart, b):
+        """As issue_partial_boxes, each query's partial row from its entry in ent_s (the persistent kernel
+        keeps no copy of the rows: its shared memory is full)."""
+        for q in T.serial(TQ):
+            entry = ent_s[tile * TQ + q]  # query (t - t0) * topk + slot
+            row = ((entry // topk * groups + g) * topk + entry % topk) * R
+            if entry >= 0:
+                T.tma_copy(O_s[0, q, :, :], Opart[b, row:row + R, :])
+            else:
+                T.tma_store_arrive()
+
+    # The persistent kernel with TMA stores keeps no rows in dst_s: each box's row comes from its entry.
+    if persistent and tma_stores:
+        @T.macro
+        def issue_boxes(i, c, e0, ent_s, g, dst_s, O_s, Opart, b):
+            """TMA stores of the consumer's tile i of the item."""
+            issue_entry_boxes(ent_s, e0 // TQ + 2 * i + c, g, O_s, Opart, b)
+
+        @T.macro
+        def partial_row_stats(i, dst_s, dst, m, l, Lpart, b):
+            """Each row's partial LSE, and 1 / l for the normalisation."""
+            for r in T.Parallel(rows):
+                if dst[r] >= 0:
+                    Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
+                l[r] = 1.0 / l[r]
+    else:
+        @T.macro
+        def issue_boxes(i, c, e0, ent_s, g, dst_s, O_s, Opart, b):
+            """TMA stores of the consumer's tile i of the item."""
+            issue_partial_boxes(o_buf(i), dst_s, O_s, Opart, b)
+
+        @T.macro
+        def partial_row_stats(i, dst_s, dst, m, l, Lpart, b):
+            """Each row's partial row kept in dst_s for its stores, its partial LSE, and 1 / l."""
+            for r in T.Parallel(rows):
+                dst_s[o_buf(i) * rows + r if tma_stores else r] = dst[r]
+                if dst[r] >= 0:
+                    Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
+                l[r] = 1.0 / l[r]
+
+    @T.macro
     def pass_turn(c, i, n_other):
         """Ping-pong: let the other consumer issue, if it has a next tile (arrivals match syncs exactly)."""
         if pingpong:
@@ -101,9 +158,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.named_barrier_arrive(4 - c, 256)
 
     @T.macro
-    def consumer(c, ctx, n_mine, n_other, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s, p, acc_o, m, l,
-                 qpos, dst, first, dst_s, O_s, Opart, Lpart):
-        """Consumer c's tiles 2 i + c: the scores of tile i + 1 run on the tensor cores during tile i's stores.
+    def consumer(c, ctx, n_mine, n_other, base, ring, full, empty, K_blk, V_blk, ent_s, e0, blk, t0, b, g, seq, acc_s,
+                 p, acc_o, m, l, qpos, dst, first, dst_s, O_s, Opart, Lpart):
+        """Consumer c's tiles 2 i + c of the item (entries from ent_s[e0]; its ring tiles from ``base`` on): the
+        scores of tile i + 1 run on the tensor cores during tile i's stores.
 
         ``pingpong``: the consumers take turns issuing P V and the next S (named barriers 3 and 4), so one's
         softmax runs under the other's MMAs.
@@ -112,18 +170,19 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             if n_other > 0:
                 T.named_barrier_arrive(3, 256)  # consumer 0 goes first
         if n_mine > 0:
-            issue_scores(0, c, ring, full, K_s, ent_s, t0, acc_s, qpos)
+            issue_scores(0, base, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
         for i in T.serial(n_mine):
             T.wait_wgmma(0)  # S of tile i  [rows, Bk]
-            T.barrier_arrive(empty[2 * (i % stages) + c])  # the producer may refill its ring slot
+            T.barrier_arrive(empty[2 * ((base + i) % stages) + c])  # the producer may refill its ring slot
             if tma_stores:
                 # Issued here, where no wgmma is in flight: a single-thread branch while S of tile i + 1
                 # runs makes ptxas serialise the wgmma (C7518).
                 if i > 0:
                     if ctx < 32:
-                        issue_partial_boxes((i - 1) % 2, dst_s, O_s, Opart, b)
-                        T.tma_store_wait(TQ)  # tile i - 2's boxes have left O_s[i % 2]
-            first_query(first, ent_s, 2 * i + c, t0, seq)
+                        issue_boxes(i - 1, c, e0, ent_s, g, dst_s, O_s, Opart, b)
+                        if not persistent:
+                            T.tma_store_wait(TQ)  # tile i - 2's boxes have left O_s[i % 2]
+            first_query(first, ent_s, e0 // TQ + 2 * i + c, t0, seq)
             if first[0] < blk * Bk + Bk - 1:
                 for r, col in T.Parallel(rows, Bk):
                     acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
@@ -134,28 +193,28 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             T.copy(acc_s, p)
             for r in T.Parallel(rows):  # the row's partial row, -1 for padding
                 dst[r] = T.if_then_else(qpos[r] >= 0, (((qpos[r] - t0) * groups + g) * topk
-                                                      + ent_s[(2 * i + c) * TQ + r // R] % topk) * R + r % R, -1)
+                                                      + ent_s[e0 + (2 * i + c) * TQ + r // R] % topk) * R + r % R, -1)
             if pingpong:
                 T.sync_threads(3 + c, 256)  # this consumer's turn: the other has issued its GEMMs
-            T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [rows, D]
+            T.wgmma_gemm(p, V_blk, acc_o, clear_accum=True)  # [rows, D]
             if i + 1 < n_mine:
-                issue_scores(i + 1, c, ring, full, K_s, ent_s, t0, acc_s, qpos)
+                issue_scores(i + 1, base + i + 1, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
                 pass_turn(c, i, n_other)
                 T.wait_wgmma(1)  # P V of tile i done; S of tile i + 1 still running
             else:
                 pass_turn(c, i, n_other)
                 T.wait_wgmma(0)
+            if tma_stores and persistent:
+                # every thread, not one warp: a branch while S of tile i + 1 runs would serialise the wgmma (C7518);
+                # threads that issued no copies return at once
+                T.tma_store_wait(0)  # the single O tile's last boxes have left it
             T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
-            for r in T.Parallel(rows):
-                dst_s[(i % 2) * rows + r if tma_stores else r] = dst[r]
-                if dst[r] >= 0:
-                    Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
-                l[r] = 1.0 / l[r]
+            partial_row_stats(i, dst_s, dst, m, l, Lpart, b)
             for r, d in T.Parallel(rows, D):
                 acc_o[r, d] *= l[r]
             if tma_stores:
                 for r, d in T.Parallel(rows, D):  # [TQ, R, D]: one query's R partial rows are one TMA box
-                    O_s[i % 2, r // R, r % R, d] = acc_o[r, d]
+                    O_s[o_buf(i), r // R, r % R, d] = acc_o[r, d]
                 T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
                 T.sync_threads(1 + c, 128)
             else:
@@ -169,85 +228,208 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         if tma_stores:
             if n_mine > 0:
                 if ctx < 32:
-                    issue_partial_boxes((n_mine - 1) % 2, dst_s, O_s, Opart, b)
-                    T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
+                    issue_boxes(n_mine - 1, c, e0, ent_s, g, dst_s, O_s, Opart, b)
+                    if not persistent:  # persistent: waited for before the next tile writes O_s, or at the end
+                        T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
 
-    @T.prim_func
-    def kv_outer_attention(
-        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-        K: T.Tensor((batch, seq, groups, head_dim), dtype),
-        V: T.Tensor((batch, seq, groups, head_dim), dtype),
-        Items: T.Tensor((n_bg, n_items, 3), "int32"),
-        ItemCount: T.Tensor((n_bg,), "int32"),
-        Entries: T.Tensor((n_bg, cap), "int32"),
-        Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
-        Lpart: T.Tensor((batch, n_part), "float32"),
-        t0: T.int32,
-    ):
-        with T.Kernel(n_items, n_bg, threads=384) as (item, bg):
-            K_s = T.alloc_shared((Bk, D), dtype)
-            V_s = T.alloc_shared((Bk, D), dtype)
-            ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
-            o_tile = (2, TQ, R, D) if tma_stores else (rows, D)  # TMA stores: two O tiles per consumer
-            O_s0 = T.alloc_shared(o_tile, partial_dtype)
-            O_s1 = T.alloc_shared(o_tile, partial_dtype)
-            dst_s0 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
-            dst_s1 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")
-            ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
-            acc_s0 = T.alloc_fragment((rows, Bk), "float32")
-            acc_s1 = T.alloc_fragment((rows, Bk), "float32")
-            p0 = T.alloc_fragment((rows, Bk), dtype)
-            p1 = T.alloc_fragment((rows, Bk), dtype)
-            acc_o0 = T.alloc_fragment((rows, D), "float32")
-            acc_o1 = T.alloc_fragment((rows, D), "float32")
-            m0 = T.alloc_fragment((rows,), "float32")
-            m1 = T.alloc_fragment((rows,), "float32")
-            l0 = T.alloc_fragment((rows,), "float32")
-            l1 = T.alloc_fragment((rows,), "float32")
-            qpos0 = T.alloc_fragment((rows,), "int32")
-            qpos1 = T.alloc_fragment((rows,), "int32")
-            dst0 = T.alloc_fragment((rows,), "int32")
-            dst1 = T.alloc_fragment((rows,), "int32")
-            src = T.alloc_local((1,), "int32")  # the producer's current entry
-            first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
-            T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
-            kv_ready = T.alloc_barrier(128)
-            full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
-            empty = T.alloc_barrier([128] * (2 * stages))
+    if not persistent:
+        @T.prim_func
+        def kv_outer_attention(
+            Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+            Lpart: T.Tensor((batch, n_part), "float32"),
+            t0: T.int32,
+        ):
+            with T.Kernel(n_items, n_bg, threads=384) as (item, bg):
+                K_s = T.alloc_shared((Bk, D), dtype)
+                V_s = T.alloc_shared((Bk, D), dtype)
+                ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
+                o_tile = (2, TQ, R, D) if tma_stores else (rows, D)  # TMA stores: two O tiles per consumer
+                O_s0 = T.alloc_shared(o_tile, partial_dtype)
+                O_s1 = T.alloc_shared(o_tile, partial_dtype)
+                dst_s0 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
+                dst_s1 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")
+                ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
+                acc_s0 = T.alloc_fragment((rows, Bk), "float32")
+                acc_s1 = T.alloc_fragment((rows, Bk), "float32")
+                p0 = T.alloc_fragment((rows, Bk), dtype)
+                p1 = T.alloc_fragment((rows, Bk), dtype)
+                acc_o0 = T.alloc_fragment((rows, D), "float32")
+                acc_o1 = T.alloc_fragment((rows, D), "float32")
+                m0 = T.alloc_fragment((rows,), "float32")
+                m1 = T.alloc_fragment((rows,), "float32")
+                l0 = T.alloc_fragment((rows,), "float32")
+                l1 = T.alloc_fragment((rows,), "float32")
+                qpos0 = T.alloc_fragment((rows,), "int32")
+                qpos1 = T.alloc_fragment((rows,), "int32")
+                dst0 = T.alloc_fragment((rows,), "int32")
+                dst1 = T.alloc_fragment((rows,), "int32")
+                src = T.alloc_local((1,), "int32")  # the producer's current entry
+                first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
+                T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+                kv_ready = T.alloc_barrier(128)
+                full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
+                empty = T.alloc_barrier([128] * (2 * stages))
 
-            b = bg // groups
-            g = bg % groups
-            blk, start, length = work_item(Items, ItemCount, bg, item)
-            n_tiles = T.ceildiv(length, TQ)
-            n_rounds = T.ceildiv(n_tiles, 2 * stages)
-            tx = T.get_thread_binding()
-            for i in T.Parallel(n_entries):
-                ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
-            T.sync_threads()
+                b = bg // groups
+                g = bg % groups
+                blk, start, length = work_item(Items, ItemCount, bg, item)
+                n_tiles = T.ceildiv(length, TQ)
+                n_rounds = T.ceildiv(n_tiles, 2 * stages)
+                tx = T.get_thread_binding()
+                for i in T.Parallel(n_entries):
+                    ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
+                T.sync_threads()
 
-            if tx >= 256:  # producer
-                T.set_max_nreg(producer_regs, 0)
-                T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
-                T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
-                T.cp_async_barrier_noinc(kv_ready[0])
-                for rnd in T.serial(n_rounds):
-                    for u in T.serial(2 * stages):
-                        if rnd * 2 * stages + u < n_tiles:
-                            T.barrier_wait(empty[u], (rnd & 1) ^ 1)
-                            gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
-                            T.cp_async_barrier_noinc(full[u])
-            elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
-                T.set_max_nreg(consumer_regs, 1)
-                T.barrier_wait(kv_ready[0], 0)
-                consumer(0, tx, (n_tiles + 1) // 2, n_tiles // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s0, p0,
-                         acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
-            else:  # consumer 1: tiles 1, 3, 5, ...
-                T.set_max_nreg(consumer_regs, 1)
-                T.barrier_wait(kv_ready[0], 0)
-                consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, ring, full, empty, K_s, V_s, ent_s, blk, t0, b, g, seq, acc_s1, p1,
-                         acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart)
+                if tx >= 256:  # producer
+                    T.set_max_nreg(producer_regs, 0)
+                    T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
+                    T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
+                    T.cp_async_barrier_noinc(kv_ready[0])
+                    for rnd in T.serial(n_rounds):
+                        for u in T.serial(2 * stages):
+                            if rnd * 2 * stages + u < n_tiles:
+                                T.barrier_wait(empty[u], (rnd & 1) ^ 1)
+                                gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
+                                T.cp_async_barrier_noinc(full[u])
+                elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
+                    T.set_max_nreg(consumer_regs, 1)
+                    T.barrier_wait(kv_ready[0], 0)
+                    consumer(0, tx, (n_tiles + 1) // 2, n_tiles // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
+                             seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
+                else:  # consumer 1: tiles 1, 3, 5, ...
+                    T.set_max_nreg(consumer_regs, 1)
+                    T.barrier_wait(kv_ready[0], 0)
+                    consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,
+                             b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart)
 
-    return kv_outer_attention
+        return kv_outer_attention
+
+    if persistent:
+        @T.prim_func
+        def kv_outer_attention_persistent(
+            Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+            Lpart: T.Tensor((batch, n_part), "float32"),
+            t0: T.int32,
+        ):
+            with T.Kernel(ctas, threads=384) as cta:
+                K_s = T.alloc_shared((2, Bk, D), dtype)  # [2, Bk, D]: this item's block and the next one's
+                V_s = T.alloc_shared((2, Bk, D), dtype)
+                ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles, across items
+                o_tile = (1, TQ, R, D) if tma_stores else (rows, D)
+                O_s0 = T.alloc_shared(o_tile, partial_dtype)
+                O_s1 = T.alloc_shared(o_tile, partial_dtype)
+                # thread stores read each row's partial row from dst_s; TMA stores compute it from the entries
+                dst_s0 = None if tma_stores else T.alloc_shared((rows,), "int32")
+                dst_s1 = None if tma_stores else T.alloc_shared((rows,), "int32")
+                ent_s = T.alloc_shared((2 * n_entries,), "int32")  # [2 x n_entries]: entries of K_s[0] / K_s[1]'s items
+                acc_s0 = T.alloc_fragment((rows, Bk), "float32")
+                acc_s1 = T.alloc_fragment((rows, Bk), "float32")
+                p0 = T.alloc_fragment((rows, Bk), dtype)
+                p1 = T.alloc_fragment((rows, Bk), dtype)
+                acc_o0 = T.alloc_fragment((rows, D), "float32")
+                acc_o1 = T.alloc_fragment((rows, D), "float32")
+                m0 = T.alloc_fragment((rows,), "float32")
+                m1 = T.alloc_fragment((rows,), "float32")
+                l0 = T.alloc_fragment((rows,), "float32")
+                l1 = T.alloc_fragment((rows,), "float32")
+                qpos0 = T.alloc_fragment((rows,), "int32")
+                qpos1 = T.alloc_fragment((rows,), "int32")
+                dst0 = T.alloc_fragment((rows,), "int32")
+                dst1 = T.alloc_fragment((rows,), "int32")
+                src = T.alloc_local((1,), "int32")  # the producer's current entry
+                first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
+                done = T.alloc_local((1,), "int32")  # items this CTA has finished (K/V buffer done % 2)
+                base0 = T.alloc_local((1,), "int32")  # tiles consumer 0 (the producer: each consumer) has had so far
+                base1 = T.alloc_local((1,), "int32")
+                T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+                kv_ready = T.alloc_barrier([256, 256])  # per K/V buffer: 128 cp.async completions + 128 entry writers
+                kv_free = T.alloc_barrier([256, 256])  # per K/V buffer: both consumers are done with its item
+                full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
+                empty = T.alloc_barrier([128] * (2 * stages))
+
+                tx = T.get_thread_binding()
+                n_turns = T.ceildiv(n_bg * n_items - cta, ctas)
+                done[0] = 0
+                base0[0] = 0
+                base1[0] = 0
+                if tx >= 256:  # producer: item after item, K/V and entries into the free buffer, then its tiles
+                    T.set_max_nreg(producer_regs, 0)
+                    for turn in T.serial(n_turns):
+                        bg = (cta + turn * ctas) // n_items
+                        blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
+                        if length > 0:
+                            kv = done[0] % 2
+                            T.barrier_wait(kv_free[kv], ((done[0] // 2) & 1) ^ 1)
+                            for e in T.serial(T.ceildiv(n_entries, 128)):
+                                if e * 128 + tx - 256 < n_entries:
+                                    ent_s[kv * n_entries + e * 128 + tx - 256] = T.if_then_else(
+                                        e * 128 + tx - 256 < length, Entries[bg, start + e * 128 + tx - 256], -1)
+                            T.sync_threads(5, 128)  # every producer thread gathers rows of every entry
+                            T.async_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], K_s[kv, :, :])
+                            T.async_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], V_s[kv, :, :])
+                            T.cp_async_barrier_noinc(kv_ready[kv])
+                            T.barrier_arrive(kv_ready[kv])  # release: the entries written above
+                            for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
+                                j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
+                                T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
+                                gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, t0, bg // groups, bg % groups, tx - 256,
+                                                 src, 2 * (j % stages) + t % 2, ring, Q)
+                                T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
+                            base0[0] += (T.ceildiv(length, TQ) + 1) // 2
+                            base1[0] += T.ceildiv(length, TQ) // 2
+                            done[0] += 1
+                elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... of every item
+                    T.set_max_nreg(consumer_regs, 1)
+                    for turn in T.serial(n_turns):
+                        bg = (cta + turn * ctas) // n_items
+                        blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
+                        if length > 0:
+                            kv = done[0] % 2
+                            T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
+                            T.sync_threads(6, 256)  # both consumers start the item together (the ping-pong's turns)
+                            consumer(0, tx, (T.ceildiv(length, TQ) + 1) // 2, T.ceildiv(length, TQ) // 2, base0[0], ring,
+                                     full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
+                                     bg // groups, bg % groups, seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0,
+                                     O_s0, Opart, Lpart)
+                            T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
+                            T.barrier_arrive(kv_free[kv])
+                            base0[0] += (T.ceildiv(length, TQ) + 1) // 2
+                            done[0] += 1
+                    if tma_stores:
+                        T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
+                else:  # consumer 1: tiles 1, 3, 5, ... of every item
+                    T.set_max_nreg(consumer_regs, 1)
+                    for turn in T.serial(n_turns):
+                        bg = (cta + turn * ctas) // n_items
+                        blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
+                        if length > 0:
+                            kv = done[0] % 2
+                            T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
+                            T.sync_threads(6, 256)
+                            consumer(1, tx - 128, T.ceildiv(length, TQ) // 2, (T.ceildiv(length, TQ) + 1) // 2, base1[0],
+                                     ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
+                                     bg // groups, bg % groups, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1,
+                                     O_s1, Opart, Lpart)
+                            T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
+                            T.barrier_arrive(kv_free[kv])
+                            base1[0] += T.ceildiv(length, TQ) // 2
+                            done[0] += 1
+                    if tma_stores:
+                        T.tma_store_wait(0)
+
+        return kv_outer_attention_persistent
 
 
 # Roles and barriers are written by hand: TileLang's own warp specialisation and its automatic
@@ -302,6 +484,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     attention_config = {**tuned_config("kv_outer_attention", shape,
                                      attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
                         **(attention_config or {})}
+    if attention_config.get("persistent"):  # one CTA an SM unless told
+        attention_config.setdefault("ctas", torch.cuda.get_device_properties(q.device).multi_processor_count)
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
     persistent_config = {**PERSISTENT_COMBINE_DEFAULTS, **(persistent_combine_config or {})}
     unfit = persistent_combine_limit(Hq, D, topk, G, partial_dtype.itemsize, persistent_config)

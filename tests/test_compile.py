@@ -50,6 +50,8 @@ MAIN_PROGRAMS = [
     (q_outer_attention.q_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (q_outer_attention.q_outer_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                              num_stages=1, dtype="float16")),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                               persistent=True)),
     (shared_tiles.tile_attention_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (shared_tiles.tile_attention_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                                dtype="float16")),  # R = 1: 64-row tiles
@@ -70,6 +72,7 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "mbarrier_cp_async_arrive_noinc(full" in source
         tma_stores = config.get("tma_stores", kv_outer_attention.ATTENTION_DEFAULTS["tma_stores"])
         assert ("tl::tma_store(Opart_desc" in source) == tma_stores  # partial boxes by TMA, else thread stores
+        assert ("kv_free" in source) == config.get("persistent", False)  # K/V double-buffered across items
     if builder is lse_combine.persistent_combine_program:  # whole pairs by TMA bulk copies into an mbarrier ring
         assert "tl::tma_load(" in source and "arrive_and_expect_tx" in source
     if builder is shared_tiles.tile_attention_program:  # the tile's rows on tensor cores
@@ -150,3 +153,30 @@ def test_persistent_combine_limit_names_what_does_not_fit():
     assert "shared memory" in lse_combine.persistent_combine_limit(64, 128, 16, 4, 4, defaults)  # fp32: 3 x 129 KB
     assert "divide" in lse_combine.persistent_combine_limit(64, 128, 16, 4, 2, dict(defaults, pairs=3))
     assert lse_combine.stage_pairs(8, 64, 4, 8) == 8 and lse_combine.stage_pairs(64, 128, 16, 4) == 1
+
+
+def test_the_persistent_attention_says_when_shared_memory_overflows():
+    with pytest.raises(ValueError, match="persistent: .* shared memory"):
+        kv_outer_attention.kv_outer_program(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                            persistent=True, stages=3)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("persistent", [False, True], ids=["per-item-ctas", "persistent"])
+def test_the_attention_keeps_its_wgmma_asynchronous(persistent, tmp_path):
+    """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518); the forward
+    overlaps the next tile's S with the epilogue, so neither variant may draw it, nor spill."""
+    import subprocess
+    from pathlib import Path
+
+    source = tmp_path / "kernel.cu"
+    source.write_text(lower_to_cuda(kv_outer_attention.kv_outer_program, groups=4, heads=64, head_dim=128,
+                                    block_size=128, topk=16, scale=0.088, persistent=persistent))
+    tl = Path(tilelang.__file__).parent
+    result = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--use_fast_math",
+                             "--expt-relaxed-constexpr", f"-I{tl / 'src'}", f"-I{tl / '3rdparty/cutlass/include'}",
+                             "-DENABLE_BF16", "-cubin", "-Xptxas", "-v", str(source), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "C7518" not in result.stderr
+    assert "0 bytes spill stores" in result.stderr

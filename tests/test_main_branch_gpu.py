@@ -73,6 +73,23 @@ def test_forward_variants_match_reference(config, kind, B, N, Hq, G, D, Bk, topk
                             attention_config=config)
 
 
+@pytest.mark.parametrize("config", [dict(persistent=True), dict(persistent=True, ctas=3),
+                                    dict(persistent=True, ctas=2, tma_stores=False), dict(persistent=True, pingpong=False)],
+                         ids=["one-an-sm", "3-ctas", "2-ctas-thread-stores", "3-ctas-no-pingpong"])
+@pytest.mark.parametrize("kind", ["random", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, None), (2, 1000, 16, 2, 64, 64, 8, 300),
+                                                      (1, 1500, 32, 1, 128, 128, 8, 512)],
+                         ids=["paper-ragged", "b2-Bk64-4-chunks", "one-kv-head-3-chunks"])
+def test_persistent_attention_matches_reference(config, kind, B, N, Hq, G, D, Bk, topk, chunk):
+    """persistent: a few CTAs take every work item in turn, loading the next item's K/V during this one; with
+    2-3 CTAs each runs many items, so both K/V buffers, the ring's phases and the ping-pong turns wrap."""
+    if config.get("pingpong") is False:
+        config = dict(config, ctas=3)
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, query_chunk=chunk,
+                            attention_config=config)
+
+
 @pytest.mark.parametrize("num_stages", [1, 3])
 @pytest.mark.parametrize("Hq,G", [(8, 8), (32, 2), (64, 4)], ids=["R1", "R16", "R16-paper"])
 def test_q_outer_gqa_ratios_and_stages(Hq, G, num_stages):

@@ -88,8 +88,13 @@ def _reject_attention(config, shape):
     D, Bk = shape["head_dim"], shape["block_size"]
     # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each with TMA
     # stores), the largest item's entries
-    o_tiles = 2 * (2 if config["tma_stores"] else 1) * 64 * D * 2
-    smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
+    # stores), the largest item's entries; persistent: two K/V blocks and two entry lists, one O tile each
+    persistent = config.get("persistent", False)
+    o_tiles = 2 * (2 if config["tma_stores"] and not persistent else 1) * 64 * D * 2
+    kv_bufs = 2 if persistent else 1
+    smem = kv_bufs * (2 * 2 * Bk * D + 4 * 256) + 2 * config["stages"] * 64 * D * 2 + o_tiles
+    if not persistent:
+        smem += 4 * MAX_ITEM_QUERIES - 4 * 256
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
     return None
@@ -143,7 +148,8 @@ SPACES = {
         lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
     "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
                         ("groups", "block_size", "topk")),
-    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True)),
+    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True),
+                                     persistent=(False, True)),
                                 _reject_attention,
                                 ATTENTION_DIMS),
     "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
