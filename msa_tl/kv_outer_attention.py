@@ -85,6 +85,13 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                              f"item_queries={item_queries}, head_dim={D}, block_size={Bk})")
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
+
+    def consumer_tiles():
+        """Both consumers' register tiles, pairwise: S [rows, Bk] fp32, P [rows, Bk], O [rows, D] fp32, row max
+        and sum [rows], query positions and partial rows [rows] int32."""
+        shapes = [((rows, Bk), "float32"), ((rows, Bk), dtype), ((rows, D), "float32"), ((rows,), "float32"),
+                  ((rows,), "float32"), ((rows,), "int32"), ((rows,), "int32")]
+        return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(2)]
     kv_bufs = 2 if persistent else 1
     o_bufs = 1 if persistent else 2  # persistent: shared memory holds two K/V blocks, so one O tile a consumer
 
@@ -255,20 +262,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 dst_s0 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
                 dst_s1 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")
                 ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
-                acc_s0 = T.alloc_fragment((rows, Bk), "float32")
-                acc_s1 = T.alloc_fragment((rows, Bk), "float32")
-                p0 = T.alloc_fragment((rows, Bk), dtype)
-                p1 = T.alloc_fragment((rows, Bk), dtype)
-                acc_o0 = T.alloc_fragment((rows, D), "float32")
-                acc_o1 = T.alloc_fragment((rows, D), "float32")
-                m0 = T.alloc_fragment((rows,), "float32")
-                m1 = T.alloc_fragment((rows,), "float32")
-                l0 = T.alloc_fragment((rows,), "float32")
-                l1 = T.alloc_fragment((rows,), "float32")
-                qpos0 = T.alloc_fragment((rows,), "int32")
-                qpos1 = T.alloc_fragment((rows,), "int32")
-                dst0 = T.alloc_fragment((rows,), "int32")
-                dst1 = T.alloc_fragment((rows,), "int32")
+                acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
                 T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
@@ -334,20 +328,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 dst_s0 = None if tma_stores else T.alloc_shared((rows,), "int32")
                 dst_s1 = None if tma_stores else T.alloc_shared((rows,), "int32")
                 ent_s = T.alloc_shared((2 * n_entries,), "int32")  # [2 x n_entries]: entries of K_s[0] / K_s[1]'s items
-                acc_s0 = T.alloc_fragment((rows, Bk), "float32")
-                acc_s1 = T.alloc_fragment((rows, Bk), "float32")
-                p0 = T.alloc_fragment((rows, Bk), dtype)
-                p1 = T.alloc_fragment((rows, Bk), dtype)
-                acc_o0 = T.alloc_fragment((rows, D), "float32")
-                acc_o1 = T.alloc_fragment((rows, D), "float32")
-                m0 = T.alloc_fragment((rows,), "float32")
-                m1 = T.alloc_fragment((rows,), "float32")
-                l0 = T.alloc_fragment((rows,), "float32")
-                l1 = T.alloc_fragment((rows,), "float32")
-                qpos0 = T.alloc_fragment((rows,), "int32")
-                qpos1 = T.alloc_fragment((rows,), "int32")
-                dst0 = T.alloc_fragment((rows,), "int32")
-                dst1 = T.alloc_fragment((rows,), "int32")
+                acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
                 done = T.alloc_local((1,), "int32")  # items this CTA has finished (K/V buffer done % 2)
