@@ -156,7 +156,9 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                 # d loss / d s = softmax(s) - teacher, through s = index_scale q_idx . k_idx
                 dsp[k, j] = T.if_then_else(blk * Bk + c * CONSUMER_KEYS + k <= qcol_s[c, i % 2, j], index_scale * (
                     T.exp2(sp_t[k, j] * (index_scale * _LOG2E) - ls_r[u, j]) - t_t[k, j]), 0)
-                xterm[k, j] = T.if_then_else(t_t[k, j] > 0, t_t[k, j] * (T.log(t_t[k, j]) - sp_t[k, j] * index_scale), 0)
+                # 0 log 0 = 0; a NaN teacher (a NaN score the row sees) keeps its NaN
+                xterm[k, j] = T.if_then_else(t_t[k, j] == 0, 0,
+                                             t_t[k, j] * (T.log(t_t[k, j]) - sp_t[k, j] * index_scale))
             T.copy(dsp, dsp_cast)
             T.wgmma_gemm(dsp_cast, Qi_r[u, :, :], dkidx)  # dk_idx += dS^T q_idx  [64 keys, Di]
             T.copy(dsp_cast, dSp_s[i % 2, c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :])
@@ -361,9 +363,17 @@ def _student_lse(q_idx, k_idx, indices, config, schedule):
     return torch.logsumexp(parts, dim=-1)
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x with its non-finite entries zeroed, for the fused pass's index GEMMs: a token a row cannot see (after it
+    in its own block) must not reach that row's gradients as 0 * NaN. The rows that do see it still get NaN,
+    through the student's LSE, which is computed from the raw index tensors."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight):
     """The fused pass -> (per-row loss [B, N, G] float32, fp32 dq_idx, fp32 dk_idx [B, N, Di]) times ``weight``."""
     B, N, G, topk = indices.shape
+    q_idx, k_idx = _finite(q_idx), _finite(k_idx)
     kl_part = torch.zeros((B, N, G, topk), device=q.device, dtype=torch.float32)
     dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
     dk_idx = torch.zeros((B, N, k_idx.shape[-1]), device=q.device, dtype=torch.float32)

@@ -171,8 +171,10 @@ def _attention_probs(q, k, mask, scale):
     s = torch.einsum("bcgrd,bjgd->bgrcj", q.double().view(B, C, G, Hq // G, D), k.double()) * scale
     s = s.masked_fill(~mask[:, :, None], _NEG_INF)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    return p, lse
+    # as a dense softmax: a row with nothing chosen is all 0; a NaN or +inf score makes its whole row NaN
+    lse = torch.where(torch.isposinf(lse), float("nan"), lse)
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+    return torch.where(mask[:, :, None], p, 0.0), lse
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -359,11 +361,13 @@ def kl_alignment_loss_backward(
     weight = torch.as_tensor(dloss, dtype=torch.float64, device=q.device) / (B * N * G)
     dq_idx = torch.empty((B, N, G, Di), dtype=torch.float64, device=q.device)
     dk_idx = torch.zeros((B, N, Di), dtype=torch.float64, device=q.device)
-    for t0, t1, _, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
-        student = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        ds = weight * (student - teacher)
-        dq_idx[:, t0:t1] = index_scale * torch.einsum("bgtj,bjd->btgd", ds, k_idx.double())
-        dk_idx += index_scale * torch.einsum("bgtj,btgd->bjd", ds, q_idx[:, t0:t1].double())
+    qf, kf = _finite(q_idx), _finite(k_idx)  # a NaN reaches the gradients through ds, only where chosen
+    for t0, t1, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+        # a row with nothing chosen has no student (0 / 0); a NaN score keeps its row's student NaN
+        student = torch.where(mask.any(-1, keepdim=True), torch.softmax(s, dim=-1), 0.0)
+        ds = torch.where(mask, weight * (student - teacher), 0.0)  # [B, G, C, N], 0 off the chosen tokens
+        dq_idx[:, t0:t1] = index_scale * torch.einsum("bgtj,bjd->btgd", ds, kf)
+        dk_idx += index_scale * torch.einsum("bgtj,btgd->bjd", ds, qf[:, t0:t1])
     return dq_idx, dk_idx
 
 

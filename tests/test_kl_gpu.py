@@ -101,3 +101,39 @@ def test_kl_for_ratios_that_do_not_tile_64_rows_runs_padded(Hq, G):
         loss.backward()
         check_close("dq_idx", q_idx.grad, ref_dq)
         check_close("dk_idx", k_idx.grad, ref_dk)
+
+
+@pytest.mark.parametrize("where", ["k_idx", "q_idx", "k"], ids=["nan-index-key", "nan-index-query", "nan-key"])
+def test_a_nan_reaches_the_index_gradients_of_exactly_the_rows_that_chose_it(where):
+    """As the reference: a NaN index key / index query / key makes the loss NaN, dq_idx NaN for exactly the
+    (query, group) rows whose chosen tokens it reaches, and dk_idx NaN at least where the reference's is and only
+    inside blocks those rows chose (the kernels work in whole blocks); every other gradient matches."""
+    from msa_tl.kl_loss import kl_alignment_loss_forward
+
+    B, N, Hq, G, D, Di, Bk, topk = 1, 1500, 32, 2, 128, 128, 128, 3
+    q, k, _ = attention_inputs(B, N, Hq, G, D)
+    q_idx = torch.randn(B, N, G, Di, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(B, N, Di, device="cuda", dtype=torch.bfloat16)
+    if where == "k_idx":
+        k_idx[0, 1450, 5] = float("nan")  # seen by queries 1450.. of the last block, in both groups
+    elif where == "q_idx":
+        q_idx[0, 1460, 1, 7] = float("nan")  # one row's student
+    else:
+        k[0, 1450, 1, 5] = float("nan")  # group 1's teacher for queries 1450..
+    indices = selection("hot", B, N, G, Bk, topk)
+    scale, index_scale = 1 / math.sqrt(D), 1 / math.sqrt(Di)
+    ref_dq, ref_dk = R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, Bk, scale, index_scale)
+    loss, _, dq_idx, dk_idx = kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, Bk, scale, index_scale, None,
+                                                        with_grads=True)
+    assert torch.isnan(loss)
+    assert torch.equal(torch.isnan(dq_idx).any(-1), torch.isnan(ref_dq).any(-1)) and torch.isnan(ref_dq).any()
+    poisoned = torch.isnan(ref_dq).any(-1)  # [B, N, G]
+    chosen = torch.zeros(B, math.ceil(N / Bk) + 1, dtype=torch.bool, device="cuda")
+    blocks = torch.where(poisoned[..., None] & (indices >= 0), indices, chosen.shape[-1] - 1).long()
+    chosen.scatter_(-1, blocks.reshape(B, -1), True)
+    reachable = chosen[:, :-1].repeat_interleave(Bk, dim=-1)[:, :N, None]  # [B, N, 1]
+    assert (torch.isnan(dk_idx) | ~torch.isnan(ref_dk)).all(), "a NaN of the reference is missing"
+    assert not (torch.isnan(dk_idx) & ~reachable).any(), "NaN outside the blocks the NaN rows chose"
+    check_close("dq_idx", dq_idx[~poisoned], ref_dq[~poisoned])
+    clean = ~(torch.isnan(ref_dk) | reachable.expand_as(ref_dk))
+    check_close("dk_idx", dk_idx[clean], ref_dk[clean])

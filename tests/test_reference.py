@@ -340,3 +340,31 @@ def test_a_nan_key_reaches_only_the_gradients_of_tokens_its_rows_chose():
     assert nan_keys[80:96, 1].any() and nan_keys[:16, 1].any()  # the NaN rows' own block and block 0
     assert not nan_keys[16:80].any() and not nan_keys[:, 0].any()  # keys they never chose, the other group
     assert not torch.isnan(dv[0, 16:80]).any()
+
+
+@pytest.mark.parametrize("where", ["k_idx", "k"], ids=["nan-index-key", "nan-key"])
+def test_a_nan_reaches_only_the_index_gradients_of_rows_that_chose_it(where):
+    """KL backward: a NaN index key (the student) or key (the teacher) at token j makes dq_idx NaN for exactly the
+    (query, group) rows that chose it, and dk_idx NaN only at tokens those rows chose; every other gradient equals
+    the NaN-free one (0 * NaN of tokens a row never chose is not let through)."""
+    B, N, Hq, G, D, Di, Bk, topk = 1, 96, 4, 2, 8, 6, 16, 2
+    q, k = torch.randn(B, N, Hq, D, dtype=torch.float64), torch.randn(B, N, G, D, dtype=torch.float64)
+    q_idx, k_idx = torch.randn(B, N, G, Di, dtype=torch.float64), torch.randn(B, N, Di, dtype=torch.float64)
+    local = (torch.arange(N) // Bk)[None, :, None, None]
+    indices = torch.cat([local, torch.zeros_like(local)], dim=-1).expand(B, N, G, topk).int()  # own block, block 0
+    clean = R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, Bk)
+    if where == "k_idx":
+        k_idx[0, 90, 2] = float("nan")  # every group's rows 90.. of block 5 see it
+        chose = torch.zeros(B, N, G, dtype=torch.bool)
+        chose[0, 90:] = True
+    else:
+        k[0, 90, 1, 3] = float("nan")  # group 1's rows 90.. see it
+        chose = torch.zeros(B, N, G, dtype=torch.bool)
+        chose[0, 90:, 1] = True
+    dq_idx, dk_idx = R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, Bk)
+    assert torch.equal(torch.isnan(dq_idx).any(-1), chose) and torch.isnan(dq_idx[chose]).all()
+    torch.testing.assert_close(dq_idx[~chose], clean[0][~chose])
+    nan_tokens = torch.isnan(dk_idx).any(-1)[0]  # [N]
+    assert nan_tokens[80:96].any() and nan_tokens[:16].any() and not nan_tokens[16:80].any()
+    torch.testing.assert_close(dk_idx[0, 16:80], clean[1][0, 16:80])
+    assert torch.isnan(R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk))
