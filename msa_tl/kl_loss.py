@@ -363,17 +363,13 @@ def _student_lse(q_idx, k_idx, indices, config, schedule):
     return torch.logsumexp(parts, dim=-1)
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """x with its non-finite entries zeroed, for the fused pass's index GEMMs: a token a row cannot see (after it
-    in its own block) must not reach that row's gradients as 0 * NaN. The rows that do see it still get NaN,
-    through the student's LSE, which is computed from the raw index tensors."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight):
     """The fused pass -> (per-row loss [B, N, G] float32, fp32 dq_idx, fp32 dk_idx [B, N, Di]) times ``weight``."""
     B, N, G, topk = indices.shape
-    q_idx, k_idx = _finite(q_idx), _finite(k_idx)
+    # Non-finite index entries zeroed for the GEMMs: a token a row cannot see (after it in its own block) must
+    # not reach that row's gradients as 0 * NaN. Rows that see it still get NaN, through the student LSE,
+    # computed from the raw index tensors.
+    q_idx, k_idx = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (q_idx, k_idx))
     kl_part = torch.zeros((B, N, G, topk), device=q.device, dtype=torch.float32)
     dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
     dk_idx = torch.zeros((B, N, k_idx.shape[-1]), device=q.device, dtype=torch.float32)

@@ -37,13 +37,24 @@ from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_
 from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, without_shared_tiles
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
+from msa_tl.tuning.spaces import SMEM_LIMIT
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False)
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_SHARED_LIMIT = 227 * 1024  # a Hopper CTA's shared memory, static and dynamic
+
+
+def persistent_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, item_queries: int, stages: int,
+                            tma_stores: bool, partial_bytes: int = 2) -> int:
+    """Shared memory of the persistent kernel (16-bit inputs): two K/V blocks, the ring, one O tile and (thread
+    stores) one row list a consumer, two entry lists, 1 KB for the barriers."""
+    rows, D = CONSUMER_ROWS, head_dim
+    TQ = rows // heads_per_group
+    n_entries = math.ceil(item_queries / TQ) * TQ
+    o_tiles = 2 * TQ * heads_per_group * D * 2 if tma_stores else 2 * rows * D * partial_bytes + 2 * 4 * rows
+    return (2 * 2 * block_size * D + 2 * stages * rows * D) * 2 + 2 * 4 * n_entries + 1024 + o_tiles
 
 
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
@@ -76,12 +87,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     # asks for more hangs the consumers. The producer spills at 56 with the TMA descriptor.
     producer_regs, consumer_regs = (72, 216) if tma_stores else (56, 224)
     assert 128 * producer_regs + 256 * consumer_regs <= 168 * 384
-    if persistent:  # two K/V blocks, the ring, one O tile a consumer, two entry lists; 1 KB for the barriers
-        item_bytes = 2 if dtype in ("bfloat16", "float16") else 4
-        smem = (2 * 2 * Bk * D + 2 * stages * rows * D) * item_bytes + 2 * 4 * n_entries + 1024 + (
-            2 * TQ * R * D * 2 if tma_stores else 2 * rows * D * (4 if partial_dtype == "float32" else 2) + 2 * 4 * rows)
-        if smem > _SHARED_LIMIT:
-            raise ValueError(f"persistent: {smem} B of shared memory > {_SHARED_LIMIT} B (stages={stages}, "
+    if persistent:
+        smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, 4 if partial_dtype == "float32" else 2)
+        if smem > SMEM_LIMIT:
+            raise ValueError(f"persistent: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
                              f"item_queries={item_queries}, head_dim={D}, block_size={Bk})")
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
@@ -92,11 +101,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         shapes = [((rows, Bk), "float32"), ((rows, Bk), dtype), ((rows, D), "float32"), ((rows,), "float32"),
                   ((rows,), "float32"), ((rows,), "int32"), ((rows,), "int32")]
         return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(2)]
-    kv_bufs = 2 if persistent else 1
-    o_bufs = 1 if persistent else 2  # persistent: shared memory holds two K/V blocks, so one O tile a consumer
 
     def o_buf(i):
-        return i % 2 if o_bufs == 2 else 0
+        """The O tile of the consumer's tile i: two alternate, one in the persistent kernel (its shared memory
+        holds two K/V blocks instead)."""
+        return 0 if persistent else i % 2
 
     @T.macro
     def issue_scores(i, j, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos):
@@ -129,33 +138,25 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.tma_store_arrive()
 
     # The persistent kernel with TMA stores keeps no rows in dst_s: each box's row comes from its entry.
-    if persistent and tma_stores:
-        @T.macro
-        def issue_boxes(i, c, e0, ent_s, g, dst_s, O_s, Opart, b):
-            """TMA stores of the consumer's tile i of the item."""
-            issue_entry_boxes(ent_s, e0 // TQ + 2 * i + c, g, O_s, Opart, b)
+    rows_from_entries = persistent and tma_stores
 
-        @T.macro
-        def partial_row_stats(i, dst_s, dst, m, l, Lpart, b):
-            """Each row's partial LSE, and 1 / l for the normalisation."""
-            for r in T.Parallel(rows):
-                if dst[r] >= 0:
-                    Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
-                l[r] = 1.0 / l[r]
-    else:
-        @T.macro
-        def issue_boxes(i, c, e0, ent_s, g, dst_s, O_s, Opart, b):
-            """TMA stores of the consumer's tile i of the item."""
+    @T.macro
+    def issue_boxes(i, c, e0, ent_s, g, dst_s, O_s, Opart, b):
+        """TMA stores of the consumer's tile i of the item."""
+        if rows_from_entries:
+            issue_entry_boxes(ent_s, e0 // TQ + 2 * i + c, g, O_s, Opart, b)
+        else:
             issue_partial_boxes(o_buf(i), dst_s, O_s, Opart, b)
 
-        @T.macro
-        def partial_row_stats(i, dst_s, dst, m, l, Lpart, b):
-            """Each row's partial row kept in dst_s for its stores, its partial LSE, and 1 / l."""
-            for r in T.Parallel(rows):
+    @T.macro
+    def partial_row_stats(i, dst_s, dst, m, l, Lpart, b):
+        """Each row's partial row (kept in dst_s for its stores), its partial LSE, and 1 / l."""
+        for r in T.Parallel(rows):
+            if not rows_from_entries:
                 dst_s[o_buf(i) * rows + r if tma_stores else r] = dst[r]
-                if dst[r] >= 0:
-                    Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
-                l[r] = 1.0 / l[r]
+            if dst[r] >= 0:
+                Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
+            l[r] = 1.0 / l[r]
 
     @T.macro
     def pass_turn(c, i, n_other):
@@ -305,6 +306,29 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         return kv_outer_attention
 
     if persistent:
+        @T.macro
+        def consumer_items(c, ctx, base, acc_s, p, acc_o, m, l, qpos, dst, dst_s, O_s, n_turns, cta, Items, ItemCount,
+                           ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, done, first, t0, seq, Opart, Lpart):
+            """Consumer c's share of every item this CTA takes: wait for its K/V buffer, start it with the other
+            consumer (the ping-pong's turns), run its tiles from ring tile base[0] on, free the buffer."""
+            for turn in T.serial(n_turns):
+                bg = (cta + turn * ctas) // n_items
+                blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
+                if length > 0:
+                    kv = done[0] % 2
+                    T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
+                    T.sync_threads(6, 256)
+                    consumer(c, ctx, (T.ceildiv(length, TQ) + 1 - c) // 2, (T.ceildiv(length, TQ) + c) // 2, base[0],
+                             ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
+                             bg // groups, bg % groups, seq, acc_s, p, acc_o, m, l, qpos, dst, first, dst_s, O_s,
+                             Opart, Lpart)
+                    T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
+                    T.barrier_arrive(kv_free[kv])
+                    base[0] += (T.ceildiv(length, TQ) + 1 - c) // 2
+                    done[0] += 1
+            if tma_stores:
+                T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
+
         @T.prim_func
         def kv_outer_attention_persistent(
             Q: T.Tensor((batch, seq, heads, head_dim), dtype),
@@ -373,42 +397,14 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                             done[0] += 1
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... of every item
                     T.set_max_nreg(consumer_regs, 1)
-                    for turn in T.serial(n_turns):
-                        bg = (cta + turn * ctas) // n_items
-                        blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
-                        if length > 0:
-                            kv = done[0] % 2
-                            T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
-                            T.sync_threads(6, 256)  # both consumers start the item together (the ping-pong's turns)
-                            consumer(0, tx, (T.ceildiv(length, TQ) + 1) // 2, T.ceildiv(length, TQ) // 2, base0[0], ring,
-                                     full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
-                                     bg // groups, bg % groups, seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0,
-                                     O_s0, Opart, Lpart)
-                            T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
-                            T.barrier_arrive(kv_free[kv])
-                            base0[0] += (T.ceildiv(length, TQ) + 1) // 2
-                            done[0] += 1
-                    if tma_stores:
-                        T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
+                    consumer_items(0, tx, base0, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, dst_s0, O_s0, n_turns, cta,
+                                   Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, done, first,
+                                   t0, seq, Opart, Lpart)
                 else:  # consumer 1: tiles 1, 3, 5, ... of every item
                     T.set_max_nreg(consumer_regs, 1)
-                    for turn in T.serial(n_turns):
-                        bg = (cta + turn * ctas) // n_items
-                        blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
-                        if length > 0:
-                            kv = done[0] % 2
-                            T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
-                            T.sync_threads(6, 256)
-                            consumer(1, tx - 128, T.ceildiv(length, TQ) // 2, (T.ceildiv(length, TQ) + 1) // 2, base1[0],
-                                     ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
-                                     bg // groups, bg % groups, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1,
-                                     O_s1, Opart, Lpart)
-                            T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
-                            T.barrier_arrive(kv_free[kv])
-                            base1[0] += T.ceildiv(length, TQ) // 2
-                            done[0] += 1
-                    if tma_stores:
-                        T.tma_store_wait(0)
+                    consumer_items(1, tx - 128, base1, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, dst_s1, O_s1, n_turns,
+                                   cta, Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, done,
+                                   first, t0, seq, Opart, Lpart)
 
         return kv_outer_attention_persistent
 
@@ -427,6 +423,11 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # runs msa_tl.lse_combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=False,
                          persistent_combine=False)
+
+
+def _sm_count(device) -> int:
+    """SMs of ``device``: the persistent kernels' default CTA count."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
@@ -466,7 +467,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                                      attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
                         **(attention_config or {})}
     if attention_config.get("persistent"):  # one CTA an SM unless told
-        attention_config.setdefault("ctas", torch.cuda.get_device_properties(q.device).multi_processor_count)
+        attention_config.setdefault("ctas", _sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
     persistent_config = {**PERSISTENT_COMBINE_DEFAULTS, **(persistent_combine_config or {})}
     unfit = persistent_combine_limit(Hq, D, topk, G, partial_dtype.itemsize, persistent_config)
@@ -492,7 +493,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                                 **attention_config)
     persistent = schedule_config["persistent_combine"] if persistent_combine is None else persistent_combine
     if persistent and not unfit:
-        ctas = persistent_config["ctas"] or torch.cuda.get_device_properties(q.device).multi_processor_count
+        ctas = persistent_config["ctas"] or _sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **dict(persistent_config, ctas=ctas))
     else:

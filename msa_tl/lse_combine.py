@@ -12,6 +12,8 @@ partial once and writes O in the input dtype and LSE in float32. Two programs:
 
 import tilelang.language as T
 
+from msa_tl.tuning.spaces import SMEM_LIMIT
+
 COMBINE_DEFAULTS = dict(rows=64, threads=128)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -87,12 +89,17 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
 # so a stage never straddles the chunk's end).
 PERSISTENT_COMBINE_DEFAULTS = dict(ctas=None, stages=3, threads=256, pairs=None)
 _STAGE_BYTES = 64 * 1024
-_SHARED_BYTES = 220 * 1024  # Hopper's 227 KB a CTA, less the weights and barriers
+_SHARED_BYTES = SMEM_LIMIT - 7 * 1024  # the ring's share: the rest holds the weights and barriers
+
+
+def _pair_bytes(heads: int, head_dim: int, topk: int, groups: int, partial_bytes: int) -> int:
+    """Bytes of one (query, KV head) pair's partials: topk x R rows of D values and an LSE."""
+    return topk * heads // groups * (head_dim * partial_bytes + 4)
 
 
 def stage_pairs(heads: int, head_dim: int, topk: int, groups: int, partial_bytes: int = 2) -> int:
     """(query, KV head) pairs a ring stage holds: the largest power of two dividing G within 64 KB (at least 1)."""
-    pair_bytes = topk * heads // groups * (head_dim * partial_bytes + 4)
+    pair_bytes = _pair_bytes(heads, head_dim, topk, groups, partial_bytes)
     pairs = 1
     while groups % (2 * pairs) == 0 and 2 * pairs * pair_bytes <= _STAGE_BYTES:
         pairs *= 2
@@ -103,7 +110,7 @@ def persistent_combine_limit(heads: int, head_dim: int, topk: int, groups: int, 
                              config: dict) -> str | None:
     """None if :func:`persistent_combine_program` takes this shape and config, else why not."""
     pairs = config.get("pairs") or stage_pairs(heads, head_dim, topk, groups, partial_bytes)
-    stage = pairs * topk * heads // groups * (head_dim * partial_bytes + 4)
+    stage = pairs * _pair_bytes(heads, head_dim, topk, groups, partial_bytes)
     if groups % pairs:
         return f"pairs={pairs} does not divide the {groups} KV heads"
     if stage * config["stages"] > _SHARED_BYTES:
@@ -125,9 +132,11 @@ def persistent_combine_program(heads: int, head_dim: int, topk: int, groups: int
     """
     batch, seq, n_tg = T.dynamic("batch, seq, n_tg")
     R = heads // groups
-    P = pairs or stage_pairs(heads, head_dim, topk, groups, 4 if partial_dtype == "float32" else 2)
-    if groups % P:
-        raise ValueError(f"pairs={P} must divide the {groups} KV heads (a stage must not pass the chunk's end)")
+    partial_bytes = 4 if partial_dtype == "float32" else 2
+    unfit = persistent_combine_limit(heads, head_dim, topk, groups, partial_bytes, dict(stages=stages, pairs=pairs))
+    if unfit:
+        raise ValueError(f"persistent combine: {unfit}")
+    P = pairs or stage_pairs(heads, head_dim, topk, groups, partial_bytes)
     neg_inf = -T.infinity("float32")
 
     @T.prim_func

@@ -155,10 +155,11 @@ def test_persistent_combine_limit_names_what_does_not_fit():
     assert lse_combine.stage_pairs(8, 64, 4, 8) == 8 and lse_combine.stage_pairs(64, 128, 16, 4) == 1
 
 
-def test_the_persistent_attention_says_when_shared_memory_overflows():
+@pytest.mark.parametrize("config", [dict(stages=3), dict(tma_stores=False)], ids=["3-stages", "thread-stores"])
+def test_the_persistent_attention_says_when_shared_memory_overflows(config):
     with pytest.raises(ValueError, match="persistent: .* shared memory"):
         kv_outer_attention.kv_outer_program(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
-                                            persistent=True, stages=3)
+                                            persistent=True, **config)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

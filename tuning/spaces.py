@@ -86,15 +86,16 @@ def _reject_attention(config, shape):
     if config["tma_stores"] and R < 8:
         return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
     D, Bk = shape["head_dim"], shape["block_size"]
-    # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each with TMA
-    # stores), the largest item's entries
-    # stores), the largest item's entries; persistent: two K/V blocks and two entry lists, one O tile each
-    persistent = config.get("persistent", False)
-    o_tiles = 2 * (2 if config["tma_stores"] and not persistent else 1) * 64 * D * 2
-    kv_bufs = 2 if persistent else 1
-    smem = kv_bufs * (2 * 2 * Bk * D + 4 * 256) + 2 * config["stages"] * 64 * D * 2 + o_tiles
-    if not persistent:
-        smem += 4 * MAX_ITEM_QUERIES - 4 * 256
+    if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
+        from msa_tl.kv_outer_attention import SCHEDULE_TUNABLES, persistent_shared_bytes
+
+        smem = persistent_shared_bytes(R, D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"],
+                                       config["tma_stores"])
+    else:
+        # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each with TMA
+        # stores), the largest item's entries
+        o_tiles = 2 * (2 if config["tma_stores"] else 1) * 64 * D * 2
+        smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
     return None
