@@ -37,6 +37,7 @@ CONSUMER_KEYS = 64
 TILE_ROWS = 64
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+_NAN_MARK = 2.0 ** 100  # stands for a NaN teacher probability inside the head-mean GEMM (exact in bf16)
 
 
 def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int, index_scale: float,
@@ -118,6 +119,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     threads = 128 * (NC + 1)
     t0 = 0  # the schedule covers the whole sequence
     real_heads_only = mean_heads is not None and mean_heads != R
+    head_sum = mean_heads if real_heads_only else 1  # what avg_s's column sums to
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
@@ -146,12 +148,18 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
             else:
                 for k, j in T.Parallel(CONSUMER_KEYS, rows):
                     s_t[k, j] = T.exp2(s_t[k, j] * scale_log2 - l_r[u, j])  # P^T
+            # The head mean below is a GEMM: a NaN P (a row whose scores or LSE are NaN) would reach the other
+            # queries of the tile as NaN * 0. It travels instead as a finite marker, which only its own query's
+            # column can sum to more than 1, and turns back into NaN there.
+            for k, j in T.Parallel(CONSUMER_KEYS, rows):
+                s_t[k, j] = T.if_then_else(s_t[k, j] <= 2.0, s_t[k, j], _NAN_MARK)
             T.copy(s_t, p_cast)
             T.wgmma_gemm(p_cast, avg_s, t_t, clear_accum=True)  # teacher^T = P^T avg: the mean over each query's heads
             T.wait_wgmma(0)
-            if real_heads_only:  # avg_s holds 1 for a real head: 1 / mean_heads (inexact in bf16) is applied in fp32
-                for k, j in T.Parallel(CONSUMER_KEYS, TQP):
-                    t_t[k, j] *= 1.0 / mean_heads
+            for k, j in T.Parallel(CONSUMER_KEYS, TQP):
+                # avg_s holds 1 for a real head with mean_heads: 1 / mean_heads (inexact in bf16) is applied in fp32
+                t_t[k, j] = T.if_then_else(t_t[k, j] <= 2.0 * head_sum, t_t[k, j] * (1.0 / head_sum),
+                                           T.float32(float("nan")))
             for k, j in T.Parallel(CONSUMER_KEYS, TQP):
                 # d loss / d s = softmax(s) - teacher, through s = index_scale q_idx . k_idx
                 dsp[k, j] = T.if_then_else(blk * Bk + c * CONSUMER_KEYS + k <= qcol_s[c, i % 2, j], index_scale * (
