@@ -69,9 +69,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     ring. ``tma_stores``: each query's R x D partial box leaves a double-buffered O tile as one TMA
     tensor store, issued by one thread, instead of the consumers' 16-byte stores (needs R >= 8).
     ``pingpong``: the two consumers take turns issuing their MMAs. ``persistent``: ``ctas`` CTAs take the
-    work items in turn (CTA c the c-th, (c + ctas)-th, ...), K/V and the entries double-buffered, so the
-    producer loads the next item's while the consumers work on this one and the ring runs on across items
-    (the O tile is then single-buffered: shared memory holds two K/V blocks instead).
+    work items as they free up (CTA c first item c, then the next from the counter in Work [1 + 4 ctas]
+    int32, zero at launch), K/V and the entries double-buffered, so the producer loads the next item's while the
+    consumers work on this one and the ring runs on across items (the O tile is then single-buffered:
+    shared memory holds two K/V blocks instead). Items are taken dynamically because their sizes vary: a
+    fixed share of ~50 random items a CTA leaves the slowest CTA 7-19% over the mean (NOTES.md).
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
@@ -307,25 +309,49 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
 
     if persistent:
         @T.macro
-        def consumer_items(c, ctx, base, acc_s, p, acc_o, m, l, qpos, dst, dst_s, O_s, n_turns, cta, Items, ItemCount,
-                           ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, done, first, t0, seq, Opart, Lpart):
-            """Consumer c's share of every item this CTA takes: wait for its K/V buffer, start it with the other
-            consumer (the ping-pong's turns), run its tiles from ring tile base[0] on, free the buffer."""
-            for turn in T.serial(n_turns):
-                bg = (cta + turn * ctas) // n_items
-                blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
-                if length > 0:
-                    kv = done[0] % 2
-                    T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
-                    T.sync_threads(6, 256)
-                    consumer(c, ctx, (T.ceildiv(length, TQ) + 1 - c) // 2, (T.ceildiv(length, TQ) + c) // 2, base[0],
-                             ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
-                             bg // groups, bg % groups, seq, acc_s, p, acc_o, m, l, qpos, dst, first, dst_s, O_s,
-                             Opart, Lpart)
-                    T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
-                    T.barrier_arrive(kv_free[kv])
-                    base[0] += (T.ceildiv(length, TQ) + 1 - c) // 2
-                    done[0] += 1
+        def take_item(turn, cta, kv, Work, ItemCount, w):
+            """Producer thread 0: the CTA's next item (its first is item ``cta``, later ones from the launch's
+            counter Work[0]) as (bg, item of bg) in its K/V buffer's pair of Work; bg -1 when none is left. Items
+            are numbered over the live ones only (ItemCount of each bg), so no turn goes to an empty item. The pair
+            is global memory, ordered by the kv_ready mbarrier: shared memory has no 16 bytes left."""
+            if turn == 0:
+                w[0] = cta
+            else:
+                w[0] = ctas + T.atomic_add(Work[0], 1, return_prev=True)
+            w[1] = -1  # its bg
+            for x in T.serial(n_bg):
+                if w[1] < 0:
+                    if w[0] < ItemCount[x]:
+                        w[1] = x
+                    else:
+                        w[0] -= ItemCount[x]
+            Work[1 + 4 * cta + 2 * kv] = w[1]
+            Work[1 + 4 * cta + 2 * kv + 1] = w[0]
+
+        @T.macro
+        def consumer_items(c, ctx, base, acc_s, p, acc_o, m, l, qpos, dst, dst_s, O_s, max_turns, Items, ItemCount,
+                           ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, Work, cta, item, done, first, t0,
+                           seq, Opart, Lpart):
+            """Consumer c's share of every item this CTA takes: wait for its K/V buffer, read which item it holds
+            (its pair of Work: bg -1 when none is left), start it with the other consumer (the ping-pong's turns), run its
+            tiles from ring tile base[0] on, free the buffer."""
+            for _ in T.serial(max_turns):
+                kv = done[0] % 2
+                T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
+                item[0] = Work[1 + 4 * cta + 2 * kv]
+                item[1] = Work[1 + 4 * cta + 2 * kv + 1]
+                if item[0] < 0:
+                    T.loop_break()
+                blk, start, length = work_item(Items, ItemCount, item[0], item[1])
+                T.sync_threads(6, 256)
+                consumer(c, ctx, (T.ceildiv(length, TQ) + 1 - c) // 2, (T.ceildiv(length, TQ) + c) // 2, base[0],
+                         ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
+                         item[0] // groups, item[0] % groups, seq, acc_s, p, acc_o, m, l, qpos, dst,
+                         first, dst_s, O_s, Opart, Lpart)
+                T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
+                T.barrier_arrive(kv_free[kv])
+                base[0] += (T.ceildiv(length, TQ) + 1 - c) // 2
+                done[0] += 1
             if tma_stores:
                 T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
 
@@ -339,6 +365,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             Entries: T.Tensor((n_bg, cap), "int32"),
             Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
             Lpart: T.Tensor((batch, n_part), "float32"),
+            Work: T.Tensor((1 + 4 * ctas,), "int32"),
             t0: T.int32,
         ):
             with T.Kernel(ctas, threads=384) as cta:
@@ -354,6 +381,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 ent_s = T.alloc_shared((2 * n_entries,), "int32")  # [2 x n_entries]: entries of K_s[0] / K_s[1]'s items
                 acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
+                w = T.alloc_local((2,), "int32")  # the producer's next item (counted over live items, then in its bg), its bg
+                item = T.alloc_local((2,), "int32")  # the (bg, item) a role works on
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
                 done = T.alloc_local((1,), "int32")  # items this CTA has finished (K/V buffer done % 2)
                 base0 = T.alloc_local((1,), "int32")  # tiles consumer 0 (the producer: each consumer) has had so far
@@ -365,46 +394,54 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 empty = T.alloc_barrier([128] * (2 * stages))
 
                 tx = T.get_thread_binding()
-                n_turns = T.ceildiv(n_bg * n_items - cta, ctas)
+                max_turns = n_bg * n_items + 1  # a bound only: every role leaves at the item with bg -1
                 done[0] = 0
                 base0[0] = 0
                 base1[0] = 0
                 if tx >= 256:  # producer: item after item, K/V and entries into the free buffer, then its tiles
                     T.set_max_nreg(producer_regs, 0)
-                    for turn in T.serial(n_turns):
-                        bg = (cta + turn * ctas) // n_items
-                        blk, start, length = work_item(Items, ItemCount, bg, (cta + turn * ctas) % n_items)
-                        if length > 0:
-                            kv = done[0] % 2
-                            T.barrier_wait(kv_free[kv], ((done[0] // 2) & 1) ^ 1)
-                            for e in T.serial(T.ceildiv(n_entries, 128)):
-                                if e * 128 + tx - 256 < n_entries:
-                                    ent_s[kv * n_entries + e * 128 + tx - 256] = T.if_then_else(
-                                        e * 128 + tx - 256 < length, Entries[bg, start + e * 128 + tx - 256], -1)
-                            T.sync_threads(5, 128)  # every producer thread gathers rows of every entry
-                            T.async_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], K_s[kv, :, :])
-                            T.async_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], V_s[kv, :, :])
-                            T.cp_async_barrier_noinc(kv_ready[kv])
-                            T.barrier_arrive(kv_ready[kv])  # release: the entries written above
-                            for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
-                                j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
-                                T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
-                                gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, t0, bg // groups, bg % groups, tx - 256,
-                                                 src, 2 * (j % stages) + t % 2, ring, Q)
-                                T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
-                            base0[0] += (T.ceildiv(length, TQ) + 1) // 2
-                            base1[0] += T.ceildiv(length, TQ) // 2
-                            done[0] += 1
+                    for turn in T.serial(max_turns):
+                        kv = done[0] % 2
+                        T.barrier_wait(kv_free[kv], ((done[0] // 2) & 1) ^ 1)
+                        if tx == 256:
+                            take_item(turn, cta, kv, Work, ItemCount, w)
+                        T.sync_threads(5, 128)  # the item is written
+                        item[0] = Work[1 + 4 * cta + 2 * kv]
+                        item[1] = Work[1 + 4 * cta + 2 * kv + 1]
+                        if item[0] < 0:  # none left: release the consumers (256 arrivals) and stop
+                            T.barrier_arrive(kv_ready[kv])
+                            T.barrier_arrive(kv_ready[kv])
+                            T.loop_break()
+                        bg = item[0]
+                        blk, start, length = work_item(Items, ItemCount, bg, item[1])
+                        for e in T.serial(T.ceildiv(n_entries, 128)):
+                            if e * 128 + tx - 256 < n_entries:
+                                ent_s[kv * n_entries + e * 128 + tx - 256] = T.if_then_else(
+                                    e * 128 + tx - 256 < length, Entries[bg, start + e * 128 + tx - 256], -1)
+                        T.sync_threads(5, 128)  # every producer thread gathers rows of every entry
+                        T.async_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], K_s[kv, :, :])
+                        T.async_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], V_s[kv, :, :])
+                        T.cp_async_barrier_noinc(kv_ready[kv])
+                        T.barrier_arrive(kv_ready[kv])  # release: the item and the entries written above
+                        for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
+                            j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
+                            T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
+                            gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, t0, bg // groups, bg % groups, tx - 256,
+                                             src, 2 * (j % stages) + t % 2, ring, Q)
+                            T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
+                        base0[0] += (T.ceildiv(length, TQ) + 1) // 2
+                        base1[0] += T.ceildiv(length, TQ) // 2
+                        done[0] += 1
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... of every item
                     T.set_max_nreg(consumer_regs, 1)
-                    consumer_items(0, tx, base0, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, dst_s0, O_s0, n_turns, cta,
-                                   Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, done, first,
-                                   t0, seq, Opart, Lpart)
+                    consumer_items(0, tx, base0, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, dst_s0, O_s0, max_turns,
+                                   Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, Work,
+                                   cta, item, done, first, t0, seq, Opart, Lpart)
                 else:  # consumer 1: tiles 1, 3, 5, ... of every item
                     T.set_max_nreg(consumer_regs, 1)
-                    consumer_items(1, tx - 128, base1, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, dst_s1, O_s1, n_turns,
-                                   cta, Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, done,
-                                   first, t0, seq, Opart, Lpart)
+                    consumer_items(1, tx - 128, base1, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, dst_s1, O_s1,
+                                   max_turns, Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s,
+                                   Work, cta, item, done, first, t0, seq, Opart, Lpart)
 
         return kv_outer_attention_persistent
 
@@ -422,7 +459,7 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
 # runs msa_tl.lse_combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=False,
-                         persistent_combine=False)
+                         persistent_combine=True)
 
 
 def _sm_count(device) -> int:
@@ -499,6 +536,9 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     else:
         combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if shared_tiles else {}))
+    # the persistent attention's item counter and items taken, one row a launch
+    work = (torch.zeros(chunks, 1 + 4 * attention_config["ctas"], device=q.device, dtype=torch.int32)
+            if attention_config.get("persistent") else None)
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not build_once:
@@ -507,7 +547,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         op = o_part[: B * count * Hq * topk * D].view(B, count * Hq * topk, D)
         lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
         lp.fill_(float("-inf"))
-        attention(q, k, v, items, item_count, entries, op, lp, t0)
+        attention(q, k, v, items, item_count, entries, op, lp, *([] if work is None else [work[c]]), t0)
         combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
     if shared_tiles:

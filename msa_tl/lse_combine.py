@@ -137,6 +137,7 @@ def persistent_combine_program(heads: int, head_dim: int, topk: int, groups: int
     if unfit:
         raise ValueError(f"persistent combine: {unfit}")
     P = pairs or stage_pairs(heads, head_dim, topk, groups, partial_bytes)
+    TK = 1 << (topk - 1).bit_length()  # the slots padded to a power of two: the row reductions need one
     neg_inf = -T.infinity("float32")
 
     @T.prim_func
@@ -150,9 +151,9 @@ def persistent_combine_program(heads: int, head_dim: int, topk: int, groups: int
         with T.Kernel(ctas, threads=threads) as cta:
             O_s = T.alloc_shared((P, topk, R, head_dim), partial_dtype)  # [P, topk, R, D], one ring stage
             L_s = T.alloc_shared((P, topk, R), "float32")
-            weight = T.alloc_shared((P * R, topk), "float32")
+            weight = T.alloc_shared((P * R, TK), "float32")
             stats = T.alloc_shared((P * R, 2), "float32")  # max, sum of weights
-            lse_f = T.alloc_fragment((P * R, topk), "float32")
+            lse_f = T.alloc_fragment((P * R, TK), "float32")  # slots past topk: -inf
             max_f = T.alloc_fragment((P * R,), "float32")
             sum_f = T.alloc_fragment((P * R,), "float32")
             acc = T.alloc_fragment((P, R, head_dim), "float32")
@@ -162,10 +163,10 @@ def persistent_combine_program(heads: int, head_dim: int, topk: int, groups: int
                     u = cta + it * ctas
                     T.copy(Lpart[b, u * P:(u + 1) * P, :, :], L_s)
                     T.copy(Opart[b, u * P:(u + 1) * P, :, :, :], O_s)
-                    for i, s in T.Parallel(P * R, topk):  # [P * R, topk]
-                        lse_f[i, s] = L_s[i // R, s, i % R]
+                    for i, s in T.Parallel(P * R, TK):  # [P * R, TK]
+                        lse_f[i, s] = T.if_then_else(s < topk, L_s[i // R, T.min(s, topk - 1), i % R], neg_inf)
                     T.reduce_max(lse_f, max_f, dim=1)
-                    for i, s in T.Parallel(P * R, topk):  # NaN passes: exp2(NaN) poisons the row
+                    for i, s in T.Parallel(P * R, TK):  # NaN passes: exp2(NaN) poisons the row
                         lse_f[i, s] = T.if_then_else(lse_f[i, s] != neg_inf,
                                                      T.exp2((lse_f[i, s] - max_f[i]) * _LOG2E), 0.0)
                     T.reduce_sum(lse_f, sum_f, dim=1)

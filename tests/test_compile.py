@@ -45,6 +45,7 @@ MAIN_PROGRAMS = [
                                                tma_stores=False, pingpong=False)),
     (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
     (lse_combine.persistent_combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
+    (lse_combine.persistent_combine_program, dict(heads=32, head_dim=128, topk=6, groups=2)),  # slots padded to 8
     (lse_combine.persistent_combine_program, dict(heads=8, head_dim=64, topk=4, groups=8, ctas=114, stages=4,
                                                   dtype="float16", partial_dtype="float16")),  # 8 pairs a stage
     (q_outer_attention.q_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),

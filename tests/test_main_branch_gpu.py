@@ -234,8 +234,10 @@ def test_a_schedule_built_once_for_every_chunk(build_once):
 
 
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, 512), (2, 1000, 16, 2, 64, 64, 8, 300),
-                                                      (1, 900, 32, 1, 128, 128, 8, 256), (1, 700, 8, 8, 64, 64, 4, 700)],
-                         ids=["paper-5-chunks", "b2-Bk64-4-chunks", "one-kv-head-4-chunks", "ratio1-8-pairs"])
+                                                      (1, 900, 32, 1, 128, 128, 8, 256), (1, 700, 8, 8, 64, 64, 4, 700),
+                                                      (2, 777, 32, 2, 128, 64, 6, 256)],
+                         ids=["paper-5-chunks", "b2-Bk64-4-chunks", "one-kv-head-4-chunks", "ratio1-8-pairs",
+                              "topk6-3-chunks"])
 @pytest.mark.parametrize("ctas", [3, None], ids=["3-ctas", "one-an-sm"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 def test_persistent_combine_matches_the_combine(kind, ctas, B, N, Hq, G, D, Bk, topk, chunk):

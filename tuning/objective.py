@@ -237,9 +237,15 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
 
             def timed(config):
                 if program == "kv_outer_attention":
-                    kernel = compiled_kernel(kv_outer_program, **compile_units(program, shape, config)[0][1])
-                    return lambda: kernel(q, k, v, sched.items, sched.item_count, sched.entries, o_part.view(1, -1, D),
-                                          l_part.view(1, -1), t0)
+                    unit = compile_units(program, shape, config)[0][1]
+                    if unit.get("persistent"):  # one CTA an SM, as the driver launches it
+                        unit = dict(unit, ctas=unit.get("ctas") or torch.cuda.get_device_properties(0).multi_processor_count)
+                    kernel = compiled_kernel(kv_outer_program, **unit)
+                    args = (q, k, v, sched.items, sched.item_count, sched.entries, o_part.view(1, -1, D), l_part.view(1, -1))
+                    if unit.get("persistent"):  # its item counter starts at zero every launch
+                        work = torch.zeros(1 + 4 * unit["ctas"], device="cuda", dtype=torch.int32)
+                        return lambda: (work.zero_(), kernel(*args, work, t0))
+                    return lambda: kernel(*args, t0)
                 kernel = compiled_kernel(combine_program, **compile_units(program, shape, config)[0][1])
                 l_part.copy_(torch.randn_like(l_part))  # finite LSEs: every slot is merged
                 return lambda: kernel(o_part, l_part, o.view(1, N * Hq, D), lse.view(1, N * Hq), t0)
