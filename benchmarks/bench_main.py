@@ -9,11 +9,13 @@ Useful main-branch FLOPs: 4*D*Bk per (query, head, chosen block). Per stage
 the bytes this design must move (Q gathers, K/V loads, partials written and
 read back, O and LSE) are set against the copy bandwidth and the GEMM rate
 measured in the same run, as % of the stage's floor. ``--sweep N`` also times
-the attention and schedule knobs at N. Writes ``main_branch.csv``.
+the attention and schedule knobs at N, each varied alone, in interleaved rounds
+(median and spread; each variant's output against the default's). Writes ``main_branch.csv``.
 """
 
 import argparse
 import math
+import statistics
 
 import torch
 
@@ -114,19 +116,39 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
     return out
 
 
-def sweep(table, row, q, k, v, idx, kind):
-    """Attention and schedule knobs at one length, one selection: each knob varied alone, main branch timed whole."""
+def sweep_variants():
+    """(label, sparse_attention_forward keywords) of the sweep: the default first, then each knob varied alone."""
+    variants = [dict()] + [dict(attention_config=dict(stages=s)) for s in (1, 3)]
+    variants += [dict(attention_config=dict(persistent=True)), dict(item_queries=128), dict(item_queries=512)]
+    variants += [dict(query_chunk=c) for c in (4096, 32768)]
+    variants += [dict(build_once=False), dict(shared_tiles=True), dict(persistent_combine=False)]
+    return [(", ".join(f"{a}={b}" for a, b in kw.items()) or "defaults", kw) for kw in variants]
+
+
+def sweep(table, row, q, k, v, idx, kind, rounds=3):
+    """Attention and schedule knobs at one length, one selection, the main branch timed whole: every variant once a
+    round, ``rounds`` rounds interleaved, so a drift of the GPU's clocks over the run reaches all of them alike; the
+    median of the rounds is reported with its spread. Each variant's output is checked against the default's."""
     o = torch.empty_like(q)
-    variants = [dict(attention_config=dict(stages=s)) for s in (1, 2, 3)] + [dict(attention_config=dict(persistent=True))]
-    variants += [dict(item_queries=i) for i in (64, 128, 512)]
-    variants += [dict(query_chunk=c) for c in (4096, 32768, 131072)]
-    variants += [dict(build_once=False), dict(shared_tiles=True), dict(persistent_combine=True),
-                 dict(shared_tiles=True, persistent_combine=True)]
-    for kw in variants:
-        ms = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw), rep_ms=1000)
-        label = ", ".join(f"{a}={b}" for a, b in kw.items())
-        table.add(**row, what=f"sweep: main branch with {label}", selection=kind, ms=ms)
-        print(f"  sweep {label:<40} {ms:8.2f} ms", flush=True)
+    ref_o, ref_lse = sparse_attention_forward(q, k, v, idx, BK)
+    runs = {}
+    for label, kw in sweep_variants():
+        try:
+            out, lse = sparse_attention_forward(q, k, v, idx, BK, **kw)
+        except ValueError as err:  # a config the kernels reject at this shape (e.g. shared memory)
+            print(f"  sweep {label:<40} skipped: {err}", flush=True)
+            continue
+        diff = (out.float() - ref_o.float()).abs().max().item()
+        runs[label] = (kw, diff, (lse - ref_lse).abs().max().item(), [])
+    for _ in range(rounds):
+        for label, (kw, _, _, times) in runs.items():
+            times.append(time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw), rep_ms=500))
+    for label, (kw, diff, ldiff, times) in runs.items():
+        ms = statistics.median(times)
+        table.add(**row, what=f"sweep: main branch with {label}", selection=kind, ms=ms, ms_min=min(times),
+                  ms_max=max(times), rounds=rounds, max_abs_diff_o=diff, max_abs_diff_lse=ldiff)
+        print(f"  sweep {label:<40} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f}) "
+              f"max|o - default| {diff:.2g}", flush=True)
 
 
 def main(argv=None):
