@@ -488,7 +488,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     ``shared_tiles``: query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`) are
     attended Q-outer, with no partials. ``persistent_combine``: the combine is
     :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError where its ring does not fit, if asked
-    for). ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the
+    for; by default not with ``shared_tiles``, whose rows' empty partials it would stream). ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the
     kernels' configs default to the tuned configs of this GPU and shape
     (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
@@ -528,7 +528,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config)
-    persistent = schedule_config["persistent_combine"] if persistent_combine is None else persistent_combine
+    # by default not beside shared tiles: the persistent combine streams every pair's partials, where the
+    # per-row combine skips the rows the tiles own
+    persistent = (schedule_config["persistent_combine"] and not shared_tiles if persistent_combine is None
+                  else persistent_combine)
     if persistent and not unfit:
         ctas = persistent_config["ctas"] or _sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
