@@ -17,6 +17,8 @@ from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 TILE_DEFAULTS = dict(num_stages=2)
+# The hand-pipelined tile kernel's knob: the K/V ring's depth (3 stages fit with Q: 224 KB).
+ROLES_DEFAULTS = dict(stages=2)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -145,10 +147,10 @@ tile_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                                 dtype: str = "bfloat16"):
+                                 stages: int = 2, dtype: str = "bfloat16"):
     """:func:`tile_attention_program` with the roles by hand: a producer warpgroup loads Q once and each chosen
-    block's K/V into a two-stage cp.async ring on mbarriers; two consumer warpgroups own 64 rows each and both
-    read every stage, so one's softmax runs under the other's MMAs. 128-row tiles only."""
+    block's K/V into a ``stages``-deep cp.async ring on mbarriers; two consumer warpgroups own 64 rows each and
+    both read every stage, so one's softmax runs under the other's MMAs. 128-row tiles only."""
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
     R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
     if tile_rows(R, Bk) != 2 * M:
@@ -157,6 +159,23 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
     softmax_step = _online_softmax(M, Bk, D)
+
+    @T.macro
+    def causal_scores(c, acc_s, blk, first):
+        """The tile's scaled scores [M, Bk]; -inf at keys after the row's query (only its own block has them)."""
+        for i, col in T.Parallel(M, Bk):
+            acc_s[i, col] = T.if_then_else(blk * Bk + col <= first + (c * M + i) // R, acc_s[i, col] * scale_log2,
+                                           neg_inf)
+
+    @T.macro
+    def store_rows(c, O, LSE, b, g, first, acc_o, row_max, row_sum):
+        """O and LSE of the consumer's rows; nothing chosen: o = 0, lse = -inf."""
+        for i, d in T.Parallel(M, D):
+            O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = T.if_then_else(
+                row_sum[i] == 0.0, 0.0, acc_o[i, d] / row_sum[i])
+        for i in T.Parallel(M):
+            LSE[b, first + (c * M + i) // R, g * R + (c * M + i) % R] = T.if_then_else(
+                row_sum[i] == 0.0, neg_inf, (row_max[i] + T.log2(row_sum[i])) * _LN2)
 
     @T.macro
     def consume(c, ctx, Q_c, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s, acc_p, acc_o,
@@ -168,24 +187,17 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         for s in T.serial(topk):
             blk = Indices[b, first, g, s]
             if blk >= 0:
-                T.barrier_wait(full[n[0] % 2], (n[0] // 2) & 1)
-                T.wgmma_gemm(Q_c, ring_k[n[0] % 2, :, :], acc_s, transpose_B=True, clear_accum=True)
+                T.barrier_wait(full[n[0] % stages], (n[0] // stages) & 1)
+                T.wgmma_gemm(Q_c, ring_k[n[0] % stages, :, :], acc_s, transpose_B=True, clear_accum=True)
                 T.wait_wgmma(0)
-                for i, col in T.Parallel(M, Bk):  # causal: only the tile's own block has later keys
-                    acc_s[i, col] = T.if_then_else(blk * Bk + col <= first + (c * M + i) // R,
-                                                   acc_s[i, col] * scale_log2, neg_inf)
+                causal_scores(c, acc_s, blk, first)
                 softmax_step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
                 T.copy(acc_s, acc_p)
-                T.wgmma_gemm(acc_p, ring_v[n[0] % 2, :, :], acc_o)
+                T.wgmma_gemm(acc_p, ring_v[n[0] % stages, :, :], acc_o)
                 T.wait_wgmma(0)
-                T.barrier_arrive(empty[n[0] % 2])
+                T.barrier_arrive(empty[n[0] % stages])
                 n[0] += 1
-        for i, d in T.Parallel(M, D):  # nothing chosen: o = 0, lse = -inf
-            O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = T.if_then_else(
-                row_sum[i] == 0.0, 0.0, acc_o[i, d] / row_sum[i])
-        for i in T.Parallel(M):
-            LSE[b, first + (c * M + i) // R, g * R + (c * M + i) % R] = T.if_then_else(
-                row_sum[i] == 0.0, neg_inf, (row_max[i] + T.log2(row_sum[i])) * _LN2)
+        store_rows(c, O, LSE, b, g, first, acc_o, row_max, row_sum)
 
     @T.prim_func
     def tile_attention_roles(
@@ -200,8 +212,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         with T.Kernel(n_tiles, groups, batch, threads=384) as (tile, g, b):
             Q_s0 = T.alloc_shared((M, D), dtype)  # [M, D] consumer 0's rows
             Q_s1 = T.alloc_shared((M, D), dtype)
-            ring_k = T.alloc_shared((2, Bk, D), dtype)  # [2, Bk, D]
-            ring_v = T.alloc_shared((2, Bk, D), dtype)
+            ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D]
+            ring_v = T.alloc_shared((stages, Bk, D), dtype)
             acc_s0 = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
             acc_s1 = T.alloc_fragment((M, Bk), "float32")
             acc_p0 = T.alloc_fragment((M, Bk), dtype)
@@ -215,8 +227,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
             row_sum0, row_sum1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
             n = T.alloc_local((1,), "int32")  # the chosen blocks seen so far: the ring stage and its phase
             q_ready = T.alloc_barrier(128)
-            full = T.alloc_barrier([128] * 2)
-            empty = T.alloc_barrier([256] * 2)  # both consumers release a stage
+            full = T.alloc_barrier([128] * stages)
+            empty = T.alloc_barrier([256] * stages)  # both consumers release a stage
             tx = T.get_thread_binding()
             first = tile * TQ
             if Shared[b, tile, g] != 0:
@@ -231,10 +243,10 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                     for s in T.serial(topk):
                         blk = Indices[b, first, g, s]
                         if blk >= 0:
-                            T.barrier_wait(empty[n[0] % 2], ((n[0] // 2) & 1) ^ 1)
-                            T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[n[0] % 2, :, :])
-                            T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[n[0] % 2, :, :])
-                            T.cp_async_barrier_noinc(full[n[0] % 2])
+                            T.barrier_wait(empty[n[0] % stages], ((n[0] // stages) & 1) ^ 1)
+                            T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[n[0] % stages, :, :])
+                            T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[n[0] % stages, :, :])
+                            T.cp_async_barrier_noinc(full[n[0] % stages])
                             n[0] += 1
                 elif tx < 128:
                     T.set_max_nreg(224, 1)
@@ -257,15 +269,15 @@ tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True
 def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None):
     """Attend the tiles ``shared`` marks (:func:`sharing_tiles`) into o [B, N, Hq, D] and lse [B, N, Hq].
 
-    ``roles`` (default: where a tile has 128 rows) runs :func:`tile_attention_roles_program`, else
-    :func:`tile_attention_program` with ``config`` (its ``TILE_DEFAULTS`` knobs)."""
+    ``roles`` (default: where a tile has 128 rows) runs :func:`tile_attention_roles_program` with ``config``
+    (its ``ROLES_DEFAULTS`` knobs), else :func:`tile_attention_program` (its ``TILE_DEFAULTS`` knobs)."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     roles = tile_rows(Hq // G, block_size) == 128 if roles is None else roles
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
     dims = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale, dtype=tl_dtype(q.dtype))
     if roles:
-        kernel = compiled_kernel(tile_attention_roles_program, **dims)
+        kernel = compiled_kernel(tile_attention_roles_program, **dims, **{**ROLES_DEFAULTS, **(config or {})})
     else:
         config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
         kernel = compiled_kernel(tile_attention_program, **dims, **config)

@@ -204,9 +204,11 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
 
 
-@pytest.mark.parametrize("roles", [True, False], ids=["producer-consumers", "pipelined-loop"])
-def test_both_tile_kernels_attend_the_shared_tiles(roles):
-    """The hand-pipelined tile kernel and the plain one, alone, on every tile of a block-shared selection."""
+@pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (False, None)],
+                         ids=["producer-consumers", "producer-consumers-3-stages", "pipelined-loop"])
+def test_both_tile_kernels_attend_the_shared_tiles(roles, config):
+    """The hand-pipelined tile kernel (its ring 2 or 3 stages deep) and the plain one, alone, on every tile of a
+    block-shared selection."""
     from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles
 
     B, N, Hq, G, D, Bk, topk = 2, 1024, 64, 4, 128, 128, 8
@@ -217,7 +219,7 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles):
     assert shared.all()
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
-    shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, roles=roles)
+    shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, config=config, roles=roles)
     from msa_tl.checks import assert_attention_matches_reference
 
     assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
