@@ -17,8 +17,9 @@ from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 TILE_DEFAULTS = dict(num_stages=2)
-# The hand-pipelined tile kernel's knob: the K/V ring's depth (3 stages fit with Q: 224 KB).
-ROLES_DEFAULTS = dict(stages=2)
+# The hand-pipelined tile kernel's knobs: the K/V ring's depth (3 stages fit with Q: 224 KB), and persistent
+# CTAs (the next tile's Q and K/V loaded during this one; 2 stages with two Q buffers: 192 KB).
+ROLES_DEFAULTS = dict(stages=2, persistent=False)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -147,10 +148,14 @@ tile_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                                 stages: int = 2, dtype: str = "bfloat16"):
+                                 stages: int = 2, persistent: bool = False, ctas: int = 132,
+                                 dtype: str = "bfloat16"):
     """:func:`tile_attention_program` with the roles by hand: a producer warpgroup loads Q once and each chosen
     block's K/V into a ``stages``-deep cp.async ring on mbarriers; two consumer warpgroups own 64 rows each and
-    both read every stage, so one's softmax runs under the other's MMAs. 128-row tiles only."""
+    both read every stage, so one's softmax runs under the other's MMAs. ``persistent``: ``ctas`` CTAs take the
+    (tile, group, batch) triples in turn (CTA c the c-th, (c + ctas)-th, ...: tiles cost alike), Q
+    double-buffered and the ring running on across tiles, so the producer loads the next tile's Q and K/V
+    while the consumers finish this one. 128-row tiles only."""
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
     R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
     if tile_rows(R, Bk) != 2 * M:
@@ -159,6 +164,24 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
     softmax_step = _online_softmax(M, Bk, D)
+
+    def consumer_fragments():
+        """Both consumers' register tiles, pairwise: S [M, Bk] fp32, P [M, Bk], O [M, D] fp32, then the row max,
+        previous max, rescale, block sum and running sum [M] fp32."""
+        shapes = [((M, Bk), "float32"), ((M, Bk), dtype), ((M, D), "float32")] + [((M,), "float32")] * 5
+        return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(2)]
+
+    @T.macro
+    def load_blocks(Indices, K, V, ring_k, ring_v, full, empty, b, g, first, n):
+        """Producer: K/V of each block the tile chose into the ring, from stage n[0] on."""
+        for s in T.serial(topk):
+            blk = Indices[b, first, g, s]
+            if blk >= 0:
+                T.barrier_wait(empty[n[0] % stages], ((n[0] // stages) & 1) ^ 1)
+                T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[n[0] % stages, :, :])
+                T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[n[0] % stages, :, :])
+                T.cp_async_barrier_noinc(full[n[0] % stages])
+                n[0] += 1
 
     @T.macro
     def causal_scores(c, acc_s, blk, first):
@@ -183,7 +206,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         T.clear(acc_o)
         T.clear(row_sum)
         T.fill(row_max, neg_inf)
-        n[0] = 0
+        if not persistent:  # persistent: the ring's count runs on across tiles
+            n[0] = 0
         for s in T.serial(topk):
             blk = Indices[b, first, g, s]
             if blk >= 0:
@@ -214,17 +238,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
             Q_s1 = T.alloc_shared((M, D), dtype)
             ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D]
             ring_v = T.alloc_shared((stages, Bk, D), dtype)
-            acc_s0 = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
-            acc_s1 = T.alloc_fragment((M, Bk), "float32")
-            acc_p0 = T.alloc_fragment((M, Bk), dtype)
-            acc_p1 = T.alloc_fragment((M, Bk), dtype)
-            acc_o0 = T.alloc_fragment((M, D), "float32")  # [M, D]
-            acc_o1 = T.alloc_fragment((M, D), "float32")
-            row_max0, row_max1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
-            prev_max0, prev_max1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
-            rescale0, rescale1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
-            block_sum0, block_sum1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
-            row_sum0, row_sum1 = T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32")
+            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, row_max0, row_max1, prev_max0, prev_max1, rescale0,
+             rescale1, block_sum0, block_sum1, row_sum0, row_sum1) = consumer_fragments()
             n = T.alloc_local((1,), "int32")  # the chosen blocks seen so far: the ring stage and its phase
             q_ready = T.alloc_barrier(128)
             full = T.alloc_barrier([128] * stages)
@@ -240,14 +255,7 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                     T.fence_proxy_async()  # generic-proxy writes of Q before the consumers' wgmma read them
                     T.barrier_arrive(q_ready[0])
                     n[0] = 0
-                    for s in T.serial(topk):
-                        blk = Indices[b, first, g, s]
-                        if blk >= 0:
-                            T.barrier_wait(empty[n[0] % stages], ((n[0] // stages) & 1) ^ 1)
-                            T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[n[0] % stages, :, :])
-                            T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[n[0] % stages, :, :])
-                            T.cp_async_barrier_noinc(full[n[0] % stages])
-                            n[0] += 1
+                    load_blocks(Indices, K, V, ring_k, ring_v, full, empty, b, g, first, n)
                 elif tx < 128:
                     T.set_max_nreg(224, 1)
                     T.barrier_wait(q_ready[0], 0)
@@ -259,7 +267,75 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                     consume(1, tx - 128, Q_s1, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s1,
                             acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1, row_sum1, n)
 
-    return tile_attention_roles
+    def take_tile(w):
+        """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
+        return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
+
+    @T.prim_func
+    def tile_attention_roles_persistent(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+    ):
+        with T.Kernel(ctas, threads=384) as cta:
+            Q_s0 = T.alloc_shared((2, M, D), dtype)  # [2, M, D] consumer 0's rows of this tile and the next
+            Q_s1 = T.alloc_shared((2, M, D), dtype)
+            ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D], across tiles
+            ring_v = T.alloc_shared((stages, Bk, D), dtype)
+            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, row_max0, row_max1, prev_max0, prev_max1, rescale0,
+             rescale1, block_sum0, block_sum1, row_sum0, row_sum1) = consumer_fragments()
+            n = T.alloc_local((1,), "int32")  # chosen blocks seen so far, over all the CTA's tiles: ring stage, phase
+            done = T.alloc_local((1,), "int32")  # shared tiles this CTA has taken: Q buffer done % 2, its phase
+            q_ready = T.alloc_barrier([128, 128])  # per Q buffer: the producer's loads
+            q_free = T.alloc_barrier([256, 256])  # per Q buffer: both consumers' last S of its tile
+            full = T.alloc_barrier([128] * stages)
+            empty = T.alloc_barrier([256] * stages)  # both consumers release a stage
+            tx = T.get_thread_binding()
+            n[0] = 0
+            done[0] = 0
+            n_turns = T.ceildiv(batch * groups * n_tiles - cta, ctas)
+            if tx >= 256:  # producer
+                T.set_max_nreg(56, 0)
+                for turn in T.serial(n_turns):
+                    tile, g, b = take_tile(cta + turn * ctas)
+                    if Shared[b, tile, g] != 0:
+                        qb = done[0] % 2
+                        T.barrier_wait(q_free[qb], ((done[0] // 2) & 1) ^ 1)
+                        for i, d in T.Parallel(M, D):
+                            Q_s0[qb, i, d] = Q[b, tile * TQ + i // R, g * R + i % R, d]
+                            Q_s1[qb, i, d] = Q[b, tile * TQ + (M + i) // R, g * R + (M + i) % R, d]
+                        T.fence_proxy_async()  # generic-proxy writes of Q before the consumers' wgmma read them
+                        T.barrier_arrive(q_ready[qb])
+                        load_blocks(Indices, K, V, ring_k, ring_v, full, empty, b, g, tile * TQ, n)
+                        done[0] += 1
+            elif tx < 128:
+                T.set_max_nreg(224, 1)
+                for turn in T.serial(n_turns):
+                    tile, g, b = take_tile(cta + turn * ctas)
+                    if Shared[b, tile, g] != 0:
+                        T.barrier_wait(q_ready[done[0] % 2], (done[0] // 2) & 1)
+                        consume(0, tx, Q_s0[done[0] % 2, :, :], ring_k, ring_v, full, empty, Indices, O, LSE, b, g,
+                                tile * TQ, acc_s0, acc_p0, acc_o0, row_max0, prev_max0, rescale0, block_sum0,
+                                row_sum0, n)
+                        T.barrier_arrive(q_free[done[0] % 2])
+                        done[0] += 1
+            else:
+                T.set_max_nreg(224, 1)
+                for turn in T.serial(n_turns):
+                    tile, g, b = take_tile(cta + turn * ctas)
+                    if Shared[b, tile, g] != 0:
+                        T.barrier_wait(q_ready[done[0] % 2], (done[0] // 2) & 1)
+                        consume(1, tx - 128, Q_s1[done[0] % 2, :, :], ring_k, ring_v, full, empty, Indices, O, LSE,
+                                b, g, tile * TQ, acc_s1, acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1,
+                                row_sum1, n)
+                        T.barrier_arrive(q_free[done[0] % 2])
+                        done[0] += 1
+
+    return tile_attention_roles_persistent if persistent else tile_attention_roles
 
 
 tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True,
@@ -277,7 +353,10 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
     dims = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale, dtype=tl_dtype(q.dtype))
     if roles:
-        kernel = compiled_kernel(tile_attention_roles_program, **dims, **{**ROLES_DEFAULTS, **(config or {})})
+        config = {**ROLES_DEFAULTS, **(config or {})}
+        if config["persistent"]:  # one CTA an SM unless told
+            config.setdefault("ctas", torch.cuda.get_device_properties(q.device).multi_processor_count)
+        kernel = compiled_kernel(tile_attention_roles_program, **dims, **config)
     else:
         config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
         kernel = compiled_kernel(tile_attention_program, **dims, **config)

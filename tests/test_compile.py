@@ -60,6 +60,8 @@ MAIN_PROGRAMS = [
                                                      scale=0.088)),
     (shared_tiles.tile_attention_roles_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
                                                      scale=0.088, stages=3)),  # 224 KB of shared memory
+    (shared_tiles.tile_attention_roles_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
+                                                     scale=0.088, persistent=True)),
 ]
 
 

@@ -204,11 +204,14 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
 
 
-@pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (False, None)],
-                         ids=["producer-consumers", "producer-consumers-3-stages", "pipelined-loop"])
+@pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (True, dict(persistent=True)),
+                                          (True, dict(persistent=True, ctas=3)), (False, None)],
+                         ids=["producer-consumers", "producer-consumers-3-stages", "persistent",
+                              "persistent-3-ctas", "pipelined-loop"])
 def test_both_tile_kernels_attend_the_shared_tiles(roles, config):
-    """The hand-pipelined tile kernel (its ring 2 or 3 stages deep) and the plain one, alone, on every tile of a
-    block-shared selection."""
+    """The hand-pipelined tile kernel (its ring 2 or 3 stages deep; persistent, where 3 CTAs take ~340 tiles each,
+    so both Q buffers and the ring's phases wrap) and the plain one, alone, on every tile of a block-shared
+    selection."""
     from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles
 
     B, N, Hq, G, D, Bk, topk = 2, 1024, 64, 4, 128, 128, 8
