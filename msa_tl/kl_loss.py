@@ -150,7 +150,7 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                     s_t[k, j] = T.exp2(s_t[k, j] * scale_log2 - l_r[u, j])  # P^T
             # The head mean below is a GEMM: a NaN P (a row whose scores or LSE are NaN) would reach the other
             # queries of the tile as NaN * 0. It travels instead as a finite marker, which only its own query's
-            # column can sum to more than 1, and turns back into NaN there.
+            # column can sum past 2 (2 x mean_heads), and turns back into NaN there.
             for k, j in T.Parallel(CONSUMER_KEYS, rows):
                 s_t[k, j] = T.if_then_else(s_t[k, j] <= 2.0, s_t[k, j], _NAN_MARK)
             T.copy(s_t, p_cast)

@@ -35,7 +35,7 @@ from msa_tl.lse_combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, c
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, without_shared_tiles
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 from msa_tl.tuning.spaces import SMEM_LIMIT
 
@@ -70,8 +70,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     tensor store, issued by one thread, instead of the consumers' 16-byte stores (needs R >= 8).
     ``pingpong``: the two consumers take turns issuing their MMAs. ``persistent``: ``ctas`` CTAs take the
     work items as they free up (CTA c first item c, then the next from the counter in Work [1 + 4 ctas]
-    int32, zero at launch), K/V and the entries double-buffered, so the producer loads the next item's while the
-    consumers work on this one and the ring runs on across items (the O tile is then single-buffered:
+    int32, zero at launch: :func:`persistent_work`), K/V and the entries double-buffered, so the producer
+    loads the next item's while the consumers work on this one and the ring runs on across items (the O tile is then single-buffered:
     shared memory holds two K/V blocks instead). Items are taken dynamically because their sizes vary: a
     fixed share of ~50 random items a CTA leaves the slowest CTA 7-19% over the mean (NOTES.md).
     """
@@ -333,8 +333,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                            ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, Work, cta, item, done, first, t0,
                            seq, Opart, Lpart):
             """Consumer c's share of every item this CTA takes: wait for its K/V buffer, read which item it holds
-            (its pair of Work: bg -1 when none is left), start it with the other consumer (the ping-pong's turns), run its
-            tiles from ring tile base[0] on, free the buffer."""
+            (its pair of Work: bg -1 when none is left), start it with the other consumer (the ping-pong's turns),
+            run its tiles from ring tile base[0] on, free the buffer."""
             for _ in T.serial(max_turns):
                 kv = done[0] % 2
                 T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
@@ -462,9 +462,10 @@ SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, 
                          persistent_combine=True)
 
 
-def _sm_count(device) -> int:
-    """SMs of ``device``: the persistent kernels' default CTA count."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
+    """The persistent attention's Work [launches, 1 + 4 ctas] int32, zeroed: a row a launch (its item counter,
+    then each CTA's (bg, item) pair of both K/V buffers)."""
+    return torch.zeros(launches, 1 + 4 * ctas, device=device, dtype=torch.int32)
 
 
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
@@ -488,8 +489,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     ``shared_tiles``: query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`) are
     attended Q-outer, with no partials. ``persistent_combine``: the combine is
     :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError where its ring does not fit, if asked
-    for; by default not with ``shared_tiles``, whose rows' empty partials it would stream). ``query_chunk``, ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the
-    kernels' configs default to the tuned configs of this GPU and shape
+    for; by default not with ``shared_tiles``, whose rows' empty partials it would stream). ``query_chunk``,
+    ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to the tuned configs of this GPU and shape
     (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
     B, N, Hq, D = q.shape
@@ -504,7 +505,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                                      attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
                         **(attention_config or {})}
     if attention_config.get("persistent"):  # one CTA an SM unless told
-        attention_config.setdefault("ctas", _sm_count(q.device))
+        attention_config.setdefault("ctas", sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
     persistent_config = {**PERSISTENT_COMBINE_DEFAULTS, **(persistent_combine_config or {})}
     unfit = persistent_combine_limit(Hq, D, topk, G, partial_dtype.itemsize, persistent_config)
@@ -533,15 +534,13 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     persistent = (schedule_config["persistent_combine"] and not shared_tiles if persistent_combine is None
                   else persistent_combine)
     if persistent and not unfit:
-        ctas = persistent_config["ctas"] or _sm_count(q.device)
+        ctas = persistent_config["ctas"] or sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **dict(persistent_config, ctas=ctas))
     else:
         combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if shared_tiles else {}))
-    # the persistent attention's item counter and items taken, one row a launch
-    work = (torch.zeros(chunks, 1 + 4 * attention_config["ctas"], device=q.device, dtype=torch.int32)
-            if attention_config.get("persistent") else None)
+    work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not build_once:

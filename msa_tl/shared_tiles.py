@@ -13,7 +13,7 @@ the tile's (query, slot) pairs cost no partial writes and reads: Q once and O on
 import tilelang.language as T
 import torch
 
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 TILE_DEFAULTS = dict(num_stages=2)
@@ -271,6 +271,20 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
         return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
 
+    @T.macro
+    def consume_tiles(c, ctx, n_turns, cta, Q_s, ring_k, ring_v, full, empty, q_ready, q_free, Shared, Indices, O,
+                      LSE, acc_s, acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum, n, done):
+        """Persistent consumer c: every shared tile the CTA takes, from its Q buffer done[0] % 2, which it frees
+        (both consumers) once the tile's last S has run."""
+        for turn in T.serial(n_turns):
+            tile, g, b = take_tile(cta + turn * ctas)
+            if Shared[b, tile, g] != 0:
+                T.barrier_wait(q_ready[done[0] % 2], (done[0] // 2) & 1)
+                consume(c, ctx, Q_s[done[0] % 2, :, :], ring_k, ring_v, full, empty, Indices, O, LSE, b, g,
+                        tile * TQ, acc_s, acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum, n)
+                T.barrier_arrive(q_free[done[0] % 2])
+                done[0] += 1
+
     @T.prim_func
     def tile_attention_roles_persistent(
         Q: T.Tensor((batch, seq, heads, head_dim), dtype),
@@ -314,26 +328,14 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                         done[0] += 1
             elif tx < 128:
                 T.set_max_nreg(224, 1)
-                for turn in T.serial(n_turns):
-                    tile, g, b = take_tile(cta + turn * ctas)
-                    if Shared[b, tile, g] != 0:
-                        T.barrier_wait(q_ready[done[0] % 2], (done[0] // 2) & 1)
-                        consume(0, tx, Q_s0[done[0] % 2, :, :], ring_k, ring_v, full, empty, Indices, O, LSE, b, g,
-                                tile * TQ, acc_s0, acc_p0, acc_o0, row_max0, prev_max0, rescale0, block_sum0,
-                                row_sum0, n)
-                        T.barrier_arrive(q_free[done[0] % 2])
-                        done[0] += 1
+                consume_tiles(0, tx, n_turns, cta, Q_s0, ring_k, ring_v, full, empty, q_ready, q_free, Shared,
+                              Indices, O, LSE, acc_s0, acc_p0, acc_o0, row_max0, prev_max0, rescale0, block_sum0,
+                              row_sum0, n, done)
             else:
                 T.set_max_nreg(224, 1)
-                for turn in T.serial(n_turns):
-                    tile, g, b = take_tile(cta + turn * ctas)
-                    if Shared[b, tile, g] != 0:
-                        T.barrier_wait(q_ready[done[0] % 2], (done[0] // 2) & 1)
-                        consume(1, tx - 128, Q_s1[done[0] % 2, :, :], ring_k, ring_v, full, empty, Indices, O, LSE,
-                                b, g, tile * TQ, acc_s1, acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1,
-                                row_sum1, n)
-                        T.barrier_arrive(q_free[done[0] % 2])
-                        done[0] += 1
+                consume_tiles(1, tx - 128, n_turns, cta, Q_s1, ring_k, ring_v, full, empty, q_ready, q_free, Shared,
+                              Indices, O, LSE, acc_s1, acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1,
+                              row_sum1, n, done)
 
     return tile_attention_roles_persistent if persistent else tile_attention_roles
 
@@ -355,7 +357,7 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
     if roles:
         config = {**ROLES_DEFAULTS, **(config or {})}
         if config["persistent"]:  # one CTA an SM unless told
-            config.setdefault("ctas", torch.cuda.get_device_properties(q.device).multi_processor_count)
+            config.setdefault("ctas", sm_count(q.device))
         kernel = compiled_kernel(tile_attention_roles_program, **dims, **config)
     else:
         config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}

@@ -24,6 +24,13 @@ def tl_dtype(torch_dtype) -> str:
     return _TL_DTYPES[str(torch_dtype)]
 
 
+def sm_count(device) -> int:
+    """SMs of ``device``: the persistent kernels' default CTA count (one an SM)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def sm90_target():
     """The Hopper target, built from a dict so it also works on a machine without a GPU."""
     from tilelang import tvm

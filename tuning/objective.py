@@ -157,11 +157,11 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
     from msa_tl.benchmark import time_ms
     from msa_tl.index_scores import block_scores
     from msa_tl.index_topk import TOPK_DEFAULTS, select_blocks, topk_program
-    from msa_tl.kv_outer_attention import kv_outer_program, sparse_attention_forward
+    from msa_tl.kv_outer_attention import kv_outer_program, persistent_work, sparse_attention_forward
     from msa_tl.lse_combine import combine_program
     from msa_tl.q_outer_attention import q_outer_attention_forward
     from msa_tl.scheduler import Schedule
-    from msa_tl.tl_compile import compiled_kernel
+    from msa_tl.tl_compile import compiled_kernel, sm_count
 
     if not torch.cuda.is_available():
         raise RuntimeError("the GPU objective needs a CUDA GPU (use lowering_cost for a CPU-only search)")
@@ -238,14 +238,15 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
             def timed(config):
                 if program == "kv_outer_attention":
                     unit = compile_units(program, shape, config)[0][1]
-                    if unit.get("persistent"):  # one CTA an SM, as the driver launches it
-                        unit = dict(unit, ctas=unit.get("ctas") or torch.cuda.get_device_properties(0).multi_processor_count)
+                    args = (q, k, v, sched.items, sched.item_count, sched.entries, o_part.view(1, -1, D),
+                            l_part.view(1, -1))
+                    if not unit.get("persistent"):
+                        kernel = compiled_kernel(kv_outer_program, **unit)
+                        return lambda: kernel(*args, t0)
+                    unit = dict(unit, ctas=unit.get("ctas") or sm_count(q.device))  # as the driver launches it
                     kernel = compiled_kernel(kv_outer_program, **unit)
-                    args = (q, k, v, sched.items, sched.item_count, sched.entries, o_part.view(1, -1, D), l_part.view(1, -1))
-                    if unit.get("persistent"):  # its item counter starts at zero every launch
-                        work = torch.zeros(1 + 4 * unit["ctas"], device="cuda", dtype=torch.int32)
-                        return lambda: (work.zero_(), kernel(*args, work, t0))
-                    return lambda: kernel(*args, t0)
+                    work = persistent_work(unit["ctas"], 1, q.device)[0]
+                    return lambda: (work.zero_(), kernel(*args, work, t0))  # its item counter starts at zero
                 kernel = compiled_kernel(combine_program, **compile_units(program, shape, config)[0][1])
                 l_part.copy_(torch.randn_like(l_part))  # finite LSEs: every slot is merged
                 return lambda: kernel(o_part, l_part, o.view(1, N * Hq, D), lse.view(1, N * Hq), t0)
