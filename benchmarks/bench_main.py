@@ -22,11 +22,11 @@ import torch
 from benchmarks.bench_dense import bench_ceilings, dense_cudnn_ms
 from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.index_topk import select_blocks
-from msa_tl.kv_outer_attention import (ATTENTION_DEFAULTS, SCHEDULE_TUNABLES, kv_outer_program,
+from msa_tl.kv_outer_attention import (SCHEDULE_TUNABLES, attention_defaults, kv_outer_program, persistent_work,
                                        sparse_attention_forward)
-from msa_tl.lse_combine import COMBINE_DEFAULTS, combine_program
+from msa_tl.lse_combine import PERSISTENT_COMBINE_DEFAULTS, persistent_combine_program
 from msa_tl.scheduler import Schedule
-from msa_tl.tl_compile import compiled_kernel
+from msa_tl.tl_compile import compiled_kernel, sm_count
 
 B, HQ, G, D, BK, TOPK = 1, 64, 4, 128, 128, 16
 R = HQ // G
@@ -73,7 +73,8 @@ def fla_selected_attention():
 
 
 def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk"]):
-    """Each forward stage timed over all query chunks, with the bytes it must move and its floor."""
+    """Each forward stage of the KV-outer path timed over all query chunks (its default kernels; no shared tiles),
+    with the bytes it must move and its floor."""
     N = q.shape[1]
     chunk = min(N, chunk)
     starts = list(range(0, N, chunk))
@@ -81,18 +82,25 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
     scheds = [Schedule(B, G, nblk, chunk, TOPK, SCHEDULE_TUNABLES["item_queries"], "cuda") for _ in starts]
     for sched, t0 in zip(scheds, starts):
         sched.build(idx, t0, min(chunk, N - t0))
+    config = attention_defaults(R, 2, D, BK, SCHEDULE_TUNABLES["item_queries"])
+    if config["persistent"]:
+        config["ctas"] = sm_count("cuda")
     att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
                           scale=1.0 / math.sqrt(D), item_queries=SCHEDULE_TUNABLES["item_queries"], dtype="bfloat16",
-                          partial_dtype="bfloat16", **ATTENTION_DEFAULTS)
-    comb = compiled_kernel(combine_program, heads=HQ, head_dim=D, topk=TOPK, groups=G, dtype="bfloat16",
-                           partial_dtype="bfloat16", **COMBINE_DEFAULTS)
+                          partial_dtype="bfloat16", **config)
+    work = persistent_work(config["ctas"], len(starts), "cuda") if config["persistent"] else None
+    comb = compiled_kernel(persistent_combine_program, heads=HQ, head_dim=D, topk=TOPK, groups=G, dtype="bfloat16",
+                           partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS, ctas=sm_count("cuda")))
     op = torch.empty(B, chunk * G, TOPK, HQ // G, D, device="cuda", dtype=torch.bfloat16)
     lp = torch.full((B, chunk * G, TOPK, HQ // G), float("-inf"), device="cuda")
     o, lse = torch.empty_like(q), torch.empty(B, N, HQ, device="cuda")
 
     def attention():
-        for sched, t0 in zip(scheds, starts):
-            att(q, k, v, sched.items, sched.item_count, sched.entries, op.view(B, -1, D), lp.view(B, -1), t0)
+        if work is not None:
+            work.zero_()  # the persistent kernel's item counters start at 0
+        for c, (sched, t0) in enumerate(zip(scheds, starts)):
+            att(q, k, v, sched.items, sched.item_count, sched.entries, op.view(B, -1, D), lp.view(B, -1),
+                *([] if work is None else [work[c]]), t0)
 
     def combine():
         for t0 in starts:
@@ -119,9 +127,9 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
 def sweep_variants():
     """(label, sparse_attention_forward keywords) of the sweep: the default first, then each knob varied alone."""
     variants = [dict()] + [dict(attention_config=dict(stages=s)) for s in (1, 3)]
-    variants += [dict(attention_config=dict(persistent=True)), dict(item_queries=128), dict(item_queries=512)]
-    variants += [dict(query_chunk=c) for c in (4096, 32768)]
-    variants += [dict(build_once=False), dict(shared_tiles=True), dict(persistent_combine=False)]
+    variants += [dict(attention_config=dict(persistent=False)), dict(attention_config=dict(store_eviction=""))]
+    variants += [dict(item_queries=128), dict(query_chunk=2048), dict(query_chunk=16384)]
+    variants += [dict(build_once=False), dict(shared_tiles=False), dict(persistent_combine=False)]
     return [(", ".join(f"{a}={b}" for a, b in kw.items()) or "defaults", kw) for kw in variants]
 
 

@@ -34,12 +34,12 @@ from msa_tl.lse_combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, c
                                 persistent_combine_limit, persistent_combine_program)
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
-from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, without_shared_tiles
+from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 from msa_tl.tuning.spaces import SMEM_LIMIT
 
-ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False)
+ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="")
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
@@ -59,7 +59,7 @@ def persistent_shared_bytes(heads_per_group: int, head_dim: int, block_size: int
 
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
-                     pingpong: bool = True, persistent: bool = False, ctas: int = 132,
+                     pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
                      dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
@@ -74,6 +74,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     loads the next item's while the consumers work on this one and the ring runs on across items (the O tile is then single-buffered:
     shared memory holds two K/V blocks instead). Items are taken dynamically because their sizes vary: a
     fixed share of ~50 random items a CTA leaves the slowest CTA 7-19% over the mean (NOTES.md).
+    ``store_eviction``: the L2 policy of the TMA partial stores ("evict_first": written once, read by the
+    combine much later, they should not push the chunk's Q rows, which each item gathers again, out of the L2).
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
@@ -83,6 +85,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     TQ = rows // R  # queries per consumer tile
     n_entries = math.ceil(item_queries / TQ) * TQ  # whole tiles: a tail tile reads -1, not stale entries
     vec = 16 // (4 if partial_dtype == "float32" else 2)  # partial elements per 16-byte store
+    store_policy = store_eviction or None
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
     # setmaxnreg only moves registers within what the CTA got at launch (168 x 384 threads): a split that
@@ -123,7 +126,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         """TMA stores of one finished tile: one R x D box a query, exactly TQ bulk groups (empty for padding)."""
         for q in T.serial(TQ):
             if dst_s[buf * rows + q * R] >= 0:
-                T.tma_copy(O_s[buf, q, :, :], Opart[b, dst_s[buf * rows + q * R]:dst_s[buf * rows + q * R] + R, :])
+                T.tma_copy(O_s[buf, q, :, :], Opart[b, dst_s[buf * rows + q * R]:dst_s[buf * rows + q * R] + R, :],
+                           eviction_policy=store_policy)
             else:
                 T.tma_store_arrive()
 
@@ -135,7 +139,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             entry = ent_s[tile * TQ + q]  # query (t - t0) * topk + slot
             row = ((entry // topk * groups + g) * topk + entry % topk) * R
             if entry >= 0:
-                T.tma_copy(O_s[0, q, :, :], Opart[b, row:row + R, :])
+                T.tma_copy(O_s[0, q, :, :], Opart[b, row:row + R, :], eviction_policy=store_policy)
             else:
                 T.tma_store_arrive()
 
@@ -458,7 +462,7 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # ~N * G * topk int32) instead of one build per chunk. shared_tiles: query tiles whose rows chose the same
 # blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
 # runs msa_tl.lse_combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
-SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=False,
+SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
                          persistent_combine=True)
 
 
@@ -468,11 +472,16 @@ def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
     return torch.zeros(launches, 1 + 4 * ctas, device=device, dtype=torch.int32)
 
 
-def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
-    """The forward kernel's defaults for a GQA ratio and partial element size: TMA partial stores only where
-    a query's box has >= 8 rows and the double-buffered O tiles are bf16/fp16 (fp32 ones overflow shared memory)."""
+def attention_defaults(heads_per_group: int, partial_bytes: int = 2, head_dim: int = 128, block_size: int = 128,
+                       item_queries: int = SCHEDULE_DEFAULTS["item_queries"]) -> dict:
+    """The forward kernel's defaults for a GQA ratio, partial element size, head dim, key block and item size:
+    TMA partial stores (L2 evict-first) only where a query's box has >= 8 rows and the double-buffered O tiles
+    are bf16/fp16 (fp32 ones overflow shared memory); the persistent kernel where its two K/V blocks fit."""
     tma = ATTENTION_DEFAULTS["tma_stores"] and heads_per_group >= TMA_MIN_HEADS and partial_bytes == 2
-    return dict(ATTENTION_DEFAULTS, tma_stores=tma)
+    fits = persistent_shared_bytes(heads_per_group, head_dim, block_size, item_queries, ATTENTION_DEFAULTS["stages"],
+                                   tma, partial_bytes) <= SMEM_LIMIT
+    return dict(ATTENTION_DEFAULTS, tma_stores=tma, persistent=ATTENTION_DEFAULTS["persistent"] and fits,
+                store_eviction=ATTENTION_DEFAULTS["store_eviction"] if tma else "")
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
@@ -486,10 +495,11 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
-    ``shared_tiles``: query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`) are
-    attended Q-outer, with no partials. ``persistent_combine``: the combine is
+    ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`)
+    are attended Q-outer, with no partials; counting them is one host sync, and where they hold every row the
+    KV-outer path is not launched. ``persistent_combine``: the combine is
     :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError where its ring does not fit, if asked
-    for; by default not with ``shared_tiles``, whose rows' empty partials it would stream). ``query_chunk``,
+    for; by default not beside shared tiles, whose rows' empty partials it would stream). ``query_chunk``,
     ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to the tuned configs of this GPU and shape
     (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
     """
@@ -501,9 +511,15 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
+    asked_config = attention_config
     attention_config = {**tuned_config("kv_outer_attention", shape,
-                                     attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
+                                       attention_defaults(Hq // G, partial_dtype.itemsize, D, block_size, item_queries),
+                                       q.device),
                         **(attention_config or {})}
+    if attention_config["persistent"] and "persistent" not in (asked_config or {}) and persistent_shared_bytes(
+            Hq // G, D, block_size, item_queries, attention_config["stages"], attention_config["tma_stores"],
+            partial_dtype.itemsize) > SMEM_LIMIT:  # a default or tuned persistent kernel that the asked knobs overflow
+        attention_config["persistent"] = False
     if attention_config.get("persistent"):  # one CTA an SM unless told
         attention_config.setdefault("ctas", sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
@@ -515,9 +531,33 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     build_once = schedule_config["build_once"] if build_once is None else build_once
     shared_tiles = schedule_config["shared_tiles"] if shared_tiles is None else shared_tiles
-    if shared_tiles:  # the KV-outer path gets the other rows; the tiles are attended after the combine
+    tiles, kv_outer_rows = 0, True  # query tiles attended Q-outer; whether any row is left for the KV-outer path
+    if shared_tiles:
         shared = sharing_tiles(indices, Hq // G, block_size)
-        tile_indices, indices = indices, without_shared_tiles(indices, shared, Hq // G, block_size)
+        tiles = int(shared.sum())  # one host sync: it decides which paths have rows to launch for at all
+        kv_outer_rows = tiles < shared.numel() or N % tile_queries(Hq // G, block_size) > 0
+        tile_indices = indices
+        if tiles and kv_outer_rows:  # the KV-outer path gets the other rows; the tiles are attended after the combine
+            indices = without_shared_tiles(indices, shared, Hq // G, block_size)
+    if kv_outer_rows:
+        # by default not beside shared tiles: the persistent combine streams every pair's partials, where the
+        # per-row combine skips the rows the tiles own
+        persistent_combine = (schedule_config["persistent_combine"] and not tiles if persistent_combine is None
+                              else persistent_combine)
+        _kv_outer_forward(q, k, v, indices, block_size, scale, o, lse, chunk, item_queries, build_once, partial_dtype,
+                          attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine)
+    if tiles:
+        shared_tile_attention(q, k, v, tile_indices, shared, block_size, scale, o, lse)
+    return o, lse
+
+
+def _kv_outer_forward(q, k, v, indices, block_size, scale, o, lse, chunk, item_queries, build_once, partial_dtype,
+                      attention_config, combine_config, persistent_config, unfit, tiles: bool,
+                      persistent_combine: bool):
+    """The KV-outer path of :func:`sparse_attention_forward` (schedule, attention and combine by query chunk) into
+    o / lse. ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips."""
+    B, N, Hq, D = q.shape
+    G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
     schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device,
                         chunks=chunks if build_once else 1)
@@ -529,17 +569,13 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config)
-    # by default not beside shared tiles: the persistent combine streams every pair's partials, where the
-    # per-row combine skips the rows the tiles own
-    persistent = (schedule_config["persistent_combine"] and not shared_tiles if persistent_combine is None
-                  else persistent_combine)
-    if persistent and not unfit:
+    if persistent_combine and not unfit:
         ctas = persistent_config["ctas"] or sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **dict(persistent_config, ctas=ctas))
     else:
         combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
-                                  partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if shared_tiles else {}))
+                                  partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if tiles else {}))
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
@@ -552,6 +588,4 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         attention(q, k, v, items, item_count, entries, op, lp, *([] if work is None else [work[c]]), t0)
         combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
-    if shared_tiles:
-        shared_tile_attention(q, k, v, tile_indices, shared, block_size, scale, o, lse)
-    return o, lse
+

@@ -15,6 +15,7 @@ import torch
 
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
+from msa_tl.tuning.spaces import SMEM_LIMIT
 
 TILE_DEFAULTS = dict(num_stages=2)
 # The hand-pipelined tile kernel's knobs: the K/V ring's depth (3 stages fit with Q: 224 KB), and persistent
@@ -147,6 +148,12 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
 tile_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 
+def roles_shared_bytes(head_dim: int, block_size: int, stages: int, persistent: bool) -> int:
+    """Shared memory of the hand-pipelined tile kernel (16-bit inputs): 128 Q rows (two buffers when
+    persistent), ``stages`` K/V blocks, 1 KB for the barriers."""
+    return (2 if persistent else 1) * 128 * head_dim * 2 + 2 * stages * block_size * head_dim * 2 + 1024
+
+
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                                  stages: int = 2, persistent: bool = False, ctas: int = 132,
                                  dtype: str = "bfloat16"):
@@ -160,6 +167,10 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
     if tile_rows(R, Bk) != 2 * M:
         raise ValueError(f"the hand-pipelined tile needs 128 rows in a key block (R = {R}, Bk = {Bk})")
+    smem = roles_shared_bytes(D, Bk, stages, persistent)
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"tile kernel: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
+                         f"persistent={persistent}, head_dim={D}, block_size={Bk})")
     TQ = 2 * M // R
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E

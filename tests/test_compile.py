@@ -1,5 +1,6 @@
 """Every TileLang program lowers for sm_90a and compiles with nvcc on a machine without a GPU."""
 
+import re
 import shutil
 
 import pytest
@@ -53,6 +54,8 @@ MAIN_PROGRAMS = [
                                              num_stages=1, dtype="float16")),
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                                persistent=True)),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                               persistent=True, store_eviction="evict_first")),
     (shared_tiles.tile_attention_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (shared_tiles.tile_attention_program, dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                                dtype="float16")),  # R = 1: 64-row tiles
@@ -76,8 +79,11 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "cp_async_gs_conditional<16>((&(((bfloat16_t*)ring)" in source
         assert "mbarrier_cp_async_arrive_noinc(full" in source
         tma_stores = config.get("tma_stores", kv_outer_attention.ATTENTION_DEFAULTS["tma_stores"])
-        assert ("tl::tma_store(Opart_desc" in source) == tma_stores  # partial boxes by TMA, else thread stores
+        # partial boxes by TMA (with or without an L2 policy), else thread stores
+        assert bool(re.search(r"tl::tma_store(<[^>]*>)?\(Opart_desc", source)) == tma_stores
         assert ("kv_free" in source) == config.get("persistent", False)  # K/V double-buffered across items
+        # the partial stores' L2 policy, only where asked for
+        assert ("tma_store<tl::CacheHintSm90::EVICT_FIRST>" in source) == (config.get("store_eviction") == "evict_first")
     if builder is lse_combine.persistent_combine_program:  # whole pairs by TMA bulk copies into an mbarrier ring
         assert "tl::tma_load(" in source and "arrive_and_expect_tx" in source
     if builder is shared_tiles.tile_attention_program:  # the tile's rows on tensor cores
@@ -149,6 +155,25 @@ def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():
     with pytest.raises(ValueError, match="TMA box"):
         kv_outer_attention.kv_outer_program(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125,
                                             tma_stores=True)
+
+
+def test_persistent_attention_is_a_default_only_where_its_two_kv_blocks_fit(monkeypatch):
+    """attention_defaults turns a persistent default off where its shared memory (two K/V blocks, the ring, the
+    entries of the item size) would not fit, so a default never fails to build."""
+    monkeypatch.setitem(kv_outer_attention.ATTENTION_DEFAULTS, "persistent", True)
+    assert kv_outer_attention.attention_defaults(16, 2, 128, 128, 256)["persistent"]  # 227 KB exactly
+    assert not kv_outer_attention.attention_defaults(16, 2, 128, 128, 512)["persistent"]  # 2 KB more of entries
+    assert not kv_outer_attention.attention_defaults(16, 4, 128, 128, 256)["persistent"]  # fp32: thread stores
+    assert kv_outer_attention.attention_defaults(4, 2, 64, 64, 256)["persistent"]
+    assert kv_outer_attention.attention_defaults(16, 4)["store_eviction"] == ""  # no TMA stores to give a policy
+
+
+def test_the_tile_kernel_says_when_its_shared_memory_does_not_fit():
+    """Persistent with three stages is 257 KB: a ValueError when built, not a failed launch."""
+    with pytest.raises(ValueError, match="shared memory"):
+        shared_tiles.tile_attention_roles_program(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
+                                                  scale=0.088, stages=3, persistent=True)
+    assert shared_tiles.roles_shared_bytes(128, 128, 3, False) <= 227 * 1024
 
 
 def test_persistent_combine_limit_names_what_does_not_fit():

@@ -89,6 +89,10 @@ def test_kernels_get_the_cached_config_remembered_until_the_tuner_writes(monkeyp
     assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == defaults, "remembered per process"
     C.forget_resolved()
     assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == dict(block_rows=64, threads=128)
+    # other defaults at the same shape (e.g. another partial dtype) are resolved on their own
+    other_defaults = dict(block_rows=32, threads=256)
+    assert C.tuned_config("kv_outer_attention", dict(shape, seq=300_000), other_defaults, "cuda") == other_defaults
+    assert C.tuned_config("kv_outer_attention", dict(shape, seq=300_000), defaults, "cuda") == defaults
     # dims a program does not depend on do not split its cache entries
     other = dict(shape, index_dim=64)
     assert C.shape_key("kv_outer_attention", other) == key

@@ -36,6 +36,7 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("kv_outer_attention", dict(stages=3, tma_stores=False, pingpong=True), None),
     ("kv_outer_attention", dict(stages=3, tma_stores=True, pingpong=False), "shared memory"),  # 240 KB
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True), None),
+    ("kv_outer_attention", dict(stages=2, tma_stores=False, pingpong=True, store_eviction="evict_first"), "TMA stores"),
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, persistent=True), None),  # 227 KB exactly
     ("kv_outer_attention", dict(stages=2, tma_stores=False, pingpong=True, persistent=True), "shared memory"),
     ("kv_outer_backward", dict(stages=4, dq_partials=True), "shared memory"),

@@ -119,10 +119,11 @@ _RESOLVED: dict = {}
 def tuned_config(program: str, shape: dict, defaults: dict, device) -> dict:
     """The config a kernel runs with on ``device``: :func:`lookup`, remembered per process.
 
-    Logged once per (program, shape bucket, GPU) at INFO, saying where it came from.
+    Logged once per (program, shape bucket, GPU, defaults) at INFO, saying where it came from.
     """
     gpu = device_gpu_key(device)
-    memo = (program, shape_key(program, shape), gpu)
+    # the defaults are part of the key: they vary with more than the shape bucket (partial dtype, item size)
+    memo = (program, shape_key(program, shape), gpu, tuple(sorted(defaults.items())))
     if memo not in _RESOLVED:
         config, source = lookup(program, shape, defaults, gpu)
         logger.info("msa_tl: %s at %s on %s uses the %s config %s", program, memo[1], gpu, source, config)

@@ -85,6 +85,8 @@ def _reject_attention(config, shape):
         return f"{R} heads per group do not tile a consumer's 64 rows"
     if config["tma_stores"] and R < 8:
         return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
+    if config.get("store_eviction") and not config["tma_stores"]:
+        return "an L2 policy for the partial stores needs TMA stores"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         from msa_tl.kv_outer_attention import SCHEDULE_TUNABLES, persistent_shared_bytes
@@ -150,7 +152,7 @@ SPACES = {
     "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
                         ("groups", "block_size", "topk")),
     "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True),
-                                     persistent=(False, True)),
+                                     persistent=(False, True), store_eviction=("", "evict_first")),
                                 _reject_attention,
                                 ATTENTION_DIMS),
     "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
