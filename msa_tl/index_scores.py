@@ -24,6 +24,8 @@ from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 DEFAULTS = dict(block_M=128, num_stages=3, threads=128, heavy_first=False)  # best of the H100 sweep (NOTES.md)
+# the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
+KNOBS = dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True))
 
 
 def row_tile(groups: int, block_size: int, block_M: int) -> int:

@@ -41,6 +41,10 @@ from msa_tl.tuning.cache import tuned_config
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
 FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
 PIPELINED_DEFAULTS = dict(stages=3, heavy_first=True)  # stages 2-4 within 1% on the H200 (NOTES.md)
+# the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
+TOPK_KNOBS = dict(block_M=(64, 128, 256), col_tile=(16, 32, 64))
+FUSED_KNOBS = dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True))
+PIPELINED_KNOBS = dict(stages=(2, 3, 4), heavy_first=(False, True))
 SELECT_METHODS = ("pipelined", "fused", "two_pass")
 _LOWEST = -3.0e38  # below every finite score; "no candidate yet"
 

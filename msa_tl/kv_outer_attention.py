@@ -35,11 +35,13 @@ from msa_tl.lse_combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, c
 from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
-from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
-from msa_tl.tuning.spaces import SMEM_LIMIT
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="")
+# the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
+ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
+                       store_eviction=("", "evict_first"))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
@@ -464,6 +466,8 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # runs msa_tl.lse_combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
                          persistent_combine=True)
+SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
+                      build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:

@@ -37,6 +37,7 @@ from msa_tl.tuning.cache import tuned_config
 
 DELTA_DEFAULTS = dict(rows=64, threads=128)
 BACKWARD_DEFAULTS = dict(stages=2, dq_partials=True)  # H200, 128K: partials 60.6 ms, atomic dQ 74.8 (NOTES.md)
+BACKWARD_KNOBS = dict(stages=(1, 2, 3, 4), dq_partials=(False, True))  # the tuner's choices (tuning.spaces)
 BACKWARD_ITEM_QUERIES = 1024
 BACKWARD_QUERY_CHUNK = 16384  # with dQ partials: 2 * chunk * Hq * topk * D bytes of workspace (4 GiB, paper shape)
 REDUCE_DEFAULTS = dict(rows=64, threads=128)

@@ -12,9 +12,11 @@ partial once and writes O in the input dtype and LSE in float32. Two programs:
 
 import tilelang.language as T
 
-from msa_tl.tuning.spaces import SMEM_LIMIT
+from msa_tl.tl_compile import SMEM_LIMIT
+
 
 COMBINE_DEFAULTS = dict(rows=64, threads=128)
+COMBINE_KNOBS = dict(rows=(32, 64, 128), threads=(128, 256))  # the tuner's choices (tuning.spaces)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 

@@ -19,6 +19,7 @@ from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 Q_OUTER_DEFAULTS = dict(threads=128, num_stages=2)
+Q_OUTER_KNOBS = dict(threads=(64, 128, 256), num_stages=(1, 2, 3))  # the tuner's choices (tuning.spaces)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 

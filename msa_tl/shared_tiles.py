@@ -13,9 +13,8 @@ the tile's (query, slot) pairs cost no partial writes and reads: Q once and O on
 import tilelang.language as T
 import torch
 
-from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
-from msa_tl.tuning.spaces import SMEM_LIMIT
 
 TILE_DEFAULTS = dict(num_stages=2)
 # The hand-pipelined tile kernel's knobs: the K/V ring's depth (3 stages fit with Q: 224 KB), and persistent

@@ -16,6 +16,7 @@ import os
 from typing import Callable
 
 SM90_ARCH = "sm_90a"
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
 _TL_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 
 

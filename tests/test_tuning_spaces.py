@@ -21,6 +21,7 @@ PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, to
 ])
 def test_defaults_are_in_their_space_and_feasible(program, defaults):
     space = SPACES[program]
+    assert space.dims, "the space keys the cache on its program's dims"
     assert set(defaults) == set(space.params), "every tunable of the kernel is searched, and only those"
     assert all(defaults[k] in space.params[k] for k in defaults)
     assert space.reject(defaults, PAPER) is None
@@ -72,3 +73,12 @@ def test_feasible_grids_are_nonempty_and_within_smem():
         assert all(space.reject(c, PAPER) for c in grid if c not in feasible), name  # the rest, each with a reason
     assert all(2 * (c["block_M"] * 128 + c["num_stages"] * 128 * 128) <= SMEM_LIMIT
                for c in SPACES["index_block_scores"].feasible(PAPER))
+
+
+def test_the_spaces_read_the_knob_grids_declared_beside_the_kernels():
+    """One copy of each knob grid: the kernel module's, which the tuner's space is."""
+    assert SPACES["kv_outer_attention"].params is kv_outer_attention.ATTENTION_KNOBS
+    assert SPACES["schedule"].params is kv_outer_attention.SCHEDULE_KNOBS
+    assert SPACES["index_select_pipelined"].params is index_topk.PIPELINED_KNOBS
+    assert SPACES["lse_combine"].params is lse_combine.COMBINE_KNOBS
+    assert SPACES["kv_outer_backward"].params is kv_outer_backward.BACKWARD_KNOBS

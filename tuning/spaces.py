@@ -1,7 +1,8 @@
 """Search spaces of the TileLang programs, with constraints that reject impossible configs before compiling.
 
-Each program has a grid of choices (``SPACES[program].params``) and a
-``reject(config, shape)`` that returns why a config cannot work on Hopper at
+Each program has a grid of choices (``SPACES[program].params``: the knob grids its
+kernel module declares beside its defaults, e.g. ``kv_outer_attention.ATTENTION_KNOBS``)
+and a ``reject(config, shape)`` that returns why a config cannot work on Hopper at
 that shape (shared memory over the per-block limit, accumulators over the
 register file, tiles that break the kernel's layout assumptions), or None.
 ``shape`` holds the problem's dims: groups, heads, head_dim, index_dim,
@@ -12,10 +13,13 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
-SMEM_LIMIT = 227 * 1024  # bytes of shared memory one Hopper CTA may use
+from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
+from msa_tl.tl_compile import SMEM_LIMIT
+from msa_tl.tuning.cache import PROGRAM_DIMS
+
 REG_FILE = 64 * 1024  # 32-bit registers per SM
 MAX_REGS_PER_THREAD = 255
-MAX_ITEM_QUERIES = 4096  # the schedule space's largest work item
+MAX_ITEM_QUERIES = max(kv_outer_attention.SCHEDULE_KNOBS["item_queries"])  # the schedule space's largest work item
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,8 @@ def _reject_index(config, shape, *, stored_scores: bool):
 
 
 def _reject_pipelined_select(config, shape):
-    from msa_tl.index_topk import pipelined_rows
-
-    rows, Bk, Di = pipelined_rows(shape["groups"], shape["block_size"]), shape["block_size"], shape["index_dim"]
+    rows = index_topk.pipelined_rows(shape["groups"], shape["block_size"])
+    Bk, Di = shape["block_size"], shape["index_dim"]
     if not rows:
         return "fewer than 2 x 64 rows per key block: a consumer needs one wgmma M tile"
     smem = 2 * (2 * rows * Di + config["stages"] * Bk * Di) + 8 * rows
@@ -89,10 +92,8 @@ def _reject_attention(config, shape):
         return "an L2 policy for the partial stores needs TMA stores"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
-        from msa_tl.kv_outer_attention import SCHEDULE_TUNABLES, persistent_shared_bytes
-
-        smem = persistent_shared_bytes(R, D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"],
-                                       config["tma_stores"])
+        item_queries = kv_outer_attention.SCHEDULE_TUNABLES["item_queries"]
+        smem = kv_outer_attention.persistent_shared_bytes(R, D, Bk, item_queries, config["stages"], config["tma_stores"])
     else:
         # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each with TMA
         # stores), the largest item's entries
@@ -139,27 +140,15 @@ def _reject_schedule(config, shape):
     return None
 
 
-ATTENTION_DIMS = ("groups", "heads", "head_dim", "block_size", "topk")
-SPACES = {
-    "index_block_scores": Space(
-        dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
-        lambda c, s: _reject_index(c, s, stored_scores=True), ("groups", "index_dim", "block_size")),
-    "index_select_pipelined": Space(dict(stages=(2, 3, 4), heavy_first=(False, True)), _reject_pipelined_select,
-                                    ("groups", "index_dim", "block_size", "topk")),
-    "index_select_fused": Space(
-        dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True)),
-        lambda c, s: _reject_index(c, s, stored_scores=False), ("groups", "index_dim", "block_size", "topk")),
-    "index_topk": Space(dict(block_M=(64, 128, 256), col_tile=(16, 32, 64)), _reject_topk,
-                        ("groups", "block_size", "topk")),
-    "kv_outer_attention": Space(dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True),
-                                     persistent=(False, True), store_eviction=("", "evict_first")),
-                                _reject_attention,
-                                ATTENTION_DIMS),
-    "q_outer_attention": Space(dict(threads=(64, 128, 256), num_stages=(1, 2, 3)), _reject_q_outer, ATTENTION_DIMS),
-    "kv_outer_backward": Space(dict(stages=(1, 2, 3, 4), dq_partials=(False, True)), _reject_backward,
-                               ATTENTION_DIMS),
-    "lse_combine": Space(dict(rows=(32, 64, 128), threads=(128, 256)), _reject_combine, ("heads", "head_dim", "topk")),
-    "schedule": Space(dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
-                           build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True)),
-                      _reject_schedule, ATTENTION_DIMS),
+_KNOBS_AND_RULES = {  # program -> (its knob grid, declared beside the kernel; the constraints on it)
+    "index_block_scores": (index_scores.KNOBS, lambda c, s: _reject_index(c, s, stored_scores=True)),
+    "index_select_pipelined": (index_topk.PIPELINED_KNOBS, _reject_pipelined_select),
+    "index_select_fused": (index_topk.FUSED_KNOBS, lambda c, s: _reject_index(c, s, stored_scores=False)),
+    "index_topk": (index_topk.TOPK_KNOBS, _reject_topk),
+    "kv_outer_attention": (kv_outer_attention.ATTENTION_KNOBS, _reject_attention),
+    "q_outer_attention": (q_outer_attention.Q_OUTER_KNOBS, _reject_q_outer),
+    "kv_outer_backward": (kv_outer_backward.BACKWARD_KNOBS, _reject_backward),
+    "lse_combine": (lse_combine.COMBINE_KNOBS, _reject_combine),
+    "schedule": (kv_outer_attention.SCHEDULE_KNOBS, _reject_schedule),
 }
+SPACES = {name: Space(knobs, reject, PROGRAM_DIMS[name]) for name, (knobs, reject) in _KNOBS_AND_RULES.items()}
