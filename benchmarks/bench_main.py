@@ -23,7 +23,7 @@ from benchmarks.bench_dense import bench_ceilings, dense_cudnn_ms
 from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.index_topk import select_blocks
 from msa_tl.kv_outer_attention import (SCHEDULE_TUNABLES, attention_defaults, kv_outer_program, persistent_work,
-                                       sparse_attention_forward)
+                                       sparse_attention_forward, without_unfit_persistent)
 from msa_tl.lse_combine import PERSISTENT_COMBINE_DEFAULTS, persistent_combine_program
 from msa_tl.scheduler import Schedule
 from msa_tl.tl_compile import compiled_kernel, sm_count
@@ -82,7 +82,7 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
     scheds = [Schedule(B, G, nblk, chunk, TOPK, SCHEDULE_TUNABLES["item_queries"], "cuda") for _ in starts]
     for sched, t0 in zip(scheds, starts):
         sched.build(idx, t0, min(chunk, N - t0))
-    config = attention_defaults(R, 2, D, BK, SCHEDULE_TUNABLES["item_queries"])
+    config = without_unfit_persistent(attention_defaults(R, 2), None, R, D, BK, SCHEDULE_TUNABLES["item_queries"], 2)
     if config["persistent"]:
         config["ctas"] = sm_count("cuda")
     att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,

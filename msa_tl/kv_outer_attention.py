@@ -476,16 +476,24 @@ def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
     return torch.zeros(launches, 1 + 4 * ctas, device=device, dtype=torch.int32)
 
 
-def attention_defaults(heads_per_group: int, partial_bytes: int = 2, head_dim: int = 128, block_size: int = 128,
-                       item_queries: int = SCHEDULE_DEFAULTS["item_queries"]) -> dict:
-    """The forward kernel's defaults for a GQA ratio, partial element size, head dim, key block and item size:
-    TMA partial stores (L2 evict-first) only where a query's box has >= 8 rows and the double-buffered O tiles
-    are bf16/fp16 (fp32 ones overflow shared memory); the persistent kernel where its two K/V blocks fit."""
+def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
+    """The forward kernel's defaults for a GQA ratio and partial element size: TMA partial stores (and their L2
+    policy) only where a query's box has >= 8 rows and the double-buffered O tiles are bf16/fp16 (fp32 ones
+    overflow shared memory)."""
     tma = ATTENTION_DEFAULTS["tma_stores"] and heads_per_group >= TMA_MIN_HEADS and partial_bytes == 2
-    fits = persistent_shared_bytes(heads_per_group, head_dim, block_size, item_queries, ATTENTION_DEFAULTS["stages"],
-                                   tma, partial_bytes) <= SMEM_LIMIT
-    return dict(ATTENTION_DEFAULTS, tma_stores=tma, persistent=ATTENTION_DEFAULTS["persistent"] and fits,
-                store_eviction=ATTENTION_DEFAULTS["store_eviction"] if tma else "")
+    return dict(ATTENTION_DEFAULTS, tma_stores=tma, store_eviction=ATTENTION_DEFAULTS["store_eviction"] if tma else "")
+
+
+def without_unfit_persistent(config: dict, asked, heads_per_group: int, head_dim: int, block_size: int,
+                             item_queries: int, partial_bytes: int) -> dict:
+    """``config`` with the persistent kernel off where it came from a default or tuned config (not from ``asked``,
+    the caller's own knobs) and its shared memory does not fit beside the other knobs; asked for, the kernel
+    raises instead."""
+    if config["persistent"] and "persistent" not in (asked or {}) and persistent_shared_bytes(
+            heads_per_group, head_dim, block_size, item_queries, config["stages"], config["tma_stores"],
+            partial_bytes) > SMEM_LIMIT:
+        return dict(config, persistent=False)
+    return config
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
@@ -515,15 +523,9 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
-    asked_config = attention_config
-    attention_config = {**tuned_config("kv_outer_attention", shape,
-                                       attention_defaults(Hq // G, partial_dtype.itemsize, D, block_size, item_queries),
-                                       q.device),
-                        **(attention_config or {})}
-    if attention_config["persistent"] and "persistent" not in (asked_config or {}) and persistent_shared_bytes(
-            Hq // G, D, block_size, item_queries, attention_config["stages"], attention_config["tma_stores"],
-            partial_dtype.itemsize) > SMEM_LIMIT:  # a default or tuned persistent kernel that the asked knobs overflow
-        attention_config["persistent"] = False
+    attention_config = without_unfit_persistent(
+        {**tuned_config("kv_outer_attention", shape, attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
+         **(attention_config or {})}, attention_config, Hq // G, D, block_size, item_queries, partial_dtype.itemsize)
     if attention_config.get("persistent"):  # one CTA an SM unless told
         attention_config.setdefault("ctas", sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}

@@ -157,14 +157,18 @@ def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():
                                             tma_stores=True)
 
 
-def test_persistent_attention_is_a_default_only_where_its_two_kv_blocks_fit(monkeypatch):
-    """attention_defaults turns a persistent default off where its shared memory (two K/V blocks, the ring, the
-    entries of the item size) would not fit, so a default never fails to build."""
-    monkeypatch.setitem(kv_outer_attention.ATTENTION_DEFAULTS, "persistent", True)
-    assert kv_outer_attention.attention_defaults(16, 2, 128, 128, 256)["persistent"]  # 227 KB exactly
-    assert not kv_outer_attention.attention_defaults(16, 2, 128, 128, 512)["persistent"]  # 2 KB more of entries
-    assert not kv_outer_attention.attention_defaults(16, 4, 128, 128, 256)["persistent"]  # fp32: thread stores
-    assert kv_outer_attention.attention_defaults(4, 2, 64, 64, 256)["persistent"]
+def test_a_persistent_default_is_dropped_only_where_its_two_kv_blocks_do_not_fit():
+    """without_unfit_persistent turns a default or tuned persistent kernel off where its shared memory (two K/V
+    blocks, the ring, the entries of the item size) would not fit, so such a config never fails to build."""
+    fit = kv_outer_attention.without_unfit_persistent
+    bf16 = dict(kv_outer_attention.attention_defaults(16, 2), persistent=True)
+    assert fit(bf16, None, 16, 128, 128, 256, 2)["persistent"]  # 227 KB exactly
+    assert not fit(bf16, None, 16, 128, 128, 512, 2)["persistent"]  # 2 KB more of entries
+    fp32 = dict(kv_outer_attention.attention_defaults(16, 4), persistent=True)
+    assert not fit(fp32, None, 16, 128, 128, 256, 4)["persistent"]  # fp32: thread stores
+    small = dict(kv_outer_attention.attention_defaults(4, 2), persistent=True)
+    assert fit(small, None, 4, 64, 64, 256, 2)["persistent"]
+    assert fit(bf16, dict(persistent=True), 16, 128, 128, 512, 2)["persistent"], "asked for: the kernel says why"
     assert kv_outer_attention.attention_defaults(16, 4)["store_eviction"] == ""  # no TMA stores to give a policy
 
 
