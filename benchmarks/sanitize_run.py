@@ -5,7 +5,8 @@ compute-sanitizer (issue 13):
     compute-sanitizer --tool racecheck python -m benchmarks.sanitize_run
     compute-sanitizer --tool initcheck python -m benchmarks.sanitize_run
 
-Each stage prints its name before it runs, so a report can be placed.
+Each stage prints its name before it runs, so a report can be placed; ``--only TEXT`` runs the stages whose name
+holds TEXT (``--only "shared tiles"``).
 """
 
 import argparse
@@ -32,6 +33,7 @@ def hot_selection(B, N, G, Bk, topk, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=777)
+    parser.add_argument("--only", default="", help="run only the stages whose name contains this text")
     args = parser.parse_args(argv)
     B, N, Hq, G, D, Di, Bk, topk = 2, args.seq_len, 32, 2, 128, 128, 64, 6
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -41,6 +43,8 @@ def main(argv=None):
     scale = 1.0 / math.sqrt(D)
 
     def stage(name, fn):
+        if args.only not in name:
+            return None
         print(f"== {name}", flush=True)
         out = fn()
         torch.cuda.synchronize()
@@ -49,22 +53,25 @@ def main(argv=None):
     for method in ("pipelined", "fused", "two_pass"):
         stage(f"select ({method})", lambda: select_blocks(q_idx, k_idx, Bk, topk, method=method, query_chunk=256))
     hot = hot_selection(B, N, G, Bk, topk, "cuda")
-    o, lse = stage("forward (KV-outer + combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256))
-    stage("forward (a schedule build per chunk)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
+    # the hot selection's tiles are all shared: the KV-outer stages turn shared tiles off to reach its kernels
+    kv_outer = dict(query_chunk=256, shared_tiles=False)
+    forward = lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer)  # noqa: E731
+    stage("forward (KV-outer + combine)", forward)
+    stage("forward (a schedule build per chunk)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer,
                                                                                    build_once=False))
-    stage("forward (persistent combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, query_chunk=256,
+    stage("forward (persistent combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer,
                                                                            persistent_combine=True))
     stage("forward (persistent attention, 3 CTAs)", lambda: sparse_attention_forward(
-        q, k, v, hot, Bk, query_chunk=256, attention_config=dict(persistent=True, ctas=3)))
+        q, k, v, hot, Bk, **kv_outer, attention_config=dict(persistent=True, ctas=3)))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
-        q, k, v, hot, Bk, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))
+        q, k, v, hot, Bk, **kv_outer, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))
     do = torch.randn_like(q)
     for dq_partials in (True, False):
         stage(f"backward (dq partials: {dq_partials})", lambda: sparse_attention_backward(
-            do, None, q, k, v, hot, o, lse, Bk, query_chunk=256, config=dict(dq_partials=dq_partials)))
+            do, None, q, k, v, hot, *forward(), Bk, query_chunk=256, config=dict(dq_partials=dq_partials)))
     stage("KL (sparse, with gradients)", lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, hot, Bk, scale,
-                                                                           scale, lse, with_grads=True))
+                                                                           scale, forward()[1], with_grads=True))
     stage("KL (warmup: every visible block)", lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, None, Bk, scale,
                                                                                 scale, None, with_grads=True))
     print("done", flush=True)

@@ -5,9 +5,11 @@ A tile is ``128 / R`` consecutive queries (R = Hq / G heads each: 128 rows, two 
 same blocks in the same slot order (a torch compare of their index rows, no host sync),
 :func:`tile_attention_program` attends them as a flash-attention tile: Q [rows, D] against each chosen
 block's K/V [Bk, D] (software-pipelined loads, mostly L2 hits since neighbouring tiles choose alike),
-online softmax, causal inside the tile's own block, and writes O and LSE final (:func:`tile_attention_roles_program` does the same with a producer warpgroup and two
-consumers). The KV-outer path never sees those rows (their index rows are -1 in the copy it schedules), so
-the tile's (query, slot) pairs cost no partial writes and reads: Q once and O once instead of k partials.
+online softmax, causal inside the tile's own block, and writes O and LSE final;
+:func:`tile_attention_roles_program` (the default for 128-row tiles) does the same as FlashAttention-3 orders a
+forward: a producer warpgroup and two consumers taking turns, each block's softmax under the MMAs. The KV-outer
+path never sees those rows (their index rows are -1 in the copy it schedules), so the tile's (query, slot) pairs
+cost no partial writes and reads: Q once and O once instead of k partials.
 """
 
 import tilelang.language as T
@@ -17,9 +19,10 @@ from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 TILE_DEFAULTS = dict(num_stages=2)
-# The hand-pipelined tile kernel's knobs: the K/V ring's depth (3 stages fit with Q: 224 KB), and persistent
-# CTAs (the next tile's Q and K/V loaded during this one; 2 stages with two Q buffers: 192 KB).
-ROLES_DEFAULTS = dict(stages=2, persistent=False)
+# The hand-pipelined tile kernel's knobs: the K and V rings' depth (3 stages fit with Q: 224 KB), whether the
+# consumers take turns issuing their MMAs, and persistent CTAs (the next tile's Q and K/V loaded during this one;
+# 2 stages with two Q buffers: 192 KB; off: slower than one CTA a tile, NOTES.md).
+ROLES_DEFAULTS = dict(stages=2, pingpong=True, persistent=False)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -149,19 +152,26 @@ tile_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 def roles_shared_bytes(head_dim: int, block_size: int, stages: int, persistent: bool) -> int:
     """Shared memory of the hand-pipelined tile kernel (16-bit inputs): 128 Q rows (two buffers when
-    persistent), ``stages`` K/V blocks, 1 KB for the barriers."""
+    persistent), ``stages`` K blocks and as many V blocks, 1 KB for the block lists and the barriers."""
     return (2 if persistent else 1) * 128 * head_dim * 2 + 2 * stages * block_size * head_dim * 2 + 1024
 
 
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                                 stages: int = 2, persistent: bool = False, ctas: int = 132,
+                                 stages: int = 2, pingpong: bool = True, persistent: bool = False, ctas: int = 132,
                                  dtype: str = "bfloat16"):
-    """:func:`tile_attention_program` with the roles by hand: a producer warpgroup loads Q once and each chosen
-    block's K/V into a ``stages``-deep cp.async ring on mbarriers; two consumer warpgroups own 64 rows each and
-    both read every stage, so one's softmax runs under the other's MMAs. ``persistent``: ``ctas`` CTAs take the
-    (tile, group, batch) triples in turn (CTA c the c-th, (c + ctas)-th, ...: tiles cost alike), Q
-    double-buffered and the ring running on across tiles, so the producer loads the next tile's Q and K/V
-    while the consumers finish this one. 128-row tiles only."""
+    """:func:`tile_attention_program` as FlashAttention-3 runs a forward, roles by hand.
+
+    A producer warpgroup gathers the tile's Q rows and each chosen block's K and V with 16-byte ``cp.async``
+    into rings of ``stages`` K and ``stages`` V blocks (separate mbarriers: a K block is free once both
+    consumers' S has run, a V block once their P V has). It lists the blocks with the tile's own block first,
+    so only the first needs the causal mask. Two consumer warpgroups own 64 rows each and read every block;
+    each issues block j's S together with block j - 1's P V and runs j's softmax while that P V is on the
+    tensor cores; with ``pingpong`` the two take turns issuing (named barriers 3 and 4), so one's softmax also
+    runs under the other's MMAs. ``persistent``: ``ctas`` CTAs take the (tile, group, batch) triples in turn
+    (CTA c the c-th, (c + ctas)-th, ...: tiles cost alike), Q and the block list double-buffered and the rings
+    running on across tiles, so the producer loads the next tile while the consumers finish this one.
+    Indices must be canonical (``msa_tl.ops.validation.canonical_indices``: no id twice); ids past the tile's
+    own block are skipped. 128-row tiles only."""
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
     R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
     if tile_rows(R, Bk) != 2 * M:
@@ -171,67 +181,141 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         raise ValueError(f"tile kernel: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
                          f"persistent={persistent}, head_dim={D}, block_size={Bk})")
     TQ = 2 * M // R
+    n_qbuf = 2 if persistent else 1
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
-    softmax_step = _online_softmax(M, Bk, D)
+    pieces = M * D // 8 // 128  # 16-byte cp.async pieces of a consumer's Q rows, per producer thread
 
     def consumer_fragments():
         """Both consumers' register tiles, pairwise: S [M, Bk] fp32, P [M, Bk], O [M, D] fp32, then the row max,
-        previous max, rescale, block sum and running sum [M] fp32."""
-        shapes = [((M, Bk), "float32"), ((M, Bk), dtype), ((M, D), "float32")] + [((M,), "float32")] * 5
+        previous max, rescale, running sum [M] fp32."""
+        shapes = [((M, Bk), "float32"), ((M, Bk), dtype), ((M, D), "float32")] + [((M,), "float32")] * 4
         return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(2)]
 
     @T.macro
-    def load_blocks(Indices, K, V, ring_k, ring_v, full, empty, b, g, first, n):
-        """Producer: K/V of each block the tile chose into the ring, from stage n[0] on."""
-        for s in T.serial(topk):
-            blk = Indices[b, first, g, s]
-            if blk >= 0:
-                T.barrier_wait(empty[n[0] % stages], ((n[0] // stages) & 1) ^ 1)
-                T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[n[0] % stages, :, :])
-                T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[n[0] % stages, :, :])
-                T.cp_async_barrier_noinc(full[n[0] % stages])
-                n[0] += 1
+    def load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v, empty_k, empty_v,
+                  qb, b, g, first, p, n, cnt):
+        """Producer thread p: the tile's Q rows into Q buffer qb, its block list (own block first) into
+        blocks_s[qb] (count in its last slot; thread 0 writes it, then arrives on q_ready[qb]), then each listed
+        block's K and V into the rings, from block n[0] on."""
+        for j in T.unroll(pieces):
+            row = (j * 128 + p) // (D // 8)  # [M] rows of each consumer: query first + row // R, head row % R
+            T.ptx_cp_async(T.access_ptr(Q_s0[qb, row, p % (D // 8) * 8], "w", 8),
+                           T.access_ptr(Q[b, first + row // R, g * R + row % R, p % (D // 8) * 8], "r", 8), 8)
+            T.ptx_cp_async(T.access_ptr(Q_s1[qb, row, p % (D // 8) * 8], "w", 8),
+                           T.access_ptr(Q[b, first + (M + row) // R, g * R + (M + row) % R, p % (D // 8) * 8], "r", 8),
+                           8)
+        T.cp_async_barrier_noinc(q_ready[qb])
+        if p < topk:
+            raw_s[p] = Indices[b, first, g, p]
+        T.sync_threads(5, 128)
+        if p == 0:
+            cnt[0] = 0
+            for s in T.serial(topk):
+                if raw_s[s] == first // Bk:
+                    cnt[0] = 1
+            if cnt[0] == 1:
+                blocks_s[qb, 0] = first // Bk
+            for s in T.serial(topk):
+                if raw_s[s] >= 0 and raw_s[s] < first // Bk:
+                    blocks_s[qb, cnt[0]] = raw_s[s]
+                    cnt[0] += 1
+            blocks_s[qb, topk] = cnt[0]
+            T.barrier_arrive(q_ready[qb])  # release: the block list
+        T.sync_threads(5, 128)
+        for j in T.serial(blocks_s[qb, topk]):
+            blk = blocks_s[qb, j]
+            st = n[0] % stages
+            T.barrier_wait(empty_k[st], ((n[0] // stages) & 1) ^ 1)
+            T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], ring_k[st, :, :])
+            T.cp_async_barrier_noinc(full_k[st])
+            T.barrier_wait(empty_v[st], ((n[0] // stages) & 1) ^ 1)
+            T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], ring_v[st, :, :])
+            T.cp_async_barrier_noinc(full_v[st])
+            n[0] += 1
 
     @T.macro
-    def causal_scores(c, acc_s, blk, first):
-        """The tile's scaled scores [M, Bk]; -inf at keys after the row's query (only its own block has them)."""
-        for i, col in T.Parallel(M, Bk):
-            acc_s[i, col] = T.if_then_else(blk * Bk + col <= first + (c * M + i) // R, acc_s[i, col] * scale_log2,
-                                           neg_inf)
+    def turn_begins(c):
+        """Ping-pong: wait until the other consumer has issued its MMAs of the turn before."""
+        if pingpong:
+            T.sync_threads(3 + c, 256)
 
     @T.macro
-    def store_rows(c, O, LSE, b, g, first, acc_o, row_max, row_sum):
-        """O and LSE of the consumer's rows; nothing chosen: o = 0, lse = -inf."""
-        for i, d in T.Parallel(M, D):
-            O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = T.if_then_else(
-                row_sum[i] == 0.0, 0.0, acc_o[i, d] / row_sum[i])
-        for i in T.Parallel(M):
-            LSE[b, first + (c * M + i) // R, g * R + (c * M + i) % R] = T.if_then_else(
-                row_sum[i] == 0.0, neg_inf, (row_max[i] + T.log2(row_sum[i])) * _LN2)
+    def turn_ends(c, last):
+        """Ping-pong: the other consumer's turn (consumer 1's last turn of a tile passes none on: consumer 0
+        starts the next tile on the arrival consumer 1 makes when it starts that tile)."""
+        if pingpong:
+            if c == 0 or not last:
+                T.named_barrier_arrive(4 - c, 256)
 
     @T.macro
-    def consume(c, ctx, Q_c, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s, acc_p, acc_o,
-                row_max, prev_max, rescale, block_sum, row_sum, n):
+    def consume(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, nb, own_first, O, LSE, b, g, first,
+                acc_s, acc_p, acc_o, m, m_prev, rescale, l, n):
+        """Consumer c: the tile's nb blocks from ring position n[0] on (the first masked where it is the tile's
+        own block), then O and LSE of its 64 rows."""
         T.clear(acc_o)
-        T.clear(row_sum)
-        T.fill(row_max, neg_inf)
-        if not persistent:  # persistent: the ring's count runs on across tiles
-            n[0] = 0
-        for s in T.serial(topk):
-            blk = Indices[b, first, g, s]
-            if blk >= 0:
-                T.barrier_wait(full[n[0] % stages], (n[0] // stages) & 1)
-                T.wgmma_gemm(Q_c, ring_k[n[0] % stages, :, :], acc_s, transpose_B=True, clear_accum=True)
-                T.wait_wgmma(0)
-                causal_scores(c, acc_s, blk, first)
-                softmax_step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
-                T.copy(acc_s, acc_p)
+        T.clear(l)
+        if nb > 0:
+            if pingpong and c == 1:
+                T.named_barrier_arrive(3, 256)  # consumer 0 goes first
+            # turn 0: S of block 0
+            turn_begins(c)
+            T.barrier_wait(full_k[n[0] % stages], (n[0] // stages) & 1)
+            T.wgmma_gemm(Q_c, ring_k[n[0] % stages, :, :], acc_s, transpose_B=True, clear_accum=True)
+            turn_ends(c, False)
+            T.wait_wgmma(0)
+            T.barrier_arrive(empty_k[n[0] % stages])
+            if own_first:  # causal: keys after the row's query
+                for i, col in T.Parallel(M, Bk):
+                    acc_s[i, col] = T.if_then_else((first // Bk) * Bk + col <= first + (c * M + i) // R,
+                                                   acc_s[i, col], neg_inf)
+            T.reduce_max(acc_s, m, dim=1)
+            for i, col in T.Parallel(M, Bk):  # one FFMA and one exp2 a score
+                acc_s[i, col] = T.exp2(acc_s[i, col] * scale_log2 - m[i] * scale_log2)
+            T.reduce_sum(acc_s, l, dim=1)
+            T.fill(rescale, 1.0)
+            T.copy(acc_s, acc_p)
+            # turn j: S of block j with P V of block j - 1; j's softmax while that P V runs
+            for j in T.serial(nb - 1):
+                turn_begins(c)
+                T.barrier_wait(full_k[(n[0] + 1) % stages], ((n[0] + 1) // stages) & 1)
+                T.wgmma_gemm(Q_c, ring_k[(n[0] + 1) % stages, :, :], acc_s, transpose_B=True, clear_accum=True)
+                for i, d in T.Parallel(M, D):
+                    acc_o[i, d] *= rescale[i]
+                T.barrier_wait(full_v[n[0] % stages], (n[0] // stages) & 1)
                 T.wgmma_gemm(acc_p, ring_v[n[0] % stages, :, :], acc_o)
-                T.wait_wgmma(0)
-                T.barrier_arrive(empty[n[0] % stages])
+                turn_ends(c, False)
+                T.wait_wgmma(1)  # S [M, Bk]
+                T.barrier_arrive(empty_k[(n[0] + 1) % stages])
+                T.copy(m, m_prev)
+                T.reduce_max(acc_s, m, dim=1, clear=False)
+                for i in T.Parallel(M):
+                    rescale[i] = T.exp2(m_prev[i] * scale_log2 - m[i] * scale_log2)
+                for i, col in T.Parallel(M, Bk):
+                    acc_s[i, col] = T.exp2(acc_s[i, col] * scale_log2 - m[i] * scale_log2)
+                for i in T.Parallel(M):
+                    l[i] *= rescale[i]
+                T.reduce_sum(acc_s, l, dim=1, clear=False)
+                T.wait_wgmma(0)  # P V of block j - 1 [M, D]
+                T.barrier_arrive(empty_v[n[0] % stages])
+                T.copy(acc_s, acc_p)
                 n[0] += 1
-        store_rows(c, O, LSE, b, g, first, acc_o, row_max, row_sum)
+            # last turn: P V of the last block
+            turn_begins(c)
+            for i, d in T.Parallel(M, D):
+                acc_o[i, d] *= rescale[i]
+            T.barrier_wait(full_v[n[0] % stages], (n[0] // stages) & 1)
+            T.wgmma_gemm(acc_p, ring_v[n[0] % stages, :, :], acc_o)
+            turn_ends(c, True)
+            T.wait_wgmma(0)
+            T.barrier_arrive(empty_v[n[0] % stages])
+            n[0] += 1
+        for i in T.Parallel(M):  # nothing chosen: o = 0, lse = -inf
+            LSE[b, first + (c * M + i) // R, g * R + (c * M + i) % R] = T.if_then_else(
+                l[i] == 0.0, neg_inf, (m[i] * scale_log2 + T.log2(l[i])) * _LN2)
+            l[i] = T.if_then_else(l[i] == 0.0, 0.0, 1.0 / l[i])
+        for i, d in T.Parallel(M, D):
+            O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = acc_o[i, d] * l[i]
 
     @T.prim_func
     def tile_attention_roles(
@@ -244,55 +328,60 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         LSE: T.Tensor((batch, seq, heads), "float32"),
     ):
         with T.Kernel(n_tiles, groups, batch, threads=384) as (tile, g, b):
-            Q_s0 = T.alloc_shared((M, D), dtype)  # [M, D] consumer 0's rows
-            Q_s1 = T.alloc_shared((M, D), dtype)
+            Q_s0 = T.alloc_shared((1, M, D), dtype)  # [1, M, D] consumer 0's rows
+            Q_s1 = T.alloc_shared((1, M, D), dtype)
             ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D]
             ring_v = T.alloc_shared((stages, Bk, D), dtype)
-            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, row_max0, row_max1, prev_max0, prev_max1, rescale0,
-             rescale1, block_sum0, block_sum1, row_sum0, row_sum1) = consumer_fragments()
-            n = T.alloc_local((1,), "int32")  # the chosen blocks seen so far: the ring stage and its phase
-            q_ready = T.alloc_barrier(128)
-            full = T.alloc_barrier([128] * stages)
-            empty = T.alloc_barrier([256] * stages)  # both consumers release a stage
+            raw_s = T.alloc_shared((topk,), "int32")  # the tile's index row
+            blocks_s = T.alloc_shared((1, topk + 1), "int32")  # its blocks, own first; the count last
+            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, m0, m1, m_prev0, m_prev1, rescale0, rescale1, l0,
+             l1) = consumer_fragments()
+            n = T.alloc_local((1,), "int32")  # blocks through the rings so far: the stage and its phase
+            cnt = T.alloc_local((1,), "int32")  # the producer's count of listed blocks
+            q_ready = T.alloc_barrier([129])  # 128 cp.async completions + the block list's writer
+            full_k = T.alloc_barrier([128] * stages)
+            full_v = T.alloc_barrier([128] * stages)
+            empty_k = T.alloc_barrier([256] * stages)  # both consumers release a block
+            empty_v = T.alloc_barrier([256] * stages)
             tx = T.get_thread_binding()
             first = tile * TQ
+            n[0] = 0
             if Shared[b, tile, g] != 0:
                 if tx >= 256:  # producer
                     T.set_max_nreg(56, 0)
-                    for i, d in T.Parallel(M, D):
-                        Q_s0[i, d] = Q[b, first + i // R, g * R + i % R, d]
-                        Q_s1[i, d] = Q[b, first + (M + i) // R, g * R + (M + i) % R, d]
-                    T.fence_proxy_async()  # generic-proxy writes of Q before the consumers' wgmma read them
-                    T.barrier_arrive(q_ready[0])
-                    n[0] = 0
-                    load_blocks(Indices, K, V, ring_k, ring_v, full, empty, b, g, first, n)
+                    load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v,
+                              empty_k, empty_v, 0, b, g, first, tx - 256, n, cnt)
                 elif tx < 128:
                     T.set_max_nreg(224, 1)
                     T.barrier_wait(q_ready[0], 0)
-                    consume(0, tx, Q_s0, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s0, acc_p0,
-                            acc_o0, row_max0, prev_max0, rescale0, block_sum0, row_sum0, n)
+                    consume(0, Q_s0[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
+                            blocks_s[0, 0] == first // Bk, O, LSE, b, g, first, acc_s0, acc_p0, acc_o0, m0, m_prev0,
+                            rescale0, l0, n)
                 else:
                     T.set_max_nreg(224, 1)
                     T.barrier_wait(q_ready[0], 0)
-                    consume(1, tx - 128, Q_s1, ring_k, ring_v, full, empty, Indices, O, LSE, b, g, first, acc_s1,
-                            acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1, row_sum1, n)
+                    consume(1, Q_s1[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
+                            blocks_s[0, 0] == first // Bk, O, LSE, b, g, first, acc_s1, acc_p1, acc_o1, m1, m_prev1,
+                            rescale1, l1, n)
 
     def take_tile(w):
         """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
         return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
 
     @T.macro
-    def consume_tiles(c, ctx, n_turns, cta, Q_s, ring_k, ring_v, full, empty, q_ready, q_free, Shared, Indices, O,
-                      LSE, acc_s, acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum, n, done):
-        """Persistent consumer c: every shared tile the CTA takes, from its Q buffer done[0] % 2, which it frees
-        (both consumers) once the tile's last S has run."""
+    def consume_tiles(c, n_turns, cta, Q_s, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready, q_free,
+                      blocks_s, Shared, O, LSE, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n, done):
+        """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2, which it frees (both
+        consumers) once the tile's last S has run."""
         for turn in T.serial(n_turns):
             tile, g, b = take_tile(cta + turn * ctas)
             if Shared[b, tile, g] != 0:
-                T.barrier_wait(q_ready[done[0] % 2], (done[0] // 2) & 1)
-                consume(c, ctx, Q_s[done[0] % 2, :, :], ring_k, ring_v, full, empty, Indices, O, LSE, b, g,
-                        tile * TQ, acc_s, acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum, n)
-                T.barrier_arrive(q_free[done[0] % 2])
+                qb = done[0] % 2
+                T.barrier_wait(q_ready[qb], (done[0] // 2) & 1)
+                consume(c, Q_s[qb, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[qb, topk],
+                        blocks_s[qb, 0] == tile * TQ // Bk, O, LSE, b, g, tile * TQ, acc_s, acc_p, acc_o, m, m_prev,
+                        rescale, l, n)
+                T.barrier_arrive(q_free[qb])
                 done[0] += 1
 
     @T.prim_func
@@ -306,18 +395,23 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         LSE: T.Tensor((batch, seq, heads), "float32"),
     ):
         with T.Kernel(ctas, threads=384) as cta:
-            Q_s0 = T.alloc_shared((2, M, D), dtype)  # [2, M, D] consumer 0's rows of this tile and the next
-            Q_s1 = T.alloc_shared((2, M, D), dtype)
+            Q_s0 = T.alloc_shared((n_qbuf, M, D), dtype)  # [2, M, D] consumer 0's rows of this tile and the next
+            Q_s1 = T.alloc_shared((n_qbuf, M, D), dtype)
             ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D], across tiles
             ring_v = T.alloc_shared((stages, Bk, D), dtype)
-            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, row_max0, row_max1, prev_max0, prev_max1, rescale0,
-             rescale1, block_sum0, block_sum1, row_sum0, row_sum1) = consumer_fragments()
-            n = T.alloc_local((1,), "int32")  # chosen blocks seen so far, over all the CTA's tiles: ring stage, phase
+            raw_s = T.alloc_shared((topk,), "int32")
+            blocks_s = T.alloc_shared((n_qbuf, topk + 1), "int32")  # per Q buffer: its tile's blocks, the count
+            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, m0, m1, m_prev0, m_prev1, rescale0, rescale1, l0,
+             l1) = consumer_fragments()
+            n = T.alloc_local((1,), "int32")  # blocks through the rings so far, over all the CTA's tiles
+            cnt = T.alloc_local((1,), "int32")  # the producer's count of listed blocks
             done = T.alloc_local((1,), "int32")  # shared tiles this CTA has taken: Q buffer done % 2, its phase
-            q_ready = T.alloc_barrier([128, 128])  # per Q buffer: the producer's loads
-            q_free = T.alloc_barrier([256, 256])  # per Q buffer: both consumers' last S of its tile
-            full = T.alloc_barrier([128] * stages)
-            empty = T.alloc_barrier([256] * stages)  # both consumers release a stage
+            q_ready = T.alloc_barrier([129, 129])  # per Q buffer: 128 cp.async completions + the list's writer
+            q_free = T.alloc_barrier([256, 256])  # per Q buffer: both consumers are done with its tile
+            full_k = T.alloc_barrier([128] * stages)
+            full_v = T.alloc_barrier([128] * stages)
+            empty_k = T.alloc_barrier([256] * stages)
+            empty_v = T.alloc_barrier([256] * stages)
             tx = T.get_thread_binding()
             n[0] = 0
             done[0] = 0
@@ -329,29 +423,27 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                     if Shared[b, tile, g] != 0:
                         qb = done[0] % 2
                         T.barrier_wait(q_free[qb], ((done[0] // 2) & 1) ^ 1)
-                        for i, d in T.Parallel(M, D):
-                            Q_s0[qb, i, d] = Q[b, tile * TQ + i // R, g * R + i % R, d]
-                            Q_s1[qb, i, d] = Q[b, tile * TQ + (M + i) // R, g * R + (M + i) % R, d]
-                        T.fence_proxy_async()  # generic-proxy writes of Q before the consumers' wgmma read them
-                        T.barrier_arrive(q_ready[qb])
-                        load_blocks(Indices, K, V, ring_k, ring_v, full, empty, b, g, tile * TQ, n)
+                        load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v,
+                                  empty_k, empty_v, qb, b, g, tile * TQ, tx - 256, n, cnt)
                         done[0] += 1
             elif tx < 128:
                 T.set_max_nreg(224, 1)
-                consume_tiles(0, tx, n_turns, cta, Q_s0, ring_k, ring_v, full, empty, q_ready, q_free, Shared,
-                              Indices, O, LSE, acc_s0, acc_p0, acc_o0, row_max0, prev_max0, rescale0, block_sum0,
-                              row_sum0, n, done)
+                consume_tiles(0, n_turns, cta, Q_s0, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready,
+                              q_free, blocks_s, Shared, O, LSE, acc_s0, acc_p0, acc_o0, m0, m_prev0, rescale0, l0, n,
+                              done)
             else:
                 T.set_max_nreg(224, 1)
-                consume_tiles(1, tx - 128, n_turns, cta, Q_s1, ring_k, ring_v, full, empty, q_ready, q_free, Shared,
-                              Indices, O, LSE, acc_s1, acc_p1, acc_o1, row_max1, prev_max1, rescale1, block_sum1,
-                              row_sum1, n, done)
+                consume_tiles(1, n_turns, cta, Q_s1, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready,
+                              q_free, blocks_s, Shared, O, LSE, acc_s1, acc_p1, acc_o1, m1, m_prev1, rescale1, l1, n,
+                              done)
 
     return tile_attention_roles_persistent if persistent else tile_attention_roles
 
 
+# Fast math makes exp2 one ex2.approx (as in the KV-outer kernel; NOTES.md).
 tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True,
-                                             "tl.disable_thread_storage_sync": True}
+                                             "tl.disable_thread_storage_sync": True,
+                                             "tl.enable_fast_math": True}
 
 
 def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None):

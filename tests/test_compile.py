@@ -65,6 +65,8 @@ MAIN_PROGRAMS = [
                                                      scale=0.088, stages=3)),  # 224 KB of shared memory
     (shared_tiles.tile_attention_roles_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
                                                      scale=0.088, persistent=True)),
+    (shared_tiles.tile_attention_roles_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=4,
+                                                     scale=0.125, pingpong=False, dtype="float16")),
 ]
 
 
@@ -88,8 +90,11 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         assert "tl::tma_load(" in source and "arrive_and_expect_tx" in source
     if builder is shared_tiles.tile_attention_program:  # the tile's rows on tensor cores
         assert "wgmma" in source
-    if builder is shared_tiles.tile_attention_roles_program:  # a cp.async ring on mbarriers, registers split
-        assert "wgmma" in source and "mbarrier_cp_async_arrive_noinc(full" in source and "warpgroup_reg_alloc" in source
+    if builder is shared_tiles.tile_attention_roles_program:  # cp.async K and V rings on mbarriers, registers split
+        assert "wgmma" in source and "warpgroup_reg_alloc" in source
+        assert "mbarrier_cp_async_arrive_noinc(full_k" in source and "mbarrier_cp_async_arrive_noinc(full_v" in source
+        assert "mbarrier_cp_async_arrive_noinc(q_ready" in source  # Q gathered asynchronously too
+        assert ("__named_barrier_arrive(4, 256)" in source) == config.get("pingpong", True)  # consumers take turns
     if builder is q_outer_attention.q_outer_program:
         # M = R rows: mma.sync; no warp-specialised TMA producer (it gave wrong rows at Bk = 64 on the H100)
         assert "mma_sync" in source and "mbarrier" not in source
@@ -196,22 +201,30 @@ def test_the_persistent_attention_says_when_shared_memory_overflows(config):
                                             persistent=True, **config)
 
 
+PAPER = dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)
+ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER)),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True)),
+               (shared_tiles.tile_attention_roles_program, dict(PAPER)),
+               (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True))]
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("persistent", [False, True], ids=["per-item-ctas", "persistent"])
-def test_the_attention_keeps_its_wgmma_asynchronous(persistent, tmp_path):
-    """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518); the forward
-    overlaps the next tile's S with the epilogue, so neither variant may draw it, nor spill."""
+@pytest.mark.parametrize("builder,config", ASYNC_WGMMA,
+                         ids=["kv_outer-per-item-ctas", "kv_outer-persistent", "tile-per-tile-ctas", "tile-persistent"])
+def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
+    """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518) or where other
+    instructions touch a running wgmma's registers (C7514); the forward kernels overlap one tile's or block's S
+    with other work, so none may draw either, nor spill."""
     import subprocess
     from pathlib import Path
 
     source = tmp_path / "kernel.cu"
-    source.write_text(lower_to_cuda(kv_outer_attention.kv_outer_program, groups=4, heads=64, head_dim=128,
-                                    block_size=128, topk=16, scale=0.088, persistent=persistent))
+    source.write_text(lower_to_cuda(builder, **config))
     tl = Path(tilelang.__file__).parent
     result = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--use_fast_math",
                              "--expt-relaxed-constexpr", f"-I{tl / 'src'}", f"-I{tl / '3rdparty/cutlass/include'}",
                              "-DENABLE_BF16", "-cubin", "-Xptxas", "-v", str(source), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "C7518" not in result.stderr
+    assert "C7518" not in result.stderr and "C7514" not in result.stderr
     assert "0 bytes spill stores" in result.stderr

@@ -204,28 +204,43 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
 
 
-@pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (True, dict(persistent=True)),
-                                          (True, dict(persistent=True, ctas=3)), (False, None)],
-                         ids=["producer-consumers", "producer-consumers-3-stages", "persistent",
+@pytest.mark.parametrize("order", ["descending", "shuffled", "own-block-dropped"])
+@pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (True, dict(pingpong=False)),
+                                          (True, dict(persistent=True)), (True, dict(persistent=True, ctas=3)),
+                                          (False, None)],
+                         ids=["producer-consumers", "producer-consumers-3-stages", "no-pingpong", "persistent",
                               "persistent-3-ctas", "pipelined-loop"])
-def test_both_tile_kernels_attend_the_shared_tiles(roles, config):
-    """The hand-pipelined tile kernel (its ring 2 or 3 stages deep; persistent, where 3 CTAs take ~340 tiles each,
-    so both Q buffers and the ring's phases wrap) and the plain one, alone, on every tile of a block-shared
-    selection."""
+def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
+    """The hand-pipelined tile kernel (its rings 2 or 3 stages deep; the consumers taking turns or not; persistent,
+    where 3 CTAs take ~340 tiles each, so both Q buffers and the rings' phases wrap) and the plain one, alone, on
+    every tile of a block-shared selection: blocks in descending order, shuffled (the own block anywhere, -1
+    between), or without the own block (the first blocks' rows then have nothing: o = 0, lse = -inf)."""
     from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles
 
     B, N, Hq, G, D, Bk, topk = 2, 1024, 64, 4, 128, 128, 8
     q, k, v = attention_inputs(B, N, Hq, G, D)
     per_query = selection("hot", B, N, G, Bk, topk).sort(dim=-1, descending=True).values
-    indices = per_query[:, torch.arange(N, device="cuda") // Bk * Bk].contiguous()
+    per_block = per_query[:, torch.arange(0, N, Bk, device="cuda")]  # [B, N / Bk, G, topk]
+    if order == "shuffled":  # one slot order a key block, so its tiles stay shared
+        per_block = per_block.gather(-1, torch.rand(per_block.shape, device="cuda").argsort(-1))
+    elif order == "own-block-dropped":
+        own = torch.arange(N // Bk, device="cuda")[None, :, None, None]
+        per_block = torch.where(per_block == own, -1, per_block)
+    indices = per_block.repeat_interleave(Bk, dim=1).int().contiguous()
     shared = sharing_tiles(indices, Hq // G, Bk)
     assert shared.all()
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
     shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, config=config, roles=roles)
-    from msa_tl.checks import assert_attention_matches_reference
-
-    assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
+    if order == "own-block-dropped":
+        ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
+        empty = torch.isneginf(ref_lse)  # [B, N, Hq]: block 0's rows
+        assert empty[:, :Bk].all() and not empty[:, Bk:].any()
+        assert (o[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+        assert relative_error(o[~empty], ref_o[~empty]) <= OUTPUT_RTOL
+        assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= LSE_ATOL
+    else:
+        assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
 
 
 @pytest.mark.parametrize("build_once", [True, False], ids=["built-once", "built-per-chunk"])
