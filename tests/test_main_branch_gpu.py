@@ -204,6 +204,21 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     check_against_reference(q, k, v, indices, Bk, shared_tiles=True, query_chunk=512)
 
 
+def test_few_shared_tiles_keep_the_persistent_combine():
+    """Random rows share tiles only in the first topk blocks (queries that choose every block they see); where
+    those own at most PERSISTENT_COMBINE_TILE_SHARE of the tiles, the persistent combine merges every row (the
+    tiles' too, with no partials) and the tile kernel overwrites the tiles' rows after it."""
+    from msa_tl.kv_outer_attention import PERSISTENT_COMBINE_TILE_SHARE
+    from msa_tl.shared_tiles import sharing_tiles
+
+    B, N, Hq, G, D, Bk, topk = 1, 8500, 16, 2, 64, 64, 8
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection("random", B, N, G, Bk, topk).sort(dim=-1, descending=True).values.contiguous()
+    shared = sharing_tiles(indices, Hq // G, Bk)
+    assert 0 < shared.sum() <= shared.numel() * PERSISTENT_COMBINE_TILE_SHARE
+    check_against_reference(q, k, v, indices, Bk, query_chunk=1024)
+
+
 @pytest.mark.parametrize("order", ["descending", "shuffled", "own-block-dropped"])
 @pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (True, dict(pingpong=False)),
                                           (True, dict(persistent=True)), (True, dict(persistent=True, ctas=3)),
