@@ -371,8 +371,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     @T.macro
     def consume_tiles(c, n_turns, cta, Q_s, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready, q_free,
                       blocks_s, Shared, O, LSE, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n, done):
-        """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2, which it frees (both
-        consumers) once the tile's last S has run."""
+        """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2 and its block list,
+        which it frees (both consumers) once it has stored the tile's rows."""
         for turn in T.serial(n_turns):
             tile, g, b = take_tile(cta + turn * ctas)
             if Shared[b, tile, g] != 0:
