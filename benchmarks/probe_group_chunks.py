@@ -24,11 +24,11 @@ from msa_tl.kv_outer_attention import sparse_attention_forward
 R = HQ // G
 
 
-def per_group_forward(q, k, v, idx, chunk, out, lse):
-    """The forward one KV group at a time (q [B, N, Hq, D] split into G contiguous [B, N, R, D] copies beforehand)
-    into out [G][B, N, R, D] and lse [G][B, N, R]."""
+def per_group_forward(qs, ks, vs, idxs, chunk, out, lse):
+    """The forward one KV group at a time: qs [G][B, N, R, D], ks / vs [G][B, N, 1, D], idxs [G][B, N, 1, topk]
+    (contiguous copies of each group's slice) into out [G][B, N, R, D] and lse [G][B, N, R]."""
     for g in range(G):
-        sparse_attention_forward(q[g], k[g], v[g], idx[g], BK, query_chunk=chunk, shared_tiles=False,
+        sparse_attention_forward(qs[g], ks[g], vs[g], idxs[g], BK, query_chunk=chunk, shared_tiles=False,
                                  out=out[g], lse_out=lse[g])
 
 

@@ -43,6 +43,17 @@ def forward_of(path):
     return {"kv_outer": sparse_attention_forward, "q_outer": q_outer_attention_forward}[path]
 
 
+def assert_matches_reference_with_empty_rows(o, lse, q, k, v, indices, Bk):
+    """As assert_attention_matches_reference, where some (query, head) rows have nothing to attend to: those get
+    o = 0 and lse = -inf, the rest the reference's values. Returns the empty rows [B, N, Hq]."""
+    ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
+    empty = torch.isneginf(ref_lse)
+    assert torch.isneginf(lse[empty]).all() and (o[empty] == 0).all()
+    assert relative_error(o[~empty], ref_o[~empty]) <= OUTPUT_RTOL
+    assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= LSE_ATOL
+    return empty
+
+
 def check_against_reference(q, k, v, indices, Bk, path="kv_outer", **kw):
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
@@ -248,12 +259,8 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
     shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, config=config, roles=roles)
     if order == "own-block-dropped":
-        ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
-        empty = torch.isneginf(ref_lse)  # [B, N, Hq]: block 0's rows
+        empty = assert_matches_reference_with_empty_rows(o, lse, q, k, v, indices, Bk)  # [B, N, Hq]: block 0's rows
         assert empty[:, :Bk].all() and not empty[:, Bk:].any()
-        assert (o[empty] == 0).all() and torch.isneginf(lse[empty]).all()
-        assert relative_error(o[~empty], ref_o[~empty]) <= OUTPUT_RTOL
-        assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= LSE_ATOL
     else:
         assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
 
@@ -330,12 +337,8 @@ def test_hostile_indices_follow_the_set_contract():
     raw[:, ::7, :, 1] = raw[:, ::7, :, 0]
     raw[:, 3::11] = -1
     o, lse = msa_tl.sparse_attention(q, k, v, raw, block_size=Bk, return_lse=True)
-    ref_o, ref_lse = R.sparse_attention(q, k, v, raw, Bk)
-    empty = torch.isneginf(ref_lse)  # [B, N, Hq]
+    empty = assert_matches_reference_with_empty_rows(o, lse, q, k, v, raw, Bk)
     assert empty[:, 3::11].all() and not empty.all()
-    assert torch.isneginf(lse[empty]).all() and (o[empty] == 0).all()
-    assert relative_error(o[~empty], ref_o[~empty]) <= OUTPUT_RTOL
-    assert (lse[~empty].double() - ref_lse[~empty]).abs().max().item() <= LSE_ATOL
 
 
 def test_a_nan_key_reaches_every_row_that_attends_to_it():
