@@ -30,6 +30,8 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
     """
     batch, seq, n_tg = T.dynamic("batch, seq, n_tg")  # n_tg: the chunk's (query, KV head) pairs
     R = heads // groups
+    if rows > threads:
+        raise ValueError(f"combine: rows ({rows}) must not exceed threads ({threads}): a thread a row's statistics")
     neg_inf = -T.infinity("float32")
 
     @T.prim_func
@@ -46,29 +48,37 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
             stats = T.alloc_shared((rows, 2), "float32")  # running max, sum of weights
             used = T.alloc_shared((1,), "int32")  # some row of the CTA has a used slot
             acc = T.alloc_fragment((rows, head_dim), "float32")
+            row_max = T.alloc_local((1,), "float32")
+            row_sum = T.alloc_local((1,), "float32")
+            w = T.alloc_local((1,), "float32")
             r0 = bx * rows
+            r = T.get_thread_binding()  # thread r < rows owns row r0 + r's statistics
             if skip_empty:
-                if T.get_thread_binding() == 0:
+                if r == 0:
                     used[0] = 0
                 T.sync_threads()
-            for r in T.Parallel(rows):
-                stats[r, 0] = neg_inf
-                stats[r, 1] = 0.0
+            # One thread a row, its running max and sum in registers: each shared slot is written once, by its
+            # owner, before the barrier that every later reader passes.
+            if r < rows:
+                row_max[0] = neg_inf
+                row_sum[0] = 0.0
+                if r0 + r < rows_c:
+                    for s in T.serial(topk):
+                        row_max[0] = T.max(row_max[0], Lpart[b, (r0 + r) // R, s, (r0 + r) % R])
                 for s in T.serial(topk):
-                    if r0 + r < rows_c:
-                        stats[r, 0] = T.max(stats[r, 0], Lpart[b, (r0 + r) // R, s, (r0 + r) % R])
-                for s in T.serial(topk):
-                    weight[r, s] = 0.0
+                    w[0] = 0.0
                     if r0 + r < rows_c:
                         if Lpart[b, (r0 + r) // R, s, (r0 + r) % R] != neg_inf:  # NaN passes: exp2(NaN) poisons the row
-                            weight[r, s] = T.exp2((Lpart[b, (r0 + r) // R, s, (r0 + r) % R] - stats[r, 0]) * _LOG2E)
-                    stats[r, 1] += weight[r, s]
+                            w[0] = T.exp2((Lpart[b, (r0 + r) // R, s, (r0 + r) % R] - row_max[0]) * _LOG2E)
+                    weight[r, s] = w[0]
+                    row_sum[0] += w[0]
+                stats[r, 0] = row_max[0]
+                stats[r, 1] = row_sum[0]
                 if skip_empty:
-                    if stats[r, 1] != 0.0:
-                        used[0] = 1
+                    if row_sum[0] != 0.0:
+                        used[0] = 1  # every writer writes 1
             T.clear(acc)
-            if skip_empty:
-                T.sync_threads()
+            T.sync_threads()
             if not skip_empty or used[0] != 0:
                 for s in T.serial(topk):
                     # a select, not an `if`: unused slots hold garbage (even NaN) that must not reach acc.
