@@ -6,8 +6,10 @@ with roles and mbarriers written by hand:
 
 - the **producer** loads K/V of the block once, then gathers the item's query
   tiles (``64 / R`` queries x R heads: each query's R heads are one contiguous
-  R x D box of Q) with 16-byte ``cp.async`` into a ring of ``2 * stages``
-  shared-memory slots, each completed on its ``full`` mbarrier;
+  R x D box of Q) into a ring of ``2 * stages`` shared-memory slots, each
+  completed on its ``full`` mbarrier: one warp issues a TMA copy per query and
+  64 columns (``tma_gathers``, the default where R >= 8), else 128 threads issue
+  16-byte ``cp.async``;
 - two **consumers** take alternate tiles. For tile i a consumer runs
   S = Q_tile K_blk^T (wgmma from shared memory), the causal mask (only on tiles
   that reach into the key block itself), the local softmax and O = P V_blk
@@ -38,10 +40,11 @@ from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, tile_queri
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
-ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="")
+ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="", o_buffers=2,
+                          tma_gathers=True)
 # the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
-                       store_eviction=("", "evict_first"))
+                       store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
@@ -62,7 +65,8 @@ def persistent_shared_bytes(heads_per_group: int, head_dim: int, block_size: int
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
-                     dtype: str = "bfloat16", partial_dtype: str = "bfloat16"):
+                     o_buffers: int = 2, tma_gathers: bool = False, dtype: str = "bfloat16",
+                     partial_dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
     Partial row ``((t * G + g) * topk + s) * R + r`` (R = Hq / G) holds query ``t0 + t``, head
@@ -78,11 +82,25 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     fixed share of ~50 random items a CTA leaves the slowest CTA 7-19% over the mean (NOTES.md).
     ``store_eviction``: the L2 policy of the TMA partial stores ("evict_first": written once, read by the
     combine much later, they should not push the chunk's Q rows, which each item gathers again, out of the L2).
+    ``o_buffers``: O tiles a consumer's TMA stores alternate between (2: a tile's stores overlap the next tile;
+    1: its stores must have left before the next tile's O is written, and the 32 KB saved hold a third ring
+    stage). The persistent kernel has one. ``tma_gathers``: one producer warp loads K/V and gathers each query's
+    R x D box of Q with TMA (a copy per 64 columns, completing on the slot's mbarrier) instead of 128 threads'
+    16-byte cp.async; padding rows are then left as they were (their rows' results are never stored). Per-item
+    CTAs and R >= 8 only (a box of fewer rows is not a whole 1 KB swizzle atom); on in ``ATTENTION_DEFAULTS``.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
     if tma_stores and R < TMA_MIN_HEADS:
         raise ValueError(f"tma_stores needs >= {TMA_MIN_HEADS} query heads per KV head (one TMA box a query), got {R}")
+    if o_buffers not in (1, 2):
+        raise ValueError(f"o_buffers must be 1 or 2, got {o_buffers}")
+    single_o = persistent or o_buffers == 1
+    if tma_gathers and persistent:
+        raise ValueError("tma_gathers: per-item CTAs only (persistent=False)")
+    if tma_gathers and (R < TMA_MIN_HEADS or head_dim % 64):
+        raise ValueError(f"tma_gathers needs >= {TMA_MIN_HEADS} query heads per KV head and a head dim that is a "
+                         f"multiple of 64, got {R} and {head_dim}")
     rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
     TQ = rows // R  # queries per consumer tile
     n_entries = math.ceil(item_queries / TQ) * TQ  # whole tiles: a tail tile reads -1, not stale entries
@@ -91,8 +109,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
     # setmaxnreg only moves registers within what the CTA got at launch (168 x 384 threads): a split that
-    # asks for more hangs the consumers. The producer spills at 56 with the TMA descriptor.
-    producer_regs, consumer_regs = (72, 216) if tma_stores else (56, 224)
+    # asks for more hangs the consumers. The cp.async producer spills at 56 with the TMA store descriptor.
+    producer_regs, consumer_regs = (72, 216) if tma_stores and not tma_gathers else (56, 224)
     assert 128 * producer_regs + 256 * consumer_regs <= 168 * 384
     if persistent:
         smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, 4 if partial_dtype == "float32" else 2)
@@ -112,7 +130,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     def o_buf(i):
         """The O tile of the consumer's tile i: two alternate, one in the persistent kernel (its shared memory
         holds two K/V blocks instead)."""
-        return 0 if persistent else i % 2
+        return 0 if single_o else i % 2
 
     @T.macro
     def issue_scores(i, j, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos):
@@ -196,7 +214,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 if i > 0:
                     if ctx < 32:
                         issue_boxes(i - 1, c, e0, ent_s, g, dst_s, O_s, Opart, b)
-                        if not persistent:
+                        if not single_o:
                             T.tma_store_wait(TQ)  # tile i - 2's boxes have left O_s[i % 2]
             first_query(first, ent_s, e0 // TQ + 2 * i + c, t0, seq)
             if first[0] < blk * Bk + Bk - 1:
@@ -220,7 +238,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             else:
                 pass_turn(c, i, n_other)
                 T.wait_wgmma(0)
-            if tma_stores and persistent:
+            if tma_stores and single_o:
                 # every thread, not one warp: a branch while S of tile i + 1 runs would serialise the wgmma (C7518);
                 # threads that issued no copies return at once
                 T.tma_store_wait(0)  # the single O tile's last boxes have left it
@@ -265,18 +283,18 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 K_s = T.alloc_shared((Bk, D), dtype)
                 V_s = T.alloc_shared((Bk, D), dtype)
                 ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
-                o_tile = (2, TQ, R, D) if tma_stores else (rows, D)  # TMA stores: two O tiles per consumer
+                o_tile = (o_buffers, TQ, R, D) if tma_stores else (rows, D)  # TMA stores: o_buffers O tiles a consumer
                 O_s0 = T.alloc_shared(o_tile, partial_dtype)
                 O_s1 = T.alloc_shared(o_tile, partial_dtype)
-                dst_s0 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
-                dst_s1 = T.alloc_shared((2 * rows if tma_stores else rows,), "int32")
+                dst_s0 = T.alloc_shared((o_buffers * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
+                dst_s1 = T.alloc_shared((o_buffers * rows if tma_stores else rows,), "int32")
                 ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
                 acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
                 T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
-                kv_ready = T.alloc_barrier(128)
-                full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
+                kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
+                full = T.alloc_barrier([32 if tma_gathers else 128] * (2 * stages))  # per ring slot
                 empty = T.alloc_barrier([128] * (2 * stages))
 
                 b = bg // groups
@@ -291,15 +309,37 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
 
                 if tx >= 256:  # producer
                     T.set_max_nreg(producer_regs, 0)
-                    T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
-                    T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
-                    T.cp_async_barrier_noinc(kv_ready[0])
-                    for rnd in T.serial(n_rounds):
-                        for u in T.serial(2 * stages):
-                            if rnd * 2 * stages + u < n_tiles:
-                                T.barrier_wait(empty[u], (rnd & 1) ^ 1)
-                                gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
-                                T.cp_async_barrier_noinc(full[u])
+                    if tma_gathers:
+                        if tx < 256 + 32:  # one warp; each TMA copy elects one lane
+                            for h in T.unroll(D // 64):  # [Bk, 64] a copy: one 128-byte swizzle span
+                                T.tma_copy(K[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
+                                           K_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
+                                T.tma_copy(V[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
+                                           V_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
+                            T.barrier_arrive(kv_ready[0])
+                            for rnd in T.serial(n_rounds):
+                                for u in T.serial(2 * stages):
+                                    if rnd * 2 * stages + u < n_tiles:
+                                        T.barrier_wait(empty[u], (rnd & 1) ^ 1)
+                                        for qi in T.unroll(TQ):
+                                            src[0] = ent_s[(rnd * 2 * stages + u) * TQ + qi]
+                                            if src[0] >= 0:  # [R, 64] a copy: one 128-byte swizzle span
+                                                for h in T.unroll(D // 64):
+                                                    T.tma_copy(Q[b, t0 + src[0] // topk, g * R:(g + 1) * R,
+                                                                 h * 64:(h + 1) * 64],
+                                                               ring[u, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64],
+                                                               barrier=full[u], leader_scope_threads=32)
+                                        T.barrier_arrive(full[u])
+                    else:
+                        T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
+                        T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
+                        T.cp_async_barrier_noinc(kv_ready[0])
+                        for rnd in T.serial(n_rounds):
+                            for u in T.serial(2 * stages):
+                                if rnd * 2 * stages + u < n_tiles:
+                                    T.barrier_wait(empty[u], (rnd & 1) ^ 1)
+                                    gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
+                                    T.cp_async_barrier_noinc(full[u])
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
@@ -483,20 +523,25 @@ def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
 def attention_defaults(heads_per_group: int, partial_bytes: int = 2) -> dict:
     """The forward kernel's defaults for a GQA ratio and partial element size: TMA partial stores (and their L2
     policy) only where a query's box has >= 8 rows and the double-buffered O tiles are bf16/fp16 (fp32 ones
-    overflow shared memory)."""
+    overflow shared memory); TMA gathers where a query's box has >= 8 rows."""
     tma = ATTENTION_DEFAULTS["tma_stores"] and heads_per_group >= TMA_MIN_HEADS and partial_bytes == 2
-    return dict(ATTENTION_DEFAULTS, tma_stores=tma, store_eviction=ATTENTION_DEFAULTS["store_eviction"] if tma else "")
+    return dict(ATTENTION_DEFAULTS, tma_stores=tma, store_eviction=ATTENTION_DEFAULTS["store_eviction"] if tma else "",
+                tma_gathers=ATTENTION_DEFAULTS["tma_gathers"] and heads_per_group >= TMA_MIN_HEADS)
 
 
 def without_unfit_persistent(config: dict, asked, heads_per_group: int, head_dim: int, block_size: int,
                              item_queries: int, partial_bytes: int) -> dict:
     """``config`` with the persistent kernel off where it came from a default or tuned config (not from ``asked``,
-    the caller's own knobs) and its shared memory does not fit beside the other knobs; asked for, the kernel
+    the caller's own knobs) and its shared memory does not fit beside the other knobs, and with TMA gathers off
+    where they came from one and the kernel is persistent (which gathers by cp.async); asked for, the kernel
     raises instead."""
-    if config["persistent"] and "persistent" not in (asked or {}) and persistent_shared_bytes(
+    asked = asked or {}
+    if config["persistent"] and "persistent" not in asked and persistent_shared_bytes(
             heads_per_group, head_dim, block_size, item_queries, config["stages"], config["tma_stores"],
             partial_bytes) > SMEM_LIMIT:
-        return dict(config, persistent=False)
+        config = dict(config, persistent=False)
+    if config["persistent"] and config.get("tma_gathers") and "tma_gathers" not in asked:
+        config = dict(config, tma_gathers=False)
     return config
 
 

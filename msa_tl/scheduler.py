@@ -32,6 +32,12 @@ from msa_tl.tl_compile import compiled_kernel
 
 DEFAULTS = dict(item_queries=256)  # H100 sweep at 128K: 256 beats 1024 and 4096 (NOTES.md)
 _THREADS = 256
+# The tiled histogram and scatter: a CTA counts TILE_QUERIES queries' choices of one (batch, group) in shared
+# memory, then makes one global atomic per block it saw instead of one per (query, slot). Their counters are
+# compiled for a power-of-two bucket of key blocks; past MAX_TILED_BLOCKS (the scatter's two counter arrays
+# would outgrow shared memory) the per-entry kernels run.
+TILE_QUERIES = 1024
+MAX_TILED_BLOCKS = 16384
 
 
 def max_items(n_blocks: int, chunk: int, topk: int, item_queries: int) -> int:
@@ -68,6 +74,115 @@ def histogram_program(groups: int, topk: int):
                     T.atomic_add(Counts[_entry_row(e, b, batch, chunk, groups, topk), blk], 1)
 
     return schedule_histogram
+
+
+def blocks_bucket(n_blocks: int) -> int:
+    """The tiled kernels' counter length for ``n_blocks`` key blocks: the next power of two, at least 256."""
+    return max(_THREADS, 1 << (n_blocks - 1).bit_length())
+
+
+def _tile_counts_macro(groups: int, topk: int, max_blocks: int, tile_queries: int, batch):
+    """Macro ``tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)``, the tiled kernels'
+    prologue: tile [4] int32 (a local) = CTA bx's chunk c, its queries [lo, hi) (relative to the build's first
+    query; never across a chunk, which has ``tiles`` tiles) and its schedule row; hist [max_blocks] (shared) =
+    how many of the tile's (query, slot) entries chose each block."""
+
+    @T.macro
+    def tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx):
+        tile[0] = T.truncdiv(bx, tiles)
+        tile[1] = tile[0] * chunk + T.truncmod(bx, tiles) * tile_queries
+        tile[2] = T.min(T.min(tile[1] + tile_queries, tile[0] * chunk + chunk), count)
+        tile[3] = (tile[0] * batch + bg // groups) * groups + bg % groups
+        for i in T.serial(max_blocks // _THREADS):
+            hist[i * _THREADS + tx] = 0
+        T.sync_threads()
+        for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS)):
+            if tile[1] + (i * _THREADS + tx) // topk < tile[2]:
+                blk[0] = _tile_entry_block(Indices, tile, t0, bg, i * _THREADS + tx, groups, topk)
+                if blk[0] >= 0:
+                    T.atomic_add(hist[blk[0]], 1)
+        T.sync_threads()
+
+    return tile_counts
+
+
+def _tile_entry_block(Indices, tile, t0, bg, e, groups: int, topk: int):
+    """Inside a kernel: the block chosen by the tile's entry e (query tile[1] + e // topk, slot e % topk)."""
+    return Indices[bg // groups, ((t0 + tile[1] + e // topk) * groups + bg % groups) * topk + e % topk]
+
+
+def tiled_histogram_program(groups: int, topk: int, max_blocks: int, tile_queries: int = TILE_QUERIES):
+    """:func:`histogram_program` counted a tile of queries at a time in shared memory (key blocks < max_blocks):
+    grid (chunks x ``tiles`` a chunk, B * G), tiles = ceil(min(chunk, count) / tile_queries)."""
+    batch, seq, nblk, n_rows = T.dynamic("batch, seq, nblk, n_rows")
+    per_token = groups * topk
+    tile_counts = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
+
+    @T.prim_func
+    def schedule_histogram_tiled(
+        Indices: T.Tensor((batch, seq * per_token), "int32"),
+        Counts: T.Tensor((n_rows, nblk), "int32"),
+        t0: T.int32,
+        count: T.int32,
+        chunk: T.int32,
+        tiles: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(count, chunk) * tiles, batch * groups, threads=_THREADS) as (bx, bg):
+            hist = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] the tile's choices of each block
+            tile = T.alloc_local((4,), "int32")  # chunk, first query, end query, schedule row
+            blk = T.alloc_local((1,), "int32")
+            tx = T.get_thread_binding()
+            tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
+            for i in T.serial(T.ceildiv(nblk, _THREADS)):
+                if i * _THREADS + tx < nblk:
+                    if hist[i * _THREADS + tx] > 0:
+                        T.atomic_add(Counts[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx])
+
+    return schedule_histogram_tiled
+
+
+def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries: int = TILE_QUERIES):
+    """:func:`scatter_program` a tile of queries at a time: the tile's count of each block reserves its range of
+    the block's list with one global atomic, and its entries take places in that range by shared atomics."""
+    batch, seq, nblk, n_rows, cap = T.dynamic("batch, seq, nblk, n_rows, cap")
+    per_token = groups * topk
+    tile_counts = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
+
+    @T.prim_func
+    def schedule_scatter_tiled(
+        Indices: T.Tensor((batch, seq * per_token), "int32"),
+        Offsets: T.Tensor((n_rows, nblk), "int32"),
+        Cursor: T.Tensor((n_rows, nblk), "int32"),
+        Entries: T.Tensor((n_rows, cap), "int32"),
+        t0: T.int32,
+        count: T.int32,
+        chunk: T.int32,
+        tiles: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(count, chunk) * tiles, batch * groups, threads=_THREADS) as (bx, bg):
+            hist = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] counts, then the tile's next place
+            base = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] where the tile's range of a list starts
+            tile = T.alloc_local((4,), "int32")  # chunk, first query, end query, schedule row
+            blk = T.alloc_local((1,), "int32")
+            pos = T.alloc_local((1,), "int32")
+            tx = T.get_thread_binding()
+            tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
+            for i in T.serial(T.ceildiv(nblk, _THREADS)):
+                if i * _THREADS + tx < nblk:
+                    if hist[i * _THREADS + tx] > 0:
+                        base[i * _THREADS + tx] = Offsets[tile[3], i * _THREADS + tx] + T.atomic_add(
+                            Cursor[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx], return_prev=True)
+                        hist[i * _THREADS + tx] = 0
+            T.sync_threads()
+            for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS)):
+                e = i * _THREADS + tx
+                if tile[1] + e // topk < tile[2]:
+                    blk[0] = _tile_entry_block(Indices, tile, t0, bg, e, groups, topk)
+                    if blk[0] >= 0:  # the place in a local: the atomic must run once, whatever checks its index
+                        pos[0] = base[blk[0]] + T.atomic_add(hist[blk[0]], 1, return_prev=True)
+                        Entries[tile[3], pos[0]] = (tile[1] + e // topk - tile[0] * chunk) * topk + e % topk
+
+    return schedule_scatter_tiled
 
 
 def plan_program(item_queries: int):
@@ -205,13 +320,16 @@ def work_item(Items, ItemCount, bg, item):
 class Schedule:
     """Device buffers of the schedules of ``chunks`` query chunks of ``chunk`` queries (reused across builds).
 
-    One build fills them all in three launches (histogram, plan, scatter); :meth:`part` gives chunk c's
-    (items, item_count, entries), the attention kernels' arguments. With ``chunks`` = 1 the buffers are
+    One build fills them all in three launches (histogram, plan, scatter; ``tiled``: the tiled histogram and scatter
+    where the key blocks fit their shared counters); :meth:`part` gives chunk c's (items, item_count, entries), the
+    attention kernels' arguments. With ``chunks`` = 1 the buffers are
     rebuilt per chunk and take ~``B * G * chunk * topk`` int32; a whole-sequence build holds N's.
     """
 
-    def __init__(self, batch, groups, n_blocks, chunk, topk, item_queries, device, chunks: int = 1):
+    def __init__(self, batch, groups, n_blocks, chunk, topk, item_queries, device, chunks: int = 1,
+                 tiled: bool = True, tile_queries: int = TILE_QUERIES):
         n_rows = chunks * batch * groups
+        self.tiled, self.tile_queries = tiled, tile_queries
         self.n_bg, self.chunk, self.chunks = batch * groups, chunk, chunks
         self.item_queries = item_queries
         self.max_items = max_items(n_blocks, chunk, topk, item_queries)
@@ -231,10 +349,18 @@ class Schedule:
         flat = indices.view(B, N * G * topk)
         self.counts.zero_()
         self.cursor.zero_()
-        compiled_kernel(histogram_program, groups=G, topk=topk)(flat, self.counts, t0, count, self.chunk)
+        n_blocks = self.counts.shape[1]
+        if self.tiled and n_blocks <= MAX_TILED_BLOCKS:
+            knobs = dict(groups=G, topk=topk, max_blocks=blocks_bucket(n_blocks), tile_queries=self.tile_queries)
+            histogram, scatter = (compiled_kernel(tiled_histogram_program, **knobs),
+                                  compiled_kernel(tiled_scatter_program, **knobs))
+        else:
+            histogram, scatter = (compiled_kernel(histogram_program, groups=G, topk=topk),
+                                  compiled_kernel(scatter_program, groups=G, topk=topk))
+        tiles = [math.ceil(min(self.chunk, count) / self.tile_queries)] if self.tiled and n_blocks <= MAX_TILED_BLOCKS else []
+        histogram(flat, self.counts, t0, count, self.chunk, *tiles)
         compiled_kernel(plan_program, item_queries=self.item_queries)(self.counts, self.offsets, self.items, self.item_count)
-        compiled_kernel(scatter_program, groups=G, topk=topk)(flat, self.offsets, self.cursor, self.entries, t0, count,
-                                                              self.chunk)
+        scatter(flat, self.offsets, self.cursor, self.entries, t0, count, self.chunk, *tiles)
         return self
 
     def part(self, c: int) -> tuple:

@@ -40,8 +40,10 @@ MAIN_PROGRAMS = [
     (scheduler.plan_program, dict(item_queries=4096)),
     (scheduler.scatter_program, dict(groups=4, topk=16)),
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                               tma_gathers=True)),
     (kv_outer_attention.kv_outer_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
-                                               partial_dtype="float32")),
+                                               partial_dtype="float32", tma_gathers=True)),
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                                tma_stores=False, pingpong=False)),
     (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
@@ -67,6 +69,8 @@ MAIN_PROGRAMS = [
                                                      scale=0.088, persistent=True)),
     (shared_tiles.tile_attention_roles_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=4,
                                                      scale=0.125, pingpong=False, dtype="float16")),
+    (scheduler.tiled_histogram_program, dict(groups=4, topk=16, max_blocks=1024)),
+    (scheduler.tiled_scatter_program, dict(groups=4, topk=16, max_blocks=16384)),  # 128 KB of counters
 ]
 
 
@@ -78,8 +82,12 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         # tensor cores, and a producer whose Q gathers are cp.async signalled on mbarriers (a plain
         # load + store there would serialise the pipeline)
         assert "wgmma" in source and "warpgroup_reg_alloc" in source
-        assert "cp_async_gs_conditional<16>((&(((bfloat16_t*)ring)" in source
-        assert "mbarrier_cp_async_arrive_noinc(full" in source
+        if config.get("tma_gathers"):  # one warp: K/V and each query's Q box by TMA, on the slots' mbarriers
+            assert "tl::tma_load(Q_desc, full[u]" in source and "tl::tma_load(K_desc, kv_ready[0]" in source
+            assert "cp_async_gs_conditional" not in source
+        else:
+            assert "cp_async_gs_conditional<16>((&(((bfloat16_t*)ring)" in source
+            assert "mbarrier_cp_async_arrive_noinc(full" in source
         tma_stores = config.get("tma_stores", kv_outer_attention.ATTENTION_DEFAULTS["tma_stores"])
         # partial boxes by TMA (with or without an L2 policy), else thread stores
         assert bool(re.search(r"tl::tma_store(<[^>]*>)?\(Opart_desc", source)) == tma_stores
@@ -152,6 +160,31 @@ def test_the_pipelined_select_names_a_key_block_too_small_for_two_consumers():
         index_topk.pipelined_select_program(groups=1, index_dim=64, block_size=64, topk=8)
 
 
+def test_the_tiled_scheduler_counts_in_power_of_two_buckets():
+    """The tiled histogram / scatter are compiled per bucket of key blocks (so a sequence length does not cost a
+    compile each); past MAX_TILED_BLOCKS the per-entry kernels run."""
+    assert [scheduler.blocks_bucket(n) for n in (1, 256, 257, 1024, 1025, 16384)] == [256, 256, 512, 1024, 2048, 16384]
+    assert 2 * 4 * scheduler.MAX_TILED_BLOCKS <= 227 * 1024  # the scatter's two counter arrays fit shared memory
+
+
+def test_tma_gathers_need_eight_heads_and_per_item_ctas():
+    """A query's Q box by TMA must be whole 1 KB swizzle atoms (>= 8 rows); the persistent kernel gathers by
+    cp.async, so a persistent config loses the default's TMA gathers and an asked-for pair is an error."""
+    assert kv_outer_attention.attention_defaults(16, 2)["tma_gathers"]
+    assert not kv_outer_attention.attention_defaults(4, 2)["tma_gathers"]
+    with pytest.raises(ValueError, match="tma_gathers needs"):
+        kv_outer_attention.kv_outer_program(groups=8, heads=32, head_dim=64, block_size=64, topk=4, scale=0.125,
+                                            tma_stores=False, tma_gathers=True)
+    with pytest.raises(ValueError, match="per-item CTAs"):
+        kv_outer_attention.kv_outer_program(**PAPER, persistent=True, tma_gathers=True)
+    defaults = dict(kv_outer_attention.attention_defaults(16, 2), persistent=True)
+    fitted = kv_outer_attention.without_unfit_persistent(defaults, dict(persistent=True), 16, 128, 128, 256, 2)
+    assert fitted["persistent"] and not fitted["tma_gathers"]
+    asked = dict(persistent=True, tma_gathers=True)
+    assert kv_outer_attention.without_unfit_persistent(dict(defaults, **asked), asked, 16, 128, 128, 256, 2) == dict(
+        defaults, **asked)
+
+
 def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():
     """A TMA box a query pays only with >= 8 rows; fp32 O tiles, double-buffered, overflow shared memory."""
     assert kv_outer_attention.attention_defaults(16, 2)["tma_stores"]
@@ -202,7 +235,8 @@ def test_the_persistent_attention_says_when_shared_memory_overflows(config):
 
 
 PAPER = dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)
-ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER)),
+ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_attention.attention_defaults(16, 2))),
+               (kv_outer_attention.kv_outer_program, dict(PAPER)),
                (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True)),
                (shared_tiles.tile_attention_roles_program, dict(PAPER)),
                (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True))]
@@ -210,7 +244,8 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER)),
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("builder,config", ASYNC_WGMMA,
-                         ids=["kv_outer-per-item-ctas", "kv_outer-persistent", "tile-per-tile-ctas", "tile-persistent"])
+                         ids=["kv_outer-defaults", "kv_outer-cp-async-gathers", "kv_outer-persistent", "tile-per-tile-ctas",
+                              "tile-persistent"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518) or where other
     instructions touch a running wgmma's registers (C7514); the forward kernels overlap one tile's or block's S

@@ -71,14 +71,18 @@ def test_main_branch_matches_reference(path, kind, B, N, Hq, G, D, Bk, topk):
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, path=path)
 
 
-@pytest.mark.parametrize("config", [dict(tma_stores=False), dict(pingpong=False), dict(tma_stores=False, pingpong=False)],
-                         ids=["thread-stores", "no-pingpong", "thread-stores-no-pingpong"])
+@pytest.mark.parametrize("config", [dict(tma_stores=False), dict(pingpong=False), dict(tma_stores=False, pingpong=False),
+                                    dict(tma_gathers=False), dict(stages=3, o_buffers=1),
+                                    dict(tma_gathers=False, o_buffers=1)],
+                         ids=["thread-stores", "no-pingpong", "thread-stores-no-pingpong", "cp-async-gathers",
+                              "3-stages-one-o-tile", "cp-async-gathers-one-o-tile"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,partial_dtype", [(1, 2125, 64, 4, 128, 128, 16, torch.bfloat16),
                                                              (2, 1000, 16, 2, 64, 64, 8, torch.float32)],
                          ids=["paper-ragged-bf16", "b2-Bk64-fp32"])
 def test_forward_variants_match_reference(config, kind, B, N, Hq, G, D, Bk, topk, partial_dtype):
-    """The forward's non-default epilogues: 16-byte thread stores instead of TMA boxes, consumers not taking turns."""
+    """The forward's non-default knobs: 16-byte thread stores instead of TMA boxes, consumers not taking turns, Q
+    and K/V by 128 threads' cp.async instead of TMA, one O tile a consumer (with a third ring stage)."""
     q, k, v = attention_inputs(B, N, Hq, G, D)
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, partial_dtype=partial_dtype,
                             attention_config=config)
@@ -143,17 +147,22 @@ def test_fp32_partials():
     check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, partial_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("tiled,tile_queries", [(False, None), (True, 1024), (True, 64)],
+                         ids=["per-entry", "tiled", "tiled-64-queries"])
+@pytest.mark.parametrize("kind", ["realistic", "random"])
 @pytest.mark.parametrize("chunks,count", [(1, 512), (3, 644)], ids=["one-chunk", "three-chunks-ragged"])
-def test_scheduler_builds_the_reverse_index(chunks, count):
+def test_scheduler_builds_the_reverse_index(chunks, count, kind, tiled, tile_queries):
     """Chunk c of a build (queries t0 + c * chunk onwards, the last one ragged) lists every (query, slot) of
-    its chunk under the block it chose, and its items cover each list once."""
-    from msa_tl.scheduler import Schedule
+    its chunk under the block it chose, and its items cover each list once; with per-entry global atomics, or
+    counted a tile of queries at a time in shared memory (64-query tiles: several a chunk, the last ragged)."""
+    from msa_tl.scheduler import TILE_QUERIES, Schedule
 
     B, N, G, Bk, topk, item_queries = 2, 900, 2, 64, 4, 40
-    indices = selection("realistic", B, N, G, Bk, topk)
+    indices = selection(kind, B, N, G, Bk, topk)
     t0, chunk = 256, 512 if chunks == 1 else 224
     nblk = math.ceil(N / Bk)
-    sched = Schedule(B, G, nblk, chunk, topk, item_queries, "cuda", chunks=chunks)
+    sched = Schedule(B, G, nblk, chunk, topk, item_queries, "cuda", chunks=chunks, tiled=tiled,
+                     tile_queries=tile_queries or TILE_QUERIES)
     sched.entries.fill_(-7)
     sched.build(indices, t0, count)
     idx = indices.cpu()

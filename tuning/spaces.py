@@ -90,14 +90,16 @@ def _reject_attention(config, shape):
         return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
     if config.get("store_eviction") and not config["tma_stores"]:
         return "an L2 policy for the partial stores needs TMA stores"
+    if config.get("tma_gathers") and (R < 8 or config.get("persistent", False)):
+        return "TMA gathers need >= 8 heads per group and per-item CTAs"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         item_queries = kv_outer_attention.SCHEDULE_TUNABLES["item_queries"]
         smem = kv_outer_attention.persistent_shared_bytes(R, D, Bk, item_queries, config["stages"], config["tma_stores"])
     else:
-        # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (two each with TMA
+        # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (o_buffers each with TMA
         # stores), the largest item's entries
-        o_tiles = 2 * (2 if config["tma_stores"] else 1) * 64 * D * 2
+        o_tiles = 2 * (config.get("o_buffers", 2) if config["tma_stores"] else 1) * 64 * D * 2
         smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
