@@ -128,8 +128,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(2)]
 
     def o_buf(i):
-        """The O tile of the consumer's tile i: two alternate, one in the persistent kernel (its shared memory
-        holds two K/V blocks instead)."""
+        """The O tile of the consumer's tile i: two alternate; one with ``o_buffers=1`` and in the persistent kernel
+        (its shared memory holds two K/V blocks instead)."""
         return 0 if single_o else i % 2
 
     @T.macro
