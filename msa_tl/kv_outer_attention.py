@@ -317,10 +317,16 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                 T.tma_copy(V[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
                                            V_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
                             T.barrier_arrive(kv_ready[0])
-                            for rnd in T.serial(n_rounds):
-                                for u in T.serial(2 * stages):
-                                    if rnd * 2 * stages + u < n_tiles:
-                                        T.barrier_wait(empty[u], (rnd & 1) ^ 1)
+                    else:
+                        T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
+                        T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
+                        T.cp_async_barrier_noinc(kv_ready[0])
+                    if not tma_gathers or tx < 256 + 32:  # TMA gathers: the one warp
+                        for rnd in T.serial(n_rounds):
+                            for u in T.serial(2 * stages):
+                                if rnd * 2 * stages + u < n_tiles:
+                                    T.barrier_wait(empty[u], (rnd & 1) ^ 1)
+                                    if tma_gathers:
                                         for qi in T.unroll(TQ):
                                             src[0] = ent_s[(rnd * 2 * stages + u) * TQ + qi]
                                             if src[0] >= 0:  # [R, 64] a copy: one 128-byte swizzle span
@@ -330,16 +336,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                                                ring[u, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64],
                                                                barrier=full[u], leader_scope_threads=32)
                                         T.barrier_arrive(full[u])
-                    else:
-                        T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
-                        T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
-                        T.cp_async_barrier_noinc(kv_ready[0])
-                        for rnd in T.serial(n_rounds):
-                            for u in T.serial(2 * stages):
-                                if rnd * 2 * stages + u < n_tiles:
-                                    T.barrier_wait(empty[u], (rnd & 1) ^ 1)
-                                    gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring, Q)
-                                    T.cp_async_barrier_noinc(full[u])
+                                    else:
+                                        gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring,
+                                                         Q)
+                                        T.cp_async_barrier_noinc(full[u])
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)

@@ -354,10 +354,11 @@ class Schedule:
             knobs = dict(groups=G, topk=topk, max_blocks=blocks_bucket(n_blocks), tile_queries=self.tile_queries)
             histogram, scatter = (compiled_kernel(tiled_histogram_program, **knobs),
                                   compiled_kernel(tiled_scatter_program, **knobs))
+            tiles = [math.ceil(min(self.chunk, count) / self.tile_queries)]  # the tiled kernels' last argument
         else:
             histogram, scatter = (compiled_kernel(histogram_program, groups=G, topk=topk),
                                   compiled_kernel(scatter_program, groups=G, topk=topk))
-        tiles = [math.ceil(min(self.chunk, count) / self.tile_queries)] if self.tiled and n_blocks <= MAX_TILED_BLOCKS else []
+            tiles = []
         histogram(flat, self.counts, t0, count, self.chunk, *tiles)
         compiled_kernel(plan_program, item_queries=self.item_queries)(self.counts, self.offsets, self.items, self.item_count)
         scatter(flat, self.offsets, self.cursor, self.entries, t0, count, self.chunk, *tiles)

@@ -86,12 +86,12 @@ def _reject_attention(config, shape):
     R = shape["heads"] // shape["groups"]
     if 64 % R:
         return f"{R} heads per group do not tile a consumer's 64 rows"
-    if config["tma_stores"] and R < 8:
+    if config["tma_stores"] and R < kv_outer_attention.TMA_MIN_HEADS:
         return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
     if config.get("store_eviction") and not config["tma_stores"]:
         return "an L2 policy for the partial stores needs TMA stores"
-    if config.get("tma_gathers") and (R < 8 or config.get("persistent", False)):
-        return "TMA gathers need >= 8 heads per group and per-item CTAs"
+    if config.get("tma_gathers") and (R < kv_outer_attention.TMA_MIN_HEADS or config.get("persistent", False)):
+        return f"TMA gathers need >= {kv_outer_attention.TMA_MIN_HEADS} heads per group and per-item CTAs"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         item_queries = kv_outer_attention.SCHEDULE_TUNABLES["item_queries"]
