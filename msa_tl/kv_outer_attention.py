@@ -41,14 +41,88 @@ from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="", o_buffers=2,
-                          tma_gathers=True)
+                          tma_gathers=True, direct_stores=False, consumers=2)
 # the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
-                       store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True))
+                       store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
+                       direct_stores=(False, True), consumers=(1, 2))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
+# dynamic shared memory a CTA may use for two to fit an SM: 228 KB less, a CTA, 1 KB reserved and 1 KB of barriers
+TWO_CTA_SMEM = 112 * 1024
 TMA_MIN_HEADS = 8  # below this a query's partial box is too small for a TMA store to pay
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+# direct_stores: a consumer thread's rows of O leave from its registers. Its values of a [64, D] wgmma accumulator
+# are 4 j + 2 h + e: row h of its two, column 8 j + 2 (lane % 4) + e; after the 1 / l scaling and the conversion a
+# 4 x 4 transpose of 32-bit words within each quad (shuffles, which TileLang does not express) gives each lane 8
+# consecutive 16-bit columns, so a quad writes 64 contiguous bytes of a row with one 16-byte store a lane. fp32
+# partials need no transpose: a quad's four 8-byte stores are one 32-byte sector.
+DIRECT_STORES_CUDA = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+template <int kMask>
+__device__ __forceinline__ void msa_quad_exchange(unsigned (&w)[4], int lane) {
+  #pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    if (u & kMask) continue;
+    const bool high = lane & kMask;
+    const unsigned got = __shfl_xor_sync(0xffffffffu, high ? w[u] : w[u | kMask], kMask);
+    if (high) w[u] = got; else w[u | kMask] = got;
+  }
+}
+
+template <bool kHalf>
+__device__ __forceinline__ unsigned msa_pack2(float x, float y) {
+  unsigned r;
+  if constexpr (kHalf) {
+    __half2 v = __floats2half2_rn(x, y);
+    r = *reinterpret_cast<unsigned *>(&v);
+  } else {
+    __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+    r = *reinterpret_cast<unsigned *>(&v);
+  }
+  return r;
+}
+
+// acc: the thread's values of O [64, kD] fp32; inv_l, dst: its two rows' 1 / l and partial rows (-1: none);
+// out: the batch's partials [n_part, kD] (kBytes = 2: bf16 or fp16 as kHalf says; 4: fp32).
+template <int kD, int kBytes, bool kHalf>
+__device__ __forceinline__ void msa_store_rows(const float *acc, const float *inv_l, const int *dst, void *out) {
+  const int lane = threadIdx.x & 3;
+  #pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const long long row = (long long)(dst[h] < 0 ? 0 : dst[h]) * kD;
+    if constexpr (kBytes == 4) {
+      float *o = reinterpret_cast<float *>(out) + row;
+      #pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        if (dst[h] >= 0) {
+          *reinterpret_cast<float2 *>(o + 8 * j + 2 * lane) =
+              make_float2(acc[4 * j + 2 * h] * inv_l[h], acc[4 * j + 2 * h + 1] * inv_l[h]);
+        }
+      }
+    } else {
+      unsigned short *o = reinterpret_cast<unsigned short *>(out) + row;
+      #pragma unroll
+      for (int a = 0; a < kD / 32; ++a) {
+        unsigned w[4];
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int j = 4 * a + u;
+          w[u] = msa_pack2<kHalf>(acc[4 * j + 2 * h] * inv_l[h], acc[4 * j + 2 * h + 1] * inv_l[h]);
+        }
+        msa_quad_exchange<1>(w, lane);  // every lane takes part: the rows of a warp differ in dst
+        msa_quad_exchange<2>(w, lane);
+        if (dst[h] >= 0) {  // one 16-byte store (a plain uint4 store is split where ptxas has no aligned quad)
+          asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(o + 8 * (4 * a + lane)), "r"(w[0]),
+                       "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+        }
+      }
+    }
+  }
+}
+"""
 
 
 def persistent_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, item_queries: int, stages: int,
@@ -65,7 +139,8 @@ def persistent_shared_bytes(heads_per_group: int, head_dim: int, block_size: int
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
-                     o_buffers: int = 2, tma_gathers: bool = False, dtype: str = "bfloat16",
+                     o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
+                     consumers: int = 2, dtype: str = "bfloat16",
                      partial_dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
@@ -88,6 +163,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     R x D box of Q with TMA (a copy per 64 columns, completing on the slot's mbarrier) instead of 128 threads'
     16-byte cp.async; padding rows are then left as they were (their rows' results are never stored). Per-item
     CTAs and R >= 8 only (a box of fewer rows is not a whole 1 KB swizzle atom); on in ``ATTENTION_DEFAULTS``.
+    ``direct_stores``: each consumer thread stores its two rows of O straight from its registers (16-byte stores
+    after a transpose within each quad, :data:`DIRECT_STORES_CUDA`), with no O tile, fence or TMA store:
+    per-item CTAs with ``tma_stores=False`` only. ``consumers``: consumer warpgroups a CTA. With 1 (and TMA
+    gathers, direct stores, no ping-pong) a CTA is 256 threads (one producer warp of its four works) within
+    :data:`TWO_CTA_SMEM` of shared memory, so two run on an SM and one's item start (entries, K/V) and tail run
+    under the other's tiles.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     R = heads // groups
@@ -96,6 +177,16 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     if o_buffers not in (1, 2):
         raise ValueError(f"o_buffers must be 1 or 2, got {o_buffers}")
     single_o = persistent or o_buffers == 1
+    if direct_stores and (tma_stores or persistent):
+        raise ValueError("direct_stores: per-item CTAs with tma_stores=False only")
+    if consumers not in (1, 2):
+        raise ValueError(f"consumers must be 1 or 2, got {consumers}")
+    if consumers == 1 and not (tma_gathers and direct_stores and not pingpong):
+        raise ValueError("consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False")
+    NC = consumers  # consumer warpgroups a CTA: consumer c takes the item's tiles NC i + c
+    if direct_stores and head_dim % 32:
+        raise ValueError(f"direct_stores needs a head dim that is a multiple of 32, got {head_dim}")
+    partial_bytes = 4 if partial_dtype == "float32" else 2
     if tma_gathers and persistent:
         raise ValueError("tma_gathers: per-item CTAs only (persistent=False)")
     if tma_gathers and (R < TMA_MIN_HEADS or head_dim % 64):
@@ -104,14 +195,24 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
     TQ = rows // R  # queries per consumer tile
     n_entries = math.ceil(item_queries / TQ) * TQ  # whole tiles: a tail tile reads -1, not stale entries
+    if NC == 1:  # K/V, the ring and the entries (no O tile: direct stores)
+        smem = (2 * Bk * D + stages * rows * D) * 2 + 4 * n_entries
+        if smem > TWO_CTA_SMEM:
+            raise ValueError(f"consumers=1: {smem} B of shared memory > {TWO_CTA_SMEM} B, two CTAs would not fit an "
+                             f"SM (stages={stages}, head_dim={D}, block_size={Bk})")
     vec = 16 // (4 if partial_dtype == "float32" else 2)  # partial elements per 16-byte store
     store_policy = store_eviction or None
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
-    # setmaxnreg only moves registers within what the CTA got at launch (168 x 384 threads): a split that
-    # asks for more hangs the consumers. The cp.async producer spills at 56 with the TMA store descriptor.
+    # setmaxnreg only moves registers within what the CTA got at launch (168 x 384 threads; with one consumer two
+    # CTAs of 256 threads, 128 each): a split that asks for more hangs the consumers. The cp.async producer spills
+    # at 56 with the TMA store descriptor.
     producer_regs, consumer_regs = (72, 216) if tma_stores and not tma_gathers else (56, 224)
-    assert 128 * producer_regs + 256 * consumer_regs <= 168 * 384
+    if NC == 1:
+        producer_regs, consumer_regs = 40, 216
+    threads = 128 * NC + 128
+    launch_regs = 65536 // ((3 - NC) * threads) // 8 * 8
+    assert 128 * producer_regs + 128 * NC * consumer_regs <= launch_regs * threads
     if persistent:
         smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, 4 if partial_dtype == "float32" else 2)
         if smem > SMEM_LIMIT:
@@ -135,11 +236,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     @T.macro
     def issue_scores(i, j, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos):
         """Wait for the consumer's i-th tile of the item (its j-th in all) and start S = Q_tile K_blk^T."""
-        T.barrier_wait(full[2 * (j % stages) + c], (j // stages) & 1)
+        T.barrier_wait(full[NC * (j % stages) + c], (j // stages) & 1)
         for r in T.Parallel(rows):  # the row's query position (-1: padding)
-            qpos[r] = T.if_then_else(ent_s[e0 + (2 * i + c) * TQ + r // R] >= 0,
-                                     t0 + ent_s[e0 + (2 * i + c) * TQ + r // R] // topk, -1)
-        T.wgmma_gemm(ring[2 * (j % stages) + c, :, :], K_blk, acc_s, transpose_B=True, clear_accum=True)
+            qpos[r] = T.if_then_else(ent_s[e0 + (NC * i + c) * TQ + r // R] >= 0,
+                                     t0 + ent_s[e0 + (NC * i + c) * TQ + r // R] // topk, -1)
+        T.wgmma_gemm(ring[NC * (j % stages) + c, :, :], K_blk, acc_s, transpose_B=True, clear_accum=True)
 
     @T.macro
     def issue_partial_boxes(buf, dst_s, O_s, Opart, b):
@@ -178,7 +279,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     def partial_row_stats(i, dst_s, dst, m, l, Lpart, b):
         """Each row's partial row (kept in dst_s for its stores), its partial LSE, and 1 / l."""
         for r in T.Parallel(rows):
-            if not rows_from_entries:
+            if not rows_from_entries and not direct_stores:
                 dst_s[o_buf(i) * rows + r if tma_stores else r] = dst[r]
             if dst[r] >= 0:
                 Lpart[b, dst[r]] = (m[r] * scale_log2 + T.log2(l[r])) * _LN2
@@ -207,7 +308,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             issue_scores(0, base, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
         for i in T.serial(n_mine):
             T.wait_wgmma(0)  # S of tile i  [rows, Bk]
-            T.barrier_arrive(empty[2 * ((base + i) % stages) + c])  # the producer may refill its ring slot
+            T.barrier_arrive(empty[NC * ((base + i) % stages) + c])  # the producer may refill its ring slot
             if tma_stores:
                 # Issued here, where no wgmma is in flight: a single-thread branch while S of tile i + 1
                 # runs makes ptxas serialise the wgmma (C7518).
@@ -216,7 +317,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         issue_boxes(i - 1, c, e0, ent_s, g, dst_s, O_s, Opart, b)
                         if not single_o:
                             T.tma_store_wait(TQ)  # tile i - 2's boxes have left O_s[i % 2]
-            first_query(first, ent_s, e0 // TQ + 2 * i + c, t0, seq)
+            first_query(first, ent_s, e0 // TQ + NC * i + c, t0, seq)
             if first[0] < blk * Bk + Bk - 1:
                 for r, col in T.Parallel(rows, Bk):
                     acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
@@ -227,7 +328,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             T.copy(acc_s, p)
             for r in T.Parallel(rows):  # the row's partial row, -1 for padding
                 dst[r] = T.if_then_else(qpos[r] >= 0, (((qpos[r] - t0) * groups + g) * topk
-                                                      + ent_s[e0 + (2 * i + c) * TQ + r // R] % topk) * R + r % R, -1)
+                                                      + ent_s[e0 + (NC * i + c) * TQ + r // R] % topk) * R + r % R, -1)
             if pingpong:
                 T.sync_threads(3 + c, 256)  # this consumer's turn: the other has issued its GEMMs
             T.wgmma_gemm(p, V_blk, acc_o, clear_accum=True)  # [rows, D]
@@ -242,16 +343,21 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 # every thread, not one warp: a branch while S of tile i + 1 runs would serialise the wgmma (C7518);
                 # threads that issued no copies return at once
                 T.tma_store_wait(0)  # the single O tile's last boxes have left it
-            T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
+            if not direct_stores:
+                T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
             partial_row_stats(i, dst_s, dst, m, l, Lpart, b)
-            for r, d in T.Parallel(rows, D):
-                acc_o[r, d] *= l[r]
+            if direct_stores:  # [rows, D] from the registers, scaled by 1 / l on the way
+                T.call_extern("handle", f"msa_store_rows<{D}, {partial_bytes}, {str(dtype == 'float16').lower()}>",
+                              acc_o.data, l.data, dst.data, T.address_of(Opart[b, 0, 0]))
+            else:
+                for r, d in T.Parallel(rows, D):
+                    acc_o[r, d] *= l[r]
             if tma_stores:
                 for r, d in T.Parallel(rows, D):  # [TQ, R, D]: one query's R partial rows are one TMA box
                     O_s[o_buf(i), r // R, r % R, d] = acc_o[r, d]
                 T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
                 T.sync_threads(1 + c, 128)
-            else:
+            elif not direct_stores:
                 T.copy(acc_o, O_s)
                 T.sync_threads(1 + c, 128)
                 for j in T.unroll(rows * D // vec // 128):  # 16-byte stores of whole partial rows
@@ -279,38 +385,43 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             Lpart: T.Tensor((batch, n_part), "float32"),
             t0: T.int32,
         ):
-            with T.Kernel(n_items, n_bg, threads=384) as (item, bg):
+            prelude = DIRECT_STORES_CUDA if direct_stores else None
+            with T.Kernel(n_items, n_bg, threads=threads, prelude=prelude) as (item, bg):
                 K_s = T.alloc_shared((Bk, D), dtype)
                 V_s = T.alloc_shared((Bk, D), dtype)
-                ring = T.alloc_shared((2 * stages, rows, D), dtype)  # slot 2 s + c: consumer c's tiles
+                ring = T.alloc_shared((NC * stages, rows, D), dtype)  # slot NC s + c: consumer c's tiles
                 o_tile = (o_buffers, TQ, R, D) if tma_stores else (rows, D)  # TMA stores: o_buffers O tiles a consumer
-                O_s0 = T.alloc_shared(o_tile, partial_dtype)
-                O_s1 = T.alloc_shared(o_tile, partial_dtype)
-                dst_s0 = T.alloc_shared((o_buffers * rows if tma_stores else rows,), "int32")  # the partial rows of O_s
-                dst_s1 = T.alloc_shared((o_buffers * rows if tma_stores else rows,), "int32")
+                O_s0 = None if direct_stores else T.alloc_shared(o_tile, partial_dtype)
+                O_s1 = None if direct_stores else T.alloc_shared(o_tile, partial_dtype)
+                dst_s_shape = (o_buffers * rows if tma_stores else rows,)
+                dst_s0 = None if direct_stores else T.alloc_shared(dst_s_shape, "int32")  # the partial rows of O_s
+                dst_s1 = None if direct_stores else T.alloc_shared(dst_s_shape, "int32")
                 ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
                 acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
-                T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+                if not direct_stores:
+                    T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
                 kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
-                full = T.alloc_barrier([32 if tma_gathers else 128] * (2 * stages))  # per ring slot
-                empty = T.alloc_barrier([128] * (2 * stages))
+                full = T.alloc_barrier([32 if tma_gathers else 128] * (NC * stages))  # per ring slot
+                empty = T.alloc_barrier([128] * (NC * stages))
 
                 b = bg // groups
                 g = bg % groups
                 blk, start, length = work_item(Items, ItemCount, bg, item)
                 n_tiles = T.ceildiv(length, TQ)
-                n_rounds = T.ceildiv(n_tiles, 2 * stages)
+                n_rounds = T.ceildiv(n_tiles, NC * stages)
                 tx = T.get_thread_binding()
                 for i in T.Parallel(n_entries):
                     ent_s[i] = T.if_then_else(i < length, Entries[bg, start + i], -1)
                 T.sync_threads()
 
-                if tx >= 256:  # producer
+                if NC == 1:
+                    T.annotate_min_blocks_per_sm(2)  # a second CTA's item starts under this one's tiles
+                if tx >= 128 * NC:  # producer
                     T.set_max_nreg(producer_regs, 0)
                     if tma_gathers:
-                        if tx < 256 + 32:  # one warp; each TMA copy elects one lane
+                        if tx < 128 * NC + 32:  # one warp; each TMA copy elects one lane
                             for h in T.unroll(D // 64):  # [Bk, 64] a copy: one 128-byte swizzle span
                                 T.tma_copy(K[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
                                            K_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
@@ -321,14 +432,14 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
                         T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
                         T.cp_async_barrier_noinc(kv_ready[0])
-                    if not tma_gathers or tx < 256 + 32:  # TMA gathers: the one warp
+                    if not tma_gathers or tx < 128 * NC + 32:  # TMA gathers: the one warp
                         for rnd in T.serial(n_rounds):
-                            for u in T.serial(2 * stages):
-                                if rnd * 2 * stages + u < n_tiles:
+                            for u in T.serial(NC * stages):
+                                if rnd * NC * stages + u < n_tiles:
                                     T.barrier_wait(empty[u], (rnd & 1) ^ 1)
                                     if tma_gathers:
                                         for qi in T.unroll(TQ):
-                                            src[0] = ent_s[(rnd * 2 * stages + u) * TQ + qi]
+                                            src[0] = ent_s[(rnd * NC * stages + u) * TQ + qi]
                                             if src[0] >= 0:  # [R, 64] a copy: one 128-byte swizzle span
                                                 for h in T.unroll(D // 64):
                                                     T.tma_copy(Q[b, t0 + src[0] // topk, g * R:(g + 1) * R,
@@ -337,15 +448,15 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                                                barrier=full[u], leader_scope_threads=32)
                                         T.barrier_arrive(full[u])
                                     else:
-                                        gather_tile_rows(ent_s, rnd * 2 * stages + u, t0, b, g, tx - 256, src, u, ring,
-                                                         Q)
+                                        gather_tile_rows(ent_s, rnd * NC * stages + u, t0, b, g, tx - 128 * NC, src, u,
+                                                         ring, Q)
                                         T.cp_async_barrier_noinc(full[u])
-                elif tx < 128:  # consumer 0: tiles 0, 2, 4, ...
+                elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
-                    consumer(0, tx, (n_tiles + 1) // 2, n_tiles // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
+                    consumer(0, tx, (n_tiles + NC - 1) // NC, n_tiles // 2 if NC == 2 else 0, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
                              seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
-                else:  # consumer 1: tiles 1, 3, 5, ...
+                elif NC == 2:  # consumer 1: tiles 1, 3, 5, ...
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
                     consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,

@@ -46,6 +46,13 @@ MAIN_PROGRAMS = [
                                                partial_dtype="float32", tma_gathers=True)),
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                                tma_stores=False, pingpong=False)),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                               tma_stores=False, tma_gathers=True, direct_stores=True)),
+    (kv_outer_attention.kv_outer_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
+                                               tma_stores=False, direct_stores=True, partial_dtype="float32")),
+    (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                               tma_stores=False, tma_gathers=True, direct_stores=True, pingpong=False,
+                                               consumers=1)),
     (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
     (lse_combine.persistent_combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
     (lse_combine.persistent_combine_program, dict(heads=32, head_dim=128, topk=6, groups=2)),  # slots padded to 8
@@ -92,6 +99,14 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         # partial boxes by TMA (with or without an L2 policy), else thread stores
         assert bool(re.search(r"tl::tma_store(<[^>]*>)?\(Opart_desc", source)) == tma_stores
         assert ("kv_free" in source) == config.get("persistent", False)  # K/V double-buffered across items
+        # direct stores: the rows leave the registers through the inline helper; no O tile is written
+        direct = config.get("direct_stores", False)
+        assert ("msa_store_rows<" in source) == direct
+        if config.get("consumers", 2) == 1:  # two 256-thread CTAs an SM, registers split 40 / 216 within each
+            assert "__launch_bounds__(256, 2)" in source and "warpgroup_reg_alloc<216>" in source
+            assert "acc_s1" not in source  # no second consumer
+        if direct:
+            assert "O_s0" not in source and "fence_proxy_async();\n        tl::__sync_thread_partial(1" not in source
         # the partial stores' L2 policy, only where asked for
         assert ("tma_store<tl::CacheHintSm90::EVICT_FIRST>" in source) == (config.get("store_eviction") == "evict_first")
     if builder is lse_combine.persistent_combine_program:  # whole pairs by TMA bulk copies into an mbarrier ring
@@ -165,6 +180,52 @@ def test_the_tiled_scheduler_counts_in_power_of_two_buckets():
     compile each); past MAX_TILED_BLOCKS the per-entry kernels run."""
     assert [scheduler.blocks_bucket(n) for n in (1, 256, 257, 1024, 1025, 16384)] == [256, 256, 512, 1024, 2048, 16384]
     assert 2 * 4 * scheduler.MAX_TILED_BLOCKS <= 227 * 1024  # the scatter's two counter arrays fit shared memory
+
+
+def test_direct_stores_need_thread_stores_and_per_item_ctas():
+    """direct_stores replaces the O tile: it cannot be combined with TMA stores (which read that tile) or the
+    persistent kernel, and its 16-byte stores need whole quads of 8 columns."""
+    with pytest.raises(ValueError, match="direct_stores: per-item CTAs with tma_stores=False"):
+        kv_outer_attention.kv_outer_program(**PAPER, direct_stores=True)
+    with pytest.raises(ValueError, match="direct_stores: per-item CTAs"):
+        kv_outer_attention.kv_outer_program(**PAPER, tma_stores=False, persistent=True, direct_stores=True)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kv_outer_attention.kv_outer_program(**dict(PAPER, head_dim=80), tma_stores=False, direct_stores=True)
+
+
+def test_one_consumer_needs_tma_gathers_direct_stores_and_two_ctas_of_shared_memory():
+    """consumers=1 (two CTAs an SM): its producer is one TMA warp, it has no O tile and no partner to take turns
+    with, and two CTAs' shared memory must fit an SM."""
+    one = dict(tma_stores=False, tma_gathers=True, direct_stores=True, pingpong=False, consumers=1)
+    for knob, value in (("tma_gathers", False), ("direct_stores", False), ("pingpong", True)):
+        with pytest.raises(ValueError, match="consumers=1"):
+            kv_outer_attention.kv_outer_program(**PAPER, **dict(one, **{knob: value}))
+    with pytest.raises(ValueError, match="two CTAs would not fit"):
+        kv_outer_attention.kv_outer_program(**PAPER, **dict(one, stages=3))
+    with pytest.raises(ValueError, match="consumers must be 1 or 2"):
+        kv_outer_attention.kv_outer_program(**PAPER, consumers=3)
+
+
+def test_direct_stores_transpose_gives_each_lane_eight_consecutive_columns():
+    """The helper's 4 x 4 exchange within a quad, replayed on lists: lane t ends with word t of every lane s
+    (columns 8 (4 a + t) + 2 s, + 1), so its 16-byte store holds 8 consecutive columns."""
+    def exchange(words, mask):  # words[lane][u], as msa_quad_exchange<mask>
+        out = [row[:] for row in words]
+        for lane in range(4):
+            for u in range(4):
+                if u & mask:
+                    continue
+                partner = lane ^ mask
+                got = words[partner][u] if partner & mask else words[partner][u | mask]
+                out[lane][u if lane & mask else u | mask] = got
+        return out
+    a = 1
+    columns = [[(8 * (4 * a + u) + 2 * lane, 8 * (4 * a + u) + 2 * lane + 1) for u in range(4)] for lane in range(4)]
+    stored = exchange(exchange(columns, 1), 2)
+    for lane in range(4):
+        assert [c for pair in stored[lane] for c in pair] == list(range(8 * (4 * a + lane), 8 * (4 * a + lane) + 8))
+    source = kv_outer_attention.DIRECT_STORES_CUDA
+    assert "msa_quad_exchange<1>(w, lane);" in source and "msa_quad_exchange<2>(w, lane);" in source
 
 
 def test_tma_gathers_need_eight_heads_and_per_item_ctas():

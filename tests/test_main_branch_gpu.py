@@ -73,16 +73,21 @@ def test_main_branch_matches_reference(path, kind, B, N, Hq, G, D, Bk, topk):
 
 @pytest.mark.parametrize("config", [dict(tma_stores=False), dict(pingpong=False), dict(tma_stores=False, pingpong=False),
                                     dict(tma_gathers=False), dict(stages=3, o_buffers=1),
-                                    dict(tma_gathers=False, o_buffers=1)],
+                                    dict(tma_gathers=False, o_buffers=1), dict(tma_stores=False, direct_stores=True),
+                                    dict(tma_stores=False, direct_stores=True, stages=4),
+                                    dict(tma_stores=False, direct_stores=True, pingpong=False, consumers=1)],
                          ids=["thread-stores", "no-pingpong", "thread-stores-no-pingpong", "cp-async-gathers",
-                              "3-stages-one-o-tile", "cp-async-gathers-one-o-tile"])
+                              "3-stages-one-o-tile", "cp-async-gathers-one-o-tile", "direct-stores",
+                              "direct-stores-4-stages", "one-consumer-two-ctas"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,partial_dtype", [(1, 2125, 64, 4, 128, 128, 16, torch.bfloat16),
                                                              (2, 1000, 16, 2, 64, 64, 8, torch.float32)],
                          ids=["paper-ragged-bf16", "b2-Bk64-fp32"])
 def test_forward_variants_match_reference(config, kind, B, N, Hq, G, D, Bk, topk, partial_dtype):
     """The forward's non-default knobs: 16-byte thread stores instead of TMA boxes, consumers not taking turns, Q
-    and K/V by 128 threads' cp.async instead of TMA, one O tile a consumer (with a third ring stage)."""
+    and K/V by 128 threads' cp.async instead of TMA, one O tile a consumer (with a third ring stage), the rows
+    stored straight from the registers (no O tile; then a fourth ring stage fits), one consumer a CTA and two CTAs
+    an SM."""
     q, k, v = attention_inputs(B, N, Hq, G, D)
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, partial_dtype=partial_dtype,
                             attention_config=config)

@@ -92,15 +92,24 @@ def _reject_attention(config, shape):
         return "an L2 policy for the partial stores needs TMA stores"
     if config.get("tma_gathers") and (R < kv_outer_attention.TMA_MIN_HEADS or config.get("persistent", False)):
         return f"TMA gathers need >= {kv_outer_attention.TMA_MIN_HEADS} heads per group and per-item CTAs"
+    if config.get("direct_stores") and (config["tma_stores"] or config.get("persistent", False)):
+        return "direct stores replace the O tile: per-item CTAs with thread stores only"
+    if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
+                                                and not config["pingpong"]):
+        return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         item_queries = kv_outer_attention.SCHEDULE_TUNABLES["item_queries"]
         smem = kv_outer_attention.persistent_shared_bytes(R, D, Bk, item_queries, config["stages"], config["tma_stores"])
     else:
-        # K/V, two rings of `stages` 64-row Q tiles, the consumers' bf16 partial tiles (o_buffers each with TMA
-        # stores), the largest item's entries
-        o_tiles = 2 * (config.get("o_buffers", 2) if config["tma_stores"] else 1) * 64 * D * 2
-        smem = 2 * 2 * Bk * D + 2 * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
+        # K/V, a ring of `stages` 64-row Q tiles a consumer, their bf16 partial tiles (o_buffers each with TMA
+        # stores, none with direct stores), the largest item's entries
+        o_buffers = config.get("o_buffers", 2) if config["tma_stores"] else 1
+        consumers = config.get("consumers", 2)
+        o_tiles = 0 if config.get("direct_stores") else consumers * o_buffers * 64 * D * 2
+        smem = 2 * 2 * Bk * D + consumers * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
+        if consumers == 1 and smem > kv_outer_attention.TWO_CTA_SMEM:
+            return f"shared memory {smem} B > {kv_outer_attention.TWO_CTA_SMEM} B: two CTAs would not fit an SM"
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
     return None
