@@ -656,6 +656,24 @@ def without_unfit_persistent(config: dict, asked, heads_per_group: int, head_dim
     return config
 
 
+# Above this head dim a 128-key block's K/V, two consumers' Q tiles and their O tiles do not fit shared memory, nor
+# S and O registers: the forward runs a block as its 64-key halves (split_blocks), with direct stores.
+WIDE_HEAD_DIM = 128
+WIDE_HEAD_BLOCK = 64
+WIDE_HEAD_CONFIG = dict(tma_stores=False, direct_stores=True, stages=2)
+WIDE_HEAD_CHUNK = 4096  # queries a chunk: 4 GiB of bf16 partials at Hq = 64, 2 x 16 slots, D = 256
+
+
+def split_blocks(indices: torch.Tensor, block_size: int, into: int) -> torch.Tensor:
+    """indices [B, N, G, k] of ``block_size``-key blocks -> [B, N, G, k * block_size // into] of their ``into``-key
+    parts that each query can see (parts in its future -1), in the same slot order."""
+    B, N, G, k = indices.shape
+    parts = block_size // into
+    child = (indices[..., None] * parts + torch.arange(parts, device=indices.device)).flatten(-2)
+    local = (torch.arange(N, device=indices.device) // into).view(1, N, 1, 1)
+    return torch.where((indices >= 0).repeat_interleave(parts, dim=-1) & (child <= local), child, -1).int()
+
+
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
@@ -675,10 +693,22 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     rows' empty partials it would stream). ``query_chunk``,
     ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to the tuned configs of this GPU and shape
     (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
+
+    Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
+    slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
+    queries unless told.
     """
     B, N, Hq, D = q.shape
-    G, topk = k.shape[2], indices.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if D > WIDE_HEAD_DIM:
+        if shared_tiles:
+            raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} only, got {D}")
+        shared_tiles = False
+        if block_size > WIDE_HEAD_BLOCK:
+            indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
+        attention_config = {**WIDE_HEAD_CONFIG, **(attention_config or {})}
+        query_chunk = query_chunk or WIDE_HEAD_CHUNK
+    G, topk = k.shape[2], indices.shape[3]
     partial_dtype = partial_dtype or q.dtype  # fp16 inputs keep fp16 partials: bf16 ones would cost 3 bits
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)

@@ -25,7 +25,8 @@ def _device_limit(device, dtype):
                         dtype not in (torch.bfloat16, torch.float16) and f"{dtype} inputs (bfloat16 / float16 only)")
 
 
-ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_HEAD_DIMS = (64, 128)  # the backward and the KL
+FORWARD_HEAD_DIMS = (64, 128, 256)  # the forward: above 128 a block runs as its 64-key halves (split_blocks)
 
 
 def next_supported(value: int, supported: tuple) -> int:
@@ -103,11 +104,12 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
 register_kernel("select_blocks", _select_blocks, _select_blocks_limit)
 
 
-def _sparse_attention_limit(device, *, dtype, heads, groups, head_dim, block_size, topk, **_):
+def _sparse_attention_limit(device, *, dtype, heads, groups, head_dim, block_size, topk,
+                            head_dims=FORWARD_HEAD_DIMS, **_):
     # a GQA ratio that does not tile 64 rows runs with zero query heads padded in (padded_heads)
     return _first_limit(
         _device_limit(device, dtype),
-        head_dim > ATTENTION_HEAD_DIMS[-1] and f"head dim {head_dim} (at most {ATTENTION_HEAD_DIMS[-1]})",
+        head_dim > head_dims[-1] and f"head dim {head_dim} (at most {head_dims[-1]})",
         block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
         heads // groups > TILE_HEADS[-1] and f"{heads // groups} query heads per KV head (at most {TILE_HEADS[-1]})")
 
@@ -136,10 +138,12 @@ def attention_path(seq_len: int) -> str:
 
 def _sparse_attention(q, k, v, indices, *, block_size, scale):
     G, D = k.shape[2], q.shape[3]
-    R, Dp = q.shape[2] // G, padded_dim(D)
+    R, Dp = q.shape[2] // G, padded_dim(D, FORWARD_HEAD_DIMS)
     q_kernel = pad_heads(pad_dim(q, Dp), G, padded_heads(R))  # a padded head attends uniformly and is dropped
     k, v = pad_dim(k, Dp), pad_dim(v, Dp)  # scale stays the caller's (1/sqrt(D) by default)
     if attention_path(q.shape[1]) == "q_outer":
+        if Dp > ATTENTION_HEAD_DIMS[-1]:
+            raise ValueError(f"MSA_TL_ATTENTION_PATH=q_outer: head dims up to {ATTENTION_HEAD_DIMS[-1]}, got {D}")
         from msa_tl.q_outer_attention import q_outer_attention_forward
 
         o, lse = q_outer_attention_forward(q_kernel, k, v, indices, block_size, scale)
@@ -173,7 +177,11 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
-register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_limit)
+def _sparse_attention_backward_limit(device, **shape):
+    return _sparse_attention_limit(device, **shape, head_dims=ATTENTION_HEAD_DIMS)
+
+
+register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_backward_limit)
 
 
 # The warmup's KL (all visible tokens) runs the same kernels over every visible block. Its selection, stats and

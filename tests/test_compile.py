@@ -53,6 +53,9 @@ MAIN_PROGRAMS = [
     (kv_outer_attention.kv_outer_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                                tma_stores=False, tma_gathers=True, direct_stores=True, pingpong=False,
                                                consumers=1)),
+    (kv_outer_attention.kv_outer_program, dict(groups=2, heads=32, head_dim=256, block_size=64, topk=16, scale=0.0625,
+                                               **kv_outer_attention.WIDE_HEAD_CONFIG, tma_gathers=True)),  # wide heads
+    (lse_combine.combine_program, dict(heads=32, head_dim=256, topk=16, groups=2)),
     (lse_combine.combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
     (lse_combine.persistent_combine_program, dict(heads=64, head_dim=128, topk=16, groups=4)),
     (lse_combine.persistent_combine_program, dict(heads=32, head_dim=128, topk=6, groups=2)),  # slots padded to 8

@@ -37,9 +37,21 @@ def test_index_shapes_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, **change})
 
 
-@pytest.mark.parametrize("change", [dict(head_dim=256), dict(heads=128, groups=1), dict(dtype=torch.float32)])
+@pytest.mark.parametrize("change", [dict(head_dim=512), dict(heads=128, groups=1), dict(dtype=torch.float32)])
 def test_attention_calls_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._sparse_attention_supported(torch.device("cuda"), **{**PAPER, **change})
+
+
+@pytest.mark.parametrize("head_dim,padded", [(256, 256), (192, 256), (160, 256)])
+def test_wide_heads_take_the_forward_kernel_and_the_backward_reference(hopper, head_dim, padded):
+    """Head dims up to 256 run the forward kernel (zero dims padded in up to 256, each block as its 64-key
+    halves); the backward and the KL kernels stop at 128, so those stages name that limit."""
+    shape = {**PAPER, "head_dim": head_dim}
+    cuda = torch.device("cuda")
+    assert kernels._sparse_attention_supported(cuda, **shape)
+    assert kernels.padded_dim(head_dim, kernels.FORWARD_HEAD_DIMS) == padded
+    assert kernels._sparse_attention_backward_limit(cuda, **shape) == f"head dim {head_dim} (at most 128)"
+    assert not kernels._kl_supported(cuda, **shape)
 
 
 @pytest.mark.parametrize("heads,groups,padded", [(28, 4, 8), (20, 4, 8), (24, 2, 16), (48, 1, 64), (12, 4, 4)])
@@ -101,12 +113,12 @@ def test_the_reference_log_names_the_limit_once_per_limit(hopper, monkeypatch, c
     with caplog.at_level(logging.WARNING, logger="msa_tl"):
         for _ in range(2):
             assert dispatch.kernel_for("select_blocks", cuda, **{**PAPER, "groups": 128}) is None
-        assert dispatch.kernel_for("sparse_attention", cuda, **{**PAPER, "head_dim": 256}) is None
+        assert dispatch.kernel_for("sparse_attention", cuda, **{**PAPER, "head_dim": 512}) is None
         assert dispatch.kernel_for("kl_alignment_loss", cuda, **{**PAPER, "dtype": torch.float32}) is None
         assert dispatch.kernel_for("select_blocks", cuda, **{**PAPER, "block_size": 32}) is None
     messages = [r.getMessage() for r in caplog.records if r.name == "msa_tl"]
     assert len(messages) == 4, messages
-    for message, limit in zip(messages, ("128 index heads (at most 64)", "head dim 256 (at most 128)",
+    for message, limit in zip(messages, ("128 index heads (at most 64)", "head dim 512 (at most 256)",
                                          "torch.float32 inputs", "block size 32")):
         assert limit in message, (limit, message)
     assert dispatch.kernel_for("select_blocks", cuda, **PAPER) is not None

@@ -124,6 +124,26 @@ def test_sparse_attention_equals_per_query_gather():
                 torch.testing.assert_close(o[b, t, h], torch.softmax(logits, 0) @ v[b, keys, g])
 
 
+def test_split_blocks_attend_to_the_same_tokens():
+    """The wide-head forward's block split: each chosen block's visible halves, a half in the query's future -1, so
+    the float64 reference over the halves equals the one over the blocks (with -1 slots and a ragged end)."""
+    from msa_tl.kv_outer_attention import split_blocks
+
+    B, N, Hq, G, D, Bk, topk = 2, 45, 4, 2, 8, 8, 3
+    q, k, v, q_idx, k_idx = make_inputs(B, N, Hq, G, D, 8)
+    indices = R.select_blocks(q_idx, k_idx, Bk, topk)
+    indices[0, 30, 1, 1] = -1
+    halves = split_blocks(indices, Bk, Bk // 2)
+    assert halves.shape == (B, N, G, 2 * topk) and halves.dtype == torch.int32
+    local = (torch.arange(N) // (Bk // 2)).view(1, N, 1, 1)
+    assert ((halves == -1) | ((halves >= 0) & (halves <= local))).all()
+    assert ((halves // 2 == indices.repeat_interleave(2, -1)) | (halves == -1)).all()
+    o, lse = R.sparse_attention(q, k, v, indices, Bk)
+    o_halves, lse_halves = R.sparse_attention(q, k, v, halves, Bk // 2)
+    torch.testing.assert_close(o_halves, o)
+    torch.testing.assert_close(lse_halves, lse)
+
+
 def test_unused_slots_and_duplicate_free_indices_are_honoured():
     """Given indices (not from top-k): -1 slots contribute nothing, a row with only -1 gives o = 0, lse = -inf."""
     B, N, Hq, G, D, Bk = 1, 32, 2, 1, 8, 8
