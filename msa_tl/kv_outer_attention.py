@@ -295,7 +295,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     @T.macro
     def consumer(c, ctx, n_mine, n_other, base, ring, full, empty, K_blk, V_blk, ent_s, e0, blk, t0, b, g, seq, acc_s,
                  p, acc_o, m, l, qpos, dst, first, dst_s, O_s, Opart, Lpart):
-        """Consumer c's tiles 2 i + c of the item (entries from ent_s[e0]; its ring tiles from ``base`` on): the
+        """Consumer c's tiles NC i + c of the item (entries from ent_s[e0]; its ring tiles from ``base`` on): the
         scores of tile i + 1 run on the tensor cores during tile i's stores.
 
         ``pingpong``: the consumers take turns issuing P V and the next S (named barriers 3 and 4), so one's
@@ -347,7 +347,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
             partial_row_stats(i, dst_s, dst, m, l, Lpart, b)
             if direct_stores:  # [rows, D] from the registers, scaled by 1 / l on the way
-                T.call_extern("handle", f"msa_store_rows<{D}, {partial_bytes}, {str(dtype == 'float16').lower()}>",
+                T.call_extern("handle", f"msa_store_rows<{D}, {partial_bytes}, {str(partial_dtype == 'float16').lower()}>",
                               acc_o.data, l.data, dst.data, T.address_of(Opart[b, 0, 0]))
             else:
                 for r, d in T.Parallel(rows, D):
@@ -706,7 +706,6 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         shared_tiles = False
         if block_size > WIDE_HEAD_BLOCK:
             indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
-        attention_config = {**WIDE_HEAD_CONFIG, **(attention_config or {})}
         query_chunk = query_chunk or WIDE_HEAD_CHUNK
     G, topk = k.shape[2], indices.shape[3]
     partial_dtype = partial_dtype or q.dtype  # fp16 inputs keep fp16 partials: bf16 ones would cost 3 bits
@@ -714,9 +713,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
+    defaults = attention_defaults(Hq // G, partial_dtype.itemsize)
+    if D > WIDE_HEAD_DIM:  # a tuned config for the shape (searched within what fits) still wins
+        defaults = {**defaults, **WIDE_HEAD_CONFIG}
     attention_config = without_unfit_persistent(
-        {**tuned_config("kv_outer_attention", shape, attention_defaults(Hq // G, partial_dtype.itemsize), q.device),
-         **(attention_config or {})}, attention_config, Hq // G, D, block_size, item_queries, partial_dtype.itemsize)
+        {**tuned_config("kv_outer_attention", shape, defaults, q.device), **(attention_config or {})},
+        attention_config, Hq // G, D, block_size, item_queries, partial_dtype.itemsize)
     if attention_config.get("persistent"):  # one CTA an SM unless told
         attention_config.setdefault("ctas", sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}

@@ -109,7 +109,7 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
             assert "__launch_bounds__(256, 2)" in source and "warpgroup_reg_alloc<216>" in source
             assert "acc_s1" not in source  # no second consumer
         if direct:
-            assert "O_s0" not in source and "fence_proxy_async();\n        tl::__sync_thread_partial(1" not in source
+            assert "O_s0" not in source and "__sync_thread_partial(1, 128)" not in source  # no O tile to guard
         # the partial stores' L2 policy, only where asked for
         assert ("tma_store<tl::CacheHintSm90::EVICT_FIRST>" in source) == (config.get("store_eviction") == "evict_first")
     if builder is lse_combine.persistent_combine_program:  # whole pairs by TMA bulk copies into an mbarrier ring
@@ -210,8 +210,9 @@ def test_one_consumer_needs_tma_gathers_direct_stores_and_two_ctas_of_shared_mem
 
 
 def test_direct_stores_transpose_gives_each_lane_eight_consecutive_columns():
-    """The helper's 4 x 4 exchange within a quad, replayed on lists: lane t ends with word t of every lane s
-    (columns 8 (4 a + t) + 2 s, + 1), so its 16-byte store holds 8 consecutive columns."""
+    """The exchange the helper performs (msa_quad_exchange<1> then <2>), replayed on lists: it is a 4 x 4
+    transpose, so lane t ends with word t of every lane s (columns 8 (4 a + t) + 2 s, + 1) and its 16-byte store
+    holds 8 consecutive columns. The CUDA itself runs only in the GPU tests (direct-stores variants)."""
     def exchange(words, mask):  # words[lane][u], as msa_quad_exchange<mask>
         out = [row[:] for row in words]
         for lane in range(4):

@@ -156,15 +156,25 @@ def test_wide_heads_forward_matches_reference(kind, B, N, Hq, G, Bk, topk):
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk)
 
 
+@pytest.mark.parametrize("partial_dtype", [torch.float16, torch.bfloat16], ids=["fp16-partials", "bf16-partials"])
+def test_direct_stores_pack_the_partials_dtype(partial_dtype):
+    """fp16 inputs with direct stores: the helper packs the partials' own 16-bit format (fp16, or bf16 asked for)."""
+    B, N, Hq, G, D, Bk, topk = 1, 1300, 32, 2, 128, 128, 8
+    q, k, v = (t.half() for t in attention_inputs(B, N, Hq, G, D))
+    check_against_reference(q, k, v, selection("random", B, N, G, Bk, topk), Bk, partial_dtype=partial_dtype,
+                            attention_config=dict(tma_stores=False, direct_stores=True))
+
+
 def test_wide_heads_run_the_forward_kernel_through_the_api():
-    """D = 192 through msa_tl.sparse_attention: zero dims padded in up to 256, the forward kernel; the backward's
-    kernels stop at 128, so its gradients come from the reference (the dispatcher logs that limit)."""
+    """D = 192 through msa_tl.sparse_attention: zero dims padded in up to 256 and the forward kernel; the backward's
+    kernels stop at 128, so the dispatcher gives that stage no kernel."""
     import msa_tl
     from msa_tl.ops import dispatch
 
     B, N, Hq, G, D, Bk, topk = 1, 900, 16, 2, 192, 128, 4
-    assert dispatch.kernel_for("sparse_attention", torch.device("cuda"), dtype=torch.bfloat16, heads=Hq, groups=G,
-                               head_dim=D, block_size=Bk, topk=topk) is not None
+    shape = dict(dtype=torch.bfloat16, heads=Hq, groups=G, head_dim=D, block_size=Bk, topk=topk)
+    assert dispatch.kernel_for("sparse_attention", torch.device("cuda"), **shape) is not None
+    assert dispatch.kernel_for("sparse_attention_backward", torch.device("cuda"), **shape) is None
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection("random", B, N, G, Bk, topk)
     o, lse = msa_tl.sparse_attention(q, k, v, indices, block_size=Bk, return_lse=True)

@@ -94,6 +94,8 @@ def _reject_attention(config, shape):
         return f"TMA gathers need >= {kv_outer_attention.TMA_MIN_HEADS} heads per group and per-item CTAs"
     if config.get("direct_stores") and (config["tma_stores"] or config.get("persistent", False)):
         return "direct stores replace the O tile: per-item CTAs with thread stores only"
+    if config.get("direct_stores") and shape["head_dim"] % 32:
+        return "direct stores need a head dim that is a multiple of 32"
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
                                                 and not config["pingpong"]):
         return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
