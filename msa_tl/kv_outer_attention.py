@@ -136,6 +136,17 @@ def persistent_shared_bytes(heads_per_group: int, head_dim: int, block_size: int
     return (2 * 2 * block_size * D + 2 * stages * rows * D) * 2 + 2 * 4 * n_entries + 1024 + o_tiles
 
 
+def item_shared_bytes(head_dim: int, block_size: int, item_queries: int, stages: int, tma_stores: bool,
+                      o_buffers: int = 2, direct_stores: bool = False, consumers: int = 2,
+                      partial_bytes: int = 2) -> int:
+    """Shared memory of the per-item kernel (16-bit inputs): K/V, a ring of ``stages`` 64-row Q tiles a consumer,
+    each consumer's O tiles (``o_buffers`` with TMA stores, one with thread stores, none with direct stores), the
+    item's entries."""
+    o_tiles = 0 if direct_stores else (o_buffers if tma_stores else 1)
+    return ((2 * block_size + consumers * stages * CONSUMER_ROWS) * head_dim * 2
+            + consumers * o_tiles * CONSUMER_ROWS * head_dim * partial_bytes + 4 * item_queries)
+
+
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
@@ -195,12 +206,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
     TQ = rows // R  # queries per consumer tile
     n_entries = math.ceil(item_queries / TQ) * TQ  # whole tiles: a tail tile reads -1, not stale entries
-    if NC == 1:  # K/V, the ring and the entries (no O tile: direct stores)
-        smem = (2 * Bk * D + stages * rows * D) * 2 + 4 * n_entries
+    if NC == 1:
+        smem = item_shared_bytes(D, Bk, n_entries, stages, tma_stores, direct_stores=True, consumers=1)
         if smem > TWO_CTA_SMEM:
             raise ValueError(f"consumers=1: {smem} B of shared memory > {TWO_CTA_SMEM} B, two CTAs would not fit an "
                              f"SM (stages={stages}, head_dim={D}, block_size={Bk})")
-    vec = 16 // (4 if partial_dtype == "float32" else 2)  # partial elements per 16-byte store
+    vec = 16 // partial_bytes  # partial elements per 16-byte store
     store_policy = store_eviction or None
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
@@ -214,7 +225,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     launch_regs = 65536 // ((3 - NC) * threads) // 8 * 8
     assert 128 * producer_regs + 128 * NC * consumer_regs <= launch_regs * threads
     if persistent:
-        smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, 4 if partial_dtype == "float32" else 2)
+        smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, partial_bytes)
         if smem > SMEM_LIMIT:
             raise ValueError(f"persistent: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
                              f"item_queries={item_queries}, head_dim={D}, block_size={Bk})")
@@ -347,24 +358,25 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
             partial_row_stats(i, dst_s, dst, m, l, Lpart, b)
             if direct_stores:  # [rows, D] from the registers, scaled by 1 / l on the way
-                T.call_extern("handle", f"msa_store_rows<{D}, {partial_bytes}, {str(partial_dtype == 'float16').lower()}>",
-                              acc_o.data, l.data, dst.data, T.address_of(Opart[b, 0, 0]))
+                half = str(partial_dtype == "float16").lower()
+                T.call_extern("handle", f"msa_store_rows<{D}, {partial_bytes}, {half}>", acc_o.data, l.data, dst.data,
+                              T.address_of(Opart[b, 0, 0]))
             else:
                 for r, d in T.Parallel(rows, D):
                     acc_o[r, d] *= l[r]
-            if tma_stores:
-                for r, d in T.Parallel(rows, D):  # [TQ, R, D]: one query's R partial rows are one TMA box
-                    O_s[o_buf(i), r // R, r % R, d] = acc_o[r, d]
-                T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
-                T.sync_threads(1 + c, 128)
-            elif not direct_stores:
-                T.copy(acc_o, O_s)
-                T.sync_threads(1 + c, 128)
-                for j in T.unroll(rows * D // vec // 128):  # 16-byte stores of whole partial rows
-                    if dst_s[(j * 128 + ctx) // (D // vec)] >= 0:
-                        for v in T.vectorized(vec):
-                            Opart[b, dst_s[(j * 128 + ctx) // (D // vec)], (j * 128 + ctx) % (D // vec) * vec + v] = O_s[
-                                (j * 128 + ctx) // (D // vec), (j * 128 + ctx) % (D // vec) * vec + v]
+                if tma_stores:
+                    for r, d in T.Parallel(rows, D):  # [TQ, R, D]: one query's R partial rows are one TMA box
+                        O_s[o_buf(i), r // R, r % R, d] = acc_o[r, d]
+                    T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
+                    T.sync_threads(1 + c, 128)
+                else:
+                    T.copy(acc_o, O_s)
+                    T.sync_threads(1 + c, 128)
+                    for j in T.unroll(rows * D // vec // 128):  # 16-byte stores of whole partial rows
+                        row, col = (j * 128 + ctx) // (D // vec), (j * 128 + ctx) % (D // vec) * vec
+                        if dst_s[row] >= 0:
+                            for v in T.vectorized(vec):
+                                Opart[b, dst_s[row], col + v] = O_s[row, col + v]
         if tma_stores:
             if n_mine > 0:
                 if ctx < 32:
@@ -454,7 +466,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
-                    consumer(0, tx, (n_tiles + NC - 1) // NC, n_tiles // 2 if NC == 2 else 0, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
+                    n_mine, n_other = ((n_tiles + 1) // 2, n_tiles // 2) if NC == 2 else (n_tiles, 0)
+                    consumer(0, tx, n_mine, n_other, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
                              seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
                 elif NC == 2:  # consumer 1: tiles 1, 3, 5, ...
                     T.set_max_nreg(consumer_regs, 1)
@@ -700,7 +713,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     """
     B, N, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if D > WIDE_HEAD_DIM:
+    wide = D > WIDE_HEAD_DIM
+    if wide:
         if shared_tiles:
             raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} only, got {D}")
         shared_tiles = False
@@ -713,9 +727,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
-    defaults = attention_defaults(Hq // G, partial_dtype.itemsize)
-    if D > WIDE_HEAD_DIM:  # a tuned config for the shape (searched within what fits) still wins
-        defaults = {**defaults, **WIDE_HEAD_CONFIG}
+    # wide heads: a tuned config for the shape (searched within what fits) still wins over WIDE_HEAD_CONFIG
+    defaults = {**attention_defaults(Hq // G, partial_dtype.itemsize), **(WIDE_HEAD_CONFIG if wide else {})}
     attention_config = without_unfit_persistent(
         {**tuned_config("kv_outer_attention", shape, defaults, q.device), **(attention_config or {})},
         attention_config, Hq // G, D, block_size, item_queries, partial_dtype.itemsize)

@@ -103,13 +103,11 @@ def _reject_attention(config, shape):
     if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         item_queries = kv_outer_attention.SCHEDULE_TUNABLES["item_queries"]
         smem = kv_outer_attention.persistent_shared_bytes(R, D, Bk, item_queries, config["stages"], config["tma_stores"])
-    else:
-        # K/V, a ring of `stages` 64-row Q tiles a consumer, their bf16 partial tiles (o_buffers each with TMA
-        # stores, none with direct stores), the largest item's entries
-        o_buffers = config.get("o_buffers", 2) if config["tma_stores"] else 1
+    else:  # at the largest item the schedule space allows
         consumers = config.get("consumers", 2)
-        o_tiles = 0 if config.get("direct_stores") else consumers * o_buffers * 64 * D * 2
-        smem = 2 * 2 * Bk * D + consumers * config["stages"] * 64 * D * 2 + o_tiles + 4 * MAX_ITEM_QUERIES
+        smem = kv_outer_attention.item_shared_bytes(D, Bk, MAX_ITEM_QUERIES, config["stages"], config["tma_stores"],
+                                                    config.get("o_buffers", 2), config.get("direct_stores", False),
+                                                    consumers)
         if consumers == 1 and smem > kv_outer_attention.TWO_CTA_SMEM:
             return f"shared memory {smem} B > {kv_outer_attention.TWO_CTA_SMEM} B: two CTAs would not fit an SM"
     if smem > SMEM_LIMIT:
