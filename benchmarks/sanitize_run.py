@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from msa_tl import reference
 from msa_tl.index_topk import select_blocks
 from msa_tl.kl_loss import kl_alignment_loss_forward
 from msa_tl.kv_outer_attention import sparse_attention_forward
@@ -67,17 +68,19 @@ def main(argv=None):
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, **kv_outer, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))
     do = torch.randn_like(q)
-    # The backward's and the KL's inputs come from the per-row combine: the persistent combine reads unused slots'
-    # never-written partials (initcheck reports them, NOTES.md), and excluding it from the check would leave its
-    # outputs looking uninitialised to the kernels after it.
-    per_row = lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer, persistent_combine=False)  # noqa: E731
+    # The backward's and the KL's O / LSE come from the float64 reference, not our forward: both combines read
+    # unused slots' never-written partials under a select (initcheck reports those reads, NOTES.md), and excluding
+    # a combine from the check would leave its outputs looking uninitialised to the kernels after it.
+    o_ref, lse_ref = reference.sparse_attention(q, k, v, hot, Bk)
+    o_ref, lse_ref = o_ref.to(q.dtype), lse_ref.float()
     for dq_partials in (True, False):
         stage(f"backward (dq partials: {dq_partials})", lambda: sparse_attention_backward(
-            do, None, q, k, v, hot, *per_row(), Bk, query_chunk=256, config=dict(dq_partials=dq_partials)))
+            do, None, q, k, v, hot, o_ref, lse_ref, Bk, query_chunk=256, config=dict(dq_partials=dq_partials)))
     stage("KL (sparse, with gradients)", lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, hot, Bk, scale,
-                                                                           scale, per_row()[1], with_grads=True))
+                                                                           scale, lse_ref, with_grads=True))
+    dense_lse = reference.sparse_attention(q, k, v, None, Bk)[1].float()  # the teacher's LSE over every visible key
     stage("KL (warmup: every visible block)", lambda: kl_alignment_loss_forward(q, k, q_idx, k_idx, None, Bk, scale,
-                                                                                scale, None, with_grads=True))
+                                                                                scale, dense_lse, with_grads=True))
     print("done", flush=True)
 
 

@@ -699,8 +699,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
     ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`)
-    are attended Q-outer, with no partials; counting them is one host sync, and where they hold every row the
-    KV-outer path is not launched. ``persistent_combine``: the combine is
+    are attended Q-outer, with no partials; the host reads their count (behind an event, after the KV-outer schedule
+    is queued: the GPU is not drained), and where they hold every row the KV-outer path is not launched. ``persistent_combine``: the combine is
     :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError where its ring does not fit, if asked
     for; by default not where shared tiles own more than ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose
     rows' empty partials it would stream). ``query_chunk``,
@@ -743,44 +743,69 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     build_once = schedule_config["build_once"] if build_once is None else build_once
     shared_tiles = schedule_config["shared_tiles"] if shared_tiles is None else shared_tiles
-    tiles, kv_outer_rows = 0, True  # query tiles attended Q-outer; whether any row is left for the KV-outer path
+    R = Hq // G
+    kv_indices, tiles = indices, 0  # the KV-outer path's indices; query tiles attended Q-outer
     if shared_tiles:
-        shared = sharing_tiles(indices, Hq // G, block_size)
-        tiles = int(shared.sum())  # one host sync: it decides which paths have rows to launch for at all
-        kv_outer_rows = tiles < shared.numel() or N % tile_queries(Hq // G, block_size) > 0
-        tile_indices = indices
-        if tiles and kv_outer_rows:  # the KV-outer path gets the other rows; the tiles are attended after the combine
-            indices = without_shared_tiles(indices, shared, Hq // G, block_size)
+        shared = sharing_tiles(indices, R, block_size)
+        tile_count, counted = _count_to_host(shared)
+        kv_indices = without_shared_tiles(indices, shared, R, block_size)
+    # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
+    # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
+    # forward, NOTES.md). Where the tiles hold every row it goes unused.
+    schedule = _kv_outer_schedule(kv_indices, block_size, chunk, item_queries, build_once)
+    kv_outer_rows = True  # any row left for the KV-outer path
+    if shared_tiles:
+        counted.synchronize()
+        tiles = int(tile_count)
+        kv_outer_rows = tiles < shared.numel() or N % tile_queries(R, block_size) > 0
     if kv_outer_rows:
         # by default only beside few shared tiles: the persistent combine streams every pair's partials, where the
         # per-row combine skips the rows the tiles own
         few_tiles = not tiles or tiles <= shared.numel() * PERSISTENT_COMBINE_TILE_SHARE
         persistent_combine = (schedule_config["persistent_combine"] and few_tiles if persistent_combine is None
                               else persistent_combine)
-        _kv_outer_forward(q, k, v, indices, block_size, scale, o, lse, chunk, item_queries, build_once, partial_dtype,
+        _kv_outer_forward(q, k, v, kv_indices, schedule, build_once, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine)
     if tiles:
-        shared_tile_attention(q, k, v, tile_indices, shared, block_size, scale, o, lse)
+        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse)
     return o, lse
 
 
-def _kv_outer_forward(q, k, v, indices, block_size, scale, o, lse, chunk, item_queries, build_once, partial_dtype,
-                      attention_config, combine_config, persistent_config, unfit, tiles: bool,
-                      persistent_combine: bool):
-    """The KV-outer path of :func:`sparse_attention_forward` (schedule, attention and combine by query chunk) into
-    o / lse. ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips."""
-    B, N, Hq, D = q.shape
-    G, topk = k.shape[2], indices.shape[3]
+def _count_to_host(mask: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """``mask.sum()`` copied into pinned host memory, and the event after the copy: synchronizing on the event waits
+    for the count only, not for the work queued after it."""
+    count = torch.empty((), dtype=torch.int64, pin_memory=True)
+    count.copy_(mask.sum(), non_blocking=True)
+    counted = torch.cuda.Event()
+    counted.record(torch.cuda.current_stream(mask.device))
+    return count, counted
+
+
+def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, build_once: bool) -> Schedule:
+    """The KV-outer path's schedule buffers, built for every chunk at once with ``build_once`` (else per chunk, by
+    :func:`_kv_outer_forward`)."""
+    B, N, G, topk = indices.shape
     chunks = math.ceil(N / chunk)
-    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device,
+    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, indices.device,
                         chunks=chunks if build_once else 1)
     if build_once:
         schedule.build(indices, 0, N)
+    return schedule
+
+
+def _kv_outer_forward(q, k, v, indices, schedule, build_once, block_size, scale, o, lse, chunk, partial_dtype,
+                      attention_config, combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool):
+    """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule``
+    built for every chunk with ``build_once``, else here per chunk) into o / lse. ``tiles``: shared tiles own some
+    rows, whose empty partials the per-row combine skips."""
+    B, N, Hq, D = q.shape
+    G, topk = k.shape[2], indices.shape[3]
+    chunks = math.ceil(N / chunk)
     o_part = torch.empty(B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
     l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
-                                scale=scale, item_queries=item_queries, dtype=dt, partial_dtype=pdt,
+                                scale=scale, item_queries=schedule.item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config)
     if persistent_combine and not unfit:
         ctas = persistent_config["ctas"] or sm_count(q.device)
