@@ -23,6 +23,9 @@ With P = softmax of the scaled scores over the chosen keys, delta = rowsum(dO * 
      (hot blocks are split into several items).
 3. The fp32 dK, dV (and atomic dQ) are cast to the input dtype.
 Causal masking happens only on tiles that reach into the key block itself; -1 slots are never scheduled.
+At head dim 256 a consumer's dK and dV [64, 256] fp32 would need 256 registers a thread: the blocks run as their
+64-key halves (one consumer) and each chunk as two launches of 128 columns of dQ, dK and dV (``columns``,
+``column0``), each computing S and dP over all 256.
 """
 
 import math
@@ -31,8 +34,9 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
+from msa_tl.kv_outer_attention import WIDE_HEAD_BLOCK, WIDE_HEAD_CHUNK, WIDE_HEAD_DIM, split_blocks
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 DELTA_DEFAULTS = dict(rows=64, threads=128)
@@ -78,21 +82,43 @@ CONSUMER_KEYS = 64  # key rows per consumer warpgroup: one wgmma M tile of S^T =
 TILE_ROWS = 64  # query rows (TQ queries x R heads) per tile: the wgmma N of S^T, the M of dQ
 
 
+def backward_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, stages: int,
+                          item_queries: int = BACKWARD_ITEM_QUERIES, columns: int | None = None) -> int:
+    """Shared memory of :func:`kv_outer_backward_program` (16-bit inputs): K and V, the ring of Q, dO and (lse, delta)
+    rows, dS^T of two tiles, the consumers' dQ staging slices, the item's entries and its tiles' query positions."""
+    rows, NC = TILE_ROWS, block_size // CONSUMER_KEYS
+    TQ = rows // heads_per_group
+    dq_slice = min((columns or head_dim) // NC, 64)
+    return (2 * 2 * block_size * head_dim + stages * (2 * 2 * rows * head_dim + 8 * rows) + 2 * 2 * block_size * rows
+            + 2 * NC * rows * dq_slice + 4 * math.ceil(item_queries / TQ) * TQ + 4 * NC * 2 * rows)
+
+
 def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                               item_queries: int = BACKWARD_ITEM_QUERIES, stages: int = 2, dq_partials: bool = False,
-                              dtype: str = "bfloat16"):
+                              columns: int | None = None, column0: int = 0, dtype: str = "bfloat16"):
     """Q, dO [B, N, Hq, D], K/V [B, N, G, D], Stats [B, N, Hq, 2], the schedule -> dK, dV (fp32, added into) and dQ.
 
     dQ is either fp32 [B, N, Hq, D], added into with atomics (``dq_partials=False``), or one partial
     row per (query, head, slot), DQpart [B, C*Hq*topk, D] in the input dtype at row
     ``(t * Hq + h) * topk + s`` for query ``t0 + t`` (``dq_partials=True``), summed by
     :func:`dq_reduce_program`. ``stages`` is the depth of the shared (Q, dO, stats) ring.
+    ``columns`` / ``column0``: this launch computes only columns column0 .. column0 + columns - 1 of dQ, dK and dV
+    (default: all D). Wide heads (D = 256) run as two such launches: S and dP need every column of Q, K, V and dO,
+    but dK and dV [keys, D] in fp32 would not fit a consumer's registers.
     """
     batch, seq, n_bg, n_items, cap, n_part, n_dq = T.dynamic("batch, seq, n_bg, n_items, cap, n_part, n_dq")
     R = heads // groups
     rows, D, Bk = TILE_ROWS, head_dim, block_size
+    W, c0 = columns or D, column0  # the launch's columns of dQ, dK and dV
+    if c0 % 64 or W % 64 or c0 + W > D:
+        raise ValueError(f"columns {c0} .. {c0 + W - 1}: whole 64-column slices of the head dim {D} only")
     NC = Bk // CONSUMER_KEYS  # consumer warpgroups, each owning 64 key rows of dK and dV
-    DQ = D // NC  # dQ columns per consumer
+    DQ = W // NC  # dQ columns per consumer
+    DQC = min(DQ, 64)  # of which one wgmma computes
+    smem = backward_shared_bytes(R, D, Bk, stages, item_queries, W)
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"backward: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, head_dim={D}, "
+                         f"block_size={Bk}, columns={W})")
     TQ = rows // R
     n_entries = math.ceil(item_queries / TQ) * TQ
     scale_log2 = scale * _LOG2E
@@ -135,39 +161,43 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
             T.wait_wgmma(0)
             for k, j in T.Parallel(CONSUMER_KEYS, rows):
                 ds_cast[k, j] = s_t[k, j] * (dp_t[k, j] - st_r[u, j, 1])  # dS^T / scale
-            T.wgmma_gemm(p_cast, dO_r[u, :, :], dv)  # dV += P^T dO  [64 keys, D]
-            T.wgmma_gemm(ds_cast, Q_r[u, :, :], dk)  # dK += dS^T Q
+            T.wgmma_gemm(p_cast, dO_r[u, :, c0:c0 + W], dv)  # dV += P^T dO  [64 keys, W]
+            T.wgmma_gemm(ds_cast, Q_r[u, :, c0:c0 + W], dk)  # dK += dS^T Q
             T.copy(ds_cast, dS_s[i % 2, c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :])
             T.fence_proxy_async()
             T.sync_threads(1 + NC, 128 * NC)  # every consumer's dS^T rows are in dS_s
-            T.wgmma_gemm(dS_s[i % 2, :, :], K_s[:, c * DQ:(c + 1) * DQ], dq, transpose_A=True,
-                         clear_accum=True)  # dQ / scale [rows, DQ]
-            for r in T.Parallel(rows):
-                qrow[r] = qcol_s[c, i % 2, r]
-            T.wait_wgmma(0)
-            T.barrier_arrive(empty[u])  # the producer may refill the slot
-            if dq_partials:
-                T.sync_threads(1 + c, 128)  # the previous tile's rows have left dQ_s
-                for r, d in T.Parallel(rows, DQ):
-                    dq[r, d] *= scale
-                T.copy(dq, dQ_s[c, :, :])
-                T.sync_threads(1 + c, 128)
-                for jj in T.unroll(rows * DQ // 8 // 128):  # 16-byte stores of whole partial row pieces
-                    e = jj * 128 + ctx
-                    if qcol_s[c, i % 2, e // (DQ // 8)] >= 0:
-                        for v in T.vectorized(8):
-                            dQpart[b, ((qcol_s[c, i % 2, e // (DQ // 8)] - t0) * heads + g * R + e // (DQ // 8) % R) * topk
-                                   + ent_s[i * TQ + e // (DQ // 8) // R] % topk,
-                                   c * DQ + e % (DQ // 8) * 8 + v] = dQ_s[c, e // (DQ // 8), e % (DQ // 8) * 8 + v]
-            else:
-                for r, d in T.Parallel(rows, DQ):
-                    if qrow[r] >= 0:
-                        T.atomic_add(dQ[b, qrow[r], g * R + r % R, c * DQ + d], dq[r, d] * scale)
+            for h in range(DQ // DQC):  # slices of DQC columns: a [rows, DQ] fp32 tile would serialise the wgmma
+                col = c0 + c * DQ + h * DQC  # the slice's first column of dQ
+                T.wgmma_gemm(dS_s[i % 2, :, :], K_s[:, col:col + DQC], dq, transpose_A=True,
+                             clear_accum=True)  # dQ / scale [rows, DQC]
+                if h == 0:
+                    for r in T.Parallel(rows):
+                        qrow[r] = qcol_s[c, i % 2, r]
+                T.wait_wgmma(0)
+                if h == 0:
+                    T.barrier_arrive(empty[u])  # the producer may refill the slot
+                if dq_partials:
+                    T.sync_threads(1 + c, 128)  # the previous slice's rows have left dQ_s
+                    for r, d in T.Parallel(rows, DQC):
+                        dq[r, d] *= scale
+                    T.copy(dq, dQ_s[c, :, :])
+                    T.sync_threads(1 + c, 128)
+                    for jj in T.unroll(rows * DQC // 8 // 128):  # 16-byte stores of whole partial row pieces
+                        e = jj * 128 + ctx
+                        if qcol_s[c, i % 2, e // (DQC // 8)] >= 0:
+                            for v in T.vectorized(8):
+                                dQpart[b, ((qcol_s[c, i % 2, e // (DQC // 8)] - t0) * heads + g * R
+                                           + e // (DQC // 8) % R) * topk + ent_s[i * TQ + e // (DQC // 8) // R] % topk,
+                                       col + e % (DQC // 8) * 8 + v] = dQ_s[c, e // (DQC // 8), e % (DQC // 8) * 8 + v]
+                else:
+                    for r, d in T.Parallel(rows, DQC):
+                        if qrow[r] >= 0:
+                            T.atomic_add(dQ[b, qrow[r], g * R + r % R, col + d], dq[r, d] * scale)
         if n_tiles > 0:
-            for k, d in T.Parallel(CONSUMER_KEYS, D):
+            for k, d in T.Parallel(CONSUMER_KEYS, W):
                 if blk * Bk + c * CONSUMER_KEYS + k < seq:
-                    T.atomic_add(dK[b, blk * Bk + c * CONSUMER_KEYS + k, g, d], dk[k, d] * scale)
-                    T.atomic_add(dV[b, blk * Bk + c * CONSUMER_KEYS + k, g, d], dv[k, d])
+                    T.atomic_add(dK[b, blk * Bk + c * CONSUMER_KEYS + k, g, c0 + d], dk[k, d] * scale)
+                    T.atomic_add(dV[b, blk * Bk + c * CONSUMER_KEYS + k, g, c0 + d], dv[k, d])
 
     @T.prim_func
     def kv_outer_attention_backward(
@@ -192,7 +222,7 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
             dO_r = T.alloc_shared((stages, rows, D), dtype)
             st_r = T.alloc_shared((stages, rows, 2), "float32")
             dS_s = T.alloc_shared((2, Bk, rows), dtype)  # dS^T of the last two tiles
-            dQ_s = T.alloc_shared((NC, rows, DQ), dtype)
+            dQ_s = T.alloc_shared((NC, rows, DQC), dtype)
             ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
             qcol_s = T.alloc_shared((NC, 2, rows), "int32")  # per consumer, last two tiles: query positions, -1 = padding
             s_t0 = T.alloc_fragment((CONSUMER_KEYS, rows), "float32")  # S^T, then P^T
@@ -203,12 +233,12 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
             p_cast1 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
             ds_cast0 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
             ds_cast1 = T.alloc_fragment((CONSUMER_KEYS, rows), dtype)
-            dk0 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
-            dk1 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
-            dv0 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
-            dv1 = T.alloc_fragment((CONSUMER_KEYS, D), "float32")
-            dq0 = T.alloc_fragment((rows, DQ), "float32")
-            dq1 = T.alloc_fragment((rows, DQ), "float32")
+            dk0 = T.alloc_fragment((CONSUMER_KEYS, W), "float32")
+            dk1 = T.alloc_fragment((CONSUMER_KEYS, W), "float32")
+            dv0 = T.alloc_fragment((CONSUMER_KEYS, W), "float32")
+            dv1 = T.alloc_fragment((CONSUMER_KEYS, W), "float32")
+            dq0 = T.alloc_fragment((rows, DQC), "float32")
+            dq1 = T.alloc_fragment((rows, DQC), "float32")
             qrow0 = T.alloc_fragment((rows,), "int32")
             qrow1 = T.alloc_fragment((rows,), "int32")
             src = T.alloc_local((1,), "int32")  # the producer's current entry
@@ -228,7 +258,7 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
             T.sync_threads()
 
             if tx >= 128 * NC:  # producer
-                T.set_max_nreg(40 if NC == 2 else 56, 0)
+                T.set_max_nreg(40, 0)
                 p = tx - 128 * NC
                 T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
                 T.async_copy(V[b, blk * Bk:(blk + 1) * Bk, g, :], V_s)
@@ -244,7 +274,7 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
                                        2, src[0] >= 0)
                     T.cp_async_barrier_noinc(full[u])
             elif tx < 128:
-                T.set_max_nreg(232 if NC == 2 else 224, 1)
+                T.set_max_nreg(232 if NC == 2 else 240, 1)
                 T.barrier_wait(kv_ready[0], 0)
                 consumer(0, tx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
                          s_t0, dp_t0, p_cast0, ds_cast0, dk0, dv0, dq0, qrow0, first, dQ_s, dQ, dQpart, dK, dV)
@@ -302,10 +332,19 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     (8 bytes per query head), a schedule, and either an fp32 dQ (atomic dQ: one schedule over the
     whole sequence) or the dQ partials of one query chunk (``query_chunk`` queries, default
     BACKWARD_QUERY_CHUNK).
+
+    Head dims above ``WIDE_HEAD_DIM`` (128; up to 256) run, as in the forward, each block as its 64-key halves
+    (:func:`~msa_tl.kv_outer_attention.split_blocks`) in chunks of ``WIDE_HEAD_CHUNK`` queries unless told, and
+    each chunk as two launches of ``WIDE_HEAD_DIM`` columns of dQ, dK and dV (each computes S and dP in full).
     """
     B, N, Hq, D = q.shape
-    G, topk = k.shape[2], indices.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    wide = D > WIDE_HEAD_DIM
+    if wide:
+        if block_size > WIDE_HEAD_BLOCK:
+            indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
+        query_chunk = query_chunk or WIDE_HEAD_CHUNK
+    G, topk = k.shape[2], indices.shape[3]
     dt = tl_dtype(q.dtype)
     stats = torch.empty((B, N, Hq, 2), device=q.device, dtype=torch.float32)
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
@@ -326,13 +365,16 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     else:
         dq_acc = torch.zeros((B, N, Hq, D), device=q.device, dtype=torch.float32)
         dq_part = torch.empty(B * D, device=q.device, dtype=q.dtype)  # unused
-    kernel = compiled_kernel(kv_outer_backward_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
-                             topk=topk, scale=scale, item_queries=item_queries, dtype=dt, **config)
+    windows = [dict(columns=WIDE_HEAD_DIM, column0=c0) for c0 in range(0, D, WIDE_HEAD_DIM)] if wide else [{}]
+    kernels = [compiled_kernel(kv_outer_backward_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
+                               topk=topk, scale=scale, item_queries=item_queries, dtype=dt, **config, **window)
+               for window in windows]
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         schedule.build(indices, t0, count)
         part = dq_part[: B * count * Hq * topk * D].view(B, -1, D) if config["dq_partials"] else dq_part.view(B, 1, D)
-        kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq_acc, part, dk, dv, t0)
+        for kernel in kernels:
+            kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq_acc, part, dk, dv, t0)
         if config["dq_partials"]:
             reduce(part.view(B, count * Hq, topk, D), indices, dq.view(B, N * Hq, D), t0)
     dq = dq if config["dq_partials"] else dq_acc.to(q.dtype)

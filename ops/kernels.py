@@ -25,8 +25,11 @@ def _device_limit(device, dtype):
                         dtype not in (torch.bfloat16, torch.float16) and f"{dtype} inputs (bfloat16 / float16 only)")
 
 
-ATTENTION_HEAD_DIMS = (64, 128)  # the backward and the KL
-FORWARD_HEAD_DIMS = (64, 128, 256)  # the forward: above 128 a block runs as its 64-key halves (split_blocks)
+# The forward, backward and KL kernels' head dims. Above 128 the attention stages run each block as its 64-key
+# halves (split_blocks) and the backward computes dQ, dK and dV in two column halves; the KL reads D only in the
+# teacher's scores.
+HEAD_DIMS = (64, 128, 256)
+Q_OUTER_HEAD_DIMS = (64, 128)  # the Q-outer forward (MSA_TL_ATTENTION_PATH=q_outer)
 
 
 def next_supported(value: int, supported: tuple) -> int:
@@ -34,7 +37,7 @@ def next_supported(value: int, supported: tuple) -> int:
     return next(s for s in supported if s >= value)
 
 
-def padded_dim(dim: int, dims=ATTENTION_HEAD_DIMS) -> int:
+def padded_dim(dim: int, dims=HEAD_DIMS) -> int:
     """The kernels' head dim for ``dim`` <= max(dims): the next one of ``dims`` (80, 96, 112 -> 128)."""
     return next_supported(dim, dims)
 
@@ -104,12 +107,11 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
 register_kernel("select_blocks", _select_blocks, _select_blocks_limit)
 
 
-def _sparse_attention_limit(device, *, dtype, heads, groups, head_dim, block_size, topk,
-                            head_dims=FORWARD_HEAD_DIMS, **_):
+def _sparse_attention_limit(device, *, dtype, heads, groups, head_dim, block_size, topk, **_):
     # a GQA ratio that does not tile 64 rows runs with zero query heads padded in (padded_heads)
     return _first_limit(
         _device_limit(device, dtype),
-        head_dim > head_dims[-1] and f"head dim {head_dim} (at most {head_dims[-1]})",
+        head_dim > HEAD_DIMS[-1] and f"head dim {head_dim} (at most {HEAD_DIMS[-1]})",
         block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
         heads // groups > TILE_HEADS[-1] and f"{heads // groups} query heads per KV head (at most {TILE_HEADS[-1]})")
 
@@ -138,12 +140,12 @@ def attention_path(seq_len: int) -> str:
 
 def _sparse_attention(q, k, v, indices, *, block_size, scale):
     G, D = k.shape[2], q.shape[3]
-    R, Dp = q.shape[2] // G, padded_dim(D, FORWARD_HEAD_DIMS)
+    R, Dp = q.shape[2] // G, padded_dim(D)
     q_kernel = pad_heads(pad_dim(q, Dp), G, padded_heads(R))  # a padded head attends uniformly and is dropped
     k, v = pad_dim(k, Dp), pad_dim(v, Dp)  # scale stays the caller's (1/sqrt(D) by default)
     if attention_path(q.shape[1]) == "q_outer":
-        if Dp > ATTENTION_HEAD_DIMS[-1]:
-            raise ValueError(f"MSA_TL_ATTENTION_PATH=q_outer: head dims up to {ATTENTION_HEAD_DIMS[-1]}, got {D}")
+        if Dp > Q_OUTER_HEAD_DIMS[-1]:
+            raise ValueError(f"MSA_TL_ATTENTION_PATH=q_outer: head dims up to {Q_OUTER_HEAD_DIMS[-1]}, got {D}")
         from msa_tl.q_outer_attention import q_outer_attention_forward
 
         o, lse = q_outer_attention_forward(q_kernel, k, v, indices, block_size, scale)
@@ -177,11 +179,7 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
-def _sparse_attention_backward_limit(device, **shape):
-    return _sparse_attention_limit(device, **shape, head_dims=ATTENTION_HEAD_DIMS)
-
-
-register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_backward_limit)
+register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_limit)
 
 
 # The warmup's KL (all visible tokens) runs the same kernels over every visible block. Its selection, stats and
@@ -197,8 +195,8 @@ def _kl_limit(device, *, dtype, heads=64, groups, head_dim, index_dim, block_siz
     blocks = -(-seq // block_size)
     return _first_limit(
         _device_limit(device, dtype),
-        head_dim not in ATTENTION_HEAD_DIMS and f"head dim {head_dim} (one of {ATTENTION_HEAD_DIMS})",
-        index_dim not in INDEX_DIMS and f"index dim {index_dim} (one of {INDEX_DIMS})",
+        head_dim > HEAD_DIMS[-1] and f"head dim {head_dim} (at most {HEAD_DIMS[-1]})",
+        index_dim > INDEX_DIMS[-1] and f"index dim {index_dim} (at most {INDEX_DIMS[-1]})",
         block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
         heads // groups > 16 and f"{heads // groups} query heads per KV head (at most 16)",
         not sparse and blocks > WARMUP_MAX_BLOCKS and f"a warmup over {blocks} blocks (at most {WARMUP_MAX_BLOCKS})",
@@ -210,29 +208,37 @@ def _kl_supported(device, **shape) -> bool:
     return _kl_limit(device, **shape) is None
 
 
-def _kl_padded(q, k, lse):
-    """q and the teacher lse with zero heads padded in up to a divisor of 64, and the real heads per group."""
+def _kl_padded(q, k, q_idx, k_idx, lse):
+    """The KL kernels' inputs: q and the teacher lse with zero heads padded in up to a divisor of 64 (the real heads
+    per group returned with them), q / k and q_idx / k_idx with zero dims padded in up to a supported head / index
+    dim (dot products, so scores, are unchanged)."""
     G = k.shape[2]
     R = q.shape[2] // G
     P = padded_heads(R)  # a padded head's lse is 0 (finite); the teacher's mean gives it no weight
-    return pad_heads(q, G, P), None if lse is None else pad_heads(lse, G, P), R
+    D, Di = padded_dim(q.shape[3]), padded_dim(q_idx.shape[3], INDEX_DIMS)
+    return (pad_heads(pad_dim(q, D), G, P), pad_dim(k, D), pad_dim(q_idx, Di), pad_dim(k_idx, Di),
+            None if lse is None else pad_heads(lse, G, P), R)
 
 
 def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False):
     from msa_tl.kl_loss import kl_alignment_loss_forward
 
-    q, lse, R = _kl_padded(q, k, lse)
-    return kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                     with_grads=with_grads, mean_heads=R)
+    Di = q_idx.shape[3]
+    *padded, R = _kl_padded(q, k, q_idx, k_idx, lse)
+    out = kl_alignment_loss_forward(*padded[:4], indices, block_size, scale, index_scale, padded[4],
+                                    with_grads=with_grads, mean_heads=R)
+    return (*out[:2], unpad_dim(out[2], Di), unpad_dim(out[3], Di)) if with_grads else out
 
 
 def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, *, block_size, scale,
                                 index_scale):
     from msa_tl.kl_loss import kl_alignment_loss_backward
 
-    q, lse, R = _kl_padded(q, k, lse)
-    return kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                      lse_student, mean_heads=R)
+    Di = q_idx.shape[3]
+    *padded, R = _kl_padded(q, k, q_idx, k_idx, lse)
+    dq_idx, dk_idx = kl_alignment_loss_backward(dloss, *padded[:4], indices, block_size, scale, index_scale,
+                                                padded[4], lse_student, mean_heads=R)
+    return unpad_dim(dq_idx, Di), unpad_dim(dk_idx, Di)
 
 
 register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_limit)

@@ -37,7 +37,18 @@ def test_backward_matches_reference(kind, B, N, Hq, G, D, Bk, topk, dq):
     check_backward(B, N, Hq, G, D, Bk, topk, kind, config=dict(dq_partials=dq == "partials"))
 
 
-@pytest.mark.parametrize("Hq,G,D", [(64, 4, 128), (8, 8, 128), (16, 2, 64)], ids=["R16", "R1", "R8-D64"])
+@pytest.mark.parametrize("dq", ["atomic", "partials"])
+@pytest.mark.parametrize("kind", ["random", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,Bk,topk", [(1, 1500, 32, 2, 128, 8), (2, 700, 16, 2, 64, 6)],
+                         ids=["Bk128-as-halves", "b2-Bk64"])
+def test_wide_heads_backward_matches_reference(kind, B, N, Hq, G, Bk, topk, dq):
+    """Head dim 256: each 128-key block as its two 64-key halves, dQ / dK / dV in two launches of 128 columns each
+    (both computing S and dP over all 256)."""
+    check_backward(B, N, Hq, G, 256, Bk, topk, kind, config=dict(dq_partials=dq == "partials"))
+
+
+@pytest.mark.parametrize("Hq,G,D", [(64, 4, 128), (8, 8, 128), (16, 2, 64), (16, 2, 256)],
+                         ids=["R16", "R1", "R8-D64", "R8-D256"])
 def test_backward_dq_partials_over_query_chunks(Hq, G, D):
     """dQ partials of several query chunks (the last one ragged), each with its own schedule and sum."""
     check_backward(1, 1700, Hq, G, D, 128, 8, "random", query_chunk=384, config=dict(dq_partials=True))
@@ -73,8 +84,8 @@ def test_full_budget_backward_equals_dense_sdpa_backward():
         assert relative_error(got, ref) <= GRAD_RTOL
 
 
-@pytest.mark.parametrize("Hq,G,D", [(28, 4, 128), (24, 2, 128), (12, 4, 128), (16, 4, 96)],
-                         ids=["R7-qwen", "R12", "R3", "D96"])
+@pytest.mark.parametrize("Hq,G,D", [(28, 4, 128), (24, 2, 128), (12, 4, 128), (16, 4, 96), (16, 2, 192)],
+                         ids=["R7-qwen", "R12", "R3", "D96", "D192"])
 def test_gqa_ratios_that_do_not_tile_64_rows_run_padded_through_the_api(Hq, G, D):
     """Forward and backward through the autograd op, on the kernels with zero query heads (and head dims) padded in."""
     import msa_tl

@@ -10,7 +10,7 @@ tilelang = pytest.importorskip("tilelang")
 from msa_tl import (  # noqa: E402
     index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler,
     shared_tiles)
-from msa_tl.tl_compile import compile_program, lower_to_cuda, sm90_target  # noqa: E402
+from msa_tl.tl_compile import SMEM_LIMIT, compile_program, lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [
     (index_scores.block_scores_program, dict(groups=4, index_dim=128, block_size=128, scale=0.125)),
@@ -132,10 +132,14 @@ BACKWARD_PROGRAMS = [
      dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (kv_outer_backward.kv_outer_backward_program,
      dict(groups=8, heads=8, head_dim=64, block_size=64, topk=4, scale=0.125, dq_partials=False, dtype="float16")),
+    (kv_outer_backward.kv_outer_backward_program,  # head dim 256: the upper 128 columns of dQ, dK, dV
+     dict(groups=2, heads=32, head_dim=256, block_size=64, topk=16, scale=0.0625, columns=128, column0=128,
+          dq_partials=True)),
 ]
 
 
-@pytest.mark.parametrize("builder,config", BACKWARD_PROGRAMS, ids=["delta", "kv_outer_bwd-paper", "kv_outer_bwd-R1"])
+@pytest.mark.parametrize("builder,config", BACKWARD_PROGRAMS,
+                         ids=["delta", "kv_outer_bwd-paper", "kv_outer_bwd-R1", "kv_outer_bwd-wide"])
 def test_backward_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source
@@ -151,10 +155,13 @@ KL_PROGRAMS = [
                                     scale=0.125, index_scale=0.125, dtype="float16")),
     (kl_loss.kl_fused_program, dict(groups=4, heads=32, head_dim=128, index_dim=128, block_size=128, topk=8,
                                     scale=0.088, index_scale=0.088, mean_heads=7)),  # 28 heads padded to 32
+    (kl_loss.kl_fused_program, dict(groups=2, heads=32, head_dim=256, index_dim=128, block_size=128, topk=8,
+                                    scale=0.0625, index_scale=0.088)),  # head dim 256
 ]
 
 
-@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_student_lse-paper", "kl_fused-paper", "kl_fused-small", "kl_fused-padded-R7"])
+@pytest.mark.parametrize("builder,config", KL_PROGRAMS, ids=["kl_student_lse-paper", "kl_fused-paper", "kl_fused-small",
+                                                             "kl_fused-padded-R7", "kl_fused-wide"])
 def test_kl_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source and "wgmma" in source
@@ -304,17 +311,19 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                (kv_outer_attention.kv_outer_program, dict(PAPER)),
                (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True)),
                (shared_tiles.tile_attention_roles_program, dict(PAPER)),
-               (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True))]
+               (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True)),
+               BACKWARD_PROGRAMS[1], BACKWARD_PROGRAMS[3]]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("builder,config", ASYNC_WGMMA,
                          ids=["kv_outer-defaults", "kv_outer-cp-async-gathers", "kv_outer-persistent", "tile-per-tile-ctas",
-                              "tile-persistent"])
+                              "tile-persistent", "backward-paper", "backward-wide"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
-    """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518) or where other
-    instructions touch a running wgmma's registers (C7514); the forward kernels overlap one tile's or block's S
-    with other work, so none may draw either, nor spill."""
+    """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
+    instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,
+    C7512: the wide backward's dQ then goes in 64-column slices); the attention kernels overlap their GEMMs with
+    other work, so none may draw any of these, nor spill."""
     import subprocess
     from pathlib import Path
 
@@ -326,5 +335,16 @@ def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
                              "-DENABLE_BF16", "-cubin", "-Xptxas", "-v", str(source), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "C7518" not in result.stderr and "C7514" not in result.stderr
+    assert not [code for code in ("C7511", "C7512", "C7514", "C7518") if code in result.stderr], result.stderr[-2000:]
     assert "0 bytes spill stores" in result.stderr
+
+
+def test_the_backward_says_which_columns_and_shared_memory_do_not_fit():
+    wide = dict(groups=2, heads=32, head_dim=256, block_size=64, topk=16, scale=0.0625, columns=128)
+    with pytest.raises(ValueError, match="backward: .* shared memory"):  # a third ring stage at head dim 256
+        kv_outer_backward.kv_outer_backward_program(**wide, stages=3)
+    with pytest.raises(ValueError, match="whole 64-column slices"):
+        kv_outer_backward.kv_outer_backward_program(**dict(wide, column0=160))
+    with pytest.raises(ValueError, match="whole 64-column slices"):
+        kv_outer_backward.kv_outer_backward_program(**dict(wide, column0=192))  # past the head dim
+    assert kv_outer_backward.backward_shared_bytes(16, 256, 64, 2, columns=128) <= SMEM_LIMIT

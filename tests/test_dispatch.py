@@ -42,16 +42,17 @@ def test_attention_calls_outside_the_kernel_take_the_reference(hopper, change):
     assert not kernels._sparse_attention_supported(torch.device("cuda"), **{**PAPER, **change})
 
 
-@pytest.mark.parametrize("head_dim,padded", [(256, 256), (192, 256), (160, 256)])
-def test_wide_heads_take_the_forward_kernel_and_the_backward_reference(hopper, head_dim, padded):
-    """Head dims up to 256 run the forward kernel (zero dims padded in up to 256, each block as its 64-key
-    halves); the backward and the KL kernels stop at 128, so those stages name that limit."""
+@pytest.mark.parametrize("head_dim,padded", [(256, 256), (192, 256), (160, 256), (96, 128)])
+def test_wide_heads_take_every_attention_kernel(hopper, head_dim, padded):
+    """Head dims up to 256 run the forward, backward and KL kernels, zero dims padded in up to the next supported one
+    (above 128 the attention stages run each block as its 64-key halves)."""
     shape = {**PAPER, "head_dim": head_dim}
     cuda = torch.device("cuda")
+    assert kernels.padded_dim(head_dim) == padded
     assert kernels._sparse_attention_supported(cuda, **shape)
-    assert kernels.padded_dim(head_dim, kernels.FORWARD_HEAD_DIMS) == padded
-    assert kernels._sparse_attention_backward_limit(cuda, **shape) == f"head dim {head_dim} (at most 128)"
-    assert not kernels._kl_supported(cuda, **shape)
+    assert dispatch.kernel_for("sparse_attention_backward", cuda, **shape) is not None
+    assert kernels._kl_supported(cuda, **shape)
+    assert kernels._kl_supported(cuda, **{**shape, "index_dim": 96})  # index dims padded in too
 
 
 @pytest.mark.parametrize("heads,groups,padded", [(28, 4, 8), (20, 4, 8), (24, 2, 16), (48, 1, 64), (12, 4, 4)])
@@ -187,21 +188,30 @@ def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypat
 
 
 
-def test_kl_kernel_gets_zero_heads_padded_in_and_the_real_head_count(monkeypatch):
+def test_kl_kernel_gets_zero_heads_and_dims_padded_in_and_the_real_head_count(monkeypatch):
+    """Ratio 7 -> 8 heads, head dim 96 -> 128, index dim 96 -> 128 on the way in; the index gradients cut back."""
     import msa_tl.kl_loss as kl
 
     seen = {}
 
     def forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads):
-        seen.update(q=q, lse=lse, mean_heads=mean_heads)
-        return "done"
+        seen.update(q=q, k=k, q_idx=q_idx, k_idx=k_idx, lse=lse, mean_heads=mean_heads)
+        return "loss", "lse_student", q_idx + 1, k_idx + 2  # shaped as the kernel's index gradients
 
     monkeypatch.setattr(kl, "kl_alignment_loss_forward", forward)
-    B, N, G, Rh, D = 1, 10, 4, 7, 16
+    B, N, G, Rh, D, Di = 1, 10, 4, 7, 96, 96
     q, k = torch.randn(B, N, G * Rh, D), torch.randn(B, N, G, D)
+    q_idx, k_idx = torch.randn(B, N, G, Di), torch.randn(B, N, Di)
     lse = torch.randn(B, N, G * Rh)
-    assert kernels._kl_alignment_loss(q, k, None, None, None, lse, block_size=16, scale=1.0, index_scale=1.0) == "done"
-    assert seen["mean_heads"] == Rh and seen["q"].shape == (B, N, G * 8, D) and seen["lse"].shape == (B, N, G * 8)
-    padded_q, padded_lse = seen["q"].view(B, N, G, 8, D), seen["lse"].view(B, N, G, 8)
-    assert torch.equal(padded_q[:, :, :, :Rh], q.view(B, N, G, Rh, D)) and (padded_q[:, :, :, Rh:] == 0).all()
+    loss, _, dq_idx, dk_idx = kernels._kl_alignment_loss(q, k, q_idx, k_idx, None, lse, block_size=16, scale=1.0,
+                                                         index_scale=1.0, with_grads=True)
+    assert loss == "loss" and seen["mean_heads"] == Rh
+    assert seen["q"].shape == (B, N, G * 8, 128) and seen["lse"].shape == (B, N, G * 8)
+    assert seen["k"].shape == (B, N, G, 128) and seen["q_idx"].shape == (B, N, G, 128)
+    assert seen["k_idx"].shape == (B, N, 128)
+    padded_q, padded_lse = seen["q"].view(B, N, G, 8, 128), seen["lse"].view(B, N, G, 8)
+    assert torch.equal(padded_q[:, :, :, :Rh, :D], q.view(B, N, G, Rh, D)) and (padded_q[:, :, :, Rh:] == 0).all()
+    assert (padded_q[..., D:] == 0).all() and (seen["k"][..., D:] == 0).all()
+    assert torch.equal(seen["q_idx"][..., :Di], q_idx) and (seen["q_idx"][..., Di:] == 0).all()
     assert torch.equal(padded_lse[:, :, :, :Rh], lse.view(B, N, G, Rh)) and (padded_lse[:, :, :, Rh:] == 0).all()
+    assert torch.equal(dq_idx, q_idx + 1) and torch.equal(dk_idx, k_idx + 2)  # cut back to the caller's Di

@@ -19,8 +19,9 @@ def check_close(name, got, want, tol=2e-2):
 
 
 @pytest.mark.parametrize("kind", ["random", "realistic", "hot"])
-@pytest.mark.parametrize("B,N,Hq,G,D,Di,Bk,topk", [(1, 2125, 64, 4, 128, 128, 128, 16), (2, 1000, 8, 2, 64, 64, 64, 8)],
-                         ids=["paper-ragged", "b2-Bk64"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Di,Bk,topk", [(1, 2125, 64, 4, 128, 128, 128, 16), (2, 1000, 8, 2, 64, 64, 64, 8),
+                                                   (1, 1300, 32, 2, 256, 128, 128, 8)],
+                         ids=["paper-ragged", "b2-Bk64", "D256"])
 def test_kl_loss_and_gradients_match_reference(kind, B, N, Hq, G, D, Di, Bk, topk):
     from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
     from msa_tl.kv_outer_attention import sparse_attention_forward
@@ -76,13 +77,15 @@ def test_warmup_kl_over_every_visible_token_matches_reference(B, N, Hq, G, D, Di
     check_close("dk_idx", dk_idx, ref_dk)
 
 
-@pytest.mark.parametrize("Hq,G", [(28, 4), (12, 4)], ids=["R7-qwen", "R3"])
-def test_kl_for_ratios_that_do_not_tile_64_rows_runs_padded(Hq, G):
-    """Through the API: q padded with zero heads, the teacher's mean over the real heads only."""
+@pytest.mark.parametrize("Hq,G,D,Di", [(28, 4, 128, 128), (12, 4, 128, 128), (16, 2, 96, 96), (16, 2, 192, 64)],
+                         ids=["R7-qwen", "R3", "D96-Di96", "D192"])
+def test_kl_for_layouts_off_the_tiles_runs_padded(Hq, G, D, Di):
+    """Through the API: q padded with zero heads (the teacher's mean over the real heads only), q / k and
+    q_idx / k_idx with zero dims (head dim 96 -> 128, 192 -> 256; index dim 96 -> 128)."""
     import msa_tl
     from msa_tl.ops import dispatch
 
-    B, N, D, Di, Bk, topk = 1, 1500, 128, 128, 128, 8
+    B, N, Bk, topk = 1, 1500, 128, 8
     assert dispatch.kernel_for("kl_alignment_loss", torch.device("cuda"), dtype=torch.bfloat16, heads=Hq, groups=G,
                                head_dim=D, index_dim=Di, block_size=Bk) is not None
     q, k, v = attention_inputs(B, N, Hq, G, D)

@@ -131,8 +131,7 @@ def _reject_backward(config, shape):
     R, D, Bk = shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"]
     if 64 % R or Bk % 64:
         return f"tiles of 64 rows need whole queries ({R} heads) and 64-key consumers (Bk {Bk})"
-    # K, V; the ring of Q, dO and (lse, delta) rows; dS^T of two tiles; the dQ staging tile; 1024 entries
-    smem = 2 * 2 * Bk * D + config["stages"] * (2 * 64 * D * 2 + 64 * 8) + 2 * Bk * 64 * 2 + 64 * D * 2 + 4096
+    smem = kv_outer_backward.backward_shared_bytes(R, D, Bk, config["stages"])
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
     return None
