@@ -38,6 +38,8 @@ __all__ = [
     "kl_alignment_loss",
     "kl_alignment_loss_backward",
     "msa_forward",
+    "cached_rows",
+    "msa_decode",
 ]
 
 # Query rows per chunk are chosen so a chunk's score tensor stays near this many elements.
@@ -148,10 +150,15 @@ def _chunk_mask(indices: torch.Tensor | None, t0: int, t1: int, n_keys: int, blo
     A key is attended iff its block is chosen and j <= t: ids past the last block are ignored like -1,
     blocks after the query's own contribute no key, and a block chosen twice counts once.
     """
-    causal = _causal(t0, t1 - t0, n_keys, device)
     if indices is None:
-        return causal[None, None]
-    rows = indices[:, t0:t1]
+        return _causal(t0, t1 - t0, n_keys, device)[None, None]
+    return _selection_mask(indices[:, t0:t1], t0, n_keys, block_size)
+
+
+def _selection_mask(rows: torch.Tensor, t0: int, n_keys: int, block_size: int) -> torch.Tensor:
+    """:func:`_chunk_mask` of the index rows [B, C, G, topk] of queries t0 .. t0 + C - 1: [B, G, C, N] bool."""
+    device = rows.device
+    causal = _causal(t0, rows.shape[1], n_keys, device)
     nblk = math.ceil(n_keys / block_size)
     slot_ids = torch.where((rows < 0) | (rows >= nblk), nblk, rows).long()  # -1, past the end -> a spare column
     chosen = torch.zeros((*rows.shape[:3], nblk + 1), dtype=torch.bool, device=device)
@@ -388,4 +395,56 @@ def msa_forward(
     """
     indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale)
     o, lse = sparse_attention(q, k, v, indices, block_size, scale)
+    return o, lse, indices
+
+
+def cached_rows(cache: torch.Tensor, block_table: torch.Tensor, row: int, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of batch row ``row`` of a paged cache [num_pages, page_size, *rest] whose pages
+    ``block_table`` [B, max_pages] lists, as one contiguous [length, *rest] tensor."""
+    page_size = cache.shape[1]
+    pages = block_table[row, : math.ceil(length / page_size)].long()
+    return cache[pages].flatten(0, 1)[:length]
+
+
+def msa_decode(
+    q: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_idx_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_size: int,
+    topk: int,
+    scale: float | None = None,
+    index_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSA for the newest S tokens of each sequence in a paged cache (decode, speculative drafts, chunked prefill).
+
+    q [B, S, Hq, D], q_idx [B, S, G, Di]: the queries of tokens ``seqlens[b] - S .. seqlens[b] - 1`` of row b,
+    whose keys are already in the cache; k_cache / v_cache [num_pages, page_size, G, D], k_idx_cache
+    [num_pages, page_size, Di]; block_table [B, max_pages] int32; seqlens [B] int (each >= S).
+    Each query selects and attends exactly as the same token does in :func:`msa_forward` over its row's first
+    ``seqlens[b]`` tokens: the rows of that forward at those positions. Returns (o [B, S, Hq, D], lse [B, S, Hq],
+    both float64, indices [B, S, G, topk] int32).
+    """
+    B, S, Hq, D = q.shape
+    G = k_cache.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    o = q.new_empty((B, S, Hq, D), dtype=torch.float64)
+    lse = q.new_empty((B, S, Hq), dtype=torch.float64)
+    indices = torch.empty((B, S, G, topk), dtype=torch.int32, device=q.device)
+    for b in range(B):
+        n = int(seqlens[b])
+        t0 = n - S
+        if t0 < 0:
+            raise ValueError(f"row {b} holds {n} cached tokens, fewer than its {S} queries")
+        k, v, k_idx = (cached_rows(c, block_table, b, n)[None] for c in (k_cache, v_cache, k_idx_cache))
+        scores = _pool_blocks(index_token_scores(q_idx[b:b + 1], k_idx.flatten(2), index_scale, t0), block_size)
+        rows = topk_blocks(scores, topk, block_size, query_start=t0)  # [1, S, G, topk]
+        mask = _selection_mask(rows, t0, n, block_size)
+        p, row_lse = _attention_probs(q[b:b + 1], k, mask, scale)
+        o[b] = _weighted_values(p, _finite(v), (~torch.isfinite(v)).double(), mask).reshape(S, Hq, D)
+        lse[b] = row_lse.permute(0, 3, 1, 2).reshape(S, Hq)
+        indices[b] = rows[0]
     return o, lse, indices

@@ -23,6 +23,7 @@ STAGES = {
     "sparse_attention_backward": "main branch backward: dq, dk, dv",
     "kl_alignment_loss": "KL alignment loss of the index branch",
     "kl_alignment_loss_backward": "KL alignment loss backward: dq_idx, dk_idx",
+    "msa_decode": "decode over a paged cache: index scores, top-k and attention for the newest tokens",
 }
 
 # stage -> (kernel, limit on the device and the call's shape). Kernel modules register here.

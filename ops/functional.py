@@ -12,10 +12,14 @@ import math
 
 import torch
 
+from msa_tl import reference
+from msa_tl.ops.cache import MSACache
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
+from msa_tl.ops.dispatch import kernel_for
 from msa_tl.ops.validation import (
     canonical_indices,
     check_attention_inputs,
+    check_decode_inputs,
     check_index_inputs,
     check_indices,
     check_lse,
@@ -182,5 +186,51 @@ def msa_attention(
     with torch.no_grad():
         indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
     o, lse = _sparse_attention(q, k, v, indices, block_size, scale, return_lse=True)
+    extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
+    return (o, *extras) if extras else o
+
+
+def msa_decode(
+    q: torch.Tensor,
+    q_idx: torch.Tensor,
+    cache: MSACache,
+    *,
+    block_size: int = 128,
+    topk: int = 16,
+    scale: float | None = None,
+    index_scale: float | None = None,
+    return_lse: bool = False,
+    return_indices: bool = False,
+):
+    """MSA for the newest tokens of each cached sequence: decode (S = 1), speculative drafts or multi-token
+    prediction (S = 2-16) and chunked prefill (S up to a few hundred).
+
+    Args:
+        q: [B, S, Hq, D] queries of each row's last S cached tokens (append their k, v, k_idx to ``cache`` first:
+            :meth:`~msa_tl.ops.cache.MSACache.append`).
+        q_idx: [B, S, G, Di] index queries of the same tokens.
+        cache: the layer's :class:`~msa_tl.ops.cache.MSACache`; row b holds ``cache.lengths[b] >= S`` tokens.
+        block_size, topk, scale, index_scale: as in :func:`msa_attention`.
+        return_lse: also return lse [B, S, Hq] float32.
+        return_indices: also return the selection [B, S, G, topk] int32.
+
+    Returns:
+        o [B, S, Hq, D] in q's dtype, equal to the rows of :func:`msa_attention` over each row's first
+        ``cache.lengths[b]`` tokens at its last S positions; with ``return_lse`` / ``return_indices`` the tuple
+        (o, lse?, indices?).
+    """
+    check_options(block_size=block_size, topk=topk, scale=scale, index_scale=index_scale)
+    check_decode_inputs(q, q_idx, cache)
+    scale, index_scale = _default_scale(scale, q.shape[3]), _default_scale(index_scale, q_idx.shape[3])
+    kernel = kernel_for("msa_decode", q.device, dtype=q.dtype, heads=q.shape[2], groups=cache.k.shape[2],
+                        head_dim=q.shape[3], index_dim=q_idx.shape[3], block_size=block_size, topk=topk,
+                        page_size=cache.page_size, queries=q.shape[1])
+    if kernel is not None:
+        o, lse, indices = kernel(q, q_idx, cache, block_size=block_size, topk=topk, scale=scale,
+                                 index_scale=index_scale)
+    else:
+        o, lse, indices = reference.msa_decode(q, q_idx, cache.k, cache.v, cache.k_idx, cache.block_table,
+                                               cache.lengths, block_size, topk, scale, index_scale)
+        o, lse = o.to(q.dtype), lse.float()
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
     return (o, *extras) if extras else o

@@ -92,6 +92,31 @@ def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None, like=
     return k_idx
 
 
+def check_decode_inputs(q, q_idx, cache) -> None:
+    """q [B, S, Hq, D] and q_idx [B, S, G, Di] of the newest S tokens of the rows of ``cache`` (an MSACache with
+    q's dtype and device, its G, D and Di, B rows each holding >= S tokens: host lengths, no device sync)."""
+    from msa_tl.ops.cache import MSACache
+
+    if not isinstance(cache, MSACache):
+        raise TypeError(f"cache must be an msa_tl.ops.cache.MSACache, got {type(cache).__name__}")
+    _tensor("q", q, "[batch, queries, heads, dim]")
+    _tensor("q_idx", q_idx, "[batch, queries, kv_heads, index_dim]")
+    _same_device_and_dtype("q", q, q_idx=q_idx, cache_k=cache.k)
+    B, S, Hq, D = q.shape
+    G, Di = cache.k.shape[2], cache.k_idx.shape[2]
+    if B != len(cache.lengths) or S < 1:
+        raise ValueError(f"q must be [{len(cache.lengths)} cache rows, queries >= 1, heads, dim], got {tuple(q.shape)}")
+    if D != cache.k.shape[3] or Hq % G:
+        raise ValueError(f"q {tuple(q.shape)} must have the cache's head dim {cache.k.shape[3]} and a multiple of its "
+                         f"{G} kv heads")
+    if q_idx.shape != (B, S, G, Di):
+        raise ValueError(f"q_idx must be {(B, S, G, Di)} (one index head per kv head, the cache's index dim), "
+                         f"got {tuple(q_idx.shape)}")
+    if S > min(cache.lengths):
+        raise ValueError(f"{S} queries need their tokens in the cache, but a row holds {min(cache.lengths)}: "
+                         f"append them first")
+
+
 def check_indices(indices, *, batch, seq, groups, device) -> None:
     """indices [B, N, G, topk] int32 (values are not read back: that would sync the GPU)."""
     _tensor("indices", indices, "[batch, seq, kv_heads, topk]")

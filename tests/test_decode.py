@@ -1,0 +1,126 @@
+"""MSA decode over a paged cache (issue 14): the cache's layout and appends, and decode equal to the full forward's
+rows at the newest positions (the float64 reference on the CPU; the GPU kernels come later)."""
+
+import math
+
+import pytest
+import torch
+
+import msa_tl
+from msa_tl import reference as R
+from msa_tl.ops.cache import MSACache
+
+f64 = torch.float64
+
+
+def fill_paged(k, v, k_idx, lengths, page_size, gen):
+    """A cache whose rows hold the first lengths[b] tokens of k, v, k_idx [B, N, ...], pages in random order."""
+    B, N, G, D = k.shape
+    per_row = math.ceil(N / page_size)
+    table = torch.randperm(B * per_row, generator=gen).view(B, per_row).int()
+    cache = MSACache.paged(B, N, G, D, k_idx.shape[-1], page_size=page_size, block_table=table, dtype=k.dtype)
+    for b, n in enumerate(lengths):
+        for i in range(math.ceil(n / page_size)):
+            tokens = slice(i * page_size, min(n, (i + 1) * page_size))
+            rows = tokens.stop - tokens.start
+            for mine, full in ((cache.k, k), (cache.v, v), (cache.k_idx, k_idx)):
+                mine[table[b, i], :rows] = full[b, tokens]
+    cache.lengths = list(lengths)
+    cache.seqlens = torch.tensor(lengths, dtype=torch.int32)
+    return cache
+
+
+def inputs(B, N, Hq, G, D, Di, gen):
+    return [torch.randn(*shape, generator=gen, dtype=f64) for shape in
+            ((B, N, Hq, D), (B, N, G, D), (B, N, G, D), (B, N, G, Di), (B, N, Di))]
+
+
+def newest(x, lengths, S):
+    """The rows of x [B, N, ...] at each row's last S positions: [B, S, ...]."""
+    return torch.stack([x[b, n - S:n] for b, n in enumerate(lengths)])
+
+
+def forward_rows(q, k, v, q_idx, k_idx, lengths, S, Bk, topk):
+    """msa_attention over each row's first lengths[b] tokens, at its last S positions."""
+    outs = []
+    for b, n in enumerate(lengths):
+        o, lse, idx = msa_tl.msa_attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], q_idx[b:b + 1, :n],
+                                           k_idx[b:b + 1, :n], block_size=Bk, topk=topk, return_lse=True,
+                                           return_indices=True)
+        outs.append((o[0, n - S:], lse[0, n - S:], idx[0, n - S:]))
+    return [torch.stack(x) for x in zip(*outs)]
+
+
+@pytest.mark.parametrize("S", [1, 3, 8])
+@pytest.mark.parametrize("Bk,page_size", [(128, 128), (64, 64), (64, 128)])
+def test_decode_equals_the_forward_rows_over_ragged_paged_rows(S, Bk, page_size, seed=0):
+    """Ragged rows (one shorter than a block, one ending mid-block), pages in random order."""
+    gen = torch.Generator().manual_seed(seed)
+    B, N, Hq, G, D, Di, topk = 3, 700, 8, 2, 32, 16, 4
+    lengths = [700, 517, 70]
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di, gen)
+    cache = fill_paged(k, v, k_idx, lengths, page_size, gen)
+    o, lse, idx = msa_tl.msa_decode(newest(q, lengths, S), newest(q_idx, lengths, S), cache, block_size=Bk,
+                                    topk=topk, return_lse=True, return_indices=True)
+    want_o, want_lse, want_idx = forward_rows(q, k, v, q_idx, k_idx, lengths, S, Bk, topk)
+    assert torch.equal(idx, want_idx)
+    assert (o - want_o).abs().max().item() <= 1e-12 and (lse - want_lse).abs().max().item() <= 1e-12
+
+
+def test_appends_then_decode_steps_follow_the_forward(seed=0):
+    """Prefill by appends, then token-by-token decode steps and an 8-token draft: each equals the forward's rows."""
+    gen = torch.Generator().manual_seed(seed)
+    B, N, Hq, G, D, Di, Bk, topk = 2, 400, 4, 1, 16, 16, 64, 3
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di, gen)
+    table = torch.randperm(2 * math.ceil(N / Bk) + 3, generator=gen)[:B * math.ceil(N / Bk)].view(B, -1).int()
+    cache = MSACache.paged(B, N, G, D, Di, page_size=Bk, num_pages=2 * math.ceil(N / Bk) + 3, block_table=table,
+                           dtype=f64)
+    n = 300
+    for t0 in range(0, n, 128):  # chunked prefill
+        t1 = min(n, t0 + 128)
+        cache.append(k[:, t0:t1], v[:, t0:t1], k_idx[:, t0:t1])
+    for S in (1, 1, 8, 1):
+        cache.append(k[:, n:n + S], v[:, n:n + S], k_idx[:, n:n + S])
+        n += S
+        assert cache.lengths == [n, n] and cache.seqlens.tolist() == [n, n]
+        o = msa_tl.msa_decode(q[:, n - S:n].contiguous(), q_idx[:, n - S:n].contiguous(), cache, block_size=Bk,
+                              topk=topk)
+        want_o, _, _ = forward_rows(q, k, v, q_idx, k_idx, [n, n], S, Bk, topk)
+        assert (o - want_o).abs().max().item() <= 1e-12
+
+
+def test_the_contiguous_cache_is_the_paged_one_with_pages_in_row_order():
+    gen = torch.Generator().manual_seed(0)
+    B, N, G, D, Di = 2, 300, 2, 8, 4
+    cache = MSACache.contiguous(B, N, G, D, Di, page_size=64, dtype=f64)
+    k, v, k_idx = (torch.randn(*s, generator=gen, dtype=f64) for s in ((B, 200, G, D), (B, 200, G, D), (B, 200, Di)))
+    cache.append(k, v, k_idx)
+    assert torch.equal(cache.k.view(B, -1, G, D)[:, :200], k) and torch.equal(cache.k_idx.view(B, -1, Di)[:, :200],
+                                                                             k_idx)
+    assert torch.equal(R.cached_rows(cache.v, cache.block_table, 1, 200), v[1])
+
+
+def test_decode_and_the_cache_name_what_is_wrong():
+    B, N, Hq, G, D, Di = 2, 256, 4, 2, 16, 8
+    cache = MSACache.paged(B, N, G, D, Di, page_size=64, dtype=torch.float32)
+    k, v, k_idx = torch.zeros(B, 3, G, D), torch.zeros(B, 3, G, D), torch.zeros(B, 3, Di)
+    cache.append(k, v, k_idx)
+    q, q_idx = torch.randn(B, 1, Hq, D), torch.randn(B, 1, G, Di)
+    with pytest.raises(ValueError, match="append them first"):
+        msa_tl.msa_decode(torch.randn(B, 4, Hq, D), torch.randn(B, 4, G, Di), cache, block_size=64)
+    with pytest.raises(ValueError, match="q_idx must be"):
+        msa_tl.msa_decode(q, torch.randn(B, 1, G, Di + 1), cache, block_size=64)
+    with pytest.raises(ValueError, match="head dim"):
+        msa_tl.msa_decode(torch.randn(B, 1, Hq, D + 1), q_idx, cache, block_size=64)
+    with pytest.raises(TypeError, match="dtype"):
+        msa_tl.msa_decode(q.double(), q_idx.double(), cache, block_size=64)
+    with pytest.raises(TypeError, match="MSACache"):
+        msa_tl.msa_decode(q, q_idx, object(), block_size=64)
+    with pytest.raises(ValueError, match="exceeds"):
+        cache.append(torch.zeros(B, N, G, D), torch.zeros(B, N, G, D), torch.zeros(B, N, Di))
+    with pytest.raises(ValueError, match="append takes"):
+        cache.append(torch.zeros(B, 1, G, D + 1), torch.zeros(B, 1, G, D + 1), torch.zeros(B, 1, Di))
+    with pytest.raises(ValueError, match="page ids outside"):
+        MSACache.paged(B, N, G, D, Di, page_size=64, num_pages=8, block_table=torch.full((B, 4), 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cannot hold"):
+        MSACache.paged(B, N, G, D, Di, page_size=64, num_pages=7)
