@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msa_tl.ops.functional import _kl_alignment_loss, _sparse_attention, select_blocks
+from msa_tl import reference
+from msa_tl.ops.cache import MSACache
+from msa_tl.ops.functional import _kl_alignment_loss, _sparse_attention, msa_decode, select_blocks
 from msa_tl.ops.validation import check_options
 
 
@@ -37,6 +39,12 @@ class MSAAttention(nn.Module):
 
     ``forward(x [B, N, hidden_size])`` returns :class:`MSAOutput`. The KL loss
     is computed when ``compute_kl`` is True, by default in training mode.
+
+    Generation: ``forward(x, cache=cache)`` with the layer's :class:`~msa_tl.ops.cache.MSACache` (G, D, Di of
+    the layer) appends the N new tokens' k, v and k_idx to it and attends them over everything cached: an empty
+    cache is a prefill (the kernels of the forward above), a filled one decode / chunked prefill
+    (:func:`~msa_tl.ops.functional.msa_decode`; dense attention over the cache in warmup mode). Each output row
+    equals the full-sequence forward's row at that position. No KL with a cache.
     """
 
     MODES = ("sparse", "warmup")
@@ -125,7 +133,8 @@ class MSAAttention(nn.Module):
         """Parameters trained by the KL loss alone (the two index projections)."""
         return [*self.index_q_proj.parameters(), *self.index_k_proj.parameters()]
 
-    def forward(self, hidden_states: torch.Tensor, *, compute_kl: bool | None = None) -> MSAOutput:
+    def forward(self, hidden_states: torch.Tensor, *, compute_kl: bool | None = None,
+                cache: MSACache | None = None) -> MSAOutput:
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
             raise ValueError(f"hidden_states must be [batch, seq, {self.hidden_size}], got {shape}")
@@ -137,6 +146,13 @@ class MSAAttention(nn.Module):
         detached = hidden_states.detach()
         q_idx = self.index_q_proj(detached).view(B, N, G, Di)
         k_idx = self.index_k_proj(detached)
+        if cache is not None:
+            if self.training if compute_kl is None else compute_kl:
+                raise ValueError("the KL loss is a training loss: call the layer without a cache (or compute_kl=False)")
+            prefill = max(cache.lengths) == 0  # nothing cached yet: the sequence is all here
+            cache.append(k, v, k_idx)
+            if not prefill:
+                return self._attend_cached(q, q_idx, cache)
 
         if self.mode == "warmup":
             indices, lse = None, None
@@ -153,6 +169,23 @@ class MSAAttention(nn.Module):
             # the sparse forward's lse is the teacher's normaliser, so the KL need not recompute it
             kl_loss = _kl_alignment_loss(q, k, q_idx, k_idx, indices, self.block_size, None, None, lse)
         return MSAOutput(self.o_proj(o.reshape(B, N, H * D)), kl_loss, indices)
+
+    def _attend_cached(self, q, q_idx, cache: MSACache) -> MSAOutput:
+        """The output of the newest tokens q [B, S, Hq, D] over the cache (their k / v already in it)."""
+        B, S, H, D = q.shape
+        if self.mode == "warmup":  # dense: each row's cached keys, the queries at its last S positions
+            rows = []
+            for b, n in enumerate(cache.lengths):
+                k, v = (reference.cached_rows(x, cache.block_table, b, n).transpose(0, 1)[None]
+                        for x in (cache.k, cache.v))
+                visible = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - S, n, device=q.device)[:, None]
+                rows.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k, v, attn_mask=visible,
+                                                           enable_gqa=True).transpose(1, 2))
+            o, indices = torch.cat(rows), None
+        else:
+            o, indices = msa_decode(q.contiguous(), q_idx.contiguous(), cache, block_size=self.block_size,
+                                    topk=self.topk, return_indices=True)
+        return MSAOutput(self.o_proj(o.reshape(B, S, H * D)), None, indices)
 
     def extra_repr(self) -> str:
         return (

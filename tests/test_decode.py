@@ -124,3 +124,27 @@ def test_decode_and_the_cache_name_what_is_wrong():
         MSACache.paged(B, N, G, D, Di, page_size=64, num_pages=8, block_table=torch.full((B, 4), 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="cannot hold"):
         MSACache.paged(B, N, G, D, Di, page_size=64, num_pages=7)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_the_layer_generates_the_full_forward_rows_with_a_cache(mode, seed=0):
+    """Prefill into an empty paged cache, then single tokens and a 3-token chunk: every output row equals the
+    full-sequence forward's row at that position, in both modes."""
+    gen = torch.Generator().manual_seed(seed)
+    B, N, hidden, H, G, D, Di, Bk, topk = 2, 300, 32, 4, 2, 8, 8, 64, 3
+    layer = msa_tl.MSAAttention(hidden, H, G, D, Di, block_size=Bk, topk=topk, mode=mode, dtype=f64).eval()
+    x = torch.randn(B, N, hidden, generator=gen, dtype=f64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = MSACache.paged(B, N, G, D, Di, page_size=Bk, dtype=f64,
+                               block_table=torch.randperm(B * 5, generator=gen).view(B, 5).int())
+        steps, t = [200, 1, 1, 3, 1], 0
+        for S in steps:
+            out = layer(x[:, t:t + S], cache=cache)
+            assert (out.output - full.output[:, t:t + S]).abs().max().item() <= 1e-10, (mode, t, S)
+            if mode == "sparse":
+                assert torch.equal(out.indices, full.indices[:, t:t + S])
+            t += S
+        assert cache.lengths == [t] * B
+    with pytest.raises(ValueError, match="KL loss"):
+        layer.train()(x[:, :1], cache=cache)
