@@ -7,6 +7,7 @@ import pytest
 
 tilelang = pytest.importorskip("tilelang")
 
+from msa_tl import decode_scores  # noqa: E402
 from msa_tl import (  # noqa: E402
     index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler,
     shared_tiles)
@@ -348,3 +349,11 @@ def test_the_backward_says_which_columns_and_shared_memory_do_not_fit():
     with pytest.raises(ValueError, match="whole 64-column slices"):
         kv_outer_backward.kv_outer_backward_program(**dict(wide, column0=192))  # past the head dim
     assert kv_outer_backward.backward_shared_bytes(16, 256, 64, 2, columns=128) <= SMEM_LIMIT
+
+
+@pytest.mark.parametrize("G,Bk", [(4, 128), (1, 64)])
+def test_the_decode_scan_loads_pages_through_the_block_table(G, Bk):
+    """Each block's index keys come by TMA from the page the block table names, into a pipelined ring, and one
+    wgmma scores the CTA's query rows against it."""
+    source = lower_to_cuda(decode_scores.decode_scores_program, groups=G, index_dim=128, block_size=Bk, scale=0.088)
+    assert "tma_load(Kc_desc" in source and "BlockTable[" in source and "wgmma" in source
