@@ -24,6 +24,42 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+def attend_block_macro(rows: int, block_size: int, head_dim: int, scale: float):
+    """Macro ``attend(k_src, v_src, key0, pos, Q_s, K_s, V_s, S_s, P_s, acc_s, scores, acc_o, row_max, prev_max,
+    block_sum, row_sum, rescale_s)``: one online-softmax step of ``rows`` query rows (one query's heads, at position
+    ``pos``) over a block of keys ``key0 ..`` whose K / V come from ``k_src`` / ``v_src`` [block_size, head_dim];
+    keys after ``pos`` are masked."""
+    neg_inf = -T.infinity("float32")
+    scale_log2 = scale * _LOG2E
+    M = rows
+
+    @T.macro
+    def attend(k_src, v_src, key0, pos, Q_s, K_s, V_s, S_s, P_s, acc_s, scores, acc_o, row_max, prev_max, block_sum,
+               row_sum, rescale_s):
+        T.copy(k_src, K_s)
+        # causal mask as an additive bias; only the query's own block has keys after it
+        for r, c in T.Parallel(M, block_size):
+            acc_s[r, c] = T.if_then_else(key0 + c <= pos, 0, neg_inf)
+        T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
+        T.copy(acc_s, S_s)
+        T.copy(S_s, scores)
+        T.copy(row_max, prev_max)
+        T.reduce_max(scores, row_max, dim=1, clear=False)
+        for r, c in T.Parallel(M, block_size):
+            scores[r, c] = T.exp2((scores[r, c] - row_max[r]) * scale_log2)
+        T.reduce_sum(scores, block_sum, dim=1)
+        for r in T.Parallel(M):
+            rescale_s[r] = T.exp2((prev_max[r] - row_max[r]) * scale_log2)
+            row_sum[r] = row_sum[r] * rescale_s[r] + block_sum[r]
+        T.copy(scores, P_s)
+        for r, d in T.Parallel(M, head_dim):
+            acc_o[r, d] *= rescale_s[r]
+        T.copy(v_src, V_s)
+        T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+
+    return attend
+
+
 def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                     threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K/V [B, N, G, D], Indices [B, N, G, topk] -> O [B, N, Hq, D], LSE [B, N, Hq] (fp32, natural log)."""
@@ -32,6 +68,7 @@ def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, top
     M = max(R, 16)  # MMA rows: fewer heads per group than one m16 tile are padded with zero rows
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
+    attend = attend_block_macro(M, block_size, head_dim, scale)
 
     @T.prim_func
     def q_outer_attention(
@@ -72,26 +109,9 @@ def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, top
             for s in T.Pipelined(topk, num_stages=num_stages):
                 blk = Indices[b, t, g, s]
                 if blk >= 0:
-                    T.copy(K[b, blk * block_size:(blk + 1) * block_size, g, :], K_s)
-                    # causal mask as an additive bias; only the query's own block has keys after t
-                    for r, c in T.Parallel(M, block_size):
-                        acc_s[r, c] = T.if_then_else(blk * block_size + c <= t, 0, neg_inf)
-                    T.gemm(Q_s, K_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullCol)
-                    T.copy(acc_s, S_s)
-                    T.copy(S_s, scores)
-                    T.copy(row_max, prev_max)
-                    T.reduce_max(scores, row_max, dim=1, clear=False)
-                    for r, c in T.Parallel(M, block_size):
-                        scores[r, c] = T.exp2((scores[r, c] - row_max[r]) * scale_log2)
-                    T.reduce_sum(scores, block_sum, dim=1)
-                    for r in T.Parallel(M):
-                        rescale_s[r] = T.exp2((prev_max[r] - row_max[r]) * scale_log2)
-                        row_sum[r] = row_sum[r] * rescale_s[r] + block_sum[r]
-                    T.copy(scores, P_s)
-                    for r, d in T.Parallel(M, head_dim):
-                        acc_o[r, d] *= rescale_s[r]
-                    T.copy(V[b, blk * block_size:(blk + 1) * block_size, g, :], V_s)
-                    T.gemm(P_s, V_s, acc_o, policy=T.GemmWarpPolicy.FullCol)
+                    attend(K[b, blk * block_size:(blk + 1) * block_size, g, :],
+                           V[b, blk * block_size:(blk + 1) * block_size, g, :], blk * block_size, t, Q_s, K_s, V_s,
+                           S_s, P_s, acc_s, scores, acc_o, row_max, prev_max, block_sum, row_sum, rescale_s)
             # the local block is always chosen, so row_sum > 0 for every valid selection
             for r in T.Parallel(M):
                 rescale_s[r] = row_sum[r]

@@ -418,6 +418,7 @@ def msa_decode(
     topk: int,
     scale: float | None = None,
     index_scale: float | None = None,
+    indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSA for the newest S tokens of each sequence in a paged cache (decode, speculative drafts, chunked prefill).
 
@@ -425,26 +426,27 @@ def msa_decode(
     whose keys are already in the cache; k_cache / v_cache [num_pages, page_size, G, D], k_idx_cache
     [num_pages, page_size, Di]; block_table [B, max_pages] int32; seqlens [B] int (each >= S).
     Each query selects and attends exactly as the same token does in :func:`msa_forward` over its row's first
-    ``seqlens[b]`` tokens: the rows of that forward at those positions. Returns (o [B, S, Hq, D], lse [B, S, Hq],
-    both float64, indices [B, S, G, topk] int32).
+    ``seqlens[b]`` tokens: the rows of that forward at those positions. ``indices`` [B, S, G, topk] int32, if
+    given, replace the selection (the attention alone, over any ids, as :func:`sparse_attention` reads them).
+    Returns (o [B, S, Hq, D], lse [B, S, Hq], both float64, indices [B, S, G, topk] int32).
     """
     B, S, Hq, D = q.shape
     G = k_cache.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     o = q.new_empty((B, S, Hq, D), dtype=torch.float64)
     lse = q.new_empty((B, S, Hq), dtype=torch.float64)
-    indices = torch.empty((B, S, G, topk), dtype=torch.int32, device=q.device)
+    chosen = torch.empty((B, S, G, topk), dtype=torch.int32, device=q.device) if indices is None else indices
     for b in range(B):
         n = int(seqlens[b])
         t0 = n - S
         if t0 < 0:
             raise ValueError(f"row {b} holds {n} cached tokens, fewer than its {S} queries")
         k, v, k_idx = (cached_rows(c, block_table, b, n)[None] for c in (k_cache, v_cache, k_idx_cache))
-        scores = _pool_blocks(index_token_scores(q_idx[b:b + 1], k_idx.flatten(2), index_scale, t0), block_size)
-        rows = topk_blocks(scores, topk, block_size, query_start=t0)  # [1, S, G, topk]
-        mask = _selection_mask(rows, t0, n, block_size)
+        if indices is None:
+            scores = _pool_blocks(index_token_scores(q_idx[b:b + 1], k_idx.flatten(2), index_scale, t0), block_size)
+            chosen[b] = topk_blocks(scores, topk, block_size, query_start=t0)[0]  # [S, G, topk]
+        mask = _selection_mask(chosen[b:b + 1], t0, n, block_size)
         p, row_lse = _attention_probs(q[b:b + 1], k, mask, scale)
         o[b] = _weighted_values(p, _finite(v), (~torch.isfinite(v)).double(), mask).reshape(S, Hq, D)
         lse[b] = row_lse.permute(0, 3, 1, 2).reshape(S, Hq)
-        indices[b] = rows[0]
-    return o, lse, indices
+    return o, lse, chosen

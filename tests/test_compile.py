@@ -7,7 +7,7 @@ import pytest
 
 tilelang = pytest.importorskip("tilelang")
 
-from msa_tl import decode_scores, decode_topk  # noqa: E402
+from msa_tl import decode_attention, decode_scores, decode_topk  # noqa: E402
 from msa_tl import (  # noqa: E402
     index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler,
     shared_tiles)
@@ -362,3 +362,9 @@ def test_the_decode_scan_loads_pages_through_the_block_table(G, Bk):
 def test_the_decode_top_k_merges_the_lanes_lists_by_warp_shuffles():
     source = lower_to_cuda(decode_topk.decode_topk_program, groups=4, block_size=128, topk=16)
     assert "__global__" in source and source.count("__shfl_xor_sync") == 2  # a score and a block id a step
+
+
+def test_the_decode_attention_reads_k_and_v_through_the_block_table():
+    source = lower_to_cuda(decode_attention.decode_attention_program, groups=4, heads=64, head_dim=128,
+                           block_size=128, topk=16, scale=0.088, splits=4)
+    assert "BlockTable[" in source and "(Opart + " in source and "Lpart[" in source  # O partials: vector stores

@@ -1,0 +1,129 @@
+"""Decode attention over the chosen blocks of a paged cache (TileLang), split over the slots, then the LSE combine.
+
+Each of a row's newest S tokens (position p = seqlens[b] - S + s) attends, per group, to its chosen blocks, whose
+keys and values sit in the pages ``block_table[b, blk]`` (pages of one block). Decode has few (token, group) pairs
+(B * S * G: 4 at B = 1, S = 1), so each pair's ``topk`` slots are split over ``splits`` CTAs (flash-decoding): a CTA
+walks its slots as :mod:`msa_tl.q_outer_attention` walks a query's blocks (the R heads of the group are the rows,
+one online-softmax step a block, causal only in the token's own block) and leaves an fp32 partial O and LSE; the
+per-row combine of :mod:`msa_tl.lse_combine` merges the splits. Split partials with no block (LSE -inf) drop out.
+"""
+
+import math
+
+import tilelang.language as T
+import torch
+
+from msa_tl.lse_combine import combine_program
+from msa_tl.q_outer_attention import attend_block_macro
+from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+
+DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def decode_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
+                             splits: int = 1, threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+    """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
+    [B, S, G, topk] -> Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] (fp32; natural-log LSE)."""
+    batch, n_q, num_pages, max_pages = T.dynamic("batch, n_q, num_pages, max_pages")
+    R = heads // groups
+    M = max(R, 16)  # MMA rows: fewer heads per group than one m16 tile are padded with zero rows
+    per_split = math.ceil(topk / splits)
+    neg_inf = -T.infinity("float32")
+    scale_log2 = scale * _LOG2E
+    attend = attend_block_macro(M, block_size, head_dim, scale)
+
+    @T.prim_func
+    def decode_attention(
+        Q: T.Tensor((batch, n_q, heads, head_dim), dtype),
+        Kc: T.Tensor((num_pages, block_size, groups, head_dim), dtype),
+        Vc: T.Tensor((num_pages, block_size, groups, head_dim), dtype),
+        BlockTable: T.Tensor((batch, max_pages), "int32"),
+        SeqLens: T.Tensor((batch,), "int32"),
+        Indices: T.Tensor((batch, n_q, groups, topk), "int32"),
+        Opart: T.Tensor((batch, n_q * groups, splits, R, head_dim), "float32"),
+        Lpart: T.Tensor((batch, n_q * groups, splits, R), "float32"),
+    ):
+        with T.Kernel(n_q * splits, batch * groups, threads=threads) as (ts, bg):
+            Q_s = T.alloc_shared((M, head_dim), dtype)  # [M, D]
+            K_s = T.alloc_shared((block_size, head_dim), dtype)  # [Bk, D]
+            V_s = T.alloc_shared((block_size, head_dim), dtype)  # [Bk, D]
+            S_s = T.alloc_shared((M, block_size), "float32")  # [M, Bk]
+            P_s = T.alloc_shared((M, block_size), dtype)  # [M, Bk]
+            acc_s = T.alloc_fragment((M, block_size), "float32")  # [M, Bk]
+            scores = T.alloc_fragment((M, block_size), "float32")  # [M, Bk]
+            acc_o = T.alloc_fragment((M, head_dim), "float32")  # [M, D]
+            row_max = T.alloc_fragment((M,), "float32")
+            prev_max = T.alloc_fragment((M,), "float32")
+            block_sum = T.alloc_fragment((M,), "float32")
+            row_sum = T.alloc_fragment((M,), "float32")
+            rescale_s = T.alloc_shared((M,), "float32")
+            b, g = bg // groups, bg % groups
+            t, sp = ts // splits, ts % splits
+            pos = SeqLens[b] - n_q + t  # the token's position in its row
+            for r, d in T.Parallel(M, head_dim):
+                Q_s[r, d] = T.if_then_else(r < R, Q[b, t, g * R + r % R, d], 0)
+            T.clear(acc_o)
+            T.clear(row_sum)
+            T.fill(row_max, neg_inf)
+            for i in T.Pipelined(per_split, num_stages=num_stages):
+                blk = T.if_then_else(sp * per_split + i < topk, Indices[b, t, g, T.min(sp * per_split + i, topk - 1)],
+                                     -1)
+                if blk >= 0:
+                    attend(Kc[BlockTable[b, blk], :, g, :], Vc[BlockTable[b, blk], :, g, :], blk * block_size, pos,
+                           Q_s, K_s, V_s, S_s, P_s, acc_s, scores, acc_o, row_max, prev_max, block_sum, row_sum,
+                           rescale_s)
+            for r in T.Parallel(M):
+                rescale_s[r] = row_sum[r]
+            for r, d in T.Parallel(M, head_dim):
+                if r < R:
+                    Opart[b, t * groups + g, sp, r, d] = T.if_then_else(rescale_s[r] > 0, acc_o[r, d] / rescale_s[r],
+                                                                        0)
+            for r in T.Parallel(M):
+                if r < R:  # a split with no block: -inf, which the combine leaves out
+                    Lpart[b, t * groups + g, sp, r] = T.if_then_else(
+                        row_sum[r] > 0, (row_max[r] * scale_log2 + T.log2(row_sum[r])) * _LN2, neg_inf)
+
+    return decode_attention
+
+
+# As the Q-outer kernel it follows (msa_tl.q_outer_attention): TileLang's warp-specialised lowering gave wrong rows
+# there at Bk = 64.
+decode_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
+
+
+def decode_splits(pairs: int, topk: int, device) -> int:
+    """Splits of each (token, group) pair's slots: enough CTAs for two an SM, at most one slot a CTA."""
+    return max(1, min(topk, math.ceil(2 * sm_count(device) / pairs)))
+
+
+def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_size: int, scale=None, *,
+                     splits=None, **config):
+    """Attention of each row's newest S tokens over their chosen blocks, on the GPU.
+
+    q [B, S, Hq, D]; k_pages / v_pages [num_pages, Bk, G, D] (pages of ``block_size`` tokens); block_table
+    [B, max_pages] int32; seqlens [B] int32 (each >= S); indices [B, S, G, topk] int32 (-1 = unused) -> (o
+    [B, S, Hq, D] in q's dtype, lse [B, S, Hq] float32). ``splits`` (default :func:`decode_splits`) CTAs share
+    each (token, group) pair's slots; ``config``: :data:`DECODE_ATTENTION_DEFAULTS` knobs.
+    """
+    B, S, Hq, D = q.shape
+    G, topk = k_pages.shape[2], indices.shape[3]
+    if k_pages.shape[1] != block_size:
+        raise ValueError(f"decode attention reads pages of one block: page size {k_pages.shape[1]} != block size "
+                         f"{block_size}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    splits = splits or decode_splits(B * S * G, topk, q.device)
+    R = Hq // G
+    o_part = torch.empty((B, S * G, splits, R, D), device=q.device, dtype=torch.float32)
+    l_part = torch.empty((B, S * G, splits, R), device=q.device, dtype=torch.float32)
+    kernel = compiled_kernel(decode_attention_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
+                             topk=topk, scale=scale, splits=splits, dtype=tl_dtype(q.dtype),
+                             **{**DECODE_ATTENTION_DEFAULTS, **config})
+    kernel(q, k_pages, v_pages, block_table, seqlens, indices, o_part, l_part)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)
+    combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=splits, groups=G, dtype=tl_dtype(q.dtype),
+                              partial_dtype="float32")
+    combine(o_part, l_part, o.view(B, S * Hq, D), lse.view(B, S * Hq), 0)
+    return o, lse
