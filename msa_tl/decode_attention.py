@@ -14,7 +14,7 @@ import tilelang.language as T
 import torch
 
 from msa_tl.lse_combine import combine_program
-from msa_tl.q_outer_attention import attend_block_macro
+from msa_tl.q_outer_attention import attend_block_buffers, attend_block_macro
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
 DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2)
@@ -46,19 +46,8 @@ def decode_attention_program(groups: int, heads: int, head_dim: int, block_size:
         Lpart: T.Tensor((batch, n_q * groups, splits, R), "float32"),
     ):
         with T.Kernel(n_q * splits, batch * groups, threads=threads) as (ts, bg):
-            Q_s = T.alloc_shared((M, head_dim), dtype)  # [M, D]
-            K_s = T.alloc_shared((block_size, head_dim), dtype)  # [Bk, D]
-            V_s = T.alloc_shared((block_size, head_dim), dtype)  # [Bk, D]
-            S_s = T.alloc_shared((M, block_size), "float32")  # [M, Bk]
-            P_s = T.alloc_shared((M, block_size), dtype)  # [M, Bk]
-            acc_s = T.alloc_fragment((M, block_size), "float32")  # [M, Bk]
-            scores = T.alloc_fragment((M, block_size), "float32")  # [M, Bk]
-            acc_o = T.alloc_fragment((M, head_dim), "float32")  # [M, D]
-            row_max = T.alloc_fragment((M,), "float32")
-            prev_max = T.alloc_fragment((M,), "float32")
-            block_sum = T.alloc_fragment((M,), "float32")
-            row_sum = T.alloc_fragment((M,), "float32")
-            rescale_s = T.alloc_shared((M,), "float32")
+            buf = attend_block_buffers(M, block_size, head_dim, dtype)
+            Q_s, acc_o, row_max, row_sum, rescale_s = buf.q, buf.acc_o, buf.row_max, buf.row_sum, buf.rescale
             b, g = bg // groups, bg % groups
             t, sp = ts // splits, ts % splits
             pos = SeqLens[b] - n_q + t  # the token's position in its row
@@ -72,8 +61,7 @@ def decode_attention_program(groups: int, heads: int, head_dim: int, block_size:
                                      -1)
                 if blk >= 0:
                     attend(Kc[BlockTable[b, blk], :, g, :], Vc[BlockTable[b, blk], :, g, :], blk * block_size, pos,
-                           Q_s, K_s, V_s, S_s, P_s, acc_s, scores, acc_o, row_max, prev_max, block_sum, row_sum,
-                           rescale_s)
+                           *buf)
             for r in T.Parallel(M):
                 rescale_s[r] = row_sum[r]
             for r, d in T.Parallel(M, head_dim):

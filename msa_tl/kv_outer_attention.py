@@ -687,6 +687,17 @@ def split_blocks(indices: torch.Tensor, block_size: int, into: int) -> torch.Ten
     return torch.where((indices >= 0).repeat_interleave(parts, dim=-1) & (child <= local), child, -1).int()
 
 
+def wide_head_blocks(indices: torch.Tensor, block_size: int, head_dim: int, query_chunk):
+    """(indices, block_size, query_chunk) as the attention stages run them: above ``WIDE_HEAD_DIM`` each block as its
+    ``WIDE_HEAD_BLOCK``-key parts (:func:`split_blocks`) in chunks of ``WIDE_HEAD_CHUNK`` queries unless told; else
+    as given."""
+    if head_dim <= WIDE_HEAD_DIM:
+        return indices, block_size, query_chunk
+    if block_size > WIDE_HEAD_BLOCK:
+        indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
+    return indices, block_size, query_chunk or WIDE_HEAD_CHUNK
+
+
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
@@ -700,12 +711,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
     ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`)
     are attended Q-outer, with no partials; the host reads their count (behind an event, after the KV-outer schedule
-    is queued: the GPU is not drained), and where they hold every row the KV-outer path is not launched. ``persistent_combine``: the combine is
-    :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError where its ring does not fit, if asked
-    for; by default not where shared tiles own more than ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose
-    rows' empty partials it would stream). ``query_chunk``,
-    ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to the tuned configs of this GPU and shape
-    (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
+    is queued: the GPU is not drained), and where they hold every row the KV-outer path is not launched.
+    ``persistent_combine``: the combine is :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError
+    where its ring does not fit, if asked for; by default not where shared tiles own more than
+    ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose rows' empty partials it would stream). ``query_chunk``,
+    ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to
+    the tuned configs of this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -718,20 +729,19 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         if shared_tiles:
             raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} only, got {D}")
         shared_tiles = False
-        if block_size > WIDE_HEAD_BLOCK:
-            indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
-        query_chunk = query_chunk or WIDE_HEAD_CHUNK
+    indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk)
     G, topk = k.shape[2], indices.shape[3]
+    R = Hq // G
     partial_dtype = partial_dtype or q.dtype  # fp16 inputs keep fp16 partials: bf16 ones would cost 3 bits
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
     schedule_config = tuned_config("schedule", shape, SCHEDULE_TUNABLES, q.device)
     item_queries = item_queries or schedule_config["item_queries"]
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
     # wide heads: a tuned config for the shape (searched within what fits) still wins over WIDE_HEAD_CONFIG
-    defaults = {**attention_defaults(Hq // G, partial_dtype.itemsize), **(WIDE_HEAD_CONFIG if wide else {})}
+    defaults = {**attention_defaults(R, partial_dtype.itemsize), **(WIDE_HEAD_CONFIG if wide else {})}
     attention_config = without_unfit_persistent(
         {**tuned_config("kv_outer_attention", shape, defaults, q.device), **(attention_config or {})},
-        attention_config, Hq // G, D, block_size, item_queries, partial_dtype.itemsize)
+        attention_config, R, D, block_size, item_queries, partial_dtype.itemsize)
     if attention_config.get("persistent"):  # one CTA an SM unless told
         attention_config.setdefault("ctas", sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
@@ -743,7 +753,6 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     build_once = schedule_config["build_once"] if build_once is None else build_once
     shared_tiles = schedule_config["shared_tiles"] if shared_tiles is None else shared_tiles
-    R = Hq // G
     kv_indices, tiles = indices, 0  # the KV-outer path's indices; query tiles attended Q-outer
     if shared_tiles:
         shared = sharing_tiles(indices, R, block_size)
@@ -764,7 +773,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         few_tiles = not tiles or tiles <= shared.numel() * PERSISTENT_COMBINE_TILE_SHARE
         persistent_combine = (schedule_config["persistent_combine"] and few_tiles if persistent_combine is None
                               else persistent_combine)
-        _kv_outer_forward(q, k, v, kv_indices, schedule, build_once, block_size, scale, o, lse, chunk, partial_dtype,
+        _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine)
     if tiles:
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse)
@@ -782,25 +791,26 @@ def _count_to_host(mask: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
 
 
 def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, build_once: bool) -> Schedule:
-    """The KV-outer path's schedule buffers, built for every chunk at once with ``build_once`` (else per chunk, by
-    :func:`_kv_outer_forward`)."""
+    """The KV-outer path's schedule buffers, built here for every chunk at once with ``build_once`` or where there is
+    one chunk (else one chunk's buffers, built per chunk by :func:`_kv_outer_forward`)."""
     B, N, G, topk = indices.shape
     chunks = math.ceil(N / chunk)
     schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, indices.device,
                         chunks=chunks if build_once else 1)
-    if build_once:
+    if schedule.chunks == chunks:
         schedule.build(indices, 0, N)
     return schedule
 
 
-def _kv_outer_forward(q, k, v, indices, schedule, build_once, block_size, scale, o, lse, chunk, partial_dtype,
-                      attention_config, combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool):
-    """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule``
-    built for every chunk with ``build_once``, else here per chunk) into o / lse. ``tiles``: shared tiles own some
-    rows, whose empty partials the per-row combine skips."""
+def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chunk, partial_dtype, attention_config,
+                      combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool):
+    """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule`` from
+    :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
+    ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
+    built = schedule.chunks == chunks  # every chunk's schedule is already there
     o_part = torch.empty(B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
     l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
@@ -817,9 +827,9 @@ def _kv_outer_forward(q, k, v, indices, schedule, build_once, block_size, scale,
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
-        if not build_once:
+        if not built:
             schedule.build(indices, t0, count)
-        items, item_count, entries = schedule.part(c if build_once else 0)
+        items, item_count, entries = schedule.part(c if built else 0)
         op = o_part[: B * count * Hq * topk * D].view(B, count * Hq * topk, D)
         lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
         lp.fill_(float("-inf"))

@@ -34,7 +34,7 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.kv_outer_attention import WIDE_HEAD_BLOCK, WIDE_HEAD_CHUNK, WIDE_HEAD_DIM, split_blocks
+from msa_tl.kv_outer_attention import WIDE_HEAD_DIM, wide_head_blocks
 from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
@@ -340,10 +340,7 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     B, N, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     wide = D > WIDE_HEAD_DIM
-    if wide:
-        if block_size > WIDE_HEAD_BLOCK:
-            indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
-        query_chunk = query_chunk or WIDE_HEAD_CHUNK
+    indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk)
     G, topk = k.shape[2], indices.shape[3]
     dt = tl_dtype(q.dtype)
     stats = torch.empty((B, N, Hq, 2), device=q.device, dtype=torch.float32)

@@ -11,6 +11,7 @@ the MMAs have only R rows, so the kernel is bound by loads, not tensor cores.
 """
 
 import math
+from typing import NamedTuple
 
 import tilelang.language as T
 import torch
@@ -24,9 +25,41 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+class AttendBuffers(NamedTuple):
+    """The buffers of :func:`attend_block_macro`, in its argument order."""
+    q: object  # [M, D] shared: the query rows
+    k: object  # [Bk, D] shared
+    v: object  # [Bk, D] shared
+    scores_s: object  # [M, Bk] fp32 shared
+    p: object  # [M, Bk] shared
+    acc_s: object  # [M, Bk] fp32 fragment
+    scores: object  # [M, Bk] fp32 fragment
+    acc_o: object  # [M, D] fp32 fragment
+    row_max: object  # [M]
+    prev_max: object  # [M]
+    block_sum: object  # [M]
+    row_sum: object  # [M]
+    rescale: object  # [M] shared
+
+
+def attend_block_buffers(rows: int, block_size: int, head_dim: int, dtype: str) -> AttendBuffers:
+    """Inside a kernel: the shared tiles and fragments one :func:`attend_block_macro` step works in."""
+    M = rows
+    return AttendBuffers(
+        T.alloc_shared((M, head_dim), dtype), T.alloc_shared((block_size, head_dim), dtype),
+        T.alloc_shared((block_size, head_dim), dtype),
+        # M = R rows is one MMA tile, so the warps split the columns. TileLang 0.1.15 cannot reduce such a
+        # column-split fragment across warps, so the scores go through shared memory to a row-owned fragment.
+        T.alloc_shared((M, block_size), "float32"), T.alloc_shared((M, block_size), dtype),
+        T.alloc_fragment((M, block_size), "float32"), T.alloc_fragment((M, block_size), "float32"),
+        T.alloc_fragment((M, head_dim), "float32"), T.alloc_fragment((M,), "float32"),
+        T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32"), T.alloc_fragment((M,), "float32"),
+        T.alloc_shared((M,), "float32"))
+
+
 def attend_block_macro(rows: int, block_size: int, head_dim: int, scale: float):
-    """Macro ``attend(k_src, v_src, key0, pos, Q_s, K_s, V_s, S_s, P_s, acc_s, scores, acc_o, row_max, prev_max,
-    block_sum, row_sum, rescale_s)``: one online-softmax step of ``rows`` query rows (one query's heads, at position
+    """Macro ``attend(k_src, v_src, key0, pos, *buffers)`` (the :class:`AttendBuffers` of
+    :func:`attend_block_buffers`): one online-softmax step of ``rows`` query rows (one query's heads, at position
     ``pos``) over a block of keys ``key0 ..`` whose K / V come from ``k_src`` / ``v_src`` [block_size, head_dim];
     keys after ``pos`` are masked."""
     neg_inf = -T.infinity("float32")
@@ -80,22 +113,9 @@ def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, top
         LSE: T.Tensor((batch, seq, heads), "float32"),
     ):
         with T.Kernel(seq, batch * groups, threads=threads) as (t, bg):
-            Q_s = T.alloc_shared((M, head_dim), dtype)
-            K_s = T.alloc_shared((block_size, head_dim), dtype)
-            V_s = T.alloc_shared((block_size, head_dim), dtype)
+            buf = attend_block_buffers(M, block_size, head_dim, dtype)
+            Q_s, acc_o, row_max, row_sum, rescale_s = buf.q, buf.acc_o, buf.row_max, buf.row_sum, buf.rescale
             O_s = T.alloc_shared((M, head_dim), dtype)
-            # M = R rows is one MMA tile, so the warps split the columns. TileLang 0.1.15 cannot reduce such a
-            # column-split fragment across warps, so the scores go through shared memory to a row-owned fragment.
-            S_s = T.alloc_shared((M, block_size), "float32")
-            P_s = T.alloc_shared((M, block_size), dtype)
-            acc_s = T.alloc_fragment((M, block_size), "float32")
-            scores = T.alloc_fragment((M, block_size), "float32")
-            acc_o = T.alloc_fragment((M, head_dim), "float32")
-            row_max = T.alloc_fragment((M,), "float32")
-            prev_max = T.alloc_fragment((M,), "float32")
-            block_sum = T.alloc_fragment((M,), "float32")
-            row_sum = T.alloc_fragment((M,), "float32")
-            rescale_s = T.alloc_shared((M,), "float32")
             b = bg // groups
             g = bg % groups
             if M > R:
@@ -110,8 +130,7 @@ def q_outer_program(groups: int, heads: int, head_dim: int, block_size: int, top
                 blk = Indices[b, t, g, s]
                 if blk >= 0:
                     attend(K[b, blk * block_size:(blk + 1) * block_size, g, :],
-                           V[b, blk * block_size:(blk + 1) * block_size, g, :], blk * block_size, t, Q_s, K_s, V_s,
-                           S_s, P_s, acc_s, scores, acc_o, row_max, prev_max, block_sum, row_sum, rescale_s)
+                           V[b, blk * block_size:(blk + 1) * block_size, g, :], blk * block_size, t, *buf)
             # the local block is always chosen, so row_sum > 0 for every valid selection
             for r in T.Parallel(M):
                 rescale_s[r] = row_sum[r]

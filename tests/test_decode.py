@@ -25,9 +25,7 @@ def fill_paged(k, v, k_idx, lengths, page_size, gen):
             rows = tokens.stop - tokens.start
             for mine, full in ((cache.k, k), (cache.v, v), (cache.k_idx, k_idx)):
                 mine[table[b, i], :rows] = full[b, tokens]
-    cache.lengths = list(lengths)
-    cache.seqlens = torch.tensor(lengths, dtype=torch.int32)
-    return cache
+    return MSACache(cache.k, cache.v, cache.k_idx, table, lengths)
 
 
 def inputs(B, N, Hq, G, D, Di, gen):
