@@ -5,7 +5,11 @@ keys and values sit in the pages ``block_table[b, blk]`` (pages of one block). D
 (B * S * G: 4 at B = 1, S = 1), so each pair's ``topk`` slots are split over ``splits`` CTAs (flash-decoding): a CTA
 walks its slots as :mod:`msa_tl.q_outer_attention` walks a query's blocks (the R heads of the group are the rows,
 one online-softmax step a block, causal only in the token's own block) and leaves an fp32 partial O and LSE; the
-per-row combine of :mod:`msa_tl.lse_combine` merges the splits. Split partials with no block (LSE -inf) drop out.
+combine (:func:`decode_combine_program`) merges the splits. Split partials with no block (LSE -inf) drop out.
+
+The combine is its own kernel rather than the prefill's (:mod:`msa_tl.lse_combine`, 64 rows a CTA walking the
+slots in turn): at B = 1 the partials are 512 KB, which that kernel's single CTA reads in ~60 us, so here a CTA
+takes one (token, group)'s R heads and 32 of the D columns, every split's loads in flight at once.
 """
 
 import math
@@ -13,7 +17,6 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.lse_combine import combine_program
 from msa_tl.q_outer_attention import attend_block_buffers, attend_block_macro
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
@@ -81,6 +84,54 @@ def decode_attention_program(groups: int, heads: int, head_dim: int, block_size:
 decode_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 
+DECODE_COMBINE_COLUMNS = 32  # head-dim columns a combine CTA merges (16 rows x 8 threads x 4 floats)
+
+
+def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, dtype: str = "bfloat16"):
+    """Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] fp32 (:func:`decode_attention_program`) -> O
+    [B, S*G, R, D] (= [B, S, Hq, D]), LSE [B, S*G, R] fp32 (natural log). R <= 16."""
+    batch, n_tg = T.dynamic("batch, n_tg")
+    R, cols, vec = heads // groups, DECODE_COMBINE_COLUMNS, 4
+    if R > 16 or head_dim % cols:
+        raise ValueError(f"decode combine: {R} heads a group (at most 16), head dim {head_dim} (a multiple of {cols})")
+    neg_inf = -T.infinity("float32")
+
+    @T.prim_func
+    def decode_combine(
+        Opart: T.Tensor((batch, n_tg, splits, R, head_dim), "float32"),
+        Lpart: T.Tensor((batch, n_tg, splits, R), "float32"),
+        O: T.Tensor((batch, n_tg, R, head_dim), dtype),
+        LSE: T.Tensor((batch, n_tg, R), "float32"),
+    ):
+        with T.Kernel(head_dim // cols, n_tg, batch, threads=16 * cols // vec) as (bd, tg, b):
+            weight = T.alloc_local((splits,), "float32")  # [splits] this row's split weights
+            acc = T.alloc_local((vec,), "float32")  # [vec] its columns c .. c + 3
+            row_max = T.alloc_local((1,), "float32")
+            row_sum = T.alloc_local((1,), "float32")
+            tx = T.get_thread_binding()
+            r, c = tx // (cols // vec), bd * cols + tx % (cols // vec) * vec
+            if r < R:
+                row_max[0] = neg_inf
+                for s in T.unroll(splits):
+                    row_max[0] = T.max(row_max[0], Lpart[b, tg, s, r])
+                row_sum[0] = 0.0
+                for s in T.unroll(splits):  # NaN passes: it poisons the row's sum, so its output
+                    weight[s] = T.if_then_else(Lpart[b, tg, s, r] != neg_inf,
+                                               T.exp2((Lpart[b, tg, s, r] - row_max[0]) * _LOG2E), 0.0)
+                    row_sum[0] += weight[s]
+                for v in T.unroll(vec):
+                    acc[v] = 0.0
+                for s in T.unroll(splits):
+                    for v in T.unroll(vec):
+                        acc[v] += weight[s] * Opart[b, tg, s, r, c + v]
+                for v in T.unroll(vec):
+                    O[b, tg, r, c + v] = T.if_then_else(row_sum[0] > 0, acc[v] / row_sum[0], 0.0)
+                if tx % (cols // vec) == 0 and bd == 0:
+                    LSE[b, tg, r] = T.if_then_else(row_sum[0] > 0, row_max[0] + T.log(row_sum[0]), neg_inf)
+
+    return decode_combine
+
+
 def decode_splits(pairs: int, topk: int, device) -> int:
     """Splits of each (token, group) pair's slots: enough CTAs for two an SM, at most one slot a CTA."""
     return max(1, min(topk, math.ceil(2 * sm_count(device) / pairs)))
@@ -111,7 +162,7 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
     kernel(q, k_pages, v_pages, block_table, seqlens, indices, o_part, l_part)
     o = torch.empty_like(q)
     lse = torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)
-    combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=splits, groups=G, dtype=tl_dtype(q.dtype),
-                              partial_dtype="float32")
-    combine(o_part, l_part, o.view(B, S * Hq, D), lse.view(B, S * Hq), 0)
+    combine = compiled_kernel(decode_combine_program, heads=Hq, groups=G, head_dim=D, splits=splits,
+                              dtype=tl_dtype(q.dtype))
+    combine(o_part, l_part, o.view(B, S * G, R, D), lse.view(B, S * G, R))
     return o, lse

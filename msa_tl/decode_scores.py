@@ -19,19 +19,90 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
-DECODE_SCORES_DEFAULTS = dict(rows=64, blocks_per_cta=8, num_stages=2, threads=128)
+DECODE_SCORES_DEFAULTS = dict(num_stages=3, threads=128)  # keys_major, rows, blocks_per_cta: scan_tiling
 DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4))  # the tuner's choices
 
 
-def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 64,
-                          blocks_per_cta: int = 8, num_stages: int = 2, threads: int = 128, dtype: str = "bfloat16"):
+def scan_blocks_per_cta(blocks: int, sms: int) -> int:
+    """Blocks a scan CTA takes: the most (up to 32, which keeps the most loads in flight) that still leaves
+    ``blocks`` (batch x max_pages x row tiles) a CTA an SM, at least 4. On the H200
+    (benchmarks/results/h200/decode_scan_sweep*.csv) 32 was the best or within 1% at 1M x 1 row, 128K x 8 and
+    128K x 32 rows of 8 tokens, for bf16 and FP8 keys."""
+    per_cta = 32
+    while per_cta > 4 and blocks < sms * per_cta:
+        per_cta //= 2
+    return per_cta
+
+
+def scan_tiling(n_rows: int, batch: int, max_pages: int, sms: int, config: dict) -> dict:
+    """``config`` with the scan's shape-dependent knobs filled in where it leaves them out: ``keys_major`` (for up
+    to 16 query rows: S * G = 4 at decode; on the H200 the keys-major FP8 scan took 52.5 us at 1M against 83 us
+    queries-major, while at 32 rows queries-major was the faster, 76 against 92 us), ``rows``
+    (:func:`query_rows_tile`) and ``blocks_per_cta`` (:func:`scan_blocks_per_cta`)."""
+    config = dict(config)
+    config.setdefault("keys_major", n_rows <= 16)
+    config.setdefault("rows", query_rows_tile(n_rows, config["keys_major"]))
+    config.setdefault("blocks_per_cta", scan_blocks_per_cta(batch * max_pages * -(-n_rows // config["rows"]), sms))
+    return config
+
+
+def _block_max(keys_major: bool, rows: int, Bk: int, groups: int):
+    """(alloc, score): the buffers and the macro that turn one block's K_s [Bk, Di] into the masked max of each of
+    the CTA's query rows, scaled per key (``k_scale``, FP8) or not.
+
+    ``keys_major`` puts the block's keys on the MMA's M side: acc [Bk, rows] = K Q^T holds only ``rows`` (a multiple
+    of 8, the query rows padded) columns, where the queries as M rows pad to 64: 8x the registers, masking and
+    maxing at S * G = 4. The max over keys then runs on a transposed copy through shared memory (the wgmma layout
+    cannot be reduced along M in place)."""
+    neg_inf = -T.infinity("float32")
+
+    def alloc():
+        if keys_major:
+            return (T.alloc_fragment((Bk, rows), "float32"),  # [Bk, rows] acc
+                    T.alloc_shared((rows, Bk), "float32"),  # [rows, Bk] its transpose
+                    T.alloc_fragment((rows, Bk), "float32"),  # [rows, Bk]
+                    T.alloc_fragment((rows,), "float32"))  # [rows] the block's max
+        acc = T.alloc_fragment((rows, Bk), "float32")  # [rows, Bk]
+        return acc, None, acc, T.alloc_fragment((rows,), "float32")
+
+    @T.macro
+    def score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk, first, r0, masked):
+        T.clear(acc)
+        if keys_major:
+            T.gemm(K_s, Q_s, acc, transpose_B=True)
+            for c, r in T.Parallel(Bk, rows):
+                acc[c, r] = T.if_then_else(masked & (blk * Bk + c > first + (r0 + r) // groups), neg_inf,
+                                           acc[c, r] * (k_scale[c] if k_scale is not None else 1.0))
+            for c, r in T.Parallel(Bk, rows):
+                acc_t[r, c] = acc[c, r]
+            T.copy(acc_t, acc_rows)
+        else:
+            T.gemm(Q_s, K_s, acc, transpose_B=True)
+            for r, c in T.Parallel(rows, Bk):
+                acc[r, c] = T.if_then_else(masked & (blk * Bk + c > first + (r0 + r) // groups), neg_inf,
+                                           acc[r, c] * (k_scale[c] if k_scale is not None else 1.0))
+        T.reduce_max(acc_rows, best, dim=1)
+
+    return alloc, score
+
+
+def query_rows_tile(n_rows: int, keys_major: bool = True) -> int:
+    """Query rows a scan CTA takes: 64 (the wgmma's M) queries-major; keys-major the rows padded to a multiple of 8
+    (the wgmma's N step), at most 64."""
+    return 64 if not keys_major else min(64, -(-n_rows // 8) * 8)
+
+
+def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
+                          blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128, keys_major: bool = True,
+                          dtype: str = "bfloat16"):
     """Q [B, S*G, Di], index-key pages [num_pages, Bk, Di], BlockTable [B, max_pages] int32, SeqLens [B] int32 ->
-    Scores [B, S*G, max_pages] fp32."""
+    Scores [B, S*G, max_pages] fp32. ``rows``: :func:`query_rows_tile`."""
     batch, n_rows, num_pages, max_pages = T.dynamic("batch, n_rows, num_pages, max_pages")
     BPC, Bk, Di = blocks_per_cta, block_size, index_dim
     neg_inf = -T.infinity("float32")
+    alloc, score = _block_max(keys_major, rows, Bk, groups)
 
     @T.prim_func
     def decode_block_scores(
@@ -44,8 +115,7 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
         with T.Kernel(T.ceildiv(max_pages, BPC), T.ceildiv(n_rows, rows), batch, threads=threads) as (bx, by, b):
             Q_s = T.alloc_shared((rows, Di), dtype)  # [rows, Di]
             K_s = T.alloc_shared((Bk, Di), dtype)  # [Bk, Di]
-            acc = T.alloc_fragment((rows, Bk), "float32")  # [rows, Bk]
-            row_max = T.alloc_fragment((rows,), "float32")  # [rows]
+            acc, acc_t, acc_rows, best = alloc()
             n = SeqLens[b]
             first = n - n_rows // groups  # position of the row's first query token
             r0, blk0 = by * rows, bx * BPC
@@ -54,16 +124,11 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
                 Q_s[r, d] = T.if_then_else(r0 + r < n_rows, Q[b, T.min(r0 + r, n_rows - 1), d], 0)
             for i in T.Pipelined(live, num_stages=num_stages):
                 T.copy(Kc[BlockTable[b, blk0 + i], :, :], K_s)
-                T.clear(acc)
-                T.gemm(Q_s, K_s, acc, transpose_B=True)
-                if (blk0 + i + 1) * Bk - 1 > first:  # the block reaches past the first query: mask by position
-                    for r, c in T.Parallel(rows, Bk):
-                        acc[r, c] = T.if_then_else((blk0 + i) * Bk + c <= first + (r0 + r) // groups, acc[r, c],
-                                                   neg_inf)
-                T.reduce_max(acc, row_max, dim=1)
+                # only a block that reaches past the first query's position needs the causal mask
+                score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0, (blk0 + i + 1) * Bk - 1 > first)
                 for r in T.Parallel(rows):
                     if r0 + r < n_rows:
-                        Scores[b, r0 + r, blk0 + i] = row_max[r] * scale
+                        Scores[b, r0 + r, blk0 + i] = best[r] * scale
             for r, i in T.Parallel(rows, BPC):  # blocks past the row's end
                 if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
                     Scores[b, r0 + r, blk0 + i] = neg_inf
@@ -71,14 +136,79 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
     return decode_block_scores
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn (msa_tl.reference.quantize_fp8 uses the same)
+
+
+def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
+                              blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128,
+                              keys_major: bool = True, dtype: str = "bfloat16"):
+    """The scan over FP8 index keys: Q [B, S*G, Di] (bf16 / fp16), index-key pages [num_pages, Bk, Di] float8_e4m3
+    with their per-token scales KScale [num_pages, Bk] fp32, BlockTable, SeqLens -> Scores [B, S*G, max_pages] fp32.
+
+    A key is ``Kc * KScale``; each query row is quantised here to e4m3 with its own scale amax / 448, so each block is
+    one FP8 wgmma (half the bf16 key bytes and twice the MMA rate) and the score is
+    ``index_scale * q_scale[r] * max_c(acc[r, c] * KScale[c])`` (q_scale > 0 leaves the max where it is).
+    """
+    batch, n_rows, num_pages, max_pages = T.dynamic("batch, n_rows, num_pages, max_pages")
+    BPC, Bk, Di = blocks_per_cta, block_size, index_dim
+    neg_inf = -T.infinity("float32")
+    fp8 = "float8_e4m3"
+    alloc, score = _block_max(keys_major, rows, Bk, groups)
+
+    @T.prim_func
+    def decode_block_scores_fp8(
+        Q: T.Tensor((batch, n_rows, index_dim), dtype),
+        Kc: T.Tensor((num_pages, block_size, index_dim), fp8),
+        KScale: T.Tensor((num_pages, block_size), "float32"),
+        BlockTable: T.Tensor((batch, max_pages), "int32"),
+        SeqLens: T.Tensor((batch,), "int32"),
+        Scores: T.Tensor((batch, n_rows, max_pages), "float32"),
+    ):
+        with T.Kernel(T.ceildiv(max_pages, BPC), T.ceildiv(n_rows, rows), batch, threads=threads) as (bx, by, b):
+            Q_f = T.alloc_fragment((rows, Di), "float32")  # [rows, Di]
+            q_amax = T.alloc_fragment((rows,), "float32")  # [rows]
+            q_scale = T.alloc_shared((rows,), "float32")  # [rows] read in the acc layout, so through shared memory
+            Q_s = T.alloc_shared((rows, Di), fp8)  # [rows, Di]
+            K_s = T.alloc_shared((Bk, Di), fp8)  # [Bk, Di]
+            k_scale = T.alloc_shared((Bk,), "float32")  # [Bk]
+            acc, acc_t, acc_rows, best = alloc()
+            n = SeqLens[b]
+            first = n - n_rows // groups
+            r0, blk0 = by * rows, bx * BPC
+            live = T.max(T.min(BPC, T.ceildiv(n, Bk) - blk0), 0)
+            for r, d in T.Parallel(rows, Di):
+                Q_f[r, d] = T.if_then_else(r0 + r < n_rows, Q[b, T.min(r0 + r, n_rows - 1), d], 0)
+            T.reduce_absmax(Q_f, q_amax, dim=1)
+            for r in T.Parallel(rows):
+                q_amax[r] = T.if_then_else(q_amax[r] > 0, q_amax[r] / FP8_MAX, 1.0)
+                q_scale[r] = q_amax[r] * scale
+            for r, d in T.Parallel(rows, Di):
+                Q_s[r, d] = T.Cast(fp8, Q_f[r, d] / q_amax[r])
+            for i in T.Pipelined(live, num_stages=num_stages):
+                T.copy(Kc[BlockTable[b, blk0 + i], :, :], K_s)
+                T.copy(KScale[BlockTable[b, blk0 + i], :], k_scale)
+                score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
+                      (blk0 + i + 1) * Bk - 1 > first)
+                for r in T.Parallel(rows):
+                    if r0 + r < n_rows:
+                        Scores[b, r0 + r, blk0 + i] = best[r] * q_scale[r]
+            for r, i in T.Parallel(rows, BPC):
+                if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
+                    Scores[b, r0 + r, blk0 + i] = neg_inf
+
+    return decode_block_scores_fp8
+
+
 def decode_block_scores(q_idx: torch.Tensor, k_idx_pages: torch.Tensor, block_table: torch.Tensor,
                         seqlens: torch.Tensor, block_size: int, index_scale: float | None = None,
-                        **config) -> torch.Tensor:
+                        k_idx_scale: torch.Tensor | None = None, **config) -> torch.Tensor:
     """Block scores of each row's newest S tokens over its cached index keys, on the GPU.
 
-    q_idx [B, S, G, Di]; k_idx_pages [num_pages, Bk, Di] (pages of ``block_size`` tokens); block_table
-    [B, max_pages] int32; seqlens [B] int32 (each >= S) -> [B, S, G, max_pages] float32, -inf where nothing is
-    visible. ``config``: :data:`DECODE_SCORES_DEFAULTS` knobs.
+    q_idx [B, S, G, Di]; k_idx_pages [num_pages, Bk, Di] (pages of ``block_size`` tokens; float8_e4m3fn codes
+    with ``k_idx_scale`` [num_pages, Bk] fp32, or q_idx's dtype); block_table [B, max_pages] int32; seqlens [B]
+    int32 (each >= S) -> [B, S, G, max_pages] float32, -inf where nothing is visible. ``config``:
+    :data:`DECODE_SCORES_DEFAULTS` knobs and ``keys_major``, ``rows``, ``blocks_per_cta`` (default
+    :func:`scan_tiling`).
     """
     B, S, G, Di = q_idx.shape
     if k_idx_pages.shape[1] != block_size:
@@ -86,7 +216,10 @@ def decode_block_scores(q_idx: torch.Tensor, k_idx_pages: torch.Tensor, block_ta
                          f"block size {block_size}")
     scale = 1.0 / math.sqrt(Di) if index_scale is None else float(index_scale)
     scores = torch.empty((B, S * G, block_table.shape[1]), device=q_idx.device, dtype=torch.float32)
-    kernel = compiled_kernel(decode_scores_program, groups=G, index_dim=Di, block_size=block_size, scale=scale,
-                             dtype=tl_dtype(q_idx.dtype), **{**DECODE_SCORES_DEFAULTS, **config})
-    kernel(q_idx.view(B, S * G, Di), k_idx_pages, block_table, seqlens, scores)
+    config = scan_tiling(S * G, B, block_table.shape[1], sm_count(q_idx.device), {**DECODE_SCORES_DEFAULTS, **config})
+    program = decode_scores_program if k_idx_scale is None else decode_scores_fp8_program
+    kernel = compiled_kernel(program, groups=G, index_dim=Di, block_size=block_size, scale=scale,
+                             dtype=tl_dtype(q_idx.dtype), **config)
+    scales = () if k_idx_scale is None else (k_idx_scale,)
+    kernel(q_idx.view(B, S * G, Di), k_idx_pages, *scales, block_table, seqlens, scores)
     return scores.view(B, S, G, -1)

@@ -398,6 +398,28 @@ def msa_forward(
     return o, lse, indices
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., Di] -> (float8_e4m3fn [..., Di], scale [...] float32): a scale per row, amax / 448 (1 for a row of
+    zeros), the codes ``x / scale`` rounded to nearest, as the FP8 index cache stores keys and the decode scan its
+    queries."""
+    amax = x.float().abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """codes [..., Di] float8_e4m3fn, scale [...] -> the values they stand for, float64."""
+    return codes.double() * scale.double()[..., None]
+
+
+def fake_quantize_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x as FP8 scoring sees it: quantised per row and back (float64)."""
+    return dequantize_fp8(*quantize_fp8(x))
+
+
 def cached_rows(cache: torch.Tensor, block_table: torch.Tensor, row: int, length: int) -> torch.Tensor:
     """The first ``length`` tokens of batch row ``row`` of a paged cache [num_pages, page_size, *rest] whose pages
     ``block_table`` [B, max_pages] lists, as one contiguous [length, *rest] tensor."""

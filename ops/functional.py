@@ -217,7 +217,8 @@ def msa_decode(
     Returns:
         o [B, S, Hq, D] in q's dtype, equal to the rows of :func:`msa_attention` over each row's first
         ``cache.lengths[b]`` tokens at its last S positions; with ``return_lse`` / ``return_indices`` the tuple
-        (o, lse?, indices?).
+        (o, lse?, indices?). With FP8 index keys (``MSACache.paged(..., index_dtype=torch.float8_e4m3fn)``) the
+        selection scores the dequantised keys against q_idx quantised per row the same way.
     """
     check_options(block_size=block_size, topk=topk, scale=scale, index_scale=index_scale)
     check_decode_inputs(q, q_idx, cache)
@@ -229,7 +230,8 @@ def msa_decode(
         o, lse, indices = kernel(q, q_idx, cache, block_size=block_size, topk=topk, scale=scale,
                                  index_scale=index_scale)
     else:
-        o, lse, indices = reference.msa_decode(q, q_idx, cache.k, cache.v, cache.k_idx, cache.block_table,
+        q_idx_ref = reference.fake_quantize_fp8(q_idx) if cache.index_fp8 else q_idx
+        o, lse, indices = reference.msa_decode(q, q_idx_ref, cache.k, cache.v, cache.index_keys(), cache.block_table,
                                                cache.lengths, block_size, topk, scale, index_scale)
         o, lse = o.to(q.dtype), lse.float()
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])

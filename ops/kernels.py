@@ -243,3 +243,27 @@ def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_stu
 
 register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_limit)
 register_kernel("kl_alignment_loss_backward", _kl_alignment_loss_backward, _kl_limit)
+
+
+DECODE_MAX_TOPK = 32  # each thread of the decode top-k keeps its k-1 best in registers
+
+
+def _msa_decode_limit(device, *, dtype, heads, groups, head_dim, index_dim, block_size, topk, page_size=None, **_):
+    page_size = block_size if page_size is None else page_size
+    return _first_limit(
+        _device_limit(device, dtype),
+        page_size != block_size and f"pages of {page_size} tokens for blocks of {block_size} (a page a block)",
+        block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
+        head_dim not in Q_OUTER_HEAD_DIMS and f"head dim {head_dim} (one of {Q_OUTER_HEAD_DIMS})",
+        index_dim not in INDEX_DIMS and f"index dim {index_dim} (one of {INDEX_DIMS})",
+        heads // groups > 16 and f"{heads // groups} query heads per KV head (at most 16)",
+        topk > DECODE_MAX_TOPK and f"topk {topk} (at most {DECODE_MAX_TOPK})")
+
+
+def _msa_decode(q, q_idx, cache, *, block_size, topk, scale, index_scale):
+    plan = cache.plan(queries=q.shape[1], heads=q.shape[2], block_size=block_size, topk=topk, scale=scale,
+                      index_scale=index_scale)
+    return plan.run(q, q_idx, cache.k, cache.v, cache.k_idx, cache.k_idx_scale)
+
+
+register_kernel("msa_decode", _msa_decode, _msa_decode_limit)

@@ -359,9 +359,26 @@ def test_the_decode_scan_loads_pages_through_the_block_table(G, Bk):
     assert "tma_load(Kc_desc" in source and "BlockTable[" in source and "wgmma" in source
 
 
+def test_the_fp8_decode_scan_quantises_each_query_row_and_scores_with_fp8_wgmma():
+    """FP8 index keys and their per-token scales come by TMA through the block table; each query row is quantised
+    to e4m3 in the kernel (satfinite), and the block is one e4m3 x e4m3 wgmma."""
+    source = lower_to_cuda(decode_scores.decode_scores_fp8_program, groups=4, index_dim=128, block_size=128,
+                           scale=0.088)
+    assert "tma_load(Kc_desc" in source and "tma_load(KScale_desc" in source and "BlockTable[" in source
+    assert "__NV_SATFINITE, __NV_E4M3" in source and "kFloat8_e4m3, tl::DataType::kFloat8_e4m3" in source
+
+
+def test_the_decode_combine_loads_every_split_of_its_columns_at_once():
+    source = lower_to_cuda(decode_attention.decode_combine_program, heads=64, groups=4, head_dim=128, splits=16)
+    import re
+
+    unrolled_split_loops = re.findall(r"#pragma unroll\s+for \(int s\w* = 0; s\w* < 16;", source)
+    assert len(unrolled_split_loops) == 3  # max, weights, sum: each split's loads in flight together
+
+
 def test_the_decode_top_k_merges_the_lanes_lists_by_warp_shuffles():
     source = lower_to_cuda(decode_topk.decode_topk_program, groups=4, block_size=128, topk=16)
-    assert "__global__" in source and source.count("__shfl_xor_sync") == 2  # a score and a block id a step
+    assert "__global__" in source and source.count("__shfl_xor_sync") == 4  # a score and a block id a step, in the warps and then across them
 
 
 def test_the_decode_attention_reads_k_and_v_through_the_block_table():

@@ -146,3 +146,40 @@ def test_the_layer_generates_the_full_forward_rows_with_a_cache(mode, seed=0):
         assert cache.lengths == [t] * B
     with pytest.raises(ValueError, match="KL loss"):
         layer.train()(x[:, :1], cache=cache)
+
+
+def test_fp8_index_keys_are_stored_as_codes_with_a_scale_per_token(seed=0):
+    """Appends quantise each token's index key (amax / 448 scale); decode selects over the dequantised keys with
+    q_idx quantised per row the same way: equal to the forward rows over those values."""
+    gen = torch.Generator().manual_seed(seed)
+    B, N, Hq, G, D, Di, Bk, topk, S = 2, 600, 4, 2, 16, 32, 64, 4, 3
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di, gen)
+    k_idx[0, 7] = 0.0  # a row of zeros keeps scale 1 and codes 0
+    cache = MSACache.paged(B, N, G, D, Di, page_size=Bk, dtype=f64, index_dtype=torch.float8_e4m3fn,
+                           block_table=torch.randperm(B * 10, generator=gen).view(B, 10).int())
+    cache.append(k, v, k_idx)
+    assert cache.index_fp8 and cache.k_idx.dtype == torch.float8_e4m3fn and cache.k_idx_scale.dtype == torch.float32
+    stored = torch.stack([R.cached_rows(cache.index_keys(), cache.block_table, b, N) for b in range(B)])
+    amax = k_idx.abs().amax(-1, keepdim=True)
+    assert ((stored - k_idx).abs() <= amax * 2.0**-4).all()  # e4m3: 3 mantissa bits, half an ulp at most
+    assert torch.equal(stored[0, 7], torch.zeros(Di, dtype=f64))
+    assert R.cached_rows(cache.k_idx_scale[..., None], cache.block_table, 0, N)[7].item() == 1.0
+    lengths = [N, N - 77]
+    cache = MSACache(cache.k, cache.v, cache.k_idx, cache.block_table, lengths, k_idx_scale=cache.k_idx_scale)
+    o, idx = msa_tl.msa_decode(newest(q, lengths, S), newest(q_idx, lengths, S), cache, block_size=Bk, topk=topk,
+                               return_indices=True)
+    want_o, _, want_idx = forward_rows(q, k, v, R.fake_quantize_fp8(q_idx), stored, lengths, S, Bk, topk)
+    assert torch.equal(idx, want_idx) and (o - want_o).abs().max().item() <= 1e-12
+
+
+def test_fp8_index_keys_need_their_scales():
+    B, G, D, Di = 1, 2, 8, 16
+    k = torch.zeros(4, 64, G, D)
+    codes = torch.zeros(4, 64, Di, dtype=torch.float8_e4m3fn)
+    table = torch.arange(4, dtype=torch.int32).view(1, 4)
+    with pytest.raises(ValueError, match="k_idx_scale"):
+        MSACache(k, k.clone(), codes, table, [0])
+    with pytest.raises(ValueError, match="k_idx_scale"):
+        MSACache(k, k.clone(), codes, table, [0], k_idx_scale=torch.ones(4, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="k's dtype"):
+        MSACache(k, k.clone(), torch.zeros(4, 64, Di, dtype=torch.float64), table, [0])

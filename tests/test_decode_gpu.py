@@ -1,4 +1,6 @@
-"""Decode kernels against the float64 reference (`pytest -m gpu`): the index scan over a paged cache, the top-k."""
+"""Decode kernels against the float64 reference (`pytest -m gpu`): the index scan over a paged cache, the top-k, the
+split attention, the whole step through ``msa_decode`` (paged and contiguous caches, ragged rows, S 1 to 40), its
+replay from a CUDA graph after appends, and the layer generating with a cache."""
 
 import pytest
 import torch
@@ -25,14 +27,15 @@ def paged_index_keys(S, G, Bk, seed, lengths=None, max_pages=24, Di=128):
 
 @CASES
 @BLOCKS
-def test_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, seed=0):
+@pytest.mark.parametrize("keys_major", [True, False])
+def test_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, seed=0):
     """Ragged rows (one shorter than a block, one ending mid-block, one long), pages in random order, the grid
     from the cache's maxima: visible blocks to fp32 accumulation, every other entry -inf."""
     from msa_tl.decode_scores import decode_block_scores
 
     q_idx, k_idx_pages, table, seqlens, lengths = paged_index_keys(S, G, Bk, seed)
     B, max_pages = len(lengths), table.shape[1]
-    got = decode_block_scores(q_idx, k_idx_pages, table, seqlens, Bk)
+    got = decode_block_scores(q_idx, k_idx_pages, table, seqlens, Bk, keys_major=keys_major)
     assert got.shape == (B, S, G, max_pages)
     for b, n in enumerate(lengths):
         keys = R.cached_rows(k_idx_pages, table, b, n)[None]
@@ -93,3 +96,166 @@ def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D,
     rel = relative_error(o, ref_o)
     assert rel <= OUTPUT_RTOL, f"output rel err {rel:.2e}"
     assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL
+
+
+def decode_case(B_lengths, S, Hq, G, D, Di, Bk, seed, contiguous=False, max_pages=None, fp8=False):
+    """A bf16 cache holding ragged rows (pages shuffled unless ``contiguous``; FP8 index keys with a scale per token
+    if ``fp8``) and the newest S tokens' queries."""
+    from msa_tl.ops.cache import MSACache
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B = len(B_lengths)
+    max_pages = max_pages or -(-max(B_lengths) // Bk)
+    table = (torch.arange(B * max_pages, device="cuda") if contiguous
+             else torch.randperm(B * max_pages, device="cuda", generator=gen)).view(B, max_pages).int()
+    rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    k_idx, k_idx_scale = rand(B * max_pages, Bk, Di), None
+    if fp8:
+        k_idx, k_idx_scale = R.quantize_fp8(k_idx * (1 + torch.rand(B * max_pages, Bk, 1, device="cuda", generator=gen)))
+    cache = MSACache(rand(B * max_pages, Bk, G, D), rand(B * max_pages, Bk, G, D), k_idx, table, B_lengths,
+                     k_idx_scale=k_idx_scale)
+    return cache, rand(B, S, Hq, D), rand(B, S, G, Di)
+
+
+def assert_decode_selection_up_to_ties(idx, q_idx, cache, Bk, topk, index_scale=None):
+    """Per row: the local block in slot 0 and the reference's chosen set, except blocks whose float64 score ties the
+    selection boundary within bf16 rounding. FP8 caches: the reference scores the dequantised keys against q_idx
+    quantised as the scan quantises it."""
+    B, S, G, _ = q_idx.shape
+    q_idx = R.fake_quantize_fp8(q_idx) if cache.index_fp8 else q_idx
+    for b, n in enumerate(cache.lengths):
+        keys = R.cached_rows(cache.index_keys(), cache.block_table, b, n)[None]
+        scores = R._pool_blocks(R.index_token_scores(q_idx[b:b + 1], keys, index_scale, n - S), Bk)  # [1, G, S, nblk]
+        want = R.topk_blocks(scores, topk, Bk, query_start=n - S)[0]  # [S, G, topk]
+        local = (n - S + torch.arange(S, device="cuda")) // Bk
+        assert torch.equal(idx[b, :, :, 0], local[:, None].expand(S, G).int()), f"row {b}: slot 0"
+        for s in range(S):
+            for g in range(G):
+                got_set = set(idx[b, s, g].tolist()) - {-1}
+                want_set = set(want[s, g].tolist()) - {-1}
+                assert len(got_set) == (idx[b, s, g] >= 0).sum().item() == len(want_set), (b, s, g)
+                row = scores[0, g, s, :int(local[s])]
+                if got_set != want_set:
+                    boundary = row.sort(descending=True).values[min(topk - 1, row.numel()) - 1].item()
+                    for blk in got_set ^ want_set:
+                        gap = abs(row[blk].item() - boundary)
+                        assert gap <= 2**-8 * max(1.0, abs(boundary)), (b, s, g, blk, gap)
+
+
+STEP_CASES = pytest.mark.parametrize(
+    "S,G,Hq,D,Di,Bk,topk,contiguous,fp8",
+    [(1, 4, 64, 128, 128, 128, 16, False, False), (8, 4, 64, 128, 128, 128, 16, True, False),
+     (40, 2, 16, 64, 64, 64, 8, False, False), (1, 1, 16, 128, 128, 64, 16, True, False),
+     (3, 2, 14, 128, 64, 128, 5, False, False), (1, 4, 64, 128, 128, 128, 16, False, True),
+     (8, 2, 16, 64, 64, 64, 8, True, True)],
+    ids=["decode-paper-paged", "draft-8-contiguous", "chunk-40-Bk64", "G1-contiguous", "R7-paged",
+         "fp8-decode-paper-paged", "fp8-draft-8-Bk64-contiguous"])
+
+
+@STEP_CASES
+def test_msa_decode_runs_the_kernels_and_matches_the_reference(S, G, Hq, D, Di, Bk, topk, contiguous, fp8, seed=0):
+    """The whole step through msa_decode (scan, top-k, split attention and combine on the GPU): selection up to bf16 ties, outputs and LSE against the float64 reference over the kernel's selection."""
+    import msa_tl
+    from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
+    from msa_tl.ops.kernels import _msa_decode_limit
+
+    lengths = [S + 5, 1500, 4 * Bk + 9, 3000 + S]
+    cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, contiguous=contiguous, fp8=fp8)
+    assert _msa_decode_limit(q.device, dtype=q.dtype, heads=Hq, groups=G, head_dim=D, index_dim=Di, block_size=Bk,
+                             topk=topk, page_size=Bk) is None, "the reference would run"
+    o, lse, idx = msa_tl.msa_decode(q, q_idx, cache, block_size=Bk, topk=topk, return_lse=True, return_indices=True)
+    assert o.dtype == q.dtype and o.shape == q.shape and idx.shape == (len(lengths), S, G, topk)
+    assert_decode_selection_up_to_ties(idx, q_idx, cache, Bk, topk)
+    ref_o, ref_lse, _ = R.msa_decode(q, q_idx, cache.k, cache.v, cache.index_keys(), cache.block_table, lengths, Bk,
+                                     topk, indices=idx)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert relative_error(o, ref_o) <= OUTPUT_RTOL
+    assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL
+
+
+def test_a_cuda_graph_of_the_plan_replays_after_appends(seed=0):
+    """Capture one step of a plan, then append tokens (seqlens and pages change in place), write the new queries
+    into the captured inputs and replay: each replay equals msa_decode run eagerly on the same cache."""
+    import msa_tl
+
+    S, G, Hq, D, Di, Bk, topk = 1, 4, 64, 128, 128, 128, 16
+    lengths = [700, 2000, 129]
+    cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, max_pages=24)
+    plan = cache.plan(queries=S, heads=Hq, topk=topk)
+    k, v, ki = cache.k, cache.v, cache.k_idx
+    plan.run(q, q_idx, k, v, ki)  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse, idx = plan.run(q, q_idx, k, v, ki)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    for step in range(3):
+        rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+        cache.append(rand(3, S, G, D), rand(3, S, G, D), rand(3, S, Di))
+        q.copy_(rand(3, S, Hq, D))
+        q_idx.copy_(rand(3, S, G, Di))
+        o.fill_(float("nan"))
+        graph.replay()
+        want_o, want_lse, want_idx = msa_tl.msa_decode(q, q_idx, cache, block_size=Bk, topk=topk, return_lse=True,
+                                                       return_indices=True)
+        assert torch.equal(idx, want_idx), step
+        assert torch.equal(o, want_o) and torch.equal(lse, want_lse), step
+
+
+def test_the_layer_generates_the_full_forward_rows_with_the_decode_kernels(seed=0):
+    """bf16 layer on the GPU: prefill through the prefill kernels into a paged cache, then single tokens and an
+    8-token draft through the decode kernels; each step's rows equal the full forward's (selection up to ties,
+    output to bf16 rounding)."""
+    import msa_tl
+    from msa_tl import MSACache
+    from msa_tl.checks import OUTPUT_RTOL, relative_error
+
+    torch.manual_seed(seed)
+    B, N, hidden, H, G, D, Di, Bk, topk = 2, 1100, 512, 16, 2, 128, 128, 128, 4
+    layer = msa_tl.MSAAttention(hidden, H, G, D, Di, block_size=Bk, topk=topk, device="cuda",
+                                dtype=torch.bfloat16).eval()
+    x = torch.randn(B, N, hidden, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = layer(x)
+        cache = MSACache.paged(B, N, G, D, Di, page_size=Bk, device="cuda", dtype=torch.bfloat16,
+                               block_table=torch.randperm(B * 9, device="cuda").view(B, 9).int())
+        t = 0
+        for S in (1000, 1, 1, 8, 1):
+            out = layer(x[:, t:t + S], cache=cache)
+            same = (out.indices == full.indices[:, t:t + S]).float().mean().item()
+            assert same >= 0.99, (t, S, same)  # a bf16 tie may swap a block between the two paths
+            assert relative_error(out.output, full.output[:, t:t + S]) <= OUTPUT_RTOL, (t, S)
+            t += S
+
+
+@pytest.mark.parametrize("S,G,Bk", [(1, 4, 128), (8, 4, 128), (5, 2, 64), (40, 2, 128)])
+@pytest.mark.parametrize("keys_major", [True, False])
+def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, seed=0):
+    """FP8 keys (codes and a scale per token) and queries whose per-row FP8 quantisation is exact (codes times a
+    power of two, each row reaching 448 times it), so the float64 reference sees the scan's very operands: every
+    other entry -inf, visible blocks to the FP8 wgmma's accumulation. Hopper's FP8 MMA keeps about 14 bits of its
+    running sum (DeepSeek-V3's report measures the same on the H800), so an entry may be off by some 2^-14 of the
+    sum of |q_i k_i| behind it, not of the score: the bound is 2^-10 of that sum. (A bound of 1e-3 of the score
+    failed at S = 40 on the H200 by 1.03e-3, every entry 1e-4 to 1e-3 off: rounding, not a wrong block.)"""
+    from msa_tl.decode_scores import decode_block_scores
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    _, k_idx_bf16, table, seqlens, lengths = paged_index_keys(S, G, Bk, seed)
+    B, max_pages, Di = len(lengths), table.shape[1], k_idx_bf16.shape[-1]
+    codes, k_scale = R.quantize_fp8(k_idx_bf16 * (1 + torch.rand(*k_idx_bf16.shape[:2], 1, device="cuda",
+                                                                  generator=gen)))
+    q_codes = torch.randn(B, S, G, Di, device="cuda", generator=gen).mul(64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    q_codes[..., 0] = 448.0
+    q_idx = (q_codes.float() * 2.0**-6).to(torch.bfloat16)  # exact in bf16: 4-bit mantissas
+    got = decode_block_scores(q_idx, codes, table, seqlens, Bk, k_idx_scale=k_scale, keys_major=keys_major)
+    keys_all = R.dequantize_fp8(codes, k_scale)
+    for b, n in enumerate(lengths):
+        keys = R.cached_rows(keys_all, table, b, n)[None]
+        want = R._pool_blocks(R.index_token_scores(q_idx[b:b + 1].double(), keys, None, n - S), Bk)[0]
+        magnitude = R._pool_blocks(R.index_token_scores(q_idx[b:b + 1].double().abs(), keys.abs(), None, n - S), Bk)[0]
+        want = torch.nn.functional.pad(want, (0, max_pages - want.shape[-1]), value=float("-inf"))
+        magnitude = torch.nn.functional.pad(magnitude, (0, max_pages - magnitude.shape[-1]), value=float("-inf"))
+        row = got[b].permute(1, 0, 2).double()
+        assert torch.equal(torch.isneginf(row), torch.isneginf(want)), f"row {b}: -inf entries differ"
+        seen = torch.isfinite(want)
+        assert ((row[seen] - want[seen]).abs() <= 2.0**-10 * magnitude[seen]).all(), f"row {b}"

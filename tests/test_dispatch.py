@@ -29,7 +29,13 @@ def test_paper_shape_takes_both_kernels_on_hopper(hopper):
     assert dispatch.kernel_status(cuda) == {
         "select_blocks": "tilelang", "sparse_attention": "tilelang", "sparse_attention_backward": "tilelang",
         "kl_alignment_loss": "tilelang", "kl_alignment_loss_backward": "tilelang",
-        "msa_decode": "reference"}  # issue 14: the cache and the reference first, the decode kernels next
+        "msa_decode": "tilelang"}
+
+
+@pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(page_size=64), dict(block_size=256),
+                                    dict(head_dim=256), dict(index_dim=96), dict(heads=128), dict(topk=33)])
+def test_decode_shapes_outside_the_kernels_take_the_reference(hopper, change):
+    assert kernels._msa_decode_limit(torch.device("cuda"), **{**PAPER, **change}) is not None
 
 
 @pytest.mark.parametrize("change", [dict(dtype=torch.float32), dict(groups=65), dict(index_dim=256),

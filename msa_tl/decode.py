@@ -1,0 +1,122 @@
+"""One MSA decode step over a paged cache on the GPU: index scan -> top-k -> split attention -> LSE combine.
+
+    q [B, S, Hq, D], q_idx [B, S, G, Di]                    the newest S tokens of each row (already appended)
+    k_pages / v_pages [num_pages, Bk, G, D], k_idx_pages [num_pages, Bk, Di], block_table [B, max_pages] int32,
+    seqlens [B] int32                                        the cache (pages of one block)
+    -> o [B, S, Hq, D], lse [B, S, Hq] fp32, indices [B, S, G, topk] int32
+
+:class:`DecodePlan` splits the step as serving stacks do: what depends only on the batch (the block table, the
+row lengths, the four compiled kernels, the split count and the scratch buffers) is built once per step;
+:meth:`DecodePlan.run` then launches the four kernels for one layer with no host sync and grids fixed by the
+cache's maxima, so a whole step (every layer) can be captured in one CUDA graph and replayed while ``seqlens``
+and the pages change in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from msa_tl.decode_attention import (DECODE_ATTENTION_DEFAULTS, decode_attention_program, decode_combine_program,
+                                     decode_splits)
+from msa_tl.decode_scores import DECODE_SCORES_DEFAULTS, decode_scores_fp8_program, decode_scores_program, scan_tiling
+from msa_tl.decode_topk import DECODE_TOPK_DEFAULTS, decode_topk_program, topk_warps
+from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+
+
+class DecodePlan:
+    """The launches of one decode step for every layer that shares its batch: rows, lengths, shapes.
+
+    Args:
+        block_table: [B, max_pages] int32, the pages of each row (read at run time; update it in place).
+        seqlens: [B] int32, tokens cached per row including the S new ones (read at run time; in place).
+        queries: S, the newest tokens of each row that attend.
+        heads, groups, head_dim, index_dim: Hq, G, D, Di.
+        block_size, topk: the MSA block (= the page size) and the blocks each query attends to.
+        scale, index_scale: softmax and index-score scales (default 1/sqrt(D), 1/sqrt(Di)).
+        dtype: q's dtype (bf16 / fp16).
+        index_fp8: the index keys are float8_e4m3fn codes with a scale per token (the scan quantises each query row
+            to FP8 too and scores with FP8 wgmma); else they have ``dtype``.
+        splits: CTAs that share each (token, group)'s slots (default :func:`decode_splits`).
+        scores_config, topk_config, attention_config: knob overrides of each kernel's defaults.
+    """
+
+    def __init__(self, block_table: torch.Tensor, seqlens: torch.Tensor, *, queries: int, heads: int, groups: int,
+                 head_dim: int, index_dim: int, block_size: int = 128, topk: int = 16, scale: float | None = None,
+                 index_scale: float | None = None, dtype: torch.dtype = torch.bfloat16, index_fp8: bool = False,
+                 splits: int | None = None,
+                 scores_config: dict | None = None, topk_config: dict | None = None,
+                 attention_config: dict | None = None):
+        B, max_pages = block_table.shape
+        device = block_table.device
+        self.block_table, self.seqlens = block_table, seqlens
+        self.shape = dict(batch=B, queries=queries, heads=heads, groups=groups, head_dim=head_dim,
+                          index_dim=index_dim, block_size=block_size, topk=topk)
+        self.splits = splits or decode_splits(B * queries * groups, topk, device)
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
+        tl = tl_dtype(dtype)
+        scores_config = scan_tiling(queries * groups, B, max_pages, sm_count(device),
+                                    {**DECODE_SCORES_DEFAULTS, **(scores_config or {})})
+        self.index_fp8 = index_fp8
+        scan = decode_scores_fp8_program if index_fp8 else decode_scores_program
+        self._scores = compiled_kernel(scan, groups=groups, index_dim=index_dim, block_size=block_size,
+                                       scale=index_scale, dtype=tl, **scores_config)
+        self._topk = compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
+                                     **{"warps": topk_warps(max_pages), **DECODE_TOPK_DEFAULTS, **(topk_config or {})})
+        self._attend = compiled_kernel(decode_attention_program, groups=groups, heads=heads, head_dim=head_dim,
+                                       block_size=block_size, topk=topk, scale=scale, splits=self.splits, dtype=tl,
+                                       **{**DECODE_ATTENTION_DEFAULTS, **(attention_config or {})})
+        self._combine = compiled_kernel(decode_combine_program, heads=heads, groups=groups, head_dim=head_dim,
+                                        splits=self.splits, dtype=tl)
+        rows, R = queries * groups, heads // groups
+        self._block_scores = torch.empty((B, rows, max_pages), device=device, dtype=torch.float32)  # [B, S*G, pages]
+        self._o_part = torch.empty((B, rows, self.splits, R, head_dim), device=device, dtype=torch.float32)
+        self._l_part = torch.empty((B, rows, self.splits, R), device=device, dtype=torch.float32)
+
+    def index_scores(self, q_idx: torch.Tensor, k_idx_pages: torch.Tensor,
+                     k_idx_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Block scores [B, S*G, max_pages] fp32 of q_idx [B, S, G, Di] over the index-key pages (and their
+        [num_pages, Bk] scales when FP8); the plan's buffer, overwritten by the next call."""
+        B, S, G = q_idx.shape[:3]
+        if (k_idx_scale is not None) != self.index_fp8:
+            raise ValueError("FP8 index keys come with k_idx_scale, bf16 / fp16 ones without; this plan was built for "
+                             + ("FP8" if self.index_fp8 else "bf16 / fp16") + " keys")
+        scales = () if k_idx_scale is None else (k_idx_scale,)
+        self._scores(q_idx.view(B, S * G, -1), k_idx_pages, *scales, self.block_table, self.seqlens,
+                     self._block_scores)
+        return self._block_scores
+
+    def select(self, block_scores: torch.Tensor) -> torch.Tensor:
+        """indices [B, S, G, topk] int32 (slot 0 the local block) from :meth:`index_scores`'s scores."""
+        s = self.shape
+        B, S, G = s["batch"], s["queries"], s["groups"]
+        indices = torch.empty((B, S, G, s["topk"]), device=block_scores.device, dtype=torch.int32)
+        self._topk(block_scores, self.seqlens, indices.view(B, S * G, -1))
+        return indices
+
+    def attend(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, indices: torch.Tensor):
+        """o [B, S, Hq, D] (q's dtype), lse [B, S, Hq] fp32 of q over the chosen blocks: split attention, then the
+        LSE combine of the splits."""
+        B, S, Hq, D = q.shape
+        o = torch.empty_like(q)
+        lse = torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)
+        self._attend(q, k_pages, v_pages, self.block_table, self.seqlens, indices, self._o_part, self._l_part)
+        G = self.shape["groups"]
+        self._combine(self._o_part, self._l_part, o.view(B, S * G, Hq // G, D), lse.view(B, S * G, Hq // G))
+        return o, lse
+
+    def run(self, q: torch.Tensor, q_idx: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+            k_idx_pages: torch.Tensor, k_idx_scale: torch.Tensor | None = None):
+        """One layer's step: q [B, S, Hq, D], q_idx [B, S, G, Di] and its cache pages (with the index keys' scales
+        when FP8) -> (o [B, S, Hq, D], lse [B, S, Hq] fp32, indices [B, S, G, topk] int32), fresh tensors each
+        call."""
+        s = self.shape
+        B, S, Hq, D, G = s["batch"], s["queries"], s["heads"], s["head_dim"], s["groups"]
+        if q.shape != (B, S, Hq, D) or q_idx.shape != (B, S, G, s["index_dim"]):
+            raise ValueError(f"this plan runs q [{B}, {S}, {Hq}, {D}] and q_idx [{B}, {S}, {G}, {s['index_dim']}], "
+                             f"got {tuple(q.shape)} and {tuple(q_idx.shape)}")
+        indices = self.select(self.index_scores(q_idx, k_idx_pages, k_idx_scale))
+        o, lse = self.attend(q, k_pages, v_pages, indices)
+        return o, lse, indices
