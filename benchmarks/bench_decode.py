@@ -1,0 +1,220 @@
+"""MSA decode steps against dense decode over the same cache, timed in one process.
+
+    python -m benchmarks.bench_decode [--cases paper|grid|all] [--scan-sweep]
+
+Paper shape: Hq=64, G=4, D=Di=128, Bk=128 (= page size), k=16, bf16, pages in random order; index keys bf16 and
+FP8 (e4m3 codes and a scale per token, from the same keys). Each step is timed as
+serving runs it, from a CUDA graph: ours is one :class:`msa_tl.decode.DecodePlan` run (index scan, top-k, split
+attention, LSE combine); dense is torch SDPA over the contiguous cache (flash, cuDNN and efficient backends, the
+fastest; S > 1 with a bottom-right causal mask). The stages are also timed alone. Bytes: dense reads all K and V
+(B N G D 2 B x 2); ours reads the index keys (B N Di 2 B) plus at most B S G k Bk D 2 B x 2 of K and V, so their
+ratio bounds the speedup; the scan's rate is reported against the device copy rate measured in the same run.
+
+``paper``: context 128K and 1M at batch 1, 8 and 32 (1M at 1 and 8), S = 1 and 8. ``grid``: MiniMax's serving
+grid, batch 8 / 32 / 64 / 128 x context 1K-200K, 8 queries a request (the whole step only). Cases that do not fit in memory are skipped
+and said so. ``--scan-sweep`` times the scan's blocks_per_cta x num_stages, bf16 and FP8 keys, at three sizes; ``--fp8-quality``
+measures the FP8 selection's recall of the bf16 one and both outputs' error against the float64 reference (random
+keys; B = 1, S = 8, 128K and 1M). Writes ``decode.csv``
+(and ``decode_scan_sweep.csv``).
+"""
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from msa_tl.benchmark import BenchTable, time_ms
+from msa_tl.decode import DecodePlan
+from msa_tl.decode_scores import DECODE_SCORES_KNOBS
+from msa_tl.reference import quantize_fp8
+
+HQ, G, D, DI, BK, TOPK = 64, 4, 128, 128, 128, 16
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+PAPER_CASES = [(N, B, S) for N, B in [(131072, 1), (131072, 8), (131072, 32), (1 << 20, 1), (1 << 20, 8)]
+               for S in (1, 8)]
+GRID_CASES = [(N, B, 8) for B in (8, 32, 64, 128) for N in (1024, 8192, 32768, 131072, 204800)]
+
+
+def graph_ms(fn, rep_ms: float = 1000) -> float:
+    """Median ms of replaying a CUDA graph of ``fn`` (warmed up outside the capture)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, warmup_ms=min(200, rep_ms), rep_ms=rep_ms)
+
+
+def cache_bytes(N, B):
+    return B * math.ceil(N / BK) * BK * (2 * G * D + DI) * 2
+
+
+def paged_cache(N, B, S, gen):
+    """Pages of K, V [B*pages, Bk, G, D] and index keys [B*pages, Bk, Di] in random order, every row N tokens."""
+    pages = math.ceil(N / BK)
+    table = torch.randperm(B * pages, device="cuda", generator=gen).view(B, pages).int()  # [B, pages]
+    rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    k_pages, v_pages, k_idx_pages = rand(B * pages, BK, G, D), rand(B * pages, BK, G, D), rand(B * pages, BK, DI)
+    q, q_idx = rand(B, S, HQ, D), rand(B, S, G, DI)
+    seqlens = torch.full((B,), N, device="cuda", dtype=torch.int32)
+    return table, seqlens, k_pages, v_pages, k_idx_pages, q, q_idx
+
+
+def dense_decode_ms(q, k_pages, v_pages, N, rep_ms=1000):
+    """Fastest SDPA backend's graph time over the pages seen as one contiguous [B, G, N, D] cache, and its name."""
+    B, S = q.shape[:2]
+    kd = k_pages.view(B, -1, G, D)[:, :N].transpose(1, 2)  # [B, G, N, D]
+    vd = v_pages.view(B, -1, G, D)[:, :N].transpose(1, 2)
+    qd = q.transpose(1, 2)  # [B, Hq, S, D]
+    mask = causal_lower_right(S, N) if S > 1 else None
+    times = {}
+    for name, backend in BACKENDS.items():
+        try:
+            with sdpa_kernel(backend):
+                times[name] = graph_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask,
+                                                                              enable_gqa=True), rep_ms)
+        except RuntimeError:  # a backend that does not take this shape or mask
+            continue
+    best = min(times, key=times.get)
+    return times[best], best, times
+
+
+def copy_rate_gbs() -> float:
+    x = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / time_ms(lambda: y.copy_(x)) / 1e6
+
+
+def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
+    free = torch.cuda.mem_get_info()[0]
+    if cache_bytes(N, B) * 1.2 > free:
+        print(f"N={N} B={B} S={S}: skipped, the cache ({cache_bytes(N, B) / 2**30:.1f} GiB) does not fit", flush=True)
+        return
+    table, seqlens, k_pages, v_pages, k_idx_pages, q, q_idx = paged_cache(N, B, S, gen)
+    codes, k_scale = quantize_fp8(k_idx_pages)
+    rep_ms = 1000 if stages else 300
+    dense_ms, dense_name, dense_all = dense_decode_ms(q, k_pages, v_pages, N, rep_ms)
+    dense_bytes = B * N * G * D * 2 * 2
+    chosen = {}
+    for index_fp8 in (False, True):
+        plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
+                          topk=TOPK, index_fp8=index_fp8)
+        keys = (codes, k_scale) if index_fp8 else (k_idx_pages,)
+        step_ms = graph_ms(lambda: plan.run(q, q_idx, k_pages, v_pages, *keys), rep_ms)
+        scores = plan.index_scores(q_idx, *keys)
+        indices = chosen[index_fp8] = plan.select(scores)
+        nan = float("nan")
+        scan_ms = graph_ms(lambda: plan.index_scores(q_idx, *keys)) if stages else nan
+        select_ms = graph_ms(lambda: plan.select(scores)) if stages else nan
+        attend_ms = graph_ms(lambda: plan.attend(q, k_pages, v_pages, indices)) if stages else nan
+        index_bytes = B * N * (DI + 4 if index_fp8 else DI * 2)
+        ours_bytes = index_bytes + B * min(S * TOPK, math.ceil(N / BK)) * G * BK * D * 2 * 2
+        scan_gbs = index_bytes / scan_ms / 1e6
+        name = "fp8" if index_fp8 else "bf16"
+        row = table_out.add(what="decode step", B=B, N=N, S=S, Hq=HQ, G=G, D=D, Di=DI, Bk=BK, k=TOPK, dtype="bf16",
+                            index_dtype=name, ours_us=step_ms * 1e3, scan_us=scan_ms * 1e3,
+                            select_us=select_ms * 1e3, attend_us=attend_ms * 1e3, dense_us=dense_ms * 1e3,
+                            dense_backend=dense_name, speedup=dense_ms / step_ms, bytes_limit=dense_bytes / ours_bytes,
+                            scan_gbs=scan_gbs, scan_pct_of_copy=100 * scan_gbs / copy_gbs, splits=plan.splits,
+                            dense_all_us=" ".join(f"{k}:{v * 1e3:.0f}" for k, v in dense_all.items()))
+        if index_fp8:
+            row["fp8_recall"] = selection_recall(chosen[True], chosen[False])
+        print(f"N={N:8d} B={B:3d} S={S} {name:4s}: ours {row['ours_us']:7.1f} us (scan {row['scan_us']:.1f}, select "
+              f"{row['select_us']:.1f}, attend {row['attend_us']:.1f}) | dense {row['dense_us']:8.1f} us "
+              f"({dense_name}) -> {row['speedup']:6.2f}x of a {row['bytes_limit']:.2f}x bytes limit; scan "
+              f"{scan_gbs:.0f} GB/s ({row['scan_pct_of_copy']:.0f}% of copy)"
+              + (f"; recall of the bf16 selection {row['fp8_recall']:.4f}" if index_fp8 else ""), flush=True)
+        del plan, scores
+    del table, k_pages, v_pages, k_idx_pages, codes, k_scale
+    torch.cuda.empty_cache()
+
+
+def selection_recall(got, want):
+    """Fraction of the blocks ``want`` [B, S, G, k] chooses that ``got`` chooses too (-1 slots left out)."""
+    hit = (got[..., :, None] == want[..., None, :]).any(-2) & (want >= 0)
+    return (hit.sum() / (want >= 0).sum()).item()
+
+
+def fp8_quality(N, S, gen):
+    """At context N, batch 1: recall of the bf16 kernels' selection by the FP8 ones, and each path's output error
+    against the float64 reference over the unquantised keys."""
+    from msa_tl import reference as R
+    from msa_tl.checks import relative_error
+
+    table, seqlens, k_pages, v_pages, k_idx_pages, q, q_idx = paged_cache(N, 1, S, gen)
+    codes, k_scale = quantize_fp8(k_idx_pages)
+    ref_o, _, _ = R.msa_decode(q, q_idx, k_pages, v_pages, k_idx_pages, table, [N], BK, TOPK)
+    out = {}
+    for index_fp8 in (False, True):
+        plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
+                          topk=TOPK, index_fp8=index_fp8)
+        out[index_fp8] = plan.run(q, q_idx, k_pages, v_pages, *((codes, k_scale) if index_fp8 else (k_idx_pages,)))
+    recall = selection_recall(out[True][2], out[False][2])
+    errors = {k: relative_error(v[0], ref_o) for k, v in out.items()}
+    print(f"FP8 quality N={N} S={S}: recall of the bf16 selection {recall:.4f}; output rel err vs float64: bf16 index "
+          f"{errors[False]:.2e}, fp8 index {errors[True]:.2e}", flush=True)
+    return dict(what="fp8 index quality", N=N, B=1, S=S, fp8_recall=recall, rel_err_bf16_index=errors[False],
+                rel_err_fp8_index=errors[True])
+
+
+def scan_sweep(copy_gbs, gen):
+    """The keys-major scan's blocks_per_cta x num_stages for bf16 and FP8 keys, each timed from a graph, at three
+    sizes."""
+    sweep = BenchTable("decode_scan_sweep")
+    for N, B, S in [(1 << 20, 1, 1), (131072, 8, 1), (131072, 32, 8)]:
+        table, seqlens, _, _, k_idx_pages, _, q_idx = paged_cache(N, B, S, gen)
+        codes, k_scale = quantize_fp8(k_idx_pages)
+        for index_fp8 in (False, True):
+            keys = (codes, k_scale) if index_fp8 else (k_idx_pages,)
+            for keys_major in (True,):
+                for bpc in DECODE_SCORES_KNOBS["blocks_per_cta"]:
+                    for stages in (3, 4):
+                        plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI,
+                                          block_size=BK, topk=TOPK, index_fp8=index_fp8,
+                                          scores_config=dict(blocks_per_cta=bpc, num_stages=stages,
+                                                             keys_major=keys_major))
+                        ms = graph_ms(lambda: plan.index_scores(q_idx, *keys), 300)
+                        gbs = B * N * (DI + 4 if index_fp8 else 2 * DI) / ms / 1e6
+                        sweep.add(what="decode scan", B=B, N=N, S=S, index_dtype="fp8" if index_fp8 else "bf16",
+                                  keys_major=keys_major, blocks_per_cta=bpc, num_stages=stages, us=ms * 1e3,
+                                  gbs=gbs, pct_of_copy=100 * gbs / copy_gbs)
+                        print(f"scan N={N} B={B} S={S} {'fp8' if index_fp8 else 'bf16'} keys_major={keys_major:d} "
+                              f"blocks_per_cta={bpc:2d} stages={stages}: {ms * 1e3:7.1f} us {gbs:6.0f} GB/s "
+                              f"({100 * gbs / copy_gbs:.0f}% of copy)", flush=True)
+        del table, k_idx_pages, codes, k_scale
+        torch.cuda.empty_cache()
+    print(f"wrote {sweep.write_csv()}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", choices=("paper", "grid", "all", "none"), default="paper")
+    parser.add_argument("--scan-sweep", action="store_true")
+    parser.add_argument("--fp8-quality", action="store_true", help="FP8 selection recall and output error, 128K, 1M")
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_gbs = copy_rate_gbs()
+    table = BenchTable("decode")
+    table.add(what="ceiling: device copy 1 GiB (read + write)", rate=copy_gbs, unit="GB/s")
+    print(f"device copy: {copy_gbs:.0f} GB/s", flush=True)
+    if args.scan_sweep:
+        scan_sweep(copy_gbs, gen)
+    if args.cases in ("paper", "all"):
+        for N, B, S in PAPER_CASES:
+            bench_case(table, N, B, S, copy_gbs, gen)
+    if args.cases in ("grid", "all"):  # the step and dense only: 40 rows
+        for N, B, S in GRID_CASES:
+            bench_case(table, N, B, S, copy_gbs, gen, stages=False)
+    if args.fp8_quality:
+        for N in (131072, 1 << 20):
+            table.add(**fp8_quality(N, 8, gen))
+    table.name = {"grid": "decode_grid"}.get(args.cases, "decode")
+    print(f"wrote {table.write_csv()}")
+
+
+if __name__ == "__main__":
+    main()
