@@ -111,6 +111,12 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
         scan_ms = graph_ms(lambda: plan.index_scores(q_idx, *keys)) if stages else nan
         select_ms = graph_ms(lambda: plan.select(scores)) if stages else nan
         attend_ms = graph_ms(lambda: plan.attend(q, k_pages, v_pages, indices)) if stages else nan
+        pipelined_ms = nan
+        if stages and not index_fp8:  # the attention with TMA-loaded K / V (not yet the default)
+            piped = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
+                               topk=TOPK, attention_config=dict(pipelined=True))
+            pipelined_ms = graph_ms(lambda: piped.attend(q, k_pages, v_pages, indices))
+            del piped
         index_bytes = B * N * (DI + 4 if index_fp8 else DI * 2)
         ours_bytes = index_bytes + B * min(S * TOPK, math.ceil(N / BK)) * G * BK * D * 2 * 2
         scan_gbs = index_bytes / scan_ms / 1e6
@@ -118,13 +124,15 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
         row = table_out.add(what="decode step", B=B, N=N, S=S, Hq=HQ, G=G, D=D, Di=DI, Bk=BK, k=TOPK, dtype="bf16",
                             index_dtype=name, ours_us=step_ms * 1e3, scan_us=scan_ms * 1e3,
                             select_us=select_ms * 1e3, attend_us=attend_ms * 1e3, dense_us=dense_ms * 1e3,
+                            attend_pipelined_us=pipelined_ms * 1e3,
                             dense_backend=dense_name, speedup=dense_ms / step_ms, bytes_limit=dense_bytes / ours_bytes,
                             scan_gbs=scan_gbs, scan_pct_of_copy=100 * scan_gbs / copy_gbs, splits=plan.splits,
                             dense_all_us=" ".join(f"{k}:{v * 1e3:.0f}" for k, v in dense_all.items()))
         if index_fp8:
             row["fp8_recall"] = selection_recall(chosen[True], chosen[False])
         print(f"N={N:8d} B={B:3d} S={S} {name:4s}: ours {row['ours_us']:7.1f} us (scan {row['scan_us']:.1f}, select "
-              f"{row['select_us']:.1f}, attend {row['attend_us']:.1f}) | dense {row['dense_us']:8.1f} us "
+              f"{row['select_us']:.1f}, attend {row['attend_us']:.1f}, TMA-pipelined "
+              f"{row['attend_pipelined_us']:.1f}) | dense {row['dense_us']:8.1f} us "
               f"({dense_name}) -> {row['speedup']:6.2f}x of a {row['bytes_limit']:.2f}x bytes limit; scan "
               f"{scan_gbs:.0f} GB/s ({row['scan_pct_of_copy']:.0f}% of copy)"
               + (f"; recall of the bf16 selection {row['fp8_recall']:.4f}" if index_fp8 else ""), flush=True)
@@ -162,27 +170,27 @@ def fp8_quality(N, S, gen):
 
 
 def scan_sweep(copy_gbs, gen):
-    """The keys-major scan's blocks_per_cta x num_stages for bf16 and FP8 keys, each timed from a graph, at three
-    sizes."""
+    """The keys-major scan's blocks_per_cta x num_stages (x pages a stage, FP8) for bf16 and FP8 keys, each timed
+    from a graph, at three sizes."""
     sweep = BenchTable("decode_scan_sweep")
     for N, B, S in [(1 << 20, 1, 1), (131072, 8, 1), (131072, 32, 8)]:
         table, seqlens, _, _, k_idx_pages, _, q_idx = paged_cache(N, B, S, gen)
         codes, k_scale = quantize_fp8(k_idx_pages)
         for index_fp8 in (False, True):
             keys = (codes, k_scale) if index_fp8 else (k_idx_pages,)
-            for keys_major in (True,):
+            for pages in DECODE_SCORES_KNOBS["pages"] if index_fp8 else (1,):
                 for bpc in DECODE_SCORES_KNOBS["blocks_per_cta"]:
                     for stages in (3, 4):
                         plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI,
                                           block_size=BK, topk=TOPK, index_fp8=index_fp8,
-                                          scores_config=dict(blocks_per_cta=bpc, num_stages=stages,
-                                                             keys_major=keys_major))
+                                          scores_config=dict(blocks_per_cta=bpc, num_stages=stages, keys_major=True,
+                                                             **({"pages": pages} if index_fp8 else {})))
                         ms = graph_ms(lambda: plan.index_scores(q_idx, *keys), 300)
                         gbs = B * N * (DI + 4 if index_fp8 else 2 * DI) / ms / 1e6
                         sweep.add(what="decode scan", B=B, N=N, S=S, index_dtype="fp8" if index_fp8 else "bf16",
-                                  keys_major=keys_major, blocks_per_cta=bpc, num_stages=stages, us=ms * 1e3,
+                                  keys_major=True, pages=pages, blocks_per_cta=bpc, num_stages=stages, us=ms * 1e3,
                                   gbs=gbs, pct_of_copy=100 * gbs / copy_gbs)
-                        print(f"scan N={N} B={B} S={S} {'fp8' if index_fp8 else 'bf16'} keys_major={keys_major:d} "
+                        print(f"scan N={N} B={B} S={S} {'fp8' if index_fp8 else 'bf16'} pages={pages} "
                               f"blocks_per_cta={bpc:2d} stages={stages}: {ms * 1e3:7.1f} us {gbs:6.0f} GB/s "
                               f"({100 * gbs / copy_gbs:.0f}% of copy)", flush=True)
         del table, k_idx_pages, codes, k_scale

@@ -18,8 +18,7 @@ import math
 
 import torch
 
-from msa_tl.decode_attention import (DECODE_ATTENTION_DEFAULTS, decode_attention_program, decode_combine_program,
-                                     decode_splits)
+from msa_tl.decode_attention import attention_kernel, decode_combine_program, decode_splits
 from msa_tl.decode_scores import DECODE_SCORES_DEFAULTS, decode_scores_fp8_program, decode_scores_program, scan_tiling
 from msa_tl.decode_topk import DECODE_TOPK_DEFAULTS, decode_topk_program, topk_warps
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
@@ -65,9 +64,9 @@ class DecodePlan:
                                        scale=index_scale, dtype=tl, **scores_config)
         self._topk = compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
                                      **{"warps": topk_warps(max_pages), **DECODE_TOPK_DEFAULTS, **(topk_config or {})})
-        self._attend = compiled_kernel(decode_attention_program, groups=groups, heads=heads, head_dim=head_dim,
-                                       block_size=block_size, topk=topk, scale=scale, splits=self.splits, dtype=tl,
-                                       **{**DECODE_ATTENTION_DEFAULTS, **(attention_config or {})})
+        self._attend = attention_kernel(groups=groups, heads=heads, head_dim=head_dim, block_size=block_size,
+                                        topk=topk, scale=scale, splits=self.splits, dtype=tl,
+                                        **(attention_config or {}))
         self._combine = compiled_kernel(decode_combine_program, heads=heads, groups=groups, head_dim=head_dim,
                                         splits=self.splits, dtype=tl)
         rows, R = queries * groups, heads // groups

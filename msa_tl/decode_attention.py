@@ -20,13 +20,13 @@ import torch
 from msa_tl.q_outer_attention import attend_block_buffers, attend_block_macro
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
-DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2)
+DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def decode_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                             splits: int = 1, threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float, splits: int,
+                      threads: int, num_stages: int, dtype: str, pipelined: bool):
     """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
     [B, S, G, topk] -> Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] (fp32; natural-log LSE)."""
     batch, n_q, num_pages, max_pages = T.dynamic("batch, n_q, num_pages, max_pages")
@@ -59,12 +59,24 @@ def decode_attention_program(groups: int, heads: int, head_dim: int, block_size:
             T.clear(acc_o)
             T.clear(row_sum)
             T.fill(row_max, neg_inf)
-            for i in T.Pipelined(per_split, num_stages=num_stages):
-                blk = T.if_then_else(sp * per_split + i < topk, Indices[b, t, g, T.min(sp * per_split + i, topk - 1)],
-                                     -1)
-                if blk >= 0:
+            if pipelined:
+                # the used slots lead (the top-k writes -1 only after them): the split's share is a trip count and
+                # the body has no branch, so TileLang gives the K / V copies a TMA producer warpgroup
+                used = T.alloc_var("int32")
+                used = 0
+                for s in T.unroll(topk):
+                    used += T.if_then_else(Indices[b, t, g, s] >= 0, 1, 0)
+                for i in T.Pipelined(T.max(T.min(per_split, used - sp * per_split), 0), num_stages=num_stages):
+                    blk = Indices[b, t, g, sp * per_split + i]
                     attend(Kc[BlockTable[b, blk], :, g, :], Vc[BlockTable[b, blk], :, g, :], blk * block_size, pos,
                            *buf)
+            else:
+                for i in T.Pipelined(per_split, num_stages=num_stages):
+                    blk = T.if_then_else(sp * per_split + i < topk,
+                                         Indices[b, t, g, T.min(sp * per_split + i, topk - 1)], -1)
+                    if blk >= 0:
+                        attend(Kc[BlockTable[b, blk], :, g, :], Vc[BlockTable[b, blk], :, g, :], blk * block_size,
+                               pos, *buf)
             for r in T.Parallel(M):
                 rescale_s[r] = row_sum[r]
             for r, d in T.Parallel(M, head_dim):
@@ -79,9 +91,29 @@ def decode_attention_program(groups: int, heads: int, head_dim: int, block_size:
     return decode_attention
 
 
+def decode_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
+                             splits: int = 1, threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+    """The split attention, each slot behind a branch (a -1 slot is skipped wherever it sits); its K / V loads are
+    plain loads in the consumer's threads. Tensors as :func:`_decode_attention`."""
+    return _decode_attention(groups, heads, head_dim, block_size, topk, scale, splits, threads, num_stages, dtype,
+                             pipelined=False)
+
+
 # As the Q-outer kernel it follows (msa_tl.q_outer_attention): TileLang's warp-specialised lowering gave wrong rows
 # there at Bk = 64.
 decode_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
+
+
+def decode_attention_pipelined_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int,
+                                       scale: float, splits: int = 1, threads: int = 128, num_stages: int = 2,
+                                       dtype: str = "bfloat16"):
+    """The split attention with its K / V pages loaded by a TMA producer warpgroup (TileLang's warp-specialised
+    pipeline): the used slots must lead each row of Indices, as the top-k writes them. Lowered and compiled for
+    sm_90a (192 registers, no spill); not yet run on a GPU, so not the default (:data:`DECODE_ATTENTION_DEFAULTS`
+    ``pipelined``). Tensors as :func:`_decode_attention`. Without warp specialisation this loop's dynamic trip
+    count fails TileLang's CUDA codegen ("Downcast from tirx.Sub to IntImm")."""
+    return _decode_attention(groups, heads, head_dim, block_size, topk, scale, splits, threads, num_stages, dtype,
+                             pipelined=True)
 
 
 DECODE_COMBINE_COLUMNS = 32  # head-dim columns a combine CTA merges (16 rows x 8 threads x 4 floats)
@@ -132,6 +164,14 @@ def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, 
     return decode_combine
 
 
+def attention_kernel(**config):
+    """The compiled split attention for ``config`` (:data:`DECODE_ATTENTION_DEFAULTS` knobs over the defaults;
+    ``pipelined`` picks the builder)."""
+    config = {**DECODE_ATTENTION_DEFAULTS, **config}
+    builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
+    return compiled_kernel(builder, **config)
+
+
 def decode_splits(pairs: int, topk: int, device) -> int:
     """Splits of each (token, group) pair's slots: enough CTAs for two an SM, at most one slot a CTA."""
     return max(1, min(topk, math.ceil(2 * sm_count(device) / pairs)))
@@ -142,7 +182,8 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
     """Attention of each row's newest S tokens over their chosen blocks, on the GPU.
 
     q [B, S, Hq, D]; k_pages / v_pages [num_pages, Bk, G, D] (pages of ``block_size`` tokens); block_table
-    [B, max_pages] int32; seqlens [B] int32 (each >= S); indices [B, S, G, topk] int32 (-1 = unused) -> (o
+    [B, max_pages] int32; seqlens [B] int32 (each >= S); indices [B, S, G, topk] int32 (-1 = unused; after the
+    used slots if ``pipelined``) -> (o
     [B, S, Hq, D] in q's dtype, lse [B, S, Hq] float32). ``splits`` (default :func:`decode_splits`) CTAs share
     each (token, group) pair's slots; ``config``: :data:`DECODE_ATTENTION_DEFAULTS` knobs.
     """
@@ -156,9 +197,8 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
     R = Hq // G
     o_part = torch.empty((B, S * G, splits, R, D), device=q.device, dtype=torch.float32)
     l_part = torch.empty((B, S * G, splits, R), device=q.device, dtype=torch.float32)
-    kernel = compiled_kernel(decode_attention_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
-                             topk=topk, scale=scale, splits=splits, dtype=tl_dtype(q.dtype),
-                             **{**DECODE_ATTENTION_DEFAULTS, **config})
+    kernel = attention_kernel(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale,
+                              splits=splits, dtype=tl_dtype(q.dtype), **config)
     kernel(q, k_pages, v_pages, block_table, seqlens, indices, o_part, l_part)
     o = torch.empty_like(q)
     lse = torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)

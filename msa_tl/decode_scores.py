@@ -22,7 +22,7 @@ import torch
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
 DECODE_SCORES_DEFAULTS = dict(num_stages=3, threads=128)  # keys_major, rows, blocks_per_cta: scan_tiling
-DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4))  # the tuner's choices
+DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4), pages=(1, 2))  # pages: FP8
 
 
 def scan_blocks_per_cta(blocks: int, sms: int) -> int:
@@ -48,22 +48,27 @@ def scan_tiling(n_rows: int, batch: int, max_pages: int, sms: int, config: dict)
     return config
 
 
-def _block_max(keys_major: bool, rows: int, Bk: int, groups: int):
-    """(alloc, score): the buffers and the macro that turn one block's K_s [Bk, Di] into the masked max of each of
-    the CTA's query rows, scaled per key (``k_scale``, FP8) or not.
+def _block_max(keys_major: bool, rows: int, Bk: int, groups: int, pages: int = 1):
+    """(alloc, score): the buffers and the macro that turn one pipeline stage's K_s [pages * Bk, Di] (``pages``
+    consecutive blocks of the row) into the masked max of each block for each of the CTA's query rows, scaled per
+    key (``k_scale``, FP8) or not.
 
     ``keys_major`` puts the block's keys on the MMA's M side: acc [Bk, rows] = K Q^T holds only ``rows`` (a multiple
     of 8, the query rows padded) columns, where the queries as M rows pad to 64: 8x the registers, masking and
     maxing at S * G = 4. The max over keys then runs on a transposed copy through shared memory (the wgmma layout
-    cannot be reduced along M in place)."""
+    cannot be reduced along M in place). ``pages`` > 1 (keys-major only) spreads a stage's fixed cost (barriers,
+    the transpose's syncs) over more bytes: an FP8 page is 16 KB."""
     neg_inf = -T.infinity("float32")
+    keys = pages * Bk
+    if pages > 1 and not keys_major:
+        raise ValueError("decode scan: more than one page a stage needs keys_major")
 
     def alloc():
         if keys_major:
-            return (T.alloc_fragment((Bk, rows), "float32"),  # [Bk, rows] acc
-                    T.alloc_shared((rows, Bk), "float32"),  # [rows, Bk] its transpose
-                    T.alloc_fragment((rows, Bk), "float32"),  # [rows, Bk]
-                    T.alloc_fragment((rows,), "float32"))  # [rows] the block's max
+            return (T.alloc_fragment((keys, rows), "float32"),  # [pages * Bk, rows] acc
+                    T.alloc_shared((pages * rows, Bk), "float32"),  # [pages * rows, Bk] its transpose, block by block
+                    T.alloc_fragment((pages * rows, Bk), "float32"),  # [pages * rows, Bk]
+                    T.alloc_fragment((pages * rows,), "float32"))  # [pages * rows] each block's max
         acc = T.alloc_fragment((rows, Bk), "float32")  # [rows, Bk]
         return acc, None, acc, T.alloc_fragment((rows,), "float32")
 
@@ -72,11 +77,15 @@ def _block_max(keys_major: bool, rows: int, Bk: int, groups: int):
         T.clear(acc)
         if keys_major:
             T.gemm(K_s, Q_s, acc, transpose_B=True)
-            for c, r in T.Parallel(Bk, rows):
+            for c, r in T.Parallel(keys, rows):  # the stage's keys are consecutive tokens from blk * Bk on
                 acc[c, r] = T.if_then_else(masked & (blk * Bk + c > first + (r0 + r) // groups), neg_inf,
                                            acc[c, r] * (k_scale[c] if k_scale is not None else 1.0))
-            for c, r in T.Parallel(Bk, rows):
-                acc_t[r, c] = acc[c, r]
+            if pages == 1:
+                for c, r in T.Parallel(Bk, rows):
+                    acc_t[r, c] = acc[c, r]
+            else:
+                for c, r in T.Parallel(keys, rows):
+                    acc_t[c // Bk * rows + r, c % Bk] = acc[c, r]
             T.copy(acc_t, acc_rows)
         else:
             T.gemm(Q_s, K_s, acc, transpose_B=True)
@@ -86,6 +95,27 @@ def _block_max(keys_major: bool, rows: int, Bk: int, groups: int):
         T.reduce_max(acc_rows, best, dim=1)
 
     return alloc, score
+
+
+def _fp8_page_loader(Bk: int, pages: int):
+    """Macro ``load(Kc, KScale, BlockTable, K_s, k_scale, b, blk, max_pages)``: the stage's ``pages`` (1 or 2)
+    FP8 index-key pages and their scales from the pages the block table names for blocks blk, blk + 1 (an id past
+    the table clamped: past the row's end any page's load is harmless, its scores are not written)."""
+    if pages not in (1, 2):
+        raise ValueError(f"decode scan: 1 or 2 pages a stage, got {pages}")
+
+    @T.macro
+    def load(Kc, KScale, BlockTable, K_s, k_scale, b, blk, max_pages):
+        if pages == 1:
+            T.copy(Kc[BlockTable[b, blk], :, :], K_s)
+            T.copy(KScale[BlockTable[b, blk], :], k_scale)
+        else:
+            T.copy(Kc[BlockTable[b, blk], :, :], K_s[0:Bk, :])
+            T.copy(Kc[BlockTable[b, T.min(blk + 1, max_pages - 1)], :, :], K_s[Bk:2 * Bk, :])
+            T.copy(KScale[BlockTable[b, blk], :], k_scale[0:Bk])
+            T.copy(KScale[BlockTable[b, T.min(blk + 1, max_pages - 1)], :], k_scale[Bk:2 * Bk])
+
+    return load
 
 
 def query_rows_tile(n_rows: int, keys_major: bool = True) -> int:
@@ -141,19 +171,24 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn (msa_tl.reference.quantize_fp8 u
 
 def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
                               blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128,
-                              keys_major: bool = True, dtype: str = "bfloat16"):
+                              keys_major: bool = True, pages: int = 1, dtype: str = "bfloat16"):
     """The scan over FP8 index keys: Q [B, S*G, Di] (bf16 / fp16), index-key pages [num_pages, Bk, Di] float8_e4m3
     with their per-token scales KScale [num_pages, Bk] fp32, BlockTable, SeqLens -> Scores [B, S*G, max_pages] fp32.
 
     A key is ``Kc * KScale``; each query row is quantised here to e4m3 with its own scale amax / 448, so each block is
     one FP8 wgmma (half the bf16 key bytes and twice the MMA rate) and the score is
     ``index_scale * q_scale[r] * max_c(acc[r, c] * KScale[c])`` (q_scale > 0 leaves the max where it is).
+    ``pages`` (keys-major): blocks a pipeline stage, 2 to spread the stage's fixed cost over 32 KB as a bf16 page
+    has (lowered and compiled, not yet run on a GPU).
     """
     batch, n_rows, num_pages, max_pages = T.dynamic("batch, n_rows, num_pages, max_pages")
-    BPC, Bk, Di = blocks_per_cta, block_size, index_dim
+    BPC, Bk, Di, P = blocks_per_cta, block_size, index_dim, pages
     neg_inf = -T.infinity("float32")
     fp8 = "float8_e4m3"
-    alloc, score = _block_max(keys_major, rows, Bk, groups)
+    alloc, score = _block_max(keys_major, rows, Bk, groups, pages)
+    load = _fp8_page_loader(Bk, pages)
+    if BPC % P:
+        raise ValueError(f"decode scan: blocks_per_cta {BPC} is not a multiple of pages {P}")
 
     @T.prim_func
     def decode_block_scores_fp8(
@@ -169,8 +204,8 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
             q_amax = T.alloc_fragment((rows,), "float32")  # [rows]
             q_scale = T.alloc_shared((rows,), "float32")  # [rows] read in the acc layout, so through shared memory
             Q_s = T.alloc_shared((rows, Di), fp8)  # [rows, Di]
-            K_s = T.alloc_shared((Bk, Di), fp8)  # [Bk, Di]
-            k_scale = T.alloc_shared((Bk,), "float32")  # [Bk]
+            K_s = T.alloc_shared((P * Bk, Di), fp8)  # [P * Bk, Di]
+            k_scale = T.alloc_shared((P * Bk,), "float32")  # [P * Bk]
             acc, acc_t, acc_rows, best = alloc()
             n = SeqLens[b]
             first = n - n_rows // groups
@@ -184,14 +219,18 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
                 q_scale[r] = q_amax[r] * scale
             for r, d in T.Parallel(rows, Di):
                 Q_s[r, d] = T.Cast(fp8, Q_f[r, d] / q_amax[r])
-            for i in T.Pipelined(live, num_stages=num_stages):
-                T.copy(Kc[BlockTable[b, blk0 + i], :, :], K_s)
-                T.copy(KScale[BlockTable[b, blk0 + i], :], k_scale)
-                score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
-                      (blk0 + i + 1) * Bk - 1 > first)
-                for r in T.Parallel(rows):
-                    if r0 + r < n_rows:
-                        Scores[b, r0 + r, blk0 + i] = best[r] * q_scale[r]
+            for i in T.Pipelined(live if P == 1 else T.ceildiv(live, P), num_stages=num_stages):
+                load(Kc, KScale, BlockTable, K_s, k_scale, b, blk0 + i * P, max_pages)
+                score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
+                      (blk0 + i * P + P) * Bk - 1 > first)
+                if P == 1:
+                    for r in T.Parallel(rows):
+                        if r0 + r < n_rows:
+                            Scores[b, r0 + r, blk0 + i] = best[r] * q_scale[r]
+                else:
+                    for p, r in T.Parallel(P, rows):
+                        if r0 + r < n_rows and i * P + p < live:
+                            Scores[b, r0 + r, blk0 + i * P + p] = best[p * rows + r] * q_scale[r]
             for r, i in T.Parallel(rows, BPC):
                 if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
                     Scores[b, r0 + r, blk0 + i] = neg_inf

@@ -368,12 +368,29 @@ def test_the_fp8_decode_scan_quantises_each_query_row_and_scores_with_fp8_wgmma(
     assert "__NV_SATFINITE, __NV_E4M3" in source and "kFloat8_e4m3, tl::DataType::kFloat8_e4m3" in source
 
 
+def test_the_pipelined_decode_attention_loads_k_and_v_by_tma_from_a_producer():
+    source = lower_to_cuda(decode_attention.decode_attention_pipelined_program, groups=4, heads=64, head_dim=128,
+                           block_size=128, topk=16, scale=0.088, splits=4)
+    assert "tma_load(Kc_desc" in source and "tma_load(Vc_desc" in source and "BlockTable[" in source
+
+
 def test_the_decode_combine_loads_every_split_of_its_columns_at_once():
     source = lower_to_cuda(decode_attention.decode_combine_program, heads=64, groups=4, head_dim=128, splits=16)
     import re
 
     unrolled_split_loops = re.findall(r"#pragma unroll\s+for \(int s\w* = 0; s\w* < 16;", source)
     assert len(unrolled_split_loops) == 3  # max, weights, sum: each split's loads in flight together
+
+
+def test_the_fp8_scan_can_load_two_pages_a_stage():
+    """pages=2: each pipeline stage loads two blocks' FP8 keys and scales by TMA (their page ids through the block
+    table), so one wgmma of 256 keys and one transpose serve two blocks."""
+    source = lower_to_cuda(decode_scores.decode_scores_fp8_program, groups=4, index_dim=128, block_size=128,
+                           scale=0.088, rows=8, blocks_per_cta=32, num_stages=4, pages=2)
+    assert source.count("tma_load(Kc_desc") == 2 and source.count("tma_load(KScale_desc") == 2
+    with pytest.raises(ValueError, match="multiple of pages"):
+        decode_scores.decode_scores_fp8_program(groups=4, index_dim=128, block_size=128, scale=0.088,
+                                                blocks_per_cta=5, pages=2)
 
 
 def test_the_decode_top_k_merges_the_lanes_lists_by_warp_shuffles():

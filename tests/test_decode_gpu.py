@@ -71,11 +71,13 @@ def test_decode_select_takes_the_local_block_and_the_best_earlier_ones(S, G, Bk,
         assert torch.equal(got_set, want_set), f"row {b}"
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("S,G,Hq,D,Bk,topk", [(1, 4, 64, 128, 128, 16), (8, 4, 64, 128, 128, 16),
                                               (3, 2, 8, 64, 64, 5), (2, 1, 16, 128, 64, 6)],
                          ids=["decode-paper", "draft-8-paper", "R4-D64-Bk64", "G1-R16"])
-def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D, Bk, topk, splits, seed=0):
+def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D, Bk, topk, splits, pipelined,
+                                                                   seed=0):
     """Each row's newest tokens over the reference's own selection (-1 slots in the short row), the slots split
     over CTAs and combined: outputs and LSE against the float64 reference (the library's main-branch bounds)."""
     from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
@@ -91,7 +93,7 @@ def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D,
     q, q_idx = rand(B, S, Hq, D), rand(B, S, G, Di)
     seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
     ref_o, ref_lse, indices = R.msa_decode(q, q_idx, k_pages, v_pages, k_idx_pages, table, lengths, Bk, topk)
-    o, lse = decode_attention(q, k_pages, v_pages, table, seqlens, indices, Bk, splits=splits)
+    o, lse = decode_attention(q, k_pages, v_pages, table, seqlens, indices, Bk, splits=splits, pipelined=pipelined)
     assert o.dtype == q.dtype and torch.isfinite(o).all() and torch.isfinite(lse).all()
     rel = relative_error(o, ref_o)
     assert rel <= OUTPUT_RTOL, f"output rel err {rel:.2e}"
@@ -229,8 +231,8 @@ def test_the_layer_generates_the_full_forward_rows_with_the_decode_kernels(seed=
 
 
 @pytest.mark.parametrize("S,G,Bk", [(1, 4, 128), (8, 4, 128), (5, 2, 64), (40, 2, 128)])
-@pytest.mark.parametrize("keys_major", [True, False])
-def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, seed=0):
+@pytest.mark.parametrize("keys_major,pages", [(True, 1), (False, 1), (True, 2)])
+def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, pages, seed=0):
     """FP8 keys (codes and a scale per token) and queries whose per-row FP8 quantisation is exact (codes times a
     power of two, each row reaching 448 times it), so the float64 reference sees the scan's very operands: every
     other entry -inf, visible blocks to the FP8 wgmma's accumulation. Hopper's FP8 MMA keeps about 14 bits of its
@@ -247,7 +249,8 @@ def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, key
     q_codes = torch.randn(B, S, G, Di, device="cuda", generator=gen).mul(64).clamp(-448, 448).to(torch.float8_e4m3fn)
     q_codes[..., 0] = 448.0
     q_idx = (q_codes.float() * 2.0**-6).to(torch.bfloat16)  # exact in bf16: 4-bit mantissas
-    got = decode_block_scores(q_idx, codes, table, seqlens, Bk, k_idx_scale=k_scale, keys_major=keys_major)
+    got = decode_block_scores(q_idx, codes, table, seqlens, Bk, k_idx_scale=k_scale, keys_major=keys_major,
+                              pages=pages)
     keys_all = R.dequantize_fp8(codes, k_scale)
     for b, n in enumerate(lengths):
         keys = R.cached_rows(keys_all, table, b, n)[None]
