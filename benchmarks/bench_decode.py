@@ -12,7 +12,8 @@ ratio bounds the speedup; the scan's rate is reported against the device copy ra
 
 ``paper``: context 128K and 1M at batch 1, 8 and 32 (1M at 1 and 8), S = 1 and 8. ``grid``: MiniMax's serving
 grid, batch 8 / 32 / 64 / 128 x context 1K-200K, 8 queries a request (the whole step only). Cases that do not fit in memory are skipped
-and said so. ``--scan-sweep`` times the scan's blocks_per_cta x num_stages, bf16 and FP8 keys, at three sizes; ``--fp8-quality``
+and said so. ``--scan-sweep`` times the scan's blocks_per_cta x num_stages (x pages, FP8), bf16 and FP8 keys, at three sizes,
+and the top-k's warps x unroll at 128K and 1M; ``--fp8-quality``
 measures the FP8 selection's recall of the bf16 one and both outputs' error against the float64 reference (random
 keys; B = 1, S = 8, 128K and 1M). Writes ``decode.csv``
 (and ``decode_scan_sweep.csv``).
@@ -29,6 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.decode import DecodePlan
 from msa_tl.decode_scores import DECODE_SCORES_KNOBS
+from msa_tl.decode_topk import DECODE_TOPK_KNOBS
 from msa_tl.reference import quantize_fp8
 
 HQ, G, D, DI, BK, TOPK = 64, 4, 128, 128, 128, 16
@@ -198,6 +200,26 @@ def scan_sweep(copy_gbs, gen):
     print(f"wrote {sweep.write_csv()}")
 
 
+def select_sweep(gen):
+    """The top-k's warps a row x loads in flight (``unroll``) at 128K and 1M, one token a row, from graphs."""
+    sweep = BenchTable("decode_select_sweep")
+    for N in (131072, 1 << 20):
+        table, seqlens, _, _, k_idx_pages, _, q_idx = paged_cache(N, 1, 1, gen)
+        plan = DecodePlan(table, seqlens, queries=1, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
+                          topk=TOPK)
+        scores = plan.index_scores(q_idx, k_idx_pages).clone()
+        for warps in DECODE_TOPK_KNOBS["warps"]:
+            for unroll in DECODE_TOPK_KNOBS["unroll"]:
+                variant = DecodePlan(table, seqlens, queries=1, heads=HQ, groups=G, head_dim=D, index_dim=DI,
+                                     block_size=BK, topk=TOPK, topk_config=dict(warps=warps, unroll=unroll))
+                ms = graph_ms(lambda: variant.select(scores), 300)
+                sweep.add(what="decode top-k", B=1, N=N, S=1, warps=warps, unroll=unroll, us=ms * 1e3)
+                print(f"top-k N={N} warps={warps:2d} unroll={unroll:2d}: {ms * 1e3:6.1f} us", flush=True)
+        del table, k_idx_pages, plan, scores
+        torch.cuda.empty_cache()
+    print(f"wrote {sweep.write_csv()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", choices=("paper", "grid", "all", "none"), default="paper")
@@ -211,6 +233,7 @@ def main():
     print(f"device copy: {copy_gbs:.0f} GB/s", flush=True)
     if args.scan_sweep:
         scan_sweep(copy_gbs, gen)
+        select_sweep(gen)
     if args.cases in ("paper", "all"):
         for N, B, S in PAPER_CASES:
             bench_case(table, N, B, S, copy_gbs, gen)

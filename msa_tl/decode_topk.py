@@ -18,7 +18,7 @@ from msa_tl.index_topk import _LOWEST, _list_insert
 from msa_tl.tl_compile import compiled_kernel
 
 DECODE_TOPK_DEFAULTS = dict(unroll=4)
-DECODE_TOPK_KNOBS = dict(unroll=(2, 4, 8))  # the tuner's choices; warps follow the row length (topk_warps)
+DECODE_TOPK_KNOBS = dict(unroll=(2, 4, 8, 16), warps=(4, 8, 16))  # tuner choices (32 warps spill at unroll 16)
 
 
 def topk_warps(max_pages: int, per_thread: int = 8) -> int:
