@@ -1,6 +1,6 @@
 """Index branch on the GPU: scoring throughput, top-k against torch.topk, fused vs two-pass, memory.
 
-    python -m benchmarks.bench_index [--seq-lens 8192 32768 131072 524288]
+    python -m benchmarks.bench_index [--seq-lens 8192 32768 131072 524288] [--fp8]
 
 Paper shape: B=1, G=4, Di=128, Bk=128, k=16, bf16. Useful scoring FLOPs are
 2*G*Di*N^2/2 (causal half). The top-k floor is reading the visible block
@@ -94,13 +94,38 @@ def bench_length(table, N, *, G=4, Di=128, Bk=128, topk=16, gemm_tflops, copy_gb
     torch.cuda.empty_cache()
 
 
+def bench_fp8(table, N, *, G=4, Di=128, Bk=128, topk=16):
+    """The pipelined select with bf16 and with FP8 operands (the launcher's per-row quantisation included) in one
+    process, and the FP8 selection's recall of the bf16 one's blocks (random inputs)."""
+    from msa_tl.index_topk import select_blocks_fp8
+
+    q_idx = torch.randn(1, N, G, Di, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(1, N, Di, device="cuda", dtype=torch.bfloat16)
+    bf16_ms = time_ms(lambda: select_blocks(q_idx, k_idx, Bk, topk, method="pipelined"))
+    fp8_ms = time_ms(lambda: select_blocks_fp8(q_idx, k_idx, Bk, topk))
+    want = select_blocks(q_idx, k_idx, Bk, topk, method="pipelined")
+    got = select_blocks_fp8(q_idx, k_idx, Bk, topk)
+    recall = ((got[..., :, None] == want[..., None, :]).any(-2) & (want >= 0)).sum() / (want >= 0).sum()
+    table.add(N=N, stage="select bf16 vs FP8 (pipelined)", ms=fp8_ms, bf16_ms=bf16_ms, fp8_speedup=bf16_ms / fp8_ms,
+              fp8_recall=recall.item())
+    print(f"N={N}: select bf16 {bf16_ms:.2f} ms, FP8 {fp8_ms:.2f} ms -> {bf16_ms / fp8_ms:.2f}x; FP8 recall of the "
+          f"bf16 blocks {recall.item():.4f}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072, 524288])
     parser.add_argument("--gemm-tflops", type=float, default=760.0, help="bf16 GEMM ceiling for the %% column")
     parser.add_argument("--copy-gbs", type=float, default=3020.0, help="device copy bandwidth (read + write) GB/s")
     parser.add_argument("--results-root", default=None)
+    parser.add_argument("--fp8", action="store_true", help="only the bf16 vs FP8 select (writes index_fp8.csv)")
     args = parser.parse_args(argv)
+    if args.fp8:
+        table = BenchTable("index_fp8")
+        for N in args.seq_lens:
+            bench_fp8(table, N)
+        print("wrote", table.write_csv(args.results_root))
+        return
     table = BenchTable("index_branch")
     for N in args.seq_lens:
         bench_length(table, N, gemm_tflops=args.gemm_tflops, copy_gbs=args.copy_gbs)

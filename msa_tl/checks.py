@@ -20,10 +20,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk):
+def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk, *, rows_with_ties=1 / 1000):
     """Every row: local block present, nothing from the future, min(topk, local+1) distinct blocks and -1
     elsewhere (slot order is not part of the contract), and the chosen set equal to the reference's except for
-    blocks whose reference score ties the selection boundary within bf16 rounding."""
+    blocks whose reference score ties the selection boundary within bf16 rounding, in at most ``rows_with_ties``
+    of the rows (FP8 scoring's coarser sums swap more near-ties, never a block far from the boundary)."""
     B, N, G, _ = q_idx.shape
     assert indices.dtype == torch.int32 and indices.shape == (B, N, G, topk)
     idx = indices.cpu().long()
@@ -52,7 +53,8 @@ def assert_same_selection_up_to_ties(indices, q_idx, k_idx, block_size, topk):
         for blk in (chosen[b, t_, g, :-1] ^ ref_chosen[b, t_, g, :-1]).nonzero().flatten().tolist():
             gap = abs(row[blk].item() - boundary)
             assert gap <= 2**-8 * max(1.0, abs(boundary)), (b, t_, g, blk, gap)
-    assert len(differ) <= max(2, B * N * G // 1000), f"{len(differ)} rows differ: more ties than bf16 explains"
+    allowed = max(2, int(B * N * G * rows_with_ties))
+    assert len(differ) <= allowed, f"{len(differ)} rows differ: more ties than rounding explains"
 
 
 def assert_attention_matches_reference(o, lse, q, k, v, indices, block_size):

@@ -167,14 +167,29 @@ def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk:
 
     Each consumer owns M = :func:`pipelined_rows` rows and both read every key block of a ``stages``-deep ring.
     """
+    return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, fp8=False)
+
+
+def pipelined_select_fp8_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
+                                 heavy_first: bool = True, dtype: str = "bfloat16"):
+    """The pipelined select over FP8 operands: Q [batch, seq*G, Di] and K [batch, seq, Di] float8_e4m3 codes, KScale
+    [batch, seq] fp32 (a key is K * KScale; a query row's own scale leaves its ranking as it is, so it is not read)
+    -> Idx [batch, seq*G, topk] int32. Each block is one e4m3 wgmma (twice bf16's rate) whose columns are scaled by
+    their keys' scales before the row max. Lowered and compiled for sm_90a; not yet run on a GPU."""
+    return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, fp8=True)
+
+
+def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, stages: int, heavy_first: bool,
+                      dtype: str, fp8: bool):
     batch, seq = T.dynamic("batch"), T.dynamic("seq")
     Bk, Di, M = block_size, index_dim, pipelined_rows(groups, block_size)
     if not M:
         raise ValueError(f"the pipelined select needs >= 128 rows in a key block (G * Bk = {groups * block_size})")
     slots = max(topk - 1, 1)
+    op_dtype = "float8_e4m3" if fp8 else dtype
 
     @T.macro
-    def consume(c, ctx, r0, local, Q_s, ring, full, empty, acc, rmax, rmax_s, top_val, top_blk, Idx, bz):
+    def consume(c, ctx, r0, local, Q_s, ring, scale_ring, full, empty, acc, rmax, rmax_s, top_val, top_blk, Idx, bz):
         insert = _list_insert(top_val, top_blk, slots)
         for j in T.serial(slots):
             top_val[j] = _LOWEST
@@ -183,6 +198,9 @@ def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk:
             T.barrier_wait(full[blk % stages], (blk // stages) & 1)
             T.wgmma_gemm(Q_s, ring[blk % stages, :, :], acc, transpose_B=True, clear_accum=True)
             T.wait_wgmma(0)
+            if fp8:
+                for r, k in T.Parallel(M, Bk):
+                    acc[r, k] = acc[r, k] * scale_ring[blk % stages, k]
             T.barrier_arrive(empty[blk % stages])
             T.reduce_max(acc, rmax, dim=1)
             T.sync_threads(1 + c, 128)  # every thread has read the previous block's row maxima
@@ -195,17 +213,14 @@ def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk:
             for j in T.serial(topk - 1):
                 Idx[bz, r0 + c * M + ctx, j + 1] = top_blk[j]
 
-    @T.prim_func
-    def index_select_pipelined(
-        Q: T.Tensor((batch, seq * groups, index_dim), dtype),
-        K: T.Tensor((batch, seq, index_dim), dtype),
-        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
-    ):
+    @T.macro
+    def select(Q, K, KScale, Idx):
         with T.Kernel(T.ceildiv(seq * groups, 2 * M), batch, threads=384) as (tile, bz):
             bx = T.ceildiv(seq * groups, 2 * M) - 1 - tile if heavy_first else tile
-            Q_s0 = T.alloc_shared((M, Di), dtype)  # [M, Di] consumer 0's rows
-            Q_s1 = T.alloc_shared((M, Di), dtype)  # [M, Di] consumer 1's rows
-            ring = T.alloc_shared((stages, Bk, Di), dtype)  # [stages, Bk, Di]
+            Q_s0 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 0's rows
+            Q_s1 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 1's rows
+            ring = T.alloc_shared((stages, Bk, Di), op_dtype)  # [stages, Bk, Di]
+            scale_ring = T.alloc_shared((stages, Bk), "float32") if fp8 else None  # [stages, Bk] the keys' scales
             acc0 = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
             acc1 = T.alloc_fragment((M, Bk), "float32")
             rmax0 = T.alloc_fragment((M,), "float32")
@@ -228,22 +243,46 @@ def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk:
                 for blk in T.serial(local):
                     T.barrier_wait(empty[blk % stages], ((blk // stages) & 1) ^ 1)
                     T.async_copy(K[bz, blk * Bk:(blk + 1) * Bk, :], ring[blk % stages, :, :])
+                    if fp8:
+                        T.async_copy(KScale[bz, blk * Bk:(blk + 1) * Bk], scale_ring[blk % stages, :])
                     T.cp_async_barrier_noinc(full[blk % stages])
             elif tx < 128:
                 T.set_max_nreg(232, 1)
                 T.barrier_wait(q_ready[0], 0)
-                consume(0, tx, r0, local, Q_s0, ring, full, empty, acc0, rmax0, rmax_s0, top_val, top_blk, Idx, bz)
+                consume(0, tx, r0, local, Q_s0, ring, scale_ring, full, empty, acc0, rmax0, rmax_s0, top_val, top_blk,
+                        Idx, bz)
             else:
                 T.set_max_nreg(232, 1)
                 T.barrier_wait(q_ready[0], 0)
-                consume(1, tx - 128, r0, local, Q_s1, ring, full, empty, acc1, rmax1, rmax_s1, top_val, top_blk, Idx,
-                        bz)
+                consume(1, tx - 128, r0, local, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1, top_val,
+                        top_blk, Idx, bz)
+
+    if fp8:
+        @T.prim_func
+        def index_select_pipelined_fp8(
+            Q: T.Tensor((batch, seq * groups, index_dim), op_dtype),
+            K: T.Tensor((batch, seq, index_dim), op_dtype),
+            KScale: T.Tensor((batch, seq), "float32"),
+            Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+        ):
+            select(Q, K, KScale, Idx)
+
+        return index_select_pipelined_fp8
+
+    @T.prim_func
+    def index_select_pipelined(
+        Q: T.Tensor((batch, seq * groups, index_dim), dtype),
+        K: T.Tensor((batch, seq, index_dim), dtype),
+        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+    ):
+        select(Q, K, None, Idx)
 
     return index_select_pipelined
 
 
 # The roles are written by hand: TileLang's own warp specialisation and its inserted syncs would fight them.
 pipelined_select_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True}
+pipelined_select_fp8_program.pass_configs = pipelined_select_program.pass_configs
 
 
 def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
@@ -284,3 +323,25 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
         S = block_scores(q_idx, k_idx, block_size, index_scale, t0, count, out=buffer)
         kernel(S.view(B, count * G, -1), indices, t0)
     return indices.view(B, N, G, topk)
+
+
+def select_blocks_fp8(q_idx, k_idx, block_size: int, topk: int, *, config=None, out=None):
+    """The index branch with FP8 operands: q_idx [B, N, G, Di] and k_idx [B, N, Di] (bf16 / fp16) are quantised
+    to e4m3 with a scale per row (:func:`msa_tl.reference.quantize_fp8`; a query row's scale does not change its
+    ranking, so only the keys' scales reach the kernel) and scored by :func:`pipelined_select_fp8_program` ->
+    indices [B, N, G, topk] int32, as :func:`select_blocks` over the quantised values. Needs G * Bk >= 128 (the
+    pipelined select's rows). Not yet run on a GPU: not wired into the ops layer."""
+    from msa_tl.reference import quantize_fp8
+
+    B, N, G, Di = q_idx.shape
+    if not pipelined_rows(G, block_size):
+        raise ValueError(f"the FP8 select runs the pipelined select, which needs G * Bk >= 128 (got {G * block_size})")
+    q_codes, _ = quantize_fp8(q_idx)
+    k_codes, k_scale = quantize_fp8(k_idx)
+    if out is None:
+        out = torch.empty((B, N, G, topk), device=q_idx.device, dtype=torch.int32)
+    config = {**PIPELINED_DEFAULTS, **(config or {})}
+    kernel = compiled_kernel(pipelined_select_fp8_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
+                             dtype=tl_dtype(q_idx.dtype), **config)
+    kernel(q_codes.view(B, N * G, Di), k_codes, k_scale, out.view(B, N * G, topk))
+    return out

@@ -382,6 +382,13 @@ def test_the_decode_combine_loads_every_split_of_its_columns_at_once():
     assert len(unrolled_split_loops) == 3  # max, weights, sum: each split's loads in flight together
 
 
+def test_the_fp8_prefill_select_scales_its_columns_by_the_keys_scales():
+    """The FP8 pipelined select: e4m3 wgmma on both operands, the keys' scales copied beside each key block and
+    applied to the scores' columns before the row max; its bf16 twin lowers as before."""
+    source = lower_to_cuda(index_topk.pipelined_select_fp8_program, groups=4, index_dim=128, block_size=128, topk=16)
+    assert "fp8_e4_t*)Q_s0" in source and "(float*)scale_ring" in source and "KScale[" in source
+
+
 def test_the_fp8_scan_can_load_two_pages_a_stage():
     """pages=2: each pipeline stage loads two blocks' FP8 keys and scales by TMA (their page ids through the block
     table), so one wgmma of 256 keys and one transpose serve two blocks."""
