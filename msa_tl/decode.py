@@ -19,9 +19,9 @@ import math
 import torch
 
 from msa_tl.decode_attention import attention_kernel, decode_combine_program, decode_splits
-from msa_tl.decode_scores import DECODE_SCORES_DEFAULTS, decode_scores_fp8_program, decode_scores_program, scan_tiling
-from msa_tl.decode_topk import DECODE_TOPK_DEFAULTS, decode_topk_program, topk_warps
-from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+from msa_tl.decode_scores import scan_kernel
+from msa_tl.decode_topk import topk_kernel
+from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 
 class DecodePlan:
@@ -54,16 +54,13 @@ class DecodePlan:
                           index_dim=index_dim, block_size=block_size, topk=topk)
         self.splits = splits or decode_splits(B * queries * groups, topk, device)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-        index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
         tl = tl_dtype(dtype)
-        scores_config = scan_tiling(queries * groups, B, max_pages, sm_count(device),
-                                    {**DECODE_SCORES_DEFAULTS, **(scores_config or {})})
         self.index_fp8 = index_fp8
-        scan = decode_scores_fp8_program if index_fp8 else decode_scores_program
-        self._scores = compiled_kernel(scan, groups=groups, index_dim=index_dim, block_size=block_size,
-                                       scale=index_scale, dtype=tl, **scores_config)
-        self._topk = compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
-                                     **{"warps": topk_warps(max_pages), **DECODE_TOPK_DEFAULTS, **(topk_config or {})})
+        self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
+                                   index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
+                                   fp8=index_fp8, device=device, **(scores_config or {}))
+        self._topk = topk_kernel(groups=groups, block_size=block_size, topk=topk, max_pages=max_pages,
+                                 **(topk_config or {}))
         self._attend = attention_kernel(groups=groups, heads=heads, head_dim=head_dim, block_size=block_size,
                                         topk=topk, scale=scale, splits=self.splits, dtype=tl,
                                         **(attention_config or {}))

@@ -19,6 +19,7 @@ import math
 import tilelang.language as T
 import torch
 
+from msa_tl.reference import FP8_MAX
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
 DECODE_SCORES_DEFAULTS = dict(num_stages=3, threads=128)  # keys_major, rows, blocks_per_cta: scan_tiling
@@ -166,9 +167,6 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
     return decode_block_scores
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn (msa_tl.reference.quantize_fp8 uses the same)
-
-
 def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
                               blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128,
                               keys_major: bool = True, pages: int = 1, dtype: str = "bfloat16"):
@@ -238,6 +236,18 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
     return decode_block_scores_fp8
 
 
+def scan_kernel(*, n_rows: int, batch: int, max_pages: int, groups: int, index_dim: int, block_size: int,
+                index_scale: float | None, dtype: str, fp8: bool, device, **config):
+    """The compiled scan for ``batch`` rows of ``n_rows`` (S * G) query rows over ``max_pages`` pages: the program
+    by the keys' dtype (``fp8``), its knobs :data:`DECODE_SCORES_DEFAULTS` and :func:`scan_tiling` under
+    ``config``; ``index_scale`` None is 1 / sqrt(Di)."""
+    scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
+    config = scan_tiling(n_rows, batch, max_pages, sm_count(device), {**DECODE_SCORES_DEFAULTS, **config})
+    program = decode_scores_fp8_program if fp8 else decode_scores_program
+    return compiled_kernel(program, groups=groups, index_dim=index_dim, block_size=block_size, scale=scale,
+                           dtype=dtype, **config)
+
+
 def decode_block_scores(q_idx: torch.Tensor, k_idx_pages: torch.Tensor, block_table: torch.Tensor,
                         seqlens: torch.Tensor, block_size: int, index_scale: float | None = None,
                         k_idx_scale: torch.Tensor | None = None, **config) -> torch.Tensor:
@@ -253,12 +263,10 @@ def decode_block_scores(q_idx: torch.Tensor, k_idx_pages: torch.Tensor, block_ta
     if k_idx_pages.shape[1] != block_size:
         raise ValueError(f"the decode scores read pages of one block: page size {k_idx_pages.shape[1]} != "
                          f"block size {block_size}")
-    scale = 1.0 / math.sqrt(Di) if index_scale is None else float(index_scale)
     scores = torch.empty((B, S * G, block_table.shape[1]), device=q_idx.device, dtype=torch.float32)
-    config = scan_tiling(S * G, B, block_table.shape[1], sm_count(q_idx.device), {**DECODE_SCORES_DEFAULTS, **config})
-    program = decode_scores_program if k_idx_scale is None else decode_scores_fp8_program
-    kernel = compiled_kernel(program, groups=G, index_dim=Di, block_size=block_size, scale=scale,
-                             dtype=tl_dtype(q_idx.dtype), **config)
+    kernel = scan_kernel(n_rows=S * G, batch=B, max_pages=block_table.shape[1], groups=G, index_dim=Di,
+                         block_size=block_size, index_scale=index_scale, dtype=tl_dtype(q_idx.dtype),
+                         fp8=k_idx_scale is not None, device=q_idx.device, **config)
     scales = () if k_idx_scale is None else (k_idx_scale,)
     kernel(q_idx.view(B, S * G, Di), k_idx_pages, *scales, block_table, seqlens, scores)
     return scores.view(B, S, G, -1)

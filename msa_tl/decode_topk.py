@@ -112,13 +112,19 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
     return decode_topk
 
 
+def topk_kernel(*, groups: int, block_size: int, topk: int, max_pages: int, **config):
+    """The compiled top-k for rows of ``max_pages`` block scores: :data:`DECODE_TOPK_DEFAULTS` and ``warps``
+    (:func:`topk_warps` of the row length) under ``config``."""
+    return compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
+                           **{"warps": topk_warps(max_pages), **DECODE_TOPK_DEFAULTS, **config})
+
+
 def decode_select(scores: torch.Tensor, seqlens: torch.Tensor, block_size: int, topk: int, **config) -> torch.Tensor:
     """scores [B, S, G, max_pages] float32 (:func:`msa_tl.decode_scores.decode_block_scores`), seqlens [B] int32 ->
     indices [B, S, G, topk] int32 (slot 0 the local block). ``config``: :data:`DECODE_TOPK_DEFAULTS` knobs and
     ``warps`` (default :func:`topk_warps` of the row length)."""
     B, S, G, max_pages = scores.shape
     indices = torch.empty((B, S, G, topk), device=scores.device, dtype=torch.int32)
-    kernel = compiled_kernel(decode_topk_program, groups=G, block_size=block_size, topk=topk,
-                             **{"warps": topk_warps(max_pages), **DECODE_TOPK_DEFAULTS, **config})
+    kernel = topk_kernel(groups=G, block_size=block_size, topk=topk, max_pages=max_pages, **config)
     kernel(scores.view(B, S * G, max_pages), seqlens, indices.view(B, S * G, topk))
     return indices
