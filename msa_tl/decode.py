@@ -33,6 +33,7 @@ class DecodePlan:
         queries: S, the newest tokens of each row that attend.
         heads, groups, head_dim, index_dim: Hq, G, D, Di.
         block_size, topk: the MSA block (= the page size) and the blocks each query attends to.
+        local_blocks: the newest blocks each query is given (its own and the ones before it).
         scale, index_scale: softmax and index-score scales (default 1/sqrt(D), 1/sqrt(Di)).
         dtype: q's dtype (bf16 / fp16).
         index_fp8: the index keys are float8_e4m3fn codes with a scale per token (the scan quantises each query row
@@ -44,7 +45,7 @@ class DecodePlan:
     def __init__(self, block_table: torch.Tensor, seqlens: torch.Tensor, *, queries: int, heads: int, groups: int,
                  head_dim: int, index_dim: int, block_size: int = 128, topk: int = 16, scale: float | None = None,
                  index_scale: float | None = None, dtype: torch.dtype = torch.bfloat16, index_fp8: bool = False,
-                 splits: int | None = None,
+                 local_blocks: int = 1, splits: int | None = None,
                  scores_config: dict | None = None, topk_config: dict | None = None,
                  attention_config: dict | None = None):
         B, max_pages = block_table.shape
@@ -60,7 +61,7 @@ class DecodePlan:
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
                                    fp8=index_fp8, device=device, **(scores_config or {}))
         self._topk = topk_kernel(groups=groups, block_size=block_size, topk=topk, max_pages=max_pages,
-                                 **(topk_config or {}))
+                                 **({} if local_blocks == 1 else dict(local_blocks=local_blocks)), **(topk_config or {}))
         self._attend = attention_kernel(groups=groups, heads=heads, head_dim=head_dim, block_size=block_size,
                                         topk=topk, scale=scale, splits=self.splits, dtype=tl,
                                         **(attention_config or {}))
@@ -85,7 +86,7 @@ class DecodePlan:
         return self._block_scores
 
     def select(self, block_scores: torch.Tensor) -> torch.Tensor:
-        """indices [B, S, G, topk] int32 (slot 0 the local block) from :meth:`index_scores`'s scores."""
+        """indices [B, S, G, topk] int32 (slots 0 .. local_blocks - 1 the newest blocks) from :meth:`index_scores`'s scores."""
         s = self.shape
         B, S, G = s["batch"], s["queries"], s["groups"]
         indices = torch.empty((B, S, G, s["topk"]), device=block_scores.device, dtype=torch.int32)

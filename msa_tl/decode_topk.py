@@ -14,7 +14,7 @@ lane a warp's list, gives the row's. :func:`topk_warps` sizes the CTA to about `
 import tilelang.language as T
 import torch
 
-from msa_tl.index_topk import _LOWEST, _list_insert
+from msa_tl.index_topk import _LOWEST, _check_local_blocks, _list_insert
 from msa_tl.tl_compile import compiled_kernel
 
 DECODE_TOPK_DEFAULTS = dict(unroll=4)
@@ -56,11 +56,17 @@ def _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots: int):
     return argmax, pop
 
 
-def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4, unroll: int = 4):
-    """Scores [B, S*G, max_pages] fp32 (:mod:`msa_tl.decode_scores`), SeqLens [B] int32 -> Idx [B, S*G, topk] int32."""
+def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4, unroll: int = 4,
+                        local_blocks: int = 1):
+    """Scores [B, S*G, max_pages] fp32 (:mod:`msa_tl.decode_scores`), SeqLens [B] int32 -> Idx [B, S*G, topk] int32.
+
+    With ``local_blocks`` = L the L newest blocks take slots 0 .. L-1 and the list ranks the blocks before them."""
     batch, n_rows, max_pages = T.dynamic("batch, n_rows, max_pages")
-    slots = max(topk - 1, 1)
+    slots = _check_local_blocks(topk, local_blocks)
     stride = 32 * warps
+
+    def candidates(local):  # the blocks a row ranks, 0 .. local - local_blocks (the newer ones are forced)
+        return local if local_blocks == 1 else T.max(local - local_blocks + 1, 0)
 
     @T.prim_func
     def decode_topk(
@@ -84,9 +90,9 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
             for j in T.unroll(slots):
                 top_val[j] = _LOWEST
                 top_blk[j] = -1
-            for c in T.serial(T.ceildiv(local, stride * unroll)):
+            for c in T.serial(T.ceildiv(candidates(local), stride * unroll)):
                 for u in T.unroll(unroll):
-                    vals[u] = T.if_then_else((c * unroll + u) * stride + tx < local,
+                    vals[u] = T.if_then_else((c * unroll + u) * stride + tx < candidates(local),
                                              Scores[b, row, (c * unroll + u) * stride + tx], _LOWEST)
                 for u in T.unroll(unroll):
                     insert(vals[u], (c * unroll + u) * stride + tx)
@@ -101,13 +107,17 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
                 for j in T.unroll(slots):
                     top_val[j] = T.if_then_else(lane < warps, warp_val[T.min(lane, warps - 1), j], _LOWEST)
                     top_blk[j] = T.if_then_else(lane < warps, warp_blk[T.min(lane, warps - 1), j], -1)
-                for r in T.serial(topk - 1):
+                for r in T.serial(topk - local_blocks):
                     argmax()
                     if lane == 0:
-                        Idx[b, row, r + 1] = T.if_then_else(best_val[0] > _LOWEST, best_blk[0], -1)
+                        Idx[b, row, r + local_blocks] = T.if_then_else(best_val[0] > _LOWEST, best_blk[0], -1)
                     pop()
                 if lane == 0:
-                    Idx[b, row, 0] = local
+                    if local_blocks == 1:
+                        Idx[b, row, 0] = local
+                    else:
+                        for j in T.serial(local_blocks):
+                            Idx[b, row, j] = T.if_then_else(local >= j, local - j, -1)
 
     return decode_topk
 

@@ -3,6 +3,10 @@
 For each (b, t, g) the local block t // Bk takes slot 0; slots 1 .. k-1 take the
 k-1 highest-scoring earlier blocks in descending score order, -1 where fewer
 exist. Raw scores are ranked (softmax preserves order): no exp, max or sum.
+With ``local_blocks`` = L the L newest visible blocks take slots 0 .. L-1 and
+the list ranks the blocks before them; with ``varlen`` a query's candidates
+start at its document's first block (``BlockStart``), so a packed batch of
+documents (:mod:`msa_tl.ops.varlen`) reads only its own document's keys.
 
 Both kernels give every row of a CTA's ``block_M`` rows (``block_M / G`` tokens
 x G heads, all in one key block, so all with the same candidate set
@@ -69,18 +73,50 @@ def _list_insert(top_val, top_blk, slots: int):
     return insert
 
 
-def topk_program(groups: int, block_size: int, topk: int, block_M: int = 128, col_tile: int = 32):
-    """S [batch, chunk_rows, nblk] fp32 + t0 -> Idx [batch, seq*G, topk] int32 rows of the chunk."""
+def _selection_writer(topk: int, local_blocks: int):
+    """A row's output: its ``local_blocks`` newest visible blocks (forced; -1 for any before the row's first
+    visible block ``start``), then the list's ``topk - local_blocks`` best earlier blocks."""
+
+    @T.macro
+    def write(Idx, bz, row, local, start, top_blk):
+        if local_blocks == 1:  # the row's own block is always visible
+            Idx[bz, row, 0] = local
+        else:
+            for j in T.serial(local_blocks):
+                Idx[bz, row, j] = T.if_then_else(local - j >= start, local - j, -1)
+        for j in T.serial(topk - local_blocks):
+            Idx[bz, row, local_blocks + j] = top_blk[j]
+
+    return write
+
+
+def _candidate_count(local, start, topk: int, local_blocks: int):
+    """How many blocks a row ranks: ``start .. local - local_blocks``, none when every slot is forced."""
+    if topk == local_blocks:
+        return 0
+    return local - start if local_blocks == 1 else T.max(local - local_blocks + 1 - start, 0)
+
+
+def _check_local_blocks(topk: int, local_blocks: int) -> int:
+    """The list's length (at least one slot, so its arrays exist) after checking 1 <= local_blocks <= topk."""
+    if not 1 <= local_blocks <= topk:
+        raise ValueError(f"local_blocks must be in [1, topk = {topk}], got {local_blocks}")
+    return max(topk - local_blocks, 1)
+
+
+def topk_program(groups: int, block_size: int, topk: int, block_M: int = 128, col_tile: int = 32,
+                 local_blocks: int = 1, varlen: bool = False):
+    """S [batch, chunk_rows, nblk] fp32 + t0 -> Idx [batch, seq*G, topk] int32 rows of the chunk.
+
+    ``local_blocks`` and ``varlen`` (BlockStart [batch, nblk] int32 after S) as in :func:`fused_select_program`.
+    """
     batch, seq, chunk_rows, nblk = T.dynamic("batch"), T.dynamic("seq"), T.dynamic("chunk_rows"), T.dynamic("nblk")
     block_M = row_tile(groups, block_size, block_M)
-    slots = max(topk - 1, 1)
+    slots = _check_local_blocks(topk, local_blocks)
+    write = _selection_writer(topk, local_blocks)
 
-    @T.prim_func
-    def index_topk(
-        S: T.Tensor((batch, chunk_rows, nblk), "float32"),
-        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
-        t0: T.int32,
-    ):
+    @T.macro
+    def select(S, BlockStart, Idx, t0):
         with T.Kernel(T.ceildiv(chunk_rows, block_M), batch, threads=block_M) as (bx, bz):
             S_s = T.alloc_shared((block_M, col_tile + 1), "float32")
             top_val = T.alloc_local((slots,), "float32")
@@ -89,38 +125,62 @@ def topk_program(groups: int, block_size: int, topk: int, block_M: int = 128, co
             tx = T.get_thread_binding()
             r0 = bx * block_M
             local = (t0 * groups + r0) // groups // block_size
+            start = BlockStart[bz, local] if varlen else 0
+            end = start + _candidate_count(local, start, topk, local_blocks)  # candidates: start .. end - 1
             for j in T.serial(slots):
                 top_val[j] = _LOWEST
                 top_blk[j] = -1
-            for c in T.serial(T.ceildiv(local, col_tile)):
+            for c in T.serial(T.ceildiv(end, col_tile)):
                 for i, j in T.Parallel(block_M, col_tile):
                     S_s[i, j] = T.if_then_else(
-                        (r0 + i < chunk_rows) & (c * col_tile + j < local), S[bz, r0 + i, c * col_tile + j], _LOWEST
+                        (r0 + i < chunk_rows) & (c * col_tile + j < end), S[bz, r0 + i, c * col_tile + j], _LOWEST
                     )
                 for j in T.serial(col_tile):
-                    if c * col_tile + j < local:
+                    if varlen:
+                        if (c * col_tile + j < end) & (c * col_tile + j >= start):
+                            insert(S_s[tx, j], c * col_tile + j)
+                    elif c * col_tile + j < end:
                         insert(S_s[tx, j], c * col_tile + j)
             if r0 + tx < chunk_rows:
-                Idx[bz, t0 * groups + r0 + tx, 0] = local
-                for j in T.serial(topk - 1):
-                    Idx[bz, t0 * groups + r0 + tx, j + 1] = top_blk[j]
+                write(Idx, bz, t0 * groups + r0 + tx, local, start, top_blk)
+
+    if varlen:
+        @T.prim_func
+        def index_topk_varlen(
+            S: T.Tensor((batch, chunk_rows, nblk), "float32"),
+            BlockStart: T.Tensor((batch, nblk), "int32"),
+            Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+            t0: T.int32,
+        ):
+            select(S, BlockStart, Idx, t0)
+
+        return index_topk_varlen
+
+    @T.prim_func
+    def index_topk(
+        S: T.Tensor((batch, chunk_rows, nblk), "float32"),
+        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+        t0: T.int32,
+    ):
+        select(S, None, Idx, t0)
 
     return index_topk
 
 
 def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int, block_M: int = 128,
-                         num_stages: int = 2, threads: int = 128, heavy_first: bool = True, dtype: str = "bfloat16"):
-    """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32, scores kept on chip."""
+                         num_stages: int = 2, threads: int = 128, heavy_first: bool = True, dtype: str = "bfloat16",
+                         local_blocks: int = 1, varlen: bool = False):
+    """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32, scores kept on chip.
+
+    ``varlen``: also BlockStart [batch, ceil(seq / Bk)] int32, the first visible block of each query block's
+    document (documents packed block-aligned); ``local_blocks`` newest visible blocks are forced."""
     batch, seq = T.dynamic("batch"), T.dynamic("seq")
     block_M = row_tile(groups, block_size, block_M)
-    slots = max(topk - 1, 1)
+    slots = _check_local_blocks(topk, local_blocks)
+    write = _selection_writer(topk, local_blocks)
 
-    @T.prim_func
-    def index_select_fused(
-        Q: T.Tensor((batch, seq * groups, index_dim), dtype),
-        K: T.Tensor((batch, seq, index_dim), dtype),
-        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
-    ):
+    @T.macro
+    def select(Q, K, BlockStart, Idx):
         with T.Kernel(T.ceildiv(seq * groups, block_M), batch, threads=threads) as (tile, bz):
             bx = T.ceildiv(seq * groups, block_M) - 1 - tile if heavy_first else tile
             Q_s = T.alloc_shared((block_M, index_dim), dtype)
@@ -134,22 +194,42 @@ def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int
             tx = T.get_thread_binding()
             r0 = bx * block_M
             local = r0 // groups // block_size
+            start = BlockStart[bz, local] if varlen else 0
             for j in T.serial(slots):
                 top_val[j] = _LOWEST
                 top_blk[j] = -1
             T.copy(Q[bz, r0:r0 + block_M, :], Q_s)
-            for blk in T.Pipelined(local, num_stages=num_stages):
-                T.copy(K[bz, blk * block_size:(blk + 1) * block_size, :], K_s)
+            # candidates: start .. local - local_blocks (the newer ones are forced)
+            for i in T.Pipelined(_candidate_count(local, start, topk, local_blocks), num_stages=num_stages):
+                T.copy(K[bz, (start + i) * block_size:(start + i + 1) * block_size, :], K_s)
                 T.clear(acc)
                 T.gemm(Q_s, K_s, acc, transpose_B=True)
                 T.reduce_max(acc, row_max, dim=1)
                 T.copy(row_max, row_max_s)
                 if tx < block_M:
-                    insert(row_max_s[tx], blk)
+                    insert(row_max_s[tx], start + i)
             if tx < block_M and r0 + tx < seq * groups:
-                Idx[bz, r0 + tx, 0] = local
-                for j in T.serial(topk - 1):
-                    Idx[bz, r0 + tx, j + 1] = top_blk[j]
+                write(Idx, bz, r0 + tx, local, start, top_blk)
+
+    if varlen:
+        @T.prim_func
+        def index_select_fused_varlen(
+            Q: T.Tensor((batch, seq * groups, index_dim), dtype),
+            K: T.Tensor((batch, seq, index_dim), dtype),
+            BlockStart: T.Tensor((batch, T.ceildiv(seq, block_size)), "int32"),
+            Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+        ):
+            select(Q, K, BlockStart, Idx)
+
+        return index_select_fused_varlen
+
+    @T.prim_func
+    def index_select_fused(
+        Q: T.Tensor((batch, seq * groups, index_dim), dtype),
+        K: T.Tensor((batch, seq, index_dim), dtype),
+        Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+    ):
+        select(Q, K, None, Idx)
 
     return index_select_fused
 
@@ -162,39 +242,47 @@ def pipelined_rows(groups: int, block_size: int) -> int:
 
 
 def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
-                             heavy_first: bool = True, dtype: str = "bfloat16"):
+                             heavy_first: bool = True, dtype: str = "bfloat16", local_blocks: int = 1,
+                             varlen: bool = False):
     """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32; a producer and two consumers.
 
     Each consumer owns M = :func:`pipelined_rows` rows and both read every key block of a ``stages``-deep ring.
+    ``local_blocks`` and ``varlen`` (BlockStart [batch, ceil(seq / Bk)] int32 after K) as in
+    :func:`fused_select_program`.
     """
-    return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, fp8=False)
+    return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, False, local_blocks,
+                             varlen)
 
 
 def pipelined_select_fp8_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
-                                 heavy_first: bool = True, dtype: str = "bfloat16"):
+                                 heavy_first: bool = True, dtype: str = "bfloat16", local_blocks: int = 1,
+                                 varlen: bool = False):
     """The pipelined select over FP8 operands: Q [batch, seq*G, Di] and K [batch, seq, Di] float8_e4m3 codes, KScale
     [batch, seq] fp32 (a key is K * KScale; a query row's own scale leaves its ranking as it is, so it is not read)
     -> Idx [batch, seq*G, topk] int32. Each block is one e4m3 wgmma (twice bf16's rate) whose columns are scaled by
     their keys' scales before the row max. Lowered and compiled for sm_90a; not yet run on a GPU."""
-    return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, fp8=True)
+    return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, True, local_blocks,
+                             varlen)
 
 
 def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, stages: int, heavy_first: bool,
-                      dtype: str, fp8: bool):
+                      dtype: str, fp8: bool, local_blocks: int, varlen: bool):
     batch, seq = T.dynamic("batch"), T.dynamic("seq")
     Bk, Di, M = block_size, index_dim, pipelined_rows(groups, block_size)
     if not M:
         raise ValueError(f"the pipelined select needs >= 128 rows in a key block (G * Bk = {groups * block_size})")
-    slots = max(topk - 1, 1)
+    slots = _check_local_blocks(topk, local_blocks)
+    write = _selection_writer(topk, local_blocks)
     op_dtype = "float8_e4m3" if fp8 else dtype
 
     @T.macro
-    def consume(c, ctx, r0, local, Q_s, ring, scale_ring, full, empty, acc, rmax, rmax_s, top_val, top_blk, Idx, bz):
+    def consume(c, ctx, r0, local, start, Q_s, ring, scale_ring, full, empty, acc, rmax, rmax_s, top_val, top_blk,
+                Idx, bz):
         insert = _list_insert(top_val, top_blk, slots)
         for j in T.serial(slots):
             top_val[j] = _LOWEST
             top_blk[j] = -1
-        for blk in T.serial(local):
+        for blk in T.serial(_candidate_count(local, start, topk, local_blocks)):  # ring slot blk, key block start + blk
             T.barrier_wait(full[blk % stages], (blk // stages) & 1)
             T.wgmma_gemm(Q_s, ring[blk % stages, :, :], acc, transpose_B=True, clear_accum=True)
             T.wait_wgmma(0)
@@ -207,14 +295,12 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             T.copy(rmax, rmax_s)
             T.sync_threads(1 + c, 128)
             if ctx < M:
-                insert(rmax_s[ctx], blk)
+                insert(rmax_s[ctx], start + blk)
         if ctx < M and r0 + c * M + ctx < seq * groups:
-            Idx[bz, r0 + c * M + ctx, 0] = local
-            for j in T.serial(topk - 1):
-                Idx[bz, r0 + c * M + ctx, j + 1] = top_blk[j]
+            write(Idx, bz, r0 + c * M + ctx, local, start, top_blk)
 
     @T.macro
-    def select(Q, K, KScale, Idx):
+    def select(Q, K, KScale, BlockStart, Idx):
         with T.Kernel(T.ceildiv(seq * groups, 2 * M), batch, threads=384) as (tile, bz):
             bx = T.ceildiv(seq * groups, 2 * M) - 1 - tile if heavy_first else tile
             Q_s0 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 0's rows
@@ -235,27 +321,42 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             tx = T.get_thread_binding()
             r0 = bx * 2 * M
             local = r0 // groups // Bk
-            if tx >= 256:  # producer: both consumers' Q rows once, then key blocks 0 .. local-1
+            start = BlockStart[bz, local] if varlen else 0
+            if tx >= 256:  # producer: both consumers' Q rows once, then the candidate key blocks from start on
                 T.set_max_nreg(40, 0)
                 T.async_copy(Q[bz, r0:r0 + M, :], Q_s0)
                 T.async_copy(Q[bz, r0 + M:r0 + 2 * M, :], Q_s1)
                 T.cp_async_barrier_noinc(q_ready[0])
-                for blk in T.serial(local):
+                for blk in T.serial(_candidate_count(local, start, topk, local_blocks)):
                     T.barrier_wait(empty[blk % stages], ((blk // stages) & 1) ^ 1)
-                    T.async_copy(K[bz, blk * Bk:(blk + 1) * Bk, :], ring[blk % stages, :, :])
+                    T.async_copy(K[bz, (start + blk) * Bk:(start + blk + 1) * Bk, :], ring[blk % stages, :, :])
                     if fp8:
-                        T.async_copy(KScale[bz, blk * Bk:(blk + 1) * Bk], scale_ring[blk % stages, :])
+                        T.async_copy(KScale[bz, (start + blk) * Bk:(start + blk + 1) * Bk], scale_ring[blk % stages, :])
                     T.cp_async_barrier_noinc(full[blk % stages])
             elif tx < 128:
                 T.set_max_nreg(232, 1)
                 T.barrier_wait(q_ready[0], 0)
-                consume(0, tx, r0, local, Q_s0, ring, scale_ring, full, empty, acc0, rmax0, rmax_s0, top_val, top_blk,
-                        Idx, bz)
+                consume(0, tx, r0, local, start, Q_s0, ring, scale_ring, full, empty, acc0, rmax0, rmax_s0, top_val,
+                        top_blk, Idx, bz)
             else:
                 T.set_max_nreg(232, 1)
                 T.barrier_wait(q_ready[0], 0)
-                consume(1, tx - 128, r0, local, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1, top_val,
-                        top_blk, Idx, bz)
+                consume(1, tx - 128, r0, local, start, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1,
+                        top_val, top_blk, Idx, bz)
+
+    nblk = T.ceildiv(seq, Bk)
+    if fp8 and varlen:
+        @T.prim_func
+        def index_select_pipelined_fp8_varlen(
+            Q: T.Tensor((batch, seq * groups, index_dim), op_dtype),
+            K: T.Tensor((batch, seq, index_dim), op_dtype),
+            KScale: T.Tensor((batch, seq), "float32"),
+            BlockStart: T.Tensor((batch, nblk), "int32"),
+            Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+        ):
+            select(Q, K, KScale, BlockStart, Idx)
+
+        return index_select_pipelined_fp8_varlen
 
     if fp8:
         @T.prim_func
@@ -265,9 +366,21 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             KScale: T.Tensor((batch, seq), "float32"),
             Idx: T.Tensor((batch, seq * groups, topk), "int32"),
         ):
-            select(Q, K, KScale, Idx)
+            select(Q, K, KScale, None, Idx)
 
         return index_select_pipelined_fp8
+
+    if varlen:
+        @T.prim_func
+        def index_select_pipelined_varlen(
+            Q: T.Tensor((batch, seq * groups, index_dim), dtype),
+            K: T.Tensor((batch, seq, index_dim), dtype),
+            BlockStart: T.Tensor((batch, nblk), "int32"),
+            Idx: T.Tensor((batch, seq * groups, topk), "int32"),
+        ):
+            select(Q, K, None, BlockStart, Idx)
+
+        return index_select_pipelined_varlen
 
     @T.prim_func
     def index_select_pipelined(
@@ -275,7 +388,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
         K: T.Tensor((batch, seq, index_dim), dtype),
         Idx: T.Tensor((batch, seq * groups, topk), "int32"),
     ):
-        select(Q, K, None, Idx)
+        select(Q, K, None, None, Idx)
 
     return index_select_pipelined
 
@@ -285,9 +398,13 @@ pipelined_select_program.pass_configs = {"tl.disable_warp_specialized": True, "t
 pipelined_select_fp8_program.pass_configs = pipelined_select_program.pass_configs
 
 
-def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
-                  method: str | None = None, query_chunk: int = 16384, config=None, out=None):
+def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *, local_blocks: int = 1,
+                  block_start=None, method: str | None = None, query_chunk: int = 16384, config=None, out=None):
     """Index branch on the GPU. q_idx [B, N, G, Di], k_idx [B, N, Di] -> indices [B, N, G, topk] int32.
+
+    ``local_blocks``: the newest visible blocks each query is given (its own block and the ones before it).
+    ``block_start`` [B, ceil(N / Bk)] int32, if given: the first visible block for the queries of each block
+    (documents packed block-aligned, :mod:`msa_tl.ops.varlen`); blocks before it are never chosen or read.
 
     ``method``: ``"pipelined"`` (default where G * Bk >= 128, else ``"fused"``) or ``"fused"`` score and
     select in one kernel with no score buffer (the two select identically); ``"two_pass"`` writes block
@@ -311,25 +428,38 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
             "fused": ("index_select_fused", fused_select_program, FUSED_DEFAULTS)}[method]
         config = {**tuned_config(program, shape, defaults, q_idx.device), **(config or {})}
         kernel = compiled_kernel(builder, groups=G, index_dim=Di, block_size=block_size, topk=topk,
-                                 dtype=tl_dtype(q_idx.dtype), **config)
-        kernel(q_idx.view(B, N * G, Di), k_idx, indices)
+                                 dtype=tl_dtype(q_idx.dtype), **_selection_options(local_blocks, block_start), **config)
+        kernel(q_idx.view(B, N * G, Di), k_idx, *_block_start(block_start), indices)
         return indices.view(B, N, G, topk)
     chunk = min(N, max(block_size, query_chunk // block_size * block_size))
     buffer = torch.empty(B * chunk * G * math.ceil(N / block_size), device=q_idx.device, dtype=torch.float32)
     config = {**tuned_config("index_topk", shape, TOPK_DEFAULTS, q_idx.device), **(config or {})}
-    kernel = compiled_kernel(topk_program, groups=G, block_size=block_size, topk=topk, **config)
+    kernel = compiled_kernel(topk_program, groups=G, block_size=block_size, topk=topk,
+                             **_selection_options(local_blocks, block_start), **config)
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         S = block_scores(q_idx, k_idx, block_size, index_scale, t0, count, out=buffer)
-        kernel(S.view(B, count * G, -1), indices, t0)
+        kernel(S.view(B, count * G, -1), *_block_start(block_start), indices, t0)
     return indices.view(B, N, G, topk)
 
 
-def select_blocks_fp8(q_idx, k_idx, block_size: int, topk: int, *, config=None, out=None):
+def _selection_options(local_blocks: int, block_start) -> dict:
+    """The select programs' compile options for a call (none at the defaults, so their builds stay as tuned)."""
+    options = {} if local_blocks == 1 else dict(local_blocks=local_blocks)
+    return options if block_start is None else dict(options, varlen=True)
+
+
+def _block_start(block_start) -> tuple:
+    return () if block_start is None else (block_start.to(torch.int32).contiguous(),)
+
+
+def select_blocks_fp8(q_idx, k_idx, block_size: int, topk: int, *, local_blocks: int = 1, block_start=None,
+                      config=None, out=None):
     """The index branch with FP8 operands: q_idx [B, N, G, Di] and k_idx [B, N, Di] (bf16 / fp16) are quantised
     to e4m3 with a scale per row (:func:`msa_tl.reference.quantize_fp8`; a query row's scale does not change its
     ranking, so only the keys' scales reach the kernel) and scored by :func:`pipelined_select_fp8_program` ->
-    indices [B, N, G, topk] int32, as :func:`select_blocks` over the quantised values. Needs G * Bk >= 128 (the
+    indices [B, N, G, topk] int32, as :func:`select_blocks` over the quantised values (``local_blocks``,
+    ``block_start`` as there). Needs G * Bk >= 128 (the
     pipelined select's rows). Not yet run on a GPU: not wired into the ops layer."""
     from msa_tl.reference import quantize_fp8
 
@@ -342,6 +472,6 @@ def select_blocks_fp8(q_idx, k_idx, block_size: int, topk: int, *, config=None, 
         out = torch.empty((B, N, G, topk), device=q_idx.device, dtype=torch.int32)
     config = {**PIPELINED_DEFAULTS, **(config or {})}
     kernel = compiled_kernel(pipelined_select_fp8_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
-                             dtype=tl_dtype(q_idx.dtype), **config)
-    kernel(q_codes.view(B, N * G, Di), k_codes, k_scale, out.view(B, N * G, topk))
+                             dtype=tl_dtype(q_idx.dtype), **_selection_options(local_blocks, block_start), **config)
+    kernel(q_codes.view(B, N * G, Di), k_codes, k_scale, *_block_start(block_start), out.view(B, N * G, topk))
     return out

@@ -384,7 +384,8 @@ def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weig
     compiled_kernel(kl_fused_program, **config)(
         q, k, q_idx, k_idx.reshape(B, N, -1), lse * _LOG2E, lse_student * _LOG2E, *schedule, kl_part, dq_idx, dk_idx,
         weight)
-    return kl_part.sum(-1) + lse_student, dq_idx, dk_idx
+    # a row with nothing chosen has no student (lse -inf) and adds 0, as in the reference
+    return kl_part.sum(-1) + torch.where(torch.isneginf(lse_student), 0.0, lse_student), dq_idx, dk_idx
 
 
 def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scale: float, index_scale: float,

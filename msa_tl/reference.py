@@ -95,27 +95,34 @@ def block_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, scal
     return out
 
 
-def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: int = 0) -> torch.Tensor:
-    """Exp-free top-k over block scores with the forced local block and the causal limit.
+def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: int = 0, local_blocks: int = 1,
+                first_block: torch.Tensor | None = None) -> torch.Tensor:
+    """Exp-free top-k over block scores with the forced local blocks and the causal limit.
 
     scores [B, G, C, nblk] for queries ``query_start .. query_start + C - 1``
     (as from :func:`block_scores`) -> indices [B, C, G, topk] int32. For query
-    t the local block t // block_size is always chosen; the other slots take
-    the highest-scoring visible blocks b < t // block_size (raw scores are
-    ranked: softmax preserves order, so no exp is needed). With fewer than
-    ``topk`` visible blocks all of them are chosen. Chosen ids are sorted
-    ascending; unused slots hold -1 and come last. A NaN or -inf score never
-    chooses its block, and a +inf score ranks first among the others: no score
-    can displace the local block.
+    t the ``local_blocks`` newest visible blocks (its own block t // block_size
+    and the ones before it) are always chosen; the other slots take the
+    highest-scoring visible blocks before them (raw scores are ranked: softmax
+    preserves order, so no exp is needed). ``first_block`` [B, C] int, if given,
+    is each query's first visible block (its document's first block in a packed
+    batch); blocks before it are invisible. With fewer than ``topk`` visible
+    blocks all of them are chosen. Chosen ids are sorted ascending; unused
+    slots hold -1 and come last. A NaN or -inf score never chooses its block,
+    and a +inf score ranks first among the others: no score can displace a
+    forced block.
     """
     B, G, C, nblk = scores.shape
     rows = torch.arange(C, device=scores.device)
-    local = (rows + query_start) // block_size
-    visible = torch.arange(nblk, device=scores.device)[None, :] <= local[:, None]  # [C, nblk]
+    local = (rows + query_start) // block_size  # [C]
+    blocks = torch.arange(nblk, device=scores.device)
+    first = torch.zeros((1, C), dtype=torch.long, device=scores.device) if first_block is None else first_block.long()
+    visible = (blocks[None, None, :] <= local[None, :, None]) & (blocks[None, None, :] >= first[:, :, None])
+    forced = visible & (blocks[None, None, :] > local[None, :, None] - local_blocks)  # [B|1, C, nblk]
     finite_max = torch.finfo(torch.float64).max
     ranked = scores.double().nan_to_num(nan=_NEG_INF, posinf=finite_max, neginf=_NEG_INF)
-    ranked = ranked.masked_fill(~visible, _NEG_INF)
-    ranked[:, :, rows, local] = float("inf")  # the local block wins every comparison
+    ranked = ranked.masked_fill(~visible[:, None], _NEG_INF)
+    ranked = ranked.masked_fill(forced[:, None], float("inf"))  # a forced block wins every comparison
     kk = min(topk, nblk)
     top_vals, top_ids = ranked.topk(kk, dim=-1)
     # ascending ids with the unused (-inf) slots last: sort them as id nblk, then mark -1
@@ -126,11 +133,14 @@ def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: i
 
 
 def select_blocks(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int, scale: float | None = None
+    q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int, scale: float | None = None,
+    local_blocks: int = 1, block_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole index branch: scoring, block max-pool and top-k.
+    """The whole index branch: scoring, block max-pool and top-k (:func:`topk_blocks`).
 
     q_idx [B, N, G, Di], k_idx [B, N, Di] -> indices [B, N, G, topk] int32.
+    ``block_start`` [B, nblk] int, if given, is the first visible block for the queries of each block (the
+    first block of its document when documents are packed block-aligned into one row).
     Block scores exist for one query chunk at a time (B * G * C * N token scores).
     """
     B, N, G, _ = q_idx.shape
@@ -139,7 +149,10 @@ def select_blocks(
     for t0 in range(0, N, chunk):
         t1 = min(N, t0 + chunk)
         S = _pool_blocks(index_token_scores(q_idx[:, t0:t1], k_idx, scale, t0), block_size)
-        out[:, t0:t1] = topk_blocks(S, topk, block_size, query_start=t0)
+        first = None
+        if block_start is not None:
+            first = block_start[:, torch.arange(t0, t1, device=block_start.device) // block_size]
+        out[:, t0:t1] = topk_blocks(S, topk, block_size, query_start=t0, local_blocks=local_blocks, first_block=first)
     return out
 
 
@@ -337,7 +350,7 @@ def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=
             p, own_lse = _attention_probs(q[:, t0:t1].detach(), k.detach(), mask, scale)
             if lse is not None:  # p = exp(s - own_lse) -> exp(s - lse)  [B, G, R, C, N]
                 given = lse[:, t0:t1].double().view(B, t1 - t0, G, Hq // G).permute(0, 2, 3, 1)
-                p = p * torch.exp(torch.where(torch.isfinite(own_lse), own_lse, 0.0) - given)[..., None]
+                p = p * torch.exp(torch.where(torch.isfinite(own_lse), own_lse - given, 0.0))[..., None]
         s = index_token_scores(q_idx[:, t0:t1], k_idx, index_scale, t0).masked_fill(~mask, _NEG_INF)
         yield t0, t1, mask, p.mean(dim=2), s
 
@@ -388,12 +401,13 @@ def msa_forward(
     topk: int,
     scale: float | None = None,
     index_scale: float | None = None,
+    local_blocks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """End-to-end MSA: select blocks with the index branch, attend over them.
 
     Shapes as in the module docstring; returns (o, lse, indices).
     """
-    indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+    indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale, local_blocks)
     o, lse = sparse_attention(q, k, v, indices, block_size, scale)
     return o, lse, indices
 
@@ -441,6 +455,7 @@ def msa_decode(
     scale: float | None = None,
     index_scale: float | None = None,
     indices: torch.Tensor | None = None,
+    local_blocks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSA for the newest S tokens of each sequence in a paged cache (decode, speculative drafts, chunked prefill).
 
@@ -450,7 +465,7 @@ def msa_decode(
     Each query selects and attends exactly as the same token does in :func:`msa_forward` over its row's first
     ``seqlens[b]`` tokens: the rows of that forward at those positions. ``indices`` [B, S, G, topk] int32, if
     given, replace the selection (the attention alone, over any ids, as :func:`sparse_attention` reads them).
-    Returns (o [B, S, Hq, D], lse [B, S, Hq], both float64, indices [B, S, G, topk] int32).
+    ``local_blocks`` as in :func:`topk_blocks`. Returns (o [B, S, Hq, D], lse [B, S, Hq], both float64, indices [B, S, G, topk] int32).
     """
     B, S, Hq, D = q.shape
     G = k_cache.shape[2]
@@ -466,7 +481,7 @@ def msa_decode(
         k, v, k_idx = (cached_rows(c, block_table, b, n)[None] for c in (k_cache, v_cache, k_idx_cache))
         if indices is None:
             scores = _pool_blocks(index_token_scores(q_idx[b:b + 1], k_idx.flatten(2), index_scale, t0), block_size)
-            chosen[b] = topk_blocks(scores, topk, block_size, query_start=t0)[0]  # [S, G, topk]
+            chosen[b] = topk_blocks(scores, topk, block_size, query_start=t0, local_blocks=local_blocks)[0]  # [S, G, topk]
         mask = _selection_mask(chosen[b:b + 1], t0, n, block_size)
         p, row_lse = _attention_probs(q[b:b + 1], k, mask, scale)
         o[b] = _weighted_values(p, _finite(v), (~torch.isfinite(v)).double(), mask).reshape(S, Hq, D)

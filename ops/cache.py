@@ -111,7 +111,7 @@ class MSACache:
         return self.block_table.shape[1] * self.page_size
 
     def plan(self, *, queries: int, heads: int, block_size: int | None = None, topk: int = 16,
-             scale: float | None = None, index_scale: float | None = None, **config):
+             scale: float | None = None, index_scale: float | None = None, local_blocks: int = 1, **config):
         """The GPU launches of a decode step over this cache (:class:`msa_tl.decode.DecodePlan`) for ``queries``
         newest tokens a row and ``heads`` query heads: build it once per step, ``run`` it per layer (layers whose
         caches share this one's block table and lengths). ``config``: DecodePlan's knob overrides and ``splits``.
@@ -122,7 +122,8 @@ class MSACache:
         return DecodePlan(self.block_table, self.seqlens, queries=queries, heads=heads, groups=self.k.shape[2],
                           head_dim=self.k.shape[3], index_dim=self.k_idx.shape[2],
                           block_size=self.page_size if block_size is None else block_size, topk=topk, scale=scale,
-                          index_scale=index_scale, dtype=self.k.dtype, index_fp8=self.index_fp8, **config)
+                          index_scale=index_scale, dtype=self.k.dtype, index_fp8=self.index_fp8,
+                          local_blocks=local_blocks, **config)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, k_idx: torch.Tensor) -> None:
         """Write S new tokens to every row: k, v [B, S, G, D], k_idx [B, S, Di] (or [B, S, 1, Di]) go to positions

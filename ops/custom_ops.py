@@ -1,6 +1,7 @@
 """The MSA stages as ``torch.library`` custom ops with autograd, so ``torch.compile`` traces them whole.
 
-    msa_tl::select_blocks(q_idx, k_idx, block_size, topk, index_scale) -> indices            no gradient
+    msa_tl::select_blocks(q_idx, k_idx, block_size, topk, index_scale, local_blocks, block_start?, index_fp8)
+        -> indices                                                                        no gradient
     msa_tl::sparse_attention(q, k, v, indices, block_size, scale) -> (o, lse)               grads: q, k, v
     msa_tl::sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, ...) -> (dq, dk, dv)
     msa_tl::kl_alignment_loss(q, k, q_idx, k_idx, indices?, lse?, ..., with_grads) -> (loss, lse_student, dq_idx, dk_idx)
@@ -29,16 +30,20 @@ from msa_tl.ops.dispatch import kernel_for
 
 
 @torch.library.custom_op("msa_tl::select_blocks", mutates_args=())
-def select_blocks_op(q_idx: Tensor, k_idx: Tensor, block_size: int, topk: int, index_scale: float) -> Tensor:
+def select_blocks_op(q_idx: Tensor, k_idx: Tensor, block_size: int, topk: int, index_scale: float,
+                     local_blocks: int = 1, block_start: Optional[Tensor] = None, index_fp8: bool = False) -> Tensor:
     kernel = kernel_for("select_blocks", q_idx.device, dtype=q_idx.dtype, groups=q_idx.shape[2],
-                        index_dim=q_idx.shape[3], block_size=block_size, topk=topk)
+                        index_dim=q_idx.shape[3], block_size=block_size, topk=topk, index_fp8=index_fp8)
     if kernel is not None:
-        return kernel(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
-    return reference.select_blocks(q_idx, k_idx, block_size, topk, index_scale)
+        return kernel(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale,
+                      local_blocks=local_blocks, block_start=block_start, index_fp8=index_fp8)
+    if index_fp8:  # the values FP8 scoring sees: each row quantised to e4m3 with its own scale
+        q_idx, k_idx = reference.fake_quantize_fp8(q_idx), reference.fake_quantize_fp8(k_idx)
+    return reference.select_blocks(q_idx, k_idx, block_size, topk, index_scale, local_blocks, block_start)
 
 
 @select_blocks_op.register_fake
-def _(q_idx, k_idx, block_size, topk, index_scale):
+def _(q_idx, k_idx, block_size, topk, index_scale, local_blocks=1, block_start=None, index_fp8=False):
     B, N, G, _ = q_idx.shape
     return q_idx.new_empty((B, N, G, topk), dtype=torch.int32)
 

@@ -16,6 +16,7 @@ from msa_tl import reference
 from msa_tl.ops.cache import MSACache
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.dispatch import kernel_for
+from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, max_document_length, packed_layout
 from msa_tl.ops.validation import (
     canonical_indices,
     check_attention_inputs,
@@ -38,6 +39,9 @@ def select_blocks(
     block_size: int = 128,
     topk: int = 16,
     index_scale: float | None = None,
+    local_blocks: int = 1,
+    cu_seqlens: torch.Tensor | None = None,
+    index_fp8: bool = False,
 ) -> torch.Tensor:
     """The index branch: which key blocks each (query, group) attends to.
 
@@ -45,17 +49,38 @@ def select_blocks(
         q_idx: [B, N, G, Di] index queries, one head per KV group.
         k_idx: [B, N, Di] (or [B, N, 1, Di]) index keys, shared by all groups.
         block_size: key block size Bk.
-        topk: blocks chosen per (query, group), the local block included.
+        topk: blocks chosen per (query, group), the local blocks included.
         index_scale: score scale, default 1/sqrt(Di).
+        local_blocks: the newest visible blocks every query is given (its own block t // Bk and the
+            ``local_blocks - 1`` before it; MiniMax-M3's ``index_local_blocks``); the rest are ranked.
+        cu_seqlens: [num_docs + 1] int32, documents packed into one row (B = 1; flash-attn's convention): each
+            query selects within its document, block ids counting from the document's first token
+            (:mod:`msa_tl.ops.varlen`).
+        index_fp8: score with FP8 (e4m3) operands, each q_idx / k_idx row quantised with its own scale (twice the
+            tensor-core rate of bf16; the selection is that of the quantised values, close to but not the bf16 one).
 
     Returns:
         indices [B, N, G, topk] int32: chosen block ids, -1 in unused slots
         (query t sees t // Bk + 1 blocks; with fewer than topk all are chosen).
         Slot order is not part of the contract.
     """
-    check_options(block_size=block_size, topk=topk, index_scale=index_scale)
+    check_options(block_size=block_size, topk=topk, local_blocks=local_blocks, index_scale=index_scale)
     k_idx = check_index_inputs(q_idx, k_idx)
-    return select_blocks_op(q_idx, k_idx, block_size, topk, _default_scale(index_scale, q_idx.shape[3]))
+    index_scale = _default_scale(index_scale, q_idx.shape[3])
+    if cu_seqlens is None:
+        return select_blocks_op(q_idx, k_idx, block_size, topk, index_scale, local_blocks, None, index_fp8)
+    check_packed_batch(q_idx.shape[0])
+    check_cu_seqlens(cu_seqlens, total=q_idx.shape[1], device=q_idx.device)
+    layout = packed_layout(cu_seqlens, q_idx.shape[1], block_size)
+    return layout.from_aligned(_select_aligned(layout, q_idx, k_idx, topk, index_scale, local_blocks, index_fp8))
+
+
+def _select_aligned(layout, q_idx, k_idx, topk, index_scale, local_blocks, index_fp8=False):
+    """The selection in the block-aligned row of ``layout`` from packed q_idx / k_idx [1, total, ...]: [1, length,
+    G, topk], -1 in rows with no token."""
+    indices = select_blocks_op(layout.pack(q_idx), layout.pack(k_idx), layout.block_size, topk, index_scale,
+                               local_blocks, layout.block_start, index_fp8)
+    return layout.only_real(indices)
 
 
 def sparse_attention(
@@ -67,6 +92,7 @@ def sparse_attention(
     block_size: int = 128,
     scale: float | None = None,
     return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """The main branch: exact causal attention over the chosen key blocks.
 
@@ -79,6 +105,8 @@ def sparse_attention(
         block_size: key block size Bk the indices refer to.
         scale: softmax scale, default 1/sqrt(D).
         return_lse: also return the log-sum-exp.
+        cu_seqlens: [num_docs + 1] int32, documents packed into one row (B = 1): ``indices`` count blocks from
+            each query's document start, and a query sees only its own document.
 
     Returns:
         o [B, N, Hq, D] in q's dtype, and lse [B, N, Hq] float32 (natural log) if ``return_lse``.
@@ -87,7 +115,15 @@ def sparse_attention(
     check_attention_inputs(q, k, v)
     B, N, _, _ = q.shape
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
-    return _sparse_attention(q, k, v, canonical_indices(indices, block_size), block_size, scale, return_lse)
+    if cu_seqlens is None:
+        return _sparse_attention(q, k, v, canonical_indices(indices, block_size), block_size, scale, return_lse)
+    check_packed_batch(B)
+    check_cu_seqlens(cu_seqlens, total=N, device=q.device)
+    layout = packed_layout(cu_seqlens, N, block_size)
+    o, lse = _sparse_attention(layout.pack(q), layout.pack(k), layout.pack(v), layout.to_aligned(indices),
+                               block_size, scale, return_lse=True)
+    o, lse = layout.unpack(o), layout.unpack(lse)
+    return (o, lse) if return_lse else o
 
 
 def _sparse_attention(q, k, v, indices, block_size, scale, return_lse):
@@ -107,6 +143,8 @@ def kl_alignment_loss(
     scale: float | None = None,
     index_scale: float | None = None,
     lse: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) that trains the index projections; a float32 scalar.
 
@@ -120,16 +158,39 @@ def kl_alignment_loss(
     (``sparse_attention(..., return_lse=True)``). Passing it saves the kernels a
     main-branch forward; it must come from the same selection, since it is the
     teacher's normaliser. Its gradient is not taken.
+
+    ``cu_seqlens`` [num_docs + 1] int32: documents packed into one row (B = 1), ``indices`` counting blocks from
+    each query's document start; the teacher and the student see only the query's document, and the loss is the
+    mean over all packed rows. ``max_seqlen`` (the longest document) sizes the warmup's selection; without it a
+    GPU run reads it back (a host sync).
     """
     check_options(block_size=block_size, scale=scale, index_scale=index_scale)
     check_attention_inputs(q, k, k)
-    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
+    B, N = q.shape[:2]
+    k_idx = check_index_inputs(q_idx, k_idx, batch=B, seq=N, groups=k.shape[2], like=q)
     if indices is not None:
-        check_indices(indices, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], device=q.device)
-        indices = canonical_indices(indices, block_size)
+        check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
     if lse is not None:
         check_lse(lse, shape=q.shape[:3], device=q.device)
-    return _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+    if cu_seqlens is None:
+        indices = None if indices is None else canonical_indices(indices, block_size)
+        return _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+    check_packed_batch(B)
+    check_cu_seqlens(cu_seqlens, total=N, device=q.device, max_seqlen=max_seqlen)
+    layout = packed_layout(cu_seqlens, N, block_size)
+    if indices is None:
+        aligned = layout.causal_selection(k.shape[2], max_seqlen or max_document_length(cu_seqlens))
+    else:
+        aligned = layout.to_aligned(indices)
+    return _kl_aligned(layout, q, k, q_idx, k_idx, aligned, block_size, scale, index_scale, lse)
+
+
+def _kl_aligned(layout, q, k, q_idx, k_idx, aligned, block_size, scale, index_scale, lse):
+    """The KL of packed inputs [1, total, ...] over ``aligned`` indices of the block-aligned row (-1 in rows with
+    no token, which add 0): the aligned row's mean rescaled to the mean over the packed rows."""
+    loss = _kl_alignment_loss(layout.pack(q), layout.pack(k), layout.pack(q_idx), layout.pack(k_idx), aligned,
+                              block_size, scale, index_scale, None if lse is None else layout.pack(lse))
+    return loss * (layout.length / q.shape[1])
 
 
 def _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
@@ -156,6 +217,9 @@ def msa_attention(
     index_scale: float | None = None,
     return_lse: bool = False,
     return_indices: bool = False,
+    local_blocks: int = 1,
+    cu_seqlens: torch.Tensor | None = None,
+    index_fp8: bool = False,
 ):
     """MiniMax Sparse Attention: the index branch picks key blocks, the main branch attends over them.
 
@@ -170,6 +234,11 @@ def msa_attention(
         index_scale: index-score scale, default 1/sqrt(Di).
         return_lse: also return lse [B, N, Hq] float32.
         return_indices: also return the selection [B, N, G, topk] int32 (-1 = unused).
+        local_blocks: the newest visible blocks every query is given (:func:`select_blocks`).
+        cu_seqlens: [num_docs + 1] int32, documents packed into one row (B = 1, flash-attn's convention): each
+            document is attended on its own (blocks counted from its first token, causal within it); the
+            returned indices count blocks from each query's document start.
+        index_fp8: select with FP8 index scores (:func:`select_blocks`).
 
     Returns:
         o [B, N, Hq, D] in q's dtype; with ``return_lse`` / ``return_indices``
@@ -180,12 +249,24 @@ def msa_attention(
     is not differentiable: q_idx / k_idx get gradients only through
     :func:`kl_alignment_loss`.
     """
-    check_options(block_size=block_size, topk=topk, scale=scale, index_scale=index_scale)
+    check_options(block_size=block_size, topk=topk, local_blocks=local_blocks, scale=scale, index_scale=index_scale)
     check_attention_inputs(q, k, v)
     k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
-    with torch.no_grad():
-        indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale)
-    o, lse = _sparse_attention(q, k, v, indices, block_size, scale, return_lse=True)
+    if cu_seqlens is None:
+        with torch.no_grad():
+            indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale,
+                                    local_blocks=local_blocks, index_fp8=index_fp8)
+        o, lse = _sparse_attention(q, k, v, indices, block_size, scale, return_lse=True)
+    else:
+        check_packed_batch(q.shape[0])
+        check_cu_seqlens(cu_seqlens, total=q.shape[1], device=q.device)
+        layout = packed_layout(cu_seqlens, q.shape[1], block_size)
+        with torch.no_grad():
+            aligned = _select_aligned(layout, q_idx, k_idx, topk, _default_scale(index_scale, q_idx.shape[3]),
+                                      local_blocks, index_fp8)
+        o, lse = _sparse_attention(layout.pack(q), layout.pack(k), layout.pack(v), aligned, block_size, scale,
+                                   return_lse=True)
+        o, lse, indices = layout.unpack(o), layout.unpack(lse), layout.from_aligned(aligned)
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
     return (o, *extras) if extras else o
 
@@ -201,6 +282,7 @@ def msa_decode(
     index_scale: float | None = None,
     return_lse: bool = False,
     return_indices: bool = False,
+    local_blocks: int = 1,
 ):
     """MSA for the newest tokens of each cached sequence: decode (S = 1), speculative drafts or multi-token
     prediction (S = 2-16) and chunked prefill (S up to a few hundred).
@@ -210,7 +292,7 @@ def msa_decode(
             :meth:`~msa_tl.ops.cache.MSACache.append`).
         q_idx: [B, S, G, Di] index queries of the same tokens.
         cache: the layer's :class:`~msa_tl.ops.cache.MSACache`; row b holds ``cache.lengths[b] >= S`` tokens.
-        block_size, topk, scale, index_scale: as in :func:`msa_attention`.
+        block_size, topk, scale, index_scale, local_blocks: as in :func:`msa_attention`.
         return_lse: also return lse [B, S, Hq] float32.
         return_indices: also return the selection [B, S, G, topk] int32.
 
@@ -220,7 +302,7 @@ def msa_decode(
         (o, lse?, indices?). With FP8 index keys (``MSACache.paged(..., index_dtype=torch.float8_e4m3fn)``) the
         selection scores the dequantised keys against q_idx quantised per row the same way.
     """
-    check_options(block_size=block_size, topk=topk, scale=scale, index_scale=index_scale)
+    check_options(block_size=block_size, topk=topk, local_blocks=local_blocks, scale=scale, index_scale=index_scale)
     check_decode_inputs(q, q_idx, cache)
     scale, index_scale = _default_scale(scale, q.shape[3]), _default_scale(index_scale, q_idx.shape[3])
     kernel = kernel_for("msa_decode", q.device, dtype=q.dtype, heads=q.shape[2], groups=cache.k.shape[2],
@@ -228,11 +310,12 @@ def msa_decode(
                         page_size=cache.page_size, queries=q.shape[1])
     if kernel is not None:
         o, lse, indices = kernel(q, q_idx, cache, block_size=block_size, topk=topk, scale=scale,
-                                 index_scale=index_scale)
+                                 index_scale=index_scale, local_blocks=local_blocks)
     else:
         q_idx_ref = reference.fake_quantize_fp8(q_idx) if cache.index_fp8 else q_idx
         o, lse, indices = reference.msa_decode(q, q_idx_ref, cache.k, cache.v, cache.index_keys(), cache.block_table,
-                                               cache.lengths, block_size, topk, scale, index_scale)
+                                               cache.lengths, block_size, topk, scale, index_scale,
+                                               local_blocks=local_blocks)
         o, lse = o.to(q.dtype), lse.float()
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
     return (o, *extras) if extras else o

@@ -81,26 +81,37 @@ def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Ten
     return kept.reshape(B, N, groups * heads_per_group, *rest).contiguous()
 
 
-def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, **_):
+def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, index_fp8=False, **_):
     # other group counts up to 64 run with zero index heads padded in (3 -> 4, 5..7 -> 8, 12 -> 16), other index
     # dims up to 128 with zero dims padded in
+    from msa_tl.index_topk import pipelined_rows
+
+    padded_groups = next_supported(min(groups, INDEX_GROUPS[-1]), INDEX_GROUPS)
     return _first_limit(_device_limit(device, dtype),
                         groups > INDEX_GROUPS[-1] and f"{groups} index heads (at most {INDEX_GROUPS[-1]})",
                         index_dim > INDEX_DIMS[-1] and f"index dim {index_dim} (at most {INDEX_DIMS[-1]})",
-                        block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})")
+                        block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
+                        index_fp8 and not pipelined_rows(padded_groups, block_size)
+                        and f"an FP8 select over {padded_groups} index heads x {block_size} keys (at least 128 rows)")
 
 
 def _select_blocks_supported(device, **shape) -> bool:
     return _select_blocks_limit(device, **shape) is None
 
 
-def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale):
-    from msa_tl.index_topk import select_blocks
+def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale, local_blocks=1, block_start=None,
+                   index_fp8=False):
+    from msa_tl.index_topk import select_blocks, select_blocks_fp8
 
     G, Di = q_idx.shape[2], padded_dim(q_idx.shape[3], INDEX_DIMS)
     padded = next_supported(G, INDEX_GROUPS)  # a padded head's selection is computed and dropped
-    indices = select_blocks(pad_heads(pad_dim(q_idx, Di), 1, padded), pad_dim(k_idx, Di), block_size, topk,
-                            index_scale)
+    q_idx, k_idx = pad_heads(pad_dim(q_idx, Di), 1, padded), pad_dim(k_idx, Di)
+    if index_fp8:
+        indices = select_blocks_fp8(q_idx, k_idx, block_size, topk, local_blocks=local_blocks,
+                                    block_start=block_start)
+    else:
+        indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale, local_blocks=local_blocks,
+                                block_start=block_start)
     return unpad_heads(indices, 1, G)
 
 
@@ -260,9 +271,9 @@ def _msa_decode_limit(device, *, dtype, heads, groups, head_dim, index_dim, bloc
         topk > DECODE_MAX_TOPK and f"topk {topk} (at most {DECODE_MAX_TOPK})")
 
 
-def _msa_decode(q, q_idx, cache, *, block_size, topk, scale, index_scale):
+def _msa_decode(q, q_idx, cache, *, block_size, topk, scale, index_scale, local_blocks=1):
     plan = cache.plan(queries=q.shape[1], heads=q.shape[2], block_size=block_size, topk=topk, scale=scale,
-                      index_scale=index_scale)
+                      index_scale=index_scale, local_blocks=local_blocks)
     return plan.run(q, q_idx, cache.k, cache.v, cache.k_idx, cache.k_idx_scale)
 
 

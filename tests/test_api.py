@@ -179,3 +179,17 @@ def test_kl_loss_rejects_a_bad_main_branch_lse():
     # the lse is the teacher's normaliser on this path as in the kernels: a wrong one changes the loss
     wrong = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=lse + 1.0)
     assert abs(wrong.item() - given.item()) > 1e-2 * abs(given.item())
+
+
+def test_fp8_index_selects_as_the_reference_over_the_quantised_inputs():
+    """index_fp8: the selection of q_idx / k_idx quantised per row to e4m3 (not of the bf16 values: with these
+    inputs the two differ), through select_blocks, msa_attention and the layer."""
+    torch.manual_seed(1)
+    q, k, v, q_idx, k_idx = inputs(B=1, N=300, Di=16)
+    expected = R.select_blocks(R.fake_quantize_fp8(q_idx), R.fake_quantize_fp8(k_idx), 16, 4)
+    assert not torch.equal(expected, R.select_blocks(q_idx, k_idx, 16, 4))
+    got = msa_tl.select_blocks(q_idx, k_idx, block_size=16, topk=4, index_fp8=True)
+    assert torch.equal(got, expected)
+    _, indices = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=4, index_fp8=True,
+                                      return_indices=True)
+    assert torch.equal(indices, expected)

@@ -183,9 +183,9 @@ def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypat
     assert kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, "groups": groups})
     seen = []
 
-    def select(q_idx, k_idx, block_size, topk, index_scale):
+    def select(q_idx, k_idx, block_size, topk, index_scale, *, local_blocks, block_start):
         seen.append((q_idx.shape[2], q_idx.shape[3], k_idx.shape[2]))
-        return R.select_blocks(q_idx, k_idx, block_size, topk)
+        return R.select_blocks(q_idx, k_idx, block_size, topk, local_blocks=local_blocks, block_start=block_start)
 
     monkeypatch.setattr(index_topk, "select_blocks", select)
     q_idx, k_idx = torch.randn(2, 70, groups, 8, dtype=torch.float64), torch.randn(2, 70, 8, dtype=torch.float64)

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from msa_tl import reference as R
-from msa_tl.checks import POISON_INDEX as POISON, assert_same_selection_up_to_ties, relative_error
+from msa_tl.checks import (
+    POISON_INDEX as POISON,
+    assert_attention_matches_reference,
+    assert_same_selection_up_to_ties,
+    relative_error,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -130,3 +135,21 @@ def test_index_groups_outside_the_tiles_select_through_the_api(G, Di):
     indices = msa_tl.select_blocks(q_idx, k_idx, block_size=128, topk=8)
     assert indices.shape == (1, 2100, G, 8) and indices.is_contiguous()
     assert_same_selection_up_to_ties(indices, q_idx, k_idx, 128, 8)
+
+
+@pytest.mark.parametrize("B,N,G,Di,Bk,topk", [(1, 4096, 4, 128, 128, 16), (1, 3000, 3, 96, 64, 8)],
+                         ids=["paper", "G3-Di96-Bk64-padded"])
+def test_fp8_select_through_the_api_matches_the_reference_over_quantised_inputs(B, N, G, Di, Bk, topk):
+    """select_blocks(index_fp8=True) runs the FP8 kernel (index heads and dims padded in where needed) and
+    msa_attention(index_fp8=True) attends over that selection."""
+    import msa_tl
+
+    q_idx, k_idx = index_inputs(B, N, G, Di)
+    indices = msa_tl.select_blocks(q_idx, k_idx, block_size=Bk, topk=topk, index_fp8=True)
+    assert_same_selection_up_to_ties(indices, R.fake_quantize_fp8(q_idx), R.fake_quantize_fp8(k_idx), Bk, topk,
+                                     rows_with_ties=1 / 50)
+    q = torch.randn(B, N, 4 * G, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, N, G, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o, lse, chosen = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=Bk, topk=topk, index_fp8=True,
+                                          return_lse=True, return_indices=True)
+    assert_attention_matches_reference(o, lse, q, k, v, chosen, Bk)

@@ -139,3 +139,51 @@ def test_from_dense_rejects_mismatched_heads():
         MSAAttention.from_dense(dense, num_heads=7, num_kv_heads=1)
     with pytest.raises(ValueError, match="q_proj"):
         MSAAttention.from_dense(torch.nn.Module(), num_heads=6, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_packed_documents_equal_each_document_alone(mode):
+    """cu_seqlens: each document's output, selection, KL share and gradients are what the layer gives it alone (a
+    query attending across a border, or a border-crossing KL, would change them)."""
+    torch.manual_seed(0)
+    m = layer(mode=mode, topk=2, local_blocks=2).train()
+    lengths = [37, 1, 70, 16, 5]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x = torch.randn(1, sum(lengths), 32, dtype=torch.float64, requires_grad=True)
+    out = m(x, cu_seqlens=cu_seqlens)
+    (out.output.square().mean() + out.kl_loss).backward()
+    packed_grads = {name: p.grad.clone() for name, p in m.named_parameters()}
+    m.zero_grad()
+    x_grad, x.grad = x.grad.clone(), None
+
+    total_loss, outputs, indices = 0.0, [], []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        alone = m(x[:, a:b])
+        outputs.append(alone.output)
+        indices.append(alone.indices)
+        total_loss = total_loss + alone.output.square().sum() / out.output.numel() + alone.kl_loss * (b - a) / x.shape[1]
+    total_loss.backward()
+    torch.testing.assert_close(out.output, torch.cat(outputs, dim=1), rtol=0, atol=1e-12)
+    if mode == "sparse":
+        assert torch.equal(out.indices.sort(-1).values, torch.cat(indices, dim=1).sort(-1).values)
+    torch.testing.assert_close(x.grad, x_grad, rtol=0, atol=1e-12)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=0, atol=1e-12, msg=name)
+
+
+def test_local_blocks_are_always_chosen():
+    m = layer(topk=3, local_blocks=3, block_size=16).eval()
+    out = m(torch.randn(1, 100, 32, dtype=torch.float64))
+    own = torch.arange(100) // 16
+    expected = torch.stack([own, own - 1, own - 2], -1).clamp(min=-1)[None, :, None]
+    expected = torch.where(expected < 0, -1, expected).expand(1, 100, 2, 3).sort(-1).values
+    assert torch.equal(out.indices.long().sort(-1).values, expected)
+
+
+def test_packed_documents_reject_a_batch_or_a_cache():
+    m = layer()
+    cu_seqlens = torch.tensor([0, 10, 20], dtype=torch.int32)
+    with pytest.raises(ValueError, match="batch must be 1"):
+        m(torch.randn(2, 20, 32, dtype=torch.float64), cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m(torch.randn(1, 21, 32, dtype=torch.float64), cu_seqlens=cu_seqlens)
