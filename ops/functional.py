@@ -16,7 +16,7 @@ from msa_tl import reference
 from msa_tl.ops.cache import MSACache
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.dispatch import kernel_for
-from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, max_document_length, packed_layout
+from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, dense_packed, max_document_length, packed_layout
 from msa_tl.ops.validation import (
     canonical_indices,
     check_attention_inputs,
@@ -179,10 +179,20 @@ def kl_alignment_loss(
     check_cu_seqlens(cu_seqlens, total=N, device=q.device, max_seqlen=max_seqlen)
     layout = packed_layout(cu_seqlens, N, block_size)
     if indices is None:
-        aligned = layout.causal_selection(k.shape[2], max_seqlen or max_document_length(cu_seqlens))
+        max_seqlen = max_seqlen or max_document_length(cu_seqlens)
+        aligned = layout.causal_selection(k.shape[2], max_seqlen)
+        if lse is None and q.is_cuda:
+            lse = _dense_lse(q, k, cu_seqlens, max_seqlen, scale)
     else:
         aligned = layout.to_aligned(indices)
     return _kl_aligned(layout, q, k, q_idx, k_idx, aligned, block_size, scale, index_scale, lse)
+
+
+def _dense_lse(q, k, cu_seqlens, max_seqlen, scale):
+    """The warmup teacher's normaliser, the lse [1, total, Hq] of dense causal attention per document, from
+    FlashAttention's varlen kernel (the KL kernels would otherwise recompute it over every visible block)."""
+    with torch.no_grad():
+        return dense_packed(q, k, k, cu_seqlens, max_seqlen, _default_scale(scale, q.shape[3]), return_lse=True)[1]
 
 
 def _kl_aligned(layout, q, k, q_idx, k_idx, aligned, block_size, scale, index_scale, lse):

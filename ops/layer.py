@@ -22,7 +22,7 @@ from msa_tl.ops.functional import (
     msa_decode,
     select_blocks,
 )
-from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, max_document_length, packed_layout
+from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, dense_packed, max_document_length, packed_layout
 from msa_tl.ops.validation import check_options
 
 
@@ -387,7 +387,10 @@ class MSAAttention(nn.Module):
         if self.mode == "warmup":
             if with_kl or q.is_cuda:
                 max_seqlen = max_seqlen or max_document_length(cu_seqlens)
-            o = _dense_packed(q, k, v, cu_seqlens, max_seqlen, self.scale)
+            if with_kl and q.is_cuda:  # the dense lse is the teacher's normaliser: the KL need not recompute it
+                o, lse = dense_packed(q, k, v, cu_seqlens, max_seqlen, self.scale, return_lse=True)
+            else:
+                o = dense_packed(q, k, v, cu_seqlens, max_seqlen, self.scale)
             aligned = layout.causal_selection(self.num_kv_heads, max_seqlen) if with_kl else None
         else:
             with torch.no_grad():
@@ -467,23 +470,6 @@ class MSAAttention(nn.Module):
             f"index_scale={self.index_scale}, rotary_dim={self.rotary_dim}, "
             f"index_rope={self.index_rope}, qk_norm={self.qk_norm}, index_qk_norm={self.index_qk_norm}"
         )
-
-
-def _dense_packed(q, k, v, cu_seqlens, max_seqlen, scale):
-    """Dense causal GQA attention of each packed document on its own: q [1, total, Hq, D], k / v [1, total, G, D]
-    -> [1, total, Hq, D]. FlashAttention's varlen kernel on the GPU; SDPA a document at a time on the CPU."""
-    if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        o = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
-                        window_size=(-1, 0), enable_gqa=True)
-        return o[None]
-    bounds = cu_seqlens.tolist()
-    docs = [F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2),
-                                           v[:, a:b].transpose(1, 2), is_causal=True, scale=scale,
-                                           enable_gqa=True).transpose(1, 2)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return torch.cat(docs, dim=1)
 
 
 def _positive_int(value) -> int | None:

@@ -34,13 +34,16 @@ def _same_device_and_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Ten
             raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
-def check_options(block_size=None, topk=None, local_blocks=None, **scales) -> None:
+_UNSET = object()
+
+
+def check_options(block_size=None, topk=None, local_blocks=_UNSET, **scales) -> None:
     if block_size is not None and (not isinstance(block_size, int) or block_size not in BLOCK_SIZES):
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
     if topk is not None and (not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= MAX_TOPK):
         raise ValueError(f"topk must be an int in [1, {MAX_TOPK}], got {topk!r}")
-    if local_blocks is not None and (not isinstance(local_blocks, int) or isinstance(local_blocks, bool)
-                                     or not 1 <= local_blocks <= (MAX_TOPK if topk is None else topk)):
+    if local_blocks is not _UNSET and (not isinstance(local_blocks, int) or isinstance(local_blocks, bool)
+                                       or not 1 <= local_blocks <= (MAX_TOPK if topk is None else topk)):
         raise ValueError(f"local_blocks must be an int in [1, topk = {topk}], got {local_blocks!r}")
     for name, value in scales.items():
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -19,10 +19,12 @@ end) get no selection (-1 slots): they attend to nothing, add nothing to the KL 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 
 def check_cu_seqlens(cu_seqlens, *, total: int, device: torch.device, max_seqlen=None) -> None:
@@ -102,9 +104,10 @@ class PackedLayout:
 
     def causal_selection(self, groups: int, max_seqlen: int) -> torch.Tensor:
         """Every block each query sees in its document (dense causal attention per document), in the
-        block-aligned row: [1, length, G, ceil(max_seqlen / block_size)] int32, -1 past each query's block and
-        for rows with no token."""
-        width = max(1, math.ceil(max_seqlen / self.block_size))
+        block-aligned row: [1, length, G, width] int32, -1 past each query's block and for rows with no token.
+        ``width``, ceil(max_seqlen / block_size) rounded up to a power of two, changes rarely from batch to batch
+        (each width is a compile of the KL kernels; the extra -1 slots cost nothing)."""
+        width = 1 << max(0, math.ceil(max_seqlen / self.block_size) - 1).bit_length()
         own = (self.positions - self.first_block.long() * self.block_size) // self.block_size  # [total]
         blocks = torch.arange(width, device=own.device)
         ids = torch.where(blocks[None, :] <= own[:, None], blocks[None, :] + self.first_block[:, None].long(), -1)
@@ -137,3 +140,37 @@ def packed_layout(cu_seqlens: torch.Tensor, total: int, block_size: int) -> Pack
 def max_document_length(cu_seqlens: torch.Tensor) -> int:
     """The longest document (a host sync on a GPU: pass ``max_seqlen`` to avoid it, as in flash-attn)."""
     return max(1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
+def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = False):
+    """Dense causal GQA attention of each packed document on its own: q [1, total, Hq, D], k / v [1, total, G, D]
+    -> o [1, total, Hq, D] (and with ``return_lse`` lse [1, total, Hq] float32, GPU only). FlashAttention's varlen
+    kernel on the GPU; SDPA a document at a time on the CPU."""
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        # older torch releases spell causal is_causal=True and have no enable_gqa
+        options = inspect.signature(varlen_attn).parameters
+        causal = dict(window_size=(-1, 0)) if "window_size" in options else dict(is_causal=True)
+        if "enable_gqa" in options:
+            causal["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for x in (k, v))
+        if return_lse:
+            from torch.nn.attention.varlen import AuxRequest
+
+            causal["return_aux"] = AuxRequest(lse=True)
+        out = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+        if not return_lse:
+            return out[None]
+        o, lse = out
+        lse = lse if lse.shape[0] == q.shape[1] else lse.transpose(0, 1)  # [total, Hq]
+        return o[None], lse.float()[None].contiguous()
+    if return_lse:
+        raise ValueError("dense_packed gives the lse on the GPU only")
+    bounds = cu_seqlens.tolist()
+    docs = [F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2),
+                                           v[:, a:b].transpose(1, 2), is_causal=True, scale=scale,
+                                           enable_gqa=True).transpose(1, 2)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(docs, dim=1)

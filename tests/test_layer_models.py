@@ -495,3 +495,48 @@ def test_extra_repr_lists_the_options():
     for option in ("rotary_dim=16", "index_rope=True", "qk_norm=True", "index_qk_norm=True", "scale=None",
                    "unit_offset=True"):
         assert option in text
+
+
+# --- MiniMax-M3's sparse layer on the GPU kernels -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_minimax_m3_sparse_layer_on_the_kernels_matches_transformers():
+    """At a kernel shape (D = Di = 128, Bk = 128, G = 4, 4 heads a group, partial rotary 64 of 128), bf16 on the GPU:
+    the layer from ``from_dense`` picks transformers' blocks (its indexer, fp32 scores over the same bf16
+    projections) except near ties, and on the rows where the two agree its output is within FA3's calibration of
+    transformers' own bf16 output, both against the layer computed in float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    shape = dict(hidden_size=512, num_attention_heads=16, num_key_value_heads=4, head_dim=128, vocab_size=32,
+                 num_hidden_layers=1, intermediate_size=64, mlp_layer_types=["dense"], bos_token_id=None,
+                 eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                     "partial_rotary_factor": 0.5})
+    config = transformers.MiniMaxM3VLTextConfig(**shape, layer_types=["minimax_m3_sparse"], index_n_heads=4,
+                                                index_head_dim=128, index_block_size=128, index_topk_blocks=4,
+                                                index_local_blocks=1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(SEED)
+    dense32 = MiniMaxM3VLAttention(config, layer_idx=0).cuda().eval()
+    with torch.no_grad():
+        for name, p in dense32.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.2)
+    dense16 = copy.deepcopy(dense32).bfloat16()
+    layer = MSAAttention.from_dense(dense16)
+    rotary = MiniMaxM3VLRotaryEmbedding(config).cuda()
+    N = 2048
+    positions = torch.arange(N, device="cuda")[None]
+    x16 = torch.randn(1, N, 512, device="cuda").bfloat16()
+    x32 = x16.float()
+    with torch.no_grad():
+        out = layer(x16, rotary(x16, positions), compute_kl=False)
+        theirs16 = dense16(x16, rotary(x16, positions), None, position_ids=positions)[0]
+        ref = dense32(x32, rotary(x32, positions), None, position_ids=positions)[0]
+        their_blocks = dense16.indexer(x16, rotary(x16, positions), None, positions)  # [1, G, N, topk]
+    ours = out.indices.transpose(1, 2).long().sort(-1).values
+    same = (ours == their_blocks.sort(-1).values).all(-1).all(1)[0]  # [N] rows whose every group agrees
+    assert same.float().mean() >= 0.98, f"{(~same).sum()} of {N} rows chose other blocks"
+    err_ours = (out.output[0, same].float() - ref[0, same]).norm() / ref[0, same].norm()
+    err_theirs = (theirs16[0, same].float() - ref[0, same]).norm() / ref[0, same].norm()
+    assert err_ours <= 2 * err_theirs + 1e-3, f"ours {err_ours:.2e}, transformers bf16 {err_theirs:.2e}"
