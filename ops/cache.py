@@ -125,6 +125,14 @@ class MSACache:
                           index_scale=index_scale, dtype=self.k.dtype, index_fp8=self.index_fp8,
                           local_blocks=local_blocks, **config)
 
+    def truncate(self, length: int) -> None:
+        """Keep each row's first ``length`` tokens (0 empties the cache for a new sequence); later appends overwrite
+        the rest. No device sync."""
+        if not isinstance(length, int) or not 0 <= length <= min(self.lengths, default=0):
+            raise ValueError(f"truncate keeps 0 .. {min(self.lengths, default=0)} tokens a row, got {length!r}")
+        self.lengths = [length] * len(self.lengths)
+        self.seqlens.fill_(length)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, k_idx: torch.Tensor) -> None:
         """Write S new tokens to every row: k, v [B, S, G, D], k_idx [B, S, Di] (or [B, S, 1, Di]) go to positions
         ``lengths[b] .. lengths[b] + S - 1``; the lengths grow by S. No device sync."""

@@ -205,6 +205,7 @@ def _kl_aligned(layout, q, k, q_idx, k_idx, aligned, block_size, scale, index_sc
 
 def _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
     """:func:`kl_alignment_loss` on checked inputs and canonical indices (or None)."""
+    q, k = q.detach(), k.detach()  # the teacher takes no gradient: the KL's graph holds the index branch alone
     if lse is not None:
         lse = lse.detach()
     # when the gradients will be wanted, the forward's pass computes them with the value (one pass, not two)

@@ -193,3 +193,19 @@ def test_fp8_index_selects_as_the_reference_over_the_quantised_inputs():
     _, indices = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=4, index_fp8=True,
                                       return_indices=True)
     assert torch.equal(indices, expected)
+
+
+def test_kl_loss_backward_runs_after_the_main_branch_freed_its_graph():
+    """The KL's teacher is detached inside the op: its graph holds the index branch alone, so a backward of it after
+    the LM loss's (which frees the main branch's graph) neither fails nor reaches q / k."""
+    q0, k0, v, q_idx, k_idx = inputs(B=1, N=64)
+    q0, k0 = q0.requires_grad_(True), k0.requires_grad_(True)
+    q, k = q0.exp(), k0.exp()  # nodes whose saved tensors the LM backward frees, as a projection's are
+    q_idx.requires_grad_(True)
+    o, lse, indices = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=16, topk=2, return_lse=True,
+                                           return_indices=True)
+    kl = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=16, lse=lse)
+    o.square().sum().backward()
+    dq = q0.grad.clone()
+    kl.backward()
+    assert torch.equal(q0.grad, dq) and q_idx.grad is not None and q_idx.grad.abs().sum() > 0
