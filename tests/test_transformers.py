@@ -341,3 +341,27 @@ def test_index_heads_narrower_than_rope_rotate_the_highest_frequencies(monkeypat
     scores = torch.einsum("bgd,bd->bg", captured["q_idx"][:, 1], captured["k_idx"][:, 0, 0])  # 2nd token to 1st
     assert torch.allclose(scores[0], scores[1], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(captured["k_idx"][0], captured["k_idx"][1], atol=1e-3), "the keys must be rotated"
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_documents_equal_each_document_alone(family, mode):
+    """Documents packed into one row, passed as transformers' FlashAttention kwargs (cu_seq_lens_q / max_length_q,
+    positions restarting per document): each document's logits and the layers' KL losses are those of the
+    document run alone (a query attending across a border would change them)."""
+    model = convert_to_msa(family_model(family), block_size=16, topk=2, mode=mode).train()
+    lengths = [37, 1, 50, 16]
+    ids = torch.randint(0, TINY["vocab_size"], (1, sum(lengths)))
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = model(ids, position_ids=positions, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                   max_length_q=max(lengths), max_length_k=max(lengths)).logits
+    packed_kl = [loss.detach() for loss in kl_losses(model)]
+    alone, alone_kl = [], [0.0] * len(packed_kl)
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        alone.append(model(ids[:, a:b]).logits)
+        alone_kl = [total + loss.detach() * (b - a) / ids.shape[1] for total, loss in zip(alone_kl, kl_losses(model))]
+    ok, err = close(packed, torch.cat(alone, dim=1))
+    assert ok, err
+    for got, want in zip(packed_kl, alone_kl):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got, want)

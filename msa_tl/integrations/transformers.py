@@ -41,6 +41,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 from msa_tl.ops.cache import MSACache
 from msa_tl.ops.functional import kl_alignment_loss, msa_attention, msa_decode
 from msa_tl.ops.layer import apply_rotary
+from msa_tl.ops.varlen import dense_packed, max_document_length
 from msa_tl.ops.validation import check_options
 
 __all__ = [
@@ -141,16 +142,19 @@ class _MSAAttention:
     Subclasses give ``_msa_options()``: dict(index_dim, block_size, topk, local_blocks, index_scale).
     """
 
-    def _msa_attend(self, q, k, v, q_idx, k_idx, cache, *, dense: bool, with_kl: bool):
+    def _msa_attend(self, q, k, v, q_idx, k_idx, cache, *, dense: bool, with_kl: bool, packed=None):
         """Attention of the S new tokens: q [B, S, Hq, D], k / v [B, S, G, D], q_idx [B, S, G, Di], k_idx
         [B, S, 1, Di] (post-norm, post-RoPE, contiguous) -> (o [B, S, Hq, D], KL loss or None).
 
         With ``cache`` the chunk is appended to this layer's cache; it is a prefill (the whole sequence is here)
         when the cache held nothing, else the new tokens attend over everything cached. ``dense``: causal softmax
         over all visible tokens instead of the chosen blocks. ``with_kl``: the KL alignment loss of a prefill
-        (over the chosen tokens, or all visible ones when dense); None for a decode step.
+        (over the chosen tokens, or all visible ones when dense); None for a decode step. ``packed``: (cu_seqlens,
+        max_seqlen) of documents packed into one row (:func:`_packed_documents`), each attended on its own.
         """
         options = self._msa_options()
+        if packed is not None:
+            return self._msa_attend_packed(q, k, v, q_idx, k_idx, *packed, options, dense=dense, with_kl=with_kl)
         layer = cache.layers[self.layer_idx] if cache is not None and self.layer_idx < len(cache.layers) else None
         if isinstance(layer, MSACacheLayer):
             prefill = layer.get_seq_length() == 0
@@ -179,6 +183,37 @@ class _MSAAttention:
             return o, None
         return o, kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size=options["block_size"],
                                     scale=self.scaling, index_scale=options["index_scale"], lse=lse)
+
+
+    def _msa_attend_packed(self, q, k, v, q_idx, k_idx, cu_seqlens, max_seqlen, options, *, dense, with_kl):
+        """:meth:`_msa_attend` of documents packed into one row (no cache)."""
+        packing = dict(block_size=options["block_size"], scale=self.scaling, index_scale=options["index_scale"],
+                       cu_seqlens=cu_seqlens)
+        if dense:
+            max_seqlen = max_seqlen or max_document_length(cu_seqlens)
+            o, indices, lse = dense_packed(q, k, v, cu_seqlens, max_seqlen, self.scaling), None, None
+        else:
+            o, lse, indices = msa_attention(q, k, v, q_idx, k_idx, topk=options["topk"],
+                                            local_blocks=options["local_blocks"], return_lse=True,
+                                            return_indices=True, **packing)
+        if not with_kl:
+            return o, None
+        return o, kl_alignment_loss(q, k, q_idx, k_idx, indices, lse=lse, max_seqlen=max_seqlen, **packing)
+
+
+def _packed_documents(kwargs: dict, batch: int, cache) -> tuple[torch.Tensor, int] | None:
+    """(cu_seqlens int32 [num_docs + 1], max_seqlen) when transformers passes packed documents the way its
+    FlashAttention path takes them (``cu_seq_lens_q`` / ``max_length_q``, as ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)`` makes them), else None. Read from the kwargs alone: no host sync."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        return None
+    if batch != 1 or cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("packed documents (cu_seq_lens_q) come as one row with no cached tokens")
+    if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"], cu_seqlens):
+        raise ValueError("packed documents attend to themselves: cu_seq_lens_k must equal cu_seq_lens_q")
+    max_seqlen = kwargs.get("max_length_q")
+    return cu_seqlens.to(torch.int32), None if max_seqlen is None else int(max_seqlen)
 
 
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -241,9 +276,12 @@ class MiniMaxM3MSAAttention(_MSAAttention, MiniMaxM3VLAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
         """hidden_states [B, S, hidden]; position_embeddings (cos, sin) [B or 1, S, rot] of the S tokens (the
-        last S when ``cache`` holds earlier ones) -> (output [B, S, hidden], None)."""
-        _check_attention_mask(attention_mask)
+        last S when ``cache`` holds earlier ones) -> (output [B, S, hidden], None). Packed documents come as
+        transformers' FlashAttention kwargs (:func:`_packed_documents`); their mask, if any, is the documents'."""
         B, S, _ = hidden_states.shape
+        packed = _packed_documents(kwargs, B, cache)
+        if packed is None:
+            _check_attention_mask(attention_mask)
         cos, sin = position_embeddings
         indexer = self.indexer
         if cos.shape[-1] > indexer.head_dim:
@@ -257,7 +295,7 @@ class MiniMaxM3MSAAttention(_MSAAttention, MiniMaxM3VLAttention):
         q_idx = indexer.q_norm(indexer.q_proj(hidden_states).view(B, S, -1, indexer.head_dim))
         k_idx = indexer.k_norm(indexer.k_proj(hidden_states).view(B, S, 1, indexer.head_dim))
         q_idx, k_idx = apply_rotary(q_idx, cos, sin), apply_rotary(k_idx, cos, sin)
-        o, _ = self._msa_attend(q, k, v, q_idx, k_idx, cache, dense=False, with_kl=False)
+        o, _ = self._msa_attend(q, k, v, q_idx, k_idx, cache, dense=False, with_kl=False, packed=packed)
         return self.o_proj(o.reshape(B, S, -1)), None
 
 
@@ -325,18 +363,24 @@ class _ConvertedAttention(_MSAAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
         """hidden_states [B, S, hidden]; position_embeddings (cos, sin) [B or 1, S, head_dim] of the S tokens
-        (the last S when ``cache`` holds earlier ones) -> (output [B, S, hidden], None)."""
+        (the last S when ``cache`` holds earlier ones) -> (output [B, S, hidden], None). Packed documents come as
+        transformers' FlashAttention kwargs (:func:`_packed_documents`); their mask, if any, is the documents'."""
         self.msa_kl_loss = None
         if position_embeddings is None:
             raise ValueError("MSA attention needs the model's position_embeddings (cos, sin)")
         B, S, _ = hidden_states.shape
         # Qwen2 / Qwen3 set a window per layer, Mistral one for all in its config
         window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-        length = S + (cache.get_seq_length(self.layer_idx) if cache is not None else 0)
-        if window is not None and length > window:
-            raise ValueError(f"layer {self.layer_idx} slides a window of {window} tokens over a sequence of {length}; "
-                             f"MSA expresses only causal attention (sequences within the window)")
-        _check_attention_mask(attention_mask)
+        packed = _packed_documents(kwargs, B, cache)
+        if window is not None:
+            length = S + (cache.get_seq_length(self.layer_idx) if cache is not None else 0)
+            if packed is not None:  # each document must fit in the window
+                length = packed[1] if packed[1] is not None else max_document_length(packed[0])
+            if length > window:
+                raise ValueError(f"layer {self.layer_idx} slides a window of {window} tokens over a sequence of "
+                                 f"{length}; MSA expresses only causal attention (sequences within the window)")
+        if packed is None:
+            _check_attention_mask(attention_mask)
         shape = (B, S, -1, self.head_dim)
         q, k = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape)
         v = self.v_proj(hidden_states).view(shape)
@@ -353,7 +397,8 @@ class _ConvertedAttention(_MSAAttention):
             cos, sin = torch.cat([cos[..., :half]] * 2, -1), torch.cat([sin[..., :half]] * 2, -1)
         q_idx, k_idx = apply_rotary(q_idx, cos, sin), apply_rotary(k_idx, cos, sin)
         dense = self.msa_options["mode"] == "warmup"
-        o, self.msa_kl_loss = self._msa_attend(q, k, v, q_idx, k_idx, cache, dense=dense, with_kl=self.training)
+        o, self.msa_kl_loss = self._msa_attend(q, k, v, q_idx, k_idx, cache, dense=dense, with_kl=self.training,
+                                               packed=packed)
         return self.o_proj(o.reshape(B, S, -1)), None
 
 
