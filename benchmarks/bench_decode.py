@@ -4,7 +4,7 @@
 
 Paper shape: Hq=64, G=4, D=Di=128, Bk=128 (= page size), k=16, bf16, pages in random order; index keys bf16 and
 FP8 (e4m3 codes and a scale per token, from the same keys). Each step is timed as
-serving runs it, from a CUDA graph: ours is one :class:`msa_tl.decode.DecodePlan` run (index scan, top-k, split
+serving runs it, from a CUDA graph: ours is one :class:`msa_tl.decode.plan.DecodePlan` run (index scan, top-k, split
 attention, LSE combine); dense is torch SDPA over the contiguous cache (flash, cuDNN and efficient backends, the
 fastest; S > 1 with a bottom-right causal mask). The stages are also timed alone. Bytes: dense reads all K and V
 (B N G D 2 B x 2); ours reads the index keys (B N Di 2 B) plus at most B S G k Bk D 2 B x 2 of K and V, so their
@@ -28,9 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from msa_tl.benchmark import BenchTable, time_ms
-from msa_tl.decode import DecodePlan
-from msa_tl.decode_scores import DECODE_SCORES_KNOBS
-from msa_tl.decode_topk import DECODE_TOPK_KNOBS
+from msa_tl.decode.plan import DecodePlan
+from msa_tl.decode.scores import DECODE_SCORES_KNOBS
+from msa_tl.decode.topk import DECODE_TOPK_KNOBS
 from msa_tl.reference import quantize_fp8
 
 HQ, G, D, DI, BK, TOPK = 64, 4, 128, 128, 128, 16

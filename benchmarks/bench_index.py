@@ -13,8 +13,8 @@ import math
 import torch
 
 from msa_tl.benchmark import BenchTable, time_ms
-from msa_tl.index_scores import block_scores
-from msa_tl.index_topk import TOPK_DEFAULTS, select_blocks, topk_program
+from msa_tl.index.scores import block_scores
+from msa_tl.index.select import TOPK_DEFAULTS, select_blocks, topk_program
 from msa_tl.tl_compile import compiled_kernel
 
 
@@ -97,7 +97,7 @@ def bench_length(table, N, *, G=4, Di=128, Bk=128, topk=16, gemm_tflops, copy_gb
 def bench_fp8(table, N, *, G=4, Di=128, Bk=128, topk=16):
     """The pipelined select with bf16 and with FP8 operands (the launcher's per-row quantisation included) in one
     process, and the FP8 selection's recall of the bf16 one's blocks (random inputs)."""
-    from msa_tl.index_topk import select_blocks_fp8
+    from msa_tl.index.select import select_blocks_fp8
 
     q_idx = torch.randn(1, N, G, Di, device="cuda", dtype=torch.bfloat16)
     k_idx = torch.randn(1, N, Di, device="cuda", dtype=torch.bfloat16)

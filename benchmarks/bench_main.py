@@ -21,11 +21,11 @@ import torch
 
 from benchmarks.bench_dense import bench_ceilings, dense_cudnn_ms
 from msa_tl.benchmark import BenchTable, time_ms
-from msa_tl.index_topk import select_blocks
-from msa_tl.kv_outer_attention import (SCHEDULE_TUNABLES, attention_defaults, kv_outer_program, persistent_work,
+from msa_tl.index.select import select_blocks
+from msa_tl.attention.kv_outer import (SCHEDULE_TUNABLES, attention_defaults, kv_outer_program, persistent_work,
                                        sparse_attention_forward, without_unfit_persistent)
-from msa_tl.lse_combine import PERSISTENT_COMBINE_DEFAULTS, persistent_combine_program
-from msa_tl.scheduler import Schedule
+from msa_tl.attention.combine import PERSISTENT_COMBINE_DEFAULTS, persistent_combine_program
+from msa_tl.attention.scheduler import Schedule
 from msa_tl.tl_compile import compiled_kernel, sm_count
 
 B, HQ, G, D, BK, TOPK = 1, 64, 4, 128, 128, 16

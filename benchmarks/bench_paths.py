@@ -12,8 +12,8 @@ import torch
 
 from benchmarks.bench_main import B, BK, D, G, HQ, TOPK, main_branch_flops, paper_inputs, selections
 from msa_tl.benchmark import BenchTable, time_ms
-from msa_tl.kv_outer_attention import sparse_attention_forward
-from msa_tl.q_outer_attention import q_outer_attention_forward
+from msa_tl.attention.kv_outer import sparse_attention_forward
+from msa_tl.attention.q_outer import q_outer_attention_forward
 
 
 def main(argv=None):

@@ -23,10 +23,10 @@ import msa_tl
 from benchmarks.bench_dense import dense_cudnn_ms
 from benchmarks.bench_main import BK, D, G, HQ, TOPK, fla_selected_attention, main_branch_flops, paper_inputs, selections
 from msa_tl.benchmark import BenchTable, time_ms
-from msa_tl.index_topk import select_blocks
+from msa_tl.index.select import select_blocks
 from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
-from msa_tl.kv_outer_attention import sparse_attention_forward
-from msa_tl.kv_outer_backward import sparse_attention_backward
+from msa_tl.attention.kv_outer import sparse_attention_forward
+from msa_tl.attention.backward import sparse_attention_backward
 
 
 def autograd_step(q, k, v, q_idx, k_idx, do):

@@ -14,10 +14,10 @@ import math
 import torch
 
 from benchmarks.bench_main import BK, D, paper_inputs, realistic_selection
-from msa_tl.index_topk import select_blocks
+from msa_tl.index.select import select_blocks
 from msa_tl.kl_loss import kl_alignment_loss_forward
-from msa_tl.kv_outer_attention import sparse_attention_forward
-from msa_tl.kv_outer_backward import sparse_attention_backward
+from msa_tl.attention.kv_outer import sparse_attention_forward
+from msa_tl.attention.backward import sparse_attention_backward
 
 
 def main(argv=None):

@@ -18,8 +18,8 @@ import torch
 
 from benchmarks.bench_main import BK, D, G, HQ, TOPK, paper_inputs
 from msa_tl.benchmark import environment, time_ms
-from msa_tl.index_topk import select_blocks
-from msa_tl.kv_outer_attention import sparse_attention_forward
+from msa_tl.index.select import select_blocks
+from msa_tl.attention.kv_outer import sparse_attention_forward
 
 R = HQ // G
 

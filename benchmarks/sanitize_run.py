@@ -15,10 +15,10 @@ import math
 import torch
 
 from msa_tl import reference
-from msa_tl.index_topk import select_blocks
+from msa_tl.index.select import select_blocks
 from msa_tl.kl_loss import kl_alignment_loss_forward
-from msa_tl.kv_outer_attention import sparse_attention_forward
-from msa_tl.kv_outer_backward import sparse_attention_backward
+from msa_tl.attention.kv_outer import sparse_attention_forward
+from msa_tl.attention.backward import sparse_attention_backward
 
 
 def hot_selection(B, N, G, Bk, topk, device):

@@ -27,7 +27,7 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
+from msa_tl.attention.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 KL_DEFAULTS = dict(stages=2)
@@ -334,7 +334,7 @@ def causal_selection(batch: int, seq: int, groups: int, block_size: int, device)
 
 def teacher_lse(q, k, indices, block_size: int, scale: float, query_chunk=None) -> torch.Tensor:
     """The main branch's lse [B, N, Hq] float32 over ``indices`` (it does not depend on V: K stands in for it)."""
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
 
     return sparse_attention_forward(q, k, k, indices, block_size, scale, query_chunk=query_chunk)[1]
 

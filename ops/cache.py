@@ -112,12 +112,12 @@ class MSACache:
 
     def plan(self, *, queries: int, heads: int, block_size: int | None = None, topk: int = 16,
              scale: float | None = None, index_scale: float | None = None, local_blocks: int = 1, **config):
-        """The GPU launches of a decode step over this cache (:class:`msa_tl.decode.DecodePlan`) for ``queries``
+        """The GPU launches of a decode step over this cache (:class:`msa_tl.decode.plan.DecodePlan`) for ``queries``
         newest tokens a row and ``heads`` query heads: build it once per step, ``run`` it per layer (layers whose
         caches share this one's block table and lengths). ``config``: DecodePlan's knob overrides and ``splits``.
         The plan reads ``block_table`` and ``seqlens`` when it runs, so a CUDA graph of its runs replays after
         :meth:`append` as long as the shapes stay."""
-        from msa_tl.decode import DecodePlan
+        from msa_tl.decode.plan import DecodePlan
 
         return DecodePlan(self.block_table, self.seqlens, queries=queries, heads=heads, groups=self.k.shape[2],
                           head_dim=self.k.shape[3], index_dim=self.k_idx.shape[2],

@@ -84,7 +84,7 @@ def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Ten
 def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, index_fp8=False, **_):
     # other group counts up to 64 run with zero index heads padded in (3 -> 4, 5..7 -> 8, 12 -> 16), other index
     # dims up to 128 with zero dims padded in
-    from msa_tl.index_topk import pipelined_rows
+    from msa_tl.index.select import pipelined_rows
 
     padded_groups = next_supported(min(groups, INDEX_GROUPS[-1]), INDEX_GROUPS)
     return _first_limit(_device_limit(device, dtype),
@@ -101,7 +101,7 @@ def _select_blocks_supported(device, **shape) -> bool:
 
 def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale, local_blocks=1, block_start=None,
                    index_fp8=False):
-    from msa_tl.index_topk import select_blocks, select_blocks_fp8
+    from msa_tl.index.select import select_blocks, select_blocks_fp8
 
     G, Di = q_idx.shape[2], padded_dim(q_idx.shape[3], INDEX_DIMS)
     padded = next_supported(G, INDEX_GROUPS)  # a padded head's selection is computed and dropped
@@ -157,11 +157,11 @@ def _sparse_attention(q, k, v, indices, *, block_size, scale):
     if attention_path(q.shape[1]) == "q_outer":
         if Dp > Q_OUTER_HEAD_DIMS[-1]:
             raise ValueError(f"MSA_TL_ATTENTION_PATH=q_outer: head dims up to {Q_OUTER_HEAD_DIMS[-1]}, got {D}")
-        from msa_tl.q_outer_attention import q_outer_attention_forward
+        from msa_tl.attention.q_outer import q_outer_attention_forward
 
         o, lse = q_outer_attention_forward(q_kernel, k, v, indices, block_size, scale)
     else:
-        from msa_tl.kv_outer_attention import sparse_attention_forward
+        from msa_tl.attention.kv_outer import sparse_attention_forward
 
         o, lse = sparse_attention_forward(q_kernel, k, v, indices, block_size, scale)
     return unpad_dim(unpad_heads(o, G, R), D), unpad_heads(lse, G, R)
@@ -171,7 +171,7 @@ register_kernel("sparse_attention", _sparse_attention, _sparse_attention_limit)
 
 
 def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale):
-    from msa_tl.kv_outer_backward import sparse_attention_backward
+    from msa_tl.attention.backward import sparse_attention_backward
 
     G, D = k.shape[2], q.shape[3]
     R, Dp = q.shape[2] // G, padded_dim(D)

@@ -12,8 +12,8 @@ GRAD_RTOL = 2e-2  # bf16 gradients, relative Frobenius error (issue 5)
 
 
 def check_backward(B, N, Hq, G, D, Bk, topk, kind, with_dlse=False, **kw):
-    from msa_tl.kv_outer_attention import sparse_attention_forward
-    from msa_tl.kv_outer_backward import sparse_attention_backward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.attention.backward import sparse_attention_backward
 
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection(kind, B, N, G, Bk, topk)

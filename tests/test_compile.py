@@ -7,10 +7,17 @@ import pytest
 
 tilelang = pytest.importorskip("tilelang")
 
-from msa_tl import decode_attention, decode_scores, decode_topk  # noqa: E402
-from msa_tl import (  # noqa: E402
-    index_scores, index_topk, kl_loss, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention, scheduler,
-    shared_tiles)
+from msa_tl import kl_loss  # noqa: E402
+from msa_tl.attention import backward as kv_outer_backward  # noqa: E402
+from msa_tl.attention import combine as lse_combine  # noqa: E402
+from msa_tl.attention import kv_outer as kv_outer_attention  # noqa: E402
+from msa_tl.attention import q_outer as q_outer_attention  # noqa: E402
+from msa_tl.attention import scheduler, shared_tiles  # noqa: E402
+from msa_tl.decode import attention as decode_attention  # noqa: E402
+from msa_tl.decode import scores as decode_scores  # noqa: E402
+from msa_tl.decode import topk as decode_topk  # noqa: E402
+from msa_tl.index import scores as index_scores  # noqa: E402
+from msa_tl.index import select as index_topk  # noqa: E402
 from msa_tl.tl_compile import SMEM_LIMIT, compile_program, lower_to_cuda, sm90_target  # noqa: E402
 
 PROGRAMS = [

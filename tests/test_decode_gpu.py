@@ -31,7 +31,7 @@ def paged_index_keys(S, G, Bk, seed, lengths=None, max_pages=24, Di=128):
 def test_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, seed=0):
     """Ragged rows (one shorter than a block, one ending mid-block, one long), pages in random order, the grid
     from the cache's maxima: visible blocks to fp32 accumulation, every other entry -inf."""
-    from msa_tl.decode_scores import decode_block_scores
+    from msa_tl.decode.scores import decode_block_scores
 
     q_idx, k_idx_pages, table, seqlens, lengths = paged_index_keys(S, G, Bk, seed)
     B, max_pages = len(lengths), table.shape[1]
@@ -53,8 +53,8 @@ def test_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_ma
 def test_decode_select_takes_the_local_block_and_the_best_earlier_ones(S, G, Bk, topk, seed=0):
     """On the kernel's own block scores (some poisoned with NaN, which never wins): slot 0 the local block, the
     other slots the reference's top-k set (rows with fewer earlier blocks than k - 1 pad with -1)."""
-    from msa_tl.decode_scores import decode_block_scores
-    from msa_tl.decode_topk import decode_select
+    from msa_tl.decode.scores import decode_block_scores
+    from msa_tl.decode.topk import decode_select
 
     q_idx, k_idx_pages, table, seqlens, lengths = paged_index_keys(S, G, Bk, seed, lengths=[S, 1000, 3000], max_pages=48)
     scores = decode_block_scores(q_idx, k_idx_pages, table, seqlens, Bk)
@@ -81,7 +81,7 @@ def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D,
     """Each row's newest tokens over the reference's own selection (-1 slots in the short row), the slots split
     over CTAs and combined: outputs and LSE against the float64 reference (the library's main-branch bounds)."""
     from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
-    from msa_tl.decode_attention import decode_attention
+    from msa_tl.decode.attention import decode_attention
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     lengths, max_pages, Di = [S + 3, 1500, 4 * Bk + 9], 24, 64
@@ -239,7 +239,7 @@ def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, key
     running sum (DeepSeek-V3's report measures the same on the H800), so an entry may be off by some 2^-14 of the
     sum of |q_i k_i| behind it, not of the score: the bound is 2^-10 of that sum. (A bound of 1e-3 of the score
     failed at S = 40 on the H200 by 1.03e-3, every entry 1e-4 to 1e-3 off: rounding, not a wrong block.)"""
-    from msa_tl.decode_scores import decode_block_scores
+    from msa_tl.decode.scores import decode_block_scores
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     _, k_idx_bf16, table, seqlens, lengths = paged_index_keys(S, G, Bk, seed)

@@ -76,8 +76,8 @@ def test_gqa_ratios_that_do_not_tile_64_rows_take_the_kernels_padded(hopper, hea
 def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch, D):
     """The padding around the kernels, with the float64 reference standing in for them: outputs, lse and dq of
     the real heads and dk / dv equal the unpadded computation (padded heads: q = dO = 0; padded dims: 0)."""
-    import msa_tl.kv_outer_attention as fwd
-    import msa_tl.kv_outer_backward as bwd
+    import msa_tl.attention.kv_outer as fwd
+    import msa_tl.attention.backward as bwd
     from msa_tl import reference as R
 
     calls = []
@@ -177,7 +177,7 @@ def test_causal_selection_lists_every_visible_block_once():
 def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypatch, groups, padded):
     """3, 5, 6, 7, 12, 40 index heads run the select kernel with zero index heads padded in (and index dim 8 with zero
     dims, to 64); the real heads' selection is the unpadded one (the float64 reference stands in for the kernel)."""
-    import msa_tl.index_topk as index_topk
+    import msa_tl.index.select as index_topk
     from msa_tl import reference as R
 
     assert kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, "groups": groups})

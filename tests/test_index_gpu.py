@@ -32,7 +32,7 @@ METHODS = [None, "pipelined", "fused", "two_pass"]  # None: the default for the 
     ids=["paper", "ragged-b2", "N<k*Bk", "G1", "G8-Bk64", "k4"],
 )
 def test_select_blocks_matches_reference(method, B, N, G, Di, Bk, topk):
-    from msa_tl.index_topk import select_blocks
+    from msa_tl.index.select import select_blocks
 
     q_idx, k_idx = index_inputs(B, N, G, Di)
     indices = select_blocks(q_idx, k_idx, Bk, topk, method=method, query_chunk=1024)
@@ -45,7 +45,7 @@ def test_fp8_select_matches_the_reference_over_quantised_inputs(B, N, G, Di, Bk,
     """The FP8 pipelined select against the float64 reference over the same quantised q_idx / k_idx (codes times
     their per-row scales): the chosen sets equal up to near-ties, which FP8's ~14-bit MMA sums swap more often
     than bf16's fp32 ones (a few rows in a hundred, each swapped block within 2^-8 of the boundary)."""
-    from msa_tl.index_topk import select_blocks_fp8
+    from msa_tl.index.select import select_blocks_fp8
 
     q_idx, k_idx = index_inputs(B, N, G, Di)
     indices = torch.full((B, N, G, topk), POISON, device="cuda", dtype=torch.int32)
@@ -60,7 +60,7 @@ def test_fp8_select_matches_the_reference_over_quantised_inputs(B, N, G, Di, Bk,
                          ids=["paper", "G1-64-rows", "G8-k4", "G2-Bk64-64-rows"])
 def test_pipelined_and_fused_select_the_same_blocks(ties, N, G, Di, Bk, topk):
     """Both fill each row's list in block order: the same choice, ties included, at 64 or 128 rows a consumer."""
-    from msa_tl.index_topk import select_blocks
+    from msa_tl.index.select import select_blocks
 
     q_idx, k_idx = index_inputs(2, N, G, Di)
     if ties:  # entries in {-1, 0, 1}: block maxima repeat across blocks
@@ -72,7 +72,7 @@ def test_pipelined_and_fused_select_the_same_blocks(ties, N, G, Di, Bk, topk):
 
 
 def test_an_unknown_select_method_is_named():
-    from msa_tl.index_topk import select_blocks
+    from msa_tl.index.select import select_blocks
 
     q_idx, k_idx = index_inputs(1, 256, 4, 128)
     with pytest.raises(ValueError, match="method"):
@@ -81,7 +81,7 @@ def test_an_unknown_select_method_is_named():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_slot_of_a_poisoned_output_is_written(method):
-    from msa_tl.index_topk import select_blocks
+    from msa_tl.index.select import select_blocks
 
     B, N, G, Di, Bk, topk = 2, 1500, 4, 128, 128, 16
     q_idx, k_idx = index_inputs(B, N, G, Di)
@@ -93,7 +93,7 @@ def test_every_slot_of_a_poisoned_output_is_written(method):
 
 @pytest.mark.parametrize("query_start,query_count", [(0, 2000), (512, 1024), (1536, 464)])
 def test_block_scores_match_reference(query_start, query_count):
-    from msa_tl.index_scores import block_scores
+    from msa_tl.index.scores import block_scores
 
     B, N, G, Di, Bk = 2, 2000, 4, 128, 128
     q_idx, k_idx = index_inputs(B, N, G, Di)

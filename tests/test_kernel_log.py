@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from msa_tl import scheduler, tl_compile  # noqa: E402
+from msa_tl import tl_compile  # noqa: E402
+from msa_tl.attention import scheduler  # noqa: E402
 
 
 def test_compiled_kernels_are_logged_once_and_resolve(tmp_path, monkeypatch):
@@ -24,8 +25,8 @@ def test_compiled_kernels_are_logged_once_and_resolve(tmp_path, monkeypatch):
     assert first is again and len(built) == 2
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert entries == [
-        {"builder": "msa_tl.scheduler:histogram_program", "config": {"groups": 3, "topk": 5}},
-        {"builder": "msa_tl.scheduler:plan_program", "config": {"item_queries": 96}},
+        {"builder": "msa_tl.attention.scheduler:histogram_program", "config": {"groups": 3, "topk": 5}},
+        {"builder": "msa_tl.attention.scheduler:plan_program", "config": {"item_queries": 96}},
     ]
     assert [tl_compile.builder_by_name(e["builder"]) for e in entries] == [scheduler.histogram_program,
                                                                           scheduler.plan_program]

@@ -24,7 +24,7 @@ def check_close(name, got, want, tol=2e-2):
                          ids=["paper-ragged", "b2-Bk64", "D256"])
 def test_kl_loss_and_gradients_match_reference(kind, B, N, Hq, G, D, Di, Bk, topk):
     from msa_tl.kl_loss import kl_alignment_loss_backward, kl_alignment_loss_forward
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
 
     q, k, v = attention_inputs(B, N, Hq, G, D)
     q_idx = torch.randn(B, N, G, Di, device="cuda", dtype=torch.bfloat16)

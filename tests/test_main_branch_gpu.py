@@ -37,8 +37,8 @@ def attention_inputs(B, N, Hq, G, D):
 
 
 def forward_of(path):
-    from msa_tl.kv_outer_attention import sparse_attention_forward
-    from msa_tl.q_outer_attention import q_outer_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.attention.q_outer import q_outer_attention_forward
 
     return {"kv_outer": sparse_attention_forward, "q_outer": q_outer_attention_forward}[path]
 
@@ -195,7 +195,7 @@ def test_scheduler_builds_the_reverse_index(chunks, count, kind, tiled, tile_que
     """Chunk c of a build (queries t0 + c * chunk onwards, the last one ragged) lists every (query, slot) of
     its chunk under the block it chose, and its items cover each list once; with per-entry global atomics, or
     counted a tile of queries at a time in shared memory (64-query tiles: several a chunk, the last ragged)."""
-    from msa_tl.scheduler import TILE_QUERIES, Schedule
+    from msa_tl.attention.scheduler import TILE_QUERIES, Schedule
 
     B, N, G, Bk, topk, item_queries = 2, 900, 2, 64, 4, 40
     indices = selection(kind, B, N, G, Bk, topk)
@@ -241,7 +241,7 @@ def test_shared_tiles_run_q_outer_without_partials(kind, B, N, Hq, G, D, Bk, top
     """shared_tiles: tiles whose queries chose the same blocks (every tile when each key block's queries take
     its first query's row; for random rows only the first topk blocks', whose queries choose all they see;
     every other tile for mixed) are attended Q-outer and the rest KV-outer; together, the reference's output."""
-    from msa_tl.shared_tiles import sharing_tiles, tile_queries
+    from msa_tl.attention.shared_tiles import sharing_tiles, tile_queries
 
     q, k, v = attention_inputs(B, N, Hq, G, D)
     per_query = selection("random" if kind == "mixed" else kind, B, N, G, Bk, topk).sort(dim=-1, descending=True).values
@@ -268,8 +268,8 @@ def test_few_shared_tiles_keep_the_persistent_combine():
     """Random rows share tiles only in the first topk blocks (queries that choose every block they see); where
     those own at most PERSISTENT_COMBINE_TILE_SHARE of the tiles, the persistent combine merges every row (the
     tiles' too, with no partials) and the tile kernel overwrites the tiles' rows after it."""
-    from msa_tl.kv_outer_attention import PERSISTENT_COMBINE_TILE_SHARE
-    from msa_tl.shared_tiles import sharing_tiles
+    from msa_tl.attention.kv_outer import PERSISTENT_COMBINE_TILE_SHARE
+    from msa_tl.attention.shared_tiles import sharing_tiles
 
     B, N, Hq, G, D, Bk, topk = 1, 8500, 16, 2, 64, 64, 8
     q, k, v = attention_inputs(B, N, Hq, G, D)
@@ -290,7 +290,7 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
     where 3 CTAs take ~340 tiles each, so both Q buffers and the rings' phases wrap) and the plain one, alone, on
     every tile of a block-shared selection: blocks in descending order, shuffled (the own block anywhere, -1
     between), or without the own block (the first blocks' rows then have nothing: o = 0, lse = -inf)."""
-    from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles
+    from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles
 
     B, N, Hq, G, D, Bk, topk = 2, 1024, 64, 4, 128, 128, 8
     q, k, v = attention_inputs(B, N, Hq, G, D)
@@ -334,7 +334,7 @@ def test_a_schedule_built_once_for_every_chunk(build_once):
 def test_persistent_combine_matches_the_combine(kind, ctas, B, N, Hq, G, D, Bk, topk, chunk):
     """persistent_combine: the merge by a few persistent CTAs streaming whole (query, KV head) pairs gives the
     reference's output and the per-row combine's, to one rounding (its weights are summed as a tree)."""
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
 
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection(kind, B, N, G, Bk, topk)
@@ -347,7 +347,7 @@ def test_persistent_combine_matches_the_combine(kind, ctas, B, N, Hq, G, D, Bk, 
 
 
 def test_persistent_combine_says_when_its_ring_does_not_fit():
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
 
     q, k, v = attention_inputs(1, 300, 64, 4, 128)
     with pytest.raises(ValueError, match="persistent_combine: 3 stages"):
@@ -396,7 +396,7 @@ def test_a_nan_key_reaches_every_row_that_attends_to_it():
     q, k, v = attention_inputs(B, N, Hq, G, D)
     k[0, 700, 1, 5] = float("nan")
     indices = selection("random", B, N, G, Bk, topk)
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
 
     o, lse = sparse_attention_forward(q, k, v, indices, Bk)
     ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)

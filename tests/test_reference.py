@@ -127,7 +127,7 @@ def test_sparse_attention_equals_per_query_gather():
 def test_split_blocks_attend_to_the_same_tokens():
     """The wide-head forward's block split: each chosen block's visible halves, a half in the query's future -1, so
     the float64 reference over the halves equals the one over the blocks (with -1 slots and a ragged end)."""
-    from msa_tl.kv_outer_attention import split_blocks
+    from msa_tl.attention.kv_outer import split_blocks
 
     B, N, Hq, G, D, Bk, topk = 2, 45, 4, 2, 8, 8, 3
     q, k, v, q_idx, k_idx = make_inputs(B, N, Hq, G, D, 8)

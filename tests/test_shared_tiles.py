@@ -2,7 +2,7 @@
 
 import torch
 
-from msa_tl.shared_tiles import sharing_tiles, tile_queries, tile_rows, without_shared_tiles
+from msa_tl.attention.shared_tiles import sharing_tiles, tile_queries, tile_rows, without_shared_tiles
 
 
 def block_pattern(B, N, G, Bk, topk):

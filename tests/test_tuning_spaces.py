@@ -2,7 +2,12 @@
 
 import pytest
 
-from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
+from msa_tl.attention import backward as kv_outer_backward
+from msa_tl.attention import combine as lse_combine
+from msa_tl.attention import kv_outer as kv_outer_attention
+from msa_tl.attention import q_outer as q_outer_attention
+from msa_tl.index import scores as index_scores
+from msa_tl.index import select as index_topk
 from msa_tl.tuning.spaces import SMEM_LIMIT, SPACES
 
 PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)

@@ -62,7 +62,7 @@ def test_select_kernels_force_the_newest_blocks_within_each_document(method, B, 
                                                                      varlen, fresh_seed):
     """Every select method with local_blocks and block_start (row 0 and row 1 packed differently) against
     reference.select_blocks with the same options, up to bf16 ties; two query chunks for the two-pass path."""
-    from msa_tl.index_topk import pipelined_rows, select_blocks
+    from msa_tl.index.select import pipelined_rows, select_blocks
 
     if method == "pipelined" and not pipelined_rows(G, Bk):
         pytest.skip(f"the pipelined select needs G * Bk >= 128 (got {G * Bk})")
@@ -80,7 +80,7 @@ def test_select_kernels_force_the_newest_blocks_within_each_document(method, B, 
 def test_select_kernels_never_read_another_documents_keys(method, fresh_seed):
     """NaN index keys in one document of each row (row 0's second, blocks 1-2; row 1's first, long one): every other
     document's rows select exactly what they select without the NaN."""
-    from msa_tl.index_topk import select_blocks
+    from msa_tl.index.select import select_blocks
 
     B, N, G, Di, Bk, topk = 2, 3000, 4, 128, 128, 16
     q_idx, k_idx = index_inputs(B, N, G, Di, fresh_seed)
@@ -106,7 +106,7 @@ def test_select_kernels_never_read_another_documents_keys(method, fresh_seed):
 def test_fp8_select_with_local_blocks_and_documents(B, N, G, Di, Bk, topk, local_blocks, varlen, fresh_seed):
     """select_blocks_fp8 with local_blocks and block_start against the float64 reference over the same quantised
     q_idx / k_idx, up to near-ties (FP8's coarser sums swap more of them: up to 2% of rows, as the FP8 select test)."""
-    from msa_tl.index_topk import select_blocks_fp8
+    from msa_tl.index.select import select_blocks_fp8
 
     L = resolve(local_blocks, topk)
     q_idx, k_idx = index_inputs(B, N, G, Di, fresh_seed)
@@ -226,7 +226,7 @@ def test_a_kl_row_with_nothing_chosen_adds_zero(fresh_seed):
     """Indices with one row all -1 in every group and one in a single group: the GPU loss (with and without the
     main branch's lse) equals the reference, which adds 0 for those rows; they get zero dq_idx."""
     from msa_tl.kl_loss import kl_alignment_loss_forward
-    from msa_tl.kv_outer_attention import sparse_attention_forward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
 
     torch.manual_seed(fresh_seed)
     B, N, Hq, G, D, Di, Bk, topk = 1, 1500, 16, 4, 128, 128, 128, 8

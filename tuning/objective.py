@@ -24,7 +24,12 @@ PAPER_SHAPE = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=1
 
 def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:
     """The documented default config of ``program`` at ``shape`` (what a kernel runs without a tuned config)."""
-    from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
+    from msa_tl.attention import backward as kv_outer_backward
+    from msa_tl.attention import combine as lse_combine
+    from msa_tl.attention import kv_outer as kv_outer_attention
+    from msa_tl.attention import q_outer as q_outer_attention
+    from msa_tl.index import scores as index_scores
+    from msa_tl.index import select as index_topk
 
     return dict({
         "kv_outer_backward": kv_outer_backward.BACKWARD_DEFAULTS,
@@ -41,8 +46,13 @@ def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:
 
 def compile_units(program: str, shape: dict, config: dict) -> list:
     """[(builder, kwargs)] compiled by ``config``, with the same arguments the runtime passes."""
-    from msa_tl import (index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine,
-                        q_outer_attention, scheduler)
+    from msa_tl.attention import backward as kv_outer_backward
+    from msa_tl.attention import combine as lse_combine
+    from msa_tl.attention import kv_outer as kv_outer_attention
+    from msa_tl.attention import q_outer as q_outer_attention
+    from msa_tl.attention import scheduler
+    from msa_tl.index import scores as index_scores
+    from msa_tl.index import select as index_topk
 
     G, Hq, D, Di = shape["groups"], shape["heads"], shape["head_dim"], shape["index_dim"]
     Bk, topk, bf16 = shape["block_size"], shape["topk"], "bfloat16"
@@ -97,7 +107,7 @@ def _attention_inputs(shape, seq):
     """q, k, v and a valid selection from the index kernels (random projections), on the GPU."""
     import torch
 
-    from msa_tl.index_topk import select_blocks
+    from msa_tl.index.select import select_blocks
 
     q = torch.randn(1, seq, shape["heads"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, seq, shape["groups"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
@@ -133,7 +143,7 @@ def _check_block_scores(shape, seq, config):
     import torch
 
     from msa_tl import reference as R
-    from msa_tl.index_scores import block_scores
+    from msa_tl.index.scores import block_scores
 
     q_idx, k_idx = _index_inputs(shape, seq)
     Bk = shape["block_size"]
@@ -154,13 +164,13 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
     """
     import torch
 
+    from msa_tl.attention.combine import combine_program
+    from msa_tl.attention.kv_outer import kv_outer_program, persistent_work, sparse_attention_forward
+    from msa_tl.attention.q_outer import q_outer_attention_forward
+    from msa_tl.attention.scheduler import Schedule
     from msa_tl.benchmark import time_ms
-    from msa_tl.index_scores import block_scores
-    from msa_tl.index_topk import TOPK_DEFAULTS, select_blocks, topk_program
-    from msa_tl.kv_outer_attention import kv_outer_program, persistent_work, sparse_attention_forward
-    from msa_tl.lse_combine import combine_program
-    from msa_tl.q_outer_attention import q_outer_attention_forward
-    from msa_tl.scheduler import Schedule
+    from msa_tl.index.scores import block_scores
+    from msa_tl.index.select import TOPK_DEFAULTS, select_blocks, topk_program
     from msa_tl.tl_compile import compiled_kernel, sm_count
 
     if not torch.cuda.is_available():
@@ -251,7 +261,7 @@ def gpu_objective(program: str, shape: dict, *, check_seq: int = 2125, rep_ms: f
                 l_part.copy_(torch.randn_like(l_part))  # finite LSEs: every slot is merged
                 return lambda: kernel(o_part, l_part, o.view(1, N * Hq, D), lse.view(1, N * Hq), t0)
     elif program == "kv_outer_backward":
-        from msa_tl.kv_outer_backward import sparse_attention_backward
+        from msa_tl.attention.backward import sparse_attention_backward
 
         q, k, v, indices = _attention_inputs(shape, N)
         o, lse = sparse_attention_forward(q, k, v, indices, Bk)

@@ -13,7 +13,12 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
-from msa_tl import index_scores, index_topk, kv_outer_attention, kv_outer_backward, lse_combine, q_outer_attention
+from msa_tl.attention import backward as kv_outer_backward
+from msa_tl.attention import combine as lse_combine
+from msa_tl.attention import kv_outer as kv_outer_attention
+from msa_tl.attention import q_outer as q_outer_attention
+from msa_tl.index import scores as index_scores
+from msa_tl.index import select as index_topk
 from msa_tl.tl_compile import SMEM_LIMIT
 from msa_tl.tuning.cache import PROGRAM_DIMS
 

@@ -1,6 +1,6 @@
 """KV-outer sparse attention (TileLang) and the main branch's chunked forward driver.
 
-One CTA per work item of :mod:`msa_tl.scheduler` (a key block and up to
+One CTA per work item of :mod:`msa_tl.attention.scheduler` (a key block and up to
 ``item_queries`` of the (query, slot) entries that chose it), three warpgroups
 with roles and mbarriers written by hand:
 
@@ -20,7 +20,7 @@ with roles and mbarriers written by hand:
   where no wgmma is in flight. The consumers take turns issuing their MMAs
   (named barriers, FA3's ping-pong), so one's softmax runs under the other's.
 
-:mod:`msa_tl.lse_combine` then merges each (query, head)'s <= topk partials
+:mod:`msa_tl.attention.combine` then merges each (query, head)'s <= topk partials
 with a stable log-sum-exp. Partials cost ``chunk * Hq * topk * D`` elements (the input dtype by
 default, bf16: 4 GiB for a 16K-query chunk at the paper's shape), so prefill runs
 in query chunks with a fixed workspace.
@@ -32,11 +32,11 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.lse_combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
+from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
                                 persistent_combine_limit, persistent_combine_program)
-from msa_tl.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
-from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
-from msa_tl.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
+from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
+from msa_tl.attention.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
+from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
@@ -626,8 +626,8 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 
 # build_once: one schedule build for every query chunk (3 launches, not 3 per chunk; the schedule then holds
 # ~N * G * topk int32) instead of one build per chunk. shared_tiles: query tiles whose rows chose the same
-# blocks run msa_tl.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
-# runs msa_tl.lse_combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
+# blocks run msa_tl.attention.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
+# runs msa_tl.attention.combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
                          persistent_combine=True)
 # The persistent combine streams the shared tiles' empty partials too; it is ~6% faster a row than the per-row
@@ -709,10 +709,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
-    ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.shared_tiles`)
+    ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.attention.shared_tiles`)
     are attended Q-outer, with no partials; the host reads their count (behind an event, after the KV-outer schedule
     is queued: the GPU is not drained), and where they hold every row the KV-outer path is not launched.
-    ``persistent_combine``: the combine is :func:`msa_tl.lse_combine.persistent_combine_program` (a ValueError
+    ``persistent_combine``: the combine is :func:`msa_tl.attention.combine.persistent_combine_program` (a ValueError
     where its ring does not fit, if asked for; by default not where shared tiles own more than
     ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose rows' empty partials it would stream). ``query_chunk``,
     ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to

@@ -26,7 +26,7 @@ def combine_program(heads: int, head_dim: int, topk: int, groups: int, rows: int
     """Opart [B, C*G, topk, R, D], Lpart [B, C*G, topk, R] (R = Hq / G; -inf = unused slot) -> O [B, N, Hq, D], LSE [B, N, Hq].
 
     Row ``t * Hq + h`` of the chunk (h = g * R + r) merges ``Opart[b, t * G + g, :, r]``. ``skip_empty``: a CTA
-    whose rows have no used slot (rows left to :mod:`msa_tl.shared_tiles`) writes them without reading partials.
+    whose rows have no used slot (rows left to :mod:`msa_tl.attention.shared_tiles`) writes them without reading partials.
     """
     batch, seq, n_tg = T.dynamic("batch, seq, n_tg")  # n_tg: the chunk's (query, KV head) pairs
     R = heads // groups

@@ -3,11 +3,11 @@
 Each of a row's newest S tokens (position p = seqlens[b] - S + s) attends, per group, to its chosen blocks, whose
 keys and values sit in the pages ``block_table[b, blk]`` (pages of one block). Decode has few (token, group) pairs
 (B * S * G: 4 at B = 1, S = 1), so each pair's ``topk`` slots are split over ``splits`` CTAs (flash-decoding): a CTA
-walks its slots as :mod:`msa_tl.q_outer_attention` walks a query's blocks (the R heads of the group are the rows,
+walks its slots as :mod:`msa_tl.attention.q_outer` walks a query's blocks (the R heads of the group are the rows,
 one online-softmax step a block, causal only in the token's own block) and leaves an fp32 partial O and LSE; the
 combine (:func:`decode_combine_program`) merges the splits. Split partials with no block (LSE -inf) drop out.
 
-The combine is its own kernel rather than the prefill's (:mod:`msa_tl.lse_combine`, 64 rows a CTA walking the
+The combine is its own kernel rather than the prefill's (:mod:`msa_tl.attention.combine`, 64 rows a CTA walking the
 slots in turn): at B = 1 the partials are 512 KB, which that kernel's single CTA reads in ~60 us, so here a CTA
 takes one (token, group)'s R heads and 32 of the D columns, every split's loads in flight at once.
 """
@@ -17,7 +17,7 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.q_outer_attention import attend_block_buffers, attend_block_macro
+from msa_tl.attention.q_outer import attend_block_buffers, attend_block_macro
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 
 DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False)
@@ -99,7 +99,7 @@ def decode_attention_program(groups: int, heads: int, head_dim: int, block_size:
                              pipelined=False)
 
 
-# As the Q-outer kernel it follows (msa_tl.q_outer_attention): TileLang's warp-specialised lowering gave wrong rows
+# As the Q-outer kernel it follows (msa_tl.attention.q_outer): TileLang's warp-specialised lowering gave wrong rows
 # there at Bk = 64.
 decode_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 

@@ -14,7 +14,7 @@ lane a warp's list, gives the row's. :func:`topk_warps` sizes the CTA to about `
 import tilelang.language as T
 import torch
 
-from msa_tl.index_topk import _LOWEST, _check_local_blocks, _list_insert
+from msa_tl.index.select import _LOWEST, _check_local_blocks, _list_insert
 from msa_tl.tl_compile import compiled_kernel
 
 DECODE_TOPK_DEFAULTS = dict(unroll=4)
@@ -58,7 +58,7 @@ def _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots: int):
 
 def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4, unroll: int = 4,
                         local_blocks: int = 1):
-    """Scores [B, S*G, max_pages] fp32 (:mod:`msa_tl.decode_scores`), SeqLens [B] int32 -> Idx [B, S*G, topk] int32.
+    """Scores [B, S*G, max_pages] fp32 (:mod:`msa_tl.decode.scores`), SeqLens [B] int32 -> Idx [B, S*G, topk] int32.
 
     With ``local_blocks`` = L the L newest blocks take slots 0 .. L-1 and the list ranks the blocks before them."""
     batch, n_rows, max_pages = T.dynamic("batch, n_rows, max_pages")
@@ -130,7 +130,7 @@ def topk_kernel(*, groups: int, block_size: int, topk: int, max_pages: int, **co
 
 
 def decode_select(scores: torch.Tensor, seqlens: torch.Tensor, block_size: int, topk: int, **config) -> torch.Tensor:
-    """scores [B, S, G, max_pages] float32 (:func:`msa_tl.decode_scores.decode_block_scores`), seqlens [B] int32 ->
+    """scores [B, S, G, max_pages] float32 (:func:`msa_tl.decode.scores.decode_block_scores`), seqlens [B] int32 ->
     indices [B, S, G, topk] int32 (slot 0 the local block). ``config``: :data:`DECODE_TOPK_DEFAULTS` knobs and
     ``warps`` (default :func:`topk_warps` of the row length)."""
     B, S, G, max_pages = scores.shape

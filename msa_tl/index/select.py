@@ -16,7 +16,7 @@ and in place when walked from the tail: ``a[j] <- v > a[j] ? (v <= a[j-1] ? v : 
 a value below the current k-1-th is rejected with one compare, which is the
 common case once the list fills.
 
-* ``topk_program`` reads S [B, C*G, nblk] (from :mod:`msa_tl.index_scores`)
+* ``topk_program`` reads S [B, C*G, nblk] (from :mod:`msa_tl.index.scores`)
   tile by tile through shared memory (rows padded by one word against bank
   conflicts).
 * ``fused_select_program`` computes each block score with a tensor-core GEMM
@@ -38,7 +38,7 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.index_scores import block_scores, row_tile
+from msa_tl.index.scores import block_scores, row_tile
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 

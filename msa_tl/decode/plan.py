@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from msa_tl.decode_attention import attention_kernel, decode_combine_program, decode_splits
-from msa_tl.decode_scores import scan_kernel
-from msa_tl.decode_topk import topk_kernel
+from msa_tl.decode.attention import attention_kernel, decode_combine_program, decode_splits
+from msa_tl.decode.scores import scan_kernel
+from msa_tl.decode.topk import topk_kernel
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 

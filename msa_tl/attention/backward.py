@@ -6,7 +6,7 @@ With P = softmax of the scaled scores over the chosen keys, delta = rowsum(dO * 
 
 1. :func:`delta_program` reads O and dO once per (query, head) row and writes that row's
    (lse * log2 e, delta).
-2. :func:`kv_outer_backward_program` runs one CTA per work item of :mod:`msa_tl.scheduler` (a key
+2. :func:`kv_outer_backward_program` runs one CTA per work item of :mod:`msa_tl.attention.scheduler` (a key
    block and up to ``item_queries`` of the (query, slot) entries that chose it), with roles and
    mbarriers written by hand:
    - a **producer** warpgroup loads K/V[blk] once, then gathers each tile's Q and dO rows
@@ -34,8 +34,8 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.kv_outer_attention import WIDE_HEAD_DIM, wide_head_blocks
-from msa_tl.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
+from msa_tl.attention.kv_outer import WIDE_HEAD_DIM, wide_head_blocks
+from msa_tl.attention.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
@@ -334,7 +334,7 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     BACKWARD_QUERY_CHUNK).
 
     Head dims above ``WIDE_HEAD_DIM`` (128; up to 256) run, as in the forward, each block as its 64-key halves
-    (:func:`~msa_tl.kv_outer_attention.split_blocks`) in chunks of ``WIDE_HEAD_CHUNK`` queries unless told, and
+    (:func:`~msa_tl.attention.kv_outer.split_blocks`) in chunks of ``WIDE_HEAD_CHUNK`` queries unless told, and
     each chunk as two launches of ``WIDE_HEAD_DIM`` columns of dQ, dK and dV (each computes S and dP in full).
     """
     B, N, Hq, D = q.shape

@@ -1,6 +1,6 @@
 """Q-outer sparse attention (TileLang): a CTA per (query, group) walks the query's chosen blocks.
 
-The baseline beside :mod:`msa_tl.kv_outer_attention`, and the short-sequence path.
+The baseline beside :mod:`msa_tl.attention.kv_outer`, and the short-sequence path.
 The group's R = Hq / G heads of one query are the M rows (16 at the paper's
 shape); for each of its ``topk`` blocks the CTA loads K/V[blk] (strided rows of
 ``[B, N, G, D]``) and runs one online-softmax step, masking causally only in
@@ -156,7 +156,7 @@ q_outer_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 
 def q_outer_attention_forward(q, k, v, indices, block_size: int, scale=None, *, out=None, lse_out=None, **config):
-    """Main-branch forward, Q-outer. Shapes as :func:`msa_tl.kv_outer_attention.sparse_attention_forward`; no workspace."""
+    """Main-branch forward, Q-outer. Shapes as :func:`msa_tl.attention.kv_outer.sparse_attention_forward`; no workspace."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

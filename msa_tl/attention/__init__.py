@@ -1,0 +1,1 @@
+"""The main branch on the GPU: the scheduler, KV-outer / Q-outer / shared-tile attention, the LSE combine and the backward (TileLang)."""
