@@ -74,16 +74,14 @@ def _list_insert(top_val, top_blk, slots: int):
 
 
 def _selection_writer(topk: int, local_blocks: int):
-    """A row's output: its ``local_blocks`` newest visible blocks (forced; -1 for any before the row's first
-    visible block ``start``), then the list's ``topk - local_blocks`` best earlier blocks."""
+    """A row's output for ``local_blocks`` > 1: its newest visible blocks (forced; -1 for any before the row's first
+    visible block ``start``), then the list's ``topk - local_blocks`` best earlier blocks. (With one local block the
+    kernels write the row inline, as their builds tuned and precompiled for it do.)"""
 
     @T.macro
     def write(Idx, bz, row, local, start, top_blk):
-        if local_blocks == 1:  # the row's own block is always visible
-            Idx[bz, row, 0] = local
-        else:
-            for j in T.serial(local_blocks):
-                Idx[bz, row, j] = T.if_then_else(local - j >= start, local - j, -1)
+        for j in T.serial(local_blocks):
+            Idx[bz, row, j] = T.if_then_else(local - j >= start, local - j, -1)
         for j in T.serial(topk - local_blocks):
             Idx[bz, row, local_blocks + j] = top_blk[j]
 
@@ -115,6 +113,9 @@ def topk_program(groups: int, block_size: int, topk: int, block_M: int = 128, co
     slots = _check_local_blocks(topk, local_blocks)
     write = _selection_writer(topk, local_blocks)
 
+    def candidates_end(local, start):  # a row ranks blocks start .. candidates_end - 1
+        return start + _candidate_count(local, start, topk, local_blocks)
+
     @T.macro
     def select(S, BlockStart, Idx, t0):
         with T.Kernel(T.ceildiv(chunk_rows, block_M), batch, threads=block_M) as (bx, bz):
@@ -126,23 +127,28 @@ def topk_program(groups: int, block_size: int, topk: int, block_M: int = 128, co
             r0 = bx * block_M
             local = (t0 * groups + r0) // groups // block_size
             start = BlockStart[bz, local] if varlen else 0
-            end = start + _candidate_count(local, start, topk, local_blocks)  # candidates: start .. end - 1
             for j in T.serial(slots):
                 top_val[j] = _LOWEST
                 top_blk[j] = -1
-            for c in T.serial(T.ceildiv(end, col_tile)):
+            for c in T.serial(T.ceildiv(candidates_end(local, start), col_tile)):
                 for i, j in T.Parallel(block_M, col_tile):
                     S_s[i, j] = T.if_then_else(
-                        (r0 + i < chunk_rows) & (c * col_tile + j < end), S[bz, r0 + i, c * col_tile + j], _LOWEST
+                        (r0 + i < chunk_rows) & (c * col_tile + j < candidates_end(local, start)),
+                        S[bz, r0 + i, c * col_tile + j], _LOWEST
                     )
                 for j in T.serial(col_tile):
                     if varlen:
-                        if (c * col_tile + j < end) & (c * col_tile + j >= start):
+                        if (c * col_tile + j < candidates_end(local, start)) & (c * col_tile + j >= start):
                             insert(S_s[tx, j], c * col_tile + j)
-                    elif c * col_tile + j < end:
+                    elif c * col_tile + j < candidates_end(local, start):
                         insert(S_s[tx, j], c * col_tile + j)
             if r0 + tx < chunk_rows:
-                write(Idx, bz, t0 * groups + r0 + tx, local, start, top_blk)
+                if local_blocks == 1:
+                    Idx[bz, t0 * groups + r0 + tx, 0] = local
+                    for j in T.serial(topk - 1):
+                        Idx[bz, t0 * groups + r0 + tx, j + 1] = top_blk[j]
+                else:
+                    write(Idx, bz, t0 * groups + r0 + tx, local, start, top_blk)
 
     if varlen:
         @T.prim_func
@@ -209,7 +215,12 @@ def fused_select_program(groups: int, index_dim: int, block_size: int, topk: int
                 if tx < block_M:
                     insert(row_max_s[tx], start + i)
             if tx < block_M and r0 + tx < seq * groups:
-                write(Idx, bz, r0 + tx, local, start, top_blk)
+                if local_blocks == 1:
+                    Idx[bz, r0 + tx, 0] = local
+                    for j in T.serial(topk - 1):
+                        Idx[bz, r0 + tx, j + 1] = top_blk[j]
+                else:
+                    write(Idx, bz, r0 + tx, local, start, top_blk)
 
     if varlen:
         @T.prim_func
@@ -297,7 +308,12 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             if ctx < M:
                 insert(rmax_s[ctx], start + blk)
         if ctx < M and r0 + c * M + ctx < seq * groups:
-            write(Idx, bz, r0 + c * M + ctx, local, start, top_blk)
+            if local_blocks == 1:
+                Idx[bz, r0 + c * M + ctx, 0] = local
+                for j in T.serial(topk - 1):
+                    Idx[bz, r0 + c * M + ctx, j + 1] = top_blk[j]
+            else:
+                write(Idx, bz, r0 + c * M + ctx, local, start, top_blk)
 
     @T.macro
     def select(Q, K, KScale, BlockStart, Idx):
