@@ -65,3 +65,40 @@ def assert_attention_matches_reference(o, lse, q, k, v, indices, block_size):
     assert rel <= OUTPUT_RTOL, f"output rel err {rel:.2e}"
     lse_err = (lse.double() - ref_lse).abs().max().item()
     assert lse_err <= LSE_ATOL, f"lse err {lse_err:.2e}"
+
+
+# Random inputs and whole-path checks of the autotuner's GPU trials (the TunableProgram.gpu_trial of each kernel
+# module): bf16 on the GPU, batch 1.
+
+def index_inputs(shape: dict, seq: int) -> tuple:
+    """q_idx [1, seq, G, Di] and k_idx [1, seq, Di], random bf16 on the GPU."""
+    return (torch.randn(1, seq, shape["groups"], shape["index_dim"], device="cuda", dtype=torch.bfloat16),
+            torch.randn(1, seq, shape["index_dim"], device="cuda", dtype=torch.bfloat16))
+
+
+def attention_inputs(shape: dict, seq: int) -> tuple:
+    """q, k, v and a valid selection from the index kernels (random projections), on the GPU."""
+    from msa_tl.index.select import select_blocks
+
+    q = torch.randn(1, seq, shape["heads"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, seq, shape["groups"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+    indices = select_blocks(*index_inputs(shape, seq), shape["block_size"], shape["topk"])
+    return q, k, v, indices
+
+
+def check_selection(shape: dict, seq: int, select) -> None:
+    """``select(q_idx, k_idx, out)`` fills out [1, seq, G, topk] with the reference's choice, up to ties."""
+    q_idx, k_idx = index_inputs(shape, seq)
+    out = torch.full((1, seq, shape["groups"], shape["topk"]), POISON_INDEX, device="cuda", dtype=torch.int32)
+    select(q_idx, k_idx, out)
+    assert_same_selection_up_to_ties(out, q_idx, k_idx, shape["block_size"], shape["topk"])
+
+
+def check_attention(shape: dict, seq: int, forward) -> None:
+    """``forward(q, k, v, indices, o, lse)`` fills o and lse as the reference's sparse attention at ``seq``."""
+    q, k, v, indices = attention_inputs(shape, seq)
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    forward(q, k, v, indices, o, lse)
+    assert_attention_matches_reference(o, lse, q, k, v, indices, shape["block_size"])

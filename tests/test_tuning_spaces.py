@@ -87,3 +87,28 @@ def test_the_spaces_read_the_knob_grids_declared_beside_the_kernels():
     assert SPACES["index_select_pipelined"].params is index_topk.PIPELINED_KNOBS
     assert SPACES["lse_combine"].params is lse_combine.COMBINE_KNOBS
     assert SPACES["kv_outer_backward"].params is kv_outer_backward.BACKWARD_KNOBS
+
+
+def test_every_program_is_described_once_beside_its_kernel():
+    """The tuner's space, cache key, defaults and compile units of a program are its kernel module's TunableProgram."""
+    from msa_tl.tuning import cache, objective
+    from msa_tl.tuning.programs import PROGRAMS, tunable
+
+    assert objective.PROGRAMS == PROGRAMS and set(SPACES) == set(PROGRAMS)
+    assert tunable("kv_outer_attention") is kv_outer_attention.ATTENTION_TUNING
+    for name in PROGRAMS:
+        program = tunable(name)
+        assert program.name == name
+        assert SPACES[name].params is program.knobs and SPACES[name].reject is program.reject
+        assert cache.PROGRAM_DIMS[name] == SPACES[name].dims == program.dims
+        assert objective.defaults(name, PAPER) == program.default_config(PAPER)
+        assert objective.compile_units(name, PAPER, objective.defaults(name, PAPER))
+
+
+def test_the_program_names_load_no_kernel():
+    """``msa-tl``'s argument parser reads the program names without importing TileLang or the kernels."""
+    import subprocess
+    import sys
+
+    code = "import sys; from msa_tl.tuning.objective import PROGRAMS; assert 'tilelang' not in sys.modules, PROGRAMS"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,20 +20,23 @@ FORMAT = "msa-tl-configs/1"
 CACHE_ENV = "MSA_TL_CACHE_DIR"
 SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 SEQ_BUCKETS = (8192, 32768, 131072, 524288, 1 << 31)
-_ATTENTION_DIMS = ("groups", "heads", "head_dim", "block_size", "topk")
-# the shape dims each tuned program depends on: its cache key (seq is bucketed separately)
-PROGRAM_DIMS = {
-    "index_block_scores": ("groups", "index_dim", "block_size"),
-    "index_select_pipelined": ("groups", "index_dim", "block_size", "topk"),
-    "index_select_fused": ("groups", "index_dim", "block_size", "topk"),
-    "index_topk": ("groups", "block_size", "topk"),
-    "kv_outer_attention": _ATTENTION_DIMS,
-    "q_outer_attention": _ATTENTION_DIMS,
-    "kv_outer_backward": _ATTENTION_DIMS,
-    "lse_combine": ("heads", "head_dim", "topk"),
-    "schedule": _ATTENTION_DIMS,
-}
 _WARNED: set = set()
+
+
+def _program_dims(program: str):
+    """The dims of a tunable program's cache key, None for any other name."""
+    # imported here: the kernel modules that declare the dims import this module for tuned_config
+    from msa_tl.tuning.programs import PROGRAMS, tunable
+
+    return tunable(program).dims if program in PROGRAMS else None
+
+
+def __getattr__(name):
+    if name == "PROGRAM_DIMS":  # program -> the shape dims it depends on: its cache key (seq is bucketed separately)
+        from msa_tl.tuning.programs import PROGRAMS
+
+        return {program: _program_dims(program) for program in PROGRAMS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_dir() -> Path:
@@ -48,12 +51,12 @@ def gpu_key(name: str, capability: str) -> str:
 def shape_key(program: str, shape: dict) -> str:
     """Program plus shape bucket: sequence length rounded up to a bucket, the program's other dims exact.
 
-    A program of :data:`PROGRAM_DIMS` keys on its own dims only (the rest of ``shape`` is ignored); any
-    other name keys on every dim it is given.
+    A tunable program (:mod:`msa_tl.tuning.programs`) keys on its own dims only (the rest of ``shape`` is
+    ignored); any other name keys on every dim it is given.
     """
     seq = shape.get("seq")
     bucket = next(b for b in SEQ_BUCKETS if seq is None or seq <= b)
-    names = PROGRAM_DIMS.get(program) or sorted(k for k in shape if k != "seq")
+    names = _program_dims(program) or sorted(k for k in shape if k != "seq")
     dims = ",".join(f"{k}={shape[k]}" for k in sorted(names))
     return f"{program}|seq<={bucket}|{dims}"
 

@@ -34,14 +34,15 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.attention.kv_outer import WIDE_HEAD_DIM, wide_head_blocks
+from msa_tl.attention.kv_outer import WIDE_HEAD_DIM, sparse_attention_forward, wide_head_blocks
 from msa_tl.attention.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
+from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
 from msa_tl.tuning.cache import tuned_config
 
 DELTA_DEFAULTS = dict(rows=64, threads=128)
 BACKWARD_DEFAULTS = dict(stages=2, dq_partials=True)  # H200, 128K: partials 60.6 ms, atomic dQ 74.8 (NOTES.md)
-BACKWARD_KNOBS = dict(stages=(1, 2, 3, 4), dq_partials=(False, True))  # the tuner's choices (tuning.spaces)
+BACKWARD_KNOBS = dict(stages=(1, 2, 3, 4), dq_partials=(False, True))  # the tuner's choices (BACKWARD_TUNING)
 BACKWARD_ITEM_QUERIES = 1024
 BACKWARD_QUERY_CHUNK = 16384  # with dQ partials: 2 * chunk * Hq * topk * D bytes of workspace (4 GiB, paper shape)
 REDUCE_DEFAULTS = dict(rows=64, threads=128)
@@ -376,3 +377,52 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
             reduce(part.view(B, count * Hq, topk, D), indices, dq.view(B, N * Hq, D), t0)
     dq = dq if config["dq_partials"] else dq_acc.to(q.dtype)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _reject_backward(config: dict, shape: dict):
+    R, D, Bk = shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"]
+    if 64 % R or Bk % 64:
+        return f"tiles of 64 rows need whole queries ({R} heads) and 64-key consumers (Bk {Bk})"
+    smem = backward_shared_bytes(R, D, Bk, config["stages"])
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    return None
+
+
+def _compile_units(shape: dict, config: dict) -> list:
+    units = [(kv_outer_backward_program, dict(attention_program_args(shape), item_queries=BACKWARD_ITEM_QUERIES,
+                                              **config))]
+    if config["dq_partials"]:
+        units.append((dq_reduce_program, dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
+                                              topk=shape["topk"], dtype="bfloat16", **REDUCE_DEFAULTS)))
+    return units
+
+
+def _gpu_trial(shape: dict, check_seq: int) -> tuple:
+    """Timed: the whole backward (delta, dQ/dK/dV pass, dQ sum) after one forward, at ``shape["seq"]``."""
+    from msa_tl import reference as R
+    from msa_tl.checks import attention_inputs, relative_error
+
+    Bk = shape["block_size"]
+    q, k, v, indices = attention_inputs(shape, shape["seq"])
+    o, lse = sparse_attention_forward(q, k, v, indices, Bk)
+    do = torch.randn_like(q)
+
+    def check(config):
+        qc, kc, vc, ic = attention_inputs(shape, check_seq)
+        oc, lc = sparse_attention_forward(qc, kc, vc, ic, Bk)
+        doc = torch.randn_like(qc)
+        grads = sparse_attention_backward(doc, None, qc, kc, vc, ic, oc, lc, Bk, config=config)
+        for got, ref in zip(grads, R.sparse_attention_backward(doc, None, qc, kc, vc, ic, Bk)):
+            rel = relative_error(got, ref)
+            assert rel <= 2e-2, f"gradient rel err {rel:.2e}"
+
+    def timed(config):
+        return lambda: sparse_attention_backward(do, None, q, k, v, indices, o, lse, Bk, config=config)
+
+    return check, timed
+
+
+BACKWARD_TUNING = TunableProgram(
+    name="kv_outer_backward", dims=ATTENTION_DIMS, defaults=BACKWARD_DEFAULTS, knobs=BACKWARD_KNOBS,
+    reject=_reject_backward, compile_units=_compile_units, gpu_trial=_gpu_trial)

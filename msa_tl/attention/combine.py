@@ -13,10 +13,11 @@ partial once and writes O in the input dtype and LSE in float32. Two programs:
 import tilelang.language as T
 
 from msa_tl.tl_compile import SMEM_LIMIT
+from msa_tl.tunable import TunableProgram
 
 
 COMBINE_DEFAULTS = dict(rows=64, threads=128)
-COMBINE_KNOBS = dict(rows=(32, 64, 128), threads=(128, 256))  # the tuner's choices (tuning.spaces)
+COMBINE_KNOBS = dict(rows=(32, 64, 128), threads=(128, 256))  # the tuner's choices (COMBINE_TUNING)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -198,3 +199,36 @@ def persistent_combine_program(heads: int, head_dim: int, topk: int, groups: int
                         LSE[b, t0 * heads + u * P * R + i] = stats[i, 0] + T.log2(stats[i, 1]) * _LN2
 
     return persistent_combine
+
+
+def _reject_combine(config: dict, shape: dict):
+    if config["rows"] * shape["head_dim"] // config["threads"] > 128:
+        return "too many accumulator registers per thread"
+    return None
+
+
+def _compile_units(shape: dict, config: dict) -> list:
+    return [(combine_program, dict(heads=shape["heads"], head_dim=shape["head_dim"], topk=shape["topk"],
+                                   groups=shape["groups"], dtype="bfloat16", partial_dtype="bfloat16", **config))]
+
+
+def _gpu_trial(shape: dict, check_seq: int) -> tuple:
+    """Timed: the kernel alone on the last (heaviest) query chunk's random partials, every slot merged."""
+    import torch
+
+    from msa_tl.attention.kv_outer import driver_forward, forward_trial
+    from msa_tl.tl_compile import compiled_kernel
+
+    rows, D = shape["seq"] * shape["heads"], shape["head_dim"]
+
+    def launch(config, c):
+        kernel = compiled_kernel(combine_program, **_compile_units(shape, config)[0][1])
+        c.l_part.copy_(torch.randn_like(c.l_part))  # finite LSEs: every slot is merged
+        return lambda: kernel(c.o_part, c.l_part, c.o.view(1, rows, D), c.lse.view(1, rows), c.t0)
+
+    return forward_trial(shape, check_seq, driver_forward(shape, "combine_config"), launch)
+
+
+COMBINE_TUNING = TunableProgram(
+    name="lse_combine", dims=("heads", "head_dim", "topk"), defaults=COMBINE_DEFAULTS, knobs=COMBINE_KNOBS,
+    reject=_reject_combine, compile_units=_compile_units, gpu_trial=_gpu_trial)

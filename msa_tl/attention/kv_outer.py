@@ -35,14 +35,15 @@ from tilelang.layout import make_swizzled_layout
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
                                 persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
-from msa_tl.attention.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
+from msa_tl.attention.scheduler import Schedule, first_query_macro, plan_program, tile_rows_macro, work_item
 from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
+from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
 from msa_tl.tuning.cache import tuned_config
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="", o_buffers=2,
                           tma_gathers=True, direct_stores=False, consumers=2)
-# the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
+# the tuner's choices of each knob (ATTENTION_TUNING at the end adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
                        store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
                        direct_stores=(False, True), consumers=(1, 2))
@@ -837,3 +838,129 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
 
+
+def _reject_attention(config: dict, shape: dict):
+    R = shape["heads"] // shape["groups"]
+    if 64 % R:
+        return f"{R} heads per group do not tile a consumer's 64 rows"
+    if config["tma_stores"] and R < TMA_MIN_HEADS:
+        return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
+    if config.get("store_eviction") and not config["tma_stores"]:
+        return "an L2 policy for the partial stores needs TMA stores"
+    if config.get("tma_gathers") and (R < TMA_MIN_HEADS or config.get("persistent", False)):
+        return f"TMA gathers need >= {TMA_MIN_HEADS} heads per group and per-item CTAs"
+    if config.get("direct_stores") and (config["tma_stores"] or config.get("persistent", False)):
+        return "direct stores replace the O tile: per-item CTAs with thread stores only"
+    if config.get("direct_stores") and shape["head_dim"] % 32:
+        return "direct stores need a head dim that is a multiple of 32"
+    if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
+                                                and not config["pingpong"]):
+        return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
+    D, Bk = shape["head_dim"], shape["block_size"]
+    if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
+        smem = persistent_shared_bytes(R, D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"],
+                                       config["tma_stores"])
+    else:  # at the largest item the schedule space allows
+        consumers = config.get("consumers", 2)
+        smem = item_shared_bytes(D, Bk, max(SCHEDULE_KNOBS["item_queries"]), config["stages"], config["tma_stores"],
+                                 config.get("o_buffers", 2), config.get("direct_stores", False), consumers)
+        if consumers == 1 and smem > TWO_CTA_SMEM:
+            return f"shared memory {smem} B > {TWO_CTA_SMEM} B: two CTAs would not fit an SM"
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    return None
+
+
+def _attention_units(shape: dict, config: dict) -> list:
+    return [(kv_outer_program, dict(attention_program_args(shape), partial_dtype="bfloat16",
+                                    item_queries=SCHEDULE_TUNABLES["item_queries"], **config))]
+
+
+def forward_trial(shape: dict, check_seq: int, forward, launch=None) -> tuple:
+    """(check, timed) of a forward program's GPU trial (:class:`~msa_tl.tunable.TunableProgram`), on random inputs.
+
+    ``forward(config)`` -> ``f(q, k, v, indices, o, lse)``, the whole forward with ``config``: checked against the
+    reference at ``check_seq``. Without ``launch`` it is also what is timed, at ``shape["seq"]``. With it,
+    ``launch(config, chunk) -> call`` times one kernel on the last (heaviest) query chunk of at most 16K queries;
+    ``chunk`` holds q, k, v [1, seq, *, D], its schedule (the default item size), random partials o_part
+    [1, C*G, topk, R, D] and l_part [1, C*G, topk, R] (-inf), o, lse [1, seq, Hq] and t0.
+    """
+    from types import SimpleNamespace
+
+    from msa_tl.checks import attention_inputs, check_attention
+
+    N, Bk, topk, G, Hq, D = (shape[d] for d in ("seq", "block_size", "topk", "groups", "heads", "head_dim"))
+    q, k, v, indices = attention_inputs(shape, N)
+    o = torch.empty_like(q)
+
+    def check(config):
+        check_attention(shape, check_seq, forward(config))
+
+    if launch is None:
+        def timed(config):
+            run = forward(config)
+            lse = torch.empty(q.shape[:3], device="cuda")
+            return lambda: run(q, k, v, indices, o, lse)
+
+        return check, timed
+    chunk = min(N, 16384)
+    t0 = N - chunk
+    schedule = Schedule(1, G, math.ceil(N / Bk), chunk, topk, SCHEDULE_TUNABLES["item_queries"], "cuda")
+    schedule.build(indices, t0, chunk)
+    buffers = SimpleNamespace(
+        q=q, k=k, v=v, schedule=schedule, t0=t0, o=o,
+        o_part=torch.randn(1, chunk * G, topk, Hq // G, D, device="cuda", dtype=torch.bfloat16),
+        l_part=torch.full((1, chunk * G, topk, Hq // G), float("-inf"), device="cuda"),
+        lse=torch.empty(1, N, Hq, device="cuda"))
+    return check, lambda config: launch(config, buffers)
+
+
+def driver_forward(shape: dict, key=None):
+    """forward(config) for :func:`forward_trial`: :func:`sparse_attention_forward` with ``config`` as its keyword
+    arguments, or as the one named ``key`` (``"attention_config"``, ``"combine_config"``)."""
+    def forward(config):
+        options = config if key is None else {key: config}
+        return lambda q, k, v, indices, o, lse: sparse_attention_forward(q, k, v, indices, shape["block_size"], out=o,
+                                                                         lse_out=lse, **options)
+
+    return forward
+
+
+def _attention_trial(shape: dict, check_seq: int) -> tuple:
+    """Timed: the kernel alone on the last (heaviest) query chunk, launched as the driver launches it."""
+    D = shape["head_dim"]
+
+    def launch(config, c):
+        unit = _attention_units(shape, config)[0][1]
+        args = (c.q, c.k, c.v, c.schedule.items, c.schedule.item_count, c.schedule.entries, c.o_part.view(1, -1, D),
+                c.l_part.view(1, -1))
+        if not unit.get("persistent"):
+            kernel = compiled_kernel(kv_outer_program, **unit)
+            return lambda: kernel(*args, c.t0)
+        unit = dict(unit, ctas=unit.get("ctas") or sm_count(c.q.device))
+        kernel = compiled_kernel(kv_outer_program, **unit)
+        work = persistent_work(unit["ctas"], 1, c.q.device)[0]
+        return lambda: (work.zero_(), kernel(*args, work, c.t0))  # its item counter starts at zero
+
+    return forward_trial(shape, check_seq, driver_forward(shape, "attention_config"), launch)
+
+
+def _schedule_units(shape: dict, config: dict) -> list:
+    return [(plan_program, dict(item_queries=config["item_queries"]))]
+
+
+def _reject_schedule(config: dict, shape: dict):
+    partial_bytes = config["query_chunk"] * shape["heads"] * shape["topk"] * shape["head_dim"] * 2
+    if partial_bytes > 8 * 2**30:
+        return f"partials of one chunk take {partial_bytes / 2**30:.0f} GiB > 8 GiB"
+    return None
+
+
+ATTENTION_TUNING = TunableProgram(
+    name="kv_outer_attention", dims=ATTENTION_DIMS,
+    defaults=lambda shape: attention_defaults(shape["heads"] // shape["groups"]), knobs=ATTENTION_KNOBS,
+    reject=_reject_attention, compile_units=_attention_units, gpu_trial=_attention_trial)
+SCHEDULE_TUNING = TunableProgram(  # timed: the whole main branch
+    name="schedule", dims=ATTENTION_DIMS, defaults=SCHEDULE_TUNABLES, knobs=SCHEDULE_KNOBS, reject=_reject_schedule,
+    compile_units=_schedule_units, gpu_trial=lambda shape, check_seq: forward_trial(shape, check_seq,
+                                                                                    driver_forward(shape)))

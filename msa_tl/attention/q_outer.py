@@ -16,11 +16,12 @@ from typing import NamedTuple
 import tilelang.language as T
 import torch
 
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
+from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
 from msa_tl.tuning.cache import tuned_config
 
 Q_OUTER_DEFAULTS = dict(threads=128, num_stages=2)
-Q_OUTER_KNOBS = dict(threads=(64, 128, 256), num_stages=(1, 2, 3))  # the tuner's choices (tuning.spaces)
+Q_OUTER_KNOBS = dict(threads=(64, 128, 256), num_stages=(1, 2, 3))  # the tuner's choices (Q_OUTER_TUNING)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -168,3 +169,33 @@ def q_outer_attention_forward(q, k, v, indices, block_size: int, scale=None, *, 
                              scale=scale, dtype=tl_dtype(q.dtype), **config)
     kernel(q, k, v, indices, o, lse)
     return o, lse
+
+
+def _reject_q_outer(config: dict, shape: dict):
+    R = shape["heads"] // shape["groups"]
+    rows, D, Bk = max(R, 16), shape["head_dim"], shape["block_size"]
+    # Q, O, P (bf16) and S (fp32) once; K and V once per pipeline stage
+    smem = 2 * 2 * rows * D + 6 * rows * Bk + config["num_stages"] * 2 * 2 * Bk * D
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if Bk % (config["threads"] // 32 * 8):
+        return f"{config['threads'] // 32} warps cannot split {Bk} keys into 8-wide MMA columns"
+    return None
+
+
+def _gpu_trial(shape: dict, check_seq: int) -> tuple:
+    """Timed: the whole main branch on this kernel."""
+    from msa_tl.attention.kv_outer import forward_trial
+
+    def forward(config):
+        return lambda q, k, v, indices, o, lse: q_outer_attention_forward(q, k, v, indices, shape["block_size"],
+                                                                          out=o, lse_out=lse, **config)
+
+    return forward_trial(shape, check_seq, forward)
+
+
+Q_OUTER_TUNING = TunableProgram(
+    name="q_outer_attention", dims=ATTENTION_DIMS, defaults=Q_OUTER_DEFAULTS, knobs=Q_OUTER_KNOBS,
+    reject=_reject_q_outer,
+    compile_units=lambda shape, config: [(q_outer_program, dict(attention_program_args(shape), **config))],
+    gpu_trial=_gpu_trial)

@@ -20,11 +20,12 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
+from msa_tl.tunable import MAX_REGS_PER_THREAD, TunableProgram, acc_regs
 from msa_tl.tuning.cache import tuned_config
 
 DEFAULTS = dict(block_M=128, num_stages=3, threads=128, heavy_first=False)  # best of the H100 sweep (NOTES.md)
-# the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
+# the tuner's choices of each knob (TUNING below adds the constraints)
 KNOBS = dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True))
 
 
@@ -95,3 +96,59 @@ def block_scores(q_idx, k_idx, block_size: int, index_scale=None,
     kernel(q_idx.view(B, N * G, Di), k_idx, S, query_start)
     return S.view(B, C, G, nblk)
 
+
+def reject_row_tile(config: dict, shape: dict, *, stored_scores: bool):
+    """Why a ``block_M``-row GEMM tile over key blocks cannot run at ``shape``, or None: this program
+    (``stored_scores``) and :func:`msa_tl.index.select.fused_select_program`, which also keeps each row's top-k list
+    in registers and gives each row a thread."""
+    rows, Bk, Di = config["block_M"], shape["block_size"], shape["index_dim"]
+    if rows > shape["groups"] * Bk:
+        return f"block_M {rows} spans more tokens than one key block ({shape['groups']} x {Bk} rows)"
+    if rows < 64:
+        return "block_M below 64 rows cannot use wgmma"
+    smem = 2 * (rows * Di + config["num_stages"] * Bk * Di) + (0 if stored_scores else 4 * rows)
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    regs = acc_regs(rows, Bk, config["threads"]) + (0 if stored_scores else 2 * shape["topk"])
+    if regs > MAX_REGS_PER_THREAD - 40:
+        return f"about {regs} accumulator registers per thread leave too few for the rest"
+    if not stored_scores and config["threads"] < rows:
+        return "the fused select gives each row its own thread: threads must be >= block_M"
+    return None
+
+
+def _compile_units(shape: dict, config: dict) -> list:
+    Di = shape["index_dim"]
+    return [(block_scores_program, dict(groups=shape["groups"], index_dim=Di, block_size=shape["block_size"],
+                                        scale=1.0 / math.sqrt(Di), dtype="bfloat16", **config))]
+
+
+def _gpu_trial(shape: dict, check_seq: int) -> tuple:
+    """Timed: the kernel alone on the last (heaviest) query chunk of at most 16K queries."""
+    from msa_tl import reference as R
+    from msa_tl.checks import index_inputs
+
+    N, Bk, G = shape["seq"], shape["block_size"], shape["groups"]
+    chunk = min(N, 16384)
+    q_idx, k_idx = index_inputs(shape, N)
+    buffer = torch.empty(chunk * G * math.ceil(N / Bk), device="cuda")
+
+    def check(config):
+        qc, kc = index_inputs(shape, check_seq)
+        nblk = math.ceil(check_seq / Bk)
+        S = block_scores(qc, kc, Bk, out=torch.full((check_seq * G * nblk,), float("nan"), device="cuda"), **config)
+        ref = R.block_scores(qc.cpu(), kc.cpu(), Bk).permute(0, 2, 1, 3)  # [1, N, G, nblk]
+        visible = (torch.arange(nblk)[None, :] <= (torch.arange(check_seq) // Bk)[:, None])[None, :, None, :]
+        visible = visible.expand_as(ref)
+        torch.testing.assert_close(S.cpu().double()[visible], ref[visible], rtol=1e-4, atol=1e-4)
+
+    def timed(config):
+        return lambda: block_scores(q_idx, k_idx, Bk, None, N - chunk, chunk, out=buffer, **config)
+
+    return check, timed
+
+
+TUNING = TunableProgram(
+    name="index_block_scores", dims=("groups", "index_dim", "block_size"), defaults=DEFAULTS, knobs=KNOBS,
+    reject=lambda config, shape: reject_row_tile(config, shape, stored_scores=True),
+    compile_units=_compile_units, gpu_trial=_gpu_trial)

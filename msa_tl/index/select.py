@@ -38,14 +38,15 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.index.scores import block_scores, row_tile
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.index.scores import block_scores, reject_row_tile, row_tile
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, tl_dtype
+from msa_tl.tunable import TunableProgram, acc_regs
 from msa_tl.tuning.cache import tuned_config
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
 FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
 PIPELINED_DEFAULTS = dict(stages=3, heavy_first=True)  # stages 2-4 within 1% on the H200 (NOTES.md)
-# the tuner's choices of each knob (msa_tl.tuning.spaces adds the constraints)
+# the tuner's choices of each knob (the *_TUNING descriptions at the end add the constraints)
 TOPK_KNOBS = dict(block_M=(64, 128, 256), col_tile=(16, 32, 64))
 FUSED_KNOBS = dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True))
 PIPELINED_KNOBS = dict(stages=(2, 3, 4), heavy_first=(False, True))
@@ -491,3 +492,96 @@ def select_blocks_fp8(q_idx, k_idx, block_size: int, topk: int, *, local_blocks:
                              dtype=tl_dtype(q_idx.dtype), **_selection_options(local_blocks, block_start), **config)
     kernel(q_codes.view(B, N * G, Di), k_codes, k_scale, *_block_start(block_start), out.view(B, N * G, topk))
     return out
+
+
+SELECT_DIMS = ("groups", "index_dim", "block_size", "topk")
+
+
+def _reject_pipelined(config: dict, shape: dict):
+    rows = pipelined_rows(shape["groups"], shape["block_size"])
+    Bk, Di = shape["block_size"], shape["index_dim"]
+    if not rows:
+        return "fewer than 2 x 64 rows per key block: a consumer needs one wgmma M tile"
+    smem = 2 * (2 * rows * Di + config["stages"] * Bk * Di) + 8 * rows
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if acc_regs(rows, Bk, 128) > 232 - 40:
+        return "a consumer's accumulator leaves too few of its 232 registers for the rest"
+    return None
+
+
+def _reject_topk(config: dict, shape: dict):
+    smem = 4 * config["block_M"] * (config["col_tile"] + 1)
+    if smem > SMEM_LIMIT:
+        return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if config["block_M"] > shape["groups"] * shape["block_size"]:
+        return "block_M spans more tokens than one key block"
+    return None
+
+
+def _select_units(builder):
+    def compile_units(shape: dict, config: dict) -> list:
+        return [(builder, dict(groups=shape["groups"], index_dim=shape["index_dim"], block_size=shape["block_size"],
+                               topk=shape["topk"], dtype="bfloat16", **config))]
+
+    return compile_units
+
+
+def _select_trial(method: str):
+    def gpu_trial(shape: dict, check_seq: int) -> tuple:
+        """Timed: the whole index branch (:func:`select_blocks` with ``method``)."""
+        from msa_tl.checks import check_selection, index_inputs
+
+        Bk, topk = shape["block_size"], shape["topk"]
+        q_idx, k_idx = index_inputs(shape, shape["seq"])
+
+        def check(config):
+            check_selection(shape, check_seq, lambda q, k, out: select_blocks(q, k, Bk, topk, method=method,
+                                                                              config=config, out=out))
+
+        def timed(config):
+            return lambda: select_blocks(q_idx, k_idx, Bk, topk, method=method, config=config)
+
+        return check, timed
+
+    return gpu_trial
+
+
+def _topk_units(shape: dict, config: dict) -> list:
+    return [(topk_program, dict(groups=shape["groups"], block_size=shape["block_size"], topk=shape["topk"],
+                                **config))]
+
+
+def _topk_trial(shape: dict, check_seq: int) -> tuple:
+    """Timed: the kernel alone on the last (heaviest) query chunk of at most 16K queries."""
+    from msa_tl.checks import check_selection, index_inputs
+
+    N, Bk, topk, G = shape["seq"], shape["block_size"], shape["topk"], shape["groups"]
+    chunk = min(N, 16384)
+    t0 = N - chunk
+    q_idx, k_idx = index_inputs(shape, N)
+    scores = block_scores(q_idx, k_idx, Bk, None, t0, chunk).view(1, chunk * G, -1)
+    out = torch.empty(1, N * G, topk, device="cuda", dtype=torch.int32)
+
+    def check(config):
+        check_selection(shape, check_seq, lambda q, k, o: select_blocks(q, k, Bk, topk, method="two_pass",
+                                                                        query_chunk=1024, config=config, out=o))
+
+    def timed(config):
+        kernel = compiled_kernel(topk_program, groups=G, block_size=Bk, topk=topk, **{**TOPK_DEFAULTS, **config})
+        return lambda: kernel(scores, out, t0)
+
+    return check, timed
+
+
+PIPELINED_TUNING = TunableProgram(
+    name="index_select_pipelined", dims=SELECT_DIMS, defaults=PIPELINED_DEFAULTS, knobs=PIPELINED_KNOBS,
+    reject=_reject_pipelined, compile_units=_select_units(pipelined_select_program),
+    gpu_trial=_select_trial("pipelined"))
+FUSED_TUNING = TunableProgram(
+    name="index_select_fused", dims=SELECT_DIMS, defaults=FUSED_DEFAULTS, knobs=FUSED_KNOBS,
+    reject=lambda config, shape: reject_row_tile(config, shape, stored_scores=False),
+    compile_units=_select_units(fused_select_program), gpu_trial=_select_trial("fused"))
+TOPK_TUNING = TunableProgram(
+    name="index_topk", dims=("groups", "block_size", "topk"), defaults=TOPK_DEFAULTS, knobs=TOPK_KNOBS,
+    reject=_reject_topk, compile_units=_topk_units, gpu_trial=_topk_trial)
