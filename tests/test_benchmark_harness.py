@@ -58,3 +58,64 @@ def test_dense_curriculum_doubles_to_the_full_length():
     assert lengths.count(8192) >= 100  # the last part of the phase trains at the full length
     assert {curriculum_seq(step, 10, 8192, 8192) for step in range(10)} == {8192}
     assert [curriculum_seq(step, 5, 100, 1000) for step in range(5)] == [100, 200, 400, 800, 1000]  # capped at N
+
+
+def test_packed_llama_training_script_runs_all_three_phases(tmp_path):
+    """benchmarks/train_packed_llama.py end to end on the CPU: a tiny Llama on packed documents, dense, then
+    converted (warmup, KL on), then sparse; the CSV holds every phase and its columns in range."""
+    pytest.importorskip("transformers")
+    from benchmarks import train_packed_llama
+
+    argv = ["--device", "cpu", "--seq", "192", "--min-doc", "32", "--max-doc", "96", "--dense-doc-start", "32",
+            "--pairs", "2", "--keys", "8", "--vocab", "96", "--dense-steps", "2", "--steps", "2", "--eval-every", "1",
+            "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
+            "--block-size", "16", "--topk", "2", "--results-root", str(tmp_path)]
+    assert train_packed_llama.main(argv) == 0
+    frame = pd.read_csv(tmp_path / "cpu" / "packed_llama_training.csv")
+    assert list(frame.phase.unique()) == ["dense", "warmup", "sparse"]
+    assert (frame.groupby("phase", sort=False).size() == 2).all()  # steps 0 and 1 of each phase
+    assert (frame[frame.phase == "dense"].kl_loss == 0).all() and (frame[frame.phase != "dense"].kl_loss > 0).all()
+    assert (frame.docs >= 2).all() and (frame.longest_doc <= 96 + 32).all()
+    assert (frame.lm_loss > 0).all() and frame.lm_loss.notna().all()
+    for column in ("train_accuracy", "recall", "sparse_accuracy", "dense_accuracy"):
+        assert frame[column].notna().all() and frame[column].between(0, 1).all(), column
+
+
+def test_packed_llama_batches_answer_each_query_in_its_own_document():
+    """The packed batch is DataCollatorWithFlattening's (positions restart where cu_seq_lens says, int32, the
+    longest document as max_length), and every query is answerable from its own document only: its key sits
+    there as a needle followed by the answer, and a key shared by documents has a different value in each."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from benchmarks.train_packed_llama import IGNORE, curriculum, make_packed_batch
+
+    keys, values, shared = 16, 40, 0
+    for seed in range(6):
+        low, high = [(9, 16), (32, 64), (48, 300)][seed % 3]
+        batch = make_packed_batch(1000, low, high, 6, keys, values, 200, torch.Generator().manual_seed(seed))
+        ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+        cu = batch["cu_seq_lens_q"]
+        assert cu.dtype == batch["cu_seq_lens_k"].dtype == torch.int32 and torch.equal(cu, batch["cu_seq_lens_k"])
+        assert ids.shape == labels.shape == positions.shape == (1000,) and cu[0] == 0 and cu[-1] == 1000
+        bounds = cu.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        assert batch["max_length_q"] == batch["max_length_k"] == max(lengths)
+        assert all(n >= low for n in lengths) and all(n <= high for n in lengths[:-1]) and lengths[-1] <= high + low
+        assert torch.equal(positions, torch.cat([torch.arange(n) for n in lengths]))
+        value_of = {}  # key -> {document: value}
+        for d, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            doc, answers = ids[a:b].tolist(), (labels[a:b] != IGNORE).nonzero()[:, 0].tolist()
+            assert answers and answers[0] > 1 and labels[a] == IGNORE  # nothing answered across the border
+            for p in answers:
+                key, answer = doc[p - 1], int(labels[a + p])
+                assert 1 <= key <= keys and keys < answer <= keys + values and doc[p] == answer
+                first = doc.index(key)  # the needle, earlier in the same document
+                assert first < p - 1 and doc[first + 1] == answer and doc.count(key) == 2
+                value_of.setdefault(key, {})[d] = answer
+        for key, by_doc in value_of.items():
+            assert len(set(by_doc.values())) == len(by_doc), (seed, key, by_doc)  # another document misleads
+            shared += len(by_doc) > 1
+    assert shared > 10  # keys are reused across documents
+    assert curriculum(0, 100, 32, 256, 4096) == (16, 32) and curriculum(99, 100, 32, 256, 4096) == (256, 4096)
+    assert curriculum(0, 100, 8192, 256, 4096) == (256, 4096)
