@@ -16,7 +16,14 @@ from msa_tl import reference
 from msa_tl.ops.cache import MSACache
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.dispatch import kernel_for
-from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, dense_packed, max_document_length, packed_layout
+from msa_tl.ops.varlen import (
+    check_cu_seqlens,
+    check_packed_batch,
+    dense_packed,
+    max_document_length,
+    packed_layout,
+    varlen_lse_available,
+)
 from msa_tl.ops.validation import (
     canonical_indices,
     check_attention_inputs,
@@ -181,7 +188,7 @@ def kl_alignment_loss(
     if indices is None:
         max_seqlen = max_seqlen or max_document_length(cu_seqlens)
         aligned = layout.causal_selection(k.shape[2], max_seqlen)
-        if lse is None and q.is_cuda:
+        if lse is None and q.is_cuda and varlen_lse_available():
             lse = _dense_lse(q, k, cu_seqlens, max_seqlen, scale)
     else:
         aligned = layout.to_aligned(indices)

@@ -22,7 +22,14 @@ from msa_tl.ops.functional import (
     msa_decode,
     select_blocks,
 )
-from msa_tl.ops.varlen import check_cu_seqlens, check_packed_batch, dense_packed, max_document_length, packed_layout
+from msa_tl.ops.varlen import (
+    check_cu_seqlens,
+    check_packed_batch,
+    dense_packed,
+    max_document_length,
+    packed_layout,
+    varlen_lse_available,
+)
 from msa_tl.ops.validation import check_options
 
 
@@ -387,7 +394,7 @@ class MSAAttention(nn.Module):
         if self.mode == "warmup":
             if with_kl or q.is_cuda:
                 max_seqlen = max_seqlen or max_document_length(cu_seqlens)
-            if with_kl and q.is_cuda:  # the dense lse is the teacher's normaliser: the KL need not recompute it
+            if with_kl and q.is_cuda and varlen_lse_available():  # the teacher's normaliser, given to the KL
                 o, lse = dense_packed(q, k, v, cu_seqlens, max_seqlen, self.scale, return_lse=True)
             else:
                 o = dense_packed(q, k, v, cu_seqlens, max_seqlen, self.scale)

@@ -20,11 +20,14 @@ end) get no selection (-1 slots): they attend to nothing, add nothing to the KL 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+logger = logging.getLogger("msa_tl")
 
 
 def check_cu_seqlens(cu_seqlens, *, total: int, device: torch.device, max_seqlen=None) -> None:
@@ -142,13 +145,27 @@ def max_document_length(cu_seqlens: torch.Tensor) -> int:
     return max(1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
 
 
+def varlen_lse_available() -> bool:
+    """Whether :func:`dense_packed` can give the lse (FlashAttention's varlen kernel, torch >= 2.9)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = False):
     """Dense causal GQA attention of each packed document on its own: q [1, total, Hq, D], k / v [1, total, G, D]
     -> o [1, total, Hq, D] (and with ``return_lse`` lse [1, total, Hq] float32, GPU only). FlashAttention's varlen
     kernel on the GPU; SDPA a document at a time on the CPU."""
-    if q.is_cuda:
+    try:
         from torch.nn.attention.varlen import varlen_attn
-
+    except ImportError:  # torch < 2.9
+        varlen_attn = None
+        if q.is_cuda:
+            logger.warning("msa_tl: dense attention over packed documents runs SDPA a document at a time (torch %s "
+                           "has no torch.nn.attention.varlen)", torch.__version__)
+    if q.is_cuda and varlen_attn is not None:
         # older torch releases spell causal is_causal=True and have no enable_gqa
         options = inspect.signature(varlen_attn).parameters
         causal = dict(window_size=(-1, 0)) if "window_size" in options else dict(is_causal=True)
@@ -167,7 +184,7 @@ def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = F
         lse = lse if lse.shape[0] == q.shape[1] else lse.transpose(0, 1)  # [total, Hq]
         return o[None], lse.float()[None].contiguous()
     if return_lse:
-        raise ValueError("dense_packed gives the lse on the GPU only")
+        raise ValueError("dense_packed gives the lse only through FlashAttention's varlen kernel (a GPU, torch >= 2.9)")
     bounds = cu_seqlens.tolist()
     docs = [F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2),
                                            v[:, a:b].transpose(1, 2), is_causal=True, scale=scale,
