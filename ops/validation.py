@@ -157,8 +157,12 @@ def canonical_indices(indices: torch.Tensor, block_size: int) -> torch.Tensor:
     N = indices.shape[1]
     own_block = torch.div(torch.arange(N, device=indices.device, dtype=torch.int32), block_size,
                           rounding_mode="floor").view(1, N, 1, 1)
-    visible = torch.where((indices >= 0) & (indices <= own_block), indices, -1)
-    ids = visible.sort(dim=-1, descending=True).values
+    return distinct_descending(torch.where((indices >= 0) & (indices <= own_block), indices, -1))
+
+
+def distinct_descending(ids: torch.Tensor) -> torch.Tensor:
+    """Each row's slots [..., topk] sorted descending with repeats replaced by -1 (the kernels' canonical form)."""
+    ids = ids.sort(dim=-1, descending=True).values
     repeat = torch.cat([torch.zeros_like(ids[..., :1], dtype=torch.bool), ids[..., 1:] == ids[..., :-1]], dim=-1)
     return torch.where(repeat, -1, ids)
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from msa_tl.ops.validation import distinct_descending
+
 logger = logging.getLogger("msa_tl")
 
 
@@ -91,10 +93,8 @@ class PackedLayout:
         its document, in its future, repeats) become -1, and so does every slot of a row with no token."""
         own = (self.positions - self.first_block.long() * self.block_size) // self.block_size  # [total]
         visible = (indices >= 0) & (indices <= own.view(1, -1, 1, 1))
-        ids = torch.where(visible, indices + self.first_block.view(1, -1, 1, 1), -1)
-        ids = ids.sort(dim=-1, descending=True).values
-        repeat = torch.cat([torch.zeros_like(ids[..., :1], dtype=torch.bool), ids[..., 1:] == ids[..., :-1]], dim=-1)
-        return self.pack(torch.where(repeat, -1, ids).to(torch.int32), fill=-1)
+        ids = distinct_descending(torch.where(visible, indices + self.first_block.view(1, -1, 1, 1), -1))
+        return self.pack(ids.to(torch.int32), fill=-1)
 
     def from_aligned(self, indices: torch.Tensor) -> torch.Tensor:
         """The block-aligned row's ids [1, length, G, topk] -> document-relative ids [1, total, G, topk]."""
