@@ -16,14 +16,7 @@ from msa_tl import reference
 from msa_tl.ops.cache import MSACache
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.dispatch import kernel_for
-from msa_tl.ops.varlen import (
-    check_cu_seqlens,
-    check_packed_batch,
-    dense_packed,
-    max_document_length,
-    packed_layout,
-    varlen_lse_available,
-)
+from msa_tl.ops.varlen import checked_layout, dense_packed, max_document_length, varlen_lse_available
 from msa_tl.ops.validation import (
     canonical_indices,
     check_attention_inputs,
@@ -76,9 +69,8 @@ def select_blocks(
     index_scale = _default_scale(index_scale, q_idx.shape[3])
     if cu_seqlens is None:
         return select_blocks_op(q_idx, k_idx, block_size, topk, index_scale, local_blocks, None, index_fp8)
-    check_packed_batch(q_idx.shape[0])
-    check_cu_seqlens(cu_seqlens, total=q_idx.shape[1], device=q_idx.device)
-    layout = packed_layout(cu_seqlens, q_idx.shape[1], block_size)
+    layout = checked_layout(cu_seqlens, batch=q_idx.shape[0], total=q_idx.shape[1], device=q_idx.device,
+                            block_size=block_size)
     return layout.from_aligned(_select_aligned(layout, q_idx, k_idx, topk, index_scale, local_blocks, index_fp8))
 
 
@@ -88,6 +80,14 @@ def _select_aligned(layout, q_idx, k_idx, topk, index_scale, local_blocks, index
     indices = select_blocks_op(layout.pack(q_idx), layout.pack(k_idx), layout.block_size, topk, index_scale,
                                local_blocks, layout.block_start, index_fp8)
     return layout.only_real(indices)
+
+
+def _attend_aligned(layout, q, k, v, aligned, block_size, scale):
+    """(o [1, total, Hq, D], lse [1, total, Hq]) of packed q / k / v [1, total, ...] over ``aligned`` indices of the
+    block-aligned row (canonical, -1 in rows with no token)."""
+    o, lse = _sparse_attention(layout.pack(q), layout.pack(k), layout.pack(v), aligned, block_size, scale,
+                               return_lse=True)
+    return layout.unpack(o), layout.unpack(lse)
 
 
 def sparse_attention(
@@ -124,12 +124,8 @@ def sparse_attention(
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
     if cu_seqlens is None:
         return _sparse_attention(q, k, v, canonical_indices(indices, block_size), block_size, scale, return_lse)
-    check_packed_batch(B)
-    check_cu_seqlens(cu_seqlens, total=N, device=q.device)
-    layout = packed_layout(cu_seqlens, N, block_size)
-    o, lse = _sparse_attention(layout.pack(q), layout.pack(k), layout.pack(v), layout.to_aligned(indices),
-                               block_size, scale, return_lse=True)
-    o, lse = layout.unpack(o), layout.unpack(lse)
+    layout = checked_layout(cu_seqlens, batch=B, total=N, device=q.device, block_size=block_size)
+    o, lse = _attend_aligned(layout, q, k, v, layout.to_aligned(indices), block_size, scale)
     return (o, lse) if return_lse else o
 
 
@@ -182,9 +178,8 @@ def kl_alignment_loss(
     if cu_seqlens is None:
         indices = None if indices is None else canonical_indices(indices, block_size)
         return _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
-    check_packed_batch(B)
-    check_cu_seqlens(cu_seqlens, total=N, device=q.device, max_seqlen=max_seqlen)
-    layout = packed_layout(cu_seqlens, N, block_size)
+    layout = checked_layout(cu_seqlens, batch=B, total=N, device=q.device, block_size=block_size,
+                            max_seqlen=max_seqlen)
     if indices is None:
         max_seqlen = max_seqlen or max_document_length(cu_seqlens)
         aligned = layout.causal_selection(k.shape[2], max_seqlen)
@@ -276,15 +271,13 @@ def msa_attention(
                                     local_blocks=local_blocks, index_fp8=index_fp8)
         o, lse = _sparse_attention(q, k, v, indices, block_size, scale, return_lse=True)
     else:
-        check_packed_batch(q.shape[0])
-        check_cu_seqlens(cu_seqlens, total=q.shape[1], device=q.device)
-        layout = packed_layout(cu_seqlens, q.shape[1], block_size)
+        layout = checked_layout(cu_seqlens, batch=q.shape[0], total=q.shape[1], device=q.device,
+                                block_size=block_size)
         with torch.no_grad():
             aligned = _select_aligned(layout, q_idx, k_idx, topk, _default_scale(index_scale, q_idx.shape[3]),
                                       local_blocks, index_fp8)
-        o, lse = _sparse_attention(layout.pack(q), layout.pack(k), layout.pack(v), aligned, block_size, scale,
-                                   return_lse=True)
-        o, lse, indices = layout.unpack(o), layout.unpack(lse), layout.from_aligned(aligned)
+        o, lse = _attend_aligned(layout, q, k, v, aligned, block_size, scale)
+        indices = layout.from_aligned(aligned)
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
     return (o, *extras) if extras else o
 

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from msa_tl import reference
 from msa_tl.ops.cache import MSACache
 from msa_tl.ops.functional import (
+    _attend_aligned,
     _default_scale,
     _kl_aligned,
     _kl_alignment_loss,
@@ -22,14 +23,7 @@ from msa_tl.ops.functional import (
     msa_decode,
     select_blocks,
 )
-from msa_tl.ops.varlen import (
-    check_cu_seqlens,
-    check_packed_batch,
-    dense_packed,
-    max_document_length,
-    packed_layout,
-    varlen_lse_available,
-)
+from msa_tl.ops.varlen import checked_layout, dense_packed, max_document_length, varlen_lse_available
 from msa_tl.ops.validation import check_options
 
 
@@ -387,9 +381,8 @@ class MSAAttention(nn.Module):
 
     def _attend_packed(self, q, k, v, q_idx, k_idx, cu_seqlens, max_seqlen, with_kl):
         """(o [1, total, Hq, D], kl_loss, indices) of packed documents, each attended on its own."""
-        check_packed_batch(q.shape[0])
-        check_cu_seqlens(cu_seqlens, total=q.shape[1], device=q.device, max_seqlen=max_seqlen)
-        layout = packed_layout(cu_seqlens, q.shape[1], self.block_size)
+        layout = checked_layout(cu_seqlens, batch=q.shape[0], total=q.shape[1], device=q.device,
+                                block_size=self.block_size, max_seqlen=max_seqlen)
         indices = lse = None
         if self.mode == "warmup":
             if with_kl or q.is_cuda:
@@ -404,9 +397,8 @@ class MSAAttention(nn.Module):
                 aligned = _select_aligned(layout, q_idx, k_idx, self.topk,
                                           _default_scale(self.index_scale, q_idx.shape[3]), self.local_blocks,
                                           self.index_fp8)
-            o, lse = _sparse_attention(layout.pack(q), layout.pack(k), layout.pack(v), aligned, self.block_size,
-                                       self.scale, return_lse=True)
-            o, lse, indices = layout.unpack(o), layout.unpack(lse), layout.from_aligned(aligned)
+            o, lse = _attend_aligned(layout, q, k, v, aligned, self.block_size, self.scale)
+            indices = layout.from_aligned(aligned)
         kl_loss = None
         if with_kl:
             kl_loss = _kl_aligned(layout, q, k, q_idx, k_idx, aligned, self.block_size, self.scale, self.index_scale,

@@ -65,6 +65,7 @@ class PackedLayout:
 
     positions:   [total] int64, each token's row in the block-aligned copy
     first_block: [total] int32, the block-aligned row's first block of each token's document
+    own_block:   [total] int64, each token's block counted from its document's first token
     block_start: [1, length // block_size] int32, the first block of each block's document (its own id past the
                  last document), the select kernels' ``block_start``
     real:        [length] bool, rows of the copy that hold a token
@@ -73,6 +74,7 @@ class PackedLayout:
 
     positions: torch.Tensor
     first_block: torch.Tensor
+    own_block: torch.Tensor
     block_start: torch.Tensor
     real: torch.Tensor
     length: int
@@ -91,8 +93,7 @@ class PackedLayout:
         """Document-relative ids [1, total, G, topk] -> the block-aligned row's ids [1, length, G, topk] in the
         form the kernels take (:func:`~msa_tl.ops.validation.canonical_indices`): ids a query cannot see (before
         its document, in its future, repeats) become -1, and so does every slot of a row with no token."""
-        own = (self.positions - self.first_block.long() * self.block_size) // self.block_size  # [total]
-        visible = (indices >= 0) & (indices <= own.view(1, -1, 1, 1))
+        visible = (indices >= 0) & (indices <= self.own_block.view(1, -1, 1, 1))
         ids = distinct_descending(torch.where(visible, indices + self.first_block.view(1, -1, 1, 1), -1))
         return self.pack(ids.to(torch.int32), fill=-1)
 
@@ -111,9 +112,8 @@ class PackedLayout:
         ``width``, ceil(max_seqlen / block_size) rounded up to a power of two, changes rarely from batch to batch
         (each width is a compile of the KL kernels; the extra -1 slots cost nothing)."""
         width = 1 << max(0, math.ceil(max_seqlen / self.block_size) - 1).bit_length()
-        own = (self.positions - self.first_block.long() * self.block_size) // self.block_size  # [total]
-        blocks = torch.arange(width, device=own.device)
-        ids = torch.where(blocks[None, :] <= own[:, None], blocks[None, :] + self.first_block[:, None].long(), -1)
+        blocks = torch.arange(width, device=self.own_block.device)[None, :]
+        ids = torch.where(blocks <= self.own_block[:, None], blocks + self.first_block[:, None].long(), -1)
         ids = ids[None, :, None, :].expand(1, -1, groups, width).to(torch.int32)
         return self.pack(ids, fill=-1)
 
@@ -130,14 +130,24 @@ def packed_layout(cu_seqlens: torch.Tensor, total: int, block_size: int) -> Pack
     token = torch.arange(total, device=device)
     doc = torch.searchsorted(cu[1:], token, right=True)  # [total] each token's document
     first_block = doc_first[doc]
-    positions = first_block * block_size + token - cu[doc]
+    in_document = token - cu[doc]
+    positions = first_block * block_size + in_document
     blocks = torch.arange(length // block_size, device=device)
     block_doc = (torch.searchsorted(doc_first, blocks, right=True) - 1).clamp(min=0)
     used_blocks = doc_blocks.sum()
     block_start = torch.where(blocks < used_blocks, doc_first[block_doc], blocks)
     real = torch.zeros(length, dtype=torch.bool, device=device).index_fill(0, positions, True)
-    return PackedLayout(positions, first_block.to(torch.int32), block_start.to(torch.int32).view(1, -1), real,
-                        length, block_size)
+    return PackedLayout(positions, first_block.to(torch.int32), in_document // block_size,
+                        block_start.to(torch.int32).view(1, -1), real, length, block_size)
+
+
+def checked_layout(cu_seqlens, *, batch: int, total: int, device: torch.device, block_size: int,
+                   max_seqlen=None) -> PackedLayout:
+    """The block-aligned layout of a packed call's inputs ([batch = 1, total, ...] on ``device``), after checking
+    ``cu_seqlens`` (and ``max_seqlen``) against them."""
+    check_packed_batch(batch)
+    check_cu_seqlens(cu_seqlens, total=total, device=device, max_seqlen=max_seqlen)
+    return packed_layout(cu_seqlens, total, block_size)
 
 
 def max_document_length(cu_seqlens: torch.Tensor) -> int:
