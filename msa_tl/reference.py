@@ -19,6 +19,11 @@ Shapes (layout "bshd", as flash-attn):
 
 with nblk = ceil(N / block_size). Query t sees key j iff j <= t (causal), and
 block b is visible to t iff b <= t // block_size.
+
+Queries at an offset: where a function takes ``query_start``, its query-side tensors (q, q_idx, indices, lse,
+do, o) hold the C queries ``query_start .. query_start + C - 1`` and its key-side tensors (k, v, k_idx) the
+``query_start + C`` tokens up to the last of them (a chunk of a longer sequence: chunked prefill, or a rank's
+chunk under context parallelism).
 """
 
 from __future__ import annotations
@@ -134,38 +139,40 @@ def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: i
 
 def select_blocks(
     q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int, scale: float | None = None,
-    local_blocks: int = 1, block_start: torch.Tensor | None = None,
+    local_blocks: int = 1, block_start: torch.Tensor | None = None, query_start: int = 0,
 ) -> torch.Tensor:
     """The whole index branch: scoring, block max-pool and top-k (:func:`topk_blocks`).
 
-    q_idx [B, N, G, Di], k_idx [B, N, Di] -> indices [B, N, G, topk] int32.
-    ``block_start`` [B, nblk] int, if given, is the first visible block for the queries of each block (the
+    q_idx [B, C, G, Di] (queries ``query_start ..``), k_idx [B, query_start + C, Di] -> indices [B, C, G, topk]
+    int32. ``block_start`` [B, nblk] int, if given, is the first visible block for the queries of each block (the
     first block of its document when documents are packed block-aligned into one row).
-    Block scores exist for one query chunk at a time (B * G * C * N token scores).
+    Block scores exist for one query chunk at a time (B * G * chunk * N token scores).
     """
-    B, N, G, _ = q_idx.shape
-    out = torch.empty((B, N, G, topk), dtype=torch.int32, device=q_idx.device)
-    chunk = _query_chunk(B * G, N)
-    for t0 in range(0, N, chunk):
-        t1 = min(N, t0 + chunk)
-        S = _pool_blocks(index_token_scores(q_idx[:, t0:t1], k_idx, scale, t0), block_size)
+    B, C, G, _ = q_idx.shape
+    out = torch.empty((B, C, G, topk), dtype=torch.int32, device=q_idx.device)
+    chunk = _query_chunk(B * G, k_idx.shape[1])
+    for r0 in range(0, C, chunk):
+        r1, t0 = min(C, r0 + chunk), query_start + r0
+        S = _pool_blocks(index_token_scores(q_idx[:, r0:r1], k_idx, scale, t0), block_size)
         first = None
         if block_start is not None:
-            first = block_start[:, torch.arange(t0, t1, device=block_start.device) // block_size]
-        out[:, t0:t1] = topk_blocks(S, topk, block_size, query_start=t0, local_blocks=local_blocks, first_block=first)
+            first = block_start[:, torch.arange(t0, t0 + r1 - r0, device=block_start.device) // block_size]
+        out[:, r0:r1] = topk_blocks(S, topk, block_size, query_start=t0, local_blocks=local_blocks, first_block=first)
     return out
 
 
-def _chunk_mask(indices: torch.Tensor | None, t0: int, t1: int, n_keys: int, block_size: int, device) -> torch.Tensor:
-    """Which keys queries t0 .. t1-1 attend to: [B or 1, G or 1, t1 - t0, N] bool.
+def _chunk_mask(indices: torch.Tensor | None, r0: int, r1: int, n_keys: int, block_size: int, device,
+                query_start: int = 0) -> torch.Tensor:
+    """Which keys the query rows r0 .. r1-1 (queries query_start + r0 ..) attend to: [B or 1, G or 1, r1 - r0, N]
+    bool.
 
-    indices [B, N, G, topk] (-1 = unused) or None for dense causal attention.
+    indices [B, C, G, topk] (-1 = unused) or None for dense causal attention.
     A key is attended iff its block is chosen and j <= t: ids past the last block are ignored like -1,
     blocks after the query's own contribute no key, and a block chosen twice counts once.
     """
     if indices is None:
-        return _causal(t0, t1 - t0, n_keys, device)[None, None]
-    return _selection_mask(indices[:, t0:t1], t0, n_keys, block_size)
+        return _causal(query_start + r0, r1 - r0, n_keys, device)[None, None]
+    return _selection_mask(indices[:, r0:r1], query_start + r0, n_keys, block_size)
 
 
 def _selection_mask(rows: torch.Tensor, t0: int, n_keys: int, block_size: int) -> torch.Tensor:
@@ -219,22 +226,24 @@ def sparse_attention(
     indices: torch.Tensor | None,
     block_size: int,
     scale: float | None = None,
+    query_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The main branch: exact attention over the chosen key blocks, causal inside them.
 
-    q [B, N, Hq, D], k/v [B, N, G, D], indices [B, N, G, topk] (int, -1 = unused;
-    None = every visible block, i.e. dense causal attention). Query head h uses
-    group h // (Hq / G). Returns o [B, N, Hq, D] and lse [B, N, Hq], both
+    q [B, C, Hq, D] (queries ``query_start ..``), k/v [B, query_start + C, G, D], indices [B, C, G, topk] (int,
+    -1 = unused; None = every visible block, i.e. dense causal attention). Query head h uses
+    group h // (Hq / G). Returns o [B, C, Hq, D] and lse [B, C, Hq], both
     float64; ``scale`` defaults to 1/sqrt(D).
     """
-    B, N, Hq, D = q.shape
+    B, C, Hq, D = q.shape
+    N = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     outs, lses = [], []
     vf, v_bad = _finite(v), (~torch.isfinite(v)).double()
     chunk = _query_chunk(B * Hq, N)
-    for t0 in range(0, N, chunk):
-        t1 = min(N, t0 + chunk)
-        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device).expand(B, k.shape[2], t1 - t0, N)
+    for t0 in range(0, C, chunk):
+        t1 = min(C, t0 + chunk)
+        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device, query_start).expand(B, k.shape[2], t1 - t0, N)
         p, lse = _attention_probs(q[:, t0:t1], k, mask, scale)
         o = _weighted_values(p, vf, v_bad, mask)
         outs.append(o.reshape(B, t1 - t0, Hq, D))
@@ -251,6 +260,7 @@ def sparse_attention_backward(
     indices: torch.Tensor | None,
     block_size: int,
     scale: float | None = None,
+    query_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`sparse_attention`, written out (the oracle of the backward kernels).
 
@@ -261,40 +271,40 @@ def sparse_attention_backward(
         dQ = scale * dS K,   dK = scale * dS^T Q
 
     summed over the R = Hq / G heads of each group for dK / dV. Returns (dq, dk, dv) in float64,
-    shaped as q, k, v. P is recomputed one query chunk at a time.
+    shaped as q, k, v (``query_start`` as in :func:`sparse_attention`). P is recomputed one query chunk at a time.
     """
-    B, N, Hq, D = q.shape
-    G = k.shape[2]
+    B, C, Hq, D = q.shape
+    N, G = k.shape[1], k.shape[2]
     R = Hq // G
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kd, qd, vf = _finite(k), _finite(q), _finite(v)  # a NaN reaches the gradients through dS, only where chosen
     v_bad = (~torch.isfinite(v)).double()
-    dq = torch.empty((B, N, Hq, D), dtype=torch.float64, device=q.device)
+    dq = torch.empty((B, C, Hq, D), dtype=torch.float64, device=q.device)
     dk = torch.zeros((B, N, G, D), dtype=torch.float64, device=q.device)
     dv = torch.zeros_like(dk)
     chunk = _query_chunk(B * Hq, N)
-    for t0 in range(0, N, chunk):
-        t1 = min(N, t0 + chunk)
-        C = t1 - t0
-        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device).expand(B, G, C, N)
+    for t0 in range(0, C, chunk):
+        t1 = min(C, t0 + chunk)
+        rows = t1 - t0
+        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device, query_start).expand(B, G, rows, N)
         p, _ = _attention_probs(q[:, t0:t1], k, mask, scale)
-        do_c = do[:, t0:t1].double().view(B, C, G, R, D)
+        do_c = do[:, t0:t1].double().view(B, rows, G, R, D)
         o_c = _weighted_values(p, vf, v_bad, mask)
         delta = (do_c * o_c).sum(-1).permute(0, 2, 3, 1)  # [B, G, R, C]
         if dlse is not None:
-            delta = delta - dlse[:, t0:t1].double().view(B, C, G, R).permute(0, 2, 3, 1)
+            delta = delta - dlse[:, t0:t1].double().view(B, rows, G, R).permute(0, 2, 3, 1)
         dv += torch.einsum("bgrcj,bcgrd->bjgd", p, do_c)
         dp = torch.einsum("bcgrd,bjgd->bgrcj", do_c, vf)
         # zero off the chosen keys: a NaN row's delta must not reach keys it never attended (0 * NaN)
         ds = torch.where(mask[:, :, None], p * (dp - delta[..., None]), 0.0)
-        dq[:, t0:t1] = (scale * torch.einsum("bgrcj,bjgd->bcgrd", ds, kd)).reshape(B, C, Hq, D)
-        dk += scale * torch.einsum("bgrcj,bcgrd->bjgd", ds, qd[:, t0:t1].view(B, C, G, R, D))
+        dq[:, t0:t1] = (scale * torch.einsum("bgrcj,bjgd->bcgrd", ds, kd)).reshape(B, rows, Hq, D)
+        dk += scale * torch.einsum("bgrcj,bcgrd->bjgd", ds, qd[:, t0:t1].view(B, rows, G, R, D))
     return dq, dk, dv
 
 
-def dense_attention(q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_attention(q, k, v, scale: float | None = None, query_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal GQA attention (the warmup mode's main branch): :func:`sparse_attention` over all keys."""
-    return sparse_attention(q, k, v, None, block_size=1, scale=scale)
+    return sparse_attention(q, k, v, None, block_size=1, scale=scale, query_start=query_start)
 
 
 def kl_alignment_loss(
@@ -308,6 +318,7 @@ def kl_alignment_loss(
     index_scale: float | None = None,
     return_student_lse: bool = False,
     lse: torch.Tensor | None = None,
+    query_start: int = 0,
 ):
     """KL(teacher || student) that trains the index branch, averaged over queries and groups.
 
@@ -319,14 +330,15 @@ def kl_alignment_loss(
     sum_j teacher_j (log teacher_j - s_j) + logsumexp_j s_j, the kernels' formula (the KL itself
     when the teacher sums to 1, as it does with the main branch's own lse). ``indices`` None takes every
     causally visible token (warmup). Shapes as in :func:`sparse_attention` and
-    :func:`select_blocks`; returns a float64 scalar, and with ``return_student_lse``
-    also the student's normaliser logsumexp_j s_j [B, N, G] float64 (detached).
-    Gradients reach q_idx and k_idx only.
+    :func:`select_blocks` (``query_start`` too: the mean is then over the C given queries); returns a float64
+    scalar, and with ``return_student_lse`` also the student's normaliser logsumexp_j s_j [B, N, G] float64
+    (detached). Gradients reach q_idx and k_idx only.
     """
     B, N, _, _ = q.shape
     total = q_idx.new_zeros((), dtype=torch.float64)
     student_lse = []
-    for _, _, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+    for _, _, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
+                                             query_start):
         row_lse = torch.logsumexp(s, dim=-1)
         row_lse = row_lse.masked_fill(~mask.any(-1).expand_as(row_lse), 0.0)  # a row with nothing chosen adds 0
         total = total + (torch.xlogy(teacher, teacher) - teacher * s.masked_fill(~mask, 0.0)).sum() + row_lse.sum()
@@ -336,22 +348,23 @@ def kl_alignment_loss(
     return (loss, torch.cat(student_lse, dim=1)) if return_student_lse else loss
 
 
-def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=None):
-    """Per query chunk: (t0, t1, mask [B|1, G|1, C, N], teacher [B, G, C, N] detached, masked index scores s).
-    With ``lse`` [B, N, Hq] the teacher is normalised by it, else by its own logsumexp."""
-    B, N, Hq, D = q.shape
-    G = k.shape[2]
+def _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=None, query_start=0):
+    """Per chunk of query rows: (t0, t1, mask [B|1, G|1, C, N], teacher [B, G, C, N] detached, masked index scores
+    s), rows t0 .. t1 - 1 of q. With ``lse`` [B, N, Hq] the teacher is normalised by it, else by its own
+    logsumexp."""
+    B, C, Hq, D = q.shape
+    N, G = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     chunk = _query_chunk(B * Hq, N)
-    for t0 in range(0, N, chunk):
-        t1 = min(N, t0 + chunk)
-        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device)
+    for t0 in range(0, C, chunk):
+        t1 = min(C, t0 + chunk)
+        mask = _chunk_mask(indices, t0, t1, N, block_size, q.device, query_start)
         with torch.no_grad():
             p, own_lse = _attention_probs(q[:, t0:t1].detach(), k.detach(), mask, scale)
             if lse is not None:  # p = exp(s - own_lse) -> exp(s - lse)  [B, G, R, C, N]
                 given = lse[:, t0:t1].double().view(B, t1 - t0, G, Hq // G).permute(0, 2, 3, 1)
                 p = p * torch.exp(torch.where(torch.isfinite(own_lse), own_lse - given, 0.0))[..., None]
-        s = index_token_scores(q_idx[:, t0:t1], k_idx, index_scale, t0).masked_fill(~mask, _NEG_INF)
+        s = index_token_scores(q_idx[:, t0:t1], k_idx, index_scale, query_start + t0).masked_fill(~mask, _NEG_INF)
         yield t0, t1, mask, p.mean(dim=2), s
 
 
@@ -366,23 +379,25 @@ def kl_alignment_loss_backward(
     scale: float | None = None,
     index_scale: float | None = None,
     lse: torch.Tensor | None = None,
+    query_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`kl_alignment_loss` (``lse`` as there) for q_idx and k_idx, written out (the KL
-    kernel's oracle).
+    """Gradients of :func:`kl_alignment_loss` (``lse`` and ``query_start`` as there) for q_idx and k_idx, written
+    out (the KL kernel's oracle).
 
     Per (b, g, t) row, with teacher rows summing to 1 over the attended tokens:
     d loss / d s_j = dloss * (student_j - teacher_j) / (B * N * G); then
     dq_idx[t, g] = index_scale * sum_j ds_j k_idx[j] and dk_idx[j] = index_scale * sum_{t,g} ds_j q_idx[t, g].
     Returns (dq_idx [B, N, G, Di], dk_idx [B, N, Di]) in float64.
     """
-    B, N, _, _ = q.shape
-    G, Di = k.shape[2], k_idx.shape[-1]
+    B, C, _, _ = q.shape
+    N, G, Di = k.shape[1], k.shape[2], k_idx.shape[-1]
     index_scale = 1.0 / math.sqrt(Di) if index_scale is None else index_scale
-    weight = torch.as_tensor(dloss, dtype=torch.float64, device=q.device) / (B * N * G)
-    dq_idx = torch.empty((B, N, G, Di), dtype=torch.float64, device=q.device)
+    weight = torch.as_tensor(dloss, dtype=torch.float64, device=q.device) / (B * C * G)
+    dq_idx = torch.empty((B, C, G, Di), dtype=torch.float64, device=q.device)
     dk_idx = torch.zeros((B, N, Di), dtype=torch.float64, device=q.device)
     qf, kf = _finite(q_idx), _finite(k_idx)  # a NaN reaches the gradients through ds, only where chosen
-    for t0, t1, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+    for t0, t1, mask, teacher, s in _kl_chunks(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
+                                               query_start):
         # a row with nothing chosen has no student (0 / 0); a NaN score keeps its row's student NaN
         student = torch.where(mask.any(-1, keepdim=True), torch.softmax(s, dim=-1), 0.0)
         ds = torch.where(mask, weight * (student - teacher), 0.0)  # [B, G, C, N], 0 off the chosen tokens

@@ -25,6 +25,7 @@ from msa_tl.ops.validation import (
     check_indices,
     check_lse,
     check_options,
+    check_query_start,
 )
 
 
@@ -42,6 +43,7 @@ def select_blocks(
     local_blocks: int = 1,
     cu_seqlens: torch.Tensor | None = None,
     index_fp8: bool = False,
+    query_start: int = 0,
 ) -> torch.Tensor:
     """The index branch: which key blocks each (query, group) attends to.
 
@@ -58,6 +60,9 @@ def select_blocks(
             (:mod:`msa_tl.ops.varlen`).
         index_fp8: score with FP8 (e4m3) operands, each q_idx / k_idx row quantised with its own scale (twice the
             tensor-core rate of bf16; the selection is that of the quantised values, close to but not the bf16 one).
+        query_start: the position of q_idx's first query. q_idx [B, C, G, Di] then holds queries
+            ``query_start .. query_start + C - 1`` and k_idx [B, query_start + C, Di] the tokens up to the last of
+            them (a chunk of a longer sequence: chunked prefill, context parallelism). Not with ``cu_seqlens``.
 
     Returns:
         indices [B, N, G, topk] int32: chosen block ids, -1 in unused slots
@@ -65,13 +70,20 @@ def select_blocks(
         Slot order is not part of the contract.
     """
     check_options(block_size=block_size, topk=topk, local_blocks=local_blocks, index_scale=index_scale)
-    k_idx = check_index_inputs(q_idx, k_idx)
+    _check_offset(query_start, cu_seqlens)
+    k_idx = check_index_inputs(q_idx, k_idx, query_start=query_start)
     index_scale = _default_scale(index_scale, q_idx.shape[3])
     if cu_seqlens is None:
-        return select_blocks_op(q_idx, k_idx, block_size, topk, index_scale, local_blocks, None, index_fp8)
+        return select_blocks_op(q_idx, k_idx, block_size, topk, index_scale, local_blocks, None, index_fp8, query_start)
     layout = checked_layout(cu_seqlens, batch=q_idx.shape[0], total=q_idx.shape[1], device=q_idx.device,
                             block_size=block_size)
     return layout.from_aligned(_select_aligned(layout, q_idx, k_idx, topk, index_scale, local_blocks, index_fp8))
+
+
+def _check_offset(query_start, cu_seqlens) -> None:
+    check_query_start(query_start)
+    if query_start and cu_seqlens is not None:
+        raise ValueError("query_start and cu_seqlens do not mix: packed documents start at their own offsets")
 
 
 def _select_aligned(layout, q_idx, k_idx, topk, index_scale, local_blocks, index_fp8=False):
@@ -100,6 +112,7 @@ def sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    query_start: int = 0,
 ):
     """The main branch: exact causal attention over the chosen key blocks.
 
@@ -114,24 +127,28 @@ def sparse_attention(
         return_lse: also return the log-sum-exp.
         cu_seqlens: [num_docs + 1] int32, documents packed into one row (B = 1): ``indices`` count blocks from
             each query's document start, and a query sees only its own document.
+        query_start: the position of q's first query: q and indices hold C queries from there, k and v the
+            ``query_start + C`` tokens up to the last of them (:func:`select_blocks`).
 
     Returns:
         o [B, N, Hq, D] in q's dtype, and lse [B, N, Hq] float32 (natural log) if ``return_lse``.
     """
     check_options(block_size=block_size, scale=scale)
-    check_attention_inputs(q, k, v)
+    _check_offset(query_start, cu_seqlens)
+    check_attention_inputs(q, k, v, query_start)
     B, N, _, _ = q.shape
     check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
     if cu_seqlens is None:
-        return _sparse_attention(q, k, v, canonical_indices(indices, block_size), block_size, scale, return_lse)
+        return _sparse_attention(q, k, v, canonical_indices(indices, block_size, query_start), block_size, scale,
+                                 return_lse, query_start)
     layout = checked_layout(cu_seqlens, batch=B, total=N, device=q.device, block_size=block_size)
     o, lse = _attend_aligned(layout, q, k, v, layout.to_aligned(indices), block_size, scale)
     return (o, lse) if return_lse else o
 
 
-def _sparse_attention(q, k, v, indices, block_size, scale, return_lse):
+def _sparse_attention(q, k, v, indices, block_size, scale, return_lse, query_start=0):
     """:func:`sparse_attention` on checked inputs and canonical indices (the index kernels' own selection)."""
-    o, lse = sparse_attention_op(q, k, v, indices, block_size, _default_scale(scale, q.shape[3]))
+    o, lse = sparse_attention_op(q, k, v, indices, block_size, _default_scale(scale, q.shape[3]), query_start)
     return (o, lse) if return_lse else o
 
 
@@ -148,6 +165,7 @@ def kl_alignment_loss(
     lse: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    query_start: int = 0,
 ) -> torch.Tensor:
     """KL(teacher || student) that trains the index projections; a float32 scalar.
 
@@ -166,18 +184,23 @@ def kl_alignment_loss(
     each query's document start; the teacher and the student see only the query's document, and the loss is the
     mean over all packed rows. ``max_seqlen`` (the longest document) sizes the warmup's selection; without it a
     GPU run reads it back (a host sync).
+
+    ``query_start``: the position of the first query, as in :func:`sparse_attention` (q, q_idx, indices and lse
+    hold C queries from there; k and k_idx the tokens up to the last of them); the loss is the mean over those C
+    queries.
     """
     check_options(block_size=block_size, scale=scale, index_scale=index_scale)
-    check_attention_inputs(q, k, k)
+    _check_offset(query_start, cu_seqlens)
+    check_attention_inputs(q, k, k, query_start)
     B, N = q.shape[:2]
-    k_idx = check_index_inputs(q_idx, k_idx, batch=B, seq=N, groups=k.shape[2], like=q)
+    k_idx = check_index_inputs(q_idx, k_idx, batch=B, seq=N, groups=k.shape[2], like=q, query_start=query_start)
     if indices is not None:
         check_indices(indices, batch=B, seq=N, groups=k.shape[2], device=q.device)
     if lse is not None:
         check_lse(lse, shape=q.shape[:3], device=q.device)
     if cu_seqlens is None:
-        indices = None if indices is None else canonical_indices(indices, block_size)
-        return _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse)
+        indices = None if indices is None else canonical_indices(indices, block_size, query_start)
+        return _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, query_start)
     layout = checked_layout(cu_seqlens, batch=B, total=N, device=q.device, block_size=block_size,
                             max_seqlen=max_seqlen)
     if indices is None:
@@ -205,7 +228,7 @@ def _kl_aligned(layout, q, k, q_idx, k_idx, aligned, block_size, scale, index_sc
     return loss * (layout.length / q.shape[1])
 
 
-def _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse):
+def _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, query_start=0):
     """:func:`kl_alignment_loss` on checked inputs and canonical indices (or None)."""
     q, k = q.detach(), k.detach()  # the teacher takes no gradient: the KL's graph holds the index branch alone
     if lse is not None:
@@ -213,7 +236,7 @@ def _kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_sca
     # when the gradients will be wanted, the forward's pass computes them with the value (one pass, not two)
     with_grads = torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad)
     loss, *_ = kl_alignment_loss_op(q, k, q_idx, k_idx, indices, lse, block_size, _default_scale(scale, q.shape[3]),
-                                    _default_scale(index_scale, q_idx.shape[3]), with_grads)
+                                    _default_scale(index_scale, q_idx.shape[3]), with_grads, query_start)
     return loss
 
 
@@ -233,6 +256,7 @@ def msa_attention(
     local_blocks: int = 1,
     cu_seqlens: torch.Tensor | None = None,
     index_fp8: bool = False,
+    query_start: int = 0,
 ):
     """MiniMax Sparse Attention: the index branch picks key blocks, the main branch attends over them.
 
@@ -252,6 +276,8 @@ def msa_attention(
             document is attended on its own (blocks counted from its first token, causal within it); the
             returned indices count blocks from each query's document start.
         index_fp8: select with FP8 index scores (:func:`select_blocks`).
+        query_start: the position of the first query: q and q_idx hold C queries from there, k, v and k_idx the
+            ``query_start + C`` tokens up to the last of them (:func:`select_blocks`).
 
     Returns:
         o [B, N, Hq, D] in q's dtype; with ``return_lse`` / ``return_indices``
@@ -263,13 +289,15 @@ def msa_attention(
     :func:`kl_alignment_loss`.
     """
     check_options(block_size=block_size, topk=topk, local_blocks=local_blocks, scale=scale, index_scale=index_scale)
-    check_attention_inputs(q, k, v)
-    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q)
+    _check_offset(query_start, cu_seqlens)
+    check_attention_inputs(q, k, v, query_start)
+    k_idx = check_index_inputs(q_idx, k_idx, batch=q.shape[0], seq=q.shape[1], groups=k.shape[2], like=q,
+                               query_start=query_start)
     if cu_seqlens is None:
         with torch.no_grad():
             indices = select_blocks(q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale,
-                                    local_blocks=local_blocks, index_fp8=index_fp8)
-        o, lse = _sparse_attention(q, k, v, indices, block_size, scale, return_lse=True)
+                                    local_blocks=local_blocks, index_fp8=index_fp8, query_start=query_start)
+        o, lse = _sparse_attention(q, k, v, indices, block_size, scale, True, query_start)
     else:
         layout = checked_layout(cu_seqlens, batch=q.shape[0], total=q.shape[1], device=q.device,
                                 block_size=block_size)

@@ -52,6 +52,26 @@ def unpad_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x if x.shape[-1] == dim else x[..., :dim].contiguous()
 
 
+def pad_queries(x: torch.Tensor, query_start: int, value: float = 0.0) -> torch.Tensor:
+    """x [B, C, *rest] of queries query_start .. -> [B, query_start + C, *rest] with ``value`` rows before them.
+
+    The attention, backward and KL kernels read a query's rows at its position in the keys' sequence, so queries
+    at an offset run there as the tail of a row as long as the keys. The rows before them cost memory and no work
+    where their indices are -1 (those kernels schedule only chosen slots). The select reads queries at an offset
+    where they are (:func:`msa_tl.index.select.select_blocks`).
+    """
+    if query_start == 0:
+        return x
+    out = x.new_full((x.shape[0], query_start + x.shape[1], *x.shape[2:]), value)
+    out[:, query_start:] = x
+    return out
+
+
+def unpad_queries(x: torch.Tensor, query_start: int) -> torch.Tensor:
+    """The inverse of :func:`pad_queries`, contiguous."""
+    return x if query_start == 0 else x[:, query_start:].contiguous()
+
+
 TILE_HEADS = (1, 2, 4, 8, 16, 32, 64)  # heads per group that tile a consumer's 64 rows with whole queries
 
 
@@ -81,7 +101,8 @@ def unpad_heads(x: torch.Tensor, groups: int, heads_per_group: int) -> torch.Ten
     return kept.reshape(B, N, groups * heads_per_group, *rest).contiguous()
 
 
-def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, index_fp8=False, **_):
+def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, index_fp8=False, query_start=0,
+                         **_):
     # other group counts up to 64 run with zero index heads padded in (3 -> 4, 5..7 -> 8, 12 -> 16), other index
     # dims up to 128 with zero dims padded in
     from msa_tl.index.select import pipelined_rows
@@ -92,7 +113,8 @@ def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, 
                         index_dim > INDEX_DIMS[-1] and f"index dim {index_dim} (at most {INDEX_DIMS[-1]})",
                         block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
                         index_fp8 and not pipelined_rows(padded_groups, block_size)
-                        and f"an FP8 select over {padded_groups} index heads x {block_size} keys (at least 128 rows)")
+                        and f"an FP8 select over {padded_groups} index heads x {block_size} keys (at least 128 rows)",
+                        index_fp8 and query_start > 0 and "an FP8 select of queries at an offset (query_start > 0)")
 
 
 def _select_blocks_supported(device, **shape) -> bool:
@@ -100,7 +122,7 @@ def _select_blocks_supported(device, **shape) -> bool:
 
 
 def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale, local_blocks=1, block_start=None,
-                   index_fp8=False):
+                   index_fp8=False, query_start=0):
     from msa_tl.index.select import select_blocks, select_blocks_fp8
 
     G, Di = q_idx.shape[2], padded_dim(q_idx.shape[3], INDEX_DIMS)
@@ -109,9 +131,9 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale, local_blocks=
     if index_fp8:
         indices = select_blocks_fp8(q_idx, k_idx, block_size, topk, local_blocks=local_blocks,
                                     block_start=block_start)
-    else:
+    else:  # queries at an offset: the pipelined select from a block boundary, else the two-pass one
         indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale, local_blocks=local_blocks,
-                                block_start=block_start)
+                                block_start=block_start, query_start=query_start)
     return unpad_heads(indices, 1, G)
 
 
@@ -149,10 +171,11 @@ def attention_path(seq_len: int) -> str:
     return "q_outer" if seq_len < Q_OUTER_MAX_SEQ else "kv_outer"
 
 
-def _sparse_attention(q, k, v, indices, *, block_size, scale):
+def _sparse_attention(q, k, v, indices, *, block_size, scale, query_start=0):
     G, D = k.shape[2], q.shape[3]
     R, Dp = q.shape[2] // G, padded_dim(D)
     q_kernel = pad_heads(pad_dim(q, Dp), G, padded_heads(R))  # a padded head attends uniformly and is dropped
+    q_kernel, indices = pad_queries(q_kernel, query_start), pad_queries(indices, query_start, -1)
     k, v = pad_dim(k, Dp), pad_dim(v, Dp)  # scale stays the caller's (1/sqrt(D) by default)
     if attention_path(q.shape[1]) == "q_outer":
         if Dp > Q_OUTER_HEAD_DIMS[-1]:
@@ -164,30 +187,33 @@ def _sparse_attention(q, k, v, indices, *, block_size, scale):
         from msa_tl.attention.kv_outer import sparse_attention_forward
 
         o, lse = sparse_attention_forward(q_kernel, k, v, indices, block_size, scale)
+    o, lse = unpad_queries(o, query_start), unpad_queries(lse, query_start)
     return unpad_dim(unpad_heads(o, G, R), D), unpad_heads(lse, G, R)
 
 
 register_kernel("sparse_attention", _sparse_attention, _sparse_attention_limit)
 
 
-def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale):
+def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size, scale, query_start=0):
     from msa_tl.attention.backward import sparse_attention_backward
 
     G, D = k.shape[2], q.shape[3]
     R, Dp = q.shape[2] // G, padded_dim(D)
     P = padded_heads(R)
     # padded heads: q = dO = 0, lse = 0, so their dS and dO are 0 and they add nothing to dK / dV;
-    # padded dims are 0 in q, k, v, dO and O, so they change no score and no delta
+    # padded dims are 0 in q, k, v, dO and O, so they change no score and no delta;
+    # padded query rows (before query_start) choose no block, so they add nothing either
 
-    def per_head(x):  # [B, N, Hq] (lse, dlse) -> the kernels' heads
-        return None if x is None else pad_heads(x, G, P)
+    def per_head(x):  # [B, N, Hq] (lse, dlse) -> the kernels' heads and rows
+        return None if x is None else pad_queries(pad_heads(x, G, P), query_start)
 
-    def per_head_row(x):  # [B, N, Hq, D] (q, dO, O) -> the kernels' heads and dims
-        return pad_heads(pad_dim(x, Dp), G, P)
+    def per_head_row(x):  # [B, N, Hq, D] (q, dO, O) -> the kernels' heads, dims and rows
+        return pad_queries(pad_heads(pad_dim(x, Dp), G, P), query_start)
 
     dq, dk, dv = sparse_attention_backward(per_head_row(do), per_head(dlse), per_head_row(q), pad_dim(k, Dp),
-                                           pad_dim(v, Dp), indices, per_head_row(o), per_head(lse), block_size, scale)
-    return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
+                                           pad_dim(v, Dp), pad_queries(indices, query_start, -1), per_head_row(o),
+                                           per_head(lse), block_size, scale)
+    return unpad_dim(unpad_heads(unpad_queries(dq, query_start), G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
 register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_limit)
@@ -201,7 +227,7 @@ WARMUP_MAX_ENTRIES = 2 ** 27
 
 
 def _kl_limit(device, *, dtype, heads=64, groups, head_dim, index_dim, block_size, sparse=True, batch=1, seq=1,
-              **_):
+              query_start=0, **_):
     # a ratio that does not divide 64 runs padded (the gather fills whole 64-row tiles only), up to 16
     blocks = -(-seq // block_size)
     return _first_limit(
@@ -211,6 +237,7 @@ def _kl_limit(device, *, dtype, heads=64, groups, head_dim, index_dim, block_siz
         block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
         heads // groups > 16 and f"{heads // groups} query heads per KV head (at most 16)",
         not sparse and blocks > WARMUP_MAX_BLOCKS and f"a warmup over {blocks} blocks (at most {WARMUP_MAX_BLOCKS})",
+        not sparse and query_start > 0 and "a warmup KL of queries at an offset (query_start > 0)",
         not sparse and batch * seq * groups * blocks > WARMUP_MAX_ENTRIES
         and f"a warmup of {batch * seq * groups * blocks} (query, group, block) entries (at most 2**27)")
 
@@ -219,37 +246,47 @@ def _kl_supported(device, **shape) -> bool:
     return _kl_limit(device, **shape) is None
 
 
-def _kl_padded(q, k, q_idx, k_idx, lse):
+def _kl_padded(q, k, q_idx, k_idx, indices, lse, query_start):
     """The KL kernels' inputs: q and the teacher lse with zero heads padded in up to a divisor of 64 (the real heads
     per group returned with them), q / k and q_idx / k_idx with zero dims padded in up to a supported head / index
-    dim (dot products, so scores, are unchanged)."""
+    dim (dot products, so scores, are unchanged), the query-side tensors padded to the keys' rows
+    (:func:`pad_queries`; those rows choose nothing and add 0 to the sum)."""
     G = k.shape[2]
     R = q.shape[2] // G
     P = padded_heads(R)  # a padded head's lse is 0 (finite); the teacher's mean gives it no weight
     D, Di = padded_dim(q.shape[3]), padded_dim(q_idx.shape[3], INDEX_DIMS)
-    return (pad_heads(pad_dim(q, D), G, P), pad_dim(k, D), pad_dim(q_idx, Di), pad_dim(k_idx, Di),
-            None if lse is None else pad_heads(lse, G, P), R)
+    return (pad_queries(pad_heads(pad_dim(q, D), G, P), query_start), pad_dim(k, D),
+            pad_queries(pad_dim(q_idx, Di), query_start), pad_dim(k_idx, Di),
+            None if indices is None else pad_queries(indices, query_start, -1),
+            None if lse is None else pad_queries(pad_heads(lse, G, P), query_start), R)
 
 
-def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False):
+def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False,
+                       query_start=0):
     from msa_tl.kl_loss import kl_alignment_loss_forward
 
     Di = q_idx.shape[3]
-    *padded, R = _kl_padded(q, k, q_idx, k_idx, lse)
-    out = kl_alignment_loss_forward(*padded[:4], indices, block_size, scale, index_scale, padded[4],
+    *padded, R = _kl_padded(q, k, q_idx, k_idx, indices, lse, query_start)
+    out = kl_alignment_loss_forward(*padded[:4], padded[4], block_size, scale, index_scale, padded[5],
                                     with_grads=with_grads, mean_heads=R)
+    if query_start:  # the kernels' mean is over the padded rows: rescaled to the mean over the real ones
+        share = k.shape[1] / q.shape[1]
+        out = (out[0] * share, unpad_queries(out[1], query_start),
+               *((unpad_queries(out[2], query_start) * share, out[3] * share) if with_grads else ()))
     return (*out[:2], unpad_dim(out[2], Di), unpad_dim(out[3], Di)) if with_grads else out
 
 
 def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_student, *, block_size, scale,
-                                index_scale):
+                                index_scale, query_start=0):
     from msa_tl.kl_loss import kl_alignment_loss_backward
 
     Di = q_idx.shape[3]
-    *padded, R = _kl_padded(q, k, q_idx, k_idx, lse)
-    dq_idx, dk_idx = kl_alignment_loss_backward(dloss, *padded[:4], indices, block_size, scale, index_scale,
-                                                padded[4], lse_student, mean_heads=R)
-    return unpad_dim(dq_idx, Di), unpad_dim(dk_idx, Di)
+    *padded, R = _kl_padded(q, k, q_idx, k_idx, indices, lse, query_start)
+    if query_start:
+        dloss = dloss * (k.shape[1] / q.shape[1])  # as in _kl_alignment_loss
+    dq_idx, dk_idx = kl_alignment_loss_backward(dloss, *padded[:4], padded[4], block_size, scale, index_scale,
+                                                padded[5], pad_queries(lse_student, query_start), mean_heads=R)
+    return unpad_dim(unpad_queries(dq_idx, query_start), Di), unpad_dim(dk_idx, Di)
 
 
 register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_limit)

@@ -50,15 +50,27 @@ def check_options(block_size=None, topk=None, local_blocks=_UNSET, **scales) -> 
             raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
 
 
-def check_attention_inputs(q, k, v) -> None:
-    """q [B, N, Hq, D], k/v [B, N, G, D] with Hq divisible by G."""
+def check_query_start(query_start) -> int:
+    """The position of the first query (an int >= 0)."""
+    if not isinstance(query_start, int) or isinstance(query_start, bool) or query_start < 0:
+        raise ValueError(f"query_start must be an int >= 0, got {query_start!r}")
+    return query_start
+
+
+def check_attention_inputs(q, k, v, query_start: int = 0) -> None:
+    """q [B, N, Hq, D], k/v [B, query_start + N, G, D] with Hq divisible by G."""
     _tensor("q", q, "[batch, seq, heads, dim]")
     _tensor("k", k, "[batch, seq, kv_heads, dim]")
     _tensor("v", v, "[batch, seq, kv_heads, dim]")
     _same_device_and_dtype("q", q, k=k, v=v)
     B, N, Hq, D = q.shape
-    if k.shape[:2] != (B, N) or v.shape[:2] != (B, N):
-        raise ValueError(f"q, k, v must share [batch, seq]: got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    keys = (B, query_start + N)
+    if k.shape[:2] != keys or v.shape[:2] != keys:
+        if query_start == 0:
+            raise ValueError(f"q, k, v must share [batch, seq]: got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
+        raise ValueError(f"k and v must hold the {query_start + N} tokens up to the last query (query_start "
+                         f"{query_start} + {N} queries): got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if N < 1 or B < 1:
         raise ValueError(f"q must have batch >= 1 and seq >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
@@ -72,9 +84,10 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({G})")
 
 
-def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None, like=None) -> torch.Tensor:
-    """q_idx [B, N, G, Di], k_idx [B, N, Di] (or [B, N, 1, Di]); returns k_idx as [B, N, Di]. ``like`` (q):
-    the index tensors must share its device and dtype."""
+def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None, like=None,
+                       query_start: int = 0) -> torch.Tensor:
+    """q_idx [B, N, G, Di], k_idx [B, query_start + N, Di] (or [B, query_start + N, 1, Di]); returns k_idx as
+    [B, query_start + N, Di]. ``like`` (q): the index tensors must share its device and dtype."""
     _tensor("q_idx", q_idx, "[batch, seq, kv_heads, index_dim]")
     if isinstance(k_idx, torch.Tensor) and k_idx.dim() == 4:
         if k_idx.shape[2] != 1:
@@ -87,8 +100,10 @@ def check_index_inputs(q_idx, k_idx, *, batch=None, seq=None, groups=None, like=
     B, N, G, Di = q_idx.shape
     if Di < 1:
         raise ValueError(f"q_idx must have index dim >= 1, got shape {tuple(q_idx.shape)}")
-    if k_idx.shape != (B, N, Di):
-        raise ValueError(f"k_idx must be [batch, seq, index_dim] = {(B, N, Di)} to match q_idx {tuple(q_idx.shape)}, got {tuple(k_idx.shape)}")
+    if k_idx.shape != (B, query_start + N, Di):
+        what = "" if query_start == 0 else f" (the tokens up to the last query: query_start {query_start} + {N})"
+        raise ValueError(f"k_idx must be [batch, seq, index_dim] = {(B, query_start + N, Di)}{what} to match q_idx "
+                         f"{tuple(q_idx.shape)}, got {tuple(k_idx.shape)}")
     if N < 1 or B < 1:
         raise ValueError(f"q_idx must have batch >= 1 and seq >= 1, got shape {tuple(q_idx.shape)}")
     if batch is not None and (B, N) != (batch, seq):
@@ -146,7 +161,7 @@ def check_lse(lse, *, shape, device) -> None:
         raise ValueError(f"lse must be [batch, seq, heads] = {tuple(shape)}, got {tuple(lse.shape)}")
 
 
-def canonical_indices(indices: torch.Tensor, block_size: int) -> torch.Tensor:
+def canonical_indices(indices: torch.Tensor, block_size: int, query_start: int = 0) -> torch.Tensor:
     """The indices contract: indices [B, N, G, topk] int32 -> the same block sets, in the form the kernels need.
 
     Query t's slots are read as a set of blocks it may see: an id outside ``0 .. t // block_size`` (a block
@@ -154,9 +169,9 @@ def canonical_indices(indices: torch.Tensor, block_size: int) -> torch.Tensor:
     Returns the ids in descending order with repeats replaced by -1 (so -1 may sit in any slot). Runs on the
     indices' device without a host sync (one sort per row); the index kernels' own selection is already canonical.
     """
-    N = indices.shape[1]
-    own_block = torch.div(torch.arange(N, device=indices.device, dtype=torch.int32), block_size,
-                          rounding_mode="floor").view(1, N, 1, 1)
+    N = indices.shape[1]  # queries query_start .. query_start + N - 1
+    own_block = torch.div(torch.arange(query_start, query_start + N, device=indices.device, dtype=torch.int32),
+                          block_size, rounding_mode="floor").view(1, N, 1, 1)
     return distinct_descending(torch.where((indices >= 0) & (indices <= own_block), indices, -1))
 
 

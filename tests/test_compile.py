@@ -29,6 +29,7 @@ PROGRAMS = [
     (index_topk.fused_select_program, dict(groups=2, index_dim=64, block_size=64, topk=4)),
     (index_topk.pipelined_select_program, dict(groups=4, index_dim=128, block_size=128, topk=16)),
     (index_topk.pipelined_select_program, dict(groups=1, index_dim=64, block_size=128, topk=8)),  # 64 rows a consumer
+    (index_topk.pipelined_select_program, dict(groups=4, index_dim=128, block_size=128, topk=16, offset=True)),
 ]
 IDS = [f"{b.__name__}-{'-'.join(str(v) for v in c.values())}" for b, c in PROGRAMS]
 

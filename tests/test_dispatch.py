@@ -183,7 +183,8 @@ def test_index_groups_outside_the_tiles_take_the_kernel_padded(hopper, monkeypat
     assert kernels._select_blocks_supported(torch.device("cuda"), **{**PAPER, "groups": groups})
     seen = []
 
-    def select(q_idx, k_idx, block_size, topk, index_scale, *, local_blocks, block_start):
+    def select(q_idx, k_idx, block_size, topk, index_scale, *, local_blocks, block_start, query_start):
+        assert query_start == 0
         seen.append((q_idx.shape[2], q_idx.shape[3], k_idx.shape[2]))
         return R.select_blocks(q_idx, k_idx, block_size, topk, local_blocks=local_blocks, block_start=block_start)
 
@@ -222,3 +223,66 @@ def test_kl_kernel_gets_zero_heads_and_dims_padded_in_and_the_real_head_count(mo
     assert torch.equal(seen["q_idx"][..., :Di], q_idx) and (seen["q_idx"][..., Di:] == 0).all()
     assert torch.equal(padded_lse[:, :, :, :Rh], lse.view(B, N, G, Rh)) and (padded_lse[:, :, :, Rh:] == 0).all()
     assert torch.equal(dq_idx, q_idx + 1) and torch.equal(dk_idx, k_idx + 2)  # cut back to the caller's Di
+
+
+def test_queries_at_an_offset_run_the_kernels_as_the_tail_of_a_padded_row(monkeypatch):
+    """The attention forward, backward and KL wrappers at query_start t0: the kernels (the float64 reference stands
+    in for them) see q-side rows padded to the keys' length with -1 indices before t0, and the wrappers return the
+    chunk's rows, equal to the reference at the offset (the KL rescaled from the padded rows' mean to the chunk's)."""
+    import msa_tl.attention.backward as backward
+    import msa_tl.attention.kv_outer as kv_outer
+    import msa_tl.kl_loss as kl
+    from msa_tl import reference as R
+
+    seen = []
+
+    def forward(q, k, v, indices, block_size, scale):
+        seen.append(q.shape[1])
+        return R.sparse_attention(q, k, v, indices, block_size, scale)
+
+    def grads(do, dlse, q, k, v, indices, o, lse, block_size, scale):
+        seen.append(q.shape[1])
+        return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale)
+
+    def kl_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads):
+        seen.append(q.shape[1])
+        loss, lse_student = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale,
+                                                return_student_lse=True, lse=lse)
+        return (loss, lse_student, *R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, block_size, scale,
+                                                                 index_scale, lse=lse))
+
+    def kl_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, lse_student, *,
+                    mean_heads):
+        seen.append(q.shape[1])
+        return R.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=lse)
+
+    monkeypatch.setattr(kv_outer, "sparse_attention_forward", forward)
+    monkeypatch.setattr(backward, "sparse_attention_backward", grads)
+    monkeypatch.setattr(kl, "kl_alignment_loss_forward", kl_forward)
+    monkeypatch.setattr(kl, "kl_alignment_loss_backward", kl_backward)
+    B, N, G, Hq, D, Di, Bk, topk, t0 = 2, 96, 2, 4, 64, 64, 16, 3, 40
+    f64 = torch.float64
+    q, do = torch.randn(B, N - t0, Hq, D, dtype=f64), torch.randn(B, N - t0, Hq, D, dtype=f64)
+    k, v = torch.randn(B, N, G, D, dtype=f64), torch.randn(B, N, G, D, dtype=f64)
+    q_idx, k_idx = torch.randn(B, N - t0, G, Di, dtype=f64), torch.randn(B, N, Di, dtype=f64)
+    indices = R.select_blocks(q_idx, k_idx, Bk, topk, query_start=t0)
+    options = dict(block_size=Bk, scale=0.125, query_start=t0)
+
+    o, lse = kernels._sparse_attention(q, k, v, indices, **options)
+    want_o, want_lse = R.sparse_attention(q, k, v, indices, Bk, 0.125, query_start=t0)
+    assert o.shape == q.shape and torch.allclose(o, want_o) and torch.allclose(lse, want_lse)
+    got = kernels._sparse_attention_backward(do, None, q, k, v, indices, o, lse, **options)
+    want = R.sparse_attention_backward(do, None, q, k, v, indices, Bk, 0.125, query_start=t0)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape and torch.allclose(a, b), name
+    loss, lse_student, dq_idx, dk_idx = kernels._kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, index_scale=0.5,
+                                                                   with_grads=True, **options)
+    want_loss = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, Bk, 0.125, 0.5, query_start=t0)
+    want_dq_idx, want_dk_idx = R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, Bk, 0.125, 0.5,
+                                                            query_start=t0)
+    assert torch.allclose(loss, want_loss) and lse_student.shape == (B, N - t0, G)
+    assert torch.allclose(dq_idx, want_dq_idx) and torch.allclose(dk_idx, want_dk_idx)
+    dq_idx, dk_idx = kernels._kl_alignment_loss_backward(torch.tensor(0.5, dtype=f64), q, k, q_idx, k_idx, indices,
+                                                         lse, lse_student, index_scale=0.5, **options)
+    assert torch.allclose(dq_idx, 0.5 * want_dq_idx) and torch.allclose(dk_idx, 0.5 * want_dk_idx)
+    assert seen == [N] * 4  # every kernel ran over the keys' rows

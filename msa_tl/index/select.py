@@ -255,15 +255,16 @@ def pipelined_rows(groups: int, block_size: int) -> int:
 
 def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
                              heavy_first: bool = True, dtype: str = "bfloat16", local_blocks: int = 1,
-                             varlen: bool = False):
+                             varlen: bool = False, offset: bool = False):
     """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32; a producer and two consumers.
 
     Each consumer owns M = :func:`pipelined_rows` rows and both read every key block of a ``stages``-deep ring.
     ``local_blocks`` and ``varlen`` (BlockStart [batch, ceil(seq / Bk)] int32 after K) as in
-    :func:`fused_select_program`.
+    :func:`fused_select_program`. ``offset``: the queries are ``t0 ..`` of the keys' sequence (a runtime scalar
+    after Idx, a multiple of Bk): Q [batch, queries*G, Di] and Idx [batch, queries*G, topk] hold their rows alone.
     """
     return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, False, local_blocks,
-                             varlen)
+                             varlen, offset)
 
 
 def pipelined_select_fp8_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
@@ -278,18 +279,22 @@ def pipelined_select_fp8_program(groups: int, index_dim: int, block_size: int, t
 
 
 def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, stages: int, heavy_first: bool,
-                      dtype: str, fp8: bool, local_blocks: int, varlen: bool):
+                      dtype: str, fp8: bool, local_blocks: int, varlen: bool, offset: bool = False):
     batch, seq = T.dynamic("batch"), T.dynamic("seq")
     Bk, Di, M = block_size, index_dim, pipelined_rows(groups, block_size)
     if not M:
         raise ValueError(f"the pipelined select needs >= 128 rows in a key block (G * Bk = {groups * block_size})")
+    if offset and (varlen or fp8):
+        raise ValueError("the pipelined select takes queries at an offset in bf16 / fp16 without documents only")
+    queries = T.dynamic("queries") if offset else seq  # the query rows Q and Idx hold
+    rows = queries * groups
     slots = _check_local_blocks(topk, local_blocks)
     write = _selection_writer(topk, local_blocks)
     op_dtype = "float8_e4m3" if fp8 else dtype
 
     @T.macro
     def consume(c, ctx, r0, local, start, Q_s, ring, scale_ring, full, empty, acc, rmax, rmax_s, top_val, top_blk,
-                Idx, bz):
+                Idx, bz):  # r0: the tile's first row of Q / Idx
         insert = _list_insert(top_val, top_blk, slots)
         for j in T.serial(slots):
             top_val[j] = _LOWEST
@@ -308,7 +313,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             T.sync_threads(1 + c, 128)
             if ctx < M:
                 insert(rmax_s[ctx], start + blk)
-        if ctx < M and r0 + c * M + ctx < seq * groups:
+        if ctx < M and r0 + c * M + ctx < rows:
             if local_blocks == 1:
                 Idx[bz, r0 + c * M + ctx, 0] = local
                 for j in T.serial(topk - 1):
@@ -317,9 +322,9 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
                 write(Idx, bz, r0 + c * M + ctx, local, start, top_blk)
 
     @T.macro
-    def select(Q, K, KScale, BlockStart, Idx):
-        with T.Kernel(T.ceildiv(seq * groups, 2 * M), batch, threads=384) as (tile, bz):
-            bx = T.ceildiv(seq * groups, 2 * M) - 1 - tile if heavy_first else tile
+    def select(Q, K, KScale, BlockStart, Idx, t0):
+        with T.Kernel(T.ceildiv(rows, 2 * M), batch, threads=384) as (tile, bz):
+            bx = T.ceildiv(rows, 2 * M) - 1 - tile if heavy_first else tile
             Q_s0 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 0's rows
             Q_s1 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 1's rows
             ring = T.alloc_shared((stages, Bk, Di), op_dtype)  # [stages, Bk, Di]
@@ -337,7 +342,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             empty = T.alloc_barrier([256] * stages)  # both consumers release a slot
             tx = T.get_thread_binding()
             r0 = bx * 2 * M
-            local = r0 // groups // Bk
+            local = (r0 if t0 is None else t0 * groups + r0) // groups // Bk  # the tile's key block
             start = BlockStart[bz, local] if varlen else 0
             if tx >= 256:  # producer: both consumers' Q rows once, then the candidate key blocks from start on
                 T.set_max_nreg(40, 0)
@@ -371,7 +376,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             BlockStart: T.Tensor((batch, nblk), "int32"),
             Idx: T.Tensor((batch, seq * groups, topk), "int32"),
         ):
-            select(Q, K, KScale, BlockStart, Idx)
+            select(Q, K, KScale, BlockStart, Idx, None)
 
         return index_select_pipelined_fp8_varlen
 
@@ -383,7 +388,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             KScale: T.Tensor((batch, seq), "float32"),
             Idx: T.Tensor((batch, seq * groups, topk), "int32"),
         ):
-            select(Q, K, KScale, None, Idx)
+            select(Q, K, KScale, None, Idx, None)
 
         return index_select_pipelined_fp8
 
@@ -395,9 +400,21 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             BlockStart: T.Tensor((batch, nblk), "int32"),
             Idx: T.Tensor((batch, seq * groups, topk), "int32"),
         ):
-            select(Q, K, None, BlockStart, Idx)
+            select(Q, K, None, BlockStart, Idx, None)
 
         return index_select_pipelined_varlen
+
+    if offset:
+        @T.prim_func
+        def index_select_pipelined_offset(
+            Q: T.Tensor((batch, queries * groups, index_dim), dtype),
+            K: T.Tensor((batch, seq, index_dim), dtype),
+            Idx: T.Tensor((batch, queries * groups, topk), "int32"),
+            t0: T.int32,
+        ):
+            select(Q, K, None, None, Idx, t0)
+
+        return index_select_pipelined_offset
 
     @T.prim_func
     def index_select_pipelined(
@@ -405,7 +422,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
         K: T.Tensor((batch, seq, index_dim), dtype),
         Idx: T.Tensor((batch, seq * groups, topk), "int32"),
     ):
-        select(Q, K, None, None, Idx)
+        select(Q, K, None, None, Idx, None)
 
     return index_select_pipelined
 
@@ -416,7 +433,8 @@ pipelined_select_fp8_program.pass_configs = pipelined_select_program.pass_config
 
 
 def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *, local_blocks: int = 1,
-                  block_start=None, method: str | None = None, query_chunk: int = 16384, config=None, out=None):
+                  block_start=None, method: str | None = None, query_chunk: int = 16384, config=None, out=None,
+                  query_start: int = 0, first_query: int = 0):
     """Index branch on the GPU. q_idx [B, N, G, Di], k_idx [B, N, Di] -> indices [B, N, G, topk] int32.
 
     ``local_blocks``: the newest visible blocks each query is given (its own block and the ones before it).
@@ -429,7 +447,16 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
     ``index_scale`` only matters to the two-pass scores: a positive scale does not change ranks. ``out`` may supply the contiguous int32
     [B, N, G, topk] result tensor. ``config`` overrides the tuned config
     (:func:`msa_tl.tuning.cache.tuned_config`) of the select kernel that runs.
+
+    ``query_start``: q_idx [B, C, G, Di] holds the queries ``query_start ..`` of the keys' sequence, k_idx
+    [B, query_start + C, Di] -> indices [B, C, G, topk]. The pipelined select reads them where they are if
+    ``query_start`` is a multiple of Bk (its tiles never span two key blocks); the two-pass select runs them as the
+    tail of a zero-padded row (scoring from the offset's block on); the fused select does not take them.
+    ``first_query`` (two-pass): rows before its block are neither scored nor written.
     """
+    if query_start:
+        return _select_at_offset(q_idx, k_idx, block_size, topk, index_scale, local_blocks, block_start, method,
+                                 query_chunk, config, out, query_start)
     B, N, G, Di = q_idx.shape
     if method is None:
         method = "pipelined" if pipelined_rows(G, block_size) else "fused"
@@ -453,11 +480,42 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, index_scale=None, *,
     config = {**tuned_config("index_topk", shape, TOPK_DEFAULTS, q_idx.device), **(config or {})}
     kernel = compiled_kernel(topk_program, groups=G, block_size=block_size, topk=topk,
                              **_selection_options(local_blocks, block_start), **config)
-    for t0 in range(0, N, chunk):
+    # a chunk starts on a block boundary: a score tile's rows then share their key block's causal limit
+    for t0 in range(first_query // block_size * block_size, N, chunk):
         count = min(chunk, N - t0)
         S = block_scores(q_idx, k_idx, block_size, index_scale, t0, count, out=buffer)
         kernel(S.view(B, count * G, -1), *_block_start(block_start), indices, t0)
     return indices.view(B, N, G, topk)
+
+
+def _select_at_offset(q_idx, k_idx, block_size, topk, index_scale, local_blocks, block_start, method, query_chunk,
+                      config, out, query_start):
+    """:func:`select_blocks` of queries ``query_start ..`` (q_idx [B, C, G, Di]) -> [B, C, G, topk]."""
+    B, C, G, Di = q_idx.shape
+    aligned = query_start % block_size == 0
+    if method is None:
+        method = "pipelined" if aligned and pipelined_rows(G, block_size) else "two_pass"
+    if block_start is not None or out is not None:
+        raise ValueError("queries at an offset take no block_start and no out")
+    if method == "pipelined":
+        if not aligned:
+            raise ValueError(f"the pipelined select takes queries from a block boundary: query_start {query_start} "
+                             f"is no multiple of {block_size} (method='two_pass' takes any)")
+        shape = dict(groups=G, index_dim=Di, block_size=block_size, topk=topk, seq=k_idx.shape[1])
+        config = {**tuned_config("index_select_pipelined", shape, PIPELINED_DEFAULTS, q_idx.device), **(config or {})}
+        kernel = compiled_kernel(pipelined_select_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
+                                 dtype=tl_dtype(q_idx.dtype), offset=True, **_selection_options(local_blocks, None),
+                                 **config)
+        indices = torch.empty((B, C, G, topk), device=q_idx.device, dtype=torch.int32)
+        kernel(q_idx.view(B, C * G, Di), k_idx, indices.view(B, C * G, topk), query_start)
+        return indices
+    if method != "two_pass":
+        raise ValueError(f"queries at an offset run the pipelined or the two-pass select, not {method!r}")
+    padded = q_idx.new_zeros((B, query_start + C, G, Di))  # rows before the offset are never scored
+    padded[:, query_start:] = q_idx
+    indices = select_blocks(padded, k_idx, block_size, topk, index_scale, local_blocks=local_blocks,
+                            method="two_pass", query_chunk=query_chunk, config=config, first_query=query_start)
+    return indices[:, query_start:].contiguous()
 
 
 def _selection_options(local_blocks: int, block_start) -> dict:

@@ -1,0 +1,224 @@
+"""Queries at an offset into their keys (``query_start``): the rows of a chunk of a longer sequence, as chunked
+prefill and context parallelism run them. Each stage's chunk must equal the same rows of the whole sequence.
+
+CPU: the float64 reference path, compared with the whole sequence's rows tightly. GPU (`pytest -m gpu`): the
+kernels (which run the chunk as the tail of a row as long as its keys: ``msa_tl.ops.kernels.pad_queries``) against
+the float64 reference at the offset, held to FA3's calibration.
+"""
+
+import pytest
+import torch
+
+import msa_tl
+from msa_tl import reference as R
+from msa_tl.ops import dispatch
+from test_conformance_gpu import assert_within_calibration, dtype_baseline
+from test_varlen import assert_selection_up_to_ties, fresh_seed  # noqa: F401  (fresh_seed: the fixed default seed)
+
+f64 = torch.float64
+CUDA = torch.device("cuda")
+
+
+def inputs(B, N, Hq, G, D, Di, dtype=f64, device="cpu", gen=None):
+    """q, k, v, q_idx, k_idx of a whole sequence of N tokens."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=f64).to(device, dtype)
+
+    return rand(B, N, Hq, D), rand(B, N, G, D), rand(B, N, G, D), rand(B, N, G, Di), rand(B, N, Di)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: a chunk equals the whole sequence's rows
+
+
+CHUNKS = pytest.mark.parametrize("t0,t1", [(0, 40), (32, 80), (37, 96), (95, 96)],
+                                 ids=["first", "block-aligned", "mid-block", "last-token"])
+
+
+@CHUNKS
+@pytest.mark.parametrize("local_blocks", [1, 2])
+def test_a_chunk_selects_and_attends_as_the_whole_sequence_does(t0, t1, local_blocks):
+    B, N, Hq, G, D, Di, Bk, topk = 2, 96, 4, 2, 16, 8, 16, 3
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di)
+    o, lse, idx = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=Bk, topk=topk, local_blocks=local_blocks,
+                                       return_lse=True, return_indices=True)
+    chunk = msa_tl.msa_attention(q[:, t0:t1].contiguous(), k[:, :t1].contiguous(), v[:, :t1].contiguous(),
+                                 q_idx[:, t0:t1].contiguous(), k_idx[:, :t1].contiguous(), block_size=Bk, topk=topk,
+                                 local_blocks=local_blocks, return_lse=True, return_indices=True, query_start=t0)
+    assert torch.equal(chunk[2], idx[:, t0:t1])
+    torch.testing.assert_close(chunk[0], o[:, t0:t1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunk[1], lse[:, t0:t1], rtol=0, atol=0)  # lse is float32 on both
+
+
+@CHUNKS
+def test_chunk_gradients_are_the_whole_sequences_rows(t0, t1):
+    """Back-propagating the chunk's rows of a loss gives the whole sequence's gradients of those rows: dq on the
+    chunk, dk / dv on the keys before its end (none after it)."""
+    B, N, Hq, G, D, Di, Bk, topk = 2, 96, 4, 2, 16, 8, 16, 3
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di)
+    idx = msa_tl.select_blocks(q_idx, k_idx, block_size=Bk, topk=topk)
+    do, dlse = torch.randn(B, N, Hq, D, dtype=f64), torch.randn(B, N, Hq, dtype=f64)
+    keep = torch.zeros(1, N, 1, dtype=f64)
+    keep[:, t0:t1] = 1
+
+    whole = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = msa_tl.sparse_attention(*whole, idx, block_size=Bk, return_lse=True)
+    ((o * do).sum(-1) * keep + lse * dlse * keep).sum().backward()
+
+    part = [q[:, t0:t1].clone().requires_grad_(), k[:, :t1].clone().requires_grad_(),
+            v[:, :t1].clone().requires_grad_()]
+    o_c, lse_c = msa_tl.sparse_attention(*part, idx[:, t0:t1].contiguous(), block_size=Bk, return_lse=True,
+                                         query_start=t0)
+    ((o_c * do[:, t0:t1]).sum() + (lse_c * dlse[:, t0:t1]).sum()).backward()
+    torch.testing.assert_close(part[0].grad, whole[0].grad[:, t0:t1], rtol=1e-10, atol=1e-12)
+    for name, got, want in (("dk", part[1].grad, whole[1].grad), ("dv", part[2].grad, whole[2].grad)):
+        torch.testing.assert_close(got, want[:, :t1], rtol=1e-10, atol=1e-12, msg=name)
+        assert not want[:, t1:].any(), f"{name}: keys after the chunk got a gradient from it"
+
+
+@CHUNKS
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+def test_chunk_kl_is_the_mean_over_its_rows(t0, t1, mode):
+    """The chunk's loss times its share of the rows, plus the same for the rows before it, is the whole loss; the
+    index gradients likewise (dk_idx summed over the two)."""
+    B, N, Hq, G, D, Di, Bk, topk = 2, 96, 4, 2, 16, 8, 16, 3
+    q, k, _, q_idx, k_idx = inputs(B, N, Hq, G, D, Di)
+    idx = msa_tl.select_blocks(q_idx, k_idx, block_size=Bk, topk=topk) if mode == "sparse" else None
+
+    def rows(x, a, b):
+        return None if x is None else x[:, a:b].contiguous()
+
+    qi, ki = q_idx.clone().requires_grad_(), k_idx.clone().requires_grad_()
+    whole = msa_tl.kl_alignment_loss(q, k, qi, ki, idx, block_size=Bk)
+    whole.backward()
+    total = 0
+    grads_q, grad_k = [], torch.zeros_like(k_idx)
+    for a, b in ((0, t0), (t0, N)):
+        if a == b:
+            continue
+        pqi, pki = rows(q_idx, a, b).requires_grad_(), k_idx[:, :b].clone().requires_grad_()
+        loss = msa_tl.kl_alignment_loss(rows(q, a, b), k[:, :b].contiguous(), pqi, pki, rows(idx, a, b),
+                                        block_size=Bk, query_start=a)
+        (loss * (b - a) / N).backward()
+        total = total + loss * (b - a) / N
+        grads_q.append(pqi.grad)
+        grad_k[:, :b] += pki.grad
+    torch.testing.assert_close(total, whole, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.cat(grads_q, dim=1), qi.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grad_k, ki.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_query_start_with_the_whole_sequence_changes_nothing():
+    B, N, Hq, G, D, Di, Bk, topk = 1, 64, 4, 2, 16, 8, 16, 3
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di)
+    a = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=Bk, topk=topk, return_indices=True)
+    b = msa_tl.msa_attention(q, k, v, q_idx, k_idx, block_size=Bk, topk=topk, return_indices=True, query_start=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_indices_in_the_chunks_future_are_ignored():
+    """The indices contract at an offset: an id past a query's own block is dropped, as for the whole sequence."""
+    B, N, Hq, G, D, Bk, t0 = 1, 64, 2, 1, 8, 16, 32
+    q, k, v, _, _ = inputs(B, N, Hq, G, D, 8)
+    own = (torch.arange(t0, N) // Bk).view(1, N - t0, 1, 1).int()
+    honest = torch.cat([own, torch.full_like(own, -1)], dim=-1).contiguous()
+    future = torch.cat([own, own + 1], dim=-1).contiguous()  # the block after each query's own
+    args = (q[:, t0:].contiguous(), k, v)
+    a = msa_tl.sparse_attention(*args, honest, block_size=Bk, query_start=t0)
+    b = msa_tl.sparse_attention(*args, future, block_size=Bk, query_start=t0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("api", ["select_blocks", "sparse_attention", "kl_alignment_loss", "msa_attention"])
+@pytest.mark.parametrize("case,match", [
+    ("negative", "query_start must be an int >= 0"),
+    ("float", "query_start must be an int >= 0"),
+    ("short_keys", "up to the last query"),
+    ("long_keys", "up to the last query"),
+    ("packed", "query_start and cu_seqlens do not mix"),
+])
+def test_bad_query_start_is_rejected_naming_it(api, case, match):
+    B, N, Hq, G, D, Di, Bk, topk, t0 = 1, 32, 2, 1, 8, 8, 16, 2, 16
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di)
+    start = {"negative": -1, "float": 16.0}.get(case, t0)
+    keys = {"short_keys": N - 1, "long_keys": N + 1}.get(case, N)
+    if keys > N:
+        k, v, k_idx = (torch.cat([x, x[:, :1]], dim=1) for x in (k, v, k_idx))
+    k, v, k_idx = (x[:, :keys].contiguous() for x in (k, v, k_idx))
+    qc, qic = q[:, t0:].contiguous(), q_idx[:, t0:].contiguous()
+    extra = dict(cu_seqlens=torch.tensor([0, N - t0], dtype=torch.int32)) if case == "packed" else {}
+    idx = torch.zeros(B, N - t0, G, topk, dtype=torch.int32)
+    call = {
+        "select_blocks": lambda: msa_tl.select_blocks(qic, k_idx, block_size=Bk, topk=topk, query_start=start,
+                                                      **extra),
+        "sparse_attention": lambda: msa_tl.sparse_attention(qc, k, v, idx, block_size=Bk, query_start=start,
+                                                            **extra),
+        "kl_alignment_loss": lambda: msa_tl.kl_alignment_loss(qc, k, qic, k_idx, idx, block_size=Bk,
+                                                              query_start=start, **extra),
+        "msa_attention": lambda: msa_tl.msa_attention(qc, k, v, qic, k_idx, block_size=Bk, topk=topk,
+                                                      query_start=start, **extra),
+    }[api]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the kernels at an offset against the float64 reference at the offset
+
+
+def padded(x, t0, value=0):
+    """x [B, C, ...] -> [B, t0 + C, ...], ``value`` before (the calibration baseline takes rows from 0)."""
+    out = x.new_full((x.shape[0], t0 + x.shape[1], *x.shape[2:]), value)
+    out[:, t0:] = x
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t0,C", [(1024, 1024), (2944, 512), (1000, 600)], ids=["aligned", "long-prefix", "mid-block"])
+@pytest.mark.parametrize("G,Bk,topk", [(4, 128, 16), (2, 64, 8)], ids=["G4-Bk128", "G2-Bk64"])
+def test_kernels_at_an_offset_match_the_reference(t0, C, G, Bk, topk, fresh_seed):
+    """select_blocks (two-pass from the offset), sparse_attention forward and backward and the KL at query_start
+    t0 on bf16 inputs: the selection up to ties (as the chunk's rows of the whole sequence), o / lse / dq / dk / dv
+    within FA3's calibration, the loss and index gradients against the float64 reference at the offset."""
+    B, Hq, D, Di = 2, 4 * G, 128, 128
+    dtype = torch.bfloat16
+    shape = dict(dtype=dtype, heads=Hq, groups=G, head_dim=D, index_dim=Di, block_size=Bk, topk=topk, seq=t0 + C,
+                 query_start=t0)
+    for stage in ("select_blocks", "sparse_attention", "sparse_attention_backward", "kl_alignment_loss",
+                  "kl_alignment_loss_backward"):
+        assert dispatch.kernel_for(stage, CUDA, **shape) is not None, f"{stage} would run the reference"
+    gen = torch.Generator().manual_seed(fresh_seed)
+    q, k, v, q_idx, k_idx = inputs(B, t0 + C, Hq, G, D, Di, dtype, CUDA, gen)
+    qc, qic = q[:, t0:].contiguous(), q_idx[:, t0:].contiguous()
+    idx = msa_tl.select_blocks(qic, k_idx, block_size=Bk, topk=topk, query_start=t0)
+    assert idx.shape == (B, C, G, topk)
+    whole = msa_tl.select_blocks(q_idx, k_idx, block_size=Bk, topk=topk).clone()
+    whole[:, t0:] = idx
+    assert_selection_up_to_ties(whole, q_idx, k_idx, Bk, topk)
+
+    leaves = [x.clone().requires_grad_() for x in (qc, k, v)]
+    o, lse = msa_tl.sparse_attention(*leaves, idx, block_size=Bk, return_lse=True, query_start=t0)
+    do = torch.randn(o.shape, generator=gen).to(CUDA, dtype)
+    o.backward(do)
+    ref_o, ref_lse = R.sparse_attention(qc, k, v, idx, Bk, query_start=t0)
+    refs = R.sparse_attention_backward(do, None, qc, k, v, idx, Bk, query_start=t0)
+    base = dtype_baseline(padded(qc, t0), k, v, padded(idx, t0, -1), Bk, padded(do, t0))
+    heads = torch.ones(B, C, Hq, dtype=torch.bool, device=CUDA)
+    tokens = torch.ones(B, t0 + C, dtype=torch.bool, device=CUDA)
+    assert_within_calibration("o", o.detach(), ref_o, base[0][:, t0:], dtype, heads)
+    assert_within_calibration("lse", lse.detach(), ref_lse, base[1][:, t0:], dtype, heads)
+    assert_within_calibration("dq", leaves[0].grad, refs[0], base[2][:, t0:], dtype, heads)
+    assert_within_calibration("dk", leaves[1].grad, refs[1], base[3], dtype, tokens)
+    assert_within_calibration("dv", leaves[2].grad, refs[2], base[4], dtype, tokens)
+
+    qi, ki = qic.clone().requires_grad_(), k_idx.clone().requires_grad_()
+    loss = msa_tl.kl_alignment_loss(qc, k, qi, ki, idx, block_size=Bk, lse=lse.detach(), query_start=t0)
+    loss.backward()
+    qr, kr = qic.double().requires_grad_(), k_idx.double().requires_grad_()
+    want = R.kl_alignment_loss(qc, k, qr, kr, idx, Bk, query_start=t0)
+    want.backward()
+    # the tolerances of the packed KL's GPU test (tests/test_varlen_gpu.py)
+    assert abs(loss.item() - want.item()) <= 1e-2 * abs(want.item()), (loss.item(), want.item())
+    for name, got, ref in (("dq_idx", qi.grad, qr.grad), ("dk_idx", ki.grad, kr.grad)):
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err <= 2e-2, f"{name} rel err {err:.2e}"
