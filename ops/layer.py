@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from msa_tl import reference
 from msa_tl.ops.cache import MSACache
+from msa_tl.ops.context_parallel import context_parallel_msa
 from msa_tl.ops.functional import (
     _attend_aligned,
     _default_scale,
@@ -120,6 +121,12 @@ class MSAAttention(nn.Module):
     token's position in its document, as the caller computes them), and the KL averages over all packed tokens.
     In warmup mode ``max_seqlen`` (the longest document) saves a host sync on the GPU.
 
+    Context parallelism: with ``process_group`` (a ``torch.distributed`` group; ``dist.group.WORLD`` for all ranks)
+    each rank's ``forward`` takes its shard of one sequence, ``x [B, 2C, hidden_size]`` in the zigzag layout of
+    :mod:`msa_tl.ops.context_parallel` (:class:`~msa_tl.ops.context_parallel.ZigzagLayout` shards a sequence and
+    gives each token's position, from which the caller computes position_embeddings), and returns the rank's rows;
+    every rank must call it, and its backward. ``kl_loss`` is then the mean over the rank's queries.
+
     Generation: ``forward(x, position_embeddings, cache=cache)`` with the layer's :class:`~msa_tl.ops.cache.MSACache`
     (G, D, Di of the layer) appends the N new tokens' k, v and k_idx (normalised and rotated) to it and attends
     them over everything cached; ``position_embeddings`` are those of the N new tokens. An empty cache is a prefill
@@ -152,6 +159,7 @@ class MSAAttention(nn.Module):
         index_qk_norm: bool = False,
         norm_eps: float = 1e-6,
         norm_unit_offset: bool = False,
+        process_group=None,
         device=None,
         dtype=None,
     ):
@@ -178,6 +186,7 @@ class MSAAttention(nn.Module):
         self.index_scale = None if index_scale is None else float(index_scale)
         self.rotary_dim, self.index_rope = rotary_dim, bool(index_rope)
         self.qk_norm, self.index_qk_norm = bool(qk_norm), bool(index_qk_norm)
+        self.process_group = process_group
         self.set_mode(mode)
         factory = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **factory)
@@ -346,6 +355,16 @@ class MSAAttention(nn.Module):
             if self.index_rope:
                 q_idx, k_idx = apply_rotary(q_idx, cos, sin), apply_rotary(k_idx[:, :, None], cos, sin)[:, :, 0]
         with_kl = self.training if compute_kl is None else compute_kl
+        if self.process_group is not None:
+            if cache is not None or cu_seqlens is not None:
+                raise ValueError("a context-parallel layer (process_group) attends one sequence sharded over its "
+                                 "ranks: no cache, no packed documents (cu_seqlens)")
+            q, k, v, q_idx, k_idx = (x.contiguous() for x in (q, k, v, q_idx, k_idx))
+            out = context_parallel_msa(q, k, v, q_idx, k_idx, process_group=self.process_group,
+                                       block_size=self.block_size, topk=self.topk, scale=self.scale,
+                                       index_scale=self.index_scale, local_blocks=self.local_blocks,
+                                       index_fp8=self.index_fp8, dense=self.mode == "warmup", compute_kl=with_kl)
+            return MSAOutput(self.o_proj(out.o.reshape(B, N, H * D)), out.kl_loss, out.indices)
         if cu_seqlens is not None:
             if cache is not None:
                 raise ValueError("packed documents (cu_seqlens) and a cache do not mix: decode each row from its cache")

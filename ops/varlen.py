@@ -164,10 +164,17 @@ def varlen_lse_available() -> bool:
     return True
 
 
-def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = False):
+def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = False, cu_seqlens_k=None,
+                 max_seqlen_k=None):
     """Dense causal GQA attention of each packed document on its own: q [1, total, Hq, D], k / v [1, total, G, D]
     -> o [1, total, Hq, D] (and with ``return_lse`` lse [1, total, Hq] float32, GPU only). FlashAttention's varlen
-    kernel on the GPU; SDPA a document at a time on the CPU."""
+    kernel on the GPU; SDPA a document at a time on the CPU.
+
+    ``cu_seqlens_k`` / ``max_seqlen_k``: the keys' own documents, when a document's queries are its last tokens
+    only (k / v [1, total_k, G, D]): causality is then aligned at the end, query i of a document of Lq queries and
+    Lk keys seeing its keys 0 .. Lk - Lq + i (flash-attn's convention)."""
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.9
@@ -187,7 +194,8 @@ def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = F
             from torch.nn.attention.varlen import AuxRequest
 
             causal["return_aux"] = AuxRequest(lse=True)
-        out = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+        out = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale=scale,
+                          **causal)
         if not return_lse:
             return out[None]
         o, lse = out
@@ -195,9 +203,14 @@ def dense_packed(q, k, v, cu_seqlens, max_seqlen, scale, *, return_lse: bool = F
         return o[None], lse.float()[None].contiguous()
     if return_lse:
         raise ValueError("dense_packed gives the lse only through FlashAttention's varlen kernel (a GPU, torch >= 2.9)")
-    bounds = cu_seqlens.tolist()
-    docs = [F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2),
-                                           v[:, a:b].transpose(1, 2), is_causal=True, scale=scale,
-                                           enable_gqa=True).transpose(1, 2)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    docs = []
+    for a, b, a_k, b_k in zip(*(bounds.tolist() for bounds in (cu_seqlens[:-1], cu_seqlens[1:], cu_seqlens_k[:-1],
+                                                                 cu_seqlens_k[1:]))):
+        if b == a:
+            continue
+        last = torch.arange(b_k - a_k - (b - a), b_k - a_k, device=q.device)  # each query's last visible key
+        visible = torch.arange(b_k - a_k, device=q.device)[None, :] <= last[:, None]
+        docs.append(F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), k[:, a_k:b_k].transpose(1, 2),
+                                                   v[:, a_k:b_k].transpose(1, 2), attn_mask=visible, scale=scale,
+                                                   enable_gqa=True).transpose(1, 2))
     return torch.cat(docs, dim=1)

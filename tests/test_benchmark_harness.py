@@ -119,3 +119,17 @@ def test_packed_llama_batches_answer_each_query_in_its_own_document():
     assert shared > 10  # keys are reused across documents
     assert curriculum(0, 100, 32, 256, 4096) == (16, 32) and curriculum(99, 100, 32, 256, 4096) == (256, 4096)
     assert curriculum(0, 100, 8192, 256, 4096) == (256, 4096)
+
+
+def test_context_parallel_benchmark_runs_every_exchange_on_cpu_ranks():
+    """benchmarks/bench_context_parallel.py end to end on two gloo ranks at its toy shape: a row per exchange with
+    both timings, the path each took and the volumes (the chosen blocks never more than dense CP's all-gather)."""
+    from benchmarks import bench_context_parallel
+
+    table = bench_context_parallel.main(["--cpu-smoke", "--world", "2", "--runs", "1", "--exchanges", "chosen",
+                                         "all_gather"])
+    frame = table.frame()
+    assert list(frame.kv_exchange) == ["chosen", "all_gather"] and list(frame.kv_path) == ["chosen", "all_gather"]
+    assert (frame.one_gpu_ms > 0).all() and (frame.sharded_ms > 0).all()
+    assert (frame.kv_mb <= frame.dense_kv_mb).all() and (frame.index_keys_mb > 0).all()
+    assert (frame.world == 2).all() and (frame.seq == 16 * 2 * 2 * 4).all()
