@@ -89,10 +89,37 @@ def test_kernels_get_the_cached_config_remembered_until_the_tuner_writes(monkeyp
     assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == defaults, "remembered per process"
     C.forget_resolved()
     assert C.tuned_config("kv_outer_attention", shape, defaults, "cuda") == dict(block_rows=64, threads=128)
-    # other defaults at the same shape (e.g. another partial dtype) are resolved on their own
+    # other defaults at the same shape (e.g. another partial dtype) are resolved on their own; a longer sequence's
+    # bucket, untuned, takes the nearest tuned one's config over its own defaults
     other_defaults = dict(block_rows=32, threads=256)
-    assert C.tuned_config("kv_outer_attention", dict(shape, seq=300_000), other_defaults, "cuda") == other_defaults
-    assert C.tuned_config("kv_outer_attention", dict(shape, seq=300_000), defaults, "cuda") == defaults
+    longer = dict(shape, seq=300_000)
+    assert C.tuned_config("kv_outer_attention", longer, other_defaults, "cuda") == dict(block_rows=64, threads=256)
+    assert C.tuned_config("kv_outer_attention", longer, defaults, "cuda") == dict(block_rows=64, threads=128)
+    assert C.tuned_config("kv_outer_attention", dict(shape, groups=8), other_defaults, "cuda") == other_defaults
     # dims a program does not depend on do not split its cache entries
     other = dict(shape, index_dim=64)
     assert C.shape_key("kv_outer_attention", other) == key
+
+
+def test_lookup_takes_the_nearest_tuned_bucket_before_the_default():
+    """No config for the call's sequence-length bucket: the one tuned for the nearest bucket of the same program,
+    dims and GPU (log2 distance, the shorter bucket on a tie, user before shipped at equal distance); never one of
+    other dims or another GPU."""
+    def key(seq, **dims):
+        return C.shape_key("index_select_fused", dict(SHAPE, seq=seq, **dims))
+
+    C.SHIPPED_DIR.mkdir(parents=True)
+    shipped = C.ConfigCache(C.SHIPPED_DIR / "h100.json")
+    shipped.put(GPU, key(8192), {"config": {"num_stages": 1}})
+    shipped.put(GPU, key(524288), {"config": {"num_stages": 4}})
+    shipped.put(GPU, key(131072, groups=8), {"config": {"num_stages": 9}})  # other dims: never taken
+    shipped.put("another GPU (sm_80)", key(131072), {"config": {"num_stages": 7}})
+    assert C.lookup("index_select_fused", dict(SHAPE, seq=20000), DEFAULTS, GPU) == (
+        dict(block_M=128, num_stages=1), "shipped, nearest bucket seq<=8192")  # 32K's bucket: 2 from 8K, 4 from 512K
+    assert C.lookup("index_select_fused", dict(SHAPE, seq=1 << 20), DEFAULTS, GPU) == (
+        dict(block_M=128, num_stages=4), "shipped, nearest bucket seq<=524288")
+    C.user_cache().put(GPU, key(524288), {"config": {"block_M": 64}})  # as near as the shipped 512K: the user's wins
+    assert C.lookup("index_select_fused", dict(SHAPE, seq=1 << 20), DEFAULTS, GPU) == (
+        dict(block_M=64, num_stages=2), "user, nearest bucket seq<=524288")
+    assert C.lookup("index_select_fused", dict(SHAPE, seq=100_000, groups=2), DEFAULTS, GPU) == (DEFAULTS, "default")
+    assert C.lookup("index_select_fused", SHAPE, DEFAULTS, "a third GPU (sm_90)") == (DEFAULTS, "default")

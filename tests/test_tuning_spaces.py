@@ -45,8 +45,12 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("kv_outer_attention", dict(stages=2, tma_stores=False, pingpong=True, store_eviction="evict_first"), "TMA stores"),
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, persistent=True), None),  # 227 KB exactly
     ("kv_outer_attention", dict(stages=2, tma_stores=False, pingpong=True, persistent=True), "shared memory"),
-    ("kv_outer_backward", dict(stages=4, dq_partials=True), "shared memory"),
-    ("kv_outer_backward", dict(stages=3, dq_partials=True), None),
+    ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, stages=4), "shared memory"),
+    ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, stages=3), None),
+    ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, stages=3, item_queries=4096), None),
+    # query_chunk sizes the dQ partials only: with atomic dQ one point, not four
+    ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, dq_partials=False, query_chunk=4096), "atomic"),
+    ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, query_chunk=32768), None),  # 8 GiB partials
     ("schedule", dict(item_queries=256, query_chunk=65536), "GiB"),  # 17 GiB of partials
 ])
 def test_constraints(program, config, reason):

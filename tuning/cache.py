@@ -1,8 +1,9 @@
 """Tuned configs: JSON keyed by GPU (name and compute capability), program and shape bucket.
 
 Lookup order: the user cache (``$MSA_TL_CACHE_DIR`` or ``~/.cache/msa_tl``,
-file ``configs.json``), then the configs shipped in ``msa_tl/tuning/configs/*.json``,
-then the kernel's documented default. A corrupted or foreign file is ignored
+file ``configs.json``), then the configs shipped in ``msa_tl/tuning/configs/*.json``; where neither holds the
+call's sequence-length bucket, the config tuned for the nearest bucket of the same program, dims and GPU (user
+before shipped on a tie); then the kernel's documented default. A corrupted or foreign file is ignored
 with one warning. Writers take a file lock, merge into what is on disk, write a
 temp file and rename it, so concurrent tuners lose no entries.
 """
@@ -10,6 +11,7 @@ temp file and rename it, so concurrent tuners lose no entries.
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -105,17 +107,39 @@ def shipped_caches() -> list:
     return [ConfigCache(p) for p in sorted(SHIPPED_DIR.glob("*.json"))]
 
 
+def split_key(key: str) -> tuple:
+    """A :func:`shape_key` -> (program, seq bucket, the other dims as written)."""
+    program, bucket, dims = key.split("|", 2)
+    return program, int(bucket.removeprefix("seq<=")), dims
+
+
 def lookup(program: str, shape: dict, defaults: dict, gpu: str) -> tuple:
-    """(config, source) for ``program`` at ``shape`` on ``gpu``: 'user', 'shipped' or 'default'.
+    """(config, source) for ``program`` at ``shape`` on ``gpu``: 'user', 'shipped', 'user, nearest bucket seq<=B'
+    / 'shipped, nearest bucket seq<=B' (no config for the call's sequence-length bucket, one for a bucket B of the
+    same dims: the nearest in log2 of the bound, the shorter on a tie), or 'default'.
 
     A cached config overrides only the keys it names, on top of ``defaults``.
     """
     key = shape_key(program, shape)
-    for source, caches in (("user", [user_cache()]), ("shipped", shipped_caches())):
+    sources = (("user", [user_cache()]), ("shipped", shipped_caches()))
+    for source, caches in sources:
         for cache in caches:
             entry = cache.get(gpu, key)
             if entry is not None:
                 return {**defaults, **entry["config"]}, source
+    _, wanted, dims = split_key(key)
+    nearest = None  # (distance, bucket, source rank, config, source)
+    for rank, (source, caches) in enumerate(sources):
+        for cache in caches:
+            for other, entry in cache.load().get(gpu, {}).items():
+                if not (isinstance(entry, dict) and isinstance(entry.get("config"), dict)) or other.count("|") < 2:
+                    continue
+                name, bucket, other_dims = split_key(other)
+                if name == program and other_dims == dims:
+                    found = (abs(math.log2(bucket) - math.log2(wanted)), bucket, rank, entry["config"], source)
+                    nearest = found if nearest is None or found[:3] < nearest[:3] else nearest
+    if nearest is not None:
+        return {**defaults, **nearest[3]}, f"{nearest[4]}, nearest bucket seq<={nearest[1]}"
     return dict(defaults), "default"
 
 

@@ -41,10 +41,15 @@ from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_arg
 from msa_tl.tuning.cache import tuned_config
 
 DELTA_DEFAULTS = dict(rows=64, threads=128)
-BACKWARD_DEFAULTS = dict(stages=2, dq_partials=True)  # H200, 128K: partials 60.6 ms, atomic dQ 74.8 (NOTES.md)
-BACKWARD_KNOBS = dict(stages=(1, 2, 3, 4), dq_partials=(False, True))  # the tuner's choices (BACKWARD_TUNING)
 BACKWARD_ITEM_QUERIES = 1024
 BACKWARD_QUERY_CHUNK = 16384  # with dQ partials: 2 * chunk * Hq * topk * D bytes of workspace (4 GiB, paper shape)
+# H200, 128K: partials 60.6 ms, atomic dQ 74.8 (NOTES.md). item_queries (a work item's entries: the program's) and
+# query_chunk (the driver's dQ-partial chunk) are tuned with the program's own knobs
+BACKWARD_DEFAULTS = dict(stages=2, dq_partials=True, item_queries=BACKWARD_ITEM_QUERIES,
+                         query_chunk=BACKWARD_QUERY_CHUNK)
+BACKWARD_KNOBS = dict(stages=(1, 2, 3, 4), dq_partials=(False, True), item_queries=(256, 512, 1024, 2048, 4096),
+                      query_chunk=(4096, 8192, 16384, 32768))  # the tuner's choices (BACKWARD_TUNING)
+MAX_PARTIAL_BYTES = 8 << 30
 REDUCE_DEFAULTS = dict(rows=64, threads=128)
 _LOG2E = 1.4426950408889634
 
@@ -325,14 +330,14 @@ def dq_reduce_program(groups: int, heads: int, head_dim: int, topk: int, rows: i
 
 
 def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: int, scale=None, *,
-                              item_queries: int = BACKWARD_ITEM_QUERIES, query_chunk=None, config=None):
+                              item_queries: int | None = None, query_chunk=None, config=None):
     """Main-branch backward on the GPU -> (dq, dk, dv) in the input dtype.
 
     do, o, q [B, N, Hq, D]; k, v [B, N, G, D]; lse (and dlse, or None) [B, N, Hq] float32;
     indices [B, N, G, topk] int32 (-1 = unused). Workspace: fp32 dK, dV, the (lse, delta) rows
     (8 bytes per query head), a schedule, and either an fp32 dQ (atomic dQ: one schedule over the
-    whole sequence) or the dQ partials of one query chunk (``query_chunk`` queries, default
-    BACKWARD_QUERY_CHUNK).
+    whole sequence) or the dQ partials of one query chunk (``query_chunk`` queries). ``item_queries`` and
+    ``query_chunk`` override the config's (:data:`BACKWARD_DEFAULTS`, or the tuned one).
 
     Head dims above ``WIDE_HEAD_DIM`` (128; up to 256) run, as in the forward, each block as its 64-key halves
     (:func:`~msa_tl.attention.kv_outer.split_blocks`) in chunks of ``WIDE_HEAD_CHUNK`` queries unless told, and
@@ -341,6 +346,12 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     B, N, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     wide = D > WIDE_HEAD_DIM
+    shape = dict(groups=k.shape[2], heads=Hq, head_dim=D, block_size=block_size, topk=indices.shape[3], seq=N)
+    config = {**tuned_config("kv_outer_backward", shape, BACKWARD_DEFAULTS, q.device), **(config or {})}
+    tuned_items, tuned_chunk = config.pop("item_queries"), config.pop("query_chunk")  # the rest: the program's
+    item_queries = item_queries or tuned_items
+    if not wide:  # wide heads run their own chunk unless told
+        query_chunk = query_chunk or tuned_chunk
     indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk)
     G, topk = k.shape[2], indices.shape[3]
     dt = tl_dtype(q.dtype)
@@ -348,9 +359,7 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     dlse = torch.zeros_like(lse) if dlse is None else dlse.float().contiguous()
     delta = compiled_kernel(delta_program, head_dim=D, dtype=dt, **DELTA_DEFAULTS)
     delta(o.reshape(-1, D), do.reshape(-1, D), lse.reshape(-1), dlse.reshape(-1), stats.view(-1, 2))
-    shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
-    config = {**tuned_config("kv_outer_backward", shape, BACKWARD_DEFAULTS, q.device), **(config or {})}
-    chunk = min(N, query_chunk or BACKWARD_QUERY_CHUNK) if config["dq_partials"] else N
+    chunk = min(N, query_chunk) if config["dq_partials"] else N
     schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device)
     dk = torch.zeros((B, N, G, D), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
@@ -383,15 +392,24 @@ def _reject_backward(config: dict, shape: dict):
     R, D, Bk = shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"]
     if 64 % R or Bk % 64:
         return f"tiles of 64 rows need whole queries ({R} heads) and 64-key consumers (Bk {Bk})"
-    smem = backward_shared_bytes(R, D, Bk, config["stages"])
+    smem = backward_shared_bytes(R, D, Bk, config["stages"], config["item_queries"])
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
+    if not config["dq_partials"] and config["query_chunk"] != BACKWARD_QUERY_CHUNK:
+        return "query_chunk sizes the dQ partials: with atomic dQ every value runs the same (one schedule)"
+    partial_bytes = 2 * config["query_chunk"] * shape["heads"] * shape["topk"] * D
+    if config["dq_partials"] and partial_bytes > MAX_PARTIAL_BYTES:
+        return f"dQ partials of one chunk take {partial_bytes / 2**30:.0f} GiB > {MAX_PARTIAL_BYTES >> 30} GiB"
     return None
 
 
+def _program_config(config: dict) -> dict:
+    """The program's own knobs of a backward config (query_chunk is the driver's)."""
+    return {name: value for name, value in config.items() if name != "query_chunk"}
+
+
 def _compile_units(shape: dict, config: dict) -> list:
-    units = [(kv_outer_backward_program, dict(attention_program_args(shape), item_queries=BACKWARD_ITEM_QUERIES,
-                                              **config))]
+    units = [(kv_outer_backward_program, dict(attention_program_args(shape), **_program_config(config)))]
     if config["dq_partials"]:
         units.append((dq_reduce_program, dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
                                               topk=shape["topk"], dtype="bfloat16", **REDUCE_DEFAULTS)))
