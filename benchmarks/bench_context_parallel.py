@@ -77,7 +77,7 @@ def one_gpu(inputs, shape, backward):
 
     def call(q, k, v, q_idx, k_idx):
         o, lse, idx = msa_tl.msa_attention(q, k, v, q_idx, k_idx, return_lse=True, return_indices=True, **options)
-        kl = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, idx, lse=lse, **dict(block_size=options["block_size"])) \
+        kl = msa_tl.kl_alignment_loss(q, k, q_idx, k_idx, idx, lse=lse, block_size=options["block_size"]) \
             if backward else o.new_zeros(())
         return o, kl
 

@@ -100,9 +100,9 @@ def _check_matches_one_process(rank, world, seed, B, N, Hq, G, D, Di, cases):
 SPARSE = dict(block_size=16, topk=3, local_blocks=2)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_msa_equals_one_process(world, fresh_seed):
-    """Sparse (each exchange) and dense mode over 2 and 3 ranks: every output and gradient equals the one-process
+    """Sparse (each exchange) and dense mode over 1, 2 and 3 ranks: every output and gradient equals the one-process
     run's rows of the rank's shard."""
     cases = [(False, "chosen", SPARSE), (False, "all_gather", SPARSE),
              (False, "auto", dict(block_size=16, topk=2, local_blocks=1)), (True, "all_gather", dict(block_size=16))]
