@@ -222,3 +222,55 @@ def test_kernels_at_an_offset_match_the_reference(t0, C, G, Bk, topk, fresh_seed
     for name, got, ref in (("dq_idx", qi.grad, qr.grad), ("dk_idx", ki.grad, kr.grad)):
         err = ((got.double() - ref).norm() / ref.norm()).item()
         assert err <= 2e-2, f"{name} rel err {err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: the GPU select driver at an offset, with the reference standing in for its kernels
+
+
+@pytest.mark.parametrize("t0,method", [(32, None), (37, None), (48, "two_pass")],
+                         ids=["aligned-pipelined", "mid-block-two-pass", "aligned-two-pass"])
+def test_the_select_driver_at_an_offset_passes_the_chunk_to_its_kernels(monkeypatch, t0, method):
+    """msa_tl.index.select.select_blocks(query_start=t0) with fake kernels that compute the reference for exactly
+    the rows and offset they are handed: the pipelined select (t0 a multiple of Bk) gets the chunk's rows and t0;
+    the two-pass one a zero-padded row, scored from the offset's block on; both give the chunk's selection."""
+    import msa_tl.index.select as S
+
+    B, N, G, Di, Bk, topk = 2, 96, 8, 16, 16, 3  # G * Bk = 128 rows a key block: the pipelined select runs
+    q_idx, k_idx = torch.randn(B, N, G, Di, dtype=f64), torch.randn(B, N, Di, dtype=f64)
+    calls = []
+
+    def pipelined(q, k, idx, start):  # Q [B, C*G, Di], K [B, N, Di], Idx [B, C*G, topk], t0
+        calls.append(("pipelined", q.shape[1] // G, start))
+        idx.copy_(R.select_blocks(q.view(B, -1, G, Di), k, Bk, topk, query_start=start).view(idx.shape))
+
+    def scores(q, k, block_size, scale, start, count, out=None):  # rows start .. start + count of a whole row
+        calls.append(("scores", start, count))
+        s = R._pool_blocks(R.index_token_scores(q[:, start:start + count], k, scale, start), block_size)
+        return s.permute(0, 2, 1, 3).float().contiguous()  # [B, count, G, nblk]
+
+    def topk_kernel(s, idx, start):  # S [B, count*G, nblk] -> Idx rows start*G .. of [B, N*G, topk]
+        count = s.shape[1] // G
+        rows = R.topk_blocks(s.view(B, count, G, -1).permute(0, 2, 1, 3), topk, Bk, query_start=start)
+        idx.view(B, N, G, topk)[:, start:start + count] = rows
+
+    def compiled(builder, **config):
+        if builder is S.pipelined_select_program:
+            assert config["offset"] is True
+            return pipelined
+        assert builder is S.topk_program
+        return topk_kernel
+
+    monkeypatch.setattr(S, "compiled_kernel", compiled)
+    monkeypatch.setattr(S, "block_scores", scores)
+    monkeypatch.setattr(S, "tuned_config", lambda program, shape, defaults, device: dict(defaults))
+    monkeypatch.setattr(S, "tl_dtype", str)  # float64 here: no TileLang dtype is compiled
+    got = S.select_blocks(q_idx[:, t0:].contiguous(), k_idx, Bk, topk, query_start=t0, method=method,
+                          query_chunk=32)
+    assert got.shape == (B, N - t0, G, topk) and got.is_contiguous()
+    assert torch.equal(got, R.select_blocks(q_idx, k_idx, Bk, topk)[:, t0:])
+    if t0 % Bk == 0 and method is None:
+        assert calls == [("pipelined", N - t0, t0)]
+    else:  # chunks of 32 queries from the offset's block on
+        first = t0 // Bk * Bk
+        assert calls == [("scores", a, min(32, N - a)) for a in range(first, N, 32)]
