@@ -4,8 +4,9 @@
 
 Paper shape (Hq=64, G=4, D=Di=128, Bk=128, k=16, bf16, B=1). One process a GPU; rank 0 first times the whole
 sequence on its GPU alone (``msa_attention``, and with ``--backward`` the main branch's and the KL's backward), then
-every rank times ``context_parallel_msa`` on its zigzag shard; a sequence one GPU cannot hold is recorded as
-``oom``. The sharded time is the slowest rank's median of a fixed number of runs (every rank must run the same
+every rank times ``context_parallel_msa`` on its zigzag shard, then (forward only) each of its phases alone: the
+index keys' all-gather, the selects, the K / V exchange and the attention, per rank. A sequence one GPU cannot
+hold is recorded as ``oom``. The sharded time is the slowest rank's median of a fixed number of runs (every rank must run the same
 collectives, so no adaptive repeat count). Also reported: bytes each rank receives (index keys, K / V) against
 the K / V all-gather dense context parallelism needs, and each rank's peak memory. Writes
 ``context_parallel.csv``. ``--cpu-smoke`` runs the whole flow on CPU processes over gloo at a toy shape.
@@ -28,7 +29,7 @@ import torch.multiprocessing as mp
 
 import msa_tl
 from msa_tl.benchmark import BenchTable
-from msa_tl.ops.context_parallel import ZigzagLayout, context_parallel_msa
+from msa_tl.ops.context_parallel import ZigzagLayout, context_parallel_msa, fetch_kv, gather_sequence, plan_exchange
 
 PAPER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 TOY = dict(heads=4, groups=2, head_dim=16, index_dim=16, block_size=16, topk=2)
@@ -94,6 +95,35 @@ def sharded(shards, shape, backward, kv_exchange, record):
     return lambda: step(call, shards, backward)
 
 
+def phase_times(shards, shape, layout, kv_exchange, device, runs) -> dict:
+    """Median ms of each forward phase on this rank, each timed alone (every rank runs the same collectives):
+    the index keys' all-gather, the two chunks' selects, the K / V exchange (plan and fetch), their attention."""
+    q, k, v, q_idx, k_idx = shards
+    C, Bk, topk = layout.chunk, shape["block_size"], shape["topk"]
+    whole_k_idx = gather_sequence(k_idx, layout)
+
+    def select():
+        return [msa_tl.select_blocks(q_idx[:, h * C:(h + 1) * C].contiguous(), whole_k_idx[:, :t0 + C].contiguous(),
+                                     block_size=Bk, topk=topk, query_start=t0)
+                for h, t0 in enumerate(layout.chunk_starts())]
+
+    indices = select()
+    exchange = plan_exchange(torch.cat(indices, dim=1), layout, None, kv_exchange)
+    whole_k, whole_v = fetch_kv(k, v, layout, exchange)
+
+    def attend():
+        for h, t0 in enumerate(layout.chunk_starts()):
+            msa_tl.sparse_attention(q[:, h * C:(h + 1) * C].contiguous(), whole_k[:, :t0 + C].contiguous(),
+                                    whole_v[:, :t0 + C].contiguous(), indices[h], block_size=Bk, query_start=t0)
+
+    phases = dict(gather_index_keys=lambda: gather_sequence(k_idx, layout), select=select,
+                  exchange=lambda: fetch_kv(k, v, layout, plan_exchange(torch.cat(indices, dim=1), layout, None,
+                                                                        kv_exchange)),
+                  attention=attend)
+    with torch.no_grad():
+        return {name: statistics.median(timed_runs(fn, device, 1, runs)) for name, fn in phases.items()}
+
+
 def rank_main(rank, world, rendezvous, args, results):
     cuda = not args.cpu_smoke
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -129,6 +159,9 @@ def rank_main(rank, world, rendezvous, args, results):
             dist.all_gather_object(medians, statistics.median(times))
             peaks = [None] * world
             dist.all_gather_object(peaks, torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0)
+            phases = [None] * world
+            dist.all_gather_object(phases, phase_times(shards, shape, layout, kv_exchange, device, args.runs)
+                                   if not args.backward else {})
             if rank == 0:
                 ms = max(medians)
                 volume = volumes[-1]
@@ -137,7 +170,8 @@ def rank_main(rank, world, rendezvous, args, results):
                                  speedup=(alone / ms) if isinstance(alone, float) else None,
                                  rank_ms="/".join(f"{m:.2f}" for m in medians),
                                  index_keys_mb=volume.index_keys / 2**20, kv_mb=volume.kv / 2**20,
-                                 dense_kv_mb=volume.dense_kv / 2**20, peak_gib=max(peaks)))
+                                 dense_kv_mb=volume.dense_kv / 2**20, peak_gib=max(peaks),
+                                 **{f"{name}_ms": "/".join(f"{p[name]:.2f}" for p in phases) for name in phases[0]}))
                 print(rows[-1], flush=True)
     if rank == 0:
         results.extend(rows)

@@ -123,7 +123,8 @@ def test_packed_llama_batches_answer_each_query_in_its_own_document():
 
 def test_context_parallel_benchmark_runs_every_exchange_on_cpu_ranks():
     """benchmarks/bench_context_parallel.py end to end on two gloo ranks at its toy shape: a row per exchange with
-    both timings, the path each took and the volumes (the chosen blocks never more than dense CP's all-gather)."""
+    both timings, the path each took, the volumes (the chosen blocks never more than dense CP's all-gather) and
+    each rank's phase times."""
     from benchmarks import bench_context_parallel
 
     table = bench_context_parallel.main(["--cpu-smoke", "--world", "2", "--runs", "1", "--exchanges", "chosen",
@@ -133,3 +134,6 @@ def test_context_parallel_benchmark_runs_every_exchange_on_cpu_ranks():
     assert (frame.one_gpu_ms > 0).all() and (frame.sharded_ms > 0).all()
     assert (frame.kv_mb <= frame.dense_kv_mb).all() and (frame.index_keys_mb > 0).all()
     assert (frame.world == 2).all() and (frame.seq == 16 * 2 * 2 * 4).all()
+    for phase in ("gather_index_keys_ms", "select_ms", "exchange_ms", "attention_ms"):  # per rank, "a/b"
+        assert all(len(str(cell).split("/")) == 2 and min(map(float, str(cell).split("/"))) > 0
+                   for cell in frame[phase]), phase
