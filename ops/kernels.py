@@ -114,7 +114,8 @@ def _select_blocks_limit(device, *, dtype, groups, index_dim, block_size, topk, 
                         block_size not in INDEX_BLOCK_SIZES and f"block size {block_size} (one of {INDEX_BLOCK_SIZES})",
                         index_fp8 and not pipelined_rows(padded_groups, block_size)
                         and f"an FP8 select over {padded_groups} index heads x {block_size} keys (at least 128 rows)",
-                        index_fp8 and query_start > 0 and "an FP8 select of queries at an offset (query_start > 0)")
+                        index_fp8 and query_start % block_size
+                        and f"an FP8 select of queries from {query_start}, not a block boundary")
 
 
 def _select_blocks_supported(device, **shape) -> bool:
@@ -130,7 +131,7 @@ def _select_blocks(q_idx, k_idx, *, block_size, topk, index_scale, local_blocks=
     q_idx, k_idx = pad_heads(pad_dim(q_idx, Di), 1, padded), pad_dim(k_idx, Di)
     if index_fp8:
         indices = select_blocks_fp8(q_idx, k_idx, block_size, topk, local_blocks=local_blocks,
-                                    block_start=block_start)
+                                    block_start=block_start, query_start=query_start)
     else:  # queries at an offset: the pipelined select from a block boundary, else the two-pass one
         indices = select_blocks(q_idx, k_idx, block_size, topk, index_scale, local_blocks=local_blocks,
                                 block_start=block_start, query_start=query_start)

@@ -397,6 +397,17 @@ def test_the_fp8_prefill_select_scales_its_columns_by_the_keys_scales():
     assert "fp8_e4_t*)Q_s0" in source and "(float*)scale_ring" in source and "KScale[" in source
 
 
+def test_the_select_at_an_offset_takes_t0_and_only_the_chunks_rows():
+    """The pipelined selects' offset builds (bf16 and FP8): a runtime t0 after Idx, Q / Idx sized by the chunk's
+    own row count; their default builds take neither."""
+    for builder in (index_topk.pipelined_select_program, index_topk.pipelined_select_fp8_program):
+        offset = builder(groups=4, index_dim=128, block_size=128, topk=16, offset=True)
+        default = builder(groups=4, index_dim=128, block_size=128, topk=16)
+        assert [p.name for p in offset.params][-1] == "t0" and "t0" not in [p.name for p in default.params]
+        assert "queries" in offset.script() and "queries" not in default.script()
+        assert "__global__" in lower_to_cuda(builder, groups=4, index_dim=128, block_size=128, topk=16, offset=True)
+
+
 def test_the_fp8_scan_can_load_two_pages_a_stage():
     """pages=2: each pipeline stage loads two blocks' FP8 keys and scales by TMA (their page ids through the block
     table), so one wgmma of 256 keys and one transpose serve two blocks."""

@@ -274,3 +274,24 @@ def test_the_select_driver_at_an_offset_passes_the_chunk_to_its_kernels(monkeypa
     else:  # chunks of 32 queries from the offset's block on
         first = t0 // Bk * Bk
         assert calls == [("scores", a, min(32, N - a)) for a in range(first, N, 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index_fp8", [False, True], ids=["bf16", "fp8"])
+def test_the_select_at_a_block_boundary_equals_the_whole_sequences_rows(index_fp8, fresh_seed):
+    """The pipelined select's offset build (bf16 and FP8) scores each chunk row exactly as the whole-sequence build
+    does (the same key blocks, the same row-local quantisation), so the selections are identical, not only equal up
+    to ties; both then match the reference up to ties."""
+    B, N, G, Di, Bk, topk, t0 = 2, 4096, 4, 128, 128, 16, 2560
+    gen = torch.Generator().manual_seed(fresh_seed)
+    q_idx = torch.randn(B, N, G, Di, generator=gen).to(CUDA, torch.bfloat16)
+    k_idx = torch.randn(B, N, Di, generator=gen).to(CUDA, torch.bfloat16)
+    shape = dict(dtype=torch.bfloat16, groups=G, index_dim=Di, block_size=Bk, topk=topk, index_fp8=index_fp8,
+                 query_start=t0)
+    assert dispatch.kernel_for("select_blocks", CUDA, **shape) is not None, "the select would run the reference"
+    whole = msa_tl.select_blocks(q_idx, k_idx, block_size=Bk, topk=topk, index_fp8=index_fp8)
+    chunk = msa_tl.select_blocks(q_idx[:, t0:].contiguous(), k_idx, block_size=Bk, topk=topk, index_fp8=index_fp8,
+                                 query_start=t0)
+    assert torch.equal(chunk, whole[:, t0:])
+    if not index_fp8:
+        assert_selection_up_to_ties(whole, q_idx, k_idx, Bk, topk)

@@ -269,13 +269,14 @@ def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk:
 
 def pipelined_select_fp8_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
                                  heavy_first: bool = True, dtype: str = "bfloat16", local_blocks: int = 1,
-                                 varlen: bool = False):
+                                 varlen: bool = False, offset: bool = False):
     """The pipelined select over FP8 operands: Q [batch, seq*G, Di] and K [batch, seq, Di] float8_e4m3 codes, KScale
     [batch, seq] fp32 (a key is K * KScale; a query row's own scale leaves its ranking as it is, so it is not read)
     -> Idx [batch, seq*G, topk] int32. Each block is one e4m3 wgmma (twice bf16's rate) whose columns are scaled by
-    their keys' scales before the row max. Lowered and compiled for sm_90a; not yet run on a GPU."""
+    their keys' scales before the row max. ``offset`` as in :func:`pipelined_select_program` (t0 after Idx).
+    Lowered and compiled for sm_90a; not yet run on a GPU."""
     return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, True, local_blocks,
-                             varlen)
+                             varlen, offset)
 
 
 def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, stages: int, heavy_first: bool,
@@ -284,8 +285,8 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
     Bk, Di, M = block_size, index_dim, pipelined_rows(groups, block_size)
     if not M:
         raise ValueError(f"the pipelined select needs >= 128 rows in a key block (G * Bk = {groups * block_size})")
-    if offset and (varlen or fp8):
-        raise ValueError("the pipelined select takes queries at an offset in bf16 / fp16 without documents only")
+    if offset and varlen:
+        raise ValueError("the pipelined select takes queries at an offset without documents only")
     queries = T.dynamic("queries") if offset else seq  # the query rows Q and Idx hold
     rows = queries * groups
     slots = _check_local_blocks(topk, local_blocks)
@@ -379,6 +380,19 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             select(Q, K, KScale, BlockStart, Idx, None)
 
         return index_select_pipelined_fp8_varlen
+
+    if fp8 and offset:
+        @T.prim_func
+        def index_select_pipelined_fp8_offset(
+            Q: T.Tensor((batch, queries * groups, index_dim), op_dtype),
+            K: T.Tensor((batch, seq, index_dim), op_dtype),
+            KScale: T.Tensor((batch, seq), "float32"),
+            Idx: T.Tensor((batch, queries * groups, topk), "int32"),
+            t0: T.int32,
+        ):
+            select(Q, K, KScale, None, Idx, t0)
+
+        return index_select_pipelined_fp8_offset
 
     if fp8:
         @T.prim_func
@@ -529,26 +543,33 @@ def _block_start(block_start) -> tuple:
 
 
 def select_blocks_fp8(q_idx, k_idx, block_size: int, topk: int, *, local_blocks: int = 1, block_start=None,
-                      config=None, out=None):
+                      config=None, out=None, query_start: int = 0):
     """The index branch with FP8 operands: q_idx [B, N, G, Di] and k_idx [B, N, Di] (bf16 / fp16) are quantised
     to e4m3 with a scale per row (:func:`msa_tl.reference.quantize_fp8`; a query row's scale does not change its
     ranking, so only the keys' scales reach the kernel) and scored by :func:`pipelined_select_fp8_program` ->
     indices [B, N, G, topk] int32, as :func:`select_blocks` over the quantised values (``local_blocks``,
-    ``block_start`` as there). Needs G * Bk >= 128 (the
-    pipelined select's rows). Not yet run on a GPU: not wired into the ops layer."""
+    ``block_start`` as there). Needs G * Bk >= 128 (the pipelined select's rows). ``query_start`` (a multiple of
+    Bk): q_idx holds the queries from there, k_idx the keys up to the last of them, as in :func:`select_blocks`.
+    Not yet run on a GPU."""
     from msa_tl.reference import quantize_fp8
 
     B, N, G, Di = q_idx.shape
     if not pipelined_rows(G, block_size):
         raise ValueError(f"the FP8 select runs the pipelined select, which needs G * Bk >= 128 (got {G * block_size})")
+    if query_start % block_size or (query_start and block_start is not None):
+        raise ValueError(f"the FP8 select takes queries from a block boundary (query_start {query_start}, "
+                         f"Bk {block_size}), without documents")
     q_codes, _ = quantize_fp8(q_idx)
     k_codes, k_scale = quantize_fp8(k_idx)
     if out is None:
         out = torch.empty((B, N, G, topk), device=q_idx.device, dtype=torch.int32)
     config = {**PIPELINED_DEFAULTS, **(config or {})}
+    offset = dict(offset=True) if query_start else {}  # the default build stays the one compiled before
     kernel = compiled_kernel(pipelined_select_fp8_program, groups=G, index_dim=Di, block_size=block_size, topk=topk,
-                             dtype=tl_dtype(q_idx.dtype), **_selection_options(local_blocks, block_start), **config)
-    kernel(q_codes.view(B, N * G, Di), k_codes, k_scale, *_block_start(block_start), out.view(B, N * G, topk))
+                             dtype=tl_dtype(q_idx.dtype), **_selection_options(local_blocks, block_start), **offset,
+                             **config)
+    kernel(q_codes.view(B, N * G, Di), k_codes, k_scale, *_block_start(block_start), out.view(B, N * G, topk),
+           *((query_start,) if query_start else ()))
     return out
 
 
