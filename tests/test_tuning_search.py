@@ -81,3 +81,25 @@ def test_search_records_compile_errors_as_failed_trials(tmp_path):
                        precompile=lambda configs: ["compile: boom"] * len(configs))
     assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs["error"] == "compile: boom"
                for t in study.trials if "repeat_of" not in t.user_attrs)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_search_curves_replay_a_sweep_from_the_default(sampler):
+    """benchmarks/bench_tuning.py's replay on a synthetic sweep of a real space: the curve has one point a trial,
+    starts at the default's cost, never rises, and holds only costs the sweep measured; both samplers run."""
+    from benchmarks.bench_tuning import search_curve
+    from msa_tl.tuning.objective import defaults
+    from msa_tl.tuning.spaces import SPACES
+
+    program = "index_select_fused"
+    configs = SPACES[program].feasible(PAPER)
+    keys = [tuple(sorted(c.items())) for c in configs]
+    measured = {key: 1.0 + sum(map(ord, repr(key))) % 97 / 97 for key in keys}  # a fixed, rugged landscape
+    curve = search_curve(program, PAPER, measured, 10, seed=3, sampler=sampler)
+    assert len(curve) == 10
+    assert curve[0] == measured[tuple(sorted(defaults(program, PAPER).items()))]
+    assert all(b <= a for a, b in zip(curve, curve[1:]))
+    assert set(curve) <= set(measured.values())
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        run_search(program, PAPER, lambda config: 1.0, n_trials=1, storage=optuna.storages.InMemoryStorage(),
+                   sampler="grid")

@@ -42,18 +42,24 @@ def _finished(study) -> int:
     return sum(t.state.is_finished() for t in study.trials)
 
 
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+
+
 def run_search(program: str, shape: dict, objective, *, n_trials: int, gpu: str = "", timeout=None,
                storage=None, seed: int = 0, default=None, precompile=None, batch: int = 1,
-               on_trial=None) -> optuna.Study:
+               on_trial=None, sampler: str = "tpe") -> optuna.Study:
     """Run ``program``'s study at ``shape`` until ``n_trials`` trials have finished (or ``timeout`` s pass).
 
     ``precompile(configs) -> [error or None]`` compiles a batch before timing. ``on_trial(trial)`` is
-    called after each finished trial (progress output).
+    called after each finished trial (progress output). ``sampler``: "tpe" (the tuner's) or "random" (the
+    baseline the tuning evidence compares it with).
     """
     space = SPACES[program]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     study = optuna.create_study(study_name=study_name(program, shape, gpu), storage=storage or storage_url(),
-                                sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize",
+                                sampler=SAMPLERS[sampler](seed=seed), direction="minimize",
                                 load_if_exists=True)
     for stale in [t for t in study.trials if t.state == State.RUNNING]:
         study.tell(stale.number, state=State.FAIL)  # a killed run's trial: it never reported
