@@ -31,6 +31,7 @@ from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.decode.plan import DecodePlan
 from msa_tl.decode.scores import DECODE_SCORES_KNOBS
 from msa_tl.decode.topk import DECODE_TOPK_KNOBS
+from msa_tl.ops.cache import default_candidates
 from msa_tl.reference import quantize_fp8
 
 HQ, G, D, DI, BK, TOPK = 64, 4, 128, 128, 128, 16
@@ -39,6 +40,20 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 PAPER_CASES = [(N, B, S) for N, B in [(131072, 1), (131072, 8), (131072, 32), (1 << 20, 1), (1 << 20, 8)]
                for S in (1, 8)]
 GRID_CASES = [(N, B, 8) for B in (8, 32, 64, 128) for N in (1024, 8192, 32768, 131072, 204800)]
+# the index keys a step scores: bf16, FP8, and FP8 whose best 2 (k - 1) blocks the bf16 keys rank again
+INDEX_MODES = {"bf16": dict(index_fp8=False), "fp8": dict(index_fp8=True),
+               "fp8+rescore": dict(index_fp8=True, rescore_candidates=default_candidates(TOPK))}
+
+
+def mode_keys(mode, k_idx_pages, codes, k_scale):
+    """(the scan's key tensors, the exact keys a rescoring plan's select takes or None)."""
+    if mode == "bf16":
+        return (k_idx_pages,), None
+    return (codes, k_scale), (k_idx_pages if mode == "fp8+rescore" else None)
+
+
+def run_plan(plan, q, q_idx, k_pages, v_pages, scan_keys, exact):
+    return plan.run(q, q_idx, k_pages, v_pages, *scan_keys, *(() if exact is None else (exact,)))
 
 
 def graph_ms(fn, rep_ms: float = 1000) -> float:
@@ -102,27 +117,27 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
     dense_ms, dense_name, dense_all = dense_decode_ms(q, k_pages, v_pages, N, rep_ms)
     dense_bytes = B * N * G * D * 2 * 2
     chosen = {}
-    for index_fp8 in (False, True):
+    for name, options in INDEX_MODES.items():
         plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
-                          topk=TOPK, index_fp8=index_fp8)
-        keys = (codes, k_scale) if index_fp8 else (k_idx_pages,)
-        step_ms = graph_ms(lambda: plan.run(q, q_idx, k_pages, v_pages, *keys), rep_ms)
+                          topk=TOPK, **options)
+        keys, exact = mode_keys(name, k_idx_pages, codes, k_scale)
+        step_ms = graph_ms(lambda: run_plan(plan, q, q_idx, k_pages, v_pages, keys, exact), rep_ms)
         scores = plan.index_scores(q_idx, *keys)
-        indices = chosen[index_fp8] = plan.select(scores)
+        indices = chosen[name] = plan.select(scores, q_idx, exact)
         nan = float("nan")
         scan_ms = graph_ms(lambda: plan.index_scores(q_idx, *keys)) if stages else nan
-        select_ms = graph_ms(lambda: plan.select(scores)) if stages else nan
+        select_ms = graph_ms(lambda: plan.select(scores, q_idx, exact)) if stages else nan
         attend_ms = graph_ms(lambda: plan.attend(q, k_pages, v_pages, indices)) if stages else nan
         pipelined_ms = nan
-        if stages and not index_fp8:  # the attention with TMA-loaded K / V (not yet the default)
+        if stages and name == "bf16":  # the attention with TMA-loaded K / V (not yet the default)
             piped = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
                                topk=TOPK, attention_config=dict(pipelined=True))
             pipelined_ms = graph_ms(lambda: piped.attend(q, k_pages, v_pages, indices))
             del piped
-        index_bytes = B * N * (DI + 4 if index_fp8 else DI * 2)
-        ours_bytes = index_bytes + B * min(S * TOPK, math.ceil(N / BK)) * G * BK * D * 2 * 2
+        index_bytes = B * N * (DI * 2 if name == "bf16" else DI + 4)
+        rescore_bytes = B * S * G * plan.rescore_candidates * BK * DI * 2
+        ours_bytes = index_bytes + rescore_bytes + B * min(S * TOPK, math.ceil(N / BK)) * G * BK * D * 2 * 2
         scan_gbs = index_bytes / scan_ms / 1e6
-        name = "fp8" if index_fp8 else "bf16"
         row = table_out.add(what="decode step", B=B, N=N, S=S, Hq=HQ, G=G, D=D, Di=DI, Bk=BK, k=TOPK, dtype="bf16",
                             index_dtype=name, ours_us=step_ms * 1e3, scan_us=scan_ms * 1e3,
                             select_us=select_ms * 1e3, attend_us=attend_ms * 1e3, dense_us=dense_ms * 1e3,
@@ -130,14 +145,14 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
                             dense_backend=dense_name, speedup=dense_ms / step_ms, bytes_limit=dense_bytes / ours_bytes,
                             scan_gbs=scan_gbs, scan_pct_of_copy=100 * scan_gbs / copy_gbs, splits=plan.splits,
                             dense_all_us=" ".join(f"{k}:{v * 1e3:.0f}" for k, v in dense_all.items()))
-        if index_fp8:
-            row["fp8_recall"] = selection_recall(chosen[True], chosen[False])
-        print(f"N={N:8d} B={B:3d} S={S} {name:4s}: ours {row['ours_us']:7.1f} us (scan {row['scan_us']:.1f}, select "
+        if name != "bf16":
+            row["fp8_recall"] = selection_recall(chosen[name], chosen["bf16"])
+        print(f"N={N:8d} B={B:3d} S={S} {name:11s}: ours {row['ours_us']:7.1f} us (scan {row['scan_us']:.1f}, select "
               f"{row['select_us']:.1f}, attend {row['attend_us']:.1f}, TMA-pipelined "
               f"{row['attend_pipelined_us']:.1f}) | dense {row['dense_us']:8.1f} us "
               f"({dense_name}) -> {row['speedup']:6.2f}x of a {row['bytes_limit']:.2f}x bytes limit; scan "
               f"{scan_gbs:.0f} GB/s ({row['scan_pct_of_copy']:.0f}% of copy)"
-              + (f"; recall of the bf16 selection {row['fp8_recall']:.4f}" if index_fp8 else ""), flush=True)
+              + (f"; recall of the bf16 selection {row['fp8_recall']:.4f}" if name != "bf16" else ""), flush=True)
         del plan, scores
     del table, k_pages, v_pages, k_idx_pages, codes, k_scale
     torch.cuda.empty_cache()
@@ -150,8 +165,8 @@ def selection_recall(got, want):
 
 
 def fp8_quality(N, S, gen):
-    """At context N, batch 1: recall of the bf16 kernels' selection by the FP8 ones, and each path's output error
-    against the float64 reference over the unquantised keys."""
+    """At context N, batch 1: recall of the bf16 kernels' selection by the FP8 ones (alone and rescored), and each
+    path's output error against the float64 reference over the unquantised keys."""
     from msa_tl import reference as R
     from msa_tl.checks import relative_error
 
@@ -159,16 +174,18 @@ def fp8_quality(N, S, gen):
     codes, k_scale = quantize_fp8(k_idx_pages)
     ref_o, _, _ = R.msa_decode(q, q_idx, k_pages, v_pages, k_idx_pages, table, [N], BK, TOPK)
     out = {}
-    for index_fp8 in (False, True):
+    for name, options in INDEX_MODES.items():
         plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
-                          topk=TOPK, index_fp8=index_fp8)
-        out[index_fp8] = plan.run(q, q_idx, k_pages, v_pages, *((codes, k_scale) if index_fp8 else (k_idx_pages,)))
-    recall = selection_recall(out[True][2], out[False][2])
+                          topk=TOPK, **options)
+        out[name] = run_plan(plan, q, q_idx, k_pages, v_pages, *mode_keys(name, k_idx_pages, codes, k_scale))
+    recall = {name: selection_recall(out[name][2], out["bf16"][2]) for name in ("fp8", "fp8+rescore")}
     errors = {k: relative_error(v[0], ref_o) for k, v in out.items()}
-    print(f"FP8 quality N={N} S={S}: recall of the bf16 selection {recall:.4f}; output rel err vs float64: bf16 index "
-          f"{errors[False]:.2e}, fp8 index {errors[True]:.2e}", flush=True)
-    return dict(what="fp8 index quality", N=N, B=1, S=S, fp8_recall=recall, rel_err_bf16_index=errors[False],
-                rel_err_fp8_index=errors[True])
+    print(f"FP8 quality N={N} S={S}: recall of the bf16 selection: fp8 {recall['fp8']:.4f}, fp8+rescore "
+          f"{recall['fp8+rescore']:.4f}; output rel err vs float64: bf16 index {errors['bf16']:.2e}, fp8 index "
+          f"{errors['fp8']:.2e}, fp8+rescore {errors['fp8+rescore']:.2e}", flush=True)
+    return dict(what="fp8 index quality", N=N, B=1, S=S, fp8_recall=recall["fp8"],
+                rescore_recall=recall["fp8+rescore"], rel_err_bf16_index=errors["bf16"],
+                rel_err_fp8_index=errors["fp8"], rel_err_rescore=errors["fp8+rescore"])
 
 
 def scan_sweep(copy_gbs, gen):

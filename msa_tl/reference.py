@@ -137,6 +137,21 @@ def topk_blocks(scores: torch.Tensor, topk: int, block_size: int, query_start: i
     return top_ids.permute(0, 2, 1, 3).to(torch.int32).contiguous()
 
 
+def rescore_selection(exact_scores: torch.Tensor, candidates: torch.Tensor, topk: int, block_size: int,
+                      query_start: int = 0, local_blocks: int = 1) -> torch.Tensor:
+    """The second stage of a two-stage selection (FP8 candidates ranked again by exact scores).
+
+    exact_scores [B, G, C, nblk] (as from :func:`block_scores` over the exact keys), candidates [B, C, G, kc] int32
+    (the first stage's :func:`topk_blocks` at kc >= topk slots, -1 = none) -> indices [B, C, G, topk] int32:
+    :func:`topk_blocks` over the exact scores of the candidate blocks alone (the forced blocks stay forced).
+    """
+    B, G, C, nblk = exact_scores.shape
+    ids = torch.where(candidates >= 0, candidates.long(), nblk)  # -1 -> a column past the blocks, cut below
+    member = torch.zeros((B, C, G, nblk + 1), dtype=torch.bool, device=exact_scores.device)
+    member = member.scatter_(-1, ids, True)[..., :nblk].permute(0, 2, 1, 3)  # [B, G, C, nblk]
+    return topk_blocks(exact_scores.masked_fill(~member, _NEG_INF), topk, block_size, query_start, local_blocks)
+
+
 def select_blocks(
     q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int, scale: float | None = None,
     local_blocks: int = 1, block_start: torch.Tensor | None = None, query_start: int = 0,
@@ -471,6 +486,9 @@ def msa_decode(
     index_scale: float | None = None,
     indices: torch.Tensor | None = None,
     local_blocks: int = 1,
+    rescore_queries: torch.Tensor | None = None,
+    rescore_keys: torch.Tensor | None = None,
+    candidates: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSA for the newest S tokens of each sequence in a paged cache (decode, speculative drafts, chunked prefill).
 
@@ -480,7 +498,11 @@ def msa_decode(
     Each query selects and attends exactly as the same token does in :func:`msa_forward` over its row's first
     ``seqlens[b]`` tokens: the rows of that forward at those positions. ``indices`` [B, S, G, topk] int32, if
     given, replace the selection (the attention alone, over any ids, as :func:`sparse_attention` reads them).
-    ``local_blocks`` as in :func:`topk_blocks`. Returns (o [B, S, Hq, D], lse [B, S, Hq], both float64, indices [B, S, G, topk] int32).
+    ``local_blocks`` as in :func:`topk_blocks`. Two-stage selection (FP8 index keys rescored): with
+    ``rescore_keys`` [num_pages, page_size, Di] (the exact index keys) and ``rescore_queries`` [B, S, G, Di], q_idx
+    and k_idx_cache give the first stage, whose best ``candidates`` blocks beside the forced ones
+    :func:`rescore_selection` ranks again by the exact scores. Returns (o [B, S, Hq, D], lse [B, S, Hq], both
+    float64, indices [B, S, G, topk] int32).
     """
     B, S, Hq, D = q.shape
     G = k_cache.shape[2]
@@ -496,7 +518,15 @@ def msa_decode(
         k, v, k_idx = (cached_rows(c, block_table, b, n)[None] for c in (k_cache, v_cache, k_idx_cache))
         if indices is None:
             scores = _pool_blocks(index_token_scores(q_idx[b:b + 1], k_idx.flatten(2), index_scale, t0), block_size)
-            chosen[b] = topk_blocks(scores, topk, block_size, query_start=t0, local_blocks=local_blocks)[0]  # [S, G, topk]
+            if rescore_keys is None:
+                chosen[b] = topk_blocks(scores, topk, block_size, query_start=t0, local_blocks=local_blocks)[0]
+            else:
+                first = topk_blocks(scores, local_blocks + candidates, block_size, query_start=t0,
+                                    local_blocks=local_blocks)
+                exact = _pool_blocks(index_token_scores(rescore_queries[b:b + 1],
+                                                        cached_rows(rescore_keys, block_table, b, n)[None],
+                                                        index_scale, t0), block_size)
+                chosen[b] = rescore_selection(exact, first, topk, block_size, t0, local_blocks)[0]  # [S, G, topk]
         mask = _selection_mask(chosen[b:b + 1], t0, n, block_size)
         p, row_lse = _attention_probs(q[b:b + 1], k, mask, scale)
         o[b] = _weighted_values(p, _finite(v), (~torch.isfinite(v)).double(), mask).reshape(S, Hq, D)

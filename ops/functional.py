@@ -13,7 +13,7 @@ import math
 import torch
 
 from msa_tl import reference
-from msa_tl.ops.cache import MSACache
+from msa_tl.ops.cache import MSACache, default_candidates
 from msa_tl.ops.custom_ops import kl_alignment_loss_op, select_blocks_op, sparse_attention_op
 from msa_tl.ops.dispatch import kernel_for
 from msa_tl.ops.varlen import checked_layout, dense_packed, max_document_length, varlen_lse_available
@@ -339,7 +339,9 @@ def msa_decode(
         o [B, S, Hq, D] in q's dtype, equal to the rows of :func:`msa_attention` over each row's first
         ``cache.lengths[b]`` tokens at its last S positions; with ``return_lse`` / ``return_indices`` the tuple
         (o, lse?, indices?). With FP8 index keys (``MSACache.paged(..., index_dtype=torch.float8_e4m3fn)``) the
-        selection scores the dequantised keys against q_idx quantised per row the same way.
+        selection scores the dequantised keys against q_idx quantised per row the same way; a cache made with
+        ``rescore=True`` then ranks the FP8 stage's best ``2 (topk - local_blocks)`` blocks again by the exact
+        keys' scores (:mod:`msa_tl.decode.rescore`).
     """
     check_options(block_size=block_size, topk=topk, local_blocks=local_blocks, scale=scale, index_scale=index_scale)
     check_decode_inputs(q, q_idx, cache)
@@ -352,9 +354,13 @@ def msa_decode(
                                  index_scale=index_scale, local_blocks=local_blocks)
     else:
         q_idx_ref = reference.fake_quantize_fp8(q_idx) if cache.index_fp8 else q_idx
+        rescore = {}
+        if cache.rescore:
+            rescore = dict(rescore_queries=q_idx, rescore_keys=cache.k_idx_exact,
+                           candidates=default_candidates(topk, local_blocks))
         o, lse, indices = reference.msa_decode(q, q_idx_ref, cache.k, cache.v, cache.index_keys(), cache.block_table,
                                                cache.lengths, block_size, topk, scale, index_scale,
-                                               local_blocks=local_blocks)
+                                               local_blocks=local_blocks, **rescore)
         o, lse = o.to(q.dtype), lse.float()
     extras = ([lse] if return_lse else []) + ([indices] if return_indices else [])
     return (o, *extras) if extras else o

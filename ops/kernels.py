@@ -312,7 +312,7 @@ def _msa_decode_limit(device, *, dtype, heads, groups, head_dim, index_dim, bloc
 def _msa_decode(q, q_idx, cache, *, block_size, topk, scale, index_scale, local_blocks=1):
     plan = cache.plan(queries=q.shape[1], heads=q.shape[2], block_size=block_size, topk=topk, scale=scale,
                       index_scale=index_scale, local_blocks=local_blocks)
-    return plan.run(q, q_idx, cache.k, cache.v, cache.k_idx, cache.k_idx_scale)
+    return plan.run(q, q_idx, cache.k, cache.v, cache.k_idx, cache.k_idx_scale, cache.k_idx_exact)
 
 
 register_kernel("msa_decode", _msa_decode, _msa_decode_limit)

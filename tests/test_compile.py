@@ -14,6 +14,7 @@ from msa_tl.attention import kv_outer as kv_outer_attention  # noqa: E402
 from msa_tl.attention import q_outer as q_outer_attention  # noqa: E402
 from msa_tl.attention import scheduler, shared_tiles  # noqa: E402
 from msa_tl.decode import attention as decode_attention  # noqa: E402
+from msa_tl.decode import rescore as decode_rescore  # noqa: E402
 from msa_tl.decode import scores as decode_scores  # noqa: E402
 from msa_tl.decode import topk as decode_topk  # noqa: E402
 from msa_tl.index import scores as index_scores  # noqa: E402
@@ -422,6 +423,25 @@ def test_the_fp8_scan_can_load_two_pages_a_stage():
 def test_the_decode_top_k_merges_the_lanes_lists_by_warp_shuffles():
     source = lower_to_cuda(decode_topk.decode_topk_program, groups=4, block_size=128, topk=16)
     assert "__global__" in source and source.count("__shfl_xor_sync") == 4  # a score and a block id a step, in the warps and then across them
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("Bk,local_blocks", [(128, 1), (64, 2)])
+def test_the_rescore_stage_scores_each_candidate_block_on_tensor_cores_then_ranks_them(Bk, local_blocks, tmp_path,
+                                                                                      monkeypatch):
+    """Rescore: a CTA a (candidate, query row) loads the candidate's exact keys from the page the block table names
+    and scores them with one wgmma (the query row padded to 8); the select ranks each row's candidates by counting
+    (no shuffles, no sort). Both compile with nvcc."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    config = dict(groups=4, index_dim=128, block_size=Bk, candidates=2 * (16 - local_blocks), scale=0.088,
+                  local_blocks=local_blocks)
+    source = lower_to_cuda(decode_rescore.rescore_program, **config)
+    assert "BlockTable[" in source and "wgmma" in source and "Cand[" in source
+    select = dict(topk=16, candidates=config["candidates"], local_blocks=local_blocks)
+    source = lower_to_cuda(decode_rescore.rescore_select_program, **select)
+    assert "__shfl" not in source and "Rescored[" in source
+    for builder, args in ((decode_rescore.rescore_program, config), (decode_rescore.rescore_select_program, select)):
+        assert "__global__" in compile_program(builder, args, target=sm90_target()).get_kernel_source()
 
 
 def test_the_decode_attention_reads_k_and_v_through_the_block_table():

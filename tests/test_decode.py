@@ -183,3 +183,73 @@ def test_fp8_index_keys_need_their_scales():
         MSACache(k, k.clone(), codes, table, [0], k_idx_scale=torch.ones(4, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="k's dtype"):
         MSACache(k, k.clone(), torch.zeros(4, 64, Di, dtype=torch.float64), table, [0])
+
+
+def test_rescore_selection_is_the_exact_top_k_among_the_candidates(seed=0):
+    """The second stage against a loop over each row: the forced blocks, then the best exact scores among the
+    candidates (NaN never chosen); with every visible block a candidate it is the exact selection itself."""
+    gen = torch.Generator().manual_seed(seed)
+    B, G, C, Bk, topk, L, t0 = 2, 2, 5, 16, 4, 2, 200
+    nblk = (t0 + C - 1) // Bk + 1
+    exact = torch.randn(B, G, C, nblk, generator=gen, dtype=f64)
+    exact[0, 1, 2, 3] = float("nan")
+    fp8 = exact + 0.3 * torch.randn(B, G, C, nblk, generator=gen, dtype=f64)
+    everything = R.topk_blocks(fp8, nblk, Bk, query_start=t0, local_blocks=L)
+    assert torch.equal(R.rescore_selection(exact, everything, topk, Bk, t0, L),
+                       R.topk_blocks(exact, topk, Bk, query_start=t0, local_blocks=L))
+    candidates = R.topk_blocks(fp8, L + 3, Bk, query_start=t0, local_blocks=L)
+    got = R.rescore_selection(exact, candidates, topk, Bk, t0, L)
+    for b in range(B):
+        for c in range(C):
+            local = (t0 + c) // Bk
+            for g in range(G):
+                ranked = [i for i in candidates[b, c, g].tolist() if 0 <= i <= local - L
+                          and not math.isnan(exact[b, g, c, i])]
+                ranked = sorted(ranked, key=lambda i: -exact[b, g, c, i].item())[:topk - L]
+                assert set(got[b, c, g].tolist()) - {-1} == set(range(local - L + 1, local + 1)) | set(ranked)
+
+
+def test_a_rescoring_fp8_cache_selects_as_its_exact_keys_do(seed=0):
+    """FP8 keys alone change some rows' selection; a cache made with rescore=True keeps the exact keys beside the
+    codes, and its decode equals the forward rows over the exact keys wherever the exact choice lies within the FP8
+    stage's 2 (k - 1) best blocks (here every row; FP8 alone changes 4 of the 32)."""
+    from msa_tl.ops.cache import default_candidates
+
+    gen = torch.Generator().manual_seed(seed)
+    B, N, Hq, G, D, Di, Bk, topk, S = 2, 900, 4, 2, 16, 32, 16, 8, 8
+    q, k, v, q_idx, k_idx = inputs(B, N, Hq, G, D, Di, gen)
+    table = torch.randperm(B * 60, generator=gen).view(B, 60).int()
+    cache = MSACache.paged(B, N, G, D, Di, page_size=Bk, dtype=f64, index_dtype=torch.float8_e4m3fn, rescore=True,
+                           num_pages=B * 60, block_table=table)
+    cache.append(k, v, k_idx)
+    assert cache.rescore and cache.k_idx_exact.dtype == f64
+    assert torch.equal(torch.stack([R.cached_rows(cache.k_idx_exact, table, b, N) for b in range(B)]), k_idx)
+    lengths = [N, N - 77]
+    cache = MSACache(cache.k, cache.v, cache.k_idx, table, lengths, k_idx_scale=cache.k_idx_scale,
+                     k_idx_exact=cache.k_idx_exact)
+    o, idx = msa_tl.msa_decode(newest(q, lengths, S), newest(q_idx, lengths, S), cache, block_size=Bk, topk=topk,
+                               return_indices=True)
+    want_o, _, want_idx = forward_rows(q, k, v, q_idx, k_idx, lengths, S, Bk, topk)
+    fp8_only = MSACache(cache.k, cache.v, cache.k_idx, table, lengths, k_idx_scale=cache.k_idx_scale)
+    fp8_idx = msa_tl.msa_decode(newest(q, lengths, S), newest(q_idx, lengths, S), fp8_only, block_size=Bk,
+                                topk=topk, return_indices=True)[1]
+    assert not torch.equal(fp8_idx, want_idx), "FP8 alone chose as the exact keys do: the case tests nothing"
+    assert torch.equal(idx, want_idx) and (o - want_o).abs().max().item() <= 1e-12
+    assert default_candidates(topk) == 14 and default_candidates(16) == 30 and default_candidates(32) == 31
+
+
+def test_rescoring_needs_fp8_keys_and_exact_keys_of_their_shape():
+    G, D, Di = 2, 8, 16
+    k = torch.zeros(4, 64, G, D)
+    codes = torch.zeros(4, 64, Di, dtype=torch.float8_e4m3fn)
+    scale = torch.ones(4, 64)
+    table = torch.arange(4, dtype=torch.int32).view(1, 4)
+    with pytest.raises(ValueError, match="k_idx_exact"):
+        MSACache(k, k.clone(), codes, table, [0], k_idx_scale=scale, k_idx_exact=torch.zeros(4, 64, Di + 1))
+    with pytest.raises(ValueError, match="k_idx_exact"):
+        MSACache(k, k.clone(), torch.zeros(4, 64, Di), table, [0], k_idx_exact=torch.zeros(4, 64, Di))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        MSACache.paged(1, 256, G, D, Di, page_size=64, rescore=True)
+    with pytest.raises(ValueError, match="rescore=True"):
+        MSACache.paged(1, 256, G, D, Di, page_size=64, index_dtype=torch.float8_e4m3fn).plan(
+            queries=1, heads=4, rescore_candidates=8)

@@ -100,9 +100,9 @@ def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D,
     assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL
 
 
-def decode_case(B_lengths, S, Hq, G, D, Di, Bk, seed, contiguous=False, max_pages=None, fp8=False):
+def decode_case(B_lengths, S, Hq, G, D, Di, Bk, seed, contiguous=False, max_pages=None, fp8=False, rescore=False):
     """A bf16 cache holding ragged rows (pages shuffled unless ``contiguous``; FP8 index keys with a scale per token
-    if ``fp8``) and the newest S tokens' queries."""
+    if ``fp8``, and the bf16 keys they quantise beside them if ``rescore``) and the newest S tokens' queries."""
     from msa_tl.ops.cache import MSACache
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -111,22 +111,25 @@ def decode_case(B_lengths, S, Hq, G, D, Di, Bk, seed, contiguous=False, max_page
     table = (torch.arange(B * max_pages, device="cuda") if contiguous
              else torch.randperm(B * max_pages, device="cuda", generator=gen)).view(B, max_pages).int()
     rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-    k_idx, k_idx_scale = rand(B * max_pages, Bk, Di), None
+    k_idx, k_idx_scale, exact = rand(B * max_pages, Bk, Di), None, None
     if fp8:
-        k_idx, k_idx_scale = R.quantize_fp8(k_idx * (1 + torch.rand(B * max_pages, Bk, 1, device="cuda", generator=gen)))
+        exact = (k_idx * (1 + torch.rand(B * max_pages, Bk, 1, device="cuda", generator=gen))).bfloat16()
+        k_idx, k_idx_scale = R.quantize_fp8(exact)
     cache = MSACache(rand(B * max_pages, Bk, G, D), rand(B * max_pages, Bk, G, D), k_idx, table, B_lengths,
-                     k_idx_scale=k_idx_scale)
+                     k_idx_scale=k_idx_scale, k_idx_exact=exact if rescore else None)
     return cache, rand(B, S, Hq, D), rand(B, S, G, Di)
 
 
 def assert_decode_selection_up_to_ties(idx, q_idx, cache, Bk, topk, index_scale=None):
     """Per row: the local block in slot 0 and the reference's chosen set, except blocks whose float64 score ties the
     selection boundary within bf16 rounding. FP8 caches: the reference scores the dequantised keys against q_idx
-    quantised as the scan quantises it."""
+    quantised as the scan quantises it; rescoring ones: the exact keys against q_idx (the selection the two stages
+    reach where the exact choice lies within the FP8 stage's candidates)."""
     B, S, G, _ = q_idx.shape
-    q_idx = R.fake_quantize_fp8(q_idx) if cache.index_fp8 else q_idx
+    q_idx = R.fake_quantize_fp8(q_idx) if cache.index_fp8 and not cache.rescore else q_idx
+    index_keys = cache.k_idx_exact if cache.rescore else cache.index_keys()
     for b, n in enumerate(cache.lengths):
-        keys = R.cached_rows(cache.index_keys(), cache.block_table, b, n)[None]
+        keys = R.cached_rows(index_keys, cache.block_table, b, n)[None]
         scores = R._pool_blocks(R.index_token_scores(q_idx[b:b + 1], keys, index_scale, n - S), Bk)  # [1, G, S, nblk]
         want = R.topk_blocks(scores, topk, Bk, query_start=n - S)[0]  # [S, G, topk]
         local = (n - S + torch.arange(S, device="cuda")) // Bk
@@ -157,19 +160,26 @@ STEP_CASES = pytest.mark.parametrize(
 @STEP_CASES
 def test_msa_decode_runs_the_kernels_and_matches_the_reference(S, G, Hq, D, Di, Bk, topk, contiguous, fp8, seed=0):
     """The whole step through msa_decode (scan, top-k, split attention and combine on the GPU): selection up to bf16 ties, outputs and LSE against the float64 reference over the kernel's selection."""
-    import msa_tl
-    from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
     from msa_tl.ops.kernels import _msa_decode_limit
 
     lengths = [S + 5, 1500, 4 * Bk + 9, 3000 + S]
     cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, contiguous=contiguous, fp8=fp8)
     assert _msa_decode_limit(q.device, dtype=q.dtype, heads=Hq, groups=G, head_dim=D, index_dim=Di, block_size=Bk,
                              topk=topk, page_size=Bk) is None, "the reference would run"
+    assert_decode_step_matches_the_reference(cache, q, q_idx, Bk, topk)
+
+
+def assert_decode_step_matches_the_reference(cache, q, q_idx, Bk, topk):
+    """msa_decode on the kernels: the selection up to bf16 ties (:func:`assert_decode_selection_up_to_ties`), outputs
+    and LSE against the float64 reference over the kernel's selection."""
+    import msa_tl
+    from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
+
     o, lse, idx = msa_tl.msa_decode(q, q_idx, cache, block_size=Bk, topk=topk, return_lse=True, return_indices=True)
-    assert o.dtype == q.dtype and o.shape == q.shape and idx.shape == (len(lengths), S, G, topk)
+    assert o.dtype == q.dtype and o.shape == q.shape and idx.shape == (*q_idx.shape[:3], topk)
     assert_decode_selection_up_to_ties(idx, q_idx, cache, Bk, topk)
-    ref_o, ref_lse, _ = R.msa_decode(q, q_idx, cache.k, cache.v, cache.index_keys(), cache.block_table, lengths, Bk,
-                                     topk, indices=idx)
+    ref_o, ref_lse, _ = R.msa_decode(q, q_idx, cache.k, cache.v, cache.index_keys(), cache.block_table,
+                                     cache.lengths, Bk, topk, indices=idx)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     assert relative_error(o, ref_o) <= OUTPUT_RTOL
     assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL
@@ -262,3 +272,60 @@ def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, key
         assert torch.equal(torch.isneginf(row), torch.isneginf(want)), f"row {b}: -inf entries differ"
         seen = torch.isfinite(want)
         assert ((row[seen] - want[seen]).abs() <= 2.0**-10 * magnitude[seen]).all(), f"row {b}"
+
+
+@pytest.mark.parametrize("S,G,Bk,topk,local_blocks", [(1, 4, 128, 16, 1), (8, 4, 128, 16, 1), (5, 2, 64, 8, 2)])
+def test_the_rescore_stage_ranks_the_candidates_by_their_exact_scores(S, G, Bk, topk, local_blocks, seed=0):
+    """The second stage alone over shuffled pages: candidates laid out as the decode top-k leaves them (the forced
+    blocks first, then some earlier blocks, -1 where a short row has none), ranked by the exact keys' scores: the
+    forced slots unchanged, then the float64 reference's choice among the candidates in descending order of score,
+    up to ties within bf16 rounding."""
+    from msa_tl.decode.rescore import rescore_blocks
+
+    q_idx, k_idx_pages, table, _, lengths = paged_index_keys(S, G, Bk, seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    L, c = local_blocks, 2 * (topk - local_blocks)
+    index_scale = q_idx.shape[-1] ** -0.5
+    cand = torch.full((len(lengths), S, G, L + c), -1, dtype=torch.int32)
+    exact = []
+    for b, n in enumerate(lengths):
+        keys = R.cached_rows(k_idx_pages, table, b, n)[None]
+        exact.append(R._pool_blocks(R.index_token_scores(q_idx[b:b + 1], keys, index_scale, n - S), Bk)[0])
+        for s in range(S):
+            local = (n - S + s) // Bk
+            for j in range(L):
+                cand[b, s, :, j] = local - j if local >= j else -1
+            earlier = local - L + 1
+            for g in range(G):
+                chosen = torch.randperm(max(earlier, 0), generator=gen)[:c]
+                cand[b, s, g, L:L + chosen.numel()] = chosen.int()
+    got = rescore_blocks(q_idx, k_idx_pages, table, cand.cuda(), topk, index_scale, L).cpu()
+    for b, n in enumerate(lengths):
+        for s in range(S):
+            for g in range(G):
+                assert torch.equal(got[b, s, g, :L], cand[b, s, g, :L]), (b, s, g)
+                pool = [i for i in cand[b, s, g, L:].tolist() if i >= 0]
+                score = exact[b][g, s].cpu()
+                want = sorted(pool, key=lambda i: -score[i].item())[:topk - L]
+                mine = got[b, s, g, L:].tolist()
+                assert mine[len(want):] == [-1] * (topk - L - len(want)), (b, s, g)
+                mine = mine[:len(want)]
+                values = [score[i].item() for i in mine]
+                assert all(values[i] >= values[i + 1] - 2**-8 * max(1.0, abs(values[i]))  # descending, up to ties
+                           for i in range(len(values) - 1)), (b, s, g, values)
+                for blk in set(mine) ^ set(want):  # a swap across the boundary: a tie within bf16 rounding
+                    boundary = score[want[-1]].item()
+                    assert abs(score[blk].item() - boundary) <= 2**-8 * max(1.0, abs(boundary)), (b, s, g, blk)
+
+
+@pytest.mark.parametrize("S,G,Hq,D,Di,Bk,topk,contiguous", [(1, 4, 64, 128, 128, 128, 16, False),
+                                                             (8, 2, 16, 64, 64, 64, 8, True)],
+                         ids=["decode-paper-paged", "draft-8-Bk64-contiguous"])
+def test_msa_decode_with_a_rescoring_fp8_cache_selects_as_the_exact_keys_do(S, G, Hq, D, Di, Bk, topk, contiguous,
+                                                                           seed=0):
+    """FP8 scan, FP8 top-k of 2 (k - 1) candidates, their rescoring with the exact keys and the attention, through
+    msa_decode: the selection of the exact (bf16) keys up to bf16 ties, outputs and LSE against the float64
+    reference over the kernel's selection."""
+    lengths = [S + 5, 1500, 4 * Bk + 9, 6000 + S]
+    cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, contiguous=contiguous, fp8=True, rescore=True)
+    assert_decode_step_matches_the_reference(cache, q, q_idx, Bk, topk)

@@ -1,8 +1,10 @@
-"""One MSA decode step over a paged cache on the GPU: index scan -> top-k -> split attention -> LSE combine.
+"""One MSA decode step over a paged cache on the GPU: index scan -> top-k (-> rescore) -> split attention -> LSE combine.
 
     q [B, S, Hq, D], q_idx [B, S, G, Di]                    the newest S tokens of each row (already appended)
     k_pages / v_pages [num_pages, Bk, G, D], k_idx_pages [num_pages, Bk, Di], block_table [B, max_pages] int32,
     seqlens [B] int32                                        the cache (pages of one block)
+    k_idx_exact [num_pages, Bk, Di]                          with FP8 index keys and ``rescore_candidates``: the
+                                                             exact keys that rank the FP8 stage's best blocks again
     -> o [B, S, Hq, D], lse [B, S, Hq] fp32, indices [B, S, G, topk] int32
 
 :class:`DecodePlan` splits the step as serving stacks do: what depends only on the batch (the block table, the
@@ -19,6 +21,7 @@ import math
 import torch
 
 from msa_tl.decode.attention import attention_kernel, decode_combine_program, decode_splits
+from msa_tl.decode.rescore import rescore_kernels
 from msa_tl.decode.scores import scan_kernel
 from msa_tl.decode.topk import topk_kernel
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
@@ -38,6 +41,8 @@ class DecodePlan:
         dtype: q's dtype (bf16 / fp16).
         index_fp8: the index keys are float8_e4m3fn codes with a scale per token (the scan quantises each query row
             to FP8 too and scores with FP8 wgmma); else they have ``dtype``.
+        rescore_candidates: with ``index_fp8``, > 0 makes the selection two-stage (:mod:`msa_tl.decode.rescore`):
+            the FP8 top-k keeps this many blocks beside the forced ones, and the exact index keys rank them again.
         splits: CTAs that share each (token, group)'s slots (default :func:`decode_splits`).
         scores_config, topk_config, attention_config: knob overrides of each kernel's defaults.
     """
@@ -45,7 +50,7 @@ class DecodePlan:
     def __init__(self, block_table: torch.Tensor, seqlens: torch.Tensor, *, queries: int, heads: int, groups: int,
                  head_dim: int, index_dim: int, block_size: int = 128, topk: int = 16, scale: float | None = None,
                  index_scale: float | None = None, dtype: torch.dtype = torch.bfloat16, index_fp8: bool = False,
-                 local_blocks: int = 1, splits: int | None = None,
+                 local_blocks: int = 1, rescore_candidates: int = 0, splits: int | None = None,
                  scores_config: dict | None = None, topk_config: dict | None = None,
                  attention_config: dict | None = None):
         B, max_pages = block_table.shape
@@ -57,10 +62,15 @@ class DecodePlan:
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         tl = tl_dtype(dtype)
         self.index_fp8 = index_fp8
+        if rescore_candidates and not (index_fp8 and rescore_candidates >= topk - local_blocks):
+            raise ValueError(f"rescore_candidates ({rescore_candidates}) rank FP8 candidates again: they need FP8 index "
+                             f"keys and at least topk - local_blocks = {topk - local_blocks} of them")
+        self.rescore_candidates = rescore_candidates
+        slots = local_blocks + rescore_candidates if rescore_candidates else topk  # what the top-k kernel keeps
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
                                    fp8=index_fp8, device=device, **(scores_config or {}))
-        self._topk = topk_kernel(groups=groups, block_size=block_size, topk=topk, max_pages=max_pages,
+        self._topk = topk_kernel(groups=groups, block_size=block_size, topk=slots, max_pages=max_pages,
                                  **({} if local_blocks == 1 else dict(local_blocks=local_blocks)), **(topk_config or {}))
         self._attend = attention_kernel(groups=groups, heads=heads, head_dim=head_dim, block_size=block_size,
                                         topk=topk, scale=scale, splits=self.splits, dtype=tl,
@@ -68,6 +78,13 @@ class DecodePlan:
         self._combine = compiled_kernel(decode_combine_program, heads=heads, groups=groups, head_dim=head_dim,
                                         splits=self.splits, dtype=tl)
         rows, R = queries * groups, heads // groups
+        if rescore_candidates:
+            index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
+            self._rescore, self._rescore_select = rescore_kernels(
+                groups=groups, index_dim=index_dim, block_size=block_size, topk=topk, candidates=rescore_candidates,
+                scale=index_scale, local_blocks=local_blocks, dtype=tl)
+            self._candidates = torch.empty((B, rows, slots), device=device, dtype=torch.int32)  # [B, S*G, L + c]
+            self._rescored = torch.empty((B, rows, rescore_candidates), device=device, dtype=torch.float32)
         self._block_scores = torch.empty((B, rows, max_pages), device=device, dtype=torch.float32)  # [B, S*G, pages]
         self._o_part = torch.empty((B, rows, self.splits, R, head_dim), device=device, dtype=torch.float32)
         self._l_part = torch.empty((B, rows, self.splits, R), device=device, dtype=torch.float32)
@@ -85,12 +102,21 @@ class DecodePlan:
                      self._block_scores)
         return self._block_scores
 
-    def select(self, block_scores: torch.Tensor) -> torch.Tensor:
-        """indices [B, S, G, topk] int32 (slots 0 .. local_blocks - 1 the newest blocks) from :meth:`index_scores`'s scores."""
+    def select(self, block_scores: torch.Tensor, q_idx: torch.Tensor | None = None,
+               k_idx_exact: torch.Tensor | None = None) -> torch.Tensor:
+        """indices [B, S, G, topk] int32 (slots 0 .. local_blocks - 1 the newest blocks) from :meth:`index_scores`'s
+        scores; a rescoring plan also takes q_idx [B, S, G, Di] and the exact index-key pages [num_pages, Bk, Di]."""
         s = self.shape
         B, S, G = s["batch"], s["queries"], s["groups"]
         indices = torch.empty((B, S, G, s["topk"]), device=block_scores.device, dtype=torch.int32)
-        self._topk(block_scores, self.seqlens, indices.view(B, S * G, -1))
+        if not self.rescore_candidates:
+            self._topk(block_scores, self.seqlens, indices.view(B, S * G, -1))
+            return indices
+        if q_idx is None or k_idx_exact is None:
+            raise ValueError("this plan rescores FP8 candidates: select needs q_idx and the exact index keys")
+        self._topk(block_scores, self.seqlens, self._candidates)
+        self._rescore(q_idx.view(B, S * G, -1), k_idx_exact, self.block_table, self._candidates, self._rescored)
+        self._rescore_select(self._candidates, self._rescored, indices.view(B, S * G, -1))
         return indices
 
     def attend(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, indices: torch.Tensor):
@@ -105,15 +131,16 @@ class DecodePlan:
         return o, lse
 
     def run(self, q: torch.Tensor, q_idx: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-            k_idx_pages: torch.Tensor, k_idx_scale: torch.Tensor | None = None):
+            k_idx_pages: torch.Tensor, k_idx_scale: torch.Tensor | None = None,
+            k_idx_exact: torch.Tensor | None = None):
         """One layer's step: q [B, S, Hq, D], q_idx [B, S, G, Di] and its cache pages (with the index keys' scales
-        when FP8) -> (o [B, S, Hq, D], lse [B, S, Hq] fp32, indices [B, S, G, topk] int32), fresh tensors each
-        call."""
+        when FP8, and their exact pages when the plan rescores) -> (o [B, S, Hq, D], lse [B, S, Hq] fp32, indices
+        [B, S, G, topk] int32), fresh tensors each call."""
         s = self.shape
         B, S, Hq, D, G = s["batch"], s["queries"], s["heads"], s["head_dim"], s["groups"]
         if q.shape != (B, S, Hq, D) or q_idx.shape != (B, S, G, s["index_dim"]):
             raise ValueError(f"this plan runs q [{B}, {S}, {Hq}, {D}] and q_idx [{B}, {S}, {G}, {s['index_dim']}], "
                              f"got {tuple(q.shape)} and {tuple(q_idx.shape)}")
-        indices = self.select(self.index_scores(q_idx, k_idx_pages, k_idx_scale))
+        indices = self.select(self.index_scores(q_idx, k_idx_pages, k_idx_scale), q_idx, k_idx_exact)
         o, lse = self.attend(q, k_pages, v_pages, indices)
         return o, lse, indices
