@@ -1,6 +1,6 @@
 """MSA decode steps against dense decode over the same cache, timed in one process.
 
-    python -m benchmarks.bench_decode [--cases paper|grid|all] [--scan-sweep]
+    python -m benchmarks.bench_decode [--cases paper|grid|all|none] [--scan-sweep] [--fp8-quality] [--radix]
 
 Paper shape: Hq=64, G=4, D=Di=128, Bk=128 (= page size), k=16, bf16, pages in random order; index keys bf16 and
 FP8 (e4m3 codes and a scale per token, from the same keys). Each step is timed as
@@ -9,6 +9,9 @@ attention, LSE combine); dense is torch SDPA over the contiguous cache (flash, c
 fastest; S > 1 with a bottom-right causal mask). The stages are also timed alone. Bytes: dense reads all K and V
 (B N G D 2 B x 2); ours reads the index keys (B N Di 2 B) plus at most B S G k Bk D 2 B x 2 of K and V, so their
 ratio bounds the speedup; the scan's rate is reported against the device copy rate measured in the same run.
+
+Index modes: bf16 keys, FP8 keys, FP8 keys whose best 2 (k - 1) blocks the bf16 keys rank again (``rescore``), and with
+``--radix`` each of them again with the radix-select top-k.
 
 ``paper``: context 128K and 1M at batch 1, 8 and 32 (1M at 1 and 8), S = 1 and 8. ``grid``: MiniMax's serving
 grid, batch 8 / 32 / 64 / 128 x context 1K-200K, 8 queries a request (the whole step only). Cases that do not fit in memory are skipped
@@ -43,13 +46,15 @@ GRID_CASES = [(N, B, 8) for B in (8, 32, 64, 128) for N in (1024, 8192, 32768, 1
 # the index keys a step scores: bf16, FP8, and FP8 whose best 2 (k - 1) blocks the bf16 keys rank again
 INDEX_MODES = {"bf16": dict(index_fp8=False), "fp8": dict(index_fp8=True),
                "fp8+rescore": dict(index_fp8=True, rescore_candidates=default_candidates(TOPK))}
+# --radix: each mode again with the radix-select top-k
+RADIX_MODES = {f"{name}+radix": dict(options, topk_config=dict(radix=True)) for name, options in INDEX_MODES.items()}
 
 
-def mode_keys(mode, k_idx_pages, codes, k_scale):
-    """(the scan's key tensors, the exact keys a rescoring plan's select takes or None)."""
-    if mode == "bf16":
+def mode_keys(options, k_idx_pages, codes, k_scale):
+    """(the scan's key tensors, the exact keys a rescoring plan's select takes or None) of a mode's plan options."""
+    if not options["index_fp8"]:
         return (k_idx_pages,), None
-    return (codes, k_scale), (k_idx_pages if mode == "fp8+rescore" else None)
+    return (codes, k_scale), (k_idx_pages if options.get("rescore_candidates") else None)
 
 
 def run_plan(plan, q, q_idx, k_pages, v_pages, scan_keys, exact):
@@ -106,7 +111,7 @@ def copy_rate_gbs() -> float:
     return 2 * x.numel() / time_ms(lambda: y.copy_(x)) / 1e6
 
 
-def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
+def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True, modes=INDEX_MODES):
     free = torch.cuda.mem_get_info()[0]
     if cache_bytes(N, B) * 1.2 > free:
         print(f"N={N} B={B} S={S}: skipped, the cache ({cache_bytes(N, B) / 2**30:.1f} GiB) does not fit", flush=True)
@@ -117,10 +122,10 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
     dense_ms, dense_name, dense_all = dense_decode_ms(q, k_pages, v_pages, N, rep_ms)
     dense_bytes = B * N * G * D * 2 * 2
     chosen = {}
-    for name, options in INDEX_MODES.items():
+    for name, options in modes.items():
         plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
                           topk=TOPK, **options)
-        keys, exact = mode_keys(name, k_idx_pages, codes, k_scale)
+        keys, exact = mode_keys(options, k_idx_pages, codes, k_scale)
         step_ms = graph_ms(lambda: run_plan(plan, q, q_idx, k_pages, v_pages, keys, exact), rep_ms)
         scores = plan.index_scores(q_idx, *keys)
         indices = chosen[name] = plan.select(scores, q_idx, exact)
@@ -134,7 +139,7 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
                                topk=TOPK, attention_config=dict(pipelined=True))
             pipelined_ms = graph_ms(lambda: piped.attend(q, k_pages, v_pages, indices))
             del piped
-        index_bytes = B * N * (DI * 2 if name == "bf16" else DI + 4)
+        index_bytes = B * N * (DI + 4 if options["index_fp8"] else DI * 2)
         rescore_bytes = B * S * G * plan.rescore_candidates * BK * DI * 2
         ours_bytes = index_bytes + rescore_bytes + B * min(S * TOPK, math.ceil(N / BK)) * G * BK * D * 2 * 2
         scan_gbs = index_bytes / scan_ms / 1e6
@@ -146,7 +151,7 @@ def bench_case(table_out, N, B, S, copy_gbs, gen, stages=True):
                             scan_gbs=scan_gbs, scan_pct_of_copy=100 * scan_gbs / copy_gbs, splits=plan.splits,
                             dense_all_us=" ".join(f"{k}:{v * 1e3:.0f}" for k, v in dense_all.items()))
         if name != "bf16":
-            row["fp8_recall"] = selection_recall(chosen[name], chosen["bf16"])
+            row["fp8_recall"] = selection_recall(chosen[name], chosen["bf16"])  # of the first mode, bf16
         print(f"N={N:8d} B={B:3d} S={S} {name:11s}: ours {row['ours_us']:7.1f} us (scan {row['scan_us']:.1f}, select "
               f"{row['select_us']:.1f}, attend {row['attend_us']:.1f}, TMA-pipelined "
               f"{row['attend_pipelined_us']:.1f}) | dense {row['dense_us']:8.1f} us "
@@ -177,7 +182,7 @@ def fp8_quality(N, S, gen):
     for name, options in INDEX_MODES.items():
         plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
                           topk=TOPK, **options)
-        out[name] = run_plan(plan, q, q_idx, k_pages, v_pages, *mode_keys(name, k_idx_pages, codes, k_scale))
+        out[name] = run_plan(plan, q, q_idx, k_pages, v_pages, *mode_keys(options, k_idx_pages, codes, k_scale))
     recall = {name: selection_recall(out[name][2], out["bf16"][2]) for name in ("fp8", "fp8+rescore")}
     errors = {k: relative_error(v[0], ref_o) for k, v in out.items()}
     print(f"FP8 quality N={N} S={S}: recall of the bf16 selection: fp8 {recall['fp8']:.4f}, fp8+rescore "
@@ -218,7 +223,8 @@ def scan_sweep(copy_gbs, gen):
 
 
 def select_sweep(gen):
-    """The top-k's warps a row x loads in flight (``unroll``) at 128K and 1M, one token a row, from graphs."""
+    """The top-k's warps a row x loads in flight (``unroll``) at 128K and 1M, one token a row, from graphs; then the
+    radix select against the lists at k and 2k - 1 slots (and whether it chose the same)."""
     sweep = BenchTable("decode_select_sweep")
     for N in (131072, 1 << 20):
         table, seqlens, _, _, k_idx_pages, _, q_idx = paged_cache(N, 1, 1, gen)
@@ -232,6 +238,18 @@ def select_sweep(gen):
                 ms = graph_ms(lambda: variant.select(scores), 300)
                 sweep.add(what="decode top-k", B=1, N=N, S=1, warps=warps, unroll=unroll, us=ms * 1e3)
                 print(f"top-k N={N} warps={warps:2d} unroll={unroll:2d}: {ms * 1e3:6.1f} us", flush=True)
+        # the radix select against the lists (default knobs) at k and at the rescore's 2k - 1 candidate slots
+        for slots in (TOPK, 1 + default_candidates(TOPK)):
+            for radix in (False, True):
+                variant = DecodePlan(table, seqlens, queries=1, heads=HQ, groups=G, head_dim=D, index_dim=DI,
+                                     block_size=BK, topk=slots, topk_config=dict(radix=radix))
+                ms = graph_ms(lambda: variant.select(scores), 300)
+                same = torch.equal(variant.select(scores), DecodePlan(
+                    table, seqlens, queries=1, heads=HQ, groups=G, head_dim=D, index_dim=DI, block_size=BK,
+                    topk=slots).select(scores))
+                sweep.add(what="decode top-k", B=1, N=N, S=1, slots=slots, radix=radix, us=ms * 1e3, same=same)
+                print(f"top-k N={N} slots={slots} {'radix' if radix else 'lists'}: {ms * 1e3:6.1f} us "
+                      f"(same as the lists: {same})", flush=True)
         del table, k_idx_pages, plan, scores
         torch.cuda.empty_cache()
     print(f"wrote {sweep.write_csv()}")
@@ -242,7 +260,9 @@ def main():
     parser.add_argument("--cases", choices=("paper", "grid", "all", "none"), default="paper")
     parser.add_argument("--scan-sweep", action="store_true")
     parser.add_argument("--fp8-quality", action="store_true", help="FP8 selection recall and output error, 128K, 1M")
+    parser.add_argument("--radix", action="store_true", help="each index mode again with the radix-select top-k")
     args = parser.parse_args()
+    modes = {**INDEX_MODES, **(RADIX_MODES if args.radix else {})}
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_rate_gbs()
     table = BenchTable("decode")
@@ -253,10 +273,10 @@ def main():
         select_sweep(gen)
     if args.cases in ("paper", "all"):
         for N, B, S in PAPER_CASES:
-            bench_case(table, N, B, S, copy_gbs, gen)
+            bench_case(table, N, B, S, copy_gbs, gen, modes=modes)
     if args.cases in ("grid", "all"):  # the step and dense only: 40 rows
         for N, B, S in GRID_CASES:
-            bench_case(table, N, B, S, copy_gbs, gen, stages=False)
+            bench_case(table, N, B, S, copy_gbs, gen, stages=False, modes=modes)
     if args.fp8_quality:
         for N in (131072, 1 << 20):
             table.add(**fp8_quality(N, 8, gen))

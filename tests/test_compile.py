@@ -334,19 +334,25 @@ def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,
     C7512: the wide backward's dQ then goes in 64-column slices); the attention kernels overlap their GEMMs with
     other work, so none may draw any of these, nor spill."""
+    report = ptxas_report(lower_to_cuda(builder, **config), tmp_path)
+    assert not [code for code in ("C7511", "C7512", "C7514", "C7518") if code in report], report[-2000:]
+    assert "0 bytes spill stores" in report
+
+
+def ptxas_report(source: str, tmp_path) -> str:
+    """ptxas's verbose report (registers, spills, warnings) of compiling ``source`` for sm_90a with nvcc."""
     import subprocess
     from pathlib import Path
 
-    source = tmp_path / "kernel.cu"
-    source.write_text(lower_to_cuda(builder, **config))
+    path = tmp_path / "kernel.cu"
+    path.write_text(source)
     tl = Path(tilelang.__file__).parent
     result = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--use_fast_math",
                              "--expt-relaxed-constexpr", f"-I{tl / 'src'}", f"-I{tl / '3rdparty/cutlass/include'}",
-                             "-DENABLE_BF16", "-cubin", "-Xptxas", "-v", str(source), "-o", str(tmp_path / "k.cubin")],
+                             "-DENABLE_BF16", "-cubin", "-Xptxas", "-v", str(path), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not [code for code in ("C7511", "C7512", "C7514", "C7518") if code in result.stderr], result.stderr[-2000:]
-    assert "0 bytes spill stores" in result.stderr
+    return result.stderr
 
 
 def test_the_backward_says_which_columns_and_shared_memory_do_not_fit():
@@ -442,6 +448,24 @@ def test_the_rescore_stage_scores_each_candidate_block_on_tensor_cores_then_rank
     assert "__shfl" not in source and "Rescored[" in source
     for builder, args in ((decode_rescore.rescore_program, config), (decode_rescore.rescore_select_program, select)):
         assert "__global__" in compile_program(builder, args, target=sm90_target()).get_kernel_source()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("max_pages,topk,local_blocks", [(8192, 31, 1), (1024, 16, 2), (16384, 16, 1)])
+def test_the_radix_top_k_counts_bins_once_a_warp_and_places_its_own_barriers(max_pages, topk, local_blocks, tmp_path,
+                                                                           monkeypatch):
+    """The radix select: warp-aggregated shared atomics into the bins (__match_any_sync, __popc), a warp scan by
+    shuffles, the slots taken by an atomic ticket; the barriers are its own (TileLang's planner, off for it, put two
+    in every key's iteration) and it compiles with nvcc without spilling."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
+    capacity, threads = decode_topk.radix_capacity(max_pages)
+    assert capacity >= max_pages and capacity // threads <= 16 and threads >= 256
+    source = lower_to_cuda(decode_topk.decode_topk_radix_program, groups=4, block_size=128, topk=topk,
+                           capacity=capacity, threads=threads, local_blocks=local_blocks)
+    assert "__match_any_sync" in source and "__popc" in source and "__shfl_up_sync" in source
+    assert "AtomicAddRet(" in source
+    assert source.count("__syncthreads()") == 12  # the program's own: none added inside the loops over a thread's keys
+    assert "0 bytes spill stores" in ptxas_report(source, tmp_path)
 
 
 def test_the_decode_attention_reads_k_and_v_through_the_block_table():

@@ -329,3 +329,32 @@ def test_msa_decode_with_a_rescoring_fp8_cache_selects_as_the_exact_keys_do(S, G
     lengths = [S + 5, 1500, 4 * Bk + 9, 6000 + S]
     cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, contiguous=contiguous, fp8=True, rescore=True)
     assert_decode_step_matches_the_reference(cache, q, q_idx, Bk, topk)
+
+
+@pytest.mark.parametrize("max_pages,topk,local_blocks", [(24, 16, 1), (1024, 16, 1), (1024, 31, 1), (8192, 31, 1),
+                                                          (8192, 16, 2), (700, 5, 1), (16384, 16, 1)])
+@pytest.mark.parametrize("scores_kind", ["random", "ties", "nan-and-inf"])
+def test_the_radix_top_k_chooses_exactly_what_the_lists_choose(max_pages, topk, local_blocks, scores_kind, seed=0):
+    """decode_topk_radix_program against decode_topk_program on the same scores: the same Idx, bit for bit (slot
+    order included), over rows of every length up to max_pages (fewer blocks than slots, a row of one block),
+    ties of equal scores (few distinct values, -0 beside +0), NaN and -inf scores (never chosen) and +inf."""
+    from msa_tl.decode.topk import decode_select
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    S, G, Bk = 2, 4, 128
+    lengths = [S, 5 * Bk + 3, max_pages * Bk // 2 + 7, max_pages * Bk]
+    scores = torch.randn(len(lengths), S, G, max_pages, device="cuda", generator=gen)
+    if scores_kind == "ties":
+        scores = (scores * 2).round() / 2  # ~13 distinct values: most of a row ties
+        scores[..., ::7] = -0.0
+    elif scores_kind == "nan-and-inf":
+        pick = torch.rand(scores.shape, device="cuda", generator=gen)
+        scores[pick < 0.05] = float("nan")
+        scores[(pick >= 0.05) & (pick < 0.1)] = float("-inf")
+        scores[(pick >= 0.1) & (pick < 0.102)] = float("inf")
+    seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
+    config = {} if local_blocks == 1 else dict(local_blocks=local_blocks)
+    lists = decode_select(scores, seqlens, Bk, topk, **config)
+    radix = decode_select(scores, seqlens, Bk, topk, radix=True, **config)
+    assert (lists[:, :, :, local_blocks:] >= 0).any(), "no ranked slot chosen: the case tests nothing"
+    assert torch.equal(radix, lists)

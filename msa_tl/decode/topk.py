@@ -9,6 +9,8 @@ Decode has few query rows (S * G: 4 at S = 1) and long rows of scores (8192 bloc
 ``unroll`` at a time, so their latencies overlap); k-1 rounds of a five-step shuffle argmax over a warp's list heads
 merge each warp's lists (the winning lane pops its head each round), and one more such merge in the first warp, a
 lane a warp's list, gives the row's. :func:`topk_warps` sizes the CTA to about ``per_thread`` scores a thread.
+The merges take k - 1 rounds twice (11-17 us at k = 16 on the H200, about twice that at 31 slots), so
+:func:`decode_topk_radix_program` gives the same output by a radix select whose passes do not depend on k.
 """
 
 import tilelang.language as T
@@ -17,8 +19,9 @@ import torch
 from msa_tl.index.select import _LOWEST, _check_local_blocks, _list_insert
 from msa_tl.tl_compile import compiled_kernel
 
-DECODE_TOPK_DEFAULTS = dict(unroll=4)
-DECODE_TOPK_KNOBS = dict(unroll=(2, 4, 8, 16), warps=(4, 8, 16))  # tuner choices (32 warps spill at unroll 16)
+# radix: decode_topk_radix_program (built, lowered and compiled for sm_90a; off until its GPU test has run)
+DECODE_TOPK_DEFAULTS = dict(unroll=4, radix=False)
+DECODE_TOPK_KNOBS = dict(unroll=(2, 4, 8, 16), warps=(4, 8, 16), radix=(False, True))  # tuner choices (32 warps spill at unroll 16)
 
 
 def topk_warps(max_pages: int, per_thread: int = 8) -> int:
@@ -122,11 +125,191 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
     return decode_topk
 
 
+_RADIX = 256  # bins of a pass: one byte of the 32-bit key
+
+
+def radix_capacity(max_pages: int) -> tuple[int, int]:
+    """(capacity, threads) of :func:`decode_topk_radix_program` for rows of ``max_pages`` scores: the row padded to a
+    power of two, held 4-16 keys a thread by 256-1024 threads (past 1024 threads x 16 keys, more keys a thread)."""
+    capacity = 256
+    while capacity < max_pages:
+        capacity *= 2
+    threads = min(1024, max(256, capacity // 16))
+    return capacity, threads
+
+
+def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity: int, threads: int = 256,
+                              local_blocks: int = 1):
+    """:func:`decode_topk_program`'s contract (the same Idx, bit for bit) by a radix select: rows of at most
+    ``capacity`` scores, ``capacity / threads`` a thread (contiguous, in registers).
+
+    Each score becomes an order-preserving unsigned key (0 for NaN, -inf and anything at or below the lists'
+    ``_LOWEST``: never chosen). Four passes, one a byte from the top, find the key of the row's (k - L)-th best
+    block: a pass counts the keys that share the bytes found so far into 256 bins (a warp's equal bins add once,
+    ``__match_any_sync``), and a suffix sum over the bins finds the bin that holds the rank still wanted. Then the
+    keys above it and the lowest-numbered keys equal to it (a block-wide scan orders them) fill the slots, ranked by
+    counting: higher score first, then the lower block. Its cost does not grow with k, where the lists' merges take
+    k - 1 rounds twice. The barriers are placed by hand (TileLang's sync planner put two in every key's iteration).
+    """
+    batch, n_rows, max_pages = T.dynamic("batch, n_rows, max_pages")
+    _check_local_blocks(topk, local_blocks)
+    ranked = topk - local_blocks  # the slots the select fills
+    E, warps = capacity // threads, threads // 32
+    if capacity % threads or threads % 32 or not _RADIX <= threads <= 1024:
+        raise ValueError(f"decode radix top-k: {threads} threads (a multiple of 32 in [256, 1024]) must divide the "
+                         f"capacity {capacity}")
+    u32 = "uint32"
+
+    def candidates(local):  # the blocks a row ranks, 0 .. local - local_blocks (the newer ones are forced)
+        return local if local_blocks == 1 else T.max(local - local_blocks + 1, 0)
+
+    @T.prim_func
+    def decode_topk_radix(
+        Scores: T.Tensor((batch, n_rows, max_pages), "float32"),
+        SeqLens: T.Tensor((batch,), "int32"),
+        Idx: T.Tensor((batch, n_rows, topk), "int32"),
+    ):
+        with T.Kernel(n_rows, batch, threads=threads) as (row, b):
+            key = T.alloc_local((E,), u32)  # this thread's keys: blocks tx * E .. tx * E + E - 1
+            hist = T.alloc_shared((_RADIX,), "int32")  # [256] keys by the pass's byte
+            suffix = T.alloc_shared((_RADIX + 1,), "int32")  # [257] keys in the bins from j up
+            prefix = T.alloc_shared((1,), u32)  # the bytes of the wanted key found so far
+            state = T.alloc_shared((2,), "int32")  # [the rank still wanted within the prefix, slots filled]
+            warp_eq = T.alloc_shared((warps,), "int32")  # [warps] keys equal to the wanted one, then before each warp
+            sel_key = T.alloc_shared((max(ranked, 1),), u32)  # [k - L] the chosen keys, unordered
+            sel_blk = T.alloc_shared((max(ranked, 1),), "int32")  # [k - L]
+            out = T.alloc_shared((topk,), "int32")  # [topk] the row's slots
+            count = T.alloc_local((1,), "int32")
+            carry = T.alloc_local((1,), "int32")
+            seen = T.alloc_local((1,), "int32")
+            slot = T.alloc_local((1,), "int32")
+            take = T.alloc_local((1,), "int32")
+            want = T.alloc_local((1,), "int32")  # the rank wanted: k - L, or every valid key where there are fewer
+            rem = T.alloc_local((1,), "int32")
+            pre = T.alloc_local((1,), u32)
+            tx = T.get_thread_binding()
+            lane, warp = tx % 32, tx // 32
+            local = (SeqLens[b] - n_rows // groups + row // groups) // block_size
+            n = candidates(local)
+            count[0] = 0
+            for e in T.unroll(E):
+                x = T.if_then_else(tx * E + e < n, Scores[b, row, T.min(tx * E + e, max_pages - 1)], _LOWEST)
+                bits = T.reinterpret(T.if_then_else(x == 0.0, T.float32(0.0), x), u32)  # -0 ranks as +0
+                key[e] = T.if_then_else(x > _LOWEST, T.if_then_else(bits >= T.uint32(0x80000000),
+                                                                    bits ^ T.uint32(0xFFFFFFFF),
+                                                                    bits | T.uint32(0x80000000)), T.uint32(0))
+                count[0] += T.if_then_else(key[e] > T.uint32(0), 1, 0)
+            if tx == 0:
+                prefix[0] = T.uint32(0)
+                state[0] = 0
+                state[1] = 0
+            if tx < topk:
+                out[tx] = T.if_then_else(tx < local_blocks, T.if_then_else(local >= tx, local - tx, -1), -1)
+            T.sync_threads()
+            for m in T.unroll(5):  # the valid keys: a warp's sum, added once a warp
+                count[0] += T.shfl_xor(count[0], 1 << m)
+            if lane == 0:
+                T.atomic_add(state[0], count[0])
+            T.sync_threads()
+            want[0] = T.min(state[0], ranked)
+            rem[0] = want[0]
+            for p in T.unroll(4):
+                shift = 24 - 8 * p
+                pre[0] = prefix[0]
+                hist[tx % _RADIX] = 0
+                T.sync_threads()
+                for e in T.unroll(E):
+                    # the keys that share the bytes found so far (two shifts: the first pass never shifts by 32)
+                    live = (key[e] > T.uint32(0)) & ((((key[e] ^ pre[0]) >> T.Cast(u32, shift)) >> T.uint32(8))
+                                                     == T.uint32(0))
+                    bin_ = T.if_then_else(live, T.Cast("int32", (key[e] >> T.Cast(u32, shift)) & T.uint32(255)),
+                                          _RADIX)
+                    peers = T.match_any_sync(bin_)
+                    # the lowest lane of each group of equal bins adds the group's count
+                    if live & ((peers & ((T.uint32(1) << T.Cast(u32, lane)) - T.uint32(1))) == T.uint32(0)):
+                        T.atomic_add(hist[bin_], T.Cast("int32", T.popcount(peers)))
+                T.sync_threads()
+                if tx < _RADIX:
+                    suffix[tx] = hist[tx]
+                if tx == 0:
+                    suffix[_RADIX] = 0
+                T.sync_threads()
+                for step in T.unroll(8):  # suffix sums, Hillis-Steele
+                    carry[0] = 0
+                    if tx + (1 << step) < _RADIX:
+                        carry[0] = suffix[tx + (1 << step)]
+                    T.sync_threads()
+                    if tx < _RADIX:
+                        suffix[tx] += carry[0]
+                    T.sync_threads()
+                # the bin holding the wanted rank: at least that many keys from it up, fewer from the next one up
+                if tx < _RADIX and rem[0] > 0:
+                    if suffix[tx] >= rem[0] and suffix[tx + 1] < rem[0]:
+                        prefix[0] = pre[0] | (T.Cast(u32, tx) << T.Cast(u32, shift))
+                        state[0] = rem[0] - suffix[tx + 1]
+                T.sync_threads()
+                rem[0] = state[0]
+            # prefix holds the wanted key: every key above it is taken, and rem of the keys equal to it, the
+            # lowest-numbered blocks first (ordered by a block-wide scan of each thread's count of them)
+            pre[0] = prefix[0]
+            count[0] = 0
+            for e in T.unroll(E):
+                count[0] += T.if_then_else((key[e] > T.uint32(0)) & (key[e] == pre[0]), 1, 0)
+            seen[0] = count[0]
+            for m in T.unroll(5):  # inclusive scan over the warp's lanes
+                carry[0] = T.shfl_up(seen[0], 1 << m)
+                if lane >= (1 << m):
+                    seen[0] += carry[0]
+            if lane == 31:
+                warp_eq[warp] = seen[0]
+            T.sync_threads()
+            if tx == 0:
+                carry[0] = 0
+                for w in T.serial(warps):  # exclusive over the warps
+                    slot[0] = warp_eq[w]
+                    warp_eq[w] = carry[0]
+                    carry[0] += slot[0]
+            T.sync_threads()
+            seen[0] = warp_eq[warp] + seen[0] - count[0]  # equal keys in the blocks before this thread's
+            for e in T.unroll(E):
+                take[0] = T.if_then_else((want[0] > 0) & (key[e] > pre[0]), 1, 0)
+                if (want[0] > 0) & (key[e] > T.uint32(0)) & (key[e] == pre[0]):
+                    take[0] = T.if_then_else(seen[0] < rem[0], 1, 0)
+                    seen[0] += 1
+                if take[0] == 1:
+                    slot[0] = T.atomic_add(state[1], 1, return_prev=True)
+                    sel_key[slot[0]] = key[e]
+                    sel_blk[slot[0]] = tx * E + e
+            T.sync_threads()
+            if tx < want[0]:  # rank by counting: the higher key, then the lower block, goes first
+                count[0] = 0
+                for i in T.serial(want[0]):
+                    count[0] += T.if_then_else((sel_key[i] > sel_key[tx])
+                                               | ((sel_key[i] == sel_key[tx]) & (sel_blk[i] < sel_blk[tx])), 1, 0)
+                out[local_blocks + count[0]] = sel_blk[tx]
+            T.sync_threads()
+            if tx < topk:
+                Idx[b, row, tx] = out[tx]
+
+    return decode_topk_radix
+
+
+# barriers by hand; no shared buffer shares memory with another (their phases meet at hand-placed barriers only)
+decode_topk_radix_program.pass_configs = {"tl.disable_thread_storage_sync": True, "tl.disable_shared_memory_reuse": True}
+
+
 def topk_kernel(*, groups: int, block_size: int, topk: int, max_pages: int, **config):
     """The compiled top-k for rows of ``max_pages`` block scores: :data:`DECODE_TOPK_DEFAULTS` and ``warps``
-    (:func:`topk_warps` of the row length) under ``config``."""
+    (:func:`topk_warps` of the row length) under ``config``; ``radix=True``: :func:`decode_topk_radix_program`
+    (same output) sized by :func:`radix_capacity` (``unroll`` / ``warps`` do not apply)."""
+    config = {**DECODE_TOPK_DEFAULTS, **config}
+    if config.pop("radix"):
+        capacity, threads = radix_capacity(max_pages)
+        local = {k: v for k, v in config.items() if k == "local_blocks"}
+        return compiled_kernel(decode_topk_radix_program, groups=groups, block_size=block_size, topk=topk,
+                               capacity=capacity, threads=threads, **local)
     return compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
-                           **{"warps": topk_warps(max_pages), **DECODE_TOPK_DEFAULTS, **config})
+                           **{"warps": topk_warps(max_pages), **config})
 
 
 def decode_select(scores: torch.Tensor, seqlens: torch.Tensor, block_size: int, topk: int, **config) -> torch.Tensor:
