@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -28,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import msa_tl
-from msa_tl.benchmark import BenchTable
+from msa_tl.benchmark import BenchTable, end_spawned_rank
 from msa_tl.ops.context_parallel import ZigzagLayout, context_parallel_msa, fetch_kv, gather_sequence, plan_exchange
 
 PAPER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
@@ -175,12 +174,7 @@ def rank_main(rank, world, rendezvous, args, results):
                 print(rows[-1], flush=True)
     if rank == 0:
         results.extend(rows)
-    dist.barrier()
-    dist.destroy_process_group()
-    # the rows are delivered; skip the interpreter's teardown, which sometimes aborts on a leftover gloo thread
-    # (tests/test_context_parallel.py)
-    sys.stdout.flush()
-    os._exit(0)
+    end_spawned_rank()  # the rows are delivered
 
 
 def main(argv=None):

@@ -255,17 +255,20 @@ class _FetchBlocks(torch.autograd.Function):
 
 
 def fetch_kv(k: torch.Tensor, v: torch.Tensor, layout: ZigzagLayout, exchange: BlockExchange,
-             process_group=None, pending: PendingGather | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             process_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [B, 2C, G, D] shards -> [B, N, G, D] each over the whole sequence, as ``exchange`` plans
-    (:func:`plan_exchange`); differentiable. ``pending``: the all-gather of ``torch.cat([k, v], -1)`` begun by
-    :func:`start_gather`, for an all-gather exchange."""
-    D = k.shape[-1]
-    kv = torch.cat([k, v], dim=-1)  # one collective for both
+    (:func:`plan_exchange`); differentiable."""
+    whole = fetch_packed_kv(torch.cat([k, v], dim=-1), layout, exchange, process_group)
+    return whole[..., :k.shape[-1]], whole[..., k.shape[-1]:]
+
+
+def fetch_packed_kv(kv: torch.Tensor, layout: ZigzagLayout, exchange: BlockExchange, process_group=None,
+                    pending: PendingGather | None = None) -> torch.Tensor:
+    """:func:`fetch_kv` of K and V packed as one tensor kv [B, 2C, G, 2D] (one collective for both) -> [B, N, G, 2D].
+    ``pending``: the all-gather of this very ``kv`` begun by :func:`start_gather`, for an all-gather exchange."""
     if exchange.sends is None:
-        whole = gather_sequence(kv, layout, process_group, pending)
-    else:
-        whole = _FetchBlocks.apply(kv, layout, exchange, process_group)
-    return whole[..., :D], whole[..., D:]
+        return gather_sequence(kv, layout, process_group, pending)
+    return _FetchBlocks.apply(kv, layout, exchange, process_group)
 
 
 class CommunicationVolume(NamedTuple):
@@ -350,9 +353,9 @@ def context_parallel_msa(
     rows = [slice(0, C), slice(C, 2 * C)]
     starts = layout.chunk_starts()
     whole_k_idx = gather_sequence(k_idx, layout, process_group)
+    kv = torch.cat([k, v], dim=-1)  # K and V move together
     # an all-gather of K / V needs no plan: it runs while the rank selects
-    pending = start_gather(torch.cat([k, v], dim=-1), layout, process_group) if dense or kv_exchange == "all_gather" \
-        else None
+    pending = start_gather(kv, layout, process_group) if dense or kv_exchange == "all_gather" else None
 
     def upto(x, t0):  # the tokens before a chunk's end: [B, t0 + C, ...]
         return x[:, :t0 + C].contiguous()
@@ -370,7 +373,8 @@ def context_parallel_msa(
                                      index_fp8=index_fp8, query_start=t0)
                        for h, t0 in enumerate(starts)]
         exchange = plan_exchange(torch.cat(indices, dim=1), layout, process_group, kv_exchange)
-    whole_k, whole_v = fetch_kv(k, v, layout, exchange, process_group, pending)
+    whole_kv = fetch_packed_kv(kv, layout, exchange, process_group, pending)
+    whole_k, whole_v = whole_kv[..., :k.shape[-1]], whole_kv[..., k.shape[-1]:]
 
     outs, lses, losses = [], [], []
     for h, t0 in enumerate(starts):
@@ -415,6 +419,7 @@ __all__ = [
     "gather_sequence",
     "plan_exchange",
     "fetch_kv",
+    "fetch_packed_kv",
     "BlockExchange",
     "CommunicationVolume",
     "ContextParallelOutput",

@@ -8,7 +8,6 @@ rank's traceback.
 """
 
 import os
-import sys
 import tempfile
 
 import pytest
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import msa_tl
+from msa_tl.benchmark import end_spawned_rank
 from msa_tl.ops.context_parallel import ALL_GATHER_SHARE, ZigzagLayout, context_parallel_msa, plan_exchange
 from msa_tl.ops.layer import MSAAttention
 from test_varlen import fresh_seed  # noqa: F401  (the fixed default seed, a fixture)
@@ -35,14 +35,7 @@ def _rank_main(rank, world, rendezvous, check, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     check(rank, world, *args)
-    dist.barrier()  # a rank that tears down while another still talks to it aborts the other at exit (gloo)
-    dist.destroy_process_group()
-    # every check passed; the interpreter's teardown in a spawned child under pytest sometimes ends in "terminate
-    # called without an active exception" from a leftover thread (about 1 run in 40, not reproduced outside pytest),
-    # so the rank leaves without it
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_spawned_rank()
 
 
 def sequence(B, N, Hq, G, D, Di, seed):

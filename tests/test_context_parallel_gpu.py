@@ -7,7 +7,6 @@ exactly on CPU processes.
 """
 
 import os
-import sys
 import tempfile
 
 import pytest
@@ -16,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from msa_tl import reference as R
+from msa_tl.benchmark import end_spawned_rank
 from msa_tl.ops.context_parallel import ZigzagLayout, context_parallel_msa
 from test_conformance_gpu import assert_within_calibration, dtype_baseline
 from test_varlen import assert_selection_up_to_ties
@@ -29,11 +29,7 @@ def _rank_main(rank, world, rendezvous, seed, kv_exchange):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     _check(rank, world, seed, kv_exchange)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_spawned_rank()
 
 
 def _check(rank, world, seed, kv_exchange):
