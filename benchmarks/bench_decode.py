@@ -32,7 +32,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from msa_tl.benchmark import BenchTable, time_ms
 from msa_tl.decode.plan import DecodePlan
-from msa_tl.decode.scores import DECODE_SCORES_KNOBS
+from msa_tl.decode.scores import DECODE_SCORES_FP8_KNOBS
 from msa_tl.decode.topk import DECODE_TOPK_KNOBS
 from msa_tl.ops.cache import default_candidates
 from msa_tl.reference import quantize_fp8
@@ -202,8 +202,8 @@ def scan_sweep(copy_gbs, gen):
         codes, k_scale = quantize_fp8(k_idx_pages)
         for index_fp8 in (False, True):
             keys = (codes, k_scale) if index_fp8 else (k_idx_pages,)
-            for pages in DECODE_SCORES_KNOBS["pages"] if index_fp8 else (1,):
-                for bpc in DECODE_SCORES_KNOBS["blocks_per_cta"]:
+            for pages in DECODE_SCORES_FP8_KNOBS["pages"] if index_fp8 else (1,):
+                for bpc in DECODE_SCORES_FP8_KNOBS["blocks_per_cta"]:
                     for stages in (3, 4):
                         plan = DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI,
                                           block_size=BK, topk=TOPK, index_fp8=index_fp8,

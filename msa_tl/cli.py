@@ -54,7 +54,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from msa_tl.benchmark import markdown_table
     from msa_tl.tuning.tune import tune
 
-    shape = {k: getattr(args, k) for k in ("groups", "heads", "head_dim", "index_dim", "block_size", "topk")}
+    shape = {k: getattr(args, k) for k in ("groups", "heads", "head_dim", "index_dim", "block_size", "topk", "batch",
+                                           "queries")}
     try:
         table = tune(args.programs, args.seq_lens, shape=shape, trials=args.trials, timeout=args.timeout,
                      jobs=args.jobs, objective=args.objective, storage=args.storage, save=not args.no_save)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="gpu: check then time each config (default); lowering: CPU-only dry run of the search")
     tune_cmd.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under the cache dir)")
     tune_cmd.add_argument("--no-save", action="store_true", help="do not write the winners to the user cache")
-    for dim in ("groups", "heads", "head_dim", "index_dim"):
+    for dim in ("groups", "heads", "head_dim", "index_dim", "batch", "queries"):
         tune_cmd.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=_at_least(1), default=PAPER_SHAPE[dim],
                               help=f"default {PAPER_SHAPE[dim]}")
     tune_cmd.add_argument("--block-size", dest="block_size", type=int, choices=INDEX_BLOCK_SIZES,

@@ -58,3 +58,16 @@ def attention_program_args(shape: dict) -> dict:
     return dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
                 block_size=shape["block_size"], topk=shape["topk"], scale=1.0 / math.sqrt(shape["head_dim"]),
                 dtype="bfloat16")
+
+
+HOPPER_SMS = 132  # H100 SXM and H200: the SM count the decode programs' shape-picked defaults assume when tuning
+
+# the decode programs' cache keys: the batch and the newest tokens a row (queries) as well as the layer's dims
+DECODE_DIMS = dict(scan=("groups", "index_dim", "block_size", "batch", "queries"),
+                   topk=("groups", "block_size", "topk", "batch", "queries"),
+                   attention=("heads", "groups", "head_dim", "block_size", "topk", "batch", "queries"))
+
+
+def decode_rows(shape: dict) -> int:
+    """Query rows of a decode step's batch row: its newest tokens (``queries``, 1 unless given) x the KV groups."""
+    return shape.get("queries", 1) * shape["groups"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from msa_tl import reference as R
+from msa_tl.checks import assert_decode_selection_up_to_ties
 
 pytestmark = pytest.mark.gpu
 
@@ -118,33 +119,6 @@ def decode_case(B_lengths, S, Hq, G, D, Di, Bk, seed, contiguous=False, max_page
     cache = MSACache(rand(B * max_pages, Bk, G, D), rand(B * max_pages, Bk, G, D), k_idx, table, B_lengths,
                      k_idx_scale=k_idx_scale, k_idx_exact=exact if rescore else None)
     return cache, rand(B, S, Hq, D), rand(B, S, G, Di)
-
-
-def assert_decode_selection_up_to_ties(idx, q_idx, cache, Bk, topk, index_scale=None):
-    """Per row: the local block in slot 0 and the reference's chosen set, except blocks whose float64 score ties the
-    selection boundary within bf16 rounding. FP8 caches: the reference scores the dequantised keys against q_idx
-    quantised as the scan quantises it; rescoring ones: the exact keys against q_idx (the selection the two stages
-    reach where the exact choice lies within the FP8 stage's candidates)."""
-    B, S, G, _ = q_idx.shape
-    q_idx = R.fake_quantize_fp8(q_idx) if cache.index_fp8 and not cache.rescore else q_idx
-    index_keys = cache.k_idx_exact if cache.rescore else cache.index_keys()
-    for b, n in enumerate(cache.lengths):
-        keys = R.cached_rows(index_keys, cache.block_table, b, n)[None]
-        scores = R._pool_blocks(R.index_token_scores(q_idx[b:b + 1], keys, index_scale, n - S), Bk)  # [1, G, S, nblk]
-        want = R.topk_blocks(scores, topk, Bk, query_start=n - S)[0]  # [S, G, topk]
-        local = (n - S + torch.arange(S, device="cuda")) // Bk
-        assert torch.equal(idx[b, :, :, 0], local[:, None].expand(S, G).int()), f"row {b}: slot 0"
-        for s in range(S):
-            for g in range(G):
-                got_set = set(idx[b, s, g].tolist()) - {-1}
-                want_set = set(want[s, g].tolist()) - {-1}
-                assert len(got_set) == (idx[b, s, g] >= 0).sum().item() == len(want_set), (b, s, g)
-                row = scores[0, g, s, :int(local[s])]
-                if got_set != want_set:
-                    boundary = row.sort(descending=True).values[min(topk - 1, row.numel()) - 1].item()
-                    for blk in got_set ^ want_set:
-                        gap = abs(row[blk].item() - boundary)
-                        assert gap <= 2**-8 * max(1.0, abs(boundary)), (b, s, g, blk, gap)
 
 
 STEP_CASES = pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from msa_tl.index import scores as index_scores
 from msa_tl.index import select as index_topk
 from msa_tl.tuning.spaces import SMEM_LIMIT, SPACES
 
-PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
+PAPER = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072, batch=1, queries=1)
 
 
 @pytest.mark.parametrize("program,defaults", [
@@ -116,3 +116,43 @@ def test_the_program_names_load_no_kernel():
 
     code = "import sys; from msa_tl.tuning.objective import PROGRAMS; assert 'tilelang' not in sys.modules, PROGRAMS"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("program", ["decode_scan", "decode_scan_fp8", "decode_topk", "decode_attention"])
+@pytest.mark.parametrize("batch,queries,seq", [(1, 1, 1 << 20), (32, 1, 131072), (8, 8, 131072)])
+def test_decode_programs_default_to_what_the_plan_picks_and_key_on_batch_and_queries(program, batch, queries, seq):
+    """The decode kernels' defaults are in their spaces and feasible at every batch / queries / context; the scan's
+    are :func:`scan_tiling`'s on 132 SMs and the top-k's warps :func:`topk_warps`' of the row; batch and queries are
+    part of the cache key, so a batch-32 winner does not serve batch 1."""
+    from msa_tl.decode import scores as decode_scores
+    from msa_tl.decode import topk as decode_topk
+    from msa_tl.tuning.cache import shape_key
+    from msa_tl.tuning.programs import tunable
+
+    shape = dict(PAPER, seq=seq, batch=batch, queries=queries)
+    described = tunable(program)
+    defaults = described.default_config(shape)
+    space = SPACES[program]
+    assert set(defaults) == set(space.params) and all(defaults[k] in space.params[k] for k in defaults)
+    assert space.reject(defaults, shape) is None
+    if program.startswith("decode_scan"):
+        tiling = decode_scores.scan_tiling(queries * 4, batch, seq // 128, 132, decode_scores.DECODE_SCORES_DEFAULTS)
+        assert all(defaults[k] == tiling[k] for k in ("blocks_per_cta", "num_stages", "keys_major"))
+    if program == "decode_topk":
+        assert defaults["warps"] == decode_topk.topk_warps(seq // 128) and defaults["radix"] is False
+    key = shape_key(program, shape)
+    assert f"batch={batch}" in key and f"queries={queries}" in key
+    assert key != shape_key(program, dict(shape, batch=batch + 1))
+
+
+def test_decode_constraints():
+    fp8 = SPACES["decode_scan_fp8"]
+    assert "keys_major" in fp8.reject(dict(blocks_per_cta=32, num_stages=3, keys_major=False, pages=2), PAPER)
+    assert fp8.reject(dict(blocks_per_cta=32, num_stages=4, keys_major=True, pages=2), PAPER) is None
+    from msa_tl.tuning.objective import defaults
+
+    topk = SPACES["decode_topk"]
+    radix = dict(defaults("decode_topk", PAPER), radix=True)
+    assert topk.reject(radix, PAPER) is None
+    assert "one point" in topk.reject(dict(radix, unroll=16), PAPER)  # the same kernel as the default radix point
+    assert len(SPACES["decode_topk"].feasible(PAPER)) == 13  # 12 lists configs and the radix select

@@ -19,7 +19,9 @@ import time
 
 from msa_tl.tuning.programs import PROGRAMS, tunable
 
-PAPER_SHAPE = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072)
+# batch and queries (the newest tokens a row) key the decode programs only
+PAPER_SHAPE = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, seq=131072, batch=1,
+                   queries=1)
 
 
 def defaults(program: str, shape: dict = PAPER_SHAPE) -> dict:

@@ -19,6 +19,10 @@ DECLARED = {
     "lse_combine": ("msa_tl.attention.combine", "COMBINE_TUNING"),
     "schedule": ("msa_tl.attention.kv_outer", "SCHEDULE_TUNING"),
     "kv_outer_backward": ("msa_tl.attention.backward", "BACKWARD_TUNING"),
+    "decode_scan": ("msa_tl.decode.scores", "DECODE_SCAN_TUNING"),
+    "decode_scan_fp8": ("msa_tl.decode.scores", "DECODE_SCAN_FP8_TUNING"),
+    "decode_topk": ("msa_tl.decode.topk", "DECODE_TOPK_TUNING"),
+    "decode_attention": ("msa_tl.decode.attention", "DECODE_ATTENTION_TUNING"),
 }
 PROGRAMS = tuple(DECLARED)
 

@@ -19,8 +19,10 @@ import torch
 
 from msa_tl.attention.q_outer import attend_block_buffers, attend_block_macro
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram, decode_rows
 
 DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False)
+DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True))  # the tuner's choices
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -108,9 +110,9 @@ def decode_attention_pipelined_program(groups: int, heads: int, head_dim: int, b
                                        scale: float, splits: int = 1, threads: int = 128, num_stages: int = 2,
                                        dtype: str = "bfloat16"):
     """The split attention with its K / V pages loaded by a TMA producer warpgroup (TileLang's warp-specialised
-    pipeline): the used slots must lead each row of Indices, as the top-k writes them. Lowered and compiled for
-    sm_90a (192 registers, no spill); not yet run on a GPU, so not the default (:data:`DECODE_ATTENTION_DEFAULTS`
-    ``pipelined``). Tensors as :func:`_decode_attention`. Without warp specialisation this loop's dynamic trip
+    pipeline): the used slots must lead each row of Indices, as the top-k writes them. It passes its GPU test on the
+    H200 but was slower there (16.1 against 13.7 us at 1M, B = 1; 37.4 against 33.8 at B = 8), so it is not the
+    default (:data:`DECODE_ATTENTION_DEFAULTS` ``pipelined``). Tensors as :func:`_decode_attention`. Without warp specialisation this loop's dynamic trip
     count fails TileLang's CUDA codegen ("Downcast from tirx.Sub to IntImm")."""
     return _decode_attention(groups, heads, head_dim, block_size, topk, scale, splits, threads, num_stages, dtype,
                              pipelined=True)
@@ -172,9 +174,10 @@ def attention_kernel(**config):
     return compiled_kernel(builder, **config)
 
 
-def decode_splits(pairs: int, topk: int, device) -> int:
-    """Splits of each (token, group) pair's slots: enough CTAs for two an SM, at most one slot a CTA."""
-    return max(1, min(topk, math.ceil(2 * sm_count(device) / pairs)))
+def decode_splits(pairs: int, topk: int, device, sms: int | None = None) -> int:
+    """Splits of each (token, group) pair's slots: enough CTAs for two an SM (of ``device``, or ``sms``), at most
+    one slot a CTA."""
+    return max(1, min(topk, math.ceil(2 * (sms or sm_count(device)) / pairs)))
 
 
 def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_size: int, scale=None, *,
@@ -206,3 +209,24 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
                               dtype=tl_dtype(q.dtype))
     combine(o_part, l_part, o.view(B, S * G, R, D), lse.view(B, S * G, R))
     return o, lse
+
+
+def _attention_units(shape: dict, config: dict) -> list:
+    config = {**DECODE_ATTENTION_DEFAULTS, **config}
+    builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
+    splits = decode_splits(shape.get("batch", 1) * decode_rows(shape), shape["topk"], None, sms=HOPPER_SMS)
+    return [(builder, dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
+                           block_size=shape["block_size"], topk=shape["topk"], scale=1.0 / math.sqrt(shape["head_dim"]),
+                           splits=splits, dtype="bfloat16", **config))]
+
+
+def _attention_trial(shape: dict, check_seq: int) -> tuple:
+    from msa_tl.decode.plan import decode_trial
+
+    return decode_trial("attention", shape, check_seq)
+
+
+DECODE_ATTENTION_TUNING = TunableProgram(
+    name="decode_attention", dims=DECODE_DIMS["attention"],
+    defaults={k: DECODE_ATTENTION_DEFAULTS[k] for k in DECODE_ATTENTION_KNOBS}, knobs=DECODE_ATTENTION_KNOBS,
+    reject=lambda config, shape: None, compile_units=_attention_units, gpu_trial=_attention_trial)

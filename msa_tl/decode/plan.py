@@ -25,6 +25,7 @@ from msa_tl.decode.rescore import rescore_kernels
 from msa_tl.decode.scores import scan_kernel
 from msa_tl.decode.topk import topk_kernel
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tuning.cache import tuned_config
 
 
 class DecodePlan:
@@ -44,7 +45,9 @@ class DecodePlan:
         rescore_candidates: with ``index_fp8``, > 0 makes the selection two-stage (:mod:`msa_tl.decode.rescore`):
             the FP8 top-k keeps this many blocks beside the forced ones, and the exact index keys rank them again.
         splits: CTAs that share each (token, group)'s slots (default :func:`decode_splits`).
-        scores_config, topk_config, attention_config: knob overrides of each kernel's defaults.
+        scores_config, topk_config, attention_config: knob overrides of each kernel's config: the tuned one for this
+            GPU and shape (``msa-tl tune --programs decode_scan decode_topk ...``; batch, queries and the context
+            max_pages * block_size are part of its key), else the defaults.
     """
 
     def __init__(self, block_table: torch.Tensor, seqlens: torch.Tensor, *, queries: int, heads: int, groups: int,
@@ -67,6 +70,11 @@ class DecodePlan:
                              f"keys and at least topk - local_blocks = {topk - local_blocks} of them")
         self.rescore_candidates = rescore_candidates
         slots = local_blocks + rescore_candidates if rescore_candidates else topk  # what the top-k kernel keeps
+        tuning = dict(self.shape, seq=max_pages * block_size)
+        scores_config = {**tuned_config("decode_scan_fp8" if index_fp8 else "decode_scan", tuning, {}, device),
+                         **(scores_config or {})}
+        topk_config = {**tuned_config("decode_topk", dict(tuning, topk=slots), {}, device), **(topk_config or {})}
+        attention_config = {**tuned_config("decode_attention", tuning, {}, device), **(attention_config or {})}
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
                                    fp8=index_fp8, device=device, **(scores_config or {}))
@@ -144,3 +152,55 @@ class DecodePlan:
         indices = self.select(self.index_scores(q_idx, k_idx_pages, k_idx_scale), q_idx, k_idx_exact)
         o, lse = self.attend(q, k_pages, v_pages, indices)
         return o, lse, indices
+
+
+def decode_trial(stage: str, shape: dict, check_seq: int, fp8: bool = False) -> tuple:
+    """(check, timed) of the tuner's trial of one decode kernel, ``stage`` "scores", "topk" or "attention", at
+    ``shape`` (seq: the context; batch and queries 1 unless given; FP8 index keys with ``fp8``), random inputs in
+    shuffled pages. ``check(config)`` runs a whole step at a context of ``check_seq`` tokens with ``config`` on that
+    kernel against the float64 reference: the selection up to bf16 ties, outputs and LSE over the kernel's selection.
+    ``timed(config)`` is that kernel alone at ``shape["seq"]``."""
+    from msa_tl import reference as R
+    from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, assert_decode_selection_up_to_ties, relative_error
+    from msa_tl.ops.cache import MSACache
+
+    B, S = shape.get("batch", 1), shape.get("queries", 1)
+    G, Hq, D, Di, Bk, topk = (shape[k] for k in ("groups", "heads", "head_dim", "index_dim", "block_size", "topk"))
+
+    def step_inputs(seq):
+        def rand(*dims):
+            return torch.randn(*dims, device="cuda", dtype=torch.bfloat16)
+
+        pages = -(-seq // Bk)
+        cache = MSACache.paged(B, seq, G, D, Di, page_size=Bk, dtype=torch.bfloat16, device="cuda",
+                               index_dtype=torch.float8_e4m3fn if fp8 else None,
+                               block_table=torch.randperm(B * pages, device="cuda").view(B, pages).int())
+        cache.append(rand(B, seq, G, D), rand(B, seq, G, D), rand(B, seq, Di))
+        return cache, rand(B, S, Hq, D), rand(B, S, G, Di)
+
+    def plan_for(cache, config):
+        return cache.plan(queries=S, heads=Hq, block_size=Bk, topk=topk, **{f"{stage}_config": config})
+
+    def check(config):
+        cache, q, q_idx = step_inputs(check_seq)
+        o, lse, idx = plan_for(cache, config).run(q, q_idx, cache.k, cache.v, cache.k_idx, cache.k_idx_scale)
+        assert_decode_selection_up_to_ties(idx, q_idx, cache, Bk, topk)
+        ref_o, ref_lse, _ = R.msa_decode(q, q_idx, cache.k, cache.v, cache.index_keys(), cache.block_table,
+                                         cache.lengths, Bk, topk, indices=idx)
+        assert relative_error(o, ref_o) <= OUTPUT_RTOL, "decode output"
+        assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL, "decode LSE"
+
+    cache, q, q_idx = step_inputs(shape["seq"])
+    keys = (cache.k_idx, *(() if cache.k_idx_scale is None else (cache.k_idx_scale,)))
+
+    def timed(config):
+        plan = plan_for(cache, config)
+        scores = plan.index_scores(q_idx, *keys).clone()
+        if stage == "scores":
+            return lambda: plan.index_scores(q_idx, *keys)
+        if stage == "topk":
+            return lambda: plan.select(scores)
+        indices = plan.select(scores)
+        return lambda: plan.attend(q, cache.k, cache.v, indices)
+
+    return check, timed

@@ -20,10 +20,13 @@ import tilelang.language as T
 import torch
 
 from msa_tl.reference import FP8_MAX
-from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
+from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram, decode_rows
 
 DECODE_SCORES_DEFAULTS = dict(num_stages=3, threads=128)  # keys_major, rows, blocks_per_cta: scan_tiling
-DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4), pages=(1, 2))  # pages: FP8
+# the tuner's choices (DECODE_SCAN_TUNING, DECODE_SCAN_FP8_TUNING); pages: FP8 keys only
+DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4), keys_major=(True, False))
+DECODE_SCORES_FP8_KNOBS = dict(DECODE_SCORES_KNOBS, pages=(1, 2))
 
 
 def scan_blocks_per_cta(blocks: int, sms: int) -> int:
@@ -270,3 +273,62 @@ def decode_block_scores(q_idx: torch.Tensor, k_idx_pages: torch.Tensor, block_ta
     scales = () if k_idx_scale is None else (k_idx_scale,)
     kernel(q_idx.view(B, S * G, Di), k_idx_pages, *scales, block_table, seqlens, scores)
     return scores.view(B, S, G, -1)
+
+
+def _scan_defaults(fp8: bool):
+    def defaults(shape: dict) -> dict:
+        """The scan's knobs as :func:`scan_tiling` picks them on a Hopper GPU of 132 SMs."""
+        tiling = scan_tiling(decode_rows(shape), shape.get("batch", 1), -(-shape["seq"] // shape["block_size"]),
+                             HOPPER_SMS, DECODE_SCORES_DEFAULTS)
+        config = {k: tiling[k] for k in ("blocks_per_cta", "num_stages", "keys_major")}
+        return dict(config, pages=1) if fp8 else config
+
+    return defaults
+
+
+def _reject_scan(fp8: bool):
+    def reject(config: dict, shape: dict):
+        pages = config.get("pages", 1)
+        if pages > 1 and not config["keys_major"]:
+            return "two pages a stage need keys_major"
+        if config["blocks_per_cta"] % pages:
+            return f"blocks_per_cta {config['blocks_per_cta']} is not a multiple of pages {pages}"
+        rows = query_rows_tile(decode_rows(shape), config["keys_major"])
+        Bk, Di = shape["block_size"], shape["index_dim"]
+        stage = pages * Bk * (Di * (1 if fp8 else 2) + (4 if fp8 else 0))
+        if config["num_stages"] * stage + rows * Di * 2 + pages * rows * Bk * 4 > SMEM_LIMIT:
+            return "shared memory"
+        return None
+
+    return reject
+
+
+def _scan_units(fp8: bool):
+    def units(shape: dict, config: dict) -> list:
+        config = dict(config)
+        if not fp8:
+            config.pop("pages", None)
+        rows = query_rows_tile(decode_rows(shape), config["keys_major"])
+        program = decode_scores_fp8_program if fp8 else decode_scores_program
+        return [(program, dict(groups=shape["groups"], index_dim=shape["index_dim"], block_size=shape["block_size"],
+                               scale=1.0 / math.sqrt(shape["index_dim"]), rows=rows, dtype="bfloat16",
+                               **{**DECODE_SCORES_DEFAULTS, **config}))]
+
+    return units
+
+
+def _scan_trial(fp8: bool):
+    def gpu_trial(shape: dict, check_seq: int) -> tuple:
+        from msa_tl.decode.plan import decode_trial
+
+        return decode_trial("scores", shape, check_seq, fp8=fp8)
+
+    return gpu_trial
+
+
+DECODE_SCAN_TUNING = TunableProgram(
+    name="decode_scan", dims=DECODE_DIMS["scan"], defaults=_scan_defaults(False), knobs=DECODE_SCORES_KNOBS,
+    reject=_reject_scan(False), compile_units=_scan_units(False), gpu_trial=_scan_trial(False))
+DECODE_SCAN_FP8_TUNING = TunableProgram(
+    name="decode_scan_fp8", dims=DECODE_DIMS["scan"], defaults=_scan_defaults(True), knobs=DECODE_SCORES_FP8_KNOBS,
+    reject=_reject_scan(True), compile_units=_scan_units(True), gpu_trial=_scan_trial(True))

@@ -18,6 +18,7 @@ import torch
 
 from msa_tl.index.select import _LOWEST, _check_local_blocks, _list_insert
 from msa_tl.tl_compile import compiled_kernel
+from msa_tl.tunable import DECODE_DIMS, TunableProgram
 
 # radix: decode_topk_radix_program (built, lowered and compiled for sm_90a; off until its GPU test has run)
 DECODE_TOPK_DEFAULTS = dict(unroll=4, radix=False)
@@ -321,3 +322,36 @@ def decode_select(scores: torch.Tensor, seqlens: torch.Tensor, block_size: int, 
     kernel = topk_kernel(groups=G, block_size=block_size, topk=topk, max_pages=max_pages, **config)
     kernel(scores.view(B, S * G, max_pages), seqlens, indices.view(B, S * G, topk))
     return indices
+
+
+def _topk_defaults(shape: dict) -> dict:
+    max_pages = -(-shape["seq"] // shape["block_size"])
+    return dict(DECODE_TOPK_DEFAULTS, warps=topk_warps(max_pages))
+
+
+def _reject_topk(config: dict, shape: dict):
+    if config["radix"] and {k: config[k] for k in ("warps", "unroll")} != {
+            k: _topk_defaults(shape)[k] for k in ("warps", "unroll")}:
+        return "the radix select ignores warps and unroll: one point"
+    return None
+
+
+def _topk_units(shape: dict, config: dict) -> list:
+    config = dict(config)
+    if config.pop("radix"):
+        capacity, threads = radix_capacity(-(-shape["seq"] // shape["block_size"]))
+        return [(decode_topk_radix_program, dict(groups=shape["groups"], block_size=shape["block_size"],
+                                                 topk=shape["topk"], capacity=capacity, threads=threads))]
+    return [(decode_topk_program, dict(groups=shape["groups"], block_size=shape["block_size"], topk=shape["topk"],
+                                       **config))]
+
+
+def _topk_trial(shape: dict, check_seq: int) -> tuple:
+    from msa_tl.decode.plan import decode_trial
+
+    return decode_trial("topk", shape, check_seq)
+
+
+DECODE_TOPK_TUNING = TunableProgram(
+    name="decode_topk", dims=DECODE_DIMS["topk"], defaults=_topk_defaults, knobs=DECODE_TOPK_KNOBS,
+    reject=_reject_topk, compile_units=_topk_units, gpu_trial=_topk_trial)
