@@ -468,6 +468,21 @@ def test_the_radix_top_k_counts_bins_once_a_warp_and_places_its_own_barriers(max
     assert "0 bytes spill stores" in ptxas_report(source, tmp_path)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("fp8,pages,rows,Bk", [(False, 1, 8, 128), (True, 2, 8, 128), (False, 1, 64, 64)])
+def test_the_scan_can_take_each_blocks_max_from_the_accumulators_registers(fp8, pages, rows, Bk, tmp_path):
+    """shuffle_max: the keys-major scan reduces each block over its keys by warp shuffles on the wgmma accumulator
+    (no transposed copy, no fragment reduce), one warpgroup barrier an iteration; compiles without spilling."""
+    builder = decode_scores.decode_scores_fp8_program if fp8 else decode_scores.decode_scores_program
+    config = dict(groups=4, index_dim=128, block_size=Bk, scale=0.088, rows=rows, blocks_per_cta=32, shuffle_max=True,
+                  **(dict(pages=pages) if fp8 else {}))
+    source = lower_to_cuda(builder, **config)
+    assert f"msa_warp_block_max<{pages * Bk // 64}, {rows}, {pages}>" in source and "acc_t" not in source
+    assert "0 bytes spill stores" in ptxas_report(source, tmp_path)
+    with pytest.raises(ValueError, match="keys.major"):
+        builder(**dict(config, keys_major=False))
+
+
 def test_the_decode_attention_reads_k_and_v_through_the_block_table():
     source = lower_to_cuda(decode_attention.decode_attention_program, groups=4, heads=64, head_dim=128,
                            block_size=128, topk=16, scale=0.088, splits=4)

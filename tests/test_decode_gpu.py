@@ -28,15 +28,16 @@ def paged_index_keys(S, G, Bk, seed, lengths=None, max_pages=24, Di=128):
 
 @CASES
 @BLOCKS
-@pytest.mark.parametrize("keys_major", [True, False])
-def test_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, seed=0):
+@pytest.mark.parametrize("keys_major,shuffle_max", [(True, False), (False, False), (True, True)])
+def test_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, shuffle_max, seed=0):
     """Ragged rows (one shorter than a block, one ending mid-block, one long), pages in random order, the grid
-    from the cache's maxima: visible blocks to fp32 accumulation, every other entry -inf."""
+    from the cache's maxima: visible blocks to fp32 accumulation, every other entry -inf. ``shuffle_max``: each
+    block's max from the accumulator's registers (warp shuffles), not a transpose through shared memory."""
     from msa_tl.decode.scores import decode_block_scores
 
     q_idx, k_idx_pages, table, seqlens, lengths = paged_index_keys(S, G, Bk, seed)
     B, max_pages = len(lengths), table.shape[1]
-    got = decode_block_scores(q_idx, k_idx_pages, table, seqlens, Bk, keys_major=keys_major)
+    got = decode_block_scores(q_idx, k_idx_pages, table, seqlens, Bk, keys_major=keys_major, shuffle_max=shuffle_max)
     assert got.shape == (B, S, G, max_pages)
     for b, n in enumerate(lengths):
         keys = R.cached_rows(k_idx_pages, table, b, n)[None]
@@ -215,8 +216,9 @@ def test_the_layer_generates_the_full_forward_rows_with_the_decode_kernels(seed=
 
 
 @pytest.mark.parametrize("S,G,Bk", [(1, 4, 128), (8, 4, 128), (5, 2, 64), (40, 2, 128)])
-@pytest.mark.parametrize("keys_major,pages", [(True, 1), (False, 1), (True, 2)])
-def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, pages, seed=0):
+@pytest.mark.parametrize("keys_major,pages,shuffle_max", [(True, 1, False), (False, 1, False), (True, 2, False),
+                                                           (True, 1, True), (True, 2, True)])
+def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, keys_major, pages, shuffle_max, seed=0):
     """FP8 keys (codes and a scale per token) and queries whose per-row FP8 quantisation is exact (codes times a
     power of two, each row reaching 448 times it), so the float64 reference sees the scan's very operands: every
     other entry -inf, visible blocks to the FP8 wgmma's accumulation. Hopper's FP8 MMA keeps about 14 bits of its
@@ -234,7 +236,7 @@ def test_fp8_decode_scores_match_the_reference_over_shuffled_pages(S, G, Bk, key
     q_codes[..., 0] = 448.0
     q_idx = (q_codes.float() * 2.0**-6).to(torch.bfloat16)  # exact in bf16: 4-bit mantissas
     got = decode_block_scores(q_idx, codes, table, seqlens, Bk, k_idx_scale=k_scale, keys_major=keys_major,
-                              pages=pages)
+                              pages=pages, shuffle_max=shuffle_max)
     keys_all = R.dequantize_fp8(codes, k_scale)
     for b, n in enumerate(lengths):
         keys = R.cached_rows(keys_all, table, b, n)[None]

@@ -36,7 +36,7 @@ def rescore_program(groups: int, index_dim: int, block_size: int, candidates: in
     batch, n_rows, num_pages, max_pages = T.dynamic("batch, n_rows, num_pages, max_pages")
     Bk, Di, L = block_size, index_dim, local_blocks
     neg_inf = -T.infinity("float32")
-    alloc, score = _block_max(True, _ROWS, Bk, groups)
+    alloc, score, best_of = _block_max(True, _ROWS, Bk, groups)
 
     @T.prim_func
     def rescore(
@@ -58,7 +58,7 @@ def rescore_program(groups: int, index_dim: int, block_size: int, candidates: in
             score(Q_s, K_s, None, acc, acc_t, acc_rows, best, 0, 0, 0, False)
             for r in T.Parallel(_ROWS):
                 if r == 0:
-                    Rescored[b, row, j] = T.if_then_else(blk >= 0, best[r] * scale, neg_inf)
+                    Rescored[b, row, j] = T.if_then_else(blk >= 0, best_of(best, r) * scale, neg_inf)
 
     return rescore
 

@@ -25,7 +25,8 @@ from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram, decode_rows
 
 DECODE_SCORES_DEFAULTS = dict(num_stages=3, threads=128)  # keys_major, rows, blocks_per_cta: scan_tiling
 # the tuner's choices (DECODE_SCAN_TUNING, DECODE_SCAN_FP8_TUNING); pages: FP8 keys only
-DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4), keys_major=(True, False))
+DECODE_SCORES_KNOBS = dict(blocks_per_cta=(4, 8, 16, 32), num_stages=(1, 2, 3, 4), keys_major=(True, False),
+                           shuffle_max=(False, True))
 DECODE_SCORES_FP8_KNOBS = dict(DECODE_SCORES_KNOBS, pages=(1, 2))
 
 
@@ -52,22 +53,64 @@ def scan_tiling(n_rows: int, batch: int, max_pages: int, sms: int, config: dict)
     return config
 
 
-def _block_max(keys_major: bool, rows: int, Bk: int, groups: int, pages: int = 1):
-    """(alloc, score): the buffers and the macro that turn one pipeline stage's K_s [pages * Bk, Di] (``pages``
-    consecutive blocks of the row) into the masked max of each block for each of the CTA's query rows, scaled per
-    key (``k_scale``, FP8) or not.
+# shuffle_max: each block's max over its keys straight from the keys-major wgmma accumulator's registers. A thread's
+# values of [64 t + 64 keys, kN rows] are kN / 2 t + 4 j + 2 h + e: key 64 t + 16 warp + 8 h + lane / 4, row
+# 8 j + 2 (lane % 4) + e (the layout TileLang's fragment keeps, as DIRECT_STORES_CUDA in attention/kv_outer.py
+# reads it). Max over h and the block's tiles, then over the 8 lanes that share a row (xor 4, 8, 16), leaves one
+# value a warp; TileLang cannot reduce a fragment along M, hence the helper.
+WARP_BLOCK_MAX_CUDA = r"""
+template <int kTiles, int kN, int kBlocks>
+__device__ __forceinline__ void msa_warp_block_max(const float *acc, float *out) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  constexpr int kPer = kTiles / kBlocks;
+  #pragma unroll
+  for (int p = 0; p < kBlocks; ++p) {
+    #pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      #pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float m = -INFINITY;
+        #pragma unroll
+        for (int t = p * kPer; t < (p + 1) * kPer; ++t) {
+          #pragma unroll
+          for (int h = 0; h < 2; ++h) m = fmaxf(m, acc[kN / 2 * t + 4 * j + 2 * h + e]);
+        }
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+        if (lane < 4) out[(p * 4 + warp) * kN + 8 * j + 2 * lane + e] = m;
+      }
+    }
+  }
+}
+"""
+
+
+def _block_max(keys_major: bool, rows: int, Bk: int, groups: int, pages: int = 1, shuffle_max: bool = False):
+    """(alloc, score, best_of): the buffers, the macro that turns one pipeline stage's K_s [pages * Bk, Di]
+    (``pages`` consecutive blocks of the row) into the masked max of each block for each of the CTA's query rows,
+    scaled per key (``k_scale``, FP8) or not, and ``best_of(best, i, it)``: block i // rows' max for row i % rows
+    after the macro ran in pipeline iteration ``it``.
 
     ``keys_major`` puts the block's keys on the MMA's M side: acc [Bk, rows] = K Q^T holds only ``rows`` (a multiple
     of 8, the query rows padded) columns, where the queries as M rows pad to 64: 8x the registers, masking and
     maxing at S * G = 4. The max over keys then runs on a transposed copy through shared memory (the wgmma layout
-    cannot be reduced along M in place). ``pages`` > 1 (keys-major only) spreads a stage's fixed cost (barriers,
-    the transpose's syncs) over more bytes: an FP8 page is 16 KB."""
+    cannot be reduced along M in place), or with ``shuffle_max`` (keys-major, 128 threads) from the registers by
+    :data:`WARP_BLOCK_MAX_CUDA` into a [pages * 4 warps, rows] shared buffer (two of them, by the iteration's
+    parity, so one barrier an iteration orders them), whose four warps' values ``best_of`` takes the max of.
+    ``pages`` > 1 (keys-major only) spreads a stage's fixed cost (barriers, the transpose's syncs) over more bytes:
+    an FP8 page is 16 KB."""
     neg_inf = -T.infinity("float32")
     keys = pages * Bk
     if pages > 1 and not keys_major:
         raise ValueError("decode scan: more than one page a stage needs keys_major")
+    if shuffle_max and not keys_major:
+        raise ValueError("decode scan: shuffle_max reduces the keys-major accumulator")
 
     def alloc():
+        if keys_major and shuffle_max:
+            warp_max = T.alloc_shared((2, pages * 4, rows), "float32")  # [parity, pages * 4 warps, rows]
+            return T.alloc_fragment((keys, rows), "float32"), warp_max, None, warp_max  # acc [pages * Bk, rows]
         if keys_major:
             return (T.alloc_fragment((keys, rows), "float32"),  # [pages * Bk, rows] acc
                     T.alloc_shared((pages * rows, Bk), "float32"),  # [pages * rows, Bk] its transpose, block by block
@@ -77,28 +120,40 @@ def _block_max(keys_major: bool, rows: int, Bk: int, groups: int, pages: int = 1
         return acc, None, acc, T.alloc_fragment((rows,), "float32")
 
     @T.macro
-    def score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk, first, r0, masked):
+    def score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk, first, r0, masked, it=0):
         T.clear(acc)
         if keys_major:
             T.gemm(K_s, Q_s, acc, transpose_B=True)
             for c, r in T.Parallel(keys, rows):  # the stage's keys are consecutive tokens from blk * Bk on
                 acc[c, r] = T.if_then_else(masked & (blk * Bk + c > first + (r0 + r) // groups), neg_inf,
                                            acc[c, r] * (k_scale[c] if k_scale is not None else 1.0))
-            if pages == 1:
-                for c, r in T.Parallel(Bk, rows):
-                    acc_t[r, c] = acc[c, r]
+            if shuffle_max:
+                T.call_extern("handle", f"msa_warp_block_max<{keys // 64}, {rows}, {pages}>", acc.data,
+                              T.address_of(acc_t[it % 2, 0, 0]))
+                T.sync_threads()
             else:
-                for c, r in T.Parallel(keys, rows):
-                    acc_t[c // Bk * rows + r, c % Bk] = acc[c, r]
-            T.copy(acc_t, acc_rows)
+                if pages == 1:
+                    for c, r in T.Parallel(Bk, rows):
+                        acc_t[r, c] = acc[c, r]
+                else:
+                    for c, r in T.Parallel(keys, rows):
+                        acc_t[c // Bk * rows + r, c % Bk] = acc[c, r]
+                T.copy(acc_t, acc_rows)
         else:
             T.gemm(Q_s, K_s, acc, transpose_B=True)
             for r, c in T.Parallel(rows, Bk):
                 acc[r, c] = T.if_then_else(masked & (blk * Bk + c > first + (r0 + r) // groups), neg_inf,
                                            acc[r, c] * (k_scale[c] if k_scale is not None else 1.0))
-        T.reduce_max(acc_rows, best, dim=1)
+        if not shuffle_max:
+            T.reduce_max(acc_rows, best, dim=1)
 
-    return alloc, score
+    def best_of(best, i, it=0):
+        if not shuffle_max:
+            return best[i]
+        return T.max(T.max(best[it % 2, i // rows * 4, i % rows], best[it % 2, i // rows * 4 + 1, i % rows]),
+                     T.max(best[it % 2, i // rows * 4 + 2, i % rows], best[it % 2, i // rows * 4 + 3, i % rows]))
+
+    return alloc, score, best_of
 
 
 def _fp8_page_loader(Bk: int, pages: int):
@@ -130,13 +185,13 @@ def query_rows_tile(n_rows: int, keys_major: bool = True) -> int:
 
 def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
                           blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128, keys_major: bool = True,
-                          dtype: str = "bfloat16"):
+                          shuffle_max: bool = False, dtype: str = "bfloat16"):
     """Q [B, S*G, Di], index-key pages [num_pages, Bk, Di], BlockTable [B, max_pages] int32, SeqLens [B] int32 ->
-    Scores [B, S*G, max_pages] fp32. ``rows``: :func:`query_rows_tile`."""
+    Scores [B, S*G, max_pages] fp32. ``rows``: :func:`query_rows_tile`; ``shuffle_max``: :func:`_block_max`."""
     batch, n_rows, num_pages, max_pages = T.dynamic("batch, n_rows, num_pages, max_pages")
     BPC, Bk, Di = blocks_per_cta, block_size, index_dim
     neg_inf = -T.infinity("float32")
-    alloc, score = _block_max(keys_major, rows, Bk, groups)
+    alloc, score, best_of = _block_max(keys_major, rows, Bk, groups, shuffle_max=shuffle_max)
 
     @T.prim_func
     def decode_block_scores(
@@ -146,7 +201,8 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
         SeqLens: T.Tensor((batch,), "int32"),
         Scores: T.Tensor((batch, n_rows, max_pages), "float32"),
     ):
-        with T.Kernel(T.ceildiv(max_pages, BPC), T.ceildiv(n_rows, rows), batch, threads=threads) as (bx, by, b):
+        with T.Kernel(T.ceildiv(max_pages, BPC), T.ceildiv(n_rows, rows), batch, threads=threads,
+                      prelude=WARP_BLOCK_MAX_CUDA if shuffle_max else None) as (bx, by, b):
             Q_s = T.alloc_shared((rows, Di), dtype)  # [rows, Di]
             K_s = T.alloc_shared((Bk, Di), dtype)  # [Bk, Di]
             acc, acc_t, acc_rows, best = alloc()
@@ -159,10 +215,15 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
             for i in T.Pipelined(live, num_stages=num_stages):
                 T.copy(Kc[BlockTable[b, blk0 + i], :, :], K_s)
                 # only a block that reaches past the first query's position needs the causal mask
-                score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0, (blk0 + i + 1) * Bk - 1 > first)
+                if shuffle_max:  # the iteration picks the warp maxima's buffer
+                    score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
+                          (blk0 + i + 1) * Bk - 1 > first, i)
+                else:
+                    score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
+                          (blk0 + i + 1) * Bk - 1 > first)
                 for r in T.Parallel(rows):
                     if r0 + r < n_rows:
-                        Scores[b, r0 + r, blk0 + i] = best[r] * scale
+                        Scores[b, r0 + r, blk0 + i] = best_of(best, r, i) * scale
             for r, i in T.Parallel(rows, BPC):  # blocks past the row's end
                 if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
                     Scores[b, r0 + r, blk0 + i] = neg_inf
@@ -172,7 +233,8 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
 
 def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
                               blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128,
-                              keys_major: bool = True, pages: int = 1, dtype: str = "bfloat16"):
+                              keys_major: bool = True, pages: int = 1, shuffle_max: bool = False,
+                              dtype: str = "bfloat16"):
     """The scan over FP8 index keys: Q [B, S*G, Di] (bf16 / fp16), index-key pages [num_pages, Bk, Di] float8_e4m3
     with their per-token scales KScale [num_pages, Bk] fp32, BlockTable, SeqLens -> Scores [B, S*G, max_pages] fp32.
 
@@ -186,7 +248,7 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
     BPC, Bk, Di, P = blocks_per_cta, block_size, index_dim, pages
     neg_inf = -T.infinity("float32")
     fp8 = "float8_e4m3"
-    alloc, score = _block_max(keys_major, rows, Bk, groups, pages)
+    alloc, score, best_of = _block_max(keys_major, rows, Bk, groups, pages, shuffle_max)
     load = _fp8_page_loader(Bk, pages)
     if BPC % P:
         raise ValueError(f"decode scan: blocks_per_cta {BPC} is not a multiple of pages {P}")
@@ -200,7 +262,8 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
         SeqLens: T.Tensor((batch,), "int32"),
         Scores: T.Tensor((batch, n_rows, max_pages), "float32"),
     ):
-        with T.Kernel(T.ceildiv(max_pages, BPC), T.ceildiv(n_rows, rows), batch, threads=threads) as (bx, by, b):
+        with T.Kernel(T.ceildiv(max_pages, BPC), T.ceildiv(n_rows, rows), batch, threads=threads,
+                      prelude=WARP_BLOCK_MAX_CUDA if shuffle_max else None) as (bx, by, b):
             Q_f = T.alloc_fragment((rows, Di), "float32")  # [rows, Di]
             q_amax = T.alloc_fragment((rows,), "float32")  # [rows]
             q_scale = T.alloc_shared((rows,), "float32")  # [rows] read in the acc layout, so through shared memory
@@ -222,16 +285,20 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
                 Q_s[r, d] = T.Cast(fp8, Q_f[r, d] / q_amax[r])
             for i in T.Pipelined(live if P == 1 else T.ceildiv(live, P), num_stages=num_stages):
                 load(Kc, KScale, BlockTable, K_s, k_scale, b, blk0 + i * P, max_pages)
-                score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
-                      (blk0 + i * P + P) * Bk - 1 > first)
+                if shuffle_max:
+                    score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
+                          (blk0 + i * P + P) * Bk - 1 > first, i)
+                else:
+                    score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
+                          (blk0 + i * P + P) * Bk - 1 > first)
                 if P == 1:
                     for r in T.Parallel(rows):
                         if r0 + r < n_rows:
-                            Scores[b, r0 + r, blk0 + i] = best[r] * q_scale[r]
+                            Scores[b, r0 + r, blk0 + i] = best_of(best, r, i) * q_scale[r]
                 else:
                     for p, r in T.Parallel(P, rows):
                         if r0 + r < n_rows and i * P + p < live:
-                            Scores[b, r0 + r, blk0 + i * P + p] = best[p * rows + r] * q_scale[r]
+                            Scores[b, r0 + r, blk0 + i * P + p] = best_of(best, p * rows + r, i) * q_scale[r]
             for r, i in T.Parallel(rows, BPC):
                 if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
                     Scores[b, r0 + r, blk0 + i] = neg_inf
@@ -280,7 +347,7 @@ def _scan_defaults(fp8: bool):
         """The scan's knobs as :func:`scan_tiling` picks them on a Hopper GPU of 132 SMs."""
         tiling = scan_tiling(decode_rows(shape), shape.get("batch", 1), -(-shape["seq"] // shape["block_size"]),
                              HOPPER_SMS, DECODE_SCORES_DEFAULTS)
-        config = {k: tiling[k] for k in ("blocks_per_cta", "num_stages", "keys_major")}
+        config = dict({k: tiling[k] for k in ("blocks_per_cta", "num_stages", "keys_major")}, shuffle_max=False)
         return dict(config, pages=1) if fp8 else config
 
     return defaults
@@ -289,8 +356,8 @@ def _scan_defaults(fp8: bool):
 def _reject_scan(fp8: bool):
     def reject(config: dict, shape: dict):
         pages = config.get("pages", 1)
-        if pages > 1 and not config["keys_major"]:
-            return "two pages a stage need keys_major"
+        if (pages > 1 or config["shuffle_max"]) and not config["keys_major"]:
+            return "two pages a stage and shuffle_max need keys_major"
         if config["blocks_per_cta"] % pages:
             return f"blocks_per_cta {config['blocks_per_cta']} is not a multiple of pages {pages}"
         rows = query_rows_tile(decode_rows(shape), config["keys_major"])
