@@ -226,37 +226,26 @@ def evaluate(model, batch, phase, dtype, device):
 
 
 def plot(csv_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    from benchmarks.phase_plot import plot_phases
 
     frame = pd.read_csv(csv_path)
     frame["t"] = range(len(frame))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    colors = dict(dense="tab:blue", warmup="tab:orange", sparse="tab:green")
-    for phase, part in frame.groupby("phase", sort=False):
-        color = colors.get(phase)
-        if phase != "dense":  # the dense phase trains without the KL loss
-            axes[0].plot(part.t, part.kl_loss, "o-", color=color, label=phase)
-        axes[1].plot(part.t, part.recall, "o-", color=color, label=phase)
-        axes[2].plot(part.t, part.sparse_accuracy, "o-", color=color, label=f"{phase}: sparse mode")
-        axes[2].plot(part.t, part.dense_accuracy, "x--", color=color, alpha=0.6, label=f"{phase}: dense mode")
-    axes[0].set_xlim(axes[1].get_xlim())
-    for ax, title in zip(axes, ("KL loss (warmup: all visible tokens, sparse: chosen)", "recall of the teacher's top blocks", "answer accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("evaluation point")
-        ax.legend(fontsize=7)
-    setup = frame.iloc[0]
-    fig.suptitle(f"KV recall, N={setup.seq}, needles >= {setup.min_back} back, Bk={setup.block_size}, k={setup.topk} "
-                 f"({setup.gpu}, {setup.date})")
-    fig.tight_layout()
-    out = str(csv_path).replace(".csv", ".png")
-    fig.savefig(out, dpi=120)
-    print("wrote", out)
-    return 0
 
+    def kl_panel(ax, part, color, phase):
+        if phase != "dense":  # the dense phase trains without the KL loss
+            ax.plot(part.t, part.kl_loss, "o-", color=color, label=phase)
+        if phase == "sparse":
+            ax.set_xlim(-0.5, len(frame) - 0.5)  # the recall panel's span: the dense phase draws no KL
+
+    setup = frame.iloc[0]
+    plot_phases(frame, csv_path, kl_panel,
+                ("KL loss (warmup: all visible tokens, sparse: chosen)", "recall of the teacher's top blocks",
+                 "answer accuracy"), "evaluation point",
+                f"KV recall, N={setup.seq}, needles >= {setup.min_back} back, Bk={setup.block_size}, k={setup.topk} "
+                f"({setup.gpu}, {setup.date})")
+    return 0
 
 if __name__ == "__main__":
     main()

@@ -399,41 +399,27 @@ def main(argv=None) -> int:
 
 
 def plot(csv_path) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    from benchmarks.phase_plot import plot_phases
 
     frame = pd.read_csv(csv_path)
     ends = frame.groupby("phase", sort=False).step.max() + 1  # each phase's steps, in order
     frame["t"] = frame.step + frame.phase.map(ends.cumsum() - ends)  # the step counted from the run's start
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    colors = dict(dense="tab:blue", warmup="tab:orange", sparse="tab:green")
-    for phase, part in frame.groupby("phase", sort=False):
-        color = colors.get(phase)
-        axes[0].plot(part.t, part.lm_loss, "o-", color=color, label=f"{phase}: LM")
-        if phase != "dense":  # the dense phase has no index branch, hence no KL
-            axes[0].plot(part.t, part.kl_loss, "x--", color=color, label=f"{phase}: KL")
-        axes[1].plot(part.t, part.recall, "o-", color=color, label=phase)
-        axes[2].plot(part.t, part.sparse_accuracy, "o-", color=color, label=f"{phase}: sparse mode")
-        axes[2].plot(part.t, part.dense_accuracy, "x--", color=color, alpha=0.6, label=f"{phase}: dense mode")
-    axes[0].set_yscale("log")
-    titles = ("loss (LM: answers; KL: warmup all visible tokens, sparse the chosen)",
-              "recall of the teacher's top blocks (dense phase: untrained indexer)", "answer accuracy (eval row)")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("training step")
-        ax.legend(fontsize=7)
-    setup = frame.iloc[0]
-    fig.suptitle(f"Packed Llama {setup.layers}x{setup.hidden}, {setup.seq} tokens of documents {setup.min_doc}-"
-                 f"{setup.max_doc}, Bk={setup.block_size}, k={setup.topk} ({setup.gpu}, {setup.date})")
-    fig.tight_layout()
-    out = str(csv_path).replace(".csv", ".png")
-    fig.savefig(out, dpi=120)
-    print("wrote", out)
-    return 0
 
+    def loss_panel(ax, part, color, phase):
+        ax.plot(part.t, part.lm_loss, "o-", color=color, label=f"{phase}: LM")
+        if phase != "dense":  # the dense phase has no index branch, hence no KL
+            ax.plot(part.t, part.kl_loss, "x--", color=color, label=f"{phase}: KL")
+
+    setup = frame.iloc[0]
+    plot_phases(frame, csv_path, loss_panel,
+                ("loss (LM: answers; KL: warmup all visible tokens, sparse the chosen)",
+                 "recall of the teacher's top blocks (dense phase: untrained indexer)", "answer accuracy (eval row)"),
+                "training step",
+                f"Packed Llama {setup.layers}x{setup.hidden}, {setup.seq} tokens of documents {setup.min_doc}-"
+                f"{setup.max_doc}, Bk={setup.block_size}, k={setup.topk} ({setup.gpu}, {setup.date})", log_loss=True)
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())
