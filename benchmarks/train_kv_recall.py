@@ -22,7 +22,9 @@ Logged every ``--eval-every`` steps:
 - answer accuracy of the same weights in sparse mode and in dense mode;
 - recall, i.e. the fraction of the teacher's top non-local blocks that the index branch picks. The
   teacher is the dense attention mass per block, averaged over the group's heads, at the answer
-  positions.
+  positions;
+- fp8_recall: the share of the index branch's blocks (every query) that FP8 index scoring chooses too, once the
+  indexer is trained: the FP8 selection's recall on trained-indexer inputs (issue 14).
 Writes ``kv_recall_training.csv`` (and ``--plot`` a PNG) under the results folder.
 """
 
@@ -104,10 +106,12 @@ def answer_loss_and_accuracy(logits, tokens, answers):
 
 @torch.no_grad()
 def teacher_recall(model, tokens, answers):
-    """Mean over layers of |index top-k ∩ teacher top-(k-1) non-local blocks| / (k-1), at the answer positions."""
+    """(recall, fp8_recall): the mean over layers of |index top-k ∩ teacher top-(k-1) non-local blocks| / (k-1) at
+    the answer positions, and the share of the index's blocks (every query, every layer) that FP8 index scoring
+    (``select_blocks(..., index_fp8=True)``) chooses too: issue 14's FP8 recall on a trained indexer."""
     prev = torch.nn.functional.pad(tokens[:, :-1], (1, 0))
     x = model.embed(tokens) + model.shift(prev)
-    recalls = []
+    recalls, fp8_recalls = [], []
     for block in model.blocks:
         attn = block["attn"]
         h = block["norm1"](x)
@@ -115,7 +119,11 @@ def teacher_recall(model, tokens, answers):
         q = attn.q_proj(h).view(B, N, attn.num_heads, attn.head_dim)
         k = attn.k_proj(h).view(B, N, attn.num_kv_heads, attn.head_dim)
         q_idx = attn.index_q_proj(h).view(B, N, attn.num_kv_heads, attn.index_head_dim)
-        chosen = select_blocks(q_idx, attn.index_k_proj(h), block_size=attn.block_size, topk=attn.topk)
+        k_idx = attn.index_k_proj(h)
+        chosen = select_blocks(q_idx, k_idx, block_size=attn.block_size, topk=attn.topk)
+        chosen_fp8 = select_blocks(q_idx, k_idx, block_size=attn.block_size, topk=attn.topk, index_fp8=True)
+        kept = (chosen_fp8[..., :, None] == chosen[..., None, :]).any(-2) & (chosen >= 0)
+        fp8_recalls.append((kept.sum() / (chosen >= 0).sum()).item())
         rows = answers - 1
         Bk, G, R = attn.block_size, attn.num_kv_heads, attn.num_heads // attn.num_kv_heads
         for b in range(B):
@@ -134,7 +142,7 @@ def teacher_recall(model, tokens, answers):
             recalls.append(hit.mean().item())
         x = x + attn(h, compute_kl=False).output
         x = x + block["mlp"](block["norm2"](x))
-    return sum(recalls) / len(recalls)
+    return sum(recalls) / len(recalls), sum(fp8_recalls) / len(fp8_recalls)
 
 
 def main(argv=None):
@@ -203,7 +211,8 @@ def main(argv=None):
                           train_accuracy=accuracy, **row)
                 print(f"[{time.perf_counter() - start:7.1f}s] {phase:<6} step {step:4d}  lm {lm_loss.item():.3f}  "
                       f"kl {kl.item():.4f}  acc {accuracy:.2f}  | eval: dense {row['dense_accuracy']:.2f}  "
-                      f"sparse {row['sparse_accuracy']:.2f}  recall {row['recall']:.2f}", flush=True)
+                      f"sparse {row['sparse_accuracy']:.2f}  recall {row['recall']:.2f}  FP8 recall "
+                      f"{row['fp8_recall']:.3f}", flush=True)
                 path = table.write_csv(args.results_root)  # a cut run keeps its rows
     print("wrote", path)
     return 0
@@ -221,7 +230,7 @@ def evaluate(model, batch, phase, dtype, device):
         scores["dense_accuracy" if mode == "warmup" else "sparse_accuracy"] = answer_loss_and_accuracy(
             logits, tokens, answers)[1]
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-        scores["recall"] = teacher_recall(model, tokens, answers)
+        scores["recall"], scores["fp8_recall"] = teacher_recall(model, tokens, answers)
     return scores
 
 

@@ -46,6 +46,7 @@ def test_kv_recall_training_script_runs_all_three_phases(tmp_path):
     assert (frame[frame.phase == "dense"].kl_loss == 0).all() and (frame[frame.phase != "dense"].kl_loss > 0).all()
     for column in ("lm_loss", "recall", "sparse_accuracy", "dense_accuracy"):
         assert frame[column].notna().all() and frame[column].between(0, 100).all(), column
+    assert frame.fp8_recall.between(0, 1).all()
 
 
 def test_dense_curriculum_doubles_to_the_full_length():
