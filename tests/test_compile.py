@@ -483,6 +483,31 @@ def test_the_scan_can_take_each_blocks_max_from_the_accumulators_registers(fp8, 
         builder(**dict(config, keys_major=False))
 
 
+@pytest.mark.parametrize("builder,config", [
+    (decode_scores.decode_scores_program, dict(groups=4, index_dim=128, block_size=128, scale=0.088)),
+    (decode_scores.decode_scores_fp8_program, dict(groups=4, index_dim=128, block_size=128, scale=0.088)),
+    (decode_topk.decode_topk_program, dict(groups=4, block_size=128, topk=16)),
+    (decode_topk.decode_topk_radix_program, dict(groups=4, block_size=128, topk=16, capacity=1024)),
+    (decode_rescore.rescore_program, dict(groups=4, index_dim=128, block_size=128, candidates=30, scale=0.088)),
+    (decode_rescore.rescore_select_program, dict(topk=16, candidates=30)),
+    (decode_attention.decode_attention_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
+                                                     scale=0.088, splits=4)),
+    (decode_attention.decode_combine_program, dict(heads=64, groups=4, head_dim=128, splits=16)),
+], ids=["scan", "scan-fp8", "topk", "topk-radix", "rescore", "rescore-select", "attention", "combine"])
+def test_every_decode_kernel_can_wait_for_the_one_before_it(builder, config):
+    """pdl=True: the kernel waits for its predecessor (griddepcontrol.wait) before its first read of data a kernel
+    before it writes (the row lengths, scores, indices, partials) and lets its successor launch at its end; the
+    default build takes no part in programmatic launches."""
+    source = lower_to_cuda(builder, pdl=True, **config)
+    kernel = source.index('extern "C" __global__ void __launch')
+    wait = source.index("cudaGridDependencySynchronize()", kernel)
+    assert source.index("cudaTriggerProgrammaticLaunchCompletion()", kernel) > wait
+    for name in ("SeqLens[", "Scores[", "Cand[", "Rescored[", "Lpart["):  # inputs an earlier kernel writes
+        first = source.find(name, kernel)
+        assert first < 0 or first > wait, name
+    assert "cudaGridDependencySynchronize" not in lower_to_cuda(builder, **config)
+
+
 def test_the_decode_attention_reads_k_and_v_through_the_block_table():
     source = lower_to_cuda(decode_attention.decode_attention_program, groups=4, heads=64, head_dim=128,
                            block_size=128, topk=16, scale=0.088, splits=4)

@@ -160,21 +160,28 @@ def assert_decode_step_matches_the_reference(cache, q, q_idx, Bk, topk):
     assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL
 
 
-def test_a_cuda_graph_of_the_plan_replays_after_appends(seed=0):
+@pytest.mark.parametrize("pdl,fp8", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "pdl", "pdl-fp8-rescore"])
+def test_a_cuda_graph_of_the_plan_replays_after_appends(pdl, fp8, seed=0):
     """Capture one step of a plan, then append tokens (seqlens and pages change in place), write the new queries
-    into the captured inputs and replay: each replay equals msa_decode run eagerly on the same cache."""
+    into the captured inputs and replay: each replay equals msa_decode run eagerly on the same cache. With
+    ``pdl`` (each kernel waits on griddepcontrol for the one before it and lets the next launch at its end) the
+    plan's eager step is also the plain launches' bit for bit; ``fp8``: FP8 keys with the bf16 rescore."""
     import msa_tl
 
     S, G, Hq, D, Di, Bk, topk = 1, 4, 64, 128, 128, 128, 16
     lengths = [700, 2000, 129]
-    cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, max_pages=24)
-    plan = cache.plan(queries=S, heads=Hq, topk=topk)
-    k, v, ki = cache.k, cache.v, cache.k_idx
-    plan.run(q, q_idx, k, v, ki)  # compile and warm up outside the capture
+    cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, max_pages=24, fp8=fp8, rescore=fp8)
+    plan = cache.plan(queries=S, heads=Hq, topk=topk, pdl=pdl)
+    k, v, keys = cache.k, cache.v, (cache.k_idx, cache.k_idx_scale, cache.k_idx_exact)
+    first = plan.run(q, q_idx, k, v, *keys)  # compile and warm up outside the capture
+    if pdl:
+        plain = cache.plan(queries=S, heads=Hq, topk=topk).run(q, q_idx, k, v, *keys)
+        assert all(torch.equal(a, b) for a, b in zip(first, plain))
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, lse, idx = plan.run(q, q_idx, k, v, ki)
+        o, lse, idx = plan.run(q, q_idx, k, v, *keys)
     gen = torch.Generator(device="cuda").manual_seed(seed + 1)
     for step in range(3):
         rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731

@@ -28,7 +28,7 @@ _LN2 = 0.6931471805599453
 
 
 def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float, splits: int,
-                      threads: int, num_stages: int, dtype: str, pipelined: bool):
+                      threads: int, num_stages: int, dtype: str, pipelined: bool, pdl: bool = False):
     """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
     [B, S, G, topk] -> Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] (fp32; natural-log LSE)."""
     batch, n_q, num_pages, max_pages = T.dynamic("batch, n_q, num_pages, max_pages")
@@ -55,6 +55,8 @@ def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, t
             Q_s, acc_o, row_max, row_sum, rescale_s = buf.q, buf.acc_o, buf.row_max, buf.row_sum, buf.rescale
             b, g = bg // groups, bg % groups
             t, sp = ts // splits, ts % splits
+            if pdl:
+                T.pdl_sync()  # the selection has finished
             pos = SeqLens[b] - n_q + t  # the token's position in its row
             for r, d in T.Parallel(M, head_dim):
                 Q_s[r, d] = T.if_then_else(r < R, Q[b, t, g * R + r % R, d], 0)
@@ -89,16 +91,20 @@ def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, t
                 if r < R:  # a split with no block: -inf, which the combine leaves out
                     Lpart[b, t * groups + g, sp, r] = T.if_then_else(
                         row_sum[r] > 0, (row_max[r] * scale_log2 + T.log2(row_sum[r])) * _LN2, neg_inf)
+            if pdl:
+                T.pdl_trigger()
 
     return decode_attention
 
 
 def decode_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                             splits: int = 1, threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16"):
+                             splits: int = 1, threads: int = 128, num_stages: int = 2, dtype: str = "bfloat16",
+                             pdl: bool = False):
     """The split attention, each slot behind a branch (a -1 slot is skipped wherever it sits); its K / V loads are
-    plain loads in the consumer's threads. Tensors as :func:`_decode_attention`."""
+    plain loads in the consumer's threads. Tensors as :func:`_decode_attention`; ``pdl``: programmatic dependent
+    launch (:mod:`msa_tl.decode.plan`)."""
     return _decode_attention(groups, heads, head_dim, block_size, topk, scale, splits, threads, num_stages, dtype,
-                             pipelined=False)
+                             pipelined=False, pdl=pdl)
 
 
 # As the Q-outer kernel it follows (msa_tl.attention.q_outer): TileLang's warp-specialised lowering gave wrong rows
@@ -108,22 +114,24 @@ decode_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
 
 def decode_attention_pipelined_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int,
                                        scale: float, splits: int = 1, threads: int = 128, num_stages: int = 2,
-                                       dtype: str = "bfloat16"):
+                                       dtype: str = "bfloat16", pdl: bool = False):
     """The split attention with its K / V pages loaded by a TMA producer warpgroup (TileLang's warp-specialised
     pipeline): the used slots must lead each row of Indices, as the top-k writes them. It passes its GPU test on the
     H200 but was slower there (16.1 against 13.7 us at 1M, B = 1; 37.4 against 33.8 at B = 8), so it is not the
     default (:data:`DECODE_ATTENTION_DEFAULTS` ``pipelined``). Tensors as :func:`_decode_attention`. Without warp specialisation this loop's dynamic trip
     count fails TileLang's CUDA codegen ("Downcast from tirx.Sub to IntImm")."""
     return _decode_attention(groups, heads, head_dim, block_size, topk, scale, splits, threads, num_stages, dtype,
-                             pipelined=True)
+                             pipelined=True, pdl=pdl)
 
 
 DECODE_COMBINE_COLUMNS = 32  # head-dim columns a combine CTA merges (16 rows x 8 threads x 4 floats)
 
 
-def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, dtype: str = "bfloat16"):
+def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, dtype: str = "bfloat16",
+                           pdl: bool = False):
     """Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] fp32 (:func:`decode_attention_program`) -> O
-    [B, S*G, R, D] (= [B, S, Hq, D]), LSE [B, S*G, R] fp32 (natural log). R <= 16."""
+    [B, S*G, R, D] (= [B, S, Hq, D]), LSE [B, S*G, R] fp32 (natural log). R <= 16. ``pdl``: programmatic
+    dependent launch (:mod:`msa_tl.decode.plan`)."""
     batch, n_tg = T.dynamic("batch, n_tg")
     R, cols, vec = heads // groups, DECODE_COMBINE_COLUMNS, 4
     if R > 16 or head_dim % cols:
@@ -144,6 +152,8 @@ def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, 
             row_sum = T.alloc_local((1,), "float32")
             tx = T.get_thread_binding()
             r, c = tx // (cols // vec), bd * cols + tx % (cols // vec) * vec
+            if pdl:
+                T.pdl_sync()  # the split attention has finished
             if r < R:
                 row_max[0] = neg_inf
                 for s in T.unroll(splits):
@@ -162,6 +172,8 @@ def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, 
                     O[b, tg, r, c + v] = T.if_then_else(row_sum[0] > 0, acc[v] / row_sum[0], 0.0)
                 if tx % (cols // vec) == 0 and bd == 0:
                     LSE[b, tg, r] = T.if_then_else(row_sum[0] > 0, row_max[0] + T.log(row_sum[0]), neg_inf)
+            if pdl:
+                T.pdl_trigger()  # the next layer's scan may launch
 
     return decode_combine
 

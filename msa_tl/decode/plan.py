@@ -45,6 +45,9 @@ class DecodePlan:
         rescore_candidates: with ``index_fp8``, > 0 makes the selection two-stage (:mod:`msa_tl.decode.rescore`):
             the FP8 top-k keeps this many blocks beside the forced ones, and the exact index keys rank them again.
         splits: CTAs that share each (token, group)'s slots (default :func:`decode_splits`).
+        pdl: programmatic dependent launch: each kernel lets the next one launch when it ends its work and the next
+            waits (``griddepcontrol``) before it reads, so a launch's latency hides under the kernel before it.
+            Built, not yet run on a GPU: off by default.
         scores_config, topk_config, attention_config: knob overrides of each kernel's config: the tuned one for this
             GPU and shape (``msa-tl tune --programs decode_scan decode_topk ...``; batch, queries and the context
             max_pages * block_size are part of its key), else the defaults.
@@ -53,7 +56,7 @@ class DecodePlan:
     def __init__(self, block_table: torch.Tensor, seqlens: torch.Tensor, *, queries: int, heads: int, groups: int,
                  head_dim: int, index_dim: int, block_size: int = 128, topk: int = 16, scale: float | None = None,
                  index_scale: float | None = None, dtype: torch.dtype = torch.bfloat16, index_fp8: bool = False,
-                 local_blocks: int = 1, rescore_candidates: int = 0, splits: int | None = None,
+                 local_blocks: int = 1, rescore_candidates: int = 0, splits: int | None = None, pdl: bool = False,
                  scores_config: dict | None = None, topk_config: dict | None = None,
                  attention_config: dict | None = None):
         B, max_pages = block_table.shape
@@ -71,10 +74,13 @@ class DecodePlan:
         self.rescore_candidates = rescore_candidates
         slots = local_blocks + rescore_candidates if rescore_candidates else topk  # what the top-k kernel keeps
         tuning = dict(self.shape, seq=max_pages * block_size)
+        launch = dict(pdl=True) if pdl else {}  # the default builds as they were compiled and run
         scores_config = {**tuned_config("decode_scan_fp8" if index_fp8 else "decode_scan", tuning, {}, device),
-                         **(scores_config or {})}
-        topk_config = {**tuned_config("decode_topk", dict(tuning, topk=slots), {}, device), **(topk_config or {})}
-        attention_config = {**tuned_config("decode_attention", tuning, {}, device), **(attention_config or {})}
+                         **launch, **(scores_config or {})}
+        topk_config = {**tuned_config("decode_topk", dict(tuning, topk=slots), {}, device), **launch,
+                       **(topk_config or {})}
+        attention_config = {**tuned_config("decode_attention", tuning, {}, device), **launch,
+                            **(attention_config or {})}
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
                                    fp8=index_fp8, device=device, **(scores_config or {}))
@@ -84,13 +90,13 @@ class DecodePlan:
                                         topk=topk, scale=scale, splits=self.splits, dtype=tl,
                                         **(attention_config or {}))
         self._combine = compiled_kernel(decode_combine_program, heads=heads, groups=groups, head_dim=head_dim,
-                                        splits=self.splits, dtype=tl)
+                                        splits=self.splits, dtype=tl, **launch)
         rows, R = queries * groups, heads // groups
         if rescore_candidates:
             index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
             self._rescore, self._rescore_select = rescore_kernels(
                 groups=groups, index_dim=index_dim, block_size=block_size, topk=topk, candidates=rescore_candidates,
-                scale=index_scale, local_blocks=local_blocks, dtype=tl)
+                scale=index_scale, local_blocks=local_blocks, dtype=tl, pdl=pdl)
             self._candidates = torch.empty((B, rows, slots), device=device, dtype=torch.int32)  # [B, S*G, L + c]
             self._rescored = torch.empty((B, rows, rescore_candidates), device=device, dtype=torch.float32)
         self._block_scores = torch.empty((B, rows, max_pages), device=device, dtype=torch.float32)  # [B, S*G, pages]

@@ -29,7 +29,7 @@ _ROWS = 8  # the query row padded to the wgmma's N step (keys-major: acc [Bk, 8]
 
 
 def rescore_program(groups: int, index_dim: int, block_size: int, candidates: int, scale: float,
-                    local_blocks: int = 1, threads: int = 128, dtype: str = "bfloat16"):
+                    local_blocks: int = 1, threads: int = 128, pdl: bool = False, dtype: str = "bfloat16"):
     """Q [B, S*G, Di] (the exact index queries), exact index-key pages Kx [num_pages, Bk, Di], BlockTable
     [B, max_pages] int32, Cand [B, S*G, local_blocks + candidates] int32 (the FP8 top-k; -1 = none) ->
     Rescored [B, S*G, candidates] fp32 (-inf where the slot holds no block)."""
@@ -50,6 +50,8 @@ def rescore_program(groups: int, index_dim: int, block_size: int, candidates: in
             Q_s = T.alloc_shared((_ROWS, Di), dtype)  # [8, Di] row 0 the query, the rest zero
             K_s = T.alloc_shared((Bk, Di), dtype)  # [Bk, Di]
             acc, acc_t, acc_rows, best = alloc()
+            if pdl:
+                T.pdl_sync()  # the first stage's top-k has finished
             blk = Cand[b, row, L + j]
             for r, d in T.Parallel(_ROWS, Di):
                 Q_s[r, d] = T.if_then_else(r == 0, Q[b, row, d], 0)
@@ -59,11 +61,13 @@ def rescore_program(groups: int, index_dim: int, block_size: int, candidates: in
             for r in T.Parallel(_ROWS):
                 if r == 0:
                     Rescored[b, row, j] = T.if_then_else(blk >= 0, best_of(best, r) * scale, neg_inf)
+            if pdl:
+                T.pdl_trigger()
 
     return rescore
 
 
-def rescore_select_program(topk: int, candidates: int, local_blocks: int = 1):
+def rescore_select_program(topk: int, candidates: int, local_blocks: int = 1, pdl: bool = False):
     """Cand [B, n_rows, local_blocks + candidates] int32, Rescored [B, n_rows, candidates] fp32 -> Idx
     [B, n_rows, topk] int32: the forced slots as Cand holds them, then the best ``topk - local_blocks`` rescored
     candidates in descending score order (equal scores: the lower block first), -1 past the last valid one. Each
@@ -85,6 +89,8 @@ def rescore_select_program(topk: int, candidates: int, local_blocks: int = 1):
             value = T.alloc_local((1,), "float32")
             rank = T.alloc_local((1,), "int32")
             tx = T.get_thread_binding()
+            if pdl:
+                T.pdl_sync()
             if tx < candidates:
                 value[0] = Rescored[b, row, tx]
                 # NaN fails both comparisons: never chosen, as -inf and an empty slot
@@ -106,16 +112,20 @@ def rescore_select_program(topk: int, candidates: int, local_blocks: int = 1):
             T.sync_threads()
             if tx < topk:
                 Idx[b, row, tx] = out_s[tx]
+            if pdl:
+                T.pdl_trigger()
 
     return rescore_select
 
 
 def rescore_kernels(*, groups: int, index_dim: int, block_size: int, topk: int, candidates: int, scale: float,
-                    local_blocks: int, dtype: str):
+                    local_blocks: int, dtype: str, pdl: bool = False):
     """(rescore, select): the two compiled programs of the second stage."""
+    launch = dict(pdl=True) if pdl else {}  # the default builds as they were compiled and run
     rescore = compiled_kernel(rescore_program, groups=groups, index_dim=index_dim, block_size=block_size,
-                              candidates=candidates, scale=scale, local_blocks=local_blocks, dtype=dtype)
-    select = compiled_kernel(rescore_select_program, topk=topk, candidates=candidates, local_blocks=local_blocks)
+                              candidates=candidates, scale=scale, local_blocks=local_blocks, dtype=dtype, **launch)
+    select = compiled_kernel(rescore_select_program, topk=topk, candidates=candidates, local_blocks=local_blocks,
+                             **launch)
     return rescore, select
 
 

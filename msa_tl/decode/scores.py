@@ -185,9 +185,10 @@ def query_rows_tile(n_rows: int, keys_major: bool = True) -> int:
 
 def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
                           blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128, keys_major: bool = True,
-                          shuffle_max: bool = False, dtype: str = "bfloat16"):
+                          shuffle_max: bool = False, pdl: bool = False, dtype: str = "bfloat16"):
     """Q [B, S*G, Di], index-key pages [num_pages, Bk, Di], BlockTable [B, max_pages] int32, SeqLens [B] int32 ->
-    Scores [B, S*G, max_pages] fp32. ``rows``: :func:`query_rows_tile`; ``shuffle_max``: :func:`_block_max`."""
+    Scores [B, S*G, max_pages] fp32. ``rows``: :func:`query_rows_tile`; ``shuffle_max``: :func:`_block_max`;
+    ``pdl``: programmatic dependent launch (:mod:`msa_tl.decode.plan`)."""
     batch, n_rows, num_pages, max_pages = T.dynamic("batch, n_rows, num_pages, max_pages")
     BPC, Bk, Di = blocks_per_cta, block_size, index_dim
     neg_inf = -T.infinity("float32")
@@ -206,6 +207,8 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
             Q_s = T.alloc_shared((rows, Di), dtype)  # [rows, Di]
             K_s = T.alloc_shared((Bk, Di), dtype)  # [Bk, Di]
             acc, acc_t, acc_rows, best = alloc()
+            if pdl:
+                T.pdl_sync()  # the kernel before it (an append, the previous layer) has finished
             n = SeqLens[b]
             first = n - n_rows // groups  # position of the row's first query token
             r0, blk0 = by * rows, bx * BPC
@@ -227,13 +230,15 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
             for r, i in T.Parallel(rows, BPC):  # blocks past the row's end
                 if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
                     Scores[b, r0 + r, blk0 + i] = neg_inf
+            if pdl:
+                T.pdl_trigger()  # the top-k may launch; it waits for this grid to finish before it reads
 
     return decode_block_scores
 
 
 def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scale: float, rows: int = 8,
                               blocks_per_cta: int = 16, num_stages: int = 3, threads: int = 128,
-                              keys_major: bool = True, pages: int = 1, shuffle_max: bool = False,
+                              keys_major: bool = True, pages: int = 1, shuffle_max: bool = False, pdl: bool = False,
                               dtype: str = "bfloat16"):
     """The scan over FP8 index keys: Q [B, S*G, Di] (bf16 / fp16), index-key pages [num_pages, Bk, Di] float8_e4m3
     with their per-token scales KScale [num_pages, Bk] fp32, BlockTable, SeqLens -> Scores [B, S*G, max_pages] fp32.
@@ -271,6 +276,8 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
             K_s = T.alloc_shared((P * Bk, Di), fp8)  # [P * Bk, Di]
             k_scale = T.alloc_shared((P * Bk,), "float32")  # [P * Bk]
             acc, acc_t, acc_rows, best = alloc()
+            if pdl:
+                T.pdl_sync()
             n = SeqLens[b]
             first = n - n_rows // groups
             r0, blk0 = by * rows, bx * BPC
@@ -302,6 +309,8 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
             for r, i in T.Parallel(rows, BPC):
                 if r0 + r < n_rows and blk0 + i < max_pages and i >= live:
                     Scores[b, r0 + r, blk0 + i] = neg_inf
+            if pdl:
+                T.pdl_trigger()
 
     return decode_block_scores_fp8
 

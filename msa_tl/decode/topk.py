@@ -61,10 +61,11 @@ def _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots: int):
 
 
 def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4, unroll: int = 4,
-                        local_blocks: int = 1):
+                        local_blocks: int = 1, pdl: bool = False):
     """Scores [B, S*G, max_pages] fp32 (:mod:`msa_tl.decode.scores`), SeqLens [B] int32 -> Idx [B, S*G, topk] int32.
 
-    With ``local_blocks`` = L the L newest blocks take slots 0 .. L-1 and the list ranks the blocks before them."""
+    With ``local_blocks`` = L the L newest blocks take slots 0 .. L-1 and the list ranks the blocks before them.
+    ``pdl``: programmatic dependent launch (:mod:`msa_tl.decode.plan`)."""
     batch, n_rows, max_pages = T.dynamic("batch, n_rows, max_pages")
     slots = _check_local_blocks(topk, local_blocks)
     stride = 32 * warps
@@ -90,6 +91,8 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
             argmax, pop = _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots)
             tx = T.get_thread_binding()
             lane, warp = tx % 32, tx // 32
+            if pdl:
+                T.pdl_sync()  # the scan has finished
             local = (SeqLens[b] - n_rows // groups + row // groups) // block_size
             for j in T.unroll(slots):
                 top_val[j] = _LOWEST
@@ -122,6 +125,8 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
                     else:
                         for j in T.serial(local_blocks):
                             Idx[b, row, j] = T.if_then_else(local >= j, local - j, -1)
+            if pdl:
+                T.pdl_trigger()
 
     return decode_topk
 
@@ -140,7 +145,7 @@ def radix_capacity(max_pages: int) -> tuple[int, int]:
 
 
 def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity: int, threads: int = 256,
-                              local_blocks: int = 1):
+                              local_blocks: int = 1, pdl: bool = False):
     """:func:`decode_topk_program`'s contract (the same Idx, bit for bit) by a radix select: rows of at most
     ``capacity`` scores, ``capacity / threads`` a thread (contiguous, in registers).
 
@@ -190,6 +195,8 @@ def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity:
             pre = T.alloc_local((1,), u32)
             tx = T.get_thread_binding()
             lane, warp = tx % 32, tx // 32
+            if pdl:
+                T.pdl_sync()
             local = (SeqLens[b] - n_rows // groups + row // groups) // block_size
             n = candidates(local)
             count[0] = 0
@@ -291,6 +298,8 @@ def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity:
             T.sync_threads()
             if tx < topk:
                 Idx[b, row, tx] = out[tx]
+            if pdl:
+                T.pdl_trigger()
 
     return decode_topk_radix
 
@@ -306,7 +315,7 @@ def topk_kernel(*, groups: int, block_size: int, topk: int, max_pages: int, **co
     config = {**DECODE_TOPK_DEFAULTS, **config}
     if config.pop("radix"):
         capacity, threads = radix_capacity(max_pages)
-        local = {k: v for k, v in config.items() if k == "local_blocks"}
+        local = {k: v for k, v in config.items() if k in ("local_blocks", "pdl")}
         return compiled_kernel(decode_topk_radix_program, groups=groups, block_size=block_size, topk=topk,
                                capacity=capacity, threads=threads, **local)
     return compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
