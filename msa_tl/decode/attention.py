@@ -21,8 +21,9 @@ from msa_tl.attention.q_outer import attend_block_buffers, attend_block_macro
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram, decode_rows
 
-DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False)
-DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True))  # the tuner's choices
+# ctas_per_sm sizes the splits (decode_splits), not the program: the CTAs of a step at about that many an SM
+DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False, ctas_per_sm=2)
+DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True), ctas_per_sm=(1, 2, 4))  # tuner choices
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -180,16 +181,17 @@ def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, 
 
 def attention_kernel(**config):
     """The compiled split attention for ``config`` (:data:`DECODE_ATTENTION_DEFAULTS` knobs over the defaults;
-    ``pipelined`` picks the builder)."""
+    ``pipelined`` picks the builder; ``ctas_per_sm`` was spent on ``splits``)."""
     config = {**DECODE_ATTENTION_DEFAULTS, **config}
+    config.pop("ctas_per_sm")
     builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
     return compiled_kernel(builder, **config)
 
 
-def decode_splits(pairs: int, topk: int, device, sms: int | None = None) -> int:
-    """Splits of each (token, group) pair's slots: enough CTAs for two an SM (of ``device``, or ``sms``), at most
-    one slot a CTA."""
-    return max(1, min(topk, math.ceil(2 * (sms or sm_count(device)) / pairs)))
+def decode_splits(pairs: int, topk: int, device, sms: int | None = None, ctas_per_sm: int = 2) -> int:
+    """Splits of each (token, group) pair's slots: enough CTAs for ``ctas_per_sm`` an SM (of ``device``, or
+    ``sms``), at most one slot a CTA."""
+    return max(1, min(topk, math.ceil(ctas_per_sm * (sms or sm_count(device)) / pairs)))
 
 
 def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_size: int, scale=None, *,
@@ -208,7 +210,7 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
         raise ValueError(f"decode attention reads pages of one block: page size {k_pages.shape[1]} != block size "
                          f"{block_size}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    splits = splits or decode_splits(B * S * G, topk, q.device)
+    splits = splits or decode_splits(B * S * G, topk, q.device, ctas_per_sm=config.get("ctas_per_sm", 2))
     R = Hq // G
     o_part = torch.empty((B, S * G, splits, R, D), device=q.device, dtype=torch.float32)
     l_part = torch.empty((B, S * G, splits, R), device=q.device, dtype=torch.float32)
@@ -226,7 +228,8 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
 def _attention_units(shape: dict, config: dict) -> list:
     config = {**DECODE_ATTENTION_DEFAULTS, **config}
     builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
-    splits = decode_splits(shape.get("batch", 1) * decode_rows(shape), shape["topk"], None, sms=HOPPER_SMS)
+    splits = decode_splits(shape.get("batch", 1) * decode_rows(shape), shape["topk"], None, sms=HOPPER_SMS,
+                           ctas_per_sm=config.pop("ctas_per_sm"))
     return [(builder, dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
                            block_size=shape["block_size"], topk=shape["topk"], scale=1.0 / math.sqrt(shape["head_dim"]),
                            splits=splits, dtype="bfloat16", **config))]

@@ -64,7 +64,7 @@ class DecodePlan:
         self.block_table, self.seqlens = block_table, seqlens
         self.shape = dict(batch=B, queries=queries, heads=heads, groups=groups, head_dim=head_dim,
                           index_dim=index_dim, block_size=block_size, topk=topk)
-        self.splits = splits or decode_splits(B * queries * groups, topk, device)
+
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         tl = tl_dtype(dtype)
         self.index_fp8 = index_fp8
@@ -81,6 +81,8 @@ class DecodePlan:
                        **(topk_config or {})}
         attention_config = {**tuned_config("decode_attention", tuning, {}, device), **launch,
                             **(attention_config or {})}
+        self.splits = splits or decode_splits(B * queries * groups, topk, device,
+                                              ctas_per_sm=attention_config.get("ctas_per_sm", 2))
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
                                    fp8=index_fp8, device=device, **(scores_config or {}))
