@@ -179,13 +179,19 @@ def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, 
     return decode_combine
 
 
-def attention_kernel(**config):
-    """The compiled split attention for ``config`` (:data:`DECODE_ATTENTION_DEFAULTS` knobs over the defaults;
-    ``pipelined`` picks the builder; ``ctas_per_sm`` was spent on ``splits``)."""
+def attention_build(**config) -> tuple:
+    """(program, kwargs) of the split attention for ``config`` (:data:`DECODE_ATTENTION_DEFAULTS` knobs over the
+    defaults; ``pipelined`` picks the builder; ``ctas_per_sm`` was spent on ``splits``)."""
     config = {**DECODE_ATTENTION_DEFAULTS, **config}
     config.pop("ctas_per_sm")
     builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
-    return compiled_kernel(builder, **config)
+    return builder, config
+
+
+def attention_kernel(**config):
+    """The compiled :func:`attention_build`."""
+    builder, kwargs = attention_build(**config)
+    return compiled_kernel(builder, **kwargs)
 
 
 def decode_splits(pairs: int, topk: int, device, sms: int | None = None, ctas_per_sm: int = 2) -> int:
@@ -226,13 +232,11 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
 
 
 def _attention_units(shape: dict, config: dict) -> list:
-    config = {**DECODE_ATTENTION_DEFAULTS, **config}
-    builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
     splits = decode_splits(shape.get("batch", 1) * decode_rows(shape), shape["topk"], None, sms=HOPPER_SMS,
-                           ctas_per_sm=config.pop("ctas_per_sm"))
-    return [(builder, dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
-                           block_size=shape["block_size"], topk=shape["topk"], scale=1.0 / math.sqrt(shape["head_dim"]),
-                           splits=splits, dtype="bfloat16", **config))]
+                           ctas_per_sm={**DECODE_ATTENTION_DEFAULTS, **config}["ctas_per_sm"])
+    return [attention_build(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
+                            block_size=shape["block_size"], topk=shape["topk"], scale=1.0 / math.sqrt(shape["head_dim"]),
+                            splits=splits, dtype="bfloat16", **config)]
 
 
 def _attention_trial(shape: dict, check_seq: int) -> tuple:

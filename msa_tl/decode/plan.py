@@ -64,8 +64,8 @@ class DecodePlan:
         self.block_table, self.seqlens = block_table, seqlens
         self.shape = dict(batch=B, queries=queries, heads=heads, groups=groups, head_dim=head_dim,
                           index_dim=index_dim, block_size=block_size, topk=topk)
-
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
         tl = tl_dtype(dtype)
         self.index_fp8 = index_fp8
         if rescore_candidates and not (index_fp8 and rescore_candidates >= topk - local_blocks):
@@ -85,17 +85,15 @@ class DecodePlan:
                                               ctas_per_sm=attention_config.get("ctas_per_sm", 2))
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
-                                   fp8=index_fp8, device=device, **(scores_config or {}))
+                                   fp8=index_fp8, device=device, **scores_config)
         self._topk = topk_kernel(groups=groups, block_size=block_size, topk=slots, max_pages=max_pages,
-                                 **({} if local_blocks == 1 else dict(local_blocks=local_blocks)), **(topk_config or {}))
+                                 **({} if local_blocks == 1 else dict(local_blocks=local_blocks)), **topk_config)
         self._attend = attention_kernel(groups=groups, heads=heads, head_dim=head_dim, block_size=block_size,
-                                        topk=topk, scale=scale, splits=self.splits, dtype=tl,
-                                        **(attention_config or {}))
+                                        topk=topk, scale=scale, splits=self.splits, dtype=tl, **attention_config)
         self._combine = compiled_kernel(decode_combine_program, heads=heads, groups=groups, head_dim=head_dim,
                                         splits=self.splits, dtype=tl, **launch)
         rows, R = queries * groups, heads // groups
         if rescore_candidates:
-            index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
             self._rescore, self._rescore_select = rescore_kernels(
                 groups=groups, index_dim=index_dim, block_size=block_size, topk=topk, candidates=rescore_candidates,
                 scale=index_scale, local_blocks=local_blocks, dtype=tl, pdl=pdl)
@@ -203,9 +201,9 @@ def decode_trial(stage: str, shape: dict, check_seq: int, fp8: bool = False) -> 
 
     def timed(config):
         plan = plan_for(cache, config)
-        scores = plan.index_scores(q_idx, *keys).clone()
         if stage == "scores":
             return lambda: plan.index_scores(q_idx, *keys)
+        scores = plan.index_scores(q_idx, *keys).clone()
         if stage == "topk":
             return lambda: plan.select(scores)
         indices = plan.select(scores)

@@ -22,6 +22,7 @@ import tilelang.language as T
 import torch
 
 from msa_tl.decode.scores import _block_max
+from msa_tl.decode.topk import ranks_before
 from msa_tl.index.select import _LOWEST
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
@@ -104,8 +105,7 @@ def rescore_select_program(topk: int, candidates: int, local_blocks: int = 1, pd
                 if blk_s[tx] >= 0:
                     rank[0] = 0
                     for i in T.serial(candidates):
-                        ahead = (blk_s[i] >= 0) & ((val_s[i] > val_s[tx])
-                                                   | ((val_s[i] == val_s[tx]) & (blk_s[i] < blk_s[tx])))
+                        ahead = (blk_s[i] >= 0) & ranks_before(val_s[i], blk_s[i], val_s[tx], blk_s[tx])
                         rank[0] += T.if_then_else(ahead, 1, 0)
                     if rank[0] < ranked:
                         out_s[L + rank[0]] = blk_s[tx]

@@ -315,16 +315,21 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
     return decode_block_scores_fp8
 
 
-def scan_kernel(*, n_rows: int, batch: int, max_pages: int, groups: int, index_dim: int, block_size: int,
-                index_scale: float | None, dtype: str, fp8: bool, device, **config):
-    """The compiled scan for ``batch`` rows of ``n_rows`` (S * G) query rows over ``max_pages`` pages: the program
-    by the keys' dtype (``fp8``), its knobs :data:`DECODE_SCORES_DEFAULTS` and :func:`scan_tiling` under
-    ``config``; ``index_scale`` None is 1 / sqrt(Di)."""
+def scan_build(*, n_rows: int, batch: int, max_pages: int, groups: int, index_dim: int, block_size: int,
+               index_scale: float | None, dtype: str, fp8: bool, sms: int, **config) -> tuple:
+    """(program, kwargs) of the scan for ``batch`` rows of ``n_rows`` (S * G) query rows over ``max_pages`` pages on
+    a GPU of ``sms`` SMs: the program by the keys' dtype (``fp8``), its knobs :data:`DECODE_SCORES_DEFAULTS` and
+    :func:`scan_tiling` under ``config``; ``index_scale`` None is 1 / sqrt(Di)."""
     scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
-    config = scan_tiling(n_rows, batch, max_pages, sm_count(device), {**DECODE_SCORES_DEFAULTS, **config})
+    config = scan_tiling(n_rows, batch, max_pages, sms, {**DECODE_SCORES_DEFAULTS, **config})
     program = decode_scores_fp8_program if fp8 else decode_scores_program
-    return compiled_kernel(program, groups=groups, index_dim=index_dim, block_size=block_size, scale=scale,
-                           dtype=dtype, **config)
+    return program, dict(groups=groups, index_dim=index_dim, block_size=block_size, scale=scale, dtype=dtype, **config)
+
+
+def scan_kernel(*, device, **args):
+    """The compiled :func:`scan_build` for ``device``."""
+    program, kwargs = scan_build(sms=sm_count(device), **args)
+    return compiled_kernel(program, **kwargs)
 
 
 def decode_block_scores(q_idx: torch.Tensor, k_idx_pages: torch.Tensor, block_table: torch.Tensor,
@@ -381,14 +386,10 @@ def _reject_scan(fp8: bool):
 
 def _scan_units(fp8: bool):
     def units(shape: dict, config: dict) -> list:
-        config = dict(config)
-        if not fp8:
-            config.pop("pages", None)
-        rows = query_rows_tile(decode_rows(shape), config["keys_major"])
-        program = decode_scores_fp8_program if fp8 else decode_scores_program
-        return [(program, dict(groups=shape["groups"], index_dim=shape["index_dim"], block_size=shape["block_size"],
-                               scale=1.0 / math.sqrt(shape["index_dim"]), rows=rows, dtype="bfloat16",
-                               **{**DECODE_SCORES_DEFAULTS, **config}))]
+        return [scan_build(n_rows=decode_rows(shape), batch=shape.get("batch", 1),
+                           max_pages=-(-shape["seq"] // shape["block_size"]), groups=shape["groups"],
+                           index_dim=shape["index_dim"], block_size=shape["block_size"], index_scale=None,
+                           dtype="bfloat16", fp8=fp8, sms=HOPPER_SMS, **config)]
 
     return units
 

@@ -33,6 +33,12 @@ def topk_warps(max_pages: int, per_thread: int = 8) -> int:
     return warps
 
 
+def ranks_before(val, blk, other_val, other_blk):
+    """Whether block ``blk`` of score ``val`` comes before ``other_blk`` in a selection: the higher score, then the
+    lower block (the order of the slots and of ties, in every decode selection kernel)."""
+    return (val > other_val) | ((val == other_val) & (blk < other_blk))
+
+
 def _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots: int):
     """(argmax, pop): the warp's best list head (higher score, then lower block) into best_val / best_blk on every
     lane by a five-step shuffle; the winning lane drops its head."""
@@ -44,7 +50,7 @@ def _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots: int):
         for m in T.unroll(5):
             other_val = T.shfl_xor(best_val[0], 1 << m)
             other_blk = T.shfl_xor(best_blk[0], 1 << m)
-            if (other_val > best_val[0]) | ((other_val == best_val[0]) & (other_blk < best_blk[0])):
+            if ranks_before(other_val, other_blk, best_val[0], best_blk[0]):
                 best_val[0] = other_val
                 best_blk[0] = other_blk
 
@@ -292,8 +298,7 @@ def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity:
             if tx < want[0]:  # rank by counting: the higher key, then the lower block, goes first
                 count[0] = 0
                 for i in T.serial(want[0]):
-                    count[0] += T.if_then_else((sel_key[i] > sel_key[tx])
-                                               | ((sel_key[i] == sel_key[tx]) & (sel_blk[i] < sel_blk[tx])), 1, 0)
+                    count[0] += T.if_then_else(ranks_before(sel_key[i], sel_blk[i], sel_key[tx], sel_blk[tx]), 1, 0)
                 out[local_blocks + count[0]] = sel_blk[tx]
             T.sync_threads()
             if tx < topk:
@@ -308,18 +313,24 @@ def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity:
 decode_topk_radix_program.pass_configs = {"tl.disable_thread_storage_sync": True, "tl.disable_shared_memory_reuse": True}
 
 
-def topk_kernel(*, groups: int, block_size: int, topk: int, max_pages: int, **config):
-    """The compiled top-k for rows of ``max_pages`` block scores: :data:`DECODE_TOPK_DEFAULTS` and ``warps``
-    (:func:`topk_warps` of the row length) under ``config``; ``radix=True``: :func:`decode_topk_radix_program`
-    (same output) sized by :func:`radix_capacity` (``unroll`` / ``warps`` do not apply)."""
+def topk_build(*, groups: int, block_size: int, topk: int, max_pages: int, **config) -> tuple:
+    """(program, kwargs) of the top-k for rows of ``max_pages`` block scores: :data:`DECODE_TOPK_DEFAULTS` and
+    ``warps`` (:func:`topk_warps` of the row length) under ``config``; ``radix=True``:
+    :func:`decode_topk_radix_program` (same output) sized by :func:`radix_capacity` (``unroll`` / ``warps`` do not
+    apply)."""
     config = {**DECODE_TOPK_DEFAULTS, **config}
+    shape = dict(groups=groups, block_size=block_size, topk=topk)
     if config.pop("radix"):
         capacity, threads = radix_capacity(max_pages)
         local = {k: v for k, v in config.items() if k in ("local_blocks", "pdl")}
-        return compiled_kernel(decode_topk_radix_program, groups=groups, block_size=block_size, topk=topk,
-                               capacity=capacity, threads=threads, **local)
-    return compiled_kernel(decode_topk_program, groups=groups, block_size=block_size, topk=topk,
-                           **{"warps": topk_warps(max_pages), **config})
+        return decode_topk_radix_program, dict(shape, capacity=capacity, threads=threads, **local)
+    return decode_topk_program, dict(shape, **{"warps": topk_warps(max_pages), **config})
+
+
+def topk_kernel(**args):
+    """The compiled :func:`topk_build`."""
+    program, kwargs = topk_build(**args)
+    return compiled_kernel(program, **kwargs)
 
 
 def decode_select(scores: torch.Tensor, seqlens: torch.Tensor, block_size: int, topk: int, **config) -> torch.Tensor:
@@ -346,13 +357,8 @@ def _reject_topk(config: dict, shape: dict):
 
 
 def _topk_units(shape: dict, config: dict) -> list:
-    config = dict(config)
-    if config.pop("radix"):
-        capacity, threads = radix_capacity(-(-shape["seq"] // shape["block_size"]))
-        return [(decode_topk_radix_program, dict(groups=shape["groups"], block_size=shape["block_size"],
-                                                 topk=shape["topk"], capacity=capacity, threads=threads))]
-    return [(decode_topk_program, dict(groups=shape["groups"], block_size=shape["block_size"], topk=shape["topk"],
-                                       **config))]
+    return [topk_build(groups=shape["groups"], block_size=shape["block_size"], topk=shape["topk"],
+                       max_pages=-(-shape["seq"] // shape["block_size"]), **config)]
 
 
 def _topk_trial(shape: dict, check_seq: int) -> tuple:
