@@ -404,6 +404,32 @@ def test_the_fp8_prefill_select_scales_its_columns_by_the_keys_scales():
     assert "fp8_e4_t*)Q_s0" in source and "(float*)scale_ring" in source and "KScale[" in source
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("config", [dict(register_max=True), dict(consumers=4, register_max=True),
+                                    dict(consumers=4, register_max=True, groups=8, index_dim=64, block_size=64, topk=8)],
+                         ids=["register-max", "4-consumers", "4-consumers-Bk64"])
+def test_the_pipelined_select_can_rank_from_the_accumulators_registers_with_four_consumers(fp8, config, tmp_path):
+    """register_max: each row's max comes from the wgmma accumulator by a tree and two quad shuffles (scaled per key
+    with FP8) and goes straight into the list of the quad lane that owns the row: no shared row maxima, no named
+    barriers. consumers=4: four warpgroups of 64 rows, a 640-thread CTA. Both compile without spilling."""
+    builder = index_topk.pipelined_select_fp8_program if fp8 else index_topk.pipelined_select_program
+    config = dict(dict(groups=4, index_dim=128, block_size=128, topk=16), **config)
+    source = lower_to_cuda(builder, **config)
+    M = 2 * index_topk.pipelined_rows(config["groups"], config["block_size"]) // config.get("consumers", 2)
+    assert f"msa_select_row_max<{M // 64}, {config['block_size']}, {int(fp8)}>" in source
+    assert "rmax_s" not in source and "__sync_thread_partial" not in source
+    assert ("tl::warpgroup_reg_alloc<112>" in source) == (config.get("consumers") == 4)
+    assert "0 bytes spill stores" in ptxas_report(source, tmp_path)
+
+
+def test_four_select_consumers_need_256_rows_in_a_key_block():
+    with pytest.raises(ValueError, match="64 rows"):
+        index_topk.pipelined_select_program(groups=1, index_dim=64, block_size=128, topk=8, consumers=4)
+    with pytest.raises(ValueError, match="2 or 4"):
+        index_topk.pipelined_select_program(groups=4, index_dim=128, block_size=128, topk=16, consumers=3)
+
+
 def test_the_select_at_an_offset_takes_t0_and_only_the_chunks_rows():
     """The pipelined selects' offset builds (bf16 and FP8): a runtime t0 after Idx, Q / Idx sized by the chunk's
     own row count; their default builds take neither."""

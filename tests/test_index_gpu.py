@@ -71,6 +71,53 @@ def test_pipelined_and_fused_select_the_same_blocks(ties, N, G, Di, Bk, topk):
     assert torch.equal(pipelined, fused)
 
 
+SELECT_VARIANTS = [dict(register_max=True), dict(consumers=4, register_max=True), dict(consumers=4)]
+VARIANT_IDS = ["register-max", "4-consumers-register-max", "4-consumers"]
+
+
+@pytest.mark.parametrize("config", SELECT_VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "many-ties"])
+@pytest.mark.parametrize("N,G,Di,Bk,topk", [(4096, 4, 128, 128, 16), (2500, 1, 128, 128, 8), (1900, 8, 64, 64, 4),
+                                            (3000, 4, 128, 128, 5)],
+                         ids=["paper", "G1-64-rows", "G8-k4", "k5"])
+def test_the_pipelined_selects_consumer_variants_choose_what_the_fused_select_chooses(config, ties, N, G, Di, Bk,
+                                                                                     topk):
+    """Four consumers of 64 rows, and row maxima taken from the accumulators' registers (a tree, then the quad; the
+    list kept by the quad's lanes), fill each row's list with the same maxima in the same block order: the fused
+    select's choice bit for bit, ties included."""
+    from msa_tl.index.select import pipelined_rows, select_blocks
+
+    if config.get("consumers") == 4 and pipelined_rows(G, Bk) < 128:
+        pytest.skip("four consumers need 256 rows in a key block")
+    q_idx, k_idx = index_inputs(2, N, G, Di)
+    if ties:
+        q_idx, k_idx = q_idx.round().clamp(-1, 1), k_idx.round().clamp(-1, 1)
+    fused = select_blocks(q_idx, k_idx, Bk, topk, method="fused")
+    out = torch.full_like(fused, POISON)
+    assert torch.equal(select_blocks(q_idx, k_idx, Bk, topk, method="pipelined", config=config, out=out), fused)
+
+
+@pytest.mark.parametrize("config", SELECT_VARIANTS[:2], ids=VARIANT_IDS[:2])
+@pytest.mark.parametrize("B,N,G,Di,Bk,topk,local_blocks", [(1, 4096, 4, 128, 128, 16, 1), (2, 1000, 4, 128, 128, 16, 1),
+                                                           (1, 3000, 4, 128, 128, 8, 2), (1, 3000, 8, 64, 64, 8, 1)],
+                         ids=["paper", "ragged-b2", "local-2", "G8-Bk64"])
+def test_the_fp8_selects_consumer_variants_choose_what_its_default_chooses(config, B, N, G, Di, Bk, topk,
+                                                                           local_blocks):
+    """The FP8 select's variants scale the same products by the same key scales and take the same maxima: the
+    default build's indices bit for bit (that build is checked against the float64 reference above), and against
+    the reference too."""
+    from msa_tl.index.select import select_blocks_fp8
+
+    q_idx, k_idx = index_inputs(B, N, G, Di)
+    default = select_blocks_fp8(q_idx, k_idx, Bk, topk, local_blocks=local_blocks)
+    out = torch.full_like(default, POISON)
+    variant = select_blocks_fp8(q_idx, k_idx, Bk, topk, local_blocks=local_blocks, config=config, out=out)
+    assert torch.equal(variant, default)
+    if local_blocks == 1:
+        assert_same_selection_up_to_ties(variant, R.fake_quantize_fp8(q_idx), R.fake_quantize_fp8(k_idx), Bk, topk,
+                                         rows_with_ties=1 / 50)
+
+
 def test_an_unknown_select_method_is_named():
     from msa_tl.index.select import select_blocks
 

@@ -45,11 +45,12 @@ from msa_tl.tuning.cache import tuned_config
 
 TOPK_DEFAULTS = dict(block_M=128, col_tile=32)
 FUSED_DEFAULTS = dict(block_M=128, num_stages=2, threads=128, heavy_first=True)  # best of the H100 sweep (NOTES.md)
-PIPELINED_DEFAULTS = dict(stages=3, heavy_first=True)  # stages 2-4 within 1% on the H200 (NOTES.md)
+# stages 2-4 within 1% on the H200 (NOTES.md); consumers=4 / register_max: built for the FP8 select, not yet timed
+PIPELINED_DEFAULTS = dict(stages=3, heavy_first=True, consumers=2, register_max=False)
 # the tuner's choices of each knob (the *_TUNING descriptions at the end add the constraints)
 TOPK_KNOBS = dict(block_M=(64, 128, 256), col_tile=(16, 32, 64))
 FUSED_KNOBS = dict(block_M=(64, 128, 256), num_stages=(1, 2, 3, 4), threads=(128, 256), heavy_first=(False, True))
-PIPELINED_KNOBS = dict(stages=(2, 3, 4), heavy_first=(False, True))
+PIPELINED_KNOBS = dict(stages=(2, 3, 4), heavy_first=(False, True), consumers=(2, 4), register_max=(False, True))
 SELECT_METHODS = ("pipelined", "fused", "two_pass")
 _LOWEST = -3.0e38  # below every finite score; "no candidate yet"
 
@@ -255,36 +256,101 @@ def pipelined_rows(groups: int, block_size: int) -> int:
 
 def pipelined_select_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
                              heavy_first: bool = True, dtype: str = "bfloat16", local_blocks: int = 1,
-                             varlen: bool = False, offset: bool = False):
+                             varlen: bool = False, offset: bool = False, consumers: int = 2,
+                             register_max: bool = False):
     """Q [batch, seq*G, Di], K [batch, seq, Di] -> Idx [batch, seq*G, topk] int32; a producer and two consumers.
 
-    Each consumer owns M = :func:`pipelined_rows` rows and both read every key block of a ``stages``-deep ring.
-    ``local_blocks`` and ``varlen`` (BlockStart [batch, ceil(seq / Bk)] int32 after K) as in
-    :func:`fused_select_program`. ``offset``: the queries are ``t0 ..`` of the keys' sequence (a runtime scalar
-    after Idx, a multiple of Bk): Q [batch, queries*G, Di] and Idx [batch, queries*G, topk] hold their rows alone.
+    A CTA's 2 x :func:`pipelined_rows` rows are split over ``consumers`` warpgroups (2, or 4 of 64 rows where a
+    key block holds 256 rows), all reading every key block of a ``stages``-deep ring. ``local_blocks`` and
+    ``varlen`` (BlockStart [batch, ceil(seq / Bk)] int32 after K) as in :func:`fused_select_program`. ``offset``:
+    the queries are ``t0 ..`` of the keys' sequence (a runtime scalar after Idx, a multiple of Bk): Q [batch,
+    queries*G, Di] and Idx [batch, queries*G, topk] hold their rows alone.
     """
     return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, False, local_blocks,
-                             varlen, offset)
+                             varlen, offset, consumers, register_max)
 
 
 def pipelined_select_fp8_program(groups: int, index_dim: int, block_size: int, topk: int, stages: int = 3,
                                  heavy_first: bool = True, dtype: str = "bfloat16", local_blocks: int = 1,
-                                 varlen: bool = False, offset: bool = False):
+                                 varlen: bool = False, offset: bool = False, consumers: int = 2,
+                             register_max: bool = False):
     """The pipelined select over FP8 operands: Q [batch, seq*G, Di] and K [batch, seq, Di] float8_e4m3 codes, KScale
     [batch, seq] fp32 (a key is K * KScale; a query row's own scale leaves its ranking as it is, so it is not read)
     -> Idx [batch, seq*G, topk] int32. Each block is one e4m3 wgmma (twice bf16's rate) whose columns are scaled by
-    their keys' scales before the row max. ``offset`` as in :func:`pipelined_select_program` (t0 after Idx).
-    Lowered and compiled for sm_90a; not yet run on a GPU."""
+    their keys' scales before the row max. ``offset`` and ``consumers`` as in :func:`pipelined_select_program`
+    (t0 after Idx).
+
+    Why ``consumers=4``: a consumer's GEMM, wait, column scaling, row max and inserts run in sequence, and two
+    consumers overlap only each other's; at twice bf16's MMA rate the epilogue is what sets the pace (the H200
+    measured 1.13x bf16 at 128K, NOTES.md). Four warpgroups of 64 rows halve each one's epilogue and put four
+    on the tensor pipe in turn, over the same ring (each key block still read once for 256 rows)."""
     return _pipelined_select(groups, index_dim, block_size, topk, stages, heavy_first, dtype, True, local_blocks,
-                             varlen, offset)
+                             varlen, offset, consumers, register_max)
+
+
+SELECT_CONSUMER_REGS = {2: (40, 232), 4: (32, 112)}  # consumers -> setmaxnreg of the producer, of each consumer
+
+
+# register_max: a consumer's row maxima straight from its wgmma accumulator's registers. A thread's values of
+# [64 kTiles, kN] are 64 t + 4 j + 2 h + e: row 64 t + 16 warp + 8 h + lane / 4, column 8 j + 2 (lane % 4) + e (the
+# layout TileLang's fragment keeps). Each row's values, times their keys' scales with FP8, reduce as a tree (depth 5
+# where TileLang's reduce_max is a chain of 32), then over the quad's lanes (xor 1, 2); lane q of a quad returns its
+# row slot q = 2 t + h, so the row's list is kept by that lane and no row max goes through shared memory.
+SELECT_ROW_MAX_CUDA = r"""
+template <int kTiles, int kN, int kScaled>
+__device__ __forceinline__ float msa_select_row_max(const float *acc, const float *scale) {
+  const int q = threadIdx.x & 3;
+  float slot[2 * kTiles];
+  #pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v[kN / 4];
+      #pragma unroll
+      for (int j = 0; j < kN / 8; ++j) {
+        v[2 * j] = acc[64 * t + 4 * j + 2 * h];
+        v[2 * j + 1] = acc[64 * t + 4 * j + 2 * h + 1];
+        if (kScaled) {
+          const float2 s = *reinterpret_cast<const float2 *>(scale + 8 * j + 2 * q);
+          v[2 * j] *= s.x;
+          v[2 * j + 1] *= s.y;
+        }
+      }
+      #pragma unroll
+      for (int i = 0; i < kN / 8; ++i) v[i] = fmaxf(v[i], v[i + kN / 8]);
+      #pragma unroll
+      for (int i = 0; i < kN / 16; ++i) v[i] = fmaxf(v[i], v[i + kN / 16]);
+      #pragma unroll
+      for (int i = 0; i < kN / 32; ++i) v[i] = fmaxf(v[i], v[i + kN / 32]);
+      #pragma unroll
+      for (int i = 0; i < kN / 64; ++i) v[i] = fmaxf(v[i], v[i + kN / 64]);
+      #pragma unroll
+      for (int i = 0; i < kN / 128; ++i) v[i] = fmaxf(v[i], v[i + kN / 128]);
+      float m = fmaxf(v[0], __shfl_xor_sync(0xffffffffu, v[0], 1));
+      slot[2 * t + h] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    }
+  }
+  float out = slot[0];
+  #pragma unroll
+  for (int i = 1; i < 2 * kTiles; ++i) out = q == i ? slot[i] : out;
+  return out;
+}
+"""
 
 
 def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, stages: int, heavy_first: bool,
-                      dtype: str, fp8: bool, local_blocks: int, varlen: bool, offset: bool = False):
+                      dtype: str, fp8: bool, local_blocks: int, varlen: bool, offset: bool = False,
+                      consumers: int = 2, register_max: bool = False):
     batch, seq = T.dynamic("batch"), T.dynamic("seq")
     Bk, Di, M = block_size, index_dim, pipelined_rows(groups, block_size)
     if not M:
         raise ValueError(f"the pipelined select needs >= 128 rows in a key block (G * Bk = {groups * block_size})")
+    if consumers not in SELECT_CONSUMER_REGS:
+        raise ValueError(f"the pipelined select runs 2 or 4 consumers, got {consumers}")
+    NC, M = consumers, 2 * M // consumers  # a CTA's 2 x pipelined_rows rows, M a consumer
+    if M < 64:
+        raise ValueError(f"{NC} consumers of {M} rows: a consumer needs one wgmma M tile (64 rows)")
+    producer_regs, consumer_regs = SELECT_CONSUMER_REGS[NC]
     if offset and varlen:
         raise ValueError("the pipelined select takes queries at an offset without documents only")
     queries = T.dynamic("queries") if offset else seq  # the query rows Q and Idx hold
@@ -292,6 +358,12 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
     slots = _check_local_blocks(topk, local_blocks)
     write = _selection_writer(topk, local_blocks)
     op_dtype = "float8_e4m3" if fp8 else dtype
+
+    def row(ctx):  # the consumer's row thread ctx ranks: its own, or with register_max row slot ctx % 4 of its quad's
+        return ctx if not register_max else ctx % 4 // 2 * 64 + ctx // 32 * 16 + ctx % 32 // 4 + ctx % 2 * 8
+
+    def ranks(ctx):  # thread ctx keeps a row's list
+        return ctx < M if not register_max else ctx % 4 < M // 32
 
     @T.macro
     def consume(c, ctx, r0, local, start, Q_s, ring, scale_ring, full, empty, acc, rmax, rmax_s, top_val, top_blk,
@@ -304,51 +376,73 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             T.barrier_wait(full[blk % stages], (blk // stages) & 1)
             T.wgmma_gemm(Q_s, ring[blk % stages, :, :], acc, transpose_B=True, clear_accum=True)
             T.wait_wgmma(0)
-            if fp8:
-                for r, k in T.Parallel(M, Bk):
-                    acc[r, k] = acc[r, k] * scale_ring[blk % stages, k]
-            T.barrier_arrive(empty[blk % stages])
-            T.reduce_max(acc, rmax, dim=1)
-            T.sync_threads(1 + c, 128)  # every thread has read the previous block's row maxima
-            T.copy(rmax, rmax_s)
-            T.sync_threads(1 + c, 128)
-            if ctx < M:
-                insert(rmax_s[ctx], start + blk)
-        if ctx < M and r0 + c * M + ctx < rows:
-            if local_blocks == 1:
-                Idx[bz, r0 + c * M + ctx, 0] = local
-                for j in T.serial(topk - 1):
-                    Idx[bz, r0 + c * M + ctx, j + 1] = top_blk[j]
+            if register_max:
+                rmax[0] = T.call_extern("float32", f"msa_select_row_max<{M // 64}, {Bk}, {int(fp8)}>", acc.data,
+                                        T.address_of(scale_ring[blk % stages, 0]) if fp8 else acc.data)
+                T.barrier_arrive(empty[blk % stages])
+                if ranks(ctx):
+                    insert(rmax[0], start + blk)
             else:
-                write(Idx, bz, r0 + c * M + ctx, local, start, top_blk)
+                if fp8:
+                    for r, k in T.Parallel(M, Bk):
+                        acc[r, k] = acc[r, k] * scale_ring[blk % stages, k]
+                T.barrier_arrive(empty[blk % stages])
+                T.reduce_max(acc, rmax, dim=1)
+                T.sync_threads(1 + c, 128)  # every thread has read the previous block's row maxima
+                T.copy(rmax, rmax_s)
+                T.sync_threads(1 + c, 128)
+                if ctx < M:
+                    insert(rmax_s[ctx], start + blk)
+        if ranks(ctx) and r0 + c * M + row(ctx) < rows:
+            if local_blocks == 1:
+                Idx[bz, r0 + c * M + row(ctx), 0] = local
+                for j in T.serial(topk - 1):
+                    Idx[bz, r0 + c * M + row(ctx), j + 1] = top_blk[j]
+            else:
+                write(Idx, bz, r0 + c * M + row(ctx), local, start, top_blk)
 
     @T.macro
     def select(Q, K, KScale, BlockStart, Idx, t0):
-        with T.Kernel(T.ceildiv(rows, 2 * M), batch, threads=384) as (tile, bz):
-            bx = T.ceildiv(rows, 2 * M) - 1 - tile if heavy_first else tile
+        with T.Kernel(T.ceildiv(rows, NC * M), batch, threads=128 * (NC + 1),
+                      **(dict(prelude=SELECT_ROW_MAX_CUDA) if register_max else {})) as (tile, bz):
+            bx = T.ceildiv(rows, NC * M) - 1 - tile if heavy_first else tile
             Q_s0 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 0's rows
             Q_s1 = T.alloc_shared((M, Di), op_dtype)  # [M, Di] consumer 1's rows
+            Q_s2 = T.alloc_shared((M, Di), op_dtype) if NC == 4 else None  # [M, Di] consumers 2 and 3's
+            Q_s3 = T.alloc_shared((M, Di), op_dtype) if NC == 4 else None
             ring = T.alloc_shared((stages, Bk, Di), op_dtype)  # [stages, Bk, Di]
             scale_ring = T.alloc_shared((stages, Bk), "float32") if fp8 else None  # [stages, Bk] the keys' scales
             acc0 = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
             acc1 = T.alloc_fragment((M, Bk), "float32")
-            rmax0 = T.alloc_fragment((M,), "float32")
-            rmax1 = T.alloc_fragment((M,), "float32")
-            rmax_s0 = T.alloc_shared((M,), "float32")
-            rmax_s1 = T.alloc_shared((M,), "float32")
+            acc2 = T.alloc_fragment((M, Bk), "float32") if NC == 4 else None
+            acc3 = T.alloc_fragment((M, Bk), "float32") if NC == 4 else None
+            # [M] row maxima (via shared memory [M] to the row's thread), or with register_max [1] the thread's row's
+            rmax0 = T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")
+            rmax1 = T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")
+            rmax2 = (T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")) \
+                if NC == 4 else None
+            rmax3 = (T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")) \
+                if NC == 4 else None
+            rmax_s0 = T.alloc_shared((M,), "float32") if not register_max else None
+            rmax_s1 = T.alloc_shared((M,), "float32") if not register_max else None
+            rmax_s2 = T.alloc_shared((M,), "float32") if NC == 4 and not register_max else None
+            rmax_s3 = T.alloc_shared((M,), "float32") if NC == 4 and not register_max else None
             top_val = T.alloc_local((slots,), "float32")
             top_blk = T.alloc_local((slots,), "int32")
             q_ready = T.alloc_barrier(128)
             full = T.alloc_barrier([128] * stages)
-            empty = T.alloc_barrier([256] * stages)  # both consumers release a slot
+            empty = T.alloc_barrier([128 * NC] * stages)  # every consumer releases a slot
             tx = T.get_thread_binding()
-            r0 = bx * 2 * M
+            r0 = bx * NC * M
             local = (r0 if t0 is None else t0 * groups + r0) // groups // Bk  # the tile's key block
             start = BlockStart[bz, local] if varlen else 0
-            if tx >= 256:  # producer: both consumers' Q rows once, then the candidate key blocks from start on
-                T.set_max_nreg(40, 0)
+            if tx >= 128 * NC:  # producer: the consumers' Q rows once, then the candidate key blocks from start on
+                T.set_max_nreg(producer_regs, 0)
                 T.async_copy(Q[bz, r0:r0 + M, :], Q_s0)
                 T.async_copy(Q[bz, r0 + M:r0 + 2 * M, :], Q_s1)
+                if NC == 4:
+                    T.async_copy(Q[bz, r0 + 2 * M:r0 + 3 * M, :], Q_s2)
+                    T.async_copy(Q[bz, r0 + 3 * M:r0 + 4 * M, :], Q_s3)
                 T.cp_async_barrier_noinc(q_ready[0])
                 for blk in T.serial(_candidate_count(local, start, topk, local_blocks)):
                     T.barrier_wait(empty[blk % stages], ((blk // stages) & 1) ^ 1)
@@ -357,14 +451,29 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
                         T.async_copy(KScale[bz, (start + blk) * Bk:(start + blk + 1) * Bk], scale_ring[blk % stages, :])
                     T.cp_async_barrier_noinc(full[blk % stages])
             elif tx < 128:
-                T.set_max_nreg(232, 1)
+                T.set_max_nreg(consumer_regs, 1)
                 T.barrier_wait(q_ready[0], 0)
                 consume(0, tx, r0, local, start, Q_s0, ring, scale_ring, full, empty, acc0, rmax0, rmax_s0, top_val,
                         top_blk, Idx, bz)
-            else:
-                T.set_max_nreg(232, 1)
+            elif NC == 2:
+                T.set_max_nreg(consumer_regs, 1)
                 T.barrier_wait(q_ready[0], 0)
                 consume(1, tx - 128, r0, local, start, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1,
+                        top_val, top_blk, Idx, bz)
+            elif tx < 256:
+                T.set_max_nreg(consumer_regs, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(1, tx - 128, r0, local, start, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1,
+                        top_val, top_blk, Idx, bz)
+            elif tx < 384:
+                T.set_max_nreg(consumer_regs, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(2, tx - 256, r0, local, start, Q_s2, ring, scale_ring, full, empty, acc2, rmax2, rmax_s2,
+                        top_val, top_blk, Idx, bz)
+            else:
+                T.set_max_nreg(consumer_regs, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(3, tx - 384, r0, local, start, Q_s3, ring, scale_ring, full, empty, acc3, rmax3, rmax_s3,
                         top_val, top_blk, Idx, bz)
 
     nblk = T.ceildiv(seq, Bk)
@@ -584,8 +693,12 @@ def _reject_pipelined(config: dict, shape: dict):
     smem = 2 * (2 * rows * Di + config["stages"] * Bk * Di) + 8 * rows
     if smem > SMEM_LIMIT:
         return f"shared memory {smem} B > {SMEM_LIMIT} B"
-    if acc_regs(rows, Bk, 128) > 232 - 40:
-        return "a consumer's accumulator leaves too few of its 232 registers for the rest"
+    consumers = config.get("consumers", 2)
+    if 2 * rows // consumers < 64:
+        return f"{consumers} consumers of {2 * rows // consumers} rows: a consumer needs one wgmma M tile (64 rows)"
+    budget = SELECT_CONSUMER_REGS[consumers][1]
+    if acc_regs(2 * rows // consumers, Bk, 128) > budget - 40:
+        return f"a consumer's accumulator leaves too few of its {budget} registers for the rest"
     return None
 
 
