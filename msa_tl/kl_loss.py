@@ -41,24 +41,23 @@ _NAN_MARK = 2.0 ** 100  # stands for a NaN teacher probability inside the head-m
 
 
 def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int, index_scale: float,
-                        item_queries: int = KL_ITEM_QUERIES, dtype: str = "bfloat16"):
+                        item_queries: int = KL_ITEM_QUERIES, dtype: str = "bfloat16", query_offset: bool = False):
     """Qidx [B, N, G, Di], Kidx [B, N, Di], the schedule -> LsePart [B, N, G, topk]: per (query, slot) the
-    logsumexp of the student logits over the slot's block (causal), -inf-initialised by the caller."""
+    logsumexp of the student logits over the slot's block (causal), -inf-initialised by the caller.
+    ``query_offset``: Qidx and LsePart hold the queries from position q0 (a runtime scalar after LsePart) on, the
+    schedule's entries counting from there."""
     batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
+    queries = T.dynamic("queries") if query_offset else seq  # the rows of Qidx and LsePart
     Bk, Di, TQ = block_size, index_dim, LSE_TILE
     n_entries = math.ceil(item_queries / TQ) * TQ
     neg_inf = -T.infinity("float32")
     scale_log2 = index_scale * _LOG2E
 
-    @T.prim_func
-    def kl_student_lse(
-        Qidx: T.Tensor((batch, seq, groups, index_dim), dtype),
-        Kidx: T.Tensor((batch, seq, index_dim), dtype),
-        Items: T.Tensor((n_bg, n_items, 3), "int32"),
-        ItemCount: T.Tensor((n_bg,), "int32"),
-        Entries: T.Tensor((n_bg, cap), "int32"),
-        LsePart: T.Tensor((batch, seq, groups, topk), "float32"),
-    ):
+    def position(row, q0):  # the query position of a row of Qidx
+        return row if q0 is None else row + q0
+
+    @T.macro
+    def student_items(Qidx, Kidx, Items, ItemCount, Entries, LsePart, q0):
         with T.Kernel(n_items, n_bg, threads=128) as (item, bg):
             Kidx_s = T.alloc_shared((Bk, Di), dtype)
             Qidx_s = T.alloc_shared((TQ, Di), dtype)
@@ -83,7 +82,8 @@ def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int,
                     Qidx_s[r, d] = T.if_then_else(qpos_s[r] >= 0, Qidx[b, T.max(qpos_s[r], 0), g, d], 0)
                 T.gemm(Qidx_s, Kidx_s, s, transpose_B=True, clear_accum=True)
                 for r, col in T.Parallel(TQ, Bk):
-                    s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], s[r, col] * scale_log2, neg_inf)
+                    s[r, col] = T.if_then_else(blk * Bk + col <= position(qpos[r], q0), s[r, col] * scale_log2,
+                                               neg_inf)
                 T.reduce_max(s, m, dim=1)
                 for r, col in T.Parallel(TQ, Bk):
                     s[r, col] = T.exp2(s[r, col] - m[r])
@@ -92,12 +92,39 @@ def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int,
                     if qpos[r] >= 0:
                         LsePart[b, qpos[r], g, ent_s[tile * TQ + r] % topk] = (m[r] + T.log2(l[r])) * _LN2
 
+
+    if query_offset:
+        @T.prim_func
+        def kl_student_lse_offset(
+            Qidx: T.Tensor((batch, queries, groups, index_dim), dtype),
+            Kidx: T.Tensor((batch, seq, index_dim), dtype),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            LsePart: T.Tensor((batch, queries, groups, topk), "float32"),
+            q0: T.int32,
+        ):
+            student_items(Qidx, Kidx, Items, ItemCount, Entries, LsePart, q0)
+
+        return kl_student_lse_offset
+
+    @T.prim_func
+    def kl_student_lse(
+        Qidx: T.Tensor((batch, seq, groups, index_dim), dtype),
+        Kidx: T.Tensor((batch, seq, index_dim), dtype),
+        Items: T.Tensor((n_bg, n_items, 3), "int32"),
+        ItemCount: T.Tensor((n_bg,), "int32"),
+        Entries: T.Tensor((n_bg, cap), "int32"),
+        LsePart: T.Tensor((batch, seq, groups, topk), "float32"),
+    ):
+        student_items(Qidx, Kidx, Items, ItemCount, Entries, LsePart, None)
+
     return kl_student_lse
 
 
 def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, block_size: int, topk: int,
                      scale: float, index_scale: float, item_queries: int = KL_ITEM_QUERIES, stages: int = 2,
-                     mean_heads: int | None = None, dtype: str = "bfloat16"):
+                     mean_heads: int | None = None, dtype: str = "bfloat16", query_offset: bool = False):
     """Q [B,N,Hq,D], K [B,N,G,D], Qidx [B,N,G,Di], Kidx [B,N,Di], Lse2 [B,N,Hq] (teacher lse * log2 e),
     LseS2 [B,N,G] (student lse * log2 e), the schedule, Weight [1] -> adds into KLpart [B,N,G,topk] (per
     (query, slot): sum over the block of t (log t - s)), fp32 dQidx [B,N,G,Di] and dKidx [B,N,Di] (times Weight).
@@ -105,8 +132,11 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     One CTA per work item; a producer warpgroup gathers each tile's Q rows (64 / R queries x R heads), q_idx rows
     and both LSEs into a ring of ``stages`` slots; Bk / 64 consumer warpgroups own 64 keys each. ``mean_heads``:
     the teacher averages only each group's first ``mean_heads`` of its R heads (the rest are padding).
+    ``query_offset``: the query-side tensors (Q, Qidx, both LSEs, KLpart, dQidx) hold the queries from position q0
+    (a runtime scalar after Weight) on, the schedule's entries counting from there.
     """
     batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
+    queries = T.dynamic("queries") if query_offset else seq  # the query-side tensors' rows
     R = heads // groups
     rows, D, Di, Bk = TILE_ROWS, head_dim, index_dim, block_size
     NC = Bk // CONSUMER_KEYS
@@ -117,23 +147,29 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     parts = [(p, p % NC) for p in range(Di // 64)]  # (64-row slice of dq_idx^T, the consumer computing it)
     seg = 128 // TQP  # key segments of the loss sum per query (TQP <= 64)
     threads = 128 * (NC + 1)
-    t0 = 0  # the schedule covers the whole sequence
+    t0 = 0  # the schedule covers the whole sequence (of queries: the query-side tensors' first row)
     real_heads_only = mean_heads is not None and mean_heads != R
     head_sum = mean_heads if real_heads_only else 1  # what avg_s's column sums to
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
+    def positions_from(q0):  # the position of the query-side tensors' first row
+        return t0 if q0 is None else q0
+
+    def q_rows(position, q0):  # the query-side row of a query position
+        return position if q0 is None else position - q0
+
     @T.macro
     def consumer(c, ctx, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty, ent_s, qcol_s,
-                 blk, t0, b, g, s_t, sp_t, p_cast, t_t, dsp, dsp_cast, xterm, dkidx, dqidx, first, acc,
-                 KLpart, dQidx, dKidx, Weight):
+                 blk, p0, q0, b, g, s_t, sp_t, p_cast, t_t, dsp, dsp_cast, xterm, dkidx, dqidx, first, acc,
+                 KLpart, dQidx, dKidx, Weight):  # p0: the first row's query position
         T.clear(dkidx)
         for i in T.serial(n_tiles):
             u = i % stages
             for j in T.Parallel(TQP):
                 qcol_s[c, i % 2, j] = T.if_then_else(j < TQ, T.if_then_else(
-                    ent_s[i * TQ + T.min(j, TQ - 1)] >= 0, t0 + ent_s[i * TQ + T.min(j, TQ - 1)] // topk, -1), -1)
-            first_query(first, ent_s, i, t0, seq)
+                    ent_s[i * TQ + T.min(j, TQ - 1)] >= 0, p0 + ent_s[i * TQ + T.min(j, TQ - 1)] // topk, -1), -1)
+            first_query(first, ent_s, i, p0, seq)
             T.barrier_wait(full[u], (i // stages) & 1)
             T.wgmma_gemm(K_s[c * CONSUMER_KEYS:(c + 1) * CONSUMER_KEYS, :], Q_r[u, :, :], s_t, transpose_B=True,
                          clear_accum=True)  # S^T [64 keys, rows]
@@ -182,36 +218,23 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                     T.wait_wgmma(0)
                     for r, j in T.Parallel(64, TQP):
                         if qcol_s[c, i % 2, j] >= 0:
-                            T.atomic_add(dQidx[b, qcol_s[c, i % 2, j], g, p * 64 + r], dqidx[r, j] * Weight[0])
+                            T.atomic_add(dQidx[b, q_rows(qcol_s[c, i % 2, j], q0), g, p * 64 + r],
+                                         dqidx[r, j] * Weight[0])
             for e in T.serial(T.ceildiv(TQP * seg, 128)):  # the tile's loss terms, summed over the consumer's keys
                 if e * 128 + ctx < TQP * seg:
                     acc[0] = 0.0
                     for kk in T.serial(CONSUMER_KEYS // seg):
                         acc[0] += xs[c, (e * 128 + ctx) // TQP * (CONSUMER_KEYS // seg) + kk, (e * 128 + ctx) % TQP]
                     if qcol_s[c, i % 2, (e * 128 + ctx) % TQP] >= 0:
-                        T.atomic_add(KLpart[b, qcol_s[c, i % 2, (e * 128 + ctx) % TQP], g,
+                        T.atomic_add(KLpart[b, q_rows(qcol_s[c, i % 2, (e * 128 + ctx) % TQP], q0), g,
                                             ent_s[i * TQ + T.min((e * 128 + ctx) % TQP, TQ - 1)] % topk], acc[0])
         if n_tiles > 0:
             for k, d in T.Parallel(CONSUMER_KEYS, Di):
                 if blk * Bk + c * CONSUMER_KEYS + k < seq:
                     T.atomic_add(dKidx[b, blk * Bk + c * CONSUMER_KEYS + k, d], dkidx[k, d] * Weight[0])
 
-    @T.prim_func
-    def kl_alignment_fused(
-        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-        K: T.Tensor((batch, seq, groups, head_dim), dtype),
-        Qidx: T.Tensor((batch, seq, groups, index_dim), dtype),
-        Kidx: T.Tensor((batch, seq, index_dim), dtype),
-        Lse2: T.Tensor((batch, seq, heads), "float32"),
-        LseS2: T.Tensor((batch, seq, groups), "float32"),
-        Items: T.Tensor((n_bg, n_items, 3), "int32"),
-        ItemCount: T.Tensor((n_bg,), "int32"),
-        Entries: T.Tensor((n_bg, cap), "int32"),
-        KLpart: T.Tensor((batch, seq, groups, topk), "float32"),
-        dQidx: T.Tensor((batch, seq, groups, index_dim), "float32"),
-        dKidx: T.Tensor((batch, seq, index_dim), "float32"),
-        Weight: T.Tensor((1,), "float32"),
-    ):
+    @T.macro
+    def kl_items(Q, K, Qidx, Kidx, Lse2, LseS2, Items, ItemCount, Entries, KLpart, dQidx, dKidx, Weight, q0):
         with T.Kernel(n_items, n_bg, threads=threads) as (item, bg):
             K_s = T.alloc_shared((Bk, D), dtype)
             Kidx_s = T.alloc_shared((Bk, Di), dtype)
@@ -300,14 +323,55 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                 T.set_max_nreg(224, 1)
                 T.barrier_wait(kv_ready[0], 0)
                 consumer(0, tx, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty, ent_s,
-                         qcol_s, blk, t0, b, g, s_t0, sp_t0, p_cast0, t_t0, dsp0, dsp_cast0, xterm0, dkidx0, dqidx0,
+                         qcol_s, blk, positions_from(q0), q0, b, g, s_t0, sp_t0, p_cast0, t_t0, dsp0, dsp_cast0, xterm0, dkidx0, dqidx0,
                          first, acc, KLpart, dQidx, dKidx, Weight)
             elif NC == 2:
                 T.set_max_nreg(224, 1)
                 T.barrier_wait(kv_ready[0], 0)
                 consumer(1, tx - 128, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty,
-                         ent_s, qcol_s, blk, t0, b, g, s_t1, sp_t1, p_cast1, t_t1, dsp1, dsp_cast1, xterm1, dkidx1,
+                         ent_s, qcol_s, blk, positions_from(q0), q0, b, g, s_t1, sp_t1, p_cast1, t_t1, dsp1, dsp_cast1, xterm1, dkidx1,
                          dqidx1, first, acc, KLpart, dQidx, dKidx, Weight)
+
+
+    if query_offset:
+        @T.prim_func
+        def kl_alignment_fused_offset(
+            Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Qidx: T.Tensor((batch, queries, groups, index_dim), dtype),
+            Kidx: T.Tensor((batch, seq, index_dim), dtype),
+            Lse2: T.Tensor((batch, queries, heads), "float32"),
+            LseS2: T.Tensor((batch, queries, groups), "float32"),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            KLpart: T.Tensor((batch, queries, groups, topk), "float32"),
+            dQidx: T.Tensor((batch, queries, groups, index_dim), "float32"),
+            dKidx: T.Tensor((batch, seq, index_dim), "float32"),
+            Weight: T.Tensor((1,), "float32"),
+            q0: T.int32,
+        ):
+            kl_items(Q, K, Qidx, Kidx, Lse2, LseS2, Items, ItemCount, Entries, KLpart, dQidx, dKidx, Weight, q0)
+
+        return kl_alignment_fused_offset
+
+    @T.prim_func
+    def kl_alignment_fused(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Qidx: T.Tensor((batch, seq, groups, index_dim), dtype),
+        Kidx: T.Tensor((batch, seq, index_dim), dtype),
+        Lse2: T.Tensor((batch, seq, heads), "float32"),
+        LseS2: T.Tensor((batch, seq, groups), "float32"),
+        Items: T.Tensor((n_bg, n_items, 3), "int32"),
+        ItemCount: T.Tensor((n_bg,), "int32"),
+        Entries: T.Tensor((n_bg, cap), "int32"),
+        KLpart: T.Tensor((batch, seq, groups, topk), "float32"),
+        dQidx: T.Tensor((batch, seq, groups, index_dim), "float32"),
+        dKidx: T.Tensor((batch, seq, index_dim), "float32"),
+        Weight: T.Tensor((1,), "float32"),
+    ):
+        kl_items(Q, K, Qidx, Kidx, Lse2, LseS2, Items, ItemCount, Entries, KLpart, dQidx, dKidx, Weight, None)
 
     return kl_alignment_fused
 
@@ -332,29 +396,38 @@ def causal_selection(batch: int, seq: int, groups: int, block_size: int, device)
     return chosen[None, :, None, :].expand(batch, seq, groups, n_blocks).contiguous()
 
 
-def teacher_lse(q, k, indices, block_size: int, scale: float, query_chunk=None) -> torch.Tensor:
+def teacher_lse(q, k, indices, block_size: int, scale: float, query_chunk=None, query_start: int = 0) -> torch.Tensor:
     """The main branch's lse [B, N, Hq] float32 over ``indices`` (it does not depend on V: K stands in for it)."""
     from msa_tl.attention.kv_outer import sparse_attention_forward
 
-    return sparse_attention_forward(q, k, k, indices, block_size, scale, query_chunk=query_chunk)[1]
+    return sparse_attention_forward(q, k, k, indices, block_size, scale, query_chunk=query_chunk,
+                                    query_start=query_start)[1]
 
 
-def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, mean_heads=None):
-    """The selection (indices None: :func:`causal_selection`), the whole-sequence schedule and the kernels'
-    common arguments; the teacher lse is computed here when None."""
+def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, mean_heads=None, query_start=0):
+    """The selection (indices None: :func:`causal_selection`), the schedule of every query and the kernels' common
+    arguments; the teacher lse is computed here when None."""
     B, N, Hq, D = q.shape
     G, Di = k.shape[2], k_idx.shape[-1]
+    if k.shape[1] != query_start + N:
+        raise ValueError(f"k / k_idx hold the {query_start + N} keys up to the last query (query_start "
+                         f"{query_start} + {N} queries), got {k.shape[1]}")
     warmup = indices is None
+    if warmup and query_start:
+        raise ValueError("the warmup's KL (indices None) takes queries from position 0 only")
     if warmup:
         indices = causal_selection(B, N, G, block_size, q.device)
     topk = indices.shape[3]
     if lse is None:
         per_query = B * Hq * topk * (D * 2 + 4)
         lse = teacher_lse(q, k, indices, block_size, scale,
-                          max(block_size, WARMUP_LSE_WORKSPACE_BYTES // per_query) if warmup else None)
-    schedule = Schedule(B, G, math.ceil(N / block_size), N, topk, KL_ITEM_QUERIES, q.device).build(indices, 0, N)
+                          max(block_size, WARMUP_LSE_WORKSPACE_BYTES // per_query) if warmup else None, query_start)
+    schedule = Schedule(B, G, math.ceil(k.shape[1] / block_size), N, topk, KL_ITEM_QUERIES, q.device).build(
+        indices, 0, N)
     config = dict(groups=G, heads=Hq, head_dim=D, index_dim=Di, block_size=block_size, topk=topk, scale=scale,
                   index_scale=index_scale, dtype=tl_dtype(q.dtype), **KL_DEFAULTS)
+    if query_start:
+        config.update(query_offset=True, query_start=query_start)
     if mean_heads is not None and mean_heads != Hq // G:
         config["mean_heads"] = mean_heads
     return indices, config, (schedule.items, schedule.item_count, schedule.entries), lse
@@ -363,11 +436,12 @@ def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, m
 def _student_lse(q_idx, k_idx, indices, config, schedule):
     """The student LSE [B, N, G] float32 over each row's chosen tokens."""
     B, N, G, topk = indices.shape
+    q0 = config.get("query_start", 0)
     parts = torch.full((B, N, G, topk), float("-inf"), device=q_idx.device, dtype=torch.float32)
     kernel = compiled_kernel(student_lse_program, groups=G, index_dim=config["index_dim"],
                              block_size=config["block_size"], topk=topk, index_scale=config["index_scale"],
-                             dtype=config["dtype"])
-    kernel(q_idx, k_idx.reshape(B, N, -1), *schedule, parts)
+                             dtype=config["dtype"], **(dict(query_offset=True) if q0 else {}))
+    kernel(q_idx, k_idx.reshape(B, q0 + N, -1), *schedule, parts, *((q0,) if q0 else ()))
     return torch.logsumexp(parts, dim=-1)
 
 
@@ -378,18 +452,20 @@ def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weig
     # not reach that row's gradients as 0 * NaN. Rows that see it still get NaN, through the student LSE,
     # computed from the raw index tensors.
     q_idx, k_idx = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (q_idx, k_idx))
+    program = dict(config)
+    q0 = program.pop("query_start", 0)
     kl_part = torch.zeros((B, N, G, topk), device=q.device, dtype=torch.float32)
     dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
-    dk_idx = torch.zeros((B, N, k_idx.shape[-1]), device=q.device, dtype=torch.float32)
-    compiled_kernel(kl_fused_program, **config)(
-        q, k, q_idx, k_idx.reshape(B, N, -1), lse * _LOG2E, lse_student * _LOG2E, *schedule, kl_part, dq_idx, dk_idx,
-        weight)
+    dk_idx = torch.zeros((B, q0 + N, k_idx.shape[-1]), device=q.device, dtype=torch.float32)
+    compiled_kernel(kl_fused_program, **program)(
+        q, k, q_idx, k_idx.reshape(B, q0 + N, -1), lse * _LOG2E, lse_student * _LOG2E, *schedule, kl_part, dq_idx,
+        dk_idx, weight, *((q0,) if q0 else ()))
     # a row with nothing chosen has no student (lse -inf) and adds 0, as in the reference
     return kl_part.sum(-1) + torch.where(torch.isneginf(lse_student), 0.0, lse_student), dq_idx, dk_idx
 
 
 def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scale: float, index_scale: float,
-                              lse=None, *, with_grads: bool = False, mean_heads=None):
+                              lse=None, *, with_grads: bool = False, mean_heads=None, query_start: int = 0):
     """KL loss over the chosen tokens on the GPU -> (loss float32 scalar, student lse [B, N, G] float32), and with
     ``with_grads`` also the loss's own gradients (fp32 dq_idx [B, N, G, Di], dk_idx shaped like k_idx), which
     the same pass computes.
@@ -398,10 +474,12 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
     visible token, through :func:`causal_selection`). lse [B, N, Hq] float32: the main branch's lse over the same
     selection, when the caller has it (the layer does); otherwise one main-branch forward computes it.
     ``mean_heads``: the teacher averages each group's first ``mean_heads`` heads only (q padded with zero heads).
+    ``query_start``: the query-side tensors (q, q_idx, indices, lse; the student lse and dq_idx) hold the N queries
+    from that position on, k / k_idx the query_start + N keys up to the last; the loss is the mean over those N.
     """
     B, N, G, _ = q_idx.shape
     indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                              mean_heads)
+                                              mean_heads, query_start)
     lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = torch.full((1,), 1.0 / (B * N * G), device=q.device, dtype=torch.float32)
     rows, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight)
@@ -410,12 +488,14 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
 
 
 def kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size: int, scale: float,
-                               index_scale: float, lse=None, lse_student=None, *, mean_heads=None):
+                               index_scale: float, lse=None, lse_student=None, *, mean_heads=None,
+                               query_start: int = 0):
     """Gradients of the KL loss for q_idx and k_idx (their dtypes), scaled by ``dloss``. ``lse`` (teacher) and
-    ``lse_student`` (from :func:`kl_alignment_loss_forward`) are recomputed when not given."""
+    ``lse_student`` (from :func:`kl_alignment_loss_forward`) are recomputed when not given. ``query_start`` as
+    there."""
     B, N, G, _ = q_idx.shape
     indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                              mean_heads)
+                                              mean_heads, query_start)
     if lse_student is None:
         lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = (torch.as_tensor(dloss, device=q.device, dtype=torch.float32) / (B * N * G)).reshape(1)

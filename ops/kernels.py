@@ -55,10 +55,10 @@ def unpad_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
 def pad_queries(x: torch.Tensor, query_start: int, value: float = 0.0) -> torch.Tensor:
     """x [B, C, *rest] of queries query_start .. -> [B, query_start + C, *rest] with ``value`` rows before them.
 
-    The attention, backward and KL kernels read a query's rows at its position in the keys' sequence, so queries
-    at an offset run there as the tail of a row as long as the keys. The rows before them cost memory and no work
-    where their indices are -1 (those kernels schedule only chosen slots). The select reads queries at an offset
-    where they are (:func:`msa_tl.index.select.select_blocks`).
+    Only the Q-outer attention (``MSA_TL_ATTENTION_PATH=q_outer``) reads a query's rows at its position in the keys'
+    sequence; there queries at an offset run as the tail of a row as long as the keys (the rows before them cost
+    memory, no work: their indices are -1). The KV-outer forward and backward, the KL and the selects read and
+    write the query side at the offset itself.
     """
     if query_start == 0:
         return x
@@ -176,19 +176,19 @@ def _sparse_attention(q, k, v, indices, *, block_size, scale, query_start=0):
     G, D = k.shape[2], q.shape[3]
     R, Dp = q.shape[2] // G, padded_dim(D)
     q_kernel = pad_heads(pad_dim(q, Dp), G, padded_heads(R))  # a padded head attends uniformly and is dropped
-    q_kernel, indices = pad_queries(q_kernel, query_start), pad_queries(indices, query_start, -1)
     k, v = pad_dim(k, Dp), pad_dim(v, Dp)  # scale stays the caller's (1/sqrt(D) by default)
     if attention_path(q.shape[1]) == "q_outer":
         if Dp > Q_OUTER_HEAD_DIMS[-1]:
             raise ValueError(f"MSA_TL_ATTENTION_PATH=q_outer: head dims up to {Q_OUTER_HEAD_DIMS[-1]}, got {D}")
         from msa_tl.attention.q_outer import q_outer_attention_forward
 
-        o, lse = q_outer_attention_forward(q_kernel, k, v, indices, block_size, scale)
+        o, lse = q_outer_attention_forward(pad_queries(q_kernel, query_start), k, v,
+                                           pad_queries(indices, query_start, -1), block_size, scale)
+        o, lse = unpad_queries(o, query_start), unpad_queries(lse, query_start)
     else:
         from msa_tl.attention.kv_outer import sparse_attention_forward
 
-        o, lse = sparse_attention_forward(q_kernel, k, v, indices, block_size, scale)
-    o, lse = unpad_queries(o, query_start), unpad_queries(lse, query_start)
+        o, lse = sparse_attention_forward(q_kernel, k, v, indices, block_size, scale, query_start=query_start)
     return unpad_dim(unpad_heads(o, G, R), D), unpad_heads(lse, G, R)
 
 
@@ -203,18 +203,17 @@ def _sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, *, block_size
     P = padded_heads(R)
     # padded heads: q = dO = 0, lse = 0, so their dS and dO are 0 and they add nothing to dK / dV;
     # padded dims are 0 in q, k, v, dO and O, so they change no score and no delta;
-    # padded query rows (before query_start) choose no block, so they add nothing either
 
-    def per_head(x):  # [B, N, Hq] (lse, dlse) -> the kernels' heads and rows
-        return None if x is None else pad_queries(pad_heads(x, G, P), query_start)
+    def per_head(x):  # [B, N, Hq] (lse, dlse) -> the kernels' heads
+        return None if x is None else pad_heads(x, G, P)
 
-    def per_head_row(x):  # [B, N, Hq, D] (q, dO, O) -> the kernels' heads, dims and rows
-        return pad_queries(pad_heads(pad_dim(x, Dp), G, P), query_start)
+    def per_head_row(x):  # [B, N, Hq, D] (q, dO, O) -> the kernels' heads and dims
+        return pad_heads(pad_dim(x, Dp), G, P)
 
     dq, dk, dv = sparse_attention_backward(per_head_row(do), per_head(dlse), per_head_row(q), pad_dim(k, Dp),
-                                           pad_dim(v, Dp), pad_queries(indices, query_start, -1), per_head_row(o),
-                                           per_head(lse), block_size, scale)
-    return unpad_dim(unpad_heads(unpad_queries(dq, query_start), G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
+                                           pad_dim(v, Dp), indices, per_head_row(o), per_head(lse), block_size, scale,
+                                           query_start=query_start)
+    return unpad_dim(unpad_heads(dq, G, R), D), unpad_dim(dk, D), unpad_dim(dv, D)
 
 
 register_kernel("sparse_attention_backward", _sparse_attention_backward, _sparse_attention_limit)
@@ -247,19 +246,16 @@ def _kl_supported(device, **shape) -> bool:
     return _kl_limit(device, **shape) is None
 
 
-def _kl_padded(q, k, q_idx, k_idx, indices, lse, query_start):
+def _kl_padded(q, k, q_idx, k_idx, indices, lse):
     """The KL kernels' inputs: q and the teacher lse with zero heads padded in up to a divisor of 64 (the real heads
     per group returned with them), q / k and q_idx / k_idx with zero dims padded in up to a supported head / index
-    dim (dot products, so scores, are unchanged), the query-side tensors padded to the keys' rows
-    (:func:`pad_queries`; those rows choose nothing and add 0 to the sum)."""
+    dim (dot products, so scores, are unchanged)."""
     G = k.shape[2]
     R = q.shape[2] // G
     P = padded_heads(R)  # a padded head's lse is 0 (finite); the teacher's mean gives it no weight
     D, Di = padded_dim(q.shape[3]), padded_dim(q_idx.shape[3], INDEX_DIMS)
-    return (pad_queries(pad_heads(pad_dim(q, D), G, P), query_start), pad_dim(k, D),
-            pad_queries(pad_dim(q_idx, Di), query_start), pad_dim(k_idx, Di),
-            None if indices is None else pad_queries(indices, query_start, -1),
-            None if lse is None else pad_queries(pad_heads(lse, G, P), query_start), R)
+    return (pad_heads(pad_dim(q, D), G, P), pad_dim(k, D), pad_dim(q_idx, Di), pad_dim(k_idx, Di), indices,
+            None if lse is None else pad_heads(lse, G, P), R)
 
 
 def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, index_scale, with_grads=False,
@@ -267,13 +263,9 @@ def _kl_alignment_loss(q, k, q_idx, k_idx, indices, lse, *, block_size, scale, i
     from msa_tl.kl_loss import kl_alignment_loss_forward
 
     Di = q_idx.shape[3]
-    *padded, R = _kl_padded(q, k, q_idx, k_idx, indices, lse, query_start)
+    *padded, R = _kl_padded(q, k, q_idx, k_idx, indices, lse)
     out = kl_alignment_loss_forward(*padded[:4], padded[4], block_size, scale, index_scale, padded[5],
-                                    with_grads=with_grads, mean_heads=R)
-    if query_start:  # the kernels' mean is over the padded rows: rescaled to the mean over the real ones
-        share = k.shape[1] / q.shape[1]
-        out = (out[0] * share, unpad_queries(out[1], query_start),
-               *((unpad_queries(out[2], query_start) * share, out[3] * share) if with_grads else ()))
+                                    with_grads=with_grads, mean_heads=R, query_start=query_start)
     return (*out[:2], unpad_dim(out[2], Di), unpad_dim(out[3], Di)) if with_grads else out
 
 
@@ -282,12 +274,10 @@ def _kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, lse, lse_stu
     from msa_tl.kl_loss import kl_alignment_loss_backward
 
     Di = q_idx.shape[3]
-    *padded, R = _kl_padded(q, k, q_idx, k_idx, indices, lse, query_start)
-    if query_start:
-        dloss = dloss * (k.shape[1] / q.shape[1])  # as in _kl_alignment_loss
+    *padded, R = _kl_padded(q, k, q_idx, k_idx, indices, lse)
     dq_idx, dk_idx = kl_alignment_loss_backward(dloss, *padded[:4], padded[4], block_size, scale, index_scale,
-                                                padded[5], pad_queries(lse_student, query_start), mean_heads=R)
-    return unpad_dim(unpad_queries(dq_idx, query_start), Di), unpad_dim(dk_idx, Di)
+                                                padded[5], lse_student, mean_heads=R, query_start=query_start)
+    return unpad_dim(dq_idx, Di), unpad_dim(dk_idx, Di)
 
 
 register_kernel("kl_alignment_loss", _kl_alignment_loss, _kl_limit)

@@ -430,6 +430,33 @@ def test_four_select_consumers_need_256_rows_in_a_key_block():
         index_topk.pipelined_select_program(groups=4, index_dim=128, block_size=128, topk=16, consumers=3)
 
 
+# (builder, config, bytes of spill stores allowed: the KL's default build already spills 4, its offset build 8)
+OFFSET_PROGRAMS = [
+    (kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_attention.attention_defaults(16, 2)), 0),
+    (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True), 0),
+    (kv_outer_backward.kv_outer_backward_program, dict(PAPER, dq_partials=True), 0),
+    (kl_loss.student_lse_program, dict(groups=4, index_dim=128, block_size=128, topk=16, index_scale=0.088), 0),
+    (kl_loss.kl_fused_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
+                                    scale=0.088, index_scale=0.088), 8),
+]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("builder,config,spills", OFFSET_PROGRAMS,
+                         ids=["attention", "attention-persistent", "backward", "student-lse", "kl"])
+def test_the_query_side_kernels_take_queries_at_an_offset(builder, config, spills, tmp_path):
+    """query_offset: the query-side tensors are sized by their own row count (``queries``, not the keys' ``seq``) and
+    a runtime scalar after the others gives their first row's position, so context parallelism allocates no rows
+    before a rank's chunk; the default build takes neither. Compiles with its wgmma asynchronous, without spilling
+    (beyond the KL's few bytes)."""
+    offset, default = builder(**config, query_offset=True), builder(**config)
+    assert len(offset.params) == len(default.params) + 1
+    assert "queries" in offset.script() and "queries" not in default.script()
+    report = ptxas_report(lower_to_cuda(builder, **config, query_offset=True), tmp_path)
+    assert not [c for c in ("C7511", "C7512", "C7514", "C7518") if c in report], report[-2000:]
+    assert int(re.search(r"(\d+) bytes spill stores", report).group(1)) <= spills
+
+
 def test_the_select_at_an_offset_takes_t0_and_only_the_chunks_rows():
     """The pipelined selects' offset builds (bf16 and FP8): a runtime t0 after Idx, Q / Idx sized by the chunk's
     own row count; their default builds take neither."""

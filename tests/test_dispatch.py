@@ -82,13 +82,13 @@ def test_padded_heads_leave_outputs_and_key_gradients_unchanged(monkeypatch, D):
 
     calls = []
 
-    def forward(q, k, v, indices, block_size, scale):
+    def forward(q, k, v, indices, block_size, scale, query_start=0):
         calls.append((q.shape[2], q.shape[3]))
-        return R.sparse_attention(q, k, v, indices, block_size, scale)
+        return R.sparse_attention(q, k, v, indices, block_size, scale, query_start)
 
-    def backward(do, dlse, q, k, v, indices, o, lse, block_size, scale):
+    def backward(do, dlse, q, k, v, indices, o, lse, block_size, scale, query_start=0):
         calls.append((q.shape[2], q.shape[3]))
-        return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale)
+        return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale, query_start=query_start)
 
     monkeypatch.setattr(fwd, "sparse_attention_forward", forward)
     monkeypatch.setattr(bwd, "sparse_attention_backward", backward)
@@ -202,7 +202,8 @@ def test_kl_kernel_gets_zero_heads_and_dims_padded_in_and_the_real_head_count(mo
 
     seen = {}
 
-    def forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads):
+    def forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads,
+                query_start):
         seen.update(q=q, k=k, q_idx=q_idx, k_idx=k_idx, lse=lse, mean_heads=mean_heads)
         return "loss", "lse_student", q_idx + 1, k_idx + 2  # shaped as the kernel's index gradients
 
@@ -225,10 +226,10 @@ def test_kl_kernel_gets_zero_heads_and_dims_padded_in_and_the_real_head_count(mo
     assert torch.equal(dq_idx, q_idx + 1) and torch.equal(dk_idx, k_idx + 2)  # cut back to the caller's Di
 
 
-def test_queries_at_an_offset_run_the_kernels_as_the_tail_of_a_padded_row(monkeypatch):
-    """The attention forward, backward and KL wrappers at query_start t0: the kernels (the float64 reference stands
-    in for them) see q-side rows padded to the keys' length with -1 indices before t0, and the wrappers return the
-    chunk's rows, equal to the reference at the offset (the KL rescaled from the padded rows' mean to the chunk's)."""
+def test_queries_at_an_offset_reach_the_kernels_without_rows_before_them(monkeypatch):
+    """The attention forward, backward and KL wrappers at query_start t0: the kernels' drivers (the float64 reference
+    stands in for them) get the chunk's query-side rows alone with query_start, and the wrappers return what the
+    reference at the offset does."""
     import msa_tl.attention.backward as backward
     import msa_tl.attention.kv_outer as kv_outer
     import msa_tl.kl_loss as kl
@@ -236,25 +237,27 @@ def test_queries_at_an_offset_run_the_kernels_as_the_tail_of_a_padded_row(monkey
 
     seen = []
 
-    def forward(q, k, v, indices, block_size, scale):
-        seen.append(q.shape[1])
-        return R.sparse_attention(q, k, v, indices, block_size, scale)
+    def forward(q, k, v, indices, block_size, scale, query_start):
+        seen.append((q.shape[1], indices.shape[1], query_start))
+        return R.sparse_attention(q, k, v, indices, block_size, scale, query_start)
 
-    def grads(do, dlse, q, k, v, indices, o, lse, block_size, scale):
-        seen.append(q.shape[1])
-        return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale)
+    def grads(do, dlse, q, k, v, indices, o, lse, block_size, scale, query_start):
+        seen.append((q.shape[1], indices.shape[1], query_start))
+        return R.sparse_attention_backward(do, dlse, q, k, v, indices, block_size, scale, query_start=query_start)
 
-    def kl_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads):
-        seen.append(q.shape[1])
+    def kl_forward(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, *, with_grads, mean_heads,
+                   query_start):
+        seen.append((q.shape[1], indices.shape[1], query_start))
         loss, lse_student = R.kl_alignment_loss(q, k, q_idx, k_idx, indices, block_size, scale, index_scale,
-                                                return_student_lse=True, lse=lse)
+                                                return_student_lse=True, lse=lse, query_start=query_start)
         return (loss, lse_student, *R.kl_alignment_loss_backward(1.0, q, k, q_idx, k_idx, indices, block_size, scale,
-                                                                 index_scale, lse=lse))
+                                                                 index_scale, lse=lse, query_start=query_start))
 
     def kl_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, lse_student, *,
-                    mean_heads):
-        seen.append(q.shape[1])
-        return R.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=lse)
+                    mean_heads, query_start):
+        seen.append((q.shape[1], indices.shape[1], query_start))
+        return R.kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse=lse,
+                                            query_start=query_start)
 
     monkeypatch.setattr(kv_outer, "sparse_attention_forward", forward)
     monkeypatch.setattr(backward, "sparse_attention_backward", grads)
@@ -285,4 +288,4 @@ def test_queries_at_an_offset_run_the_kernels_as_the_tail_of_a_padded_row(monkey
     dq_idx, dk_idx = kernels._kl_alignment_loss_backward(torch.tensor(0.5, dtype=f64), q, k, q_idx, k_idx, indices,
                                                          lse, lse_student, index_scale=0.5, **options)
     assert torch.allclose(dq_idx, 0.5 * want_dq_idx) and torch.allclose(dk_idx, 0.5 * want_dk_idx)
-    assert seen == [N] * 4  # every kernel ran over the keys' rows
+    assert seen == [(N - t0, N - t0, t0)] * 4  # every driver got the chunk's rows and its offset

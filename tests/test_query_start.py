@@ -2,8 +2,8 @@
 prefill and context parallelism run them. Each stage's chunk must equal the same rows of the whole sequence.
 
 CPU: the float64 reference path, compared with the whole sequence's rows tightly. GPU (`pytest -m gpu`): the
-kernels (which run the chunk as the tail of a row as long as its keys: ``msa_tl.ops.kernels.pad_queries``) against
-the float64 reference at the offset, held to FA3's calibration.
+kernels (which read and write the query side at the offset: no rows before the chunk are allocated) against the
+float64 reference at the offset, held to FA3's calibration.
 """
 
 import pytest
@@ -222,6 +222,41 @@ def test_kernels_at_an_offset_match_the_reference(t0, C, G, Bk, topk, fresh_seed
     for name, got, ref in (("dq_idx", qi.grad, qr.grad), ("dk_idx", ki.grad, kr.grad)):
         err = ((got.double() - ref).norm() / ref.norm()).item()
         assert err <= 2e-2, f"{name} rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_a_chunk_far_into_its_keys_allocates_no_query_rows_before_it(fresh_seed):
+    """1024 queries at position 64K (paper shape): select, forward, backward and KL at the offset allocate for the
+    chunk's rows and the keys, not for the 64K query rows before the chunk. One query-side tensor padded to the keys
+    (q, o, dO or dq) would be 1 GiB; running the chunk as the tail of a padded row took four of them."""
+    B, Hq, G, D, Di, Bk, topk, t0, C = 1, 64, 4, 128, 128, 128, 16, 65536, 1024
+    dtype = torch.bfloat16
+    shape = dict(dtype=dtype, heads=Hq, groups=G, head_dim=D, index_dim=Di, block_size=Bk, topk=topk, seq=t0 + C,
+                 query_start=t0)
+    for stage in ("sparse_attention", "sparse_attention_backward", "kl_alignment_loss", "kl_alignment_loss_backward"):
+        assert dispatch.kernel_for(stage, CUDA, **shape) is not None, f"{stage} would run the reference"
+    gen = torch.Generator(device=CUDA).manual_seed(fresh_seed)
+
+    def rand(*dims):
+        return torch.randn(*dims, generator=gen, device=CUDA, dtype=dtype)
+
+    q, k, v, q_idx, k_idx, do = (rand(B, C, Hq, D), rand(B, t0 + C, G, D), rand(B, t0 + C, G, D), rand(B, C, G, Di),
+                                 rand(B, t0 + C, Di), rand(B, C, Hq, D))
+    idx = msa_tl.select_blocks(q_idx, k_idx, block_size=Bk, topk=topk, query_start=t0)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, q_idx, k_idx)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    o, lse = msa_tl.sparse_attention(*leaves[:3], idx, block_size=Bk, return_lse=True, query_start=t0)
+    o.backward(do)
+    loss = msa_tl.kl_alignment_loss(leaves[0].detach(), leaves[1].detach(), leaves[3], leaves[4], idx, block_size=Bk,
+                                    lse=lse.detach(), query_start=t0)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    padded_tensor = t0 * Hq * D * dtype.itemsize
+    assert peak < 1.5 * padded_tensor, f"peak {peak / 2**30:.2f} GiB: query rows before the chunk were allocated"
+    assert torch.isfinite(o).all() and torch.isfinite(loss) and all(torch.isfinite(x.grad).all() for x in leaves)
 
 
 # ----------------------------------------------------------------------------------------------------------------

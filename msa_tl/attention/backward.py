@@ -101,7 +101,8 @@ def backward_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, 
 
 def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                               item_queries: int = BACKWARD_ITEM_QUERIES, stages: int = 2, dq_partials: bool = False,
-                              columns: int | None = None, column0: int = 0, dtype: str = "bfloat16"):
+                              columns: int | None = None, column0: int = 0, dtype: str = "bfloat16",
+                              query_offset: bool = False):
     """Q, dO [B, N, Hq, D], K/V [B, N, G, D], Stats [B, N, Hq, 2], the schedule -> dK, dV (fp32, added into) and dQ.
 
     dQ is either fp32 [B, N, Hq, D], added into with atomics (``dq_partials=False``), or one partial
@@ -113,6 +114,7 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
     but dK and dV [keys, D] in fp32 would not fit a consumer's registers.
     """
     batch, seq, n_bg, n_items, cap, n_part, n_dq = T.dynamic("batch, seq, n_bg, n_items, cap, n_part, n_dq")
+    queries = T.dynamic("queries") if query_offset else seq  # the rows of Q, dO and Stats
     R = heads // groups
     rows, D, Bk = TILE_ROWS, head_dim, block_size
     W, c0 = columns or D, column0  # the launch's columns of dQ, dK and dV
@@ -132,8 +134,11 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)
 
+    def q_rows(t, q0):  # the Q-side row of query position t: less the first position q0 the Q-side tensors hold
+        return t if q0 is None else t - q0
+
     @T.macro
-    def consumer(c, ctx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
+    def consumer(c, ctx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, q0, b, g,
                  s_t, dp_t, p_cast, ds_cast, dk, dv, dq, qrow, first, dQ_s, dQ, dQpart, dK, dV):
         """Consumer c: key rows c * 64 .. c * 64 + 63 of every tile; dQ columns c * DQ .. c * DQ + DQ - 1."""
         # A non-finite key must not reach the dQ of rows that do not see it (0 * NaN in dS K): zero it here.
@@ -198,29 +203,15 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
                 else:
                     for r, d in T.Parallel(rows, DQC):
                         if qrow[r] >= 0:
-                            T.atomic_add(dQ[b, qrow[r], g * R + r % R, col + d], dq[r, d] * scale)
+                            T.atomic_add(dQ[b, q_rows(qrow[r], q0), g * R + r % R, col + d], dq[r, d] * scale)
         if n_tiles > 0:
             for k, d in T.Parallel(CONSUMER_KEYS, W):
                 if blk * Bk + c * CONSUMER_KEYS + k < seq:
                     T.atomic_add(dK[b, blk * Bk + c * CONSUMER_KEYS + k, g, c0 + d], dk[k, d] * scale)
                     T.atomic_add(dV[b, blk * Bk + c * CONSUMER_KEYS + k, g, c0 + d], dv[k, d])
 
-    @T.prim_func
-    def kv_outer_attention_backward(
-        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-        K: T.Tensor((batch, seq, groups, head_dim), dtype),
-        V: T.Tensor((batch, seq, groups, head_dim), dtype),
-        dO: T.Tensor((batch, seq, heads, head_dim), dtype),
-        Stats: T.Tensor((batch, seq, heads, 2), "float32"),
-        Items: T.Tensor((n_bg, n_items, 3), "int32"),
-        ItemCount: T.Tensor((n_bg,), "int32"),
-        Entries: T.Tensor((n_bg, cap), "int32"),
-        dQ: T.Tensor((batch, n_dq, heads, head_dim), "float32"),  # atomic dQ (else unused)
-        dQpart: T.Tensor((batch, n_part, head_dim), dtype),  # dQ partials (else unused)
-        dK: T.Tensor((batch, seq, groups, head_dim), "float32"),
-        dV: T.Tensor((batch, seq, groups, head_dim), "float32"),
-        t0: T.int32,
-    ):
+    @T.macro
+    def backward_items(Q, K, V, dO, Stats, Items, ItemCount, Entries, dQ, dQpart, dK, dV, t0, q0):
         with T.Kernel(n_items, n_bg, threads=threads) as (item, bg):
             K_s = T.alloc_shared((Bk, D), dtype)
             V_s = T.alloc_shared((Bk, D), dtype)
@@ -272,23 +263,65 @@ def kv_outer_backward_program(groups: int, heads: int, head_dim: int, block_size
                 for i in T.serial(n_tiles):
                     u = i % stages
                     T.barrier_wait(empty[u], ((i // stages) & 1) ^ 1)
-                    gather_tile_rows(ent_s, i, t0, b, g, p, src, u, Q_r, Q, dO_r, dO)  # zero-fill for padding
+                    gather_tile_rows(ent_s, i, q_rows(t0, q0), b, g, p, src, u, Q_r, Q, dO_r, dO)  # zero-fill for padding
                     if p < rows:  # 8 bytes of (lse, delta) per row
                         src[0] = ent_s[i * TQ + p // R]
                         T.ptx_cp_async(T.access_ptr(st_r[u, p, 0], "w", 2),
-                                       T.access_ptr(Stats[b, t0 + T.max(src[0], 0) // topk, g * R + p % R, 0], "r", 2),
+                                       T.access_ptr(Stats[b, q_rows(t0, q0) + T.max(src[0], 0) // topk, g * R + p % R, 0],
+                                                    "r", 2),
                                        2, src[0] >= 0)
                     T.cp_async_barrier_noinc(full[u])
             elif tx < 128:
                 T.set_max_nreg(232 if NC == 2 else 240, 1)
                 T.barrier_wait(kv_ready[0], 0)
-                consumer(0, tx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, b, g,
+                consumer(0, tx, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0, q0, b, g,
                          s_t0, dp_t0, p_cast0, ds_cast0, dk0, dv0, dq0, qrow0, first, dQ_s, dQ, dQpart, dK, dV)
             elif NC == 2:
                 T.set_max_nreg(232, 1)
                 T.barrier_wait(kv_ready[0], 0)
                 consumer(1, tx - 128, n_tiles, K_s, V_s, Q_r, dO_r, st_r, dS_s, full, empty, ent_s, qcol_s, blk, t0,
-                         b, g, s_t1, dp_t1, p_cast1, ds_cast1, dk1, dv1, dq1, qrow1, first, dQ_s, dQ, dQpart, dK, dV)
+                         q0, b, g, s_t1, dp_t1, p_cast1, ds_cast1, dk1, dv1, dq1, qrow1, first, dQ_s, dQ, dQpart, dK, dV)
+
+
+    if query_offset:
+        @T.prim_func
+        def kv_outer_attention_backward_offset(
+            Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            dO: T.Tensor((batch, queries, heads, head_dim), dtype),
+            Stats: T.Tensor((batch, queries, heads, 2), "float32"),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            dQ: T.Tensor((batch, n_dq, heads, head_dim), "float32"),  # atomic dQ (else unused)
+            dQpart: T.Tensor((batch, n_part, head_dim), dtype),  # dQ partials (else unused)
+            dK: T.Tensor((batch, seq, groups, head_dim), "float32"),
+            dV: T.Tensor((batch, seq, groups, head_dim), "float32"),
+            t0: T.int32,
+            q0: T.int32,
+        ):
+            backward_items(Q, K, V, dO, Stats, Items, ItemCount, Entries, dQ, dQpart, dK, dV, t0, q0)
+
+        return kv_outer_attention_backward_offset
+
+    @T.prim_func
+    def kv_outer_attention_backward(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        dO: T.Tensor((batch, seq, heads, head_dim), dtype),
+        Stats: T.Tensor((batch, seq, heads, 2), "float32"),
+        Items: T.Tensor((n_bg, n_items, 3), "int32"),
+        ItemCount: T.Tensor((n_bg,), "int32"),
+        Entries: T.Tensor((n_bg, cap), "int32"),
+        dQ: T.Tensor((batch, n_dq, heads, head_dim), "float32"),  # atomic dQ (else unused)
+        dQpart: T.Tensor((batch, n_part, head_dim), dtype),  # dQ partials (else unused)
+        dK: T.Tensor((batch, seq, groups, head_dim), "float32"),
+        dV: T.Tensor((batch, seq, groups, head_dim), "float32"),
+        t0: T.int32,
+    ):
+        backward_items(Q, K, V, dO, Stats, Items, ItemCount, Entries, dQ, dQpart, dK, dV, t0, None)
 
     return kv_outer_attention_backward
 
@@ -330,11 +363,13 @@ def dq_reduce_program(groups: int, heads: int, head_dim: int, topk: int, rows: i
 
 
 def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: int, scale=None, *,
-                              item_queries: int | None = None, query_chunk=None, config=None):
+                              item_queries: int | None = None, query_chunk=None, config=None, query_start: int = 0):
     """Main-branch backward on the GPU -> (dq, dk, dv) in the input dtype.
 
     do, o, q [B, N, Hq, D]; k, v [B, N, G, D]; lse (and dlse, or None) [B, N, Hq] float32;
-    indices [B, N, G, topk] int32 (-1 = unused). Workspace: fp32 dK, dV, the (lse, delta) rows
+    indices [B, N, G, topk] int32 (-1 = unused). ``query_start``: the query-side tensors (do, o, q, lse, dlse,
+    indices; dq) hold the N queries from that position on, k / v the query_start + N keys up to the last (the
+    kernel's build with a query offset). Workspace: fp32 dK, dV, the (lse, delta) rows
     (8 bytes per query head), a schedule, and either an fp32 dQ (atomic dQ: one schedule over the
     whole sequence) or the dQ partials of one query chunk (``query_chunk`` queries). ``item_queries`` and
     ``query_chunk`` override the config's (:data:`BACKWARD_DEFAULTS`, or the tuned one).
@@ -344,6 +379,10 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     each chunk as two launches of ``WIDE_HEAD_DIM`` columns of dQ, dK and dV (each computes S and dP in full).
     """
     B, N, Hq, D = q.shape
+    n_keys = k.shape[1]
+    if n_keys != query_start + N:
+        raise ValueError(f"k / v hold the {query_start + N} keys up to the last query (query_start {query_start} + "
+                         f"{N} queries), got {n_keys}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     wide = D > WIDE_HEAD_DIM
     shape = dict(groups=k.shape[2], heads=Hq, head_dim=D, block_size=block_size, topk=indices.shape[3], seq=N)
@@ -352,7 +391,7 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     item_queries = item_queries or tuned_items
     if not wide:  # wide heads run their own chunk unless told
         query_chunk = query_chunk or tuned_chunk
-    indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk)
+    indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk, query_start)
     G, topk = k.shape[2], indices.shape[3]
     dt = tl_dtype(q.dtype)
     stats = torch.empty((B, N, Hq, 2), device=q.device, dtype=torch.float32)
@@ -360,8 +399,8 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
     delta = compiled_kernel(delta_program, head_dim=D, dtype=dt, **DELTA_DEFAULTS)
     delta(o.reshape(-1, D), do.reshape(-1, D), lse.reshape(-1), dlse.reshape(-1), stats.view(-1, 2))
     chunk = min(N, query_chunk) if config["dq_partials"] else N
-    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, q.device)
-    dk = torch.zeros((B, N, G, D), device=q.device, dtype=torch.float32)
+    schedule = Schedule(B, G, math.ceil(n_keys / block_size), chunk, topk, item_queries, q.device)
+    dk = torch.zeros((B, n_keys, G, D), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
     if config["dq_partials"]:
         dq_acc = torch.empty((B, 1, Hq, D), device=q.device, dtype=torch.float32)  # unused
@@ -374,14 +413,16 @@ def sparse_attention_backward(do, dlse, q, k, v, indices, o, lse, block_size: in
         dq_part = torch.empty(B * D, device=q.device, dtype=q.dtype)  # unused
     windows = [dict(columns=WIDE_HEAD_DIM, column0=c0) for c0 in range(0, D, WIDE_HEAD_DIM)] if wide else [{}]
     kernels = [compiled_kernel(kv_outer_backward_program, groups=G, heads=Hq, head_dim=D, block_size=block_size,
-                               topk=topk, scale=scale, item_queries=item_queries, dtype=dt, **config, **window)
+                               topk=topk, scale=scale, item_queries=item_queries, dtype=dt, **config, **window,
+                               **(dict(query_offset=True) if query_start else {}))
                for window in windows]
     for t0 in range(0, N, chunk):
         count = min(chunk, N - t0)
         schedule.build(indices, t0, count)
         part = dq_part[: B * count * Hq * topk * D].view(B, -1, D) if config["dq_partials"] else dq_part.view(B, 1, D)
         for kernel in kernels:
-            kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq_acc, part, dk, dv, t0)
+            kernel(q, k, v, do, stats, schedule.items, schedule.item_count, schedule.entries, dq_acc, part, dk, dv,
+                   query_start + t0, *((query_start,) if query_start else ()))
         if config["dq_partials"]:
             reduce(part.view(B, count * Hq, topk, D), indices, dq.view(B, N * Hq, D), t0)
     dq = dq if config["dq_partials"] else dq_acc.to(q.dtype)

@@ -153,7 +153,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
                      o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
                      consumers: int = 2, dtype: str = "bfloat16",
-                     partial_dtype: str = "bfloat16"):
+                     partial_dtype: str = "bfloat16", query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
     Partial row ``((t * G + g) * topk + s) * R + r`` (R = Hq / G) holds query ``t0 + t``, head
@@ -183,6 +183,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     under the other's tiles.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
+    queries = T.dynamic("queries") if query_offset else seq  # Q's rows
     R = heads // groups
     if tma_stores and R < TMA_MIN_HEADS:
         raise ValueError(f"tma_stores needs >= {TMA_MIN_HEADS} query heads per KV head (one TMA box a query), got {R}")
@@ -232,6 +233,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                              f"item_queries={item_queries}, head_dim={D}, block_size={Bk})")
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
+
+    def q_rows(t0, q0):  # Q's row of the chunk's first query: its position t0, less Q's first position q0 if given
+        return t0 if q0 is None else t0 - q0
 
     def consumer_tiles():
         """Both consumers' register tiles, pairwise: S [rows, Bk] fp32, P [rows, Bk], O [rows, D] fp32, row max
@@ -386,18 +390,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
 
     if not persistent:
-        @T.prim_func
-        def kv_outer_attention(
-            Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-            K: T.Tensor((batch, seq, groups, head_dim), dtype),
-            V: T.Tensor((batch, seq, groups, head_dim), dtype),
-            Items: T.Tensor((n_bg, n_items, 3), "int32"),
-            ItemCount: T.Tensor((n_bg,), "int32"),
-            Entries: T.Tensor((n_bg, cap), "int32"),
-            Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
-            Lpart: T.Tensor((batch, n_part), "float32"),
-            t0: T.int32,
-        ):
+        @T.macro
+        def attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, q0):
             prelude = DIRECT_STORES_CUDA if direct_stores else None
             with T.Kernel(n_items, n_bg, threads=threads, prelude=prelude) as (item, bg):
                 K_s = T.alloc_shared((Bk, D), dtype)
@@ -455,13 +449,13 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                             src[0] = ent_s[(rnd * NC * stages + u) * TQ + qi]
                                             if src[0] >= 0:  # [R, 64] a copy: one 128-byte swizzle span
                                                 for h in T.unroll(D // 64):
-                                                    T.tma_copy(Q[b, t0 + src[0] // topk, g * R:(g + 1) * R,
+                                                    T.tma_copy(Q[b, q_rows(t0, q0) + src[0] // topk, g * R:(g + 1) * R,
                                                                  h * 64:(h + 1) * 64],
                                                                ring[u, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64],
                                                                barrier=full[u], leader_scope_threads=32)
                                         T.barrier_arrive(full[u])
                                     else:
-                                        gather_tile_rows(ent_s, rnd * NC * stages + u, t0, b, g, tx - 128 * NC, src, u,
+                                        gather_tile_rows(ent_s, rnd * NC * stages + u, q_rows(t0, q0), b, g, tx - 128 * NC, src, u,
                                                          ring, Q)
                                         T.cp_async_barrier_noinc(full[u])
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
@@ -475,6 +469,39 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     T.barrier_wait(kv_ready[0], 0)
                     consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,
                              b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart)
+
+
+        if query_offset:
+            @T.prim_func
+            def kv_outer_attention_offset(
+                Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+                K: T.Tensor((batch, seq, groups, head_dim), dtype),
+                V: T.Tensor((batch, seq, groups, head_dim), dtype),
+                Items: T.Tensor((n_bg, n_items, 3), "int32"),
+                ItemCount: T.Tensor((n_bg,), "int32"),
+                Entries: T.Tensor((n_bg, cap), "int32"),
+                Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+                Lpart: T.Tensor((batch, n_part), "float32"),
+                t0: T.int32,
+                q0: T.int32,
+            ):
+                attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, q0)
+
+            return kv_outer_attention_offset
+
+        @T.prim_func
+        def kv_outer_attention(
+            Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+            Lpart: T.Tensor((batch, n_part), "float32"),
+            t0: T.int32,
+        ):
+            attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, None)
 
         return kv_outer_attention
 
@@ -526,19 +553,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             if tma_stores:
                 T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
 
-        @T.prim_func
-        def kv_outer_attention_persistent(
-            Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-            K: T.Tensor((batch, seq, groups, head_dim), dtype),
-            V: T.Tensor((batch, seq, groups, head_dim), dtype),
-            Items: T.Tensor((n_bg, n_items, 3), "int32"),
-            ItemCount: T.Tensor((n_bg,), "int32"),
-            Entries: T.Tensor((n_bg, cap), "int32"),
-            Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
-            Lpart: T.Tensor((batch, n_part), "float32"),
-            Work: T.Tensor((1 + 4 * ctas,), "int32"),
-            t0: T.int32,
-        ):
+        @T.macro
+        def attention_persistent(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, Work, t0, q0):
             with T.Kernel(ctas, threads=384) as cta:
                 K_s = T.alloc_shared((2, Bk, D), dtype)  # [2, Bk, D]: this item's block and the next one's
                 V_s = T.alloc_shared((2, Bk, D), dtype)
@@ -597,8 +613,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
                             j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
                             T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
-                            gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, t0, bg // groups, bg % groups, tx - 256,
-                                             src, 2 * (j % stages) + t % 2, ring, Q)
+                            gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, q_rows(t0, q0), bg // groups,
+                                             bg % groups, tx - 256, src, 2 * (j % stages) + t % 2, ring, Q)
                             T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
                         base0[0] += (T.ceildiv(length, TQ) + 1) // 2
                         base1[0] += T.ceildiv(length, TQ) // 2
@@ -613,6 +629,41 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     consumer_items(1, tx - 128, base1, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, dst_s1, O_s1,
                                    max_turns, Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s,
                                    Work, cta, item, done, first, t0, seq, Opart, Lpart)
+
+
+        if query_offset:
+            @T.prim_func
+            def kv_outer_attention_persistent_offset(
+                Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+                K: T.Tensor((batch, seq, groups, head_dim), dtype),
+                V: T.Tensor((batch, seq, groups, head_dim), dtype),
+                Items: T.Tensor((n_bg, n_items, 3), "int32"),
+                ItemCount: T.Tensor((n_bg,), "int32"),
+                Entries: T.Tensor((n_bg, cap), "int32"),
+                Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+                Lpart: T.Tensor((batch, n_part), "float32"),
+                Work: T.Tensor((1 + 4 * ctas,), "int32"),
+                t0: T.int32,
+                q0: T.int32,
+            ):
+                attention_persistent(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, Work, t0, q0)
+
+            return kv_outer_attention_persistent_offset
+
+        @T.prim_func
+        def kv_outer_attention_persistent(
+            Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Items: T.Tensor((n_bg, n_items, 3), "int32"),
+            ItemCount: T.Tensor((n_bg,), "int32"),
+            Entries: T.Tensor((n_bg, cap), "int32"),
+            Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+            Lpart: T.Tensor((batch, n_part), "float32"),
+            Work: T.Tensor((1 + 4 * ctas,), "int32"),
+            t0: T.int32,
+        ):
+            attention_persistent(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, Work, t0, None)
 
         return kv_outer_attention_persistent
 
@@ -678,36 +729,39 @@ WIDE_HEAD_CONFIG = dict(tma_stores=False, direct_stores=True, stages=2)
 WIDE_HEAD_CHUNK = 4096  # queries a chunk: 4 GiB of bf16 partials at Hq = 64, 2 x 16 slots, D = 256
 
 
-def split_blocks(indices: torch.Tensor, block_size: int, into: int) -> torch.Tensor:
-    """indices [B, N, G, k] of ``block_size``-key blocks -> [B, N, G, k * block_size // into] of their ``into``-key
-    parts that each query can see (parts in its future -1), in the same slot order."""
+def split_blocks(indices: torch.Tensor, block_size: int, into: int, query_start: int = 0) -> torch.Tensor:
+    """indices [B, N, G, k] of ``block_size``-key blocks (queries from position ``query_start``) -> [B, N, G,
+    k * block_size // into] of their ``into``-key parts that each query can see (parts in its future -1), in the
+    same slot order."""
     B, N, G, k = indices.shape
     parts = block_size // into
     child = (indices[..., None] * parts + torch.arange(parts, device=indices.device)).flatten(-2)
-    local = (torch.arange(N, device=indices.device) // into).view(1, N, 1, 1)
+    local = ((torch.arange(N, device=indices.device) + query_start) // into).view(1, N, 1, 1)
     return torch.where((indices >= 0).repeat_interleave(parts, dim=-1) & (child <= local), child, -1).int()
 
 
-def wide_head_blocks(indices: torch.Tensor, block_size: int, head_dim: int, query_chunk):
+def wide_head_blocks(indices: torch.Tensor, block_size: int, head_dim: int, query_chunk, query_start: int = 0):
     """(indices, block_size, query_chunk) as the attention stages run them: above ``WIDE_HEAD_DIM`` each block as its
     ``WIDE_HEAD_BLOCK``-key parts (:func:`split_blocks`) in chunks of ``WIDE_HEAD_CHUNK`` queries unless told; else
     as given."""
     if head_dim <= WIDE_HEAD_DIM:
         return indices, block_size, query_chunk
     if block_size > WIDE_HEAD_BLOCK:
-        indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK), WIDE_HEAD_BLOCK
+        indices, block_size = split_blocks(indices, block_size, WIDE_HEAD_BLOCK, query_start), WIDE_HEAD_BLOCK
     return indices, block_size, query_chunk or WIDE_HEAD_CHUNK
 
 
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
-                             persistent_combine_config=None, out=None, lse_out=None):
+                             persistent_combine_config=None, out=None, lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
     [B, N, G, topk] int32 (-1 = unused) -> (o [B, N, Hq, D] in q's dtype,
-    lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). Workspace:
+    lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). ``query_start``: q, indices, o and lse hold
+    the queries from that position on (N of them), k / v the query_start + N keys up to the last: the kernels read
+    and write the query side at that offset (no rows before it are allocated), without shared tiles. Workspace:
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
     ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.attention.shared_tiles`)
@@ -724,13 +778,17 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     queries unless told.
     """
     B, N, Hq, D = q.shape
+    if k.shape[1] != query_start + N:
+        raise ValueError(f"k / v hold the {query_start + N} keys up to the last query (query_start {query_start} + "
+                         f"{N} queries), got {k.shape[1]}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     wide = D > WIDE_HEAD_DIM
-    if wide:
+    if wide or query_start:
         if shared_tiles:
-            raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} only, got {D}")
+            raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} and queries from position 0 only, got "
+                             f"{D} and {query_start}")
         shared_tiles = False
-    indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk)
+    indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk, query_start)
     G, topk = k.shape[2], indices.shape[3]
     R = Hq // G
     partial_dtype = partial_dtype or q.dtype  # fp16 inputs keep fp16 partials: bf16 ones would cost 3 bits
@@ -762,7 +820,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
     # forward, NOTES.md). Where the tiles hold every row it goes unused.
-    schedule = _kv_outer_schedule(kv_indices, block_size, chunk, item_queries, build_once)
+    schedule = _kv_outer_schedule(kv_indices, block_size, chunk, item_queries, build_once,
+                                  math.ceil(k.shape[1] / block_size))
     kv_outer_rows = True  # any row left for the KV-outer path
     if shared_tiles:
         counted.synchronize()
@@ -775,7 +834,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         persistent_combine = (schedule_config["persistent_combine"] and few_tiles if persistent_combine is None
                               else persistent_combine)
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
-                          attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine)
+                          attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
+                          query_start)
     if tiles:
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse)
     return o, lse
@@ -791,12 +851,14 @@ def _count_to_host(mask: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
     return count, counted
 
 
-def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, build_once: bool) -> Schedule:
-    """The KV-outer path's schedule buffers, built here for every chunk at once with ``build_once`` or where there is
-    one chunk (else one chunk's buffers, built per chunk by :func:`_kv_outer_forward`)."""
+def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, build_once: bool,
+                       n_blocks: int) -> Schedule:
+    """The KV-outer path's schedule buffers over ``n_blocks`` key blocks, built here for every chunk at once with
+    ``build_once`` or where there is one chunk (else one chunk's buffers, built per chunk by
+    :func:`_kv_outer_forward`)."""
     B, N, G, topk = indices.shape
     chunks = math.ceil(N / chunk)
-    schedule = Schedule(B, G, math.ceil(N / block_size), chunk, topk, item_queries, indices.device,
+    schedule = Schedule(B, G, n_blocks, chunk, topk, item_queries, indices.device,
                         chunks=chunks if build_once else 1)
     if schedule.chunks == chunks:
         schedule.build(indices, 0, N)
@@ -804,10 +866,12 @@ def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, 
 
 
 def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chunk, partial_dtype, attention_config,
-                      combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool):
+                      combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool,
+                      query_start: int = 0):
     """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule`` from
     :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
-    ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips."""
+    ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips. ``query_start``: the
+    position of q's first row (the attention's build with a query offset)."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
@@ -817,7 +881,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=schedule.item_queries, dtype=dt, partial_dtype=pdt,
-                                **attention_config)
+                                **attention_config, **(dict(query_offset=True) if query_start else {}))
     if persistent_combine and not unfit:
         ctas = persistent_config["ctas"] or sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
@@ -834,7 +898,8 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         op = o_part[: B * count * Hq * topk * D].view(B, count * Hq * topk, D)
         lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
         lp.fill_(float("-inf"))
-        attention(q, k, v, items, item_count, entries, op, lp, *([] if work is None else [work[c]]), t0)
+        attention(q, k, v, items, item_count, entries, op, lp, *([] if work is None else [work[c]]),
+                  query_start + t0, *((query_start,) if query_start else ()))
         combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
 
