@@ -1,8 +1,9 @@
 """Autotuner evidence: exhaustive sweep vs TPE with <= 25% of its trials, per program, on this GPU.
 
-    python -m benchmarks.bench_tuning [--programs ...] [--seq 131072] [--jobs 16] [--seeds 5]
+    python -m benchmarks.bench_tuning [--programs ...] [--seq 131072] [--batch 1] [--queries 1] [--jobs 16] [--seeds 5]
 
-For each program at the paper shape (B=1, Hq=64, G=4, D=Di=128, Bk=128, k=16, bf16):
+For each program at the paper shape (B=1, Hq=64, G=4, D=Di=128, Bk=128, k=16, bf16; ``--batch`` and ``--queries``, the
+newest tokens a row, are the decode programs' buckets):
 1. compile every feasible config of its search space in parallel on the CPU, then check each one
    against the float64 reference and time it (``gpu_objective``: do_bench median);
 2. run the TPE search, and random search as its baseline, ``--seeds`` times each with a budget of ceil(25% of the
@@ -40,7 +41,8 @@ def sweep(program, shape, jobs, table):
                 error = f"{type(exc).__name__}: {exc}"[:300]
         key = tuple(sorted(config.items()))
         measured[key] = None if error else ms
-        table.add(program=program, seq=shape["seq"], config=str(dict(key)), ms=measured[key], error=error or "")
+        table.add(program=program, seq=shape["seq"], batch=shape["batch"], queries=shape["queries"],
+                  config=str(dict(key)), ms=measured[key], error=error or "")
         print(f"  {program} {dict(key)}: " + (f"{ms:.4g} ms" if error is None else f"FAILED {error}"), flush=True)
     return measured
 
@@ -106,11 +108,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     parser.add_argument("--seq", type=int, default=PAPER_SHAPE["seq"])
+    parser.add_argument("--batch", type=int, default=PAPER_SHAPE["batch"], help="rows of a decode step")
+    parser.add_argument("--queries", type=int, default=PAPER_SHAPE["queries"], help="newest tokens a decode row")
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
-    shape = dict(PAPER_SHAPE, seq=args.seq)
+    if args.batch < 1 or args.queries < 1:
+        parser.error("--batch and --queries must be at least 1")
+    shape = dict(PAPER_SHAPE, seq=args.seq, batch=args.batch, queries=args.queries)
     sweep_table, evidence, curves = BenchTable("tuning_sweep"), BenchTable("tuning_evidence"), BenchTable("tuning_curves")
     winners = {}
     gpu = cache.device_gpu_key(0)
@@ -128,13 +134,13 @@ def main(argv=None):
             for seed in range(args.seeds):
                 curve = search_curve(program, shape, measured, budget, seed, sampler)
                 for trial, best in enumerate(curve):
-                    curves.add(program=program, seq=args.seq, sampler=sampler, seed=seed, trial=trial, best_ms=best,
-                               pct_of_best=100 * ok[best_key] / best)
+                    curves.add(program=program, seq=args.seq, batch=args.batch, sampler=sampler, seed=seed, trial=trial,
+                               best_ms=best, pct_of_best=100 * ok[best_key] / best)
                 found.setdefault(sampler, []).append(curve[-1])
         (median, worst), (random_median, random_worst) = (
             (sorted(found[s])[len(found[s]) // 2], max(found[s])) for s in ("tpe", "random"))
-        evidence.add(program=program, seq=args.seq, feasible=len(measured), failed=len(measured) - len(ok),
-                     default_ms=default_ms, exhaustive_best_ms=ok[best_key], exhaustive_best=str(dict(best_key)),
+        evidence.add(program=program, seq=args.seq, batch=args.batch, queries=args.queries, feasible=len(measured),
+                     failed=len(measured) - len(ok), default_ms=default_ms, exhaustive_best_ms=ok[best_key], exhaustive_best=str(dict(best_key)),
                      tpe_trials=budget, tpe_median_ms=median, tpe_worst_ms=worst,
                      tpe_median_pct_of_best=100 * ok[best_key] / median, tpe_worst_pct_of_best=100 * ok[best_key] / worst,
                      random_median_ms=random_median, random_worst_ms=random_worst,
