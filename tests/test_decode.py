@@ -253,3 +253,13 @@ def test_rescoring_needs_fp8_keys_and_exact_keys_of_their_shape():
     with pytest.raises(ValueError, match="rescore=True"):
         MSACache.paged(1, 256, G, D, Di, page_size=64, index_dtype=torch.float8_e4m3fn).plan(
             queries=1, heads=4, rescore_candidates=8)
+
+
+@pytest.mark.parametrize("waves", [0, 3, 2.0], ids=["zero", "not-a-divisor", "float"])
+def test_a_plan_in_waves_needs_a_divisor_of_the_batch(waves):
+    """DecodePlan(waves=...) splits the rows into equal waves: anything else is named before a kernel is built."""
+    from msa_tl.decode.plan import DecodePlan
+
+    table, seqlens = torch.zeros(8, 4, dtype=torch.int32), torch.full((8,), 100, dtype=torch.int32)
+    with pytest.raises(ValueError, match="waves must divide the batch"):
+        DecodePlan(table, seqlens, queries=1, heads=64, groups=4, head_dim=128, index_dim=128, waves=waves)

@@ -178,22 +178,55 @@ def test_a_cuda_graph_of_the_plan_replays_after_appends(pdl, fp8, seed=0):
     if pdl:
         plain = cache.plan(queries=S, heads=Hq, topk=topk).run(q, q_idx, k, v, *keys)
         assert all(torch.equal(a, b) for a, b in zip(first, plain))
+    assert_graph_replays_after_appends(
+        cache, q, q_idx, lambda: plan.run(q, q_idx, k, v, *keys),
+        lambda: msa_tl.msa_decode(q, q_idx, cache, block_size=Bk, topk=topk, return_lse=True, return_indices=True),
+        steps=3, seed=seed)
+
+
+def assert_graph_replays_after_appends(cache, q, q_idx, step, eager, steps: int, seed: int):
+    """Capture ``step()`` (-> o, lse, indices) in a CUDA graph, then ``steps`` times append a random token to every
+    row, write new queries into the captured q / q_idx and replay: (o, lse, indices) equal ``eager()``'s bit for
+    bit."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, lse, idx = plan.run(q, q_idx, k, v, *keys)
+        o, lse, idx = step()
+    B, S, Hq, D = q.shape
+    G, Di = q_idx.shape[2:]
     gen = torch.Generator(device="cuda").manual_seed(seed + 1)
-    for step in range(3):
+    for i in range(steps):
         rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-        cache.append(rand(3, S, G, D), rand(3, S, G, D), rand(3, S, Di))
-        q.copy_(rand(3, S, Hq, D))
-        q_idx.copy_(rand(3, S, G, Di))
+        cache.append(rand(B, S, G, D), rand(B, S, G, D), rand(B, S, Di))
+        q.copy_(rand(B, S, Hq, D))
+        q_idx.copy_(rand(B, S, G, Di))
         o.fill_(float("nan"))
         graph.replay()
-        want_o, want_lse, want_idx = msa_tl.msa_decode(q, q_idx, cache, block_size=Bk, topk=topk, return_lse=True,
-                                                       return_indices=True)
-        assert torch.equal(idx, want_idx), step
-        assert torch.equal(o, want_o) and torch.equal(lse, want_lse), step
+        want_o, want_lse, want_idx = eager()
+        assert torch.equal(idx, want_idx), i
+        assert torch.equal(o, want_o) and torch.equal(lse, want_lse), i
+
+
+@pytest.mark.parametrize("waves,S,fp8", [(2, 1, False), (4, 1, True), (2, 8, False)],
+                         ids=["2-waves", "4-waves-fp8-rescore", "2-waves-draft-8"])
+def test_a_plan_in_waves_steps_as_one_wave_does_eagerly_and_from_a_graph(waves, S, fp8, seed=0):
+    """Rows in waves (each wave's selection and attention on a second stream under the next wave's scan): with the
+    same split count, the step's outputs, LSE and indices equal the one-wave plan's bit for bit, eagerly and
+    replayed from a CUDA graph after appends (the fork and join are captured); the stage methods refuse it."""
+    G, Hq, D, Di, Bk, topk = 4, 64, 128, 128, 128, 16
+    lengths = [700 + 37 * r for r in range(8)]
+    cache, q, q_idx = decode_case(lengths, S, Hq, G, D, Di, Bk, seed, max_pages=24, fp8=fp8, rescore=fp8)
+    k, v, keys = cache.k, cache.v, (cache.k_idx, cache.k_idx_scale, cache.k_idx_exact)
+    one = cache.plan(queries=S, heads=Hq, topk=topk, splits=4)
+    plan = cache.plan(queries=S, heads=Hq, topk=topk, splits=4, waves=waves)
+    for got, want in zip(plan.run(q, q_idx, k, v, *keys), one.run(q, q_idx, k, v, *keys)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="run"):
+        plan.index_scores(q_idx, cache.k_idx, cache.k_idx_scale)
+    with pytest.raises(ValueError, match="waves"):
+        cache.plan(queries=S, heads=Hq, topk=topk, waves=3)
+    assert_graph_replays_after_appends(cache, q, q_idx, lambda: plan.run(q, q_idx, k, v, *keys),
+                                       lambda: one.run(q, q_idx, k, v, *keys), steps=2, seed=seed)
 
 
 def test_the_layer_generates_the_full_forward_rows_with_the_decode_kernels(seed=0):

@@ -12,6 +12,11 @@ row lengths, the four compiled kernels, the split count and the scratch buffers)
 :meth:`DecodePlan.run` then launches the four kernels for one layer with no host sync and grids fixed by the
 cache's maxima, so a whole step (every layer) can be captured in one CUDA graph and replayed while ``seqlens``
 and the pages change in place.
+
+With ``waves`` > 1 the rows go in waves: the index scan of each wave runs on the caller's stream, and the top-k,
+attention and combine of a wave run on a second, high-priority stream as soon as its scan ends, under the next
+wave's scan. The scan streams the index keys at the copy rate; what follows it is latency-bound (~20 us whatever
+the rows), so only the last wave's is left after the scan (NOTES.md: the floor of 12x with FP8 keys at 1M, B = 8).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class DecodePlan:
         pdl: programmatic dependent launch: each kernel lets the next one launch when it ends its work and the next
             waits (``griddepcontrol``) before it reads, so a launch's latency hides under the kernel before it.
             Built, not yet run on a GPU: off by default.
+        waves: rows in this many waves (B a multiple of it), each wave's selection and attention on a high-priority
+            second stream under the next wave's scan (module docstring; graph capture keeps the fork and join,
+            though not the stream priority). Only :meth:`run` runs such a plan. Built, not yet run: default 1.
         scores_config, topk_config, attention_config: knob overrides of each kernel's config: the tuned one for this
             GPU and shape (``msa-tl tune --programs decode_scan decode_topk ...``; batch, queries and the context
             max_pages * block_size are part of its key), else the defaults.
@@ -58,12 +66,27 @@ class DecodePlan:
                  index_scale: float | None = None, dtype: torch.dtype = torch.bfloat16, index_fp8: bool = False,
                  local_blocks: int = 1, rescore_candidates: int = 0, splits: int | None = None, pdl: bool = False,
                  scores_config: dict | None = None, topk_config: dict | None = None,
-                 attention_config: dict | None = None):
+                 attention_config: dict | None = None, waves: int = 1):
         B, max_pages = block_table.shape
         device = block_table.device
         self.block_table, self.seqlens = block_table, seqlens
         self.shape = dict(batch=B, queries=queries, heads=heads, groups=groups, head_dim=head_dim,
                           index_dim=index_dim, block_size=block_size, topk=topk)
+        if not isinstance(waves, int) or waves < 1 or B % waves:
+            raise ValueError(f"waves must divide the batch ({B} rows), got {waves!r}")
+        self.waves = waves
+        if waves > 1:  # a plan per wave, over views of the block table and lengths: the kernels are shared
+            rows = B // waves
+            self._wave_plans = [
+                DecodePlan(block_table[w * rows:(w + 1) * rows], seqlens[w * rows:(w + 1) * rows], queries=queries,
+                           heads=heads, groups=groups, head_dim=head_dim, index_dim=index_dim, block_size=block_size,
+                           topk=topk, scale=scale, index_scale=index_scale, dtype=dtype, index_fp8=index_fp8,
+                           local_blocks=local_blocks, rescore_candidates=rescore_candidates, splits=splits, pdl=pdl,
+                           scores_config=scores_config, topk_config=topk_config, attention_config=attention_config)
+                for w in range(waves)]
+            self._side = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1])  # the highest
+            self.index_fp8, self.rescore_candidates = index_fp8, rescore_candidates
+            return
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         index_scale = 1.0 / math.sqrt(index_dim) if index_scale is None else float(index_scale)
         tl = tl_dtype(dtype)
@@ -103,10 +126,15 @@ class DecodePlan:
         self._o_part = torch.empty((B, rows, self.splits, R, head_dim), device=device, dtype=torch.float32)
         self._l_part = torch.empty((B, rows, self.splits, R), device=device, dtype=torch.float32)
 
+    def _stages_only_whole(self):
+        if self.waves > 1:
+            raise ValueError("a plan in waves runs whole steps only: run()")
+
     def index_scores(self, q_idx: torch.Tensor, k_idx_pages: torch.Tensor,
                      k_idx_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Block scores [B, S*G, max_pages] fp32 of q_idx [B, S, G, Di] over the index-key pages (and their
         [num_pages, Bk] scales when FP8); the plan's buffer, overwritten by the next call."""
+        self._stages_only_whole()
         B, S, G = q_idx.shape[:3]
         if (k_idx_scale is not None) != self.index_fp8:
             raise ValueError("FP8 index keys come with k_idx_scale, bf16 / fp16 ones without; this plan was built for "
@@ -117,12 +145,15 @@ class DecodePlan:
         return self._block_scores
 
     def select(self, block_scores: torch.Tensor, q_idx: torch.Tensor | None = None,
-               k_idx_exact: torch.Tensor | None = None) -> torch.Tensor:
-        """indices [B, S, G, topk] int32 (slots 0 .. local_blocks - 1 the newest blocks) from :meth:`index_scores`'s
-        scores; a rescoring plan also takes q_idx [B, S, G, Di] and the exact index-key pages [num_pages, Bk, Di]."""
+               k_idx_exact: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """indices [B, S, G, topk] int32 (slots 0 .. local_blocks - 1 the newest blocks; into ``out`` if given) from
+        :meth:`index_scores`'s scores; a rescoring plan also takes q_idx [B, S, G, Di] and the exact index-key pages
+        [num_pages, Bk, Di]."""
+        self._stages_only_whole()
         s = self.shape
         B, S, G = s["batch"], s["queries"], s["groups"]
-        indices = torch.empty((B, S, G, s["topk"]), device=block_scores.device, dtype=torch.int32)
+        indices = torch.empty((B, S, G, s["topk"]), device=block_scores.device, dtype=torch.int32) if out is None \
+            else out
         if not self.rescore_candidates:
             self._topk(block_scores, self.seqlens, indices.view(B, S * G, -1))
             return indices
@@ -133,12 +164,14 @@ class DecodePlan:
         self._rescore_select(self._candidates, self._rescored, indices.view(B, S * G, -1))
         return indices
 
-    def attend(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, indices: torch.Tensor):
-        """o [B, S, Hq, D] (q's dtype), lse [B, S, Hq] fp32 of q over the chosen blocks: split attention, then the
-        LSE combine of the splits."""
+    def attend(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, indices: torch.Tensor,
+               out: tuple | None = None):
+        """o [B, S, Hq, D] (q's dtype), lse [B, S, Hq] fp32 of q over the chosen blocks (into ``out`` = (o, lse) if
+        given): split attention, then the LSE combine of the splits."""
+        self._stages_only_whole()
         B, S, Hq, D = q.shape
-        o = torch.empty_like(q)
-        lse = torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)
+        o, lse = (torch.empty_like(q), torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)) \
+            if out is None else out
         self._attend(q, k_pages, v_pages, self.block_table, self.seqlens, indices, self._o_part, self._l_part)
         G = self.shape["groups"]
         self._combine(self._o_part, self._l_part, o.view(B, S * G, Hq // G, D), lse.view(B, S * G, Hq // G))
@@ -155,8 +188,33 @@ class DecodePlan:
         if q.shape != (B, S, Hq, D) or q_idx.shape != (B, S, G, s["index_dim"]):
             raise ValueError(f"this plan runs q [{B}, {S}, {Hq}, {D}] and q_idx [{B}, {S}, {G}, {s['index_dim']}], "
                              f"got {tuple(q.shape)} and {tuple(q_idx.shape)}")
+        if self.waves > 1:
+            return self._run_waves(q, q_idx, k_pages, v_pages, k_idx_pages, k_idx_scale, k_idx_exact)
         indices = self.select(self.index_scores(q_idx, k_idx_pages, k_idx_scale), q_idx, k_idx_exact)
         o, lse = self.attend(q, k_pages, v_pages, indices)
+        return o, lse, indices
+
+    def _run_waves(self, q, q_idx, k_pages, v_pages, k_idx_pages, k_idx_scale, k_idx_exact):
+        """:meth:`run` in waves: scans on the caller's stream, each wave's selection and attention on the side
+        stream once its scan has ended; the outputs are allocated on the caller's stream, which waits for the side
+        stream before returning (so they, the inputs and the plans' buffers are safe to use and reuse there)."""
+        s = self.shape
+        B, S, Hq, G = s["batch"], s["queries"], s["heads"], s["groups"]
+        o, lse = torch.empty_like(q), torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)
+        indices = torch.empty((B, S, G, s["topk"]), device=q.device, dtype=torch.int32)
+        main = torch.cuda.current_stream(q.device)
+        self._side.wait_stream(main)  # the inputs are ready
+        rows = B // self.waves
+        for w, plan in enumerate(self._wave_plans):
+            part = slice(w * rows, (w + 1) * rows)  # the wave's rows: contiguous views of every [B, ...] tensor
+            scores = plan.index_scores(q_idx[part], k_idx_pages, k_idx_scale)
+            scanned = torch.cuda.Event()
+            scanned.record(main)
+            with torch.cuda.stream(self._side):
+                self._side.wait_event(scanned)
+                plan.select(scores, q_idx[part], k_idx_exact, out=indices[part])
+                plan.attend(q[part], k_pages, v_pages, indices[part], out=(o[part], lse[part]))
+        main.wait_stream(self._side)
         return o, lse, indices
 
 
