@@ -423,6 +423,22 @@ def test_the_pipelined_select_can_rank_from_the_accumulators_registers_with_four
     assert "0 bytes spill stores" in ptxas_report(source, tmp_path)
 
 
+@pytest.mark.parametrize("groups,block_size", [(4, 128), (8, 64)], ids=["Bk128", "Bk64"])
+def test_the_row_max_helper_reads_the_layout_tilelangs_own_reduce_reads(groups, block_size):
+    """register_max's helper indexes a thread's accumulator values as kN / 2 t + 4 j + 2 h + e (tile t of 64 rows,
+    column group j, row half h, element e). TileLang's own reduce over the same fragment (the default build) must
+    index it the same way: for row slot i = 2 t + h, value rv = j + kN / 8 e."""
+    source = lower_to_cuda(index_topk.pipelined_select_program, groups=groups, index_dim=64, block_size=block_size,
+                           topk=4)
+    kN, groups_of_8 = block_size, block_size // 8
+    line = next(l for l in source.splitlines() if "rmax0[" in l and "max(" in l)
+    want = (f"acc0[(((((i_4 >> 1) * {kN // 2}) + ((rv & {groups_of_8 - 1}) * 4)) + ((i_4 & 1) * 2)) + "
+            f"(rv >> {groups_of_8.bit_length() - 1}))]")
+    assert want in line, line
+    helper = index_topk.SELECT_ROW_MAX_CUDA
+    assert "acc[kN / 2 * t + 4 * j + 2 * h]" in helper and "acc[kN / 2 * t + 4 * j + 2 * h + 1]" in helper
+
+
 def test_four_select_consumers_need_256_rows_in_a_key_block():
     with pytest.raises(ValueError, match="64 rows"):
         index_topk.pipelined_select_program(groups=1, index_dim=64, block_size=128, topk=8, consumers=4)

@@ -292,8 +292,8 @@ SELECT_CONSUMER_REGS = {2: (40, 232), 4: (32, 112)}  # consumers -> setmaxnreg o
 
 
 # register_max: a consumer's row maxima straight from its wgmma accumulator's registers. A thread's values of
-# [64 kTiles, kN] are 64 t + 4 j + 2 h + e: row 64 t + 16 warp + 8 h + lane / 4, column 8 j + 2 (lane % 4) + e (the
-# layout TileLang's fragment keeps). Each row's values, times their keys' scales with FP8, reduce as a tree (depth 5
+# [64 kTiles, kN] are kN / 2 t + 4 j + 2 h + e: row 64 t + 16 warp + 8 h + lane / 4, column 8 j + 2 (lane % 4) + e
+# (the layout TileLang's fragment keeps). Each row's values, times their keys' scales with FP8, reduce as a tree (depth 5
 # where TileLang's reduce_max is a chain of 32), then over the quad's lanes (xor 1, 2); lane q of a quad returns its
 # row slot q = 2 t + h, so the row's list is kept by that lane and no row max goes through shared memory.
 SELECT_ROW_MAX_CUDA = r"""
@@ -308,8 +308,8 @@ __device__ __forceinline__ float msa_select_row_max(const float *acc, const floa
       float v[kN / 4];
       #pragma unroll
       for (int j = 0; j < kN / 8; ++j) {
-        v[2 * j] = acc[64 * t + 4 * j + 2 * h];
-        v[2 * j + 1] = acc[64 * t + 4 * j + 2 * h + 1];
+        v[2 * j] = acc[kN / 2 * t + 4 * j + 2 * h];
+        v[2 * j + 1] = acc[kN / 2 * t + 4 * j + 2 * h + 1];
         if (kScaled) {
           const float2 s = *reinterpret_cast<const float2 *>(scale + 8 * j + 2 * q);
           v[2 * j] *= s.x;
