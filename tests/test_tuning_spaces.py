@@ -156,3 +156,11 @@ def test_decode_constraints():
     assert topk.reject(radix, PAPER) is None
     assert "one point" in topk.reject(dict(radix, unroll=16), PAPER)  # the same kernel as the default radix point
     assert len(SPACES["decode_topk"].feasible(PAPER)) == 13  # 12 lists configs and the radix select
+
+
+def test_the_decode_attentions_pipelined_build_is_not_searched():
+    """TileLang warns, lowering the pipelined decode attention, that a barrier it hoisted leaves a shared-memory race;
+    the tuner rejects that build (it is kept as a knob to measure by hand) and searches the rest."""
+    space = SPACES["decode_attention"]
+    assert "race" in space.reject(dict(num_stages=2, pipelined=True, ctas_per_sm=2), PAPER)
+    assert len(space.feasible(PAPER)) == len(list(space.grid())) // 2
