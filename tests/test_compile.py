@@ -454,12 +454,16 @@ OFFSET_PROGRAMS = [
     (kl_loss.student_lse_program, dict(groups=4, index_dim=128, block_size=128, topk=16, index_scale=0.088), 0),
     (kl_loss.kl_fused_program, dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16,
                                     scale=0.088, index_scale=0.088), 8),
+    (shared_tiles.tile_attention_roles_program, dict(PAPER), 0),
+    (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True), 0),
+    (shared_tiles.tile_attention_program, dict(groups=2, heads=8, head_dim=64, block_size=64, topk=8, scale=0.125), 0),
 ]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("builder,config,spills", OFFSET_PROGRAMS,
-                         ids=["attention", "attention-persistent", "backward", "student-lse", "kl"])
+                         ids=["attention", "attention-persistent", "backward", "student-lse", "kl", "tiles",
+                              "tiles-persistent", "tiles-64-rows"])
 def test_the_query_side_kernels_take_queries_at_an_offset(builder, config, spills, tmp_path):
     """query_offset: the query-side tensors are sized by their own row count (``queries``, not the keys' ``seq``) and
     a runtime scalar after the others gives their first row's position, so context parallelism allocates no rows

@@ -225,6 +225,32 @@ def test_kernels_at_an_offset_match_the_reference(t0, C, G, Bk, topk, fresh_seed
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("G,Hq,Bk,topk", [(4, 64, 128, 16), (4, 4, 64, 8)], ids=["128-row-tiles", "64-row-tiles"])
+def test_shared_tiles_at_a_block_boundary_offset_match_the_reference(G, Hq, Bk, topk, fresh_seed):
+    """Every query chooses its own block and the first topk - 1: the queries of a tile share their row, so the whole
+    chunk at t0 (a block boundary) runs on the shared-tile kernels at the offset (the FA3-ordered one where a tile
+    has 128 rows, the plain one where it has 64); o and lse within FA3's calibration of the float64 reference."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.attention.shared_tiles import sharing_tiles
+
+    B, D, t0, C = 2, 128, 4 * Bk, 3 * Bk
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(fresh_seed)
+    q, k, v, _, _ = inputs(B, t0 + C, Hq, G, D, 64, dtype, CUDA, gen)
+    qc = q[:, t0:].contiguous()
+    local = (torch.arange(t0, t0 + C, device=CUDA) // Bk).view(1, C, 1, 1)
+    earlier = torch.arange(topk - 1, device=CUDA).view(1, 1, 1, -1)
+    idx = torch.cat([local, earlier.expand(1, C, 1, -1)], dim=-1).expand(B, C, G, topk).int().contiguous()
+    assert sharing_tiles(idx, Hq // G, Bk).all(), "every tile shares its row"
+    o, lse = sparse_attention_forward(qc, k, v, idx, Bk, query_start=t0, shared_tiles=True)
+    ref_o, ref_lse = R.sparse_attention(qc, k, v, idx, Bk, query_start=t0)
+    base = dtype_baseline(padded(qc, t0), k, v, padded(idx, t0, -1), Bk)
+    heads = torch.ones(B, C, Hq, dtype=torch.bool, device=CUDA)
+    assert_within_calibration("o", o, ref_o, base[0][:, t0:], dtype, heads)
+    assert_within_calibration("lse", lse, ref_lse, base[1][:, t0:], dtype, heads)
+
+
+@pytest.mark.gpu
 def test_a_chunk_far_into_its_keys_allocates_no_query_rows_before_it(fresh_seed):
     """1024 queries at position 64K (paper shape): select, forward, backward and KL at the offset allocate for the
     chunk's rows and the keys, not for the 64K query rows before the chunk. One query-side tensor padded to the keys
@@ -257,6 +283,27 @@ def test_a_chunk_far_into_its_keys_allocates_no_query_rows_before_it(fresh_seed)
     padded_tensor = t0 * Hq * D * dtype.itemsize
     assert peak < 1.5 * padded_tensor, f"peak {peak / 2**30:.2f} GiB: query rows before the chunk were allocated"
     assert torch.isfinite(o).all() and torch.isfinite(loss) and all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_the_kernel_drivers_name_a_bad_offset():
+    """The GPU drivers check an offset before anything runs: keys must reach the chunk's last query, and shared tiles
+    take queries from a block boundary only."""
+    from msa_tl.attention.backward import sparse_attention_backward
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.kl_loss import kl_alignment_loss_forward
+
+    q = torch.zeros(1, 10, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(1, 47, 1, 64, dtype=torch.bfloat16)
+    idx = torch.full((1, 10, 1, 2), -1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block boundary"):
+        sparse_attention_forward(q, k, k, idx, 16, query_start=37, shared_tiles=True)
+    with pytest.raises(ValueError, match="keys up to the last query"):
+        sparse_attention_forward(q, k, k, idx, 16, query_start=30)
+    with pytest.raises(ValueError, match="keys up to the last query"):
+        sparse_attention_backward(q, None, q, k, k, idx, q, torch.zeros(1, 10, 4), 16, query_start=30)
+    with pytest.raises(ValueError, match="keys up to the last query"):
+        kl_alignment_loss_forward(q, k, torch.zeros(1, 10, 1, 64), torch.zeros(1, 47, 64), idx, 16, 0.125, 0.125,
+                                  torch.zeros(1, 10, 4), query_start=30)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -761,7 +761,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     [B, N, G, topk] int32 (-1 = unused) -> (o [B, N, Hq, D] in q's dtype,
     lse [B, N, Hq] float32; ``out`` / ``lse_out`` may supply them). ``query_start``: q, indices, o and lse hold
     the queries from that position on (N of them), k / v the query_start + N keys up to the last: the kernels read
-    and write the query side at that offset (no rows before it are allocated), without shared tiles. Workspace:
+    and write the query side at that offset (no rows before it are allocated); shared tiles need it to be a
+    multiple of ``block_size``. Workspace:
     B * chunk * Hq * topk * (D * partial bytes + 4) plus the schedule: every chunk's, built in one go
     (~4 * B * N * G * topk bytes) with ``build_once`` (the default), else one chunk's at a time.
     ``shared_tiles`` (default on): query tiles whose queries chose the same blocks (:mod:`msa_tl.attention.shared_tiles`)
@@ -783,10 +784,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                          f"{N} queries), got {k.shape[1]}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     wide = D > WIDE_HEAD_DIM
-    if wide or query_start:
+    if wide or query_start % block_size:
         if shared_tiles:
-            raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} and queries from position 0 only, got "
-                             f"{D} and {query_start}")
+            raise ValueError(f"shared_tiles: head dims up to {WIDE_HEAD_DIM} and queries from a block boundary only, "
+                             f"got {D} and query_start {query_start}")
         shared_tiles = False
     indices, block_size, query_chunk = wide_head_blocks(indices, block_size, D, query_chunk, query_start)
     G, topk = k.shape[2], indices.shape[3]
@@ -837,7 +838,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
                           query_start)
     if tiles:
-        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse)
+        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     return o, lse
 
 

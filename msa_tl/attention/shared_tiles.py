@@ -56,6 +56,12 @@ def without_shared_tiles(indices: torch.Tensor, shared: torch.Tensor, heads_per_
     return torch.where(mask[..., None], -1, indices).contiguous()
 
 
+def position(row, q0):
+    """Inside a kernel: the query position of a query-side row (q0: the position of the tensors' first row, None
+    where they start at the sequence's first query)."""
+    return row if q0 is None else row + q0
+
+
 def _online_softmax(rows: int, cols: int, head_dim: int):
     """Macro ``step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)``: fold one block's masked,
     log2-scaled scores [rows, cols] into the running max and sum, rescale O [rows, D], leave P in acc_s."""
@@ -79,10 +85,12 @@ def _online_softmax(rows: int, cols: int, head_dim: int):
 
 
 def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                           num_stages: int = 2, dtype: str = "bfloat16"):
+                           num_stages: int = 2, dtype: str = "bfloat16", query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], Indices [B, N, G, topk], Shared [B, N // TQ, G] -> O, LSE of the shared
-    tiles' rows (other rows untouched). Each tile attends the blocks of its first query's row."""
+    tiles' rows (other rows untouched). Each tile attends the blocks of its first query's row. ``query_offset``: Q,
+    Indices, O and LSE hold the queries from position q0 (a runtime scalar after LSE, a multiple of Bk) on."""
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
+    queries = T.dynamic("queries") if query_offset else seq  # the query-side tensors' rows
     R, D, Bk = heads // groups, head_dim, block_size
     rows = tile_rows(R, Bk)
     assert rows % R == 0 and Bk % (rows // R) == 0, "a tile's queries lie in one key block"
@@ -91,16 +99,8 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
     scale_log2 = scale * _LOG2E
     softmax_step = _online_softmax(rows, Bk, D)
 
-    @T.prim_func
-    def tile_attention(
-        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-        K: T.Tensor((batch, seq, groups, head_dim), dtype),
-        V: T.Tensor((batch, seq, groups, head_dim), dtype),
-        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
-        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
-        O: T.Tensor((batch, seq, heads, head_dim), dtype),
-        LSE: T.Tensor((batch, seq, heads), "float32"),
-    ):
+    @T.macro
+    def tile_body(Q, K, V, Indices, Shared, O, LSE, q0):
         with T.Kernel(n_tiles, groups, batch, threads=2 * rows) as (tile, g, b):
             Q_s = T.alloc_shared((rows, D), dtype)  # [TQ * R, D]
             K_s = T.alloc_shared((Bk, D), dtype)  # [Bk, D]
@@ -129,8 +129,8 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
                         T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True,
                                policy=T.GemmWarpPolicy.FullRow)
                         for i, c in T.Parallel(rows, Bk):  # causal: only the tile's own block has later keys
-                            acc_s[i, c] = T.if_then_else(blk * Bk + c <= first + i // R, acc_s[i, c] * scale_log2,
-                                                         neg_inf)
+                            acc_s[i, c] = T.if_then_else(blk * Bk + c <= position(first, q0) + i // R,
+                                                         acc_s[i, c] * scale_log2, neg_inf)
                         softmax_step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
                         T.copy(acc_s, acc_p)
                         T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
@@ -141,6 +141,34 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
                 for i in T.Parallel(rows):
                     LSE[b, first + i // R, g * R + i % R] = T.if_then_else(
                         row_sum[i] == 0.0, neg_inf, (row_max[i] + T.log2(row_sum[i])) * _LN2)
+
+    if query_offset:
+        @T.prim_func
+        def tile_attention_offset(
+            Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Indices: T.Tensor((batch, queries, groups, topk), "int32"),
+            Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+            O: T.Tensor((batch, queries, heads, head_dim), dtype),
+            LSE: T.Tensor((batch, queries, heads), "float32"),
+            q0: T.int32,
+        ):
+            tile_body(Q, K, V, Indices, Shared, O, LSE, q0)
+
+        return tile_attention_offset
+
+    @T.prim_func
+    def tile_attention(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+    ):
+        tile_body(Q, K, V, Indices, Shared, O, LSE, None)
 
     return tile_attention
 
@@ -158,7 +186,7 @@ def roles_shared_bytes(head_dim: int, block_size: int, stages: int, persistent: 
 
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                                  stages: int = 2, pingpong: bool = True, persistent: bool = False, ctas: int = 132,
-                                 dtype: str = "bfloat16"):
+                                 dtype: str = "bfloat16", query_offset: bool = False):
     """:func:`tile_attention_program` as FlashAttention-3 runs a forward, roles by hand.
 
     A producer warpgroup gathers the tile's Q rows and each chosen block's K and V with 16-byte ``cp.async``
@@ -171,8 +199,9 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     (CTA c the c-th, (c + ctas)-th, ...: tiles cost alike), Q and the block list double-buffered and the rings
     running on across tiles, so the producer loads the next tile while the consumers finish this one.
     Indices must be canonical (``msa_tl.ops.validation.canonical_indices``: no id twice); ids past the tile's
-    own block are skipped. 128-row tiles only."""
+    own block are skipped. 128-row tiles only. ``query_offset`` as in :func:`tile_attention_program`."""
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
+    queries = T.dynamic("queries") if query_offset else seq  # the query-side tensors' rows
     R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
     if tile_rows(R, Bk) != 2 * M:
         raise ValueError(f"the hand-pipelined tile needs 128 rows in a key block (R = {R}, Bk = {Bk})")
@@ -194,7 +223,7 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
 
     @T.macro
     def load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v, empty_k, empty_v,
-                  qb, b, g, first, p, n, cnt):
+                  qb, b, g, first, p, n, cnt, q0):
         """Producer thread p: the tile's Q rows into Q buffer qb, its block list (own block first) into
         blocks_s[qb] (count in its last slot; thread 0 writes it, then arrives on q_ready[qb]), then each listed
         block's K and V into the rings, from block n[0] on."""
@@ -212,12 +241,12 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         if p == 0:
             cnt[0] = 0
             for s in T.serial(topk):
-                if raw_s[s] == first // Bk:
+                if raw_s[s] == position(first, q0) // Bk:
                     cnt[0] = 1
             if cnt[0] == 1:
-                blocks_s[qb, 0] = first // Bk
+                blocks_s[qb, 0] = position(first, q0) // Bk
             for s in T.serial(topk):
-                if raw_s[s] >= 0 and raw_s[s] < first // Bk:
+                if raw_s[s] >= 0 and raw_s[s] < position(first, q0) // Bk:
                     blocks_s[qb, cnt[0]] = raw_s[s]
                     cnt[0] += 1
             blocks_s[qb, topk] = cnt[0]
@@ -250,7 +279,7 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
 
     @T.macro
     def consume(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, nb, own_first, O, LSE, b, g, first,
-                acc_s, acc_p, acc_o, m, m_prev, rescale, l, n):
+                acc_s, acc_p, acc_o, m, m_prev, rescale, l, n, q0):
         """Consumer c: the tile's nb blocks from ring position n[0] on (the first masked where it is the tile's
         own block), then O and LSE of its 64 rows."""
         T.clear(acc_o)
@@ -267,7 +296,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
             T.barrier_arrive(empty_k[n[0] % stages])
             if own_first:  # causal: keys after the row's query
                 for i, col in T.Parallel(M, Bk):
-                    acc_s[i, col] = T.if_then_else((first // Bk) * Bk + col <= first + (c * M + i) // R,
+                    acc_s[i, col] = T.if_then_else((position(first, q0) // Bk) * Bk + col
+                                                   <= position(first, q0) + (c * M + i) // R,
                                                    acc_s[i, col], neg_inf)
             T.reduce_max(acc_s, m, dim=1)
             for i, col in T.Parallel(M, Bk):  # one FFMA and one exp2 a score
@@ -317,16 +347,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         for i, d in T.Parallel(M, D):
             O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = acc_o[i, d] * l[i]
 
-    @T.prim_func
-    def tile_attention_roles(
-        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
-        K: T.Tensor((batch, seq, groups, head_dim), dtype),
-        V: T.Tensor((batch, seq, groups, head_dim), dtype),
-        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
-        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
-        O: T.Tensor((batch, seq, heads, head_dim), dtype),
-        LSE: T.Tensor((batch, seq, heads), "float32"),
-    ):
+    @T.macro
+    def roles_body(Q, K, V, Indices, Shared, O, LSE, q0):
         with T.Kernel(n_tiles, groups, batch, threads=384) as (tile, g, b):
             Q_s0 = T.alloc_shared((1, M, D), dtype)  # [1, M, D] consumer 0's rows
             Q_s1 = T.alloc_shared((1, M, D), dtype)
@@ -350,42 +372,36 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                 if tx >= 256:  # producer
                     T.set_max_nreg(56, 0)
                     load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v,
-                              empty_k, empty_v, 0, b, g, first, tx - 256, n, cnt)
+                              empty_k, empty_v, 0, b, g, first, tx - 256, n, cnt, q0)
                 elif tx < 128:
                     T.set_max_nreg(224, 1)
                     T.barrier_wait(q_ready[0], 0)
                     consume(0, Q_s0[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
-                            blocks_s[0, 0] == first // Bk, O, LSE, b, g, first, acc_s0, acc_p0, acc_o0, m0, m_prev0,
-                            rescale0, l0, n)
+                            blocks_s[0, 0] == position(first, q0) // Bk, O, LSE, b, g, first, acc_s0, acc_p0,
+                            acc_o0, m0, m_prev0, rescale0, l0, n, q0)
                 else:
                     T.set_max_nreg(224, 1)
                     T.barrier_wait(q_ready[0], 0)
                     consume(1, Q_s1[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
-                            blocks_s[0, 0] == first // Bk, O, LSE, b, g, first, acc_s1, acc_p1, acc_o1, m1, m_prev1,
-                            rescale1, l1, n)
+                            blocks_s[0, 0] == position(first, q0) // Bk, O, LSE, b, g, first, acc_s1, acc_p1,
+                            acc_o1, m1, m_prev1, rescale1, l1, n, q0)
 
-    def take_tile(w):
-        """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
-        return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
-
-    @T.macro
-    def consume_tiles(c, n_turns, cta, Q_s, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready, q_free,
-                      blocks_s, Shared, O, LSE, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n, done):
-        """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2 and its block list,
-        which it frees (both consumers) once it has stored the tile's rows."""
-        for turn in T.serial(n_turns):
-            tile, g, b = take_tile(cta + turn * ctas)
-            if Shared[b, tile, g] != 0:
-                qb = done[0] % 2
-                T.barrier_wait(q_ready[qb], (done[0] // 2) & 1)
-                consume(c, Q_s[qb, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[qb, topk],
-                        blocks_s[qb, 0] == tile * TQ // Bk, O, LSE, b, g, tile * TQ, acc_s, acc_p, acc_o, m, m_prev,
-                        rescale, l, n)
-                T.barrier_arrive(q_free[qb])
-                done[0] += 1
+    if query_offset:
+        @T.prim_func
+        def tile_attention_roles_offset(
+            Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Indices: T.Tensor((batch, queries, groups, topk), "int32"),
+            Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+            O: T.Tensor((batch, queries, heads, head_dim), dtype),
+            LSE: T.Tensor((batch, queries, heads), "float32"),
+            q0: T.int32,
+        ):
+            roles_body(Q, K, V, Indices, Shared, O, LSE, q0)
 
     @T.prim_func
-    def tile_attention_roles_persistent(
+    def tile_attention_roles(
         Q: T.Tensor((batch, seq, heads, head_dim), dtype),
         K: T.Tensor((batch, seq, groups, head_dim), dtype),
         V: T.Tensor((batch, seq, groups, head_dim), dtype),
@@ -394,6 +410,30 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         O: T.Tensor((batch, seq, heads, head_dim), dtype),
         LSE: T.Tensor((batch, seq, heads), "float32"),
     ):
+        roles_body(Q, K, V, Indices, Shared, O, LSE, None)
+
+    def take_tile(w):
+        """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
+        return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
+
+    @T.macro
+    def consume_tiles(c, n_turns, cta, Q_s, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready, q_free,
+                      blocks_s, Shared, O, LSE, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n, done, q0):
+        """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2 and its block list,
+        which it frees (both consumers) once it has stored the tile's rows."""
+        for turn in T.serial(n_turns):
+            tile, g, b = take_tile(cta + turn * ctas)
+            if Shared[b, tile, g] != 0:
+                qb = done[0] % 2
+                T.barrier_wait(q_ready[qb], (done[0] // 2) & 1)
+                consume(c, Q_s[qb, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[qb, topk],
+                        blocks_s[qb, 0] == position(tile * TQ, q0) // Bk, O, LSE, b, g, tile * TQ, acc_s, acc_p,
+                        acc_o, m, m_prev, rescale, l, n, q0)
+                T.barrier_arrive(q_free[qb])
+                done[0] += 1
+
+    @T.macro
+    def roles_persistent_body(Q, K, V, Indices, Shared, O, LSE, q0):
         with T.Kernel(ctas, threads=384) as cta:
             Q_s0 = T.alloc_shared((n_qbuf, M, D), dtype)  # [2, M, D] consumer 0's rows of this tile and the next
             Q_s1 = T.alloc_shared((n_qbuf, M, D), dtype)
@@ -424,19 +464,47 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
                         qb = done[0] % 2
                         T.barrier_wait(q_free[qb], ((done[0] // 2) & 1) ^ 1)
                         load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v,
-                                  empty_k, empty_v, qb, b, g, tile * TQ, tx - 256, n, cnt)
+                                  empty_k, empty_v, qb, b, g, tile * TQ, tx - 256, n, cnt, q0)
                         done[0] += 1
             elif tx < 128:
                 T.set_max_nreg(224, 1)
                 consume_tiles(0, n_turns, cta, Q_s0, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready,
                               q_free, blocks_s, Shared, O, LSE, acc_s0, acc_p0, acc_o0, m0, m_prev0, rescale0, l0, n,
-                              done)
+                              done, q0)
             else:
                 T.set_max_nreg(224, 1)
                 consume_tiles(1, n_turns, cta, Q_s1, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready,
                               q_free, blocks_s, Shared, O, LSE, acc_s1, acc_p1, acc_o1, m1, m_prev1, rescale1, l1, n,
-                              done)
+                              done, q0)
 
+    if query_offset:
+        @T.prim_func
+        def tile_attention_roles_persistent_offset(
+            Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Indices: T.Tensor((batch, queries, groups, topk), "int32"),
+            Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+            O: T.Tensor((batch, queries, heads, head_dim), dtype),
+            LSE: T.Tensor((batch, queries, heads), "float32"),
+            q0: T.int32,
+        ):
+            roles_persistent_body(Q, K, V, Indices, Shared, O, LSE, q0)
+
+    @T.prim_func
+    def tile_attention_roles_persistent(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+    ):
+        roles_persistent_body(Q, K, V, Indices, Shared, O, LSE, None)
+
+    if query_offset:
+        return tile_attention_roles_persistent_offset if persistent else tile_attention_roles_offset
     return tile_attention_roles_persistent if persistent else tile_attention_roles
 
 
@@ -446,16 +514,21 @@ tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True
                                              "tl.enable_fast_math": True}
 
 
-def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None):
+def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None,
+                          query_start: int = 0):
     """Attend the tiles ``shared`` marks (:func:`sharing_tiles`) into o [B, N, Hq, D] and lse [B, N, Hq].
 
     ``roles`` (default: where a tile has 128 rows) runs :func:`tile_attention_roles_program` with ``config``
-    (its ``ROLES_DEFAULTS`` knobs), else :func:`tile_attention_program` (its ``TILE_DEFAULTS`` knobs)."""
+    (its ``ROLES_DEFAULTS`` knobs), else :func:`tile_attention_program` (its ``TILE_DEFAULTS`` knobs).
+    ``query_start`` (a multiple of ``block_size``): q, indices, o and lse hold the queries from that position on."""
+    if query_start % block_size:
+        raise ValueError(f"shared tiles take queries from a block boundary, got query_start {query_start}")
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     roles = tile_rows(Hq // G, block_size) == 128 if roles is None else roles
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
-    dims = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale, dtype=tl_dtype(q.dtype))
+    dims = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale, dtype=tl_dtype(q.dtype),
+                **(dict(query_offset=True) if query_start else {}))
     if roles:
         config = {**ROLES_DEFAULTS, **(config or {})}
         if config["persistent"]:  # one CTA an SM unless told
@@ -465,5 +538,5 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
         config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
         kernel = compiled_kernel(tile_attention_program, **dims, **config)
     if shared.shape[1]:
-        kernel(q, k, v, indices, shared, o, lse)
+        kernel(q, k, v, indices, shared, o, lse, *((query_start,) if query_start else ()))
     return o, lse
