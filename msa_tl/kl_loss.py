@@ -30,7 +30,9 @@ import torch
 from msa_tl.attention.scheduler import Schedule, first_query_macro, tile_rows_macro, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
-KL_DEFAULTS = dict(stages=2)
+# tile_rows: query rows a tile (TQ = rows / R queries). 128 halves the tiles, each a chain of small wgmma waits and
+# barriers that one CTA an SM runs in sequence (NOTES.md); it needs R >= 8 (the student's tiles stay 16 wide).
+KL_DEFAULTS = dict(stages=2, tile_rows=64)
 KL_ITEM_QUERIES = 1024
 LSE_TILE = 64  # queries per tile of the student-LSE pass
 CONSUMER_KEYS = 64
@@ -124,7 +126,8 @@ def student_lse_program(groups: int, index_dim: int, block_size: int, topk: int,
 
 def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, block_size: int, topk: int,
                      scale: float, index_scale: float, item_queries: int = KL_ITEM_QUERIES, stages: int = 2,
-                     mean_heads: int | None = None, dtype: str = "bfloat16", query_offset: bool = False):
+                     mean_heads: int | None = None, dtype: str = "bfloat16", query_offset: bool = False,
+                     tile_rows: int = TILE_ROWS):
     """Q [B,N,Hq,D], K [B,N,G,D], Qidx [B,N,G,Di], Kidx [B,N,Di], Lse2 [B,N,Hq] (teacher lse * log2 e),
     LseS2 [B,N,G] (student lse * log2 e), the schedule, Weight [1] -> adds into KLpart [B,N,G,topk] (per
     (query, slot): sum over the block of t (log t - s)), fp32 dQidx [B,N,G,Di] and dKidx [B,N,Di] (times Weight).
@@ -138,7 +141,12 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
     batch, seq, n_bg, n_items, cap = T.dynamic("batch, seq, n_bg, n_items, cap")
     queries = T.dynamic("queries") if query_offset else seq  # the query-side tensors' rows
     R = heads // groups
-    rows, D, Di, Bk = TILE_ROWS, head_dim, index_dim, block_size
+    if tile_rows not in (64, 128):
+        raise ValueError(f"the KL's tiles hold 64 or 128 query rows, got {tile_rows}")
+    if tile_rows == 128 and heads // groups < 8:
+        raise ValueError(f"128-row KL tiles need >= 8 query heads per KV head (16 queries a tile at most), got "
+                         f"{heads // groups}")
+    rows, D, Di, Bk = tile_rows, head_dim, index_dim, block_size
     NC = Bk // CONSUMER_KEYS
     TQ = rows // R
     TQP = max(16, TQ)  # the query tile padded to the 16-wide MMA step
@@ -313,9 +321,14 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                         T.ptx_cp_async(T.access_ptr(l_r[u, p], "w", 1),
                                        T.access_ptr(Lse2[b, t0 + T.max(src[0], 0) // topk, g * R + p % R], "r", 1),
                                        1, src[0] >= 0)
-                    elif p < rows + TQ:
+                    elif rows < 128 and p < rows + TQ:  # the student LSEs: the threads after the rows'
                         src[0] = ent_s[i * TQ + p - rows]
                         T.ptx_cp_async(T.access_ptr(ls_r[u, p - rows], "w", 1),
+                                       T.access_ptr(LseS2[b, t0 + T.max(src[0], 0) // topk, g], "r", 1),
+                                       1, src[0] >= 0)
+                    if rows == 128 and p < TQ:  # every thread has a row: the first TQ load a student LSE too
+                        src[0] = ent_s[i * TQ + p]
+                        T.ptx_cp_async(T.access_ptr(ls_r[u, p], "w", 1),
                                        T.access_ptr(LseS2[b, t0 + T.max(src[0], 0) // topk, g], "r", 1),
                                        1, src[0] >= 0)
                     T.cp_async_barrier_noinc(full[u])
@@ -323,14 +336,14 @@ def kl_fused_program(groups: int, heads: int, head_dim: int, index_dim: int, blo
                 T.set_max_nreg(224, 1)
                 T.barrier_wait(kv_ready[0], 0)
                 consumer(0, tx, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty, ent_s,
-                         qcol_s, blk, positions_from(q0), q0, b, g, s_t0, sp_t0, p_cast0, t_t0, dsp0, dsp_cast0, xterm0, dkidx0, dqidx0,
-                         first, acc, KLpart, dQidx, dKidx, Weight)
+                         qcol_s, blk, positions_from(q0), q0, b, g, s_t0, sp_t0, p_cast0, t_t0, dsp0, dsp_cast0,
+                         xterm0, dkidx0, dqidx0, first, acc, KLpart, dQidx, dKidx, Weight)
             elif NC == 2:
                 T.set_max_nreg(224, 1)
                 T.barrier_wait(kv_ready[0], 0)
                 consumer(1, tx - 128, n_tiles, K_s, Kidx_s, Q_r, Qi_r, l_r, ls_r, avg_s, dSp_s, xs, full, empty,
-                         ent_s, qcol_s, blk, positions_from(q0), q0, b, g, s_t1, sp_t1, p_cast1, t_t1, dsp1, dsp_cast1, xterm1, dkidx1,
-                         dqidx1, first, acc, KLpart, dQidx, dKidx, Weight)
+                         ent_s, qcol_s, blk, positions_from(q0), q0, b, g, s_t1, sp_t1, p_cast1, t_t1, dsp1,
+                         dsp_cast1, xterm1, dkidx1, dqidx1, first, acc, KLpart, dQidx, dKidx, Weight)
 
 
     if query_offset:
@@ -404,7 +417,8 @@ def teacher_lse(q, k, indices, block_size: int, scale: float, query_chunk=None, 
                                     query_start=query_start)[1]
 
 
-def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, mean_heads=None, query_start=0):
+def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, mean_heads=None, query_start=0,
+             kl_config=None):
     """The selection (indices None: :func:`causal_selection`), the schedule of every query and the kernels' common
     arguments; the teacher lse is computed here when None."""
     B, N, Hq, D = q.shape
@@ -425,7 +439,7 @@ def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, m
     schedule = Schedule(B, G, math.ceil(k.shape[1] / block_size), N, topk, KL_ITEM_QUERIES, q.device).build(
         indices, 0, N)
     config = dict(groups=G, heads=Hq, head_dim=D, index_dim=Di, block_size=block_size, topk=topk, scale=scale,
-                  index_scale=index_scale, dtype=tl_dtype(q.dtype), **KL_DEFAULTS)
+                  index_scale=index_scale, dtype=tl_dtype(q.dtype), **{**KL_DEFAULTS, **(kl_config or {})})
     if query_start:
         config.update(query_offset=True, query_start=query_start)
     if mean_heads is not None and mean_heads != Hq // G:
@@ -465,7 +479,8 @@ def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weig
 
 
 def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scale: float, index_scale: float,
-                              lse=None, *, with_grads: bool = False, mean_heads=None, query_start: int = 0):
+                              lse=None, *, with_grads: bool = False, mean_heads=None, query_start: int = 0,
+                              config=None):
     """KL loss over the chosen tokens on the GPU -> (loss float32 scalar, student lse [B, N, G] float32), and with
     ``with_grads`` also the loss's own gradients (fp32 dq_idx [B, N, G, Di], dk_idx shaped like k_idx), which
     the same pass computes.
@@ -476,10 +491,11 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
     ``mean_heads``: the teacher averages each group's first ``mean_heads`` heads only (q padded with zero heads).
     ``query_start``: the query-side tensors (q, q_idx, indices, lse; the student lse and dq_idx) hold the N queries
     from that position on, k / k_idx the query_start + N keys up to the last; the loss is the mean over those N.
+    ``config``: :data:`KL_DEFAULTS` knobs of the fused pass.
     """
     B, N, G, _ = q_idx.shape
     indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                              mean_heads, query_start)
+                                              mean_heads, query_start, config)
     lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = torch.full((1,), 1.0 / (B * N * G), device=q.device, dtype=torch.float32)
     rows, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight)
@@ -489,13 +505,13 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
 
 def kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size: int, scale: float,
                                index_scale: float, lse=None, lse_student=None, *, mean_heads=None,
-                               query_start: int = 0):
+                               query_start: int = 0, config=None):
     """Gradients of the KL loss for q_idx and k_idx (their dtypes), scaled by ``dloss``. ``lse`` (teacher) and
-    ``lse_student`` (from :func:`kl_alignment_loss_forward`) are recomputed when not given. ``query_start`` as
-    there."""
+    ``lse_student`` (from :func:`kl_alignment_loss_forward`) are recomputed when not given. ``query_start`` and
+    ``config`` as there."""
     B, N, G, _ = q_idx.shape
     indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
-                                              mean_heads, query_start)
+                                              mean_heads, query_start, config)
     if lse_student is None:
         lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
     weight = (torch.as_tensor(dloss, device=q.device, dtype=torch.float32) / (B * N * G)).reshape(1)

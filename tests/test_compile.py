@@ -439,6 +439,20 @@ def test_the_row_max_helper_reads_the_layout_tilelangs_own_reduce_reads(groups, 
     assert "acc[kN / 2 * t + 4 * j + 2 * h]" in helper and "acc[kN / 2 * t + 4 * j + 2 * h + 1]" in helper
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_the_kl_can_take_tiles_of_128_query_rows(tmp_path):
+    """tile_rows=128: the fused KL pass on tiles of 8 queries x 16 heads (its student LSEs loaded by the first TQ
+    producer threads, every thread having a row) compiles with its wgmma asynchronous and no more spills than the
+    default's 4 bytes; fewer than 8 heads a group is named."""
+    config = dict(groups=4, heads=64, head_dim=128, index_dim=128, block_size=128, topk=16, scale=0.088,
+                  index_scale=0.088)
+    report = ptxas_report(lower_to_cuda(kl_loss.kl_fused_program, **config, tile_rows=128), tmp_path)
+    assert not [c for c in ("C7511", "C7512", "C7514", "C7518") if c in report], report[-2000:]
+    assert int(re.search(r"(\d+) bytes spill stores", report).group(1)) <= 4
+    with pytest.raises(ValueError, match="8 query heads"):
+        kl_loss.kl_fused_program(**dict(config, heads=16), tile_rows=128)
+
+
 def test_four_select_consumers_need_256_rows_in_a_key_block():
     with pytest.raises(ValueError, match="64 rows"):
         index_topk.pipelined_select_program(groups=1, index_dim=64, block_size=128, topk=8, consumers=4)
