@@ -103,3 +103,13 @@ def test_search_curves_replay_a_sweep_from_the_default(sampler):
     with pytest.raises(ValueError, match="sampler must be one of"):
         run_search(program, PAPER, lambda config: 1.0, n_trials=1, storage=optuna.storages.InMemoryStorage(),
                    sampler="grid")
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--queries"])
+def test_bench_tuning_names_a_decode_bucket_below_one(flag, capsys):
+    """benchmarks/bench_tuning.py's decode buckets (--batch, --queries) are checked before any GPU work."""
+    from benchmarks.bench_tuning import main
+
+    with pytest.raises(SystemExit):
+        main([flag, "0"])
+    assert "--batch and --queries must be at least 1" in capsys.readouterr().err
