@@ -156,6 +156,12 @@ def _block_max(keys_major: bool, rows: int, Bk: int, groups: int, pages: int = 1
     return alloc, score, best_of
 
 
+def _score_iteration(i, shuffle_max: bool) -> tuple:
+    """The pipeline iteration :func:`_block_max`'s ``score`` is told with ``shuffle_max`` (it picks the warp maxima's
+    buffer by its parity); none without, as an argument a macro does not read still changes the program."""
+    return (i,) if shuffle_max else ()
+
+
 def _fp8_page_loader(Bk: int, pages: int):
     """Macro ``load(Kc, KScale, BlockTable, K_s, k_scale, b, blk, max_pages)``: the stage's ``pages`` (1 or 2)
     FP8 index-key pages and their scales from the pages the block table names for blocks blk, blk + 1 (an id past
@@ -218,12 +224,8 @@ def decode_scores_program(groups: int, index_dim: int, block_size: int, scale: f
             for i in T.Pipelined(live, num_stages=num_stages):
                 T.copy(Kc[BlockTable[b, blk0 + i], :, :], K_s)
                 # only a block that reaches past the first query's position needs the causal mask
-                if shuffle_max:  # the iteration picks the warp maxima's buffer
-                    score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
-                          (blk0 + i + 1) * Bk - 1 > first, i)
-                else:
-                    score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
-                          (blk0 + i + 1) * Bk - 1 > first)
+                score(Q_s, K_s, None, acc, acc_t, acc_rows, best, blk0 + i, first, r0,
+                      (blk0 + i + 1) * Bk - 1 > first, *_score_iteration(i, shuffle_max))
                 for r in T.Parallel(rows):
                     if r0 + r < n_rows:
                         Scores[b, r0 + r, blk0 + i] = best_of(best, r, i) * scale
@@ -292,12 +294,8 @@ def decode_scores_fp8_program(groups: int, index_dim: int, block_size: int, scal
                 Q_s[r, d] = T.Cast(fp8, Q_f[r, d] / q_amax[r])
             for i in T.Pipelined(live if P == 1 else T.ceildiv(live, P), num_stages=num_stages):
                 load(Kc, KScale, BlockTable, K_s, k_scale, b, blk0 + i * P, max_pages)
-                if shuffle_max:
-                    score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
-                          (blk0 + i * P + P) * Bk - 1 > first, i)
-                else:
-                    score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
-                          (blk0 + i * P + P) * Bk - 1 > first)
+                score(Q_s, K_s, k_scale, acc, acc_t, acc_rows, best, blk0 + i * P, first, r0,
+                      (blk0 + i * P + P) * Bk - 1 > first, *_score_iteration(i, shuffle_max))
                 if P == 1:
                     for r in T.Parallel(rows):
                         if r0 + r < n_rows:

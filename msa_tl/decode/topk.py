@@ -66,6 +66,12 @@ def _lane_argmax_macros(top_val, top_blk, best_val, best_blk, slots: int):
     return argmax, pop
 
 
+def _ranked_blocks(local, local_blocks: int):
+    """Inside a kernel: how many blocks a row whose newest visible block is ``local`` ranks, 0 .. local -
+    local_blocks (the newer ones are forced)."""
+    return local if local_blocks == 1 else T.max(local - local_blocks + 1, 0)
+
+
 def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4, unroll: int = 4,
                         local_blocks: int = 1, pdl: bool = False):
     """Scores [B, S*G, max_pages] fp32 (:mod:`msa_tl.decode.scores`), SeqLens [B] int32 -> Idx [B, S*G, topk] int32.
@@ -75,9 +81,6 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
     batch, n_rows, max_pages = T.dynamic("batch, n_rows, max_pages")
     slots = _check_local_blocks(topk, local_blocks)
     stride = 32 * warps
-
-    def candidates(local):  # the blocks a row ranks, 0 .. local - local_blocks (the newer ones are forced)
-        return local if local_blocks == 1 else T.max(local - local_blocks + 1, 0)
 
     @T.prim_func
     def decode_topk(
@@ -103,9 +106,9 @@ def decode_topk_program(groups: int, block_size: int, topk: int, warps: int = 4,
             for j in T.unroll(slots):
                 top_val[j] = _LOWEST
                 top_blk[j] = -1
-            for c in T.serial(T.ceildiv(candidates(local), stride * unroll)):
+            for c in T.serial(T.ceildiv(_ranked_blocks(local, local_blocks), stride * unroll)):
                 for u in T.unroll(unroll):
-                    vals[u] = T.if_then_else((c * unroll + u) * stride + tx < candidates(local),
+                    vals[u] = T.if_then_else((c * unroll + u) * stride + tx < _ranked_blocks(local, local_blocks),
                                              Scores[b, row, (c * unroll + u) * stride + tx], _LOWEST)
                 for u in T.unroll(unroll):
                     insert(vals[u], (c * unroll + u) * stride + tx)
@@ -172,9 +175,6 @@ def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity:
                          f"capacity {capacity}")
     u32 = "uint32"
 
-    def candidates(local):  # the blocks a row ranks, 0 .. local - local_blocks (the newer ones are forced)
-        return local if local_blocks == 1 else T.max(local - local_blocks + 1, 0)
-
     @T.prim_func
     def decode_topk_radix(
         Scores: T.Tensor((batch, n_rows, max_pages), "float32"),
@@ -204,7 +204,7 @@ def decode_topk_radix_program(groups: int, block_size: int, topk: int, capacity:
             if pdl:
                 T.pdl_sync()
             local = (SeqLens[b] - n_rows // groups + row // groups) // block_size
-            n = candidates(local)
+            n = _ranked_blocks(local, local_blocks)
             count[0] = 0
             for e in T.unroll(E):
                 x = T.if_then_else(tx * E + e < n, Scores[b, row, T.min(tx * E + e, max_pages - 1)], _LOWEST)
