@@ -359,6 +359,9 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
     write = _selection_writer(topk, local_blocks)
     op_dtype = "float8_e4m3" if fp8 else dtype
 
+    def row_maxima():  # a consumer's [M] row maxima (to the rows' threads through shared memory), or with
+        return T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")  # [1]
+
     def row(ctx):  # the consumer's row thread ctx ranks: its own, or with register_max row slot ctx % 4 of its quad's
         return ctx if not register_max else ctx % 4 // 2 * 64 + ctx // 32 * 16 + ctx % 32 // 4 + ctx % 2 * 8
 
@@ -416,13 +419,8 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
             acc1 = T.alloc_fragment((M, Bk), "float32")
             acc2 = T.alloc_fragment((M, Bk), "float32") if NC == 4 else None
             acc3 = T.alloc_fragment((M, Bk), "float32") if NC == 4 else None
-            # [M] row maxima (via shared memory [M] to the row's thread), or with register_max [1] the thread's row's
-            rmax0 = T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")
-            rmax1 = T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")
-            rmax2 = (T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")) \
-                if NC == 4 else None
-            rmax3 = (T.alloc_fragment((M,), "float32") if not register_max else T.alloc_local((1,), "float32")) \
-                if NC == 4 else None
+            rmax0, rmax1 = row_maxima(), row_maxima()
+            rmax2, rmax3 = (row_maxima(), row_maxima()) if NC == 4 else (None, None)
             rmax_s0 = T.alloc_shared((M,), "float32") if not register_max else None
             rmax_s1 = T.alloc_shared((M,), "float32") if not register_max else None
             rmax_s2 = T.alloc_shared((M,), "float32") if NC == 4 and not register_max else None
@@ -455,12 +453,7 @@ def _pipelined_select(groups: int, index_dim: int, block_size: int, topk: int, s
                 T.barrier_wait(q_ready[0], 0)
                 consume(0, tx, r0, local, start, Q_s0, ring, scale_ring, full, empty, acc0, rmax0, rmax_s0, top_val,
                         top_blk, Idx, bz)
-            elif NC == 2:
-                T.set_max_nreg(consumer_regs, 1)
-                T.barrier_wait(q_ready[0], 0)
-                consume(1, tx - 128, r0, local, start, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1,
-                        top_val, top_blk, Idx, bz)
-            elif tx < 256:
+            elif NC == 2 or tx < 256:  # with two consumers a static branch: every thread left
                 T.set_max_nreg(consumer_regs, 1)
                 T.barrier_wait(q_ready[0], 0)
                 consume(1, tx - 128, r0, local, start, Q_s1, ring, scale_ring, full, empty, acc1, rmax1, rmax_s1,
