@@ -441,16 +441,15 @@ def _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse, m
     config = dict(groups=G, heads=Hq, head_dim=D, index_dim=Di, block_size=block_size, topk=topk, scale=scale,
                   index_scale=index_scale, dtype=tl_dtype(q.dtype), **{**KL_DEFAULTS, **(kl_config or {})})
     if query_start:
-        config.update(query_offset=True, query_start=query_start)
+        config["query_offset"] = True
     if mean_heads is not None and mean_heads != Hq // G:
         config["mean_heads"] = mean_heads
     return indices, config, (schedule.items, schedule.item_count, schedule.entries), lse
 
 
-def _student_lse(q_idx, k_idx, indices, config, schedule):
-    """The student LSE [B, N, G] float32 over each row's chosen tokens."""
+def _student_lse(q_idx, k_idx, indices, config, schedule, q0: int):
+    """The student LSE [B, N, G] float32 over each row's chosen tokens (the queries from position q0 on)."""
     B, N, G, topk = indices.shape
-    q0 = config.get("query_start", 0)
     parts = torch.full((B, N, G, topk), float("-inf"), device=q_idx.device, dtype=torch.float32)
     kernel = compiled_kernel(student_lse_program, groups=G, index_dim=config["index_dim"],
                              block_size=config["block_size"], topk=topk, index_scale=config["index_scale"],
@@ -459,19 +458,18 @@ def _student_lse(q_idx, k_idx, indices, config, schedule):
     return torch.logsumexp(parts, dim=-1)
 
 
-def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight):
-    """The fused pass -> (per-row loss [B, N, G] float32, fp32 dq_idx, fp32 dk_idx [B, N, Di]) times ``weight``."""
+def _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight, q0: int):
+    """The fused pass over the queries from position q0 on -> (per-row loss [B, N, G] float32, fp32 dq_idx, fp32
+    dk_idx [B, q0 + N, Di]) times ``weight``."""
     B, N, G, topk = indices.shape
     # Non-finite index entries zeroed for the GEMMs: a token a row cannot see (after it in its own block) must
     # not reach that row's gradients as 0 * NaN. Rows that see it still get NaN, through the student LSE,
     # computed from the raw index tensors.
     q_idx, k_idx = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (q_idx, k_idx))
-    program = dict(config)
-    q0 = program.pop("query_start", 0)
     kl_part = torch.zeros((B, N, G, topk), device=q.device, dtype=torch.float32)
     dq_idx = torch.zeros(q_idx.shape, device=q.device, dtype=torch.float32)
     dk_idx = torch.zeros((B, q0 + N, k_idx.shape[-1]), device=q.device, dtype=torch.float32)
-    compiled_kernel(kl_fused_program, **program)(
+    compiled_kernel(kl_fused_program, **config)(
         q, k, q_idx, k_idx.reshape(B, q0 + N, -1), lse * _LOG2E, lse_student * _LOG2E, *schedule, kl_part, dq_idx,
         dk_idx, weight, *((q0,) if q0 else ()))
     # a row with nothing chosen has no student (lse -inf) and adds 0, as in the reference
@@ -496,9 +494,10 @@ def kl_alignment_loss_forward(q, k, q_idx, k_idx, indices, block_size: int, scal
     B, N, G, _ = q_idx.shape
     indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
                                               mean_heads, query_start, config)
-    lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
+    lse_student = _student_lse(q_idx, k_idx, indices, config, schedule, query_start)
     weight = torch.full((1,), 1.0 / (B * N * G), device=q.device, dtype=torch.float32)
-    rows, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight)
+    rows, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student, weight,
+                                  query_start)
     loss = rows.mean()
     return (loss, lse_student, dq_idx, dk_idx.view(k_idx.shape)) if with_grads else (loss, lse_student)
 
@@ -513,7 +512,8 @@ def kl_alignment_loss_backward(dloss, q, k, q_idx, k_idx, indices, block_size: i
     indices, config, schedule, lse = _prepare(q, k, q_idx, k_idx, indices, block_size, scale, index_scale, lse,
                                               mean_heads, query_start, config)
     if lse_student is None:
-        lse_student = _student_lse(q_idx, k_idx, indices, config, schedule)
+        lse_student = _student_lse(q_idx, k_idx, indices, config, schedule, query_start)
     weight = (torch.as_tensor(dloss, device=q.device, dtype=torch.float32) / (B * N * G)).reshape(1)
-    _, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student.contiguous(), weight)
+    _, dq_idx, dk_idx = _fused(q, k, q_idx, k_idx, indices, config, schedule, lse, lse_student.contiguous(), weight,
+                               query_start)
     return dq_idx.to(q_idx.dtype), dk_idx.view(k_idx.shape).to(k_idx.dtype)
