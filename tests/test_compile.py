@@ -17,6 +17,7 @@ from msa_tl.decode import attention as decode_attention  # noqa: E402
 from msa_tl.decode import rescore as decode_rescore  # noqa: E402
 from msa_tl.decode import scores as decode_scores  # noqa: E402
 from msa_tl.decode import topk as decode_topk  # noqa: E402
+from msa_tl.decode import union as decode_union  # noqa: E402
 from msa_tl.index import scores as index_scores  # noqa: E402
 from msa_tl.index import select as index_topk  # noqa: E402
 from msa_tl.tl_compile import SMEM_LIMIT, compile_program, lower_to_cuda, sm90_target  # noqa: E402
@@ -580,7 +581,9 @@ def test_the_scan_can_take_each_blocks_max_from_the_accumulators_registers(fp8, 
     (decode_attention.decode_attention_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
                                                      scale=0.088, splits=4)),
     (decode_attention.decode_combine_program, dict(heads=64, groups=4, head_dim=128, splits=16)),
-], ids=["scan", "scan-fp8", "topk", "topk-radix", "rescore", "rescore-select", "attention", "combine"])
+    (decode_union.decode_union_roles_program, dict(groups=2, heads=8, head_dim=64, block_size=64, topk=5,
+                                                   scale=0.125, tokens=3, splits=3)),
+], ids=["scan", "scan-fp8", "topk", "topk-radix", "rescore", "rescore-select", "attention", "combine", "union"])
 def test_every_decode_kernel_can_wait_for_the_one_before_it(builder, config):
     """pdl=True: the kernel waits for its predecessor (griddepcontrol.wait) before its first read of data a kernel
     before it writes (the row lengths, scores, indices, partials) and lets its successor launch at its end; the
@@ -589,10 +592,45 @@ def test_every_decode_kernel_can_wait_for_the_one_before_it(builder, config):
     kernel = source.index('extern "C" __global__ void __launch')
     wait = source.index("cudaGridDependencySynchronize()", kernel)
     assert source.index("cudaTriggerProgrammaticLaunchCompletion()", kernel) > wait
-    for name in ("SeqLens[", "Scores[", "Cand[", "Rescored[", "Lpart["):  # inputs an earlier kernel writes
+    for name in ("SeqLens[", "Scores[", "Cand[", "Rescored[", "Lpart[", "Indices["):  # inputs a kernel before writes
         first = source.find(name, kernel)
         assert first < 0 or first > wait, name
     assert "cudaGridDependencySynchronize" not in lower_to_cuda(builder, **config)
+
+
+UNION_DRAFTS = dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088, splits=4)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("config", [dict(UNION_DRAFTS, tokens=8),
+                                    dict(groups=2, heads=8, head_dim=64, block_size=64, topk=5, scale=0.125, tokens=3,
+                                         splits=3)],
+                         ids=["two-consumers-paper", "one-consumer-R4-D64"])
+def test_the_union_decode_attention_keeps_its_wgmma_asynchronous(config, tmp_path):
+    """The union kernel's consumers run FlashAttention-3's order over the producer's ring, so as the prefill tile
+    kernel: no wgmma serialised (C7511 / C7512 / C7514 / C7518; a branch TileLang splits around a wgmma draws
+    them), no spill, the K / V pages loaded through the block table by 16-byte cp.async, setmaxnreg by role."""
+    source = lower_to_cuda(decode_union.decode_union_roles_program, **config)
+    report = ptxas_report(source, tmp_path)
+    assert not [code for code in ("C7511", "C7512", "C7514", "C7517", "C7518") if code in report], report[-2000:]
+    assert "0 bytes spill stores" in report
+    assert "cp_async_gs_conditional<16>" in source and "BlockTable[" in source
+    assert "warpgroup_reg_dealloc" in source and "warpgroup_reg_alloc" in source
+
+
+def test_the_union_kernels_name_what_does_not_fit():
+    assert "128-row" in decode_union.union_limit(16, 16, 128, 128, 16, 2, True)
+    assert "head dim 256" in decode_union.union_limit(4, 16, 256, 128, 16, 1, True)
+    assert "shared memory" in decode_union.union_limit(8, 16, 128, 128, 16, 3, True)
+    assert decode_union.union_limit(8, 16, 128, 128, 16, 2, True) is None
+    assert decode_union.union_ctas_per_sm(8, 16, 128, 128, 16, 2, True) == 1
+    assert decode_union.union_ctas_per_sm(8, 16, 128, 128, 16, 1, False) == 2
+    with pytest.raises(ValueError, match="decode union attention: tokens=17"):
+        decode_union.decode_union_roles_program(**dict(UNION_DRAFTS, heads=16, tokens=17))
+    # splits: whole waves of the CTAs that fit, at least one, at most one union entry a split
+    assert decode_union.union_splits(32, 8, 16, 132, 1) == 4
+    assert decode_union.union_splits(512, 8, 16, 132, 1) == 1
+    assert decode_union.union_splits(1, 2, 3, 132, 2) == 6
 
 
 def test_the_decode_attention_reads_k_and_v_through_the_block_table():

@@ -73,15 +73,21 @@ def test_decode_select_takes_the_local_block_and_the_best_earlier_ones(S, G, Bk,
         assert torch.equal(got_set, want_set), f"row {b}"
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
+ATTENTION_VARIANTS = pytest.mark.parametrize(
+    "variant", [{}, dict(pipelined=True), dict(union="roles"), dict(union="loop"), dict(union="roles", tokens=4)],
+    ids=["per-pair", "per-pair-pipelined", "union-roles", "union-loop", "union-roles-4-tokens"])
+
+
+@ATTENTION_VARIANTS
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("S,G,Hq,D,Bk,topk", [(1, 4, 64, 128, 128, 16), (8, 4, 64, 128, 128, 16),
                                               (3, 2, 8, 64, 64, 5), (2, 1, 16, 128, 64, 6)],
                          ids=["decode-paper", "draft-8-paper", "R4-D64-Bk64", "G1-R16"])
-def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D, Bk, topk, splits, pipelined,
+def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D, Bk, topk, splits, variant,
                                                                    seed=0):
-    """Each row's newest tokens over the reference's own selection (-1 slots in the short row), the slots split
-    over CTAs and combined: outputs and LSE against the float64 reference (the library's main-branch bounds)."""
+    """Each row's newest tokens over the reference's own selection (-1 slots in the short row), the slots (or with
+    ``union`` each chunk of tokens' union of blocks) split over CTAs and combined: outputs and LSE against the
+    float64 reference (the library's main-branch bounds)."""
     from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
     from msa_tl.decode.attention import decode_attention
 
@@ -95,11 +101,51 @@ def test_decode_attention_matches_the_reference_over_shuffled_pages(S, G, Hq, D,
     q, q_idx = rand(B, S, Hq, D), rand(B, S, G, Di)
     seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
     ref_o, ref_lse, indices = R.msa_decode(q, q_idx, k_pages, v_pages, k_idx_pages, table, lengths, Bk, topk)
-    o, lse = decode_attention(q, k_pages, v_pages, table, seqlens, indices, Bk, splits=splits, pipelined=pipelined)
+    o, lse = decode_attention(q, k_pages, v_pages, table, seqlens, indices, Bk, splits=splits, **variant)
     assert o.dtype == q.dtype and torch.isfinite(o).all() and torch.isfinite(lse).all()
     rel = relative_error(o, ref_o)
     assert rel <= OUTPUT_RTOL, f"output rel err {rel:.2e}"
     assert (lse.double() - ref_lse).abs().max().item() <= LSE_ATOL
+
+
+@ATTENTION_VARIANTS
+@pytest.mark.parametrize("G,Hq,D,Bk", [(4, 64, 128, 128), (2, 8, 64, 64)], ids=["paper", "R4-D64-Bk64"])
+def test_a_nan_in_k_or_v_reaches_exactly_the_tokens_that_chose_its_block(G, Hq, D, Bk, variant, seed=0):
+    """Eight draft tokens a row, each choosing its local block, a block of its own and a block every token chose. A NaN in K of a block one token chose makes that token's
+    rows of the group NaN (output and LSE); a NaN in V of another token's own block makes that token's output NaN
+    in the value's column. Every other entry is finite and matches the float64 reference: the union kernels'
+    tile shares blocks between tokens, and their P V MMA must not carry a neighbour's NaN into a row (0 * NaN)."""
+    from msa_tl.checks import LSE_ATOL, OUTPUT_RTOL, relative_error
+    from msa_tl.decode.attention import decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    S, topk, lengths, max_pages = 8, 5, [40 * Bk + 3, 33 * Bk + 70], 48
+    B = len(lengths)
+    table = torch.randperm(B * max_pages, device="cuda", generator=gen).view(B, max_pages).int()
+    rand = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    k_pages, v_pages, k_idx_pages = rand(B * max_pages, Bk, G, D), rand(B * max_pages, Bk, G, D), \
+        rand(B * max_pages, Bk, 64)
+    q, q_idx = rand(B, S, Hq, D), rand(B, S, G, 64)
+    seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
+    indices = torch.full((B, S, G, topk), -1, device="cuda", dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        for t in range(S):
+            indices[b, t, :, :3] = torch.tensor([(n - S + t) // Bk, 2 * t + 3, 1], dtype=torch.int32)
+    g, nan_k_token, nan_v_token, column = G - 1, 5, 2, D // 3
+    for blk, token, cache in ((2 * nan_k_token + 3, nan_k_token, k_pages), (2 * nan_v_token + 3, nan_v_token, v_pages)):
+        cache[table[0, blk], 17, g, column] = float("nan")
+    ref_o, ref_lse, _ = R.msa_decode(q, q_idx, k_pages, v_pages, k_idx_pages, table, lengths, Bk, topk,
+                                     indices=indices)
+    o, lse = decode_attention(q, k_pages, v_pages, table, seqlens, indices, Bk, splits=2, **variant)
+    R_ = Hq // G
+    heads = slice(g * R_, (g + 1) * R_)
+    assert torch.isnan(ref_lse[0, nan_k_token, heads]).all() and torch.isnan(ref_o[0, nan_v_token, heads, column]).all()
+    assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse)), "NaN LSE exactly where the reference has it"
+    assert torch.equal(torch.isnan(o), torch.isnan(ref_o)), "NaN outputs exactly where the reference has them"
+    keep = ~torch.isnan(ref_o)
+    assert relative_error(o[keep], ref_o[keep]) <= OUTPUT_RTOL
+    finite = ~torch.isnan(ref_lse)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max().item() <= LSE_ATOL
 
 
 def decode_case(B_lengths, S, Hq, G, D, Di, Bk, seed, contiguous=False, max_pages=None, fp8=False, rescore=False):

@@ -314,6 +314,30 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
         assert_attention_matches_reference(o, lse, q, k, v, indices, Bk)
 
 
+@pytest.mark.parametrize("roles", [True, False], ids=["producer-consumers", "pipelined-loop"])
+def test_a_nan_query_reaches_its_own_rows_in_both_tile_kernels(roles):
+    """A NaN in one query makes every score of its rows NaN, so their running max stays -inf: the softmax must let
+    the NaN through (P = 0 only for masked keys), as dense attention does, and leave every other row exact."""
+    from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles
+
+    B, N, Hq, G, D, Bk, topk = 1, 512, 64, 4, 128, 128, 4
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    q[0, 300, 5, 7] = float("nan")
+    per_query = selection("hot", B, N, G, Bk, topk).sort(dim=-1, descending=True).values
+    indices = per_query[:, torch.arange(0, N, Bk, device="cuda")].repeat_interleave(Bk, dim=1).int().contiguous()
+    shared = sharing_tiles(indices, Hq // G, Bk)
+    assert shared.all()
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, roles=roles)
+    ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
+    poisoned = torch.isnan(ref_lse)
+    assert poisoned.sum() == 1 and poisoned[0, 300, 5]
+    assert torch.equal(torch.isnan(lse), poisoned) and torch.isnan(o[poisoned]).all()
+    assert relative_error(o[~poisoned], ref_o[~poisoned]) <= OUTPUT_RTOL
+    assert (lse[~poisoned].double() - ref_lse[~poisoned]).abs().max().item() <= LSE_ATOL
+
+
 @pytest.mark.parametrize("build_once", [True, False], ids=["built-once", "built-per-chunk"])
 def test_a_schedule_built_once_for_every_chunk(build_once):
     """build_once (the default): one schedule build for all query chunks (the last ragged), or one build per

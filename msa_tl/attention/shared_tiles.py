@@ -62,7 +62,7 @@ def position(row, q0):
     return row if q0 is None else row + q0
 
 
-def _online_softmax(rows: int, cols: int, head_dim: int):
+def online_softmax_macro(rows: int, cols: int, head_dim: int):
     """Macro ``step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)``: fold one block's masked,
     log2-scaled scores [rows, cols] into the running max and sum, rescale O [rows, D], leave P in acc_s."""
     neg_inf = -T.infinity("float32")
@@ -73,8 +73,8 @@ def _online_softmax(rows: int, cols: int, head_dim: int):
         T.reduce_max(acc_s, row_max, dim=1, clear=False)
         for i in T.Parallel(rows):  # no key yet (-inf): keep the rescale finite
             rescale[i] = T.if_then_else(row_max[i] == neg_inf, 1.0, T.exp2(prev_max[i] - row_max[i]))
-        for i, c in T.Parallel(rows, cols):
-            acc_s[i, c] = T.if_then_else(row_max[i] == neg_inf, 0.0, T.exp2(acc_s[i, c] - row_max[i]))
+        for i, c in T.Parallel(rows, cols):  # a masked key: P = 0; a NaN score (even a row of them) passes
+            acc_s[i, c] = T.if_then_else(acc_s[i, c] == neg_inf, 0.0, T.exp2(acc_s[i, c] - row_max[i]))
         T.reduce_sum(acc_s, block_sum, dim=1)
         for i in T.Parallel(rows):
             row_sum[i] = row_sum[i] * rescale[i] + block_sum[i]
@@ -97,7 +97,7 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
     TQ = rows // R
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
-    softmax_step = _online_softmax(rows, Bk, D)
+    softmax_step = online_softmax_macro(rows, Bk, D)
 
     @T.macro
     def tile_body(Q, K, V, Indices, Shared, O, LSE, q0):

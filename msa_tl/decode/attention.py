@@ -18,12 +18,17 @@ import tilelang.language as T
 import torch
 
 from msa_tl.attention.q_outer import attend_block_buffers, attend_block_macro
+from msa_tl.decode.union import (UNION_TOKENS, decode_union_attention_program, decode_union_roles_program,
+                                 union_ctas_per_sm, union_limit, union_splits, union_tokens)
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
-from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram, decode_rows
+from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram
 
-# ctas_per_sm sizes the splits (decode_splits), not the program: the CTAs of a step at about that many an SM
-DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False, ctas_per_sm=2)
-DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True), ctas_per_sm=(1, 2, 4))  # tuner choices
+# ctas_per_sm sizes the splits (attention_splits), not the program: the CTAs of a step at about that many an SM.
+# union: the row's newest tokens attend together over the union of their blocks (msa_tl.decode.union), "roles"
+# (producer and consumer warpgroups) or "loop" (one software-pipelined loop); tokens: how many a CTA takes.
+DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False, ctas_per_sm=2, union=False, tokens=8)
+DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True), ctas_per_sm=(1, 2, 4),
+                              union=(False, "roles", "loop"), tokens=UNION_TOKENS)  # tuner choices
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -84,14 +89,14 @@ def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, t
                                pos, *buf)
             for r in T.Parallel(M):
                 rescale_s[r] = row_sum[r]
-            for r, d in T.Parallel(M, head_dim):
+            for r, d in T.Parallel(M, head_dim):  # a NaN sum passes into O and the LSE, as in dense attention
                 if r < R:
-                    Opart[b, t * groups + g, sp, r, d] = T.if_then_else(rescale_s[r] > 0, acc_o[r, d] / rescale_s[r],
-                                                                        0)
+                    Opart[b, t * groups + g, sp, r, d] = T.if_then_else(rescale_s[r] == 0, 0,
+                                                                        acc_o[r, d] / rescale_s[r])
             for r in T.Parallel(M):
                 if r < R:  # a split with no block: -inf, which the combine leaves out
                     Lpart[b, t * groups + g, sp, r] = T.if_then_else(
-                        row_sum[r] > 0, (row_max[r] * scale_log2 + T.log2(row_sum[r])) * _LN2, neg_inf)
+                        row_sum[r] == 0, neg_inf, (row_max[r] * scale_log2 + T.log2(row_sum[r])) * _LN2)
             if pdl:
                 T.pdl_trigger()
 
@@ -169,22 +174,32 @@ def decode_combine_program(heads: int, groups: int, head_dim: int, splits: int, 
                 for s in T.unroll(splits):
                     for v in T.unroll(vec):
                         acc[v] += weight[s] * Opart[b, tg, s, r, c + v]
-                for v in T.unroll(vec):
-                    O[b, tg, r, c + v] = T.if_then_else(row_sum[0] > 0, acc[v] / row_sum[0], 0.0)
+                for v in T.unroll(vec):  # no split with a block: o = 0, lse = -inf; a NaN sum passes
+                    O[b, tg, r, c + v] = T.if_then_else(row_sum[0] == 0, 0.0, acc[v] / row_sum[0])
                 if tx % (cols // vec) == 0 and bd == 0:
-                    LSE[b, tg, r] = T.if_then_else(row_sum[0] > 0, row_max[0] + T.log(row_sum[0]), neg_inf)
+                    LSE[b, tg, r] = T.if_then_else(row_sum[0] == 0, neg_inf, row_max[0] + T.log(row_sum[0]))
             if pdl:
                 T.pdl_trigger()  # the next layer's scan may launch
 
     return decode_combine
 
 
-def attention_build(**config) -> tuple:
-    """(program, kwargs) of the split attention for ``config`` (:data:`DECODE_ATTENTION_DEFAULTS` knobs over the
-    defaults; ``pipelined`` picks the builder; ``ctas_per_sm`` was spent on ``splits``)."""
+def attention_build(queries: int = 1, **config) -> tuple:
+    """(program, kwargs) of the split attention of ``queries`` newest tokens a row for ``config``
+    (:data:`DECODE_ATTENTION_DEFAULTS` knobs over the defaults; ``union`` and ``pipelined`` pick the builder;
+    ``ctas_per_sm`` was spent on ``splits``)."""
     config = {**DECODE_ATTENTION_DEFAULTS, **config}
     config.pop("ctas_per_sm")
-    builder = decode_attention_pipelined_program if config.pop("pipelined") else decode_attention_program
+    union, tokens = config.pop("union"), config.pop("tokens")
+    pipelined = config.pop("pipelined")
+    if union:
+        config.pop("threads")  # a warpgroup a 64 rows (the producer's beside them with roles)
+        stages = config.pop("num_stages")
+        config["tokens"] = union_tokens(tokens, queries)
+        if union == "roles":
+            return decode_union_roles_program, dict(config, stages=stages)
+        return decode_union_attention_program, dict(config, num_stages=stages)
+    builder = decode_attention_pipelined_program if pipelined else decode_attention_program
     return builder, config
 
 
@@ -192,6 +207,21 @@ def attention_kernel(**config):
     """The compiled :func:`attention_build`."""
     builder, kwargs = attention_build(**config)
     return compiled_kernel(builder, **kwargs)
+
+
+def attention_splits(batch: int, queries: int, groups: int, heads: int, head_dim: int, block_size: int, topk: int,
+                     device=None, sms: int | None = None, **config) -> int:
+    """Splits of the attention's work for ``config``: of each (token, group) pair's slots (:func:`decode_splits`),
+    or with ``union`` of each (row, group, chunk of tokens)'s union (:func:`msa_tl.decode.union.union_splits`, at
+    as many CTAs an SM as fit)."""
+    config = {**DECODE_ATTENTION_DEFAULTS, **config}
+    sms = sms or sm_count(device)
+    if not config["union"]:
+        return decode_splits(batch * queries * groups, topk, None, sms=sms, ctas_per_sm=config["ctas_per_sm"])
+    tokens = union_tokens(config["tokens"], queries)
+    ctas = min(config["ctas_per_sm"], union_ctas_per_sm(tokens, heads // groups, head_dim, block_size, topk,
+                                                        config["num_stages"], config["union"] == "roles"))
+    return union_splits(batch * groups * math.ceil(queries / tokens), tokens, topk, sms, ctas)
 
 
 def decode_splits(pairs: int, topk: int, device, sms: int | None = None, ctas_per_sm: int = 2) -> int:
@@ -206,9 +236,9 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
 
     q [B, S, Hq, D]; k_pages / v_pages [num_pages, Bk, G, D] (pages of ``block_size`` tokens); block_table
     [B, max_pages] int32; seqlens [B] int32 (each >= S); indices [B, S, G, topk] int32 (-1 = unused; after the
-    used slots if ``pipelined``) -> (o
-    [B, S, Hq, D] in q's dtype, lse [B, S, Hq] float32). ``splits`` (default :func:`decode_splits`) CTAs share
-    each (token, group) pair's slots; ``config``: :data:`DECODE_ATTENTION_DEFAULTS` knobs.
+    used slots if ``pipelined``) -> (o [B, S, Hq, D] in q's dtype, lse [B, S, Hq] float32). ``splits`` (default
+    :func:`attention_splits`) CTAs share each (token, group) pair's slots, or with ``union`` each chunk's union of
+    blocks; ``config``: :data:`DECODE_ATTENTION_DEFAULTS` knobs.
     """
     B, S, Hq, D = q.shape
     G, topk = k_pages.shape[2], indices.shape[3]
@@ -216,12 +246,12 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
         raise ValueError(f"decode attention reads pages of one block: page size {k_pages.shape[1]} != block size "
                          f"{block_size}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    splits = splits or decode_splits(B * S * G, topk, q.device, ctas_per_sm=config.get("ctas_per_sm", 2))
+    splits = splits or attention_splits(B, S, G, Hq, D, block_size, topk, q.device, **config)
     R = Hq // G
     o_part = torch.empty((B, S * G, splits, R, D), device=q.device, dtype=torch.float32)
     l_part = torch.empty((B, S * G, splits, R), device=q.device, dtype=torch.float32)
-    kernel = attention_kernel(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale,
-                              splits=splits, dtype=tl_dtype(q.dtype), **config)
+    kernel = attention_kernel(queries=S, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
+                              scale=scale, splits=splits, dtype=tl_dtype(q.dtype), **config)
     kernel(q, k_pages, v_pages, block_table, seqlens, indices, o_part, l_part)
     o = torch.empty_like(q)
     lse = torch.empty((B, S, Hq), device=q.device, dtype=torch.float32)
@@ -232,11 +262,12 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
 
 
 def _attention_units(shape: dict, config: dict) -> list:
-    splits = decode_splits(shape.get("batch", 1) * decode_rows(shape), shape["topk"], None, sms=HOPPER_SMS,
-                           ctas_per_sm={**DECODE_ATTENTION_DEFAULTS, **config}["ctas_per_sm"])
-    return [attention_build(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
-                            block_size=shape["block_size"], topk=shape["topk"], scale=1.0 / math.sqrt(shape["head_dim"]),
-                            splits=splits, dtype="bfloat16", **config)]
+    dims = dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
+                block_size=shape["block_size"], topk=shape["topk"])
+    queries = shape.get("queries", 1)
+    splits = attention_splits(shape.get("batch", 1), queries, sms=HOPPER_SMS, **dims, **config)
+    return [attention_build(queries=queries, scale=1.0 / math.sqrt(shape["head_dim"]), splits=splits,
+                            dtype="bfloat16", **dims, **config)]
 
 
 def _attention_trial(shape: dict, check_seq: int) -> tuple:
@@ -250,7 +281,20 @@ def _reject_attention(config: dict, shape: dict):
         # TileLang 0.1.15's ThreadSync pass warns, lowering this build, that it hoisted a barrier out of a branch
         # holding both ends of a shared-memory conflict ("the race remains"); it also measured slower (NOTES.md)
         return "the pipelined build: TileLang hoists a barrier out of a branch with a shared-memory race left in it"
-    return None
+    queries = shape.get("queries", 1)
+    if not config["union"]:
+        return "tokens sizes the union only" if config["tokens"] != DECODE_ATTENTION_DEFAULTS["tokens"] else None
+    if queries == 1:
+        return "one token a row: no union to share"
+    smaller = [t for t in UNION_TOKENS if t < config["tokens"]]
+    if smaller and smaller[-1] >= queries:
+        return f"tokens={config['tokens']} takes the row's {queries} tokens as tokens={smaller[-1]} does"
+    R, roles = shape["heads"] // shape["groups"], config["union"] == "roles"
+    tokens = union_tokens(config["tokens"], queries)
+    dims = (tokens, R, shape["head_dim"], shape["block_size"], shape["topk"], config["num_stages"], roles)
+    fit = union_ctas_per_sm(*dims)
+    return union_limit(*dims) or (f"{config['ctas_per_sm']} CTAs an SM: {fit} fit" if config["ctas_per_sm"] > fit
+                                  else None)
 
 
 DECODE_ATTENTION_TUNING = TunableProgram(

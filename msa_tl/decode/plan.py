@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from msa_tl.decode.attention import attention_kernel, decode_combine_program, decode_splits
+from msa_tl.decode.attention import attention_kernel, attention_splits, decode_combine_program
 from msa_tl.decode.rescore import rescore_kernels
 from msa_tl.decode.scores import scan_kernel
 from msa_tl.decode.topk import topk_kernel
@@ -49,7 +49,8 @@ class DecodePlan:
             to FP8 too and scores with FP8 wgmma); else they have ``dtype``.
         rescore_candidates: with ``index_fp8``, > 0 makes the selection two-stage (:mod:`msa_tl.decode.rescore`):
             the FP8 top-k keeps this many blocks beside the forced ones, and the exact index keys rank them again.
-        splits: CTAs that share each (token, group)'s slots (default :func:`decode_splits`).
+        splits: CTAs that share each (token, group)'s slots, or with ``attention_config`` ``union`` each chunk of
+            tokens' union of blocks (default :func:`msa_tl.decode.attention.attention_splits`).
         pdl: programmatic dependent launch: each kernel lets the next one launch when it ends its work and the next
             waits (``griddepcontrol``) before it reads, so a launch's latency hides under the kernel before it.
             Built, not yet run on a GPU: off by default.
@@ -104,15 +105,16 @@ class DecodePlan:
                        **(topk_config or {})}
         attention_config = {**tuned_config("decode_attention", tuning, {}, device), **launch,
                             **(attention_config or {})}
-        self.splits = splits or decode_splits(B * queries * groups, topk, device,
-                                              ctas_per_sm=attention_config.get("ctas_per_sm", 2))
+        self.splits = splits or attention_splits(B, queries, groups, heads, head_dim, block_size, topk, device,
+                                                 **attention_config)
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,
                                    fp8=index_fp8, device=device, **scores_config)
         self._topk = topk_kernel(groups=groups, block_size=block_size, topk=slots, max_pages=max_pages,
                                  **({} if local_blocks == 1 else dict(local_blocks=local_blocks)), **topk_config)
-        self._attend = attention_kernel(groups=groups, heads=heads, head_dim=head_dim, block_size=block_size,
-                                        topk=topk, scale=scale, splits=self.splits, dtype=tl, **attention_config)
+        self._attend = attention_kernel(queries=queries, groups=groups, heads=heads, head_dim=head_dim,
+                                        block_size=block_size, topk=topk, scale=scale, splits=self.splits, dtype=tl,
+                                        **attention_config)
         self._combine = compiled_kernel(decode_combine_program, heads=heads, groups=groups, head_dim=head_dim,
                                         splits=self.splits, dtype=tl, **launch)
         rows, R = queries * groups, heads // groups
