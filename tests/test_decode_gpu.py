@@ -74,8 +74,8 @@ def test_decode_select_takes_the_local_block_and_the_best_earlier_ones(S, G, Bk,
 
 
 ATTENTION_VARIANTS = pytest.mark.parametrize(
-    "variant", [{}, dict(pipelined=True), dict(union="roles"), dict(union="loop"), dict(union="roles", tokens=4)],
-    ids=["per-pair", "per-pair-pipelined", "union-roles", "union-loop", "union-roles-4-tokens"])
+    "variant", [{}, dict(pipelined=True), dict(union=True), dict(union=True, tokens=4), dict(union=True, num_stages=1)],
+    ids=["per-pair", "per-pair-pipelined", "union", "union-4-tokens", "union-1-stage"])
 
 
 @ATTENTION_VARIANTS

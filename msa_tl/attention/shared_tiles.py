@@ -73,8 +73,9 @@ def online_softmax_macro(rows: int, cols: int, head_dim: int):
         T.reduce_max(acc_s, row_max, dim=1, clear=False)
         for i in T.Parallel(rows):  # no key yet (-inf): keep the rescale finite
             rescale[i] = T.if_then_else(row_max[i] == neg_inf, 1.0, T.exp2(prev_max[i] - row_max[i]))
-        for i, c in T.Parallel(rows, cols):  # a masked key: P = 0; a NaN score (even a row of them) passes
-            acc_s[i, c] = T.if_then_else(acc_s[i, c] == neg_inf, 0.0, T.exp2(acc_s[i, c] - row_max[i]))
+        for i, c in T.Parallel(rows, cols):  # a row with no finite score yet: exp2 of the score itself, so a masked
+            # key (-inf) gives 0 and a NaN (a NaN query's whole row) passes
+            acc_s[i, c] = T.exp2(acc_s[i, c] - T.if_then_else(row_max[i] == neg_inf, 0.0, row_max[i]))
         T.reduce_sum(acc_s, block_sum, dim=1)
         for i in T.Parallel(rows):
             row_sum[i] = row_sum[i] * rescale[i] + block_sum[i]

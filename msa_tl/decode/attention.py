@@ -18,17 +18,17 @@ import tilelang.language as T
 import torch
 
 from msa_tl.attention.q_outer import attend_block_buffers, attend_block_macro
-from msa_tl.decode.union import (UNION_TOKENS, decode_union_attention_program, decode_union_roles_program,
-                                 union_ctas_per_sm, union_limit, union_splits, union_tokens)
+from msa_tl.decode.union import (UNION_TOKENS, decode_union_roles_program, union_ctas_per_sm, union_limit,
+                                 union_splits, union_tokens)
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram
 
 # ctas_per_sm sizes the splits (attention_splits), not the program: the CTAs of a step at about that many an SM.
-# union: the row's newest tokens attend together over the union of their blocks (msa_tl.decode.union), "roles"
-# (producer and consumer warpgroups) or "loop" (one software-pipelined loop); tokens: how many a CTA takes.
+# union: the row's newest tokens attend together over the union of their blocks (msa_tl.decode.union; num_stages
+# is then its rings' depth); tokens: how many a CTA takes.
 DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False, ctas_per_sm=2, union=False, tokens=8)
 DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True), ctas_per_sm=(1, 2, 4),
-                              union=(False, "roles", "loop"), tokens=UNION_TOKENS)  # tuner choices
+                              union=(False, True), tokens=UNION_TOKENS)  # tuner choices
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -195,10 +195,7 @@ def attention_build(queries: int = 1, **config) -> tuple:
     if union:
         config.pop("threads")  # a warpgroup a 64 rows (the producer's beside them with roles)
         stages = config.pop("num_stages")
-        config["tokens"] = union_tokens(tokens, queries)
-        if union == "roles":
-            return decode_union_roles_program, dict(config, stages=stages)
-        return decode_union_attention_program, dict(config, num_stages=stages)
+        return decode_union_roles_program, dict(config, tokens=union_tokens(tokens, queries), stages=stages)
     builder = decode_attention_pipelined_program if pipelined else decode_attention_program
     return builder, config
 
@@ -220,7 +217,7 @@ def attention_splits(batch: int, queries: int, groups: int, heads: int, head_dim
         return decode_splits(batch * queries * groups, topk, None, sms=sms, ctas_per_sm=config["ctas_per_sm"])
     tokens = union_tokens(config["tokens"], queries)
     ctas = min(config["ctas_per_sm"], union_ctas_per_sm(tokens, heads // groups, head_dim, block_size, topk,
-                                                        config["num_stages"], config["union"] == "roles"))
+                                                        config["num_stages"]))
     return union_splits(batch * groups * math.ceil(queries / tokens), tokens, topk, sms, ctas)
 
 
@@ -289,9 +286,9 @@ def _reject_attention(config: dict, shape: dict):
     smaller = [t for t in UNION_TOKENS if t < config["tokens"]]
     if smaller and smaller[-1] >= queries:
         return f"tokens={config['tokens']} takes the row's {queries} tokens as tokens={smaller[-1]} does"
-    R, roles = shape["heads"] // shape["groups"], config["union"] == "roles"
     tokens = union_tokens(config["tokens"], queries)
-    dims = (tokens, R, shape["head_dim"], shape["block_size"], shape["topk"], config["num_stages"], roles)
+    dims = (tokens, shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"], shape["topk"],
+            config["num_stages"])
     fit = union_ctas_per_sm(*dims)
     return union_limit(*dims) or (f"{config['ctas_per_sm']} CTAs an SM: {fit} fit" if config["ctas_per_sm"] > fit
                                   else None)

@@ -10,7 +10,9 @@ where they do not, the loads stay and the MMAs grow (their rows are the tile's, 
 
 The union's entries are dealt to ``splits`` CTAs (entry e to split e mod splits), which leave fp32 partials in the
 per-pair kernel's layout (Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R]), so
-:func:`msa_tl.decode.attention.decode_combine_program` merges them unchanged.
+:func:`msa_tl.decode.attention.decode_combine_program` merges them unchanged. In :func:`decode_union_roles_program`
+a producer warpgroup streams the K / V pages through rings while consumer warpgroups attend: decode is bound by those
+bytes.
 
 Exactness: a token's rows see exactly its chosen keys (ids past the row's last block or its own position are
 ignored, an id chosen twice counts once). One thing the shared tile would get wrong is a non-finite V value in a
@@ -21,7 +23,6 @@ chosen keys hold them, and the second pass costs nothing where no output row is 
 
 import tilelang.language as T
 
-from msa_tl.attention.shared_tiles import online_softmax_macro
 from msa_tl.tl_compile import SMEM_LIMIT
 
 UNION_TOKENS = (4, 8, 16)  # tuner choices of ``tokens``, the tokens a CTA attends at once
@@ -36,36 +37,34 @@ def union_tile_rows(tokens: int, heads_per_group: int) -> int:
 
 
 def union_shared_bytes(tokens: int, heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
-                       roles: bool, splits: int = 1) -> int:
-    """Shared memory of a union program (16-bit inputs): the Q tile (both consumers' with ``roles``), ``stages``
-    K and V blocks, the prologue's five lists of tokens x topk int32 (and with ``roles`` the split's two, kept apart
-    from the rings: no reuse) and the barriers."""
+                       splits: int = 1) -> int:
+    """Shared memory of :func:`decode_union_roles_program` (16-bit inputs): both consumers' Q rows, ``stages`` K and
+    V blocks, the prologue's five lists of tokens x topk int32 and the split's two (kept apart from the rings: no
+    reuse; TileLang starts the tiles on a 1 KB boundary after them), and 1 KB of barriers."""
     entries = tokens * topk
-    rows = 128 if roles else union_tile_rows(tokens, heads_per_group)
-    lists = 5 * entries + tokens + 1 + (2 * (-(-entries // splits) + 1) if roles else 0)
-    return (rows + 2 * stages * block_size) * head_dim * 2 + 4 * lists + 1024
+    lists = 4 * (5 * entries + tokens + 1 + 2 * (-(-entries // splits) + 1))
+    return -(-lists // 1024) * 1024 + (128 + 2 * stages * block_size) * head_dim * 2 + 1024 + 1024
 
 
 def union_limit(tokens: int, heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
-                roles: bool, splits: int = 1) -> str | None:
-    """None if the union program (:func:`decode_union_roles_program` with ``roles``, else
-    :func:`decode_union_attention_program`) takes this shape, else why not."""
+                splits: int = 1) -> str | None:
+    """None if :func:`decode_union_roles_program` takes this shape, else why not."""
     if not 1 <= tokens <= _MAX_TOKENS:
         return f"tokens={tokens}: 1 to {_MAX_TOKENS} tokens a CTA (a bit each in an int32)"
     if union_tile_rows(tokens, heads_per_group) > 128:
         return f"{tokens} tokens x {heads_per_group} heads a group exceed a 128-row tile (two warpgroups)"
     if head_dim > 128:
         return f"head dim {head_dim}: the tile's O and S accumulators fit in registers up to 128"
-    smem = union_shared_bytes(tokens, heads_per_group, head_dim, block_size, topk, stages, roles, splits)
+    smem = union_shared_bytes(tokens, heads_per_group, head_dim, block_size, topk, stages, splits)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory at {stages} stages (at most {SMEM_LIMIT})"
     return None
 
 
-def union_ctas_per_sm(tokens: int, heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
-                      roles: bool) -> int:
-    """CTAs of a union program an SM's shared memory holds (228 KB, 1 KB of it reserved a CTA)."""
-    smem = union_shared_bytes(tokens, heads_per_group, head_dim, block_size, topk, stages, roles)
+def union_ctas_per_sm(tokens: int, heads_per_group: int, head_dim: int, block_size: int, topk: int,
+                      stages: int) -> int:
+    """CTAs of :func:`decode_union_roles_program` an SM's shared memory holds (228 KB, 1 KB of it reserved a CTA)."""
+    smem = union_shared_bytes(tokens, heads_per_group, head_dim, block_size, topk, stages)
     return max(1, 228 * 1024 // (smem + 1024))
 
 
@@ -125,143 +124,6 @@ def union_prologue_macro(tokens: int, topk: int, block_size: int, threads: int, 
     return prologue
 
 
-def decode_union_attention_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                                   tokens: int = 8, splits: int = 1, num_stages: int = 2, dtype: str = "bfloat16",
-                                   pdl: bool = False):
-    """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
-    [B, S, G, topk] -> Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] (fp32; natural-log LSE).
-
-    A CTA per (chunk of ``tokens`` tokens, split) x (row, group). ``pdl``: programmatic dependent launch
-    (:mod:`msa_tl.decode.plan`)."""
-    R, D, Bk, TC = heads // groups, head_dim, block_size, tokens
-    unfit = union_limit(TC, R, D, Bk, topk, num_stages, False)
-    if unfit:
-        raise ValueError(f"decode union attention: {unfit}")
-    batch, n_q, num_pages, max_pages = T.dynamic("batch, n_q, num_pages, max_pages")
-    M = union_tile_rows(TC, R)
-    UM = TC * topk  # the chunk's index entries: the union's largest size
-    threads = 2 * M  # a warpgroup (128 threads) a 64-row wgmma tile
-    per_split = -(-UM // splits)
-    neg_inf = -T.infinity("float32")
-    scale_log2 = scale * _LOG2E
-    softmax_step = online_softmax_macro(M, Bk, D)
-
-    @T.macro
-    def sync():
-        T.sync_threads()
-
-    prologue = union_prologue_macro(TC, topk, Bk, threads, sync)
-
-    def member(bits, r):
-        """1 where row r's token chose the block whose token bits are ``bits`` (rows past the tokens: 0)."""
-        return (bits >> T.min(r // R, 31)) & 1
-
-    @T.macro
-    def attend_union(Kc, Vc, BlockTable, b, g, sp, count, pos0, token_mask, UIdx_s, UBits_s, Q_s, K_s, V_s, acc_s,
-                     acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum):
-        T.clear(acc_o)
-        T.clear(row_sum)
-        T.fill(row_max, neg_inf)
-        for i in T.Pipelined(per_split, num_stages=num_stages):
-            e = T.min(i * splits + sp, UM - 1)
-            blk = T.if_then_else(i * splits + sp < count, UIdx_s[e], -1)
-            if blk >= 0 and (UBits_s[e] & token_mask) != 0:
-                T.copy(Kc[BlockTable[b, blk], :, g, :], K_s)
-                T.copy(Vc[BlockTable[b, blk], :, g, :], V_s)
-                T.gemm(Q_s, K_s, acc_s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                for r, c in T.Parallel(M, Bk):  # [M, Bk]: the row's token chose the block, and the key is no later
-                    acc_s[r, c] = T.if_then_else(
-                        member(UBits_s[e] & token_mask, r) == 1,
-                        T.if_then_else(blk * Bk + c <= pos0 + r // R, acc_s[r, c] * scale_log2, neg_inf), neg_inf)
-                softmax_step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
-                T.copy(acc_s, acc_p)
-                T.gemm(acc_p, V_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
-
-    @T.macro
-    def store_partials(Opart, Lpart, b, g, sp, chunk, n_q, token_mask, acc_o, row_max, row_sum):
-        for r, d in T.Parallel(M, D):  # [M, D]; a row with no key: o = 0, lse = -inf (NaN passes)
-            if r < TC * R and chunk * TC + r // R < n_q and member(token_mask, r) == 1:
-                Opart[b, (chunk * TC + r // R) * groups + g, sp, r % R, d] = T.if_then_else(
-                    row_sum[r] == 0.0, 0.0, acc_o[r, d] / row_sum[r])
-        for r in T.Parallel(M):
-            if r < TC * R and chunk * TC + r // R < n_q and member(token_mask, r) == 1:
-                Lpart[b, (chunk * TC + r // R) * groups + g, sp, r % R] = T.if_then_else(
-                    row_sum[r] == 0.0, neg_inf, (row_max[r] + T.log2(row_sum[r])) * _LN2)
-
-    @T.prim_func
-    def decode_union_attention(
-        Q: T.Tensor((batch, n_q, heads, head_dim), dtype),
-        Kc: T.Tensor((num_pages, block_size, groups, head_dim), dtype),
-        Vc: T.Tensor((num_pages, block_size, groups, head_dim), dtype),
-        BlockTable: T.Tensor((batch, max_pages), "int32"),
-        SeqLens: T.Tensor((batch,), "int32"),
-        Indices: T.Tensor((batch, n_q, groups, topk), "int32"),
-        Opart: T.Tensor((batch, n_q * groups, splits, R, head_dim), "float32"),
-        Lpart: T.Tensor((batch, n_q * groups, splits, R), "float32"),
-    ):
-        with T.Kernel(T.ceildiv(n_q, TC) * splits, batch * groups, threads=threads) as (cs, bg):
-            Ids_s = T.alloc_shared((UM,), "int32")  # [TC * topk] the chunk's ids, (token, slot) order; -1 unused
-            First_s = T.alloc_shared((UM,), "int32")  # 1 where an entry holds its id's first occurrence
-            Bits_s = T.alloc_shared((UM,), "int32")  # the tokens that chose the entry's id, a bit each
-            UIdx_s = T.alloc_shared((UM,), "int32")  # [count] the union's blocks
-            UBits_s = T.alloc_shared((UM,), "int32")  # [count] their tokens
-            Poison_s = T.alloc_shared((TC,), "int32")  # 1 where a token's rows ended with a NaN
-            Q_s = T.alloc_shared((M, D), dtype)  # [TC * R (padded), D]
-            K_s = T.alloc_shared((Bk, D), dtype)  # [Bk, D]
-            V_s = T.alloc_shared((Bk, D), dtype)
-            acc_s = T.alloc_fragment((M, Bk), "float32")  # [M, Bk]
-            acc_p = T.alloc_fragment((M, Bk), dtype)
-            acc_o = T.alloc_fragment((M, D), "float32")  # [M, D]
-            row_max = T.alloc_fragment((M,), "float32")
-            prev_max = T.alloc_fragment((M,), "float32")
-            rescale = T.alloc_fragment((M,), "float32")
-            block_sum = T.alloc_fragment((M,), "float32")
-            row_sum = T.alloc_fragment((M,), "float32")
-            row_check = T.alloc_fragment((M,), "float32")
-            cur = T.alloc_local((1,), "int32")  # the prologue's scalars
-            bits = T.alloc_local((1,), "int32")
-            first = T.alloc_local((1,), "int32")
-            rank = T.alloc_local((1,), "int32")
-            total = T.alloc_local((1,), "int32")
-            tx = T.get_thread_binding()
-            b, g = bg // groups, bg % groups
-            chunk, sp = cs // splits, cs % splits
-            if pdl:
-                T.pdl_sync()  # the selection has finished
-            pos0 = SeqLens[b] - n_q + chunk * TC  # the chunk's first token's position
-            if tx < TC:
-                Poison_s[tx] = 0
-            for r, d in T.Parallel(M, D):
-                Q_s[r, d] = T.if_then_else(r < TC * R, Q[b, T.min(chunk * TC + r // R, n_q - 1), g * R + r % R, d], 0)
-            prologue(Indices, SeqLens, Ids_s, First_s, Bits_s, UIdx_s, UBits_s, b, g, chunk, tx, n_q, cur, bits, first,
-                     rank, total)
-            T.sync_threads()
-            all_tokens = (1 << TC) - 1
-            attend_union(Kc, Vc, BlockTable, b, g, sp, total[0], pos0, all_tokens, UIdx_s, UBits_s, Q_s, K_s, V_s,
-                         acc_s, acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
-            store_partials(Opart, Lpart, b, g, sp, chunk, n_q, all_tokens, acc_o, row_max, row_sum)
-            # a row's sum over D is NaN where the row holds a NaN (or both infinities): its token goes again alone
-            T.reduce_sum(acc_o, row_check, dim=1)
-            for r in T.Parallel(M):
-                if r < TC * R and row_check[r] != row_check[r]:
-                    Poison_s[T.min(r // R, TC - 1)] = 1
-            T.sync_threads()
-            for t in T.serial(TC):
-                if Poison_s[t] != 0:
-                    attend_union(Kc, Vc, BlockTable, b, g, sp, total[0], pos0, 1 << t, UIdx_s, UBits_s, Q_s, K_s,
-                                 V_s, acc_s, acc_p, acc_o, row_max, prev_max, rescale, block_sum, row_sum)
-                    store_partials(Opart, Lpart, b, g, sp, chunk, n_q, 1 << t, acc_o, row_max, row_sum)
-            if pdl:
-                T.pdl_trigger()
-
-    return decode_union_attention
-
-
-# As the shared-tile kernel whose loop this follows (msa_tl.attention.shared_tiles): compiled without TileLang's
-# warp-specialised lowering, which gave wrong rows for such a loop at Bk = 64.
-decode_union_attention_program.pass_configs = {"tl.disable_warp_specialized": True}
-
-
 # consumers -> (producer, consumer) registers by setmaxnreg: the producer's prologue (loops over the chunk's ids,
 # which nvcc unrolls) spills at 56; the consumers fit in 200
 _CONSUMER_REGS = {1: (104, 240), 2: (104, 200)}
@@ -270,17 +132,19 @@ _CONSUMER_REGS = {1: (104, 240), 2: (104, 200)}
 def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                                tokens: int = 8, splits: int = 1, stages: int = 2, dtype: str = "bfloat16",
                                pdl: bool = False):
-    """:func:`decode_union_attention_program` with its roles by hand, as the shared-tile kernel
-    (:func:`msa_tl.attention.shared_tiles.tile_attention_roles_program`) splits them.
+    """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
+    [B, S, G, topk] -> Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] (fp32; natural-log LSE); a CTA per
+    (chunk of ``tokens`` tokens, split) x (row, group), its roles by hand as the shared-tile kernel's
+    (:func:`msa_tl.attention.shared_tiles.tile_attention_roles_program`).
 
     A producer warpgroup gathers the tile's Q rows by 16-byte ``cp.async``, lists the union and the split's share
     of it, and streams each listed block's K and V from its page into rings of ``stages`` blocks (mbarriers full /
     empty), so the loads run ahead of the MMAs: decode is bound by these bytes. One consumer warpgroup a 64 rows
     (one or two) attends each block in order. A token whose rows end holding a NaN goes again alone (the module
-    docstring): the producer lists the split's blocks that token chose and streams them once more. Same tensors
-    and results as :func:`decode_union_attention_program`."""
+    docstring): the producer lists the split's blocks that token chose and streams them once more. ``pdl``:
+    programmatic dependent launch (:mod:`msa_tl.decode.plan`)."""
     R, D, Bk, TC = heads // groups, head_dim, block_size, tokens
-    unfit = union_limit(TC, R, D, Bk, topk, stages, True, splits)
+    unfit = union_limit(TC, R, D, Bk, topk, stages, splits)
     if unfit:
         raise ValueError(f"decode union attention: {unfit}")
     batch, n_q, num_pages, max_pages = T.dynamic("batch, n_q, num_pages, max_pages")
