@@ -623,8 +623,8 @@ def test_the_union_kernels_name_what_does_not_fit():
     assert "head dim 256" in decode_union.union_limit(4, 16, 256, 128, 16, 1)
     assert "shared memory" in decode_union.union_limit(8, 16, 128, 128, 16, 3)
     assert decode_union.union_limit(8, 16, 128, 128, 16, 2) is None
-    assert decode_union.union_ctas_per_sm(8, 16, 128, 128, 16, 2) == 1
-    assert decode_union.union_ctas_per_sm(8, 16, 128, 128, 16, 1) == 2
+    assert decode_union.union_ctas_per_sm(8, 128, 128, 16, 2) == 1
+    assert decode_union.union_ctas_per_sm(8, 128, 128, 16, 1) == 2
     with pytest.raises(ValueError, match="decode union attention: tokens=17"):
         decode_union.decode_union_roles_program(**dict(UNION_DRAFTS, heads=16, tokens=17))
     # splits: whole waves of the CTAs that fit, at least one, at most one union entry a split

@@ -183,7 +183,7 @@ def test_the_decode_attention_searches_the_union_only_where_a_row_has_several_to
     assert {c["tokens"] for c in unions} == {4, 8} and {c["num_stages"] for c in unions} == {1, 2}
     for c in unions:
         assert union_limit(c["tokens"], 16, 128, 128, 16, c["num_stages"]) is None
-        assert c["ctas_per_sm"] <= union_ctas_per_sm(c["tokens"], 16, 128, 128, 16, c["num_stages"])
+        assert c["ctas_per_sm"] <= union_ctas_per_sm(c["tokens"], 128, 128, 16, c["num_stages"])
     assert "as tokens=8 does" in space.reject(dict(unions[0], tokens=16), drafts)
     assert "128-row" in space.reject(dict(unions[0], tokens=16), dict(drafts, queries=16))  # 16 x 16 rows
     assert "as tokens=4 does" in space.reject(dict(unions[0], tokens=8), dict(drafts, queries=3))

@@ -62,7 +62,7 @@ def position(row, q0):
     return row if q0 is None else row + q0
 
 
-def online_softmax_macro(rows: int, cols: int, head_dim: int):
+def _online_softmax(rows: int, cols: int, head_dim: int):
     """Macro ``step(acc_s, acc_o, row_max, prev_max, rescale, block_sum, row_sum)``: fold one block's masked,
     log2-scaled scores [rows, cols] into the running max and sum, rescale O [rows, D], leave P in acc_s."""
     neg_inf = -T.infinity("float32")
@@ -98,7 +98,7 @@ def tile_attention_program(groups: int, heads: int, head_dim: int, block_size: i
     TQ = rows // R
     neg_inf = -T.infinity("float32")
     scale_log2 = scale * _LOG2E
-    softmax_step = online_softmax_macro(rows, Bk, D)
+    softmax_step = _online_softmax(rows, Bk, D)
 
     @T.macro
     def tile_body(Q, K, V, Indices, Shared, O, LSE, q0):

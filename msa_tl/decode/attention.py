@@ -193,7 +193,7 @@ def attention_build(queries: int = 1, **config) -> tuple:
     union, tokens = config.pop("union"), config.pop("tokens")
     pipelined = config.pop("pipelined")
     if union:
-        config.pop("threads")  # a warpgroup a 64 rows (the producer's beside them with roles)
+        config.pop("threads")  # the union kernel sizes its own: a consumer warpgroup a 64 rows and a producer
         stages = config.pop("num_stages")
         return decode_union_roles_program, dict(config, tokens=union_tokens(tokens, queries), stages=stages)
     builder = decode_attention_pipelined_program if pipelined else decode_attention_program
@@ -206,8 +206,8 @@ def attention_kernel(**config):
     return compiled_kernel(builder, **kwargs)
 
 
-def attention_splits(batch: int, queries: int, groups: int, heads: int, head_dim: int, block_size: int, topk: int,
-                     device=None, sms: int | None = None, **config) -> int:
+def attention_splits(batch: int, queries: int, groups: int, head_dim: int, block_size: int, topk: int, device=None,
+                     sms: int | None = None, **config) -> int:
     """Splits of the attention's work for ``config``: of each (token, group) pair's slots (:func:`decode_splits`),
     or with ``union`` of each (row, group, chunk of tokens)'s union (:func:`msa_tl.decode.union.union_splits`, at
     as many CTAs an SM as fit)."""
@@ -216,8 +216,7 @@ def attention_splits(batch: int, queries: int, groups: int, heads: int, head_dim
     if not config["union"]:
         return decode_splits(batch * queries * groups, topk, None, sms=sms, ctas_per_sm=config["ctas_per_sm"])
     tokens = union_tokens(config["tokens"], queries)
-    ctas = min(config["ctas_per_sm"], union_ctas_per_sm(tokens, heads // groups, head_dim, block_size, topk,
-                                                        config["num_stages"]))
+    ctas = min(config["ctas_per_sm"], union_ctas_per_sm(tokens, head_dim, block_size, topk, config["num_stages"]))
     return union_splits(batch * groups * math.ceil(queries / tokens), tokens, topk, sms, ctas)
 
 
@@ -243,7 +242,7 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
         raise ValueError(f"decode attention reads pages of one block: page size {k_pages.shape[1]} != block size "
                          f"{block_size}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    splits = splits or attention_splits(B, S, G, Hq, D, block_size, topk, q.device, **config)
+    splits = splits or attention_splits(B, S, G, D, block_size, topk, q.device, **config)
     R = Hq // G
     o_part = torch.empty((B, S * G, splits, R, D), device=q.device, dtype=torch.float32)
     l_part = torch.empty((B, S * G, splits, R), device=q.device, dtype=torch.float32)
@@ -262,7 +261,8 @@ def _attention_units(shape: dict, config: dict) -> list:
     dims = dict(groups=shape["groups"], heads=shape["heads"], head_dim=shape["head_dim"],
                 block_size=shape["block_size"], topk=shape["topk"])
     queries = shape.get("queries", 1)
-    splits = attention_splits(shape.get("batch", 1), queries, sms=HOPPER_SMS, **dims, **config)
+    splits = attention_splits(shape.get("batch", 1), queries, shape["groups"], shape["head_dim"], shape["block_size"],
+                              shape["topk"], sms=HOPPER_SMS, **config)
     return [attention_build(queries=queries, scale=1.0 / math.sqrt(shape["head_dim"]), splits=splits,
                             dtype="bfloat16", **dims, **config)]
 
@@ -287,11 +287,10 @@ def _reject_attention(config: dict, shape: dict):
     if smaller and smaller[-1] >= queries:
         return f"tokens={config['tokens']} takes the row's {queries} tokens as tokens={smaller[-1]} does"
     tokens = union_tokens(config["tokens"], queries)
-    dims = (tokens, shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"], shape["topk"],
-            config["num_stages"])
-    fit = union_ctas_per_sm(*dims)
-    return union_limit(*dims) or (f"{config['ctas_per_sm']} CTAs an SM: {fit} fit" if config["ctas_per_sm"] > fit
-                                  else None)
+    dims = (shape["head_dim"], shape["block_size"], shape["topk"], config["num_stages"])
+    fit = union_ctas_per_sm(tokens, *dims)
+    return union_limit(tokens, shape["heads"] // shape["groups"], *dims) or (
+        f"{config['ctas_per_sm']} CTAs an SM: {fit} fit" if config["ctas_per_sm"] > fit else None)
 
 
 DECODE_ATTENTION_TUNING = TunableProgram(

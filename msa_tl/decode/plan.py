@@ -105,7 +105,7 @@ class DecodePlan:
                        **(topk_config or {})}
         attention_config = {**tuned_config("decode_attention", tuning, {}, device), **launch,
                             **(attention_config or {})}
-        self.splits = splits or attention_splits(B, queries, groups, heads, head_dim, block_size, topk, device,
+        self.splits = splits or attention_splits(B, queries, groups, head_dim, block_size, topk, device,
                                                  **attention_config)
         self._scores = scan_kernel(n_rows=queries * groups, batch=B, max_pages=max_pages, groups=groups,
                                    index_dim=index_dim, block_size=block_size, index_scale=index_scale, dtype=tl,

@@ -36,8 +36,7 @@ def union_tile_rows(tokens: int, heads_per_group: int) -> int:
     return -(-tokens * heads_per_group // 64) * 64
 
 
-def union_shared_bytes(tokens: int, heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
-                       splits: int = 1) -> int:
+def union_shared_bytes(tokens: int, head_dim: int, block_size: int, topk: int, stages: int, splits: int = 1) -> int:
     """Shared memory of :func:`decode_union_roles_program` (16-bit inputs): both consumers' Q rows, ``stages`` K and
     V blocks, the prologue's five lists of tokens x topk int32 and the split's two (kept apart from the rings: no
     reuse; TileLang starts the tiles on a 1 KB boundary after them), and 1 KB of barriers."""
@@ -55,16 +54,15 @@ def union_limit(tokens: int, heads_per_group: int, head_dim: int, block_size: in
         return f"{tokens} tokens x {heads_per_group} heads a group exceed a 128-row tile (two warpgroups)"
     if head_dim > 128:
         return f"head dim {head_dim}: the tile's O and S accumulators fit in registers up to 128"
-    smem = union_shared_bytes(tokens, heads_per_group, head_dim, block_size, topk, stages, splits)
+    smem = union_shared_bytes(tokens, head_dim, block_size, topk, stages, splits)
     if smem > SMEM_LIMIT:
         return f"{smem} bytes of shared memory at {stages} stages (at most {SMEM_LIMIT})"
     return None
 
 
-def union_ctas_per_sm(tokens: int, heads_per_group: int, head_dim: int, block_size: int, topk: int,
-                      stages: int) -> int:
+def union_ctas_per_sm(tokens: int, head_dim: int, block_size: int, topk: int, stages: int) -> int:
     """CTAs of :func:`decode_union_roles_program` an SM's shared memory holds (228 KB, 1 KB of it reserved a CTA)."""
-    smem = union_shared_bytes(tokens, heads_per_group, head_dim, block_size, topk, stages)
+    smem = union_shared_bytes(tokens, head_dim, block_size, topk, stages)
     return max(1, 228 * 1024 // (smem + 1024))
 
 
@@ -75,14 +73,14 @@ def union_splits(units: int, tokens: int, topk: int, sms: int, ctas_per_sm: int 
     return max(1, min(tokens * topk, ctas_per_sm * sms // units))
 
 
-def union_prologue_macro(tokens: int, topk: int, block_size: int, threads: int, sync):
+def union_prologue_macro(tokens: int, topk: int, block_size: int):
     """Macro ``prologue(Indices, SeqLens, Ids_s, First_s, Bits_s, UIdx_s, UBits_s, b, g, chunk, p, n_q, cur, bits,
-    first, rank, total)`` run by threads p < ``threads`` (``sync()`` their barrier): the union of chunk ``chunk``'s
+    first, rank, total)`` run by the producer's 128 threads p (named barrier 5 between its steps): the union of chunk ``chunk``'s
     chosen blocks of row b, group g into UIdx_s [count] (first-occurrence order) with each block's tokens, a bit
     each, in UBits_s; every thread ends with the count in ``total[0]``. ``cur`` .. ``total``: [1] int32 locals. An
     id past the row's last block, or negative, is dropped; an id chosen twice counts once. Each entry looks at every
     other one (tokens x topk of them, 128 at the paper's draft-8 shape): ~2 x 128 shared loads a thread."""
-    UM = tokens * topk
+    UM, threads = tokens * topk, 128
     per_thread = -(-UM // threads)
 
     @T.macro
@@ -94,7 +92,7 @@ def union_prologue_macro(tokens: int, topk: int, block_size: int, threads: int, 
                                         Indices[b, T.min(chunk * tokens + (j * threads + p) // topk, n_q - 1), g,
                                                 (j * threads + p) % topk], -1)
                 Ids_s[j * threads + p] = T.if_then_else(cur[0] <= (SeqLens[b] - 1) // block_size, cur[0], -1)
-        sync()
+        T.sync_threads(5, threads)
         for j in T.serial(per_thread):  # first occurrences, and the tokens that chose each id
             if j * threads + p < UM:
                 cur[0] = Ids_s[j * threads + p]
@@ -107,7 +105,7 @@ def union_prologue_macro(tokens: int, topk: int, block_size: int, threads: int, 
                             first[0] = 0
                 First_s[j * threads + p] = T.if_then_else(cur[0] >= 0, first[0], 0)
                 Bits_s[j * threads + p] = bits[0]
-        sync()
+        T.sync_threads(5, threads)
         for j in T.serial(per_thread):  # the union, in first-occurrence order
             if j * threads + p < UM:
                 rank[0] = 0
@@ -159,11 +157,7 @@ def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_siz
     all_tokens = (1 << TC) - 1
     producer_regs, consumer_regs = _CONSUMER_REGS[consumers]
 
-    @T.macro
-    def producer_sync():
-        T.sync_threads(5, 128)
-
-    prologue = union_prologue_macro(TC, topk, Bk, 128, producer_sync)
+    prologue = union_prologue_macro(TC, topk, Bk)
 
     def member(bits, row):
         return (bits >> T.min(row // R, 31)) & 1
