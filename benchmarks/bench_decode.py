@@ -1,6 +1,7 @@
 """MSA decode steps against dense decode over the same cache, timed in one process.
 
     python -m benchmarks.bench_decode [--cases paper|grid|all|none] [--scan-sweep] [--fp8-quality] [--radix]
+                                      [--ab VARIANT ... [--ab-cases NxBxS ...]]
 
 Paper shape: Hq=64, G=4, D=Di=128, Bk=128 (= page size), k=16, bf16, pages in random order; index keys bf16 and
 FP8 (e4m3 codes and a scale per token, from the same keys). Each step is timed as
@@ -18,8 +19,11 @@ grid, batch 8 / 32 / 64 / 128 x context 1K-200K, 8 queries a request (the whole 
 and said so. ``--scan-sweep`` times the scan's blocks_per_cta x num_stages (x pages, FP8), bf16 and FP8 keys, at three sizes,
 and the top-k's warps x unroll at 128K and 1M; ``--fp8-quality``
 measures the FP8 selection's recall of the bf16 one and both outputs' error against the float64 reference (random
-keys; B = 1, S = 8, 128K and 1M). Writes ``decode.csv``
-(and ``decode_scan_sweep.csv``).
+keys; B = 1, S = 8, 128K and 1M). ``--ab`` times named plan variants (``AB_VARIANTS``: the union attention for
+draft tokens, PDL, the scan's shuffle max, the radix top-k, rows in waves) against the default plan in interleaved
+rounds, the whole step and, for attention variants, the attention alone on the plan's selection (random keys: a
+row's tokens barely share blocks) and at S > 1 on a correlated one (every token takes token 0's blocks). Writes
+``decode.csv`` (and ``decode_scan_sweep.csv``, ``decode_ab.csv``).
 """
 
 import argparse
@@ -255,12 +259,76 @@ def select_sweep(gen):
     print(f"wrote {sweep.write_csv()}")
 
 
+# --ab: plan options against the default plan, by name
+AB_VARIANTS = {"union": dict(attention_config=dict(union=True)), "union-4": dict(attention_config=dict(union=True, tokens=4)),
+               "pipelined": dict(attention_config=dict(pipelined=True)), "pdl": dict(pdl=True),
+               "keys_major": dict(scores_config=dict(keys_major=True)),
+               "shuffle_max": dict(scores_config=dict(keys_major=True, shuffle_max=True)), "radix": dict(topk_config=dict(radix=True)),
+               "waves2": dict(waves=2), "waves4": dict(waves=4)}
+AB_CASES = [(1024, 128, 8), (8192, 128, 8), (32768, 32, 8), (131072, 8, 8), (131072, 32, 8), (1 << 20, 8, 8),
+            (131072, 1, 1), (1 << 20, 1, 1)]
+
+
+def correlated_indices(indices):
+    """Every token of a row takes token 0's blocks (valid for the later tokens, which see at least as far)."""
+    return indices[:, :1].expand_as(indices).contiguous()
+
+
+def variants_ab(cases, variants, gen, rounds=2):
+    """Each named plan variant against the default plan, in ``rounds`` interleaved rounds, with dense in the same
+    process: the whole step, and the attention alone where the variant changes it (on the plan's selection, and at
+    S > 1 on a correlated one where every token takes token 0's blocks). Outputs are compared with the default's."""
+    ab = BenchTable("decode_ab")
+    for N, B, S in cases:
+        if cache_bytes(N, B) * 1.2 > torch.cuda.mem_get_info()[0]:
+            print(f"A/B N={N} B={B} S={S}: skipped, the cache does not fit", flush=True)
+            continue
+        table, seqlens, k_pages, v_pages, k_idx_pages, q, q_idx = paged_cache(N, B, S, gen)
+        dense_ms, dense_name, _ = dense_decode_ms(q, k_pages, v_pages, N, 300)
+        plans = {name: DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI,
+                                  block_size=BK, topk=TOPK, **options)
+                 for name, options in [("default", {})] + [(v, AB_VARIANTS[v]) for v in variants]
+                 if (S > 1 or not options.get("attention_config", {}).get("union"))  # union: draft tokens only
+                 and B % options.get("waves", 1) == 0}
+        want = plans["default"].run(q, q_idx, k_pages, v_pages, k_idx_pages)
+        selections = {"random": want[2]}
+        if S > 1:
+            selections["correlated"] = correlated_indices(want[2])
+        for name, plan in plans.items():
+            got = plan.run(q, q_idx, k_pages, v_pages, k_idx_pages)
+            same_indices = torch.equal(got[2], want[2])
+            o_diff = (got[0].float() - want[0].float()).abs().max().item()
+            for round_ in range(rounds):
+                step_ms = graph_ms(lambda: plan.run(q, q_idx, k_pages, v_pages, k_idx_pages), 300)
+                row = dict(what="decode A/B", B=B, N=N, S=S, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, variant=name,
+                           round=round_, step_us=step_ms * 1e3, dense_us=dense_ms * 1e3, dense_backend=dense_name,
+                           step_speedup=dense_ms / step_ms, same_indices=same_indices, max_o_diff=o_diff,
+                           splits=getattr(plan, "splits", None))
+                attends = name == "default" or "attention_config" in AB_VARIANTS.get(name, {})
+                for kind, chosen in selections.items():
+                    if attends and plan.waves == 1:
+                        row[f"attend_{kind}_us"] = graph_ms(lambda: plan.attend(q, k_pages, v_pages, chosen),
+                                                            300) * 1e3
+                ab.add(**row)
+                attend = ", ".join(f"attention {k} {row[f'attend_{k}_us']:.1f} us" for k in selections
+                                   if f"attend_{k}_us" in row)
+                print(f"A/B N={N:8d} B={B:3d} S={S} {name:12s} round {round_}: step {row['step_us']:7.1f} us "
+                      f"({row['step_speedup']:.2f}x dense {row['dense_us']:.1f} us {dense_name}){'; ' + attend if attend else ''}"
+                      f"; same indices {same_indices}, max |o - default| {o_diff:.2e}", flush=True)
+        del plans, table, k_pages, v_pages, k_idx_pages, want
+        torch.cuda.empty_cache()
+    print(f"wrote {ab.write_csv()}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", choices=("paper", "grid", "all", "none"), default="paper")
     parser.add_argument("--scan-sweep", action="store_true")
     parser.add_argument("--fp8-quality", action="store_true", help="FP8 selection recall and output error, 128K, 1M")
     parser.add_argument("--radix", action="store_true", help="each index mode again with the radix-select top-k")
+    parser.add_argument("--ab", nargs="+", metavar="VARIANT", choices=sorted(AB_VARIANTS),
+                        help="plan variants timed against the default plan (steps, and the attention alone)")
+    parser.add_argument("--ab-cases", nargs="+", metavar="NxBxS", help="the A/B's cases (default: AB_CASES)")
     args = parser.parse_args()
     modes = {**INDEX_MODES, **(RADIX_MODES if args.radix else {})}
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -268,6 +336,9 @@ def main():
     table = BenchTable("decode")
     table.add(what="ceiling: device copy 1 GiB (read + write)", rate=copy_gbs, unit="GB/s")
     print(f"device copy: {copy_gbs:.0f} GB/s", flush=True)
+    if args.ab:
+        cases = [tuple(map(int, c.split("x"))) for c in args.ab_cases] if args.ab_cases else AB_CASES
+        variants_ab(cases, args.ab, gen)
     if args.scan_sweep:
         scan_sweep(copy_gbs, gen)
         select_sweep(gen)

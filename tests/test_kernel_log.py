@@ -30,3 +30,24 @@ def test_compiled_kernels_are_logged_once_and_resolve(tmp_path, monkeypatch):
     ]
     assert [tl_compile.builder_by_name(e["builder"]) for e in entries] == [scheduler.histogram_program,
                                                                           scheduler.plan_program]
+
+
+def test_a_decode_plan_built_on_the_cpu_lists_the_kernels_a_hopper_gpu_would_compile(tmp_path):
+    """benchmarks.precompile.collect_kernels: a plan built from CPU tensors records its four kernels once each, with
+    the split count a 132-SM GPU gives, and compiles nothing."""
+    import torch
+
+    from benchmarks.precompile import collect_kernels
+    from msa_tl.decode.attention import attention_splits
+    from msa_tl.decode.plan import DecodePlan
+
+    log = tmp_path / "kernels.jsonl"
+    table, seqlens = torch.zeros(8, 1024, dtype=torch.int32), torch.full((8,), 131072, dtype=torch.int32)
+    shape = dict(queries=8, heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
+    with collect_kernels(str(log), sms=132):
+        for _ in range(2):
+            plan = DecodePlan(table, seqlens, **shape)
+    builders = [json.loads(line)["builder"].split(":")[1] for line in log.read_text().splitlines()]
+    assert sorted(builders) == ["decode_attention_program", "decode_combine_program", "decode_scores_program",
+                                "decode_topk_program"]
+    assert plan.splits == attention_splits(8, 8, 4, 128, 128, 16, sms=132)
