@@ -33,12 +33,12 @@ def test_compiled_kernels_are_logged_once_and_resolve(tmp_path, monkeypatch):
 
 
 def test_a_decode_plan_built_on_the_cpu_lists_the_kernels_a_hopper_gpu_would_compile(tmp_path):
-    """benchmarks.precompile.collect_kernels: a plan built from CPU tensors records its four kernels once each, with
-    the split count a 132-SM GPU gives, and compiles nothing."""
+    """benchmarks.precompile.collect_kernels: a plan built from CPU tensors records its four kernels once each (the
+    union attention: eight draft tokens), with the split count a 132-SM GPU gives, and compiles nothing."""
     import torch
 
     from benchmarks.precompile import collect_kernels
-    from msa_tl.decode.attention import attention_splits
+    from msa_tl.decode.attention import attention_defaults, attention_splits
     from msa_tl.decode.plan import DecodePlan
 
     log = tmp_path / "kernels.jsonl"
@@ -48,6 +48,7 @@ def test_a_decode_plan_built_on_the_cpu_lists_the_kernels_a_hopper_gpu_would_com
         for _ in range(2):
             plan = DecodePlan(table, seqlens, **shape)
     builders = [json.loads(line)["builder"].split(":")[1] for line in log.read_text().splitlines()]
-    assert sorted(builders) == ["decode_attention_program", "decode_combine_program", "decode_scores_program",
-                                "decode_topk_program"]
-    assert plan.splits == attention_splits(8, 8, 4, 128, 128, 16, sms=132)
+    assert sorted(builders) == ["decode_combine_program", "decode_scores_program", "decode_topk_program",
+                                "decode_union_roles_program"]
+    defaults = attention_defaults(dict(shape, batch=8), sms=132)
+    assert plan.splits == attention_splits(8, 8, 4, 128, 128, 16, sms=132, **defaults) == 2  # 64 CTAs of 4 tokens

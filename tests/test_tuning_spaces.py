@@ -140,6 +140,9 @@ def test_decode_programs_default_to_what_the_plan_picks_and_key_on_batch_and_que
         assert all(defaults[k] == tiling[k] for k in ("blocks_per_cta", "num_stages", "keys_major"))
     if program == "decode_topk":
         assert defaults["warps"] == decode_topk.topk_warps(seq // 128) and defaults["radix"] is False
+    if program == "decode_attention":  # draft tokens attend the union of their blocks; 4 a CTA at 32 CTAs of 8
+        assert defaults["union"] == (queries > 1)
+        assert defaults["tokens"] == (4 if queries > 1 and batch * 4 < 132 else 8)
     key = shape_key(program, shape)
     assert f"batch={batch}" in key and f"queries={queries}" in key
     assert key != shape_key(program, dict(shape, batch=batch + 1))
@@ -187,3 +190,19 @@ def test_the_decode_attention_searches_the_union_only_where_a_row_has_several_to
     assert "as tokens=8 does" in space.reject(dict(unions[0], tokens=16), drafts)
     assert "128-row" in space.reject(dict(unions[0], tokens=16), dict(drafts, queries=16))  # 16 x 16 rows
     assert "as tokens=4 does" in space.reject(dict(unions[0], tokens=8), dict(drafts, queries=3))
+
+
+def test_the_decode_attention_defaults_to_the_union_for_draft_tokens_where_it_fits():
+    """Per pair at one token a row; the union at several, 8 tokens a CTA where 8-token CTAs fill 132 SMs and 4 where
+    they would not; per pair again where no union tile holds a chunk's rows (64 heads a group at D = 128: even 4
+    tokens are 256 rows) or the head dim is past the union kernel's."""
+    from msa_tl.decode.attention import attention_defaults
+
+    shape = dict(PAPER, batch=8, queries=8)
+    assert not attention_defaults(dict(shape, queries=1))["union"]
+    assert attention_defaults(shape)["union"] and attention_defaults(shape)["tokens"] == 4  # 32 CTAs of 8 tokens
+    assert attention_defaults(dict(shape, batch=64))["tokens"] == 8  # 256 CTAs
+    assert attention_defaults(dict(shape, batch=64), sms=512)["tokens"] == 4
+    assert attention_defaults(dict(shape, queries=2))["union"]
+    assert not attention_defaults(dict(shape, heads=256))["union"]  # R = 64
+    assert not attention_defaults(dict(shape, head_dim=256))["union"]

@@ -33,6 +33,26 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+def attention_defaults(shape: dict, sms: int = HOPPER_SMS) -> dict:
+    """The config the decode attention runs at ``shape`` (batch, queries, heads, groups, head_dim, block_size, topk)
+    without a tuned one: with several newest tokens a row the union kernel, 8 tokens a CTA where those CTAs (batch x
+    groups x chunks of 8) fill the ``sms`` SMs, else 4 (twice the CTAs); with one token a row, or a layout the union
+    kernel does not take, the per-pair kernel. On the H100 at S = 8 (benchmarks/NOTES.md, session 22) the union
+    steps were 1.08-3.9x the per-pair ones, and 4 tokens beat 8 by 4-5% only where 8 left SMs idle."""
+    config = dict(DECODE_ATTENTION_DEFAULTS)
+    queries = shape.get("queries", 1)
+    if queries == 1:
+        return config
+    dims = (shape["head_dim"], shape["block_size"], shape["topk"], config["num_stages"])
+    fits = [t for t in (8, 4) if union_limit(union_tokens(t, queries), shape["heads"] // shape["groups"], *dims) is None]
+    if not fits:
+        return config
+    idle = shape.get("batch", 1) * shape["groups"] * math.ceil(queries / 8) < sms
+    tokens = 4 if idle and 4 in fits else fits[0]
+    ctas = min(config["ctas_per_sm"], union_ctas_per_sm(union_tokens(tokens, queries), *dims))
+    return dict(config, union=True, tokens=tokens, ctas_per_sm=ctas)
+
+
 def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float, splits: int,
                       threads: int, num_stages: int, dtype: str, pipelined: bool, pdl: bool = False):
     """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
@@ -234,7 +254,7 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
     [B, max_pages] int32; seqlens [B] int32 (each >= S); indices [B, S, G, topk] int32 (-1 = unused; after the
     used slots if ``pipelined``) -> (o [B, S, Hq, D] in q's dtype, lse [B, S, Hq] float32). ``splits`` (default
     :func:`attention_splits`) CTAs share each (token, group) pair's slots, or with ``union`` each chunk's union of
-    blocks; ``config``: :data:`DECODE_ATTENTION_DEFAULTS` knobs.
+    blocks; ``config``: :data:`DECODE_ATTENTION_DEFAULTS` knobs over :func:`attention_defaults`.
     """
     B, S, Hq, D = q.shape
     G, topk = k_pages.shape[2], indices.shape[3]
@@ -242,6 +262,8 @@ def decode_attention(q, k_pages, v_pages, block_table, seqlens, indices, block_s
         raise ValueError(f"decode attention reads pages of one block: page size {k_pages.shape[1]} != block size "
                          f"{block_size}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    shape = dict(batch=B, queries=S, heads=Hq, groups=G, head_dim=D, block_size=block_size, topk=topk)
+    config = {**attention_defaults(shape, sm_count(q.device)), **config}
     splits = splits or attention_splits(B, S, G, D, block_size, topk, q.device, **config)
     R = Hq // G
     o_part = torch.empty((B, S * G, splits, R, D), device=q.device, dtype=torch.float32)
@@ -293,7 +315,11 @@ def _reject_attention(config: dict, shape: dict):
         f"{config['ctas_per_sm']} CTAs an SM: {fit} fit" if config["ctas_per_sm"] > fit else None)
 
 
+def _tuning_defaults(shape: dict) -> dict:
+    return {k: v for k, v in attention_defaults(shape).items() if k in DECODE_ATTENTION_KNOBS}
+
+
 DECODE_ATTENTION_TUNING = TunableProgram(
     name="decode_attention", dims=DECODE_DIMS["attention"],
-    defaults={k: DECODE_ATTENTION_DEFAULTS[k] for k in DECODE_ATTENTION_KNOBS}, knobs=DECODE_ATTENTION_KNOBS,
+    defaults=_tuning_defaults, knobs=DECODE_ATTENTION_KNOBS,
     reject=_reject_attention, compile_units=_attention_units, gpu_trial=_attention_trial)

@@ -25,11 +25,11 @@ import math
 
 import torch
 
-from msa_tl.decode.attention import attention_kernel, attention_splits, decode_combine_program
+from msa_tl.decode.attention import attention_defaults, attention_kernel, attention_splits, decode_combine_program
 from msa_tl.decode.rescore import rescore_kernels
 from msa_tl.decode.scores import scan_kernel
 from msa_tl.decode.topk import topk_kernel
-from msa_tl.tl_compile import compiled_kernel, tl_dtype
+from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tuning.cache import tuned_config
 
 
@@ -103,7 +103,8 @@ class DecodePlan:
                          **launch, **(scores_config or {})}
         topk_config = {**tuned_config("decode_topk", dict(tuning, topk=slots), {}, device), **launch,
                        **(topk_config or {})}
-        attention_config = {**tuned_config("decode_attention", tuning, {}, device), **launch,
+        defaults = attention_defaults(tuning, sm_count(device))
+        attention_config = {**tuned_config("decode_attention", tuning, defaults, device), **launch,
                             **(attention_config or {})}
         self.splits = splits or attention_splits(B, queries, groups, head_dim, block_size, topk, device,
                                                  **attention_config)

@@ -31,6 +31,11 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+def _is_nan(x):
+    """NaN by its bits: TileLang folds ``x != x`` to false, and fast math may fold ``isnan``."""
+    return (T.reinterpret("uint32", x) & T.uint32(0x7FFFFFFF)) > T.uint32(0x7F800000)
+
+
 def union_tile_rows(tokens: int, heads_per_group: int) -> int:
     """Rows of a CTA's query tile: ``tokens`` x R, padded to a multiple of 64 (a warpgroup's wgmma M)."""
     return -(-tokens * heads_per_group // 64) * 64
@@ -309,7 +314,7 @@ def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_siz
             if pass_ == 0:
                 T.reduce_sum(acc_o, row_check, dim=1)  # NaN where the row holds a NaN (or both infinities)
                 for i in T.Parallel(M):
-                    if c * M + i < TC * R and row_check[i] != row_check[i]:
+                    if c * M + i < TC * R and _is_nan(row_check[i]):
                         Poison_s[T.min((c * M + i) // R, TC - 1)] = 1
                 T.sync_threads(6, threads)
 
