@@ -1,7 +1,7 @@
 """MSA decode steps against dense decode over the same cache, timed in one process.
 
     python -m benchmarks.bench_decode [--cases paper|grid|all|none] [--scan-sweep] [--fp8-quality] [--radix]
-                                      [--ab VARIANT ... [--ab-cases NxBxS ...]]
+                                      [--ab VARIANT ... [--ab-cases NxBxS ...] [--ab-index bf16|fp8|fp8+rescore]]
 
 Paper shape: Hq=64, G=4, D=Di=128, Bk=128 (= page size), k=16, bf16, pages in random order; index keys bf16 and
 FP8 (e4m3 codes and a scale per token, from the same keys). Each step is timed as
@@ -274,34 +274,38 @@ def correlated_indices(indices):
     return indices[:, :1].expand_as(indices).contiguous()
 
 
-def variants_ab(cases, variants, gen, rounds=2):
+def variants_ab(cases, variants, gen, rounds=2, index="bf16"):
     """Each named plan variant against the default plan, in ``rounds`` interleaved rounds, with dense in the same
     process: the whole step, and the attention alone where the variant changes it (on the plan's selection, and at
-    S > 1 on a correlated one where every token takes token 0's blocks). Outputs are compared with the default's."""
+    S > 1 on a correlated one where every token takes token 0's blocks). Outputs are compared with the default's.
+    ``index``: the index keys every plan scores (an :data:`INDEX_MODES` name)."""
+    base = INDEX_MODES[index]
     ab = BenchTable("decode_ab")
     for N, B, S in cases:
         if cache_bytes(N, B) * 1.2 > torch.cuda.mem_get_info()[0]:
             print(f"A/B N={N} B={B} S={S}: skipped, the cache does not fit", flush=True)
             continue
         table, seqlens, k_pages, v_pages, k_idx_pages, q, q_idx = paged_cache(N, B, S, gen)
+        keys, exact = mode_keys(base, k_idx_pages, *quantize_fp8(k_idx_pages))
+        step = lambda plan: run_plan(plan, q, q_idx, k_pages, v_pages, keys, exact)  # noqa: E731
         dense_ms, dense_name, _ = dense_decode_ms(q, k_pages, v_pages, N, 300)
         plans = {name: DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI,
-                                  block_size=BK, topk=TOPK, **options)
+                                  block_size=BK, topk=TOPK, **base, **options)
                  for name, options in [("default", {})] + [(v, AB_VARIANTS[v]) for v in variants]
                  if (S > 1 or not options.get("attention_config", {}).get("union"))  # union: draft tokens only
                  and B % options.get("waves", 1) == 0}
-        want = plans["default"].run(q, q_idx, k_pages, v_pages, k_idx_pages)
+        want = step(plans["default"])
         selections = {"random": want[2]}
         if S > 1:
             selections["correlated"] = correlated_indices(want[2])
         for name, plan in plans.items():
-            got = plan.run(q, q_idx, k_pages, v_pages, k_idx_pages)
+            got = step(plan)
             same_indices = torch.equal(got[2], want[2])
             o_diff = (got[0].float() - want[0].float()).abs().max().item()
             for round_ in range(rounds):
-                step_ms = graph_ms(lambda: plan.run(q, q_idx, k_pages, v_pages, k_idx_pages), 300)
-                row = dict(what="decode A/B", B=B, N=N, S=S, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, variant=name,
-                           round=round_, step_us=step_ms * 1e3, dense_us=dense_ms * 1e3, dense_backend=dense_name,
+                step_ms = graph_ms(lambda: step(plan), 300)
+                row = dict(what="decode A/B", B=B, N=N, S=S, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, index_dtype=index,
+                           variant=name, round=round_, step_us=step_ms * 1e3, dense_us=dense_ms * 1e3, dense_backend=dense_name,
                            step_speedup=dense_ms / step_ms, same_indices=same_indices, max_o_diff=o_diff,
                            splits=getattr(plan, "splits", None))
                 attends = name == "default" or "attention_config" in AB_VARIANTS.get(name, {})
@@ -312,10 +316,10 @@ def variants_ab(cases, variants, gen, rounds=2):
                 ab.add(**row)
                 attend = ", ".join(f"attention {k} {row[f'attend_{k}_us']:.1f} us" for k in selections
                                    if f"attend_{k}_us" in row)
-                print(f"A/B N={N:8d} B={B:3d} S={S} {name:12s} round {round_}: step {row['step_us']:7.1f} us "
+                print(f"A/B N={N:8d} B={B:3d} S={S} {index} {name:12s} round {round_}: step {row['step_us']:7.1f} us "
                       f"({row['step_speedup']:.2f}x dense {row['dense_us']:.1f} us {dense_name}){'; ' + attend if attend else ''}"
                       f"; same indices {same_indices}, max |o - default| {o_diff:.2e}", flush=True)
-        del plans, table, k_pages, v_pages, k_idx_pages, want
+        del plans, table, k_pages, v_pages, k_idx_pages, want, keys, exact
         torch.cuda.empty_cache()
     print(f"wrote {ab.write_csv()}")
 
@@ -329,6 +333,8 @@ def main():
     parser.add_argument("--ab", nargs="+", metavar="VARIANT", choices=sorted(AB_VARIANTS),
                         help="plan variants timed against the default plan (steps, and the attention alone)")
     parser.add_argument("--ab-cases", nargs="+", metavar="NxBxS", help="the A/B's cases (default: AB_CASES)")
+    parser.add_argument("--ab-index", choices=sorted(INDEX_MODES), default="bf16",
+                        help="the index keys every plan of the A/B scores")
     args = parser.parse_args()
     modes = {**INDEX_MODES, **(RADIX_MODES if args.radix else {})}
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -338,7 +344,7 @@ def main():
     print(f"device copy: {copy_gbs:.0f} GB/s", flush=True)
     if args.ab:
         cases = [tuple(map(int, c.split("x"))) for c in args.ab_cases] if args.ab_cases else AB_CASES
-        variants_ab(cases, args.ab, gen)
+        variants_ab(cases, args.ab, gen, index=args.ab_index)
     if args.scan_sweep:
         scan_sweep(copy_gbs, gen)
         select_sweep(gen)

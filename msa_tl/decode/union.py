@@ -33,7 +33,7 @@ _LN2 = 0.6931471805599453
 
 def _is_nan(x):
     """NaN by its bits: TileLang folds ``x != x`` to false, and fast math may fold ``isnan``."""
-    return (T.reinterpret("uint32", x) & T.uint32(0x7FFFFFFF)) > T.uint32(0x7F800000)
+    return (T.reinterpret(x, "uint32") & T.uint32(0x7FFFFFFF)) > T.uint32(0x7F800000)
 
 
 def union_tile_rows(tokens: int, heads_per_group: int) -> int:
