@@ -1,6 +1,6 @@
 """Main branch and end-to-end MSA forward against fla's parallel_nsa and dense cuDNN, all timed in one process.
 
-    python -m benchmarks.bench_main [--seq-lens 32768 131072 1048576] [--sweep 131072]
+    python -m benchmarks.bench_main [--seq-lens 32768 131072 1048576] [--sweep 131072] [--small-items 131072]
 
 Paper shape: B=1, Hq=64, G=4, D=Di=128, Bk=128, k=16, bf16. Selections:
 "random" (the index kernels on random projections) and "realistic" (first
@@ -10,7 +10,9 @@ the bytes this design must move (Q gathers, K/V loads, partials written and
 read back, O and LSE) are set against the copy bandwidth and the GEMM rate
 measured in the same run, as % of the stage's floor. ``--sweep N`` also times
 the attention and schedule knobs at N, each varied alone, in interleaved rounds
-(median and spread; each variant's output against the default's). Writes ``main_branch.csv``.
+(median and spread; each variant's output against the default's). ``--small-items N`` times the attention kernel
+alone at work items of 16-256 queries, per-item and persistent (what partials kept in the L2 would cost in items).
+Writes ``main_branch.csv``.
 """
 
 import argparse
@@ -72,42 +74,54 @@ def fla_selected_attention():
     return lambda q, k, v, idx: ParallelNSAFunction.apply(q, k, v, idx.clamp(min=0).long(), TOPK, BK, D ** -0.5, None)
 
 
-def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk"]):
-    """Each forward stage of the KV-outer path timed over all query chunks (its default kernels; no shared tiles),
-    with the bytes it must move and its floor."""
+def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_queries"], persistent=None):
+    """The KV-outer attention kernel alone over every query chunk of ``chunk`` queries, its schedules built once:
+    (run, partials [B, chunk * G, k, R, D] bf16, LSE partials, the chunk starts, entries, items). ``persistent``:
+    None takes the default (dropped where it does not fit), else as asked."""
     N = q.shape[1]
-    chunk = min(N, chunk)
     starts = list(range(0, N, chunk))
     nblk = math.ceil(N / BK)
-    scheds = [Schedule(B, G, nblk, chunk, TOPK, SCHEDULE_TUNABLES["item_queries"], "cuda") for _ in starts]
+    scheds = [Schedule(B, G, nblk, chunk, TOPK, item_queries, "cuda") for _ in starts]
     for sched, t0 in zip(scheds, starts):
         sched.build(idx, t0, min(chunk, N - t0))
-    config = without_unfit_persistent(attention_defaults(R, 2), None, R, D, BK, SCHEDULE_TUNABLES["item_queries"], 2)
+    asked = None if persistent is None else dict(persistent=persistent)
+    config = without_unfit_persistent(dict(attention_defaults(R, 2), **(asked or {})), asked, R, D, BK, item_queries,
+                                      2)
     if config["persistent"]:
         config["ctas"] = sm_count("cuda")
     att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
-                          scale=1.0 / math.sqrt(D), item_queries=SCHEDULE_TUNABLES["item_queries"], dtype="bfloat16",
+                          scale=1.0 / math.sqrt(D), item_queries=item_queries, dtype="bfloat16",
                           partial_dtype="bfloat16", **config)
     work = persistent_work(config["ctas"], len(starts), "cuda") if config["persistent"] else None
-    comb = compiled_kernel(persistent_combine_program, heads=HQ, head_dim=D, topk=TOPK, groups=G, dtype="bfloat16",
-                           partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS, ctas=sm_count("cuda")))
     op = torch.empty(B, chunk * G, TOPK, HQ // G, D, device="cuda", dtype=torch.bfloat16)
     lp = torch.full((B, chunk * G, TOPK, HQ // G), float("-inf"), device="cuda")
-    o, lse = torch.empty_like(q), torch.empty(B, N, HQ, device="cuda")
 
-    def attention():
+    def run():
         if work is not None:
             work.zero_()  # the persistent kernel's item counters start at 0
         for c, (sched, t0) in enumerate(zip(scheds, starts)):
             att(q, k, v, sched.items, sched.item_count, sched.entries, op.view(B, -1, D), lp.view(B, -1),
                 *([] if work is None else [work[c]]), t0)
 
+    items = sum(int(s.item_count.sum()) for s in scheds)
+    return run, op, lp, starts, scheds, items
+
+
+def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk"]):
+    """Each forward stage of the KV-outer path timed over all query chunks (its default kernels; no shared tiles),
+    with the bytes it must move and its floor."""
+    N = q.shape[1]
+    chunk = min(N, chunk)
+    attention, op, lp, starts, scheds, items = attention_stage(q, k, v, idx, chunk)
+    comb = compiled_kernel(persistent_combine_program, heads=HQ, head_dim=D, topk=TOPK, groups=G, dtype="bfloat16",
+                           partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS, ctas=sm_count("cuda")))
+    o, lse = torch.empty_like(q), torch.empty(B, N, HQ, device="cuda")
+
     def combine():
         for t0 in starts:
             comb(op, lp, o.view(B, N * HQ, D), lse.view(B, N * HQ), t0)
 
     entries = (idx >= 0).sum().item()  # (query, group, slot) entries
-    items = sum(int(s.item_count.sum()) for s in scheds)
     partial_bytes = entries * R * (D * 2 + 4)
     att_bytes = entries * R * D * 2 + items * 2 * BK * D * 2 + partial_bytes  # Q gathers, K/V, partials out
     comb_bytes = partial_bytes + B * N * HQ * (D * 2 + 4)
@@ -122,6 +136,30 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
         out[name] = dict(ms=ms, gbytes=nbytes / 1e9, floor_ms=floor, pct_of_floor=100 * floor / ms if floor else None,
                          tbps=nbytes / ms / 1e9, tflops=nflops / ms / 1e9 if nflops else None)
     return out
+
+
+def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), rounds=3):
+    """The attention kernel alone over every chunk (the default chunk) with work items of ``item_sizes`` queries,
+    per-item CTAs and persistent, in interleaved rounds: what a design whose items are a few queries of a block
+    (partials kept in the L2: chunks of ~400-500 queries choose ~8-16 queries a block at 128K) would pay for them."""
+    chunk = min(q.shape[1], SCHEDULE_TUNABLES["query_chunk"])
+    flops = main_branch_flops(idx)
+    runs = {}
+    for iq in item_sizes:
+        for persistent in (False, True):
+            try:
+                runs[iq, persistent] = (attention_stage(q, k, v, idx, chunk, iq, persistent)[0], [])
+            except ValueError as err:  # a build the kernel rejects (shared memory)
+                print(f"  items {iq:4d} {'persistent' if persistent else 'per-item'}: skipped: {err}", flush=True)
+    for _ in range(rounds):
+        for run, times in runs.values():
+            times.append(time_ms(run, rep_ms=500))
+    for (iq, persistent), (_, times) in runs.items():
+        ms = statistics.median(times)
+        label = "persistent" if persistent else "per-item"
+        table.add(**row, what=f"small items: attention alone, {iq} queries an item, {label}", selection=kind, ms=ms,
+                  ms_min=min(times), ms_max=max(times), rounds=rounds, tflops=flops / ms / 1e9)
+        print(f"  items {iq:4d} {label:<10} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f})", flush=True)
 
 
 def sweep_variants():
@@ -163,6 +201,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072, 1048576])
     parser.add_argument("--sweep", type=int, nargs="*", default=[], help="lengths at which to sweep the knobs")
+    parser.add_argument("--small-items", type=int, nargs="*", default=[],
+                        help="lengths at which to time the attention alone at small work items")
     parser.add_argument("--no-dense", action="store_true", help="skip dense cuDNN (its 1M forward takes ~40 s)")
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
@@ -195,6 +235,8 @@ def main(argv=None):
                           f"floor {r['floor_ms']:6.2f} ms ({r['pct_of_floor'] or 0:.0f}%)", flush=True)
             if N in args.sweep:
                 sweep(table, row, q, k, v, idx, kind)
+            if N in args.small_items:
+                small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
