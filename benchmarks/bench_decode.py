@@ -19,8 +19,8 @@ grid, batch 8 / 32 / 64 / 128 x context 1K-200K, 8 queries a request (the whole 
 and said so. ``--scan-sweep`` times the scan's blocks_per_cta x num_stages (x pages, FP8), bf16 and FP8 keys, at three sizes,
 and the top-k's warps x unroll at 128K and 1M; ``--fp8-quality``
 measures the FP8 selection's recall of the bf16 one and both outputs' error against the float64 reference (random
-keys; B = 1, S = 8, 128K and 1M). ``--ab`` times named plan variants (``AB_VARIANTS``: the union attention for
-draft tokens, PDL, the scan's shuffle max, the radix top-k, rows in waves) against the default plan in interleaved
+keys; B = 1, S = 8, 128K and 1M). ``--ab`` times named plan variants (``AB_VARIANTS``: the draft tokens'
+attention per pair or over the union at 4 / 8 tokens a CTA and with idle consumers skipping, PDL, the scan's shuffle max, the radix top-k, rows in waves) against the default plan in interleaved
 rounds, the whole step and, for attention variants, the attention alone on the plan's selection (random keys: a
 row's tokens barely share blocks) and at S > 1 on a correlated one (every token takes token 0's blocks). Writes
 ``decode.csv`` (and ``decode_scan_sweep.csv``, ``decode_ab.csv``).
@@ -260,11 +260,19 @@ def select_sweep(gen):
 
 
 # --ab: plan options against the default plan, by name
-AB_VARIANTS = {"union": dict(attention_config=dict(union=True)), "union-4": dict(attention_config=dict(union=True, tokens=4)),
-               "pipelined": dict(attention_config=dict(pipelined=True)), "pdl": dict(pdl=True),
-               "keys_major": dict(scores_config=dict(keys_major=True)),
-               "shuffle_max": dict(scores_config=dict(keys_major=True, shuffle_max=True)), "radix": dict(topk_config=dict(radix=True)),
-               "waves2": dict(waves=2), "waves4": dict(waves=4)}
+AB_VARIANTS = {
+    "per-pair": dict(attention_config=dict(union=False)),  # S > 1: the attention before the union default
+    "union-4": dict(attention_config=dict(union=True, tokens=4)),
+    "union-8": dict(attention_config=dict(union=True, tokens=8)),
+    "union-8-skip": dict(attention_config=dict(union=True, tokens=8, skip_idle=True)),
+    "pipelined": dict(attention_config=dict(union=False, pipelined=True)),
+    "pdl": dict(pdl=True),
+    "keys_major": dict(scores_config=dict(keys_major=True)),
+    "shuffle_max": dict(scores_config=dict(keys_major=True, shuffle_max=True)),
+    "radix": dict(topk_config=dict(radix=True)),
+    "waves2": dict(waves=2),
+    "waves4": dict(waves=4),
+}
 AB_CASES = [(1024, 128, 8), (8192, 128, 8), (32768, 32, 8), (131072, 8, 8), (131072, 32, 8), (1 << 20, 8, 8),
             (131072, 1, 1), (1 << 20, 1, 1)]
 

@@ -602,10 +602,10 @@ UNION_DRAFTS = dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, s
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("config", [dict(UNION_DRAFTS, tokens=8),
+@pytest.mark.parametrize("config", [dict(UNION_DRAFTS, tokens=8), dict(UNION_DRAFTS, tokens=8, skip_idle=True),
                                     dict(groups=2, heads=8, head_dim=64, block_size=64, topk=5, scale=0.125, tokens=3,
                                          splits=3)],
-                         ids=["two-consumers-paper", "one-consumer-R4-D64"])
+                         ids=["two-consumers-paper", "two-consumers-skip-idle", "one-consumer-R4-D64"])
 def test_the_union_decode_attention_keeps_its_wgmma_asynchronous(config, tmp_path):
     """The union kernel's consumers run FlashAttention-3's order over the producer's ring, so as the prefill tile
     kernel: no wgmma serialised (C7511 / C7512 / C7514 / C7518; a branch TileLang splits around a wgmma draws

@@ -75,8 +75,8 @@ def test_decode_select_takes_the_local_block_and_the_best_earlier_ones(S, G, Bk,
 
 ATTENTION_VARIANTS = pytest.mark.parametrize(
     "variant", [dict(union=False), dict(union=False, pipelined=True), dict(union=True), dict(union=True, tokens=4),
-                dict(union=True, num_stages=1), {}],
-    ids=["per-pair", "per-pair-pipelined", "union", "union-4-tokens", "union-1-stage", "default"])
+                dict(union=True, num_stages=1), dict(union=True, skip_idle=True), {}],
+    ids=["per-pair", "per-pair-pipelined", "union", "union-4-tokens", "union-1-stage", "union-skip-idle", "default"])
 
 
 @ATTENTION_VARIANTS

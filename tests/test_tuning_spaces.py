@@ -190,6 +190,9 @@ def test_the_decode_attention_searches_the_union_only_where_a_row_has_several_to
     assert "as tokens=8 does" in space.reject(dict(unions[0], tokens=16), drafts)
     assert "128-row" in space.reject(dict(unions[0], tokens=16), dict(drafts, queries=16))  # 16 x 16 rows
     assert "as tokens=4 does" in space.reject(dict(unions[0], tokens=8), dict(drafts, queries=3))
+    skips = [c for c in unions if c["skip_idle"]]  # two consumers only (8 tokens of 16 heads)
+    assert skips and {c["tokens"] for c in skips} == {8}
+    assert "union's" in space.reject(dict(one[0], skip_idle=True), dict(drafts, queries=1))
 
 
 def test_the_decode_attention_defaults_to_the_union_for_draft_tokens_where_it_fits():

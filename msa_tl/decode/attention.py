@@ -19,16 +19,18 @@ import torch
 
 from msa_tl.attention.q_outer import attend_block_buffers, attend_block_macro
 from msa_tl.decode.union import (UNION_TOKENS, decode_union_roles_program, union_ctas_per_sm, union_limit,
-                                 union_splits, union_tokens)
+                                 union_splits, union_tile_rows, union_tokens)
 from msa_tl.tl_compile import compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import DECODE_DIMS, HOPPER_SMS, TunableProgram
 
 # ctas_per_sm sizes the splits (attention_splits), not the program: the CTAs of a step at about that many an SM.
 # union: the row's newest tokens attend together over the union of their blocks (msa_tl.decode.union; num_stages
-# is then its rings' depth); tokens: how many a CTA takes.
-DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False, ctas_per_sm=2, union=False, tokens=8)
+# is then its rings' depth); tokens: how many a CTA takes; skip_idle: with two consumer warpgroups, one whose tokens
+# did not choose a block releases it unread.
+DECODE_ATTENTION_DEFAULTS = dict(threads=128, num_stages=2, pipelined=False, ctas_per_sm=2, union=False, tokens=8,
+                                 skip_idle=False)
 DECODE_ATTENTION_KNOBS = dict(num_stages=(1, 2, 3), pipelined=(False, True), ctas_per_sm=(1, 2, 4),
-                              union=(False, True), tokens=UNION_TOKENS)  # tuner choices
+                              union=(False, True), tokens=UNION_TOKENS, skip_idle=(False, True))  # tuner choices
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -210,12 +212,13 @@ def attention_build(queries: int = 1, **config) -> tuple:
     ``ctas_per_sm`` was spent on ``splits``)."""
     config = {**DECODE_ATTENTION_DEFAULTS, **config}
     config.pop("ctas_per_sm")
-    union, tokens = config.pop("union"), config.pop("tokens")
+    union, tokens, skip_idle = config.pop("union"), config.pop("tokens"), config.pop("skip_idle")
     pipelined = config.pop("pipelined")
     if union:
         config.pop("threads")  # the union kernel sizes its own: a consumer warpgroup a 64 rows and a producer
         stages = config.pop("num_stages")
-        return decode_union_roles_program, dict(config, tokens=union_tokens(tokens, queries), stages=stages)
+        return decode_union_roles_program, dict(config, tokens=union_tokens(tokens, queries), stages=stages,
+                                                **(dict(skip_idle=True) if skip_idle else {}))
     builder = decode_attention_pipelined_program if pipelined else decode_attention_program
     return builder, config
 
@@ -302,6 +305,8 @@ def _reject_attention(config: dict, shape: dict):
         return "the pipelined build: TileLang hoists a barrier out of a branch with a shared-memory race left in it"
     queries = shape.get("queries", 1)
     if not config["union"]:
+        if config["skip_idle"]:
+            return "skip_idle is the union's"
         return "tokens sizes the union only" if config["tokens"] != DECODE_ATTENTION_DEFAULTS["tokens"] else None
     if queries == 1:
         return "one token a row: no union to share"
@@ -309,6 +314,8 @@ def _reject_attention(config: dict, shape: dict):
     if smaller and smaller[-1] >= queries:
         return f"tokens={config['tokens']} takes the row's {queries} tokens as tokens={smaller[-1]} does"
     tokens = union_tokens(config["tokens"], queries)
+    if config["skip_idle"] and union_tile_rows(tokens, shape["heads"] // shape["groups"]) <= 64:
+        return "skip_idle with one consumer: every block is its own (the same kernel as without)"
     dims = (shape["head_dim"], shape["block_size"], shape["topk"], config["num_stages"])
     fit = union_ctas_per_sm(tokens, *dims)
     return union_limit(tokens, shape["heads"] // shape["groups"], *dims) or (

@@ -134,7 +134,7 @@ _CONSUMER_REGS = {1: (104, 240), 2: (104, 200)}
 
 def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                                tokens: int = 8, splits: int = 1, stages: int = 2, dtype: str = "bfloat16",
-                               pdl: bool = False):
+                               pdl: bool = False, skip_idle: bool = False):
     """Q [B, S, Hq, D], K / V pages [num_pages, Bk, G, D], BlockTable [B, max_pages], SeqLens [B], Indices
     [B, S, G, topk] -> Opart [B, S*G, splits, R, D], Lpart [B, S*G, splits, R] (fp32; natural-log LSE); a CTA per
     (chunk of ``tokens`` tokens, split) x (row, group), its roles by hand as the shared-tile kernel's
@@ -145,7 +145,9 @@ def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_siz
     empty), so the loads run ahead of the MMAs: decode is bound by these bytes. One consumer warpgroup a 64 rows
     (one or two) attends each block in order. A token whose rows end holding a NaN goes again alone (the module
     docstring): the producer lists the split's blocks that token chose and streams them once more. ``pdl``:
-    programmatic dependent launch (:mod:`msa_tl.decode.plan`)."""
+    programmatic dependent launch (:mod:`msa_tl.decode.plan`). ``skip_idle``: a consumer none of whose tokens
+    chose a block only waits for it and releases it (no MMAs, no softmax): with two consumers and drafts that
+    share few blocks, each then attends about its own blocks and runs up to the rings' depth ahead of the other."""
     R, D, Bk, TC = heads // groups, head_dim, block_size, tokens
     unfit = union_limit(TC, R, D, Bk, topk, stages, splits)
     if unfit:
@@ -161,6 +163,11 @@ def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_siz
     scale_log2 = scale * _LOG2E
     all_tokens = (1 << TC) - 1
     producer_regs, consumer_regs = _CONSUMER_REGS[consumers]
+
+    def consumer_tokens(c):
+        """The tokens with a row in consumer c's M rows, a bit each (a token straddling two consumers is in both)."""
+        lo, hi = c * M // R, min((c * M + M - 1) // R, TC - 1)
+        return ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
 
     prologue = union_prologue_macro(TC, topk, Bk)
 
@@ -254,6 +261,46 @@ def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_siz
                                            T.exp2(acc_s[i, col] * scale_log2 - m[i] * scale_log2))
 
     @T.macro
+    def attend(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, list_s, lbits_s, j, token_mask, pos0, acc_s,
+               acc_p, acc_o, m, m_prev, rescale, l, n):
+        """Consumer c: listed block j at ring position n[0], its rows masked to its tokens in ``token_mask``: S, the
+        online softmax, P V."""
+        T.barrier_wait(full_k[n[0] % stages], (n[0] // stages) & 1)
+        T.wgmma_gemm(Q_c, ring_k[n[0] % stages, :, :], acc_s, transpose_B=True, clear_accum=True)
+        T.wait_wgmma(0)  # S [M, Bk]
+        T.barrier_arrive(empty_k[n[0] % stages])
+        T.copy(m, m_prev)
+        masked_max(c, acc_s, m, list_s[j], lbits_s[j] & token_mask, pos0, False)
+        for i in T.Parallel(M):  # no key yet (max -inf): keep the rescale finite
+            rescale[i] = T.if_then_else(m[i] == neg_inf, 1.0, T.exp2(m_prev[i] * scale_log2 - m[i] * scale_log2))
+        exponentiate(acc_s, m)
+        for i in T.Parallel(M):
+            l[i] *= rescale[i]
+        T.reduce_sum(acc_s, l, dim=1, clear=False)
+        T.copy(acc_s, acc_p)
+        for i, d in T.Parallel(M, D):
+            acc_o[i, d] *= rescale[i]
+        T.barrier_wait(full_v[n[0] % stages], (n[0] // stages) & 1)
+        T.wgmma_gemm(acc_p, ring_v[n[0] % stages, :, :], acc_o)
+        T.wait_wgmma(0)  # O [M, D]
+        T.barrier_arrive(empty_v[n[0] % stages])
+
+    @T.macro
+    def attend_or_release(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, list_s, lbits_s, j, token_mask,
+                          pos0, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n):
+        """:func:`attend` where one of consumer c's tokens chose the block; else wait for it to land (the other
+        consumer reads it; the producer may refill the stage only once both released it) and release it."""
+        mine = lbits_s[j] & token_mask & consumer_tokens(c)  # a let binding: TileLang keeps the branch whole (a
+        if mine != 0:  # wgmma in each piece of a split one serialises every wgmma of the kernel)
+            attend(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, list_s, lbits_s, j, token_mask, pos0,
+                   acc_s, acc_p, acc_o, m, m_prev, rescale, l, n)
+        else:
+            T.barrier_wait(full_k[n[0] % stages], (n[0] // stages) & 1)
+            T.barrier_arrive(empty_k[n[0] % stages])
+            T.barrier_wait(full_v[n[0] % stages], (n[0] // stages) & 1)
+            T.barrier_arrive(empty_v[n[0] % stages])
+
+    @T.macro
     def consume(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, nb, list_s, lbits_s, token_mask, pos0,
                 acc_s, acc_p, acc_o, m, m_prev, rescale, l, n):
         """Consumer c: the nb listed blocks from ring position n[0] on, into O [M, D], the row max and sum. Each
@@ -265,25 +312,12 @@ def decode_union_roles_program(groups: int, heads: int, head_dim: int, block_siz
         T.clear(l)
         T.fill(m, neg_inf)
         for j in T.serial(nb):
-            T.barrier_wait(full_k[n[0] % stages], (n[0] // stages) & 1)
-            T.wgmma_gemm(Q_c, ring_k[n[0] % stages, :, :], acc_s, transpose_B=True, clear_accum=True)
-            T.wait_wgmma(0)  # S [M, Bk]
-            T.barrier_arrive(empty_k[n[0] % stages])
-            T.copy(m, m_prev)
-            masked_max(c, acc_s, m, list_s[j], lbits_s[j] & token_mask, pos0, False)
-            for i in T.Parallel(M):  # no key yet (max -inf): keep the rescale finite
-                rescale[i] = T.if_then_else(m[i] == neg_inf, 1.0, T.exp2(m_prev[i] * scale_log2 - m[i] * scale_log2))
-            exponentiate(acc_s, m)
-            for i in T.Parallel(M):
-                l[i] *= rescale[i]
-            T.reduce_sum(acc_s, l, dim=1, clear=False)
-            T.copy(acc_s, acc_p)
-            for i, d in T.Parallel(M, D):
-                acc_o[i, d] *= rescale[i]
-            T.barrier_wait(full_v[n[0] % stages], (n[0] // stages) & 1)
-            T.wgmma_gemm(acc_p, ring_v[n[0] % stages, :, :], acc_o)
-            T.wait_wgmma(0)  # O [M, D]
-            T.barrier_arrive(empty_v[n[0] % stages])
+            if skip_idle:
+                attend_or_release(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, list_s, lbits_s, j,
+                                  token_mask, pos0, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n)
+            else:
+                attend(c, Q_c, ring_k, ring_v, full_k, full_v, empty_k, empty_v, list_s, lbits_s, j, token_mask, pos0,
+                       acc_s, acc_p, acc_o, m, m_prev, rescale, l, n)
             n[0] += 1
 
     @T.macro
