@@ -294,7 +294,8 @@ def variants_ab(cases, variants, gen, rounds=2, index="bf16"):
             print(f"A/B N={N} B={B} S={S}: skipped, the cache does not fit", flush=True)
             continue
         table, seqlens, k_pages, v_pages, k_idx_pages, q, q_idx = paged_cache(N, B, S, gen)
-        keys, exact = mode_keys(base, k_idx_pages, *quantize_fp8(k_idx_pages))
+        fp8_keys = quantize_fp8(k_idx_pages) if base["index_fp8"] else (None, None)  # (codes, scales)
+        keys, exact = mode_keys(base, k_idx_pages, *fp8_keys)
         step = lambda plan: run_plan(plan, q, q_idx, k_pages, v_pages, keys, exact)  # noqa: E731
         dense_ms, dense_name, _ = dense_decode_ms(q, k_pages, v_pages, N, 300)
         plans = {name: DecodePlan(table, seqlens, queries=S, heads=HQ, groups=G, head_dim=D, index_dim=DI,
@@ -327,7 +328,7 @@ def variants_ab(cases, variants, gen, rounds=2, index="bf16"):
                 print(f"A/B N={N:8d} B={B:3d} S={S} {index} {name:12s} round {round_}: step {row['step_us']:7.1f} us "
                       f"({row['step_speedup']:.2f}x dense {row['dense_us']:.1f} us {dense_name}){'; ' + attend if attend else ''}"
                       f"; same indices {same_indices}, max |o - default| {o_diff:.2e}", flush=True)
-        del plans, table, k_pages, v_pages, k_idx_pages, want, keys, exact
+        del plans, table, k_pages, v_pages, k_idx_pages, want, keys, exact, fp8_keys
         torch.cuda.empty_cache()
     print(f"wrote {ab.write_csv()}")
 

@@ -76,8 +76,8 @@ def fla_selected_attention():
 
 def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_queries"], persistent=None):
     """The KV-outer attention kernel alone over every query chunk of ``chunk`` queries, its schedules built once:
-    (run, partials [B, chunk * G, k, R, D] bf16, LSE partials, the chunk starts, entries, items). ``persistent``:
-    None takes the default (dropped where it does not fit), else as asked."""
+    (run, partials [B, chunk * G, k, R, D] bf16, LSE partials, the chunk starts, the schedules, their item count).
+    ``persistent``: None takes the default (dropped where it does not fit), else as asked."""
     N = q.shape[1]
     starts = list(range(0, N, chunk))
     nblk = math.ceil(N / BK)

@@ -50,9 +50,7 @@ def attention_defaults(shape: dict, sms: int = HOPPER_SMS) -> dict:
     if not fits:
         return config
     idle = shape.get("batch", 1) * shape["groups"] * math.ceil(queries / 8) < sms
-    tokens = 4 if idle and 4 in fits else fits[0]
-    ctas = min(config["ctas_per_sm"], union_ctas_per_sm(union_tokens(tokens, queries), *dims))
-    return dict(config, union=True, tokens=tokens, ctas_per_sm=ctas)
+    return dict(config, union=True, tokens=4 if idle and 4 in fits else fits[0])
 
 
 def _decode_attention(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float, splits: int,
@@ -323,7 +321,14 @@ def _reject_attention(config: dict, shape: dict):
 
 
 def _tuning_defaults(shape: dict) -> dict:
-    return {k: v for k, v in attention_defaults(shape).items() if k in DECODE_ATTENTION_KNOBS}
+    """:func:`attention_defaults` as a point of the search space: the union's CTAs an SM cut to those that fit, as
+    :func:`attention_splits` cuts them (the same kernel and splits; the space holds each once)."""
+    config = {k: v for k, v in attention_defaults(shape).items() if k in DECODE_ATTENTION_KNOBS}
+    if config["union"]:
+        dims = (shape["head_dim"], shape["block_size"], shape["topk"], config["num_stages"])
+        fit = union_ctas_per_sm(union_tokens(config["tokens"], shape.get("queries", 1)), *dims)
+        config["ctas_per_sm"] = min(config["ctas_per_sm"], fit)
+    return config
 
 
 DECODE_ATTENTION_TUNING = TunableProgram(
