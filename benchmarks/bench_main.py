@@ -12,6 +12,8 @@ measured in the same run, as % of the stage's floor. ``--sweep N`` also times
 the attention and schedule knobs at N, each varied alone, in interleaved rounds
 (median and spread; each variant's output against the default's). ``--small-items N`` times the attention kernel
 alone at work items of 16-256 queries, per-item and persistent (what partials kept in the L2 would cost in items).
+``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
+against the partials path at N, whole main branch, interleaved rounds, each output against the first's.
 Writes ``main_branch.csv``.
 """
 
@@ -171,14 +173,24 @@ def sweep_variants():
     return [(", ".join(f"{a}={b}" for a, b in kw.items()) or "defaults", kw) for kw in variants]
 
 
-def sweep(table, row, q, k, v, idx, kind, rounds=3):
+def accumulate_variants():
+    """(label, sparse_attention_forward keywords) of ``--accumulate``: today's partials path first, then the
+    accumulators at chunks whose accumulators fit the L2 (16-64 MB at the paper shape), item sizes and stages."""
+    variants = [dict(accumulate=False)]
+    variants += [dict(accumulate=True, accumulate_config=dict(query_chunk=c)) for c in (1024, 2048, 4096)]
+    variants += [dict(accumulate=True, accumulate_config=dict(query_chunk=2048, item_queries=i)) for i in (128, 512)]
+    variants += [dict(accumulate=True, accumulate_config=dict(query_chunk=2048, stages=1))]
+    return [(", ".join(f"{a}={b}" for a, b in kw.items()), kw) for kw in variants]
+
+
+def sweep(table, row, q, k, v, idx, kind, rounds=3, variants=None):
     """Attention and schedule knobs at one length, one selection, the main branch timed whole: every variant once a
     round, ``rounds`` rounds interleaved, so a drift of the GPU's clocks over the run reaches all of them alike; the
     median of the rounds is reported with its spread. Each variant's output is checked against the default's."""
     o = torch.empty_like(q)
     ref_o, ref_lse = sparse_attention_forward(q, k, v, idx, BK)
     runs = {}
-    for label, kw in sweep_variants():
+    for label, kw in variants or sweep_variants():
         try:
             out, lse = sparse_attention_forward(q, k, v, idx, BK, **kw)
         except ValueError as err:  # a config the kernels reject at this shape (e.g. shared memory)
@@ -203,6 +215,9 @@ def main(argv=None):
     parser.add_argument("--sweep", type=int, nargs="*", default=[], help="lengths at which to sweep the knobs")
     parser.add_argument("--small-items", type=int, nargs="*", default=[],
                         help="lengths at which to time the attention alone at small work items")
+    parser.add_argument("--accumulate", type=int, nargs="*", default=[],
+                        help="lengths at which to set the accumulators against the partials path (interleaved)")
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     parser.add_argument("--no-dense", action="store_true", help="skip dense cuDNN (its 1M forward takes ~40 s)")
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
@@ -228,13 +243,15 @@ def main(argv=None):
                           tflops=flops / ms_fla / 1e9, speedup=ms_fla / ms)
                 line += f" | fla {ms_fla:9.2f} ms -> ours {ms_fla / ms:.2f}x"
             print(line, flush=True)
-            if N <= 131072:
+            if N <= 131072 and not args.no_stages:
                 for stage, r in stage_breakdown(q, k, v, idx, ceilings).items():
                     table.add(**row, what=f"stage: {stage}", selection=kind, **r)
                     print(f"    {stage:<10} {r['ms']:8.2f} ms  {r['gbytes']:6.1f} GB  {r['tbps']:5.2f} TB/s  "
                           f"floor {r['floor_ms']:6.2f} ms ({r['pct_of_floor'] or 0:.0f}%)", flush=True)
             if N in args.sweep:
                 sweep(table, row, q, k, v, idx, kind)
+            if N in args.accumulate:
+                sweep(table, row, q, k, v, idx, kind, variants=accumulate_variants())
             if N in args.small_items:
                 small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)

@@ -8,6 +8,7 @@ import pytest
 tilelang = pytest.importorskip("tilelang")
 
 from msa_tl import kl_loss  # noqa: E402
+from msa_tl.attention import accumulate  # noqa: E402
 from msa_tl.attention import backward as kv_outer_backward  # noqa: E402
 from msa_tl.attention import combine as lse_combine  # noqa: E402
 from msa_tl.attention import kv_outer as kv_outer_attention  # noqa: E402
@@ -92,6 +93,12 @@ MAIN_PROGRAMS = [
                                                      scale=0.125, pingpong=False, dtype="float16")),
     (scheduler.tiled_histogram_program, dict(groups=4, topk=16, max_blocks=1024)),
     (scheduler.tiled_scatter_program, dict(groups=4, topk=16, max_blocks=16384)),  # 128 KB of counters
+    (accumulate.accumulate_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
+    (accumulate.accumulate_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                         init=True)),
+    (accumulate.accumulate_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
+                                         stages=1, dtype="float16")),  # R = 8
+    (accumulate.finalize_program, dict(heads=64, head_dim=128, groups=4, scale=0.088)),
 ]
 
 
@@ -99,6 +106,10 @@ MAIN_PROGRAMS = [
 def test_main_branch_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source
+    if builder is accumulate.accumulate_program:  # sums leave as bulk reductions (copies for the own block)
+        assert "wgmma" in source and "tl::tma_load(Q_desc, full[u]" in source
+        assert ("tl::tma_store_add(" in source) != config.get("init", False)
+        assert ("tl::tma_store((&(Acc" in source) == config.get("init", False)
     if builder is kv_outer_attention.kv_outer_program:
         # tensor cores, and a producer whose Q gathers are cp.async signalled on mbarriers (a plain
         # load + store there would serialise the pipeline)
@@ -323,13 +334,15 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True)),
                (shared_tiles.tile_attention_roles_program, dict(PAPER)),
                (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True)),
-               BACKWARD_PROGRAMS[1], BACKWARD_PROGRAMS[3]]
+               BACKWARD_PROGRAMS[1], BACKWARD_PROGRAMS[3],
+               (accumulate.accumulate_program, dict(PAPER)), (accumulate.accumulate_program, dict(PAPER, init=True))]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("builder,config", ASYNC_WGMMA,
                          ids=["kv_outer-defaults", "kv_outer-cp-async-gathers", "kv_outer-persistent", "tile-per-tile-ctas",
-                              "tile-persistent", "backward-paper", "backward-wide"])
+                              "tile-persistent", "backward-paper", "backward-wide", "accumulate-blocks",
+                              "accumulate-local"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,

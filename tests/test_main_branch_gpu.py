@@ -428,3 +428,80 @@ def test_a_nan_key_reaches_every_row_that_attends_to_it():
     assert poisoned.any() and not poisoned.all()
     assert torch.equal(torch.isnan(lse), poisoned) and torch.isnan(o[poisoned]).all()
     assert relative_error(o[~poisoned], ref_o[~poisoned]) <= OUTPUT_RTOL
+
+
+@pytest.mark.parametrize("kind", ["random", "realistic", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,config", [
+    (1, 2125, 64, 4, 128, 128, 16, None), (2, 1000, 16, 2, 64, 64, 8, dict(query_chunk=300)),
+    (1, 2125, 64, 4, 128, 128, 16, dict(query_chunk=1000, item_queries=128, stages=1)),
+    (1, 1500, 32, 1, 128, 128, 8, dict(query_chunk=512, item_queries=512))],
+    ids=["paper-ragged", "b2-Bk64-R8-unaligned-chunks", "paper-1-stage-small-items", "one-kv-head-R32"])
+def test_accumulated_forward_matches_reference(kind, B, N, Hq, G, D, Bk, topk, config):
+    """Each block's P V added into per-query fp32 accumulators against the own block's max (no partials): chunks
+    that do not start at a block boundary, items of 128-512 queries, one and two ring stages, R = 8-32."""
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, accumulate=True,
+                            accumulate_config=config, shared_tiles=False)
+
+
+def test_accumulated_forward_beside_shared_tiles():
+    """Shared tiles own some rows (realistic selections), the accumulators the rest."""
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection("realistic", B, N, G, Bk, topk), Bk, accumulate=True)
+
+
+def test_accumulated_forward_recomputes_rows_past_its_fp32_range():
+    """A far block whose scores exceed a query's own block's max by far more than 44 nats: those (query, KV head)
+    rows are flagged and recomputed on the partials path, so the output still equals the reference; a row that
+    left its own block out and chose only blocks far below it is flagged by the finalize (underflow)."""
+    from msa_tl.ops.validation import canonical_indices
+
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    k[:, :Bk] *= 60  # block 0: scores ~60x the others'
+    indices = selection("random", B, N, G, Bk, topk)
+    o, lse = check_against_reference(q, k, v, indices, Bk, accumulate=True, shared_tiles=False)
+    assert torch.isfinite(o).all()
+    own = (torch.arange(N, device="cuda") // Bk).view(1, N, 1, 1)
+    k2 = k.clone()
+    k2[:, :Bk] /= 60
+    k2[:, 10 * Bk:11 * Bk] *= 60  # block 10's queries: an own-block max ~60x their other blocks' scores
+    no_own = canonical_indices(torch.where(indices == own, -1, indices), Bk)
+    check_against_reference(q, k2, v, no_own, Bk, accumulate=True, shared_tiles=False)
+
+
+@pytest.mark.parametrize("where", ["other-block", "own-block"])
+def test_accumulated_forward_keeps_a_nan_key(where):
+    """A NaN key makes exactly the rows that attend to it NaN, whether it sits in a block the rows add in or in
+    their own block (whose max every other block is taken against)."""
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    k[0, 700 if where == "other-block" else 1910, 1, 5] = float("nan")
+    indices = selection("random", B, N, G, Bk, topk)
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    o, lse = sparse_attention_forward(q, k, v, indices, Bk, accumulate=True, shared_tiles=False)
+    ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
+    poisoned = torch.isnan(ref_lse)
+    assert poisoned.any() and not poisoned.all()
+    assert torch.equal(torch.isnan(lse), poisoned) and torch.isnan(o[poisoned]).all()
+    assert relative_error(o[~poisoned], ref_o[~poisoned]) <= OUTPUT_RTOL
+
+
+def test_accumulated_forward_follows_the_set_contract():
+    """Hostile ids made canonical (rows without their own block, empty rows) through the accumulators."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.ops.validation import canonical_indices
+
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    nblk = math.ceil(N / Bk)
+    raw = torch.randint(-1, nblk + 3, (B, N, G, topk), dtype=torch.int32, device="cuda")
+    raw[:, 3::11] = -1
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    indices = canonical_indices(raw, Bk)
+    sparse_attention_forward(q, k, v, indices, Bk, accumulate=True, shared_tiles=False, out=o, lse_out=lse)
+    empty = assert_matches_reference_with_empty_rows(o, lse, q, k, v, indices, Bk)
+    assert empty[:, 3::11].all() and not empty.all()

@@ -32,6 +32,7 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
+from msa_tl.attention.accumulate import ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_unsupported
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
                                 persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
@@ -681,13 +682,14 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # blocks run msa_tl.attention.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
 # runs msa_tl.attention.combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
-                         persistent_combine=True)
+                         persistent_combine=True, accumulate=False)
 # The persistent combine streams the shared tiles' empty partials too; it is ~6% faster a row than the per-row
 # combine (8.48 vs 9.01 ms at 128K, H200), so it stays the default while the tiles own at most this share of the
 # tiles (random selections: the first topk blocks' queries, 1.6% at 128K; realistic: all).
 PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
-                      build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True))
+                      build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
+                      accumulate=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -754,7 +756,8 @@ def wide_head_blocks(indices: torch.Tensor, block_size: int, head_dim: int, quer
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
-                             persistent_combine_config=None, out=None, lse_out=None, query_start: int = 0):
+                             persistent_combine_config=None, accumulate=None, accumulate_config=None, out=None,
+                             lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -773,6 +776,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose rows' empty partials it would stream). ``query_chunk``,
     ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to
     the tuned configs of this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
+
+    ``accumulate``: the KV-outer rows run :func:`msa_tl.attention.accumulate.accumulate_forward` (each block's
+    P V added into per-query fp32 accumulators kept in the L2: no partials, no combine; ``accumulate_config``:
+    its ``query_chunk``, ``item_queries``, ``stages``) instead of partials and a combine; rows it flags (exponents
+    past its fp32 range) are recomputed on the partials path (one host sync on the flag count). Asked for where
+    the layout does not allow it, a ValueError; by default where it does.
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -828,6 +837,27 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         counted.synchronize()
         tiles = int(tile_count)
         kv_outer_rows = tiles < shared.numel() or N % tile_queries(R, block_size) > 0
+    if accumulate is None:
+        accumulate = schedule_config["accumulate"] and not wide and not accumulate_unsupported(R, D, q.dtype,
+                                                                                                query_start)
+    elif accumulate and (wide or accumulate_unsupported(R, D, q.dtype, query_start)):
+        raise ValueError(f"accumulate: {accumulate_unsupported(R, D, q.dtype, query_start) or 'head dims <= 128'}")
+    if kv_outer_rows and accumulate:
+        config = {**ACCUMULATE_DEFAULTS, **(accumulate_config or {})}
+        flags = accumulate_forward(q, k, v, kv_indices, block_size, scale, o, lse, **config)
+        flagged = flags.bool()
+        count, counted = _count_to_host(flagged)
+        if tiles:
+            shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
+        counted.synchronize()
+        if int(count):  # rows past the accumulators' fp32 range, exactly on the partials path
+            redo = torch.where(flagged[..., None], kv_indices, -1).contiguous()
+            o2, lse2 = torch.empty_like(o), torch.empty_like(lse)
+            sparse_attention_forward(q, k, v, redo, block_size, scale, accumulate=False, shared_tiles=False,
+                                     query_chunk=query_chunk, out=o2, lse_out=lse2)
+            rows = flagged.repeat_interleave(R, dim=2)  # [B, N, Hq]
+            o[rows], lse[rows] = o2[rows], lse2[rows]
+        return o, lse
     if kv_outer_rows:
         # by default only beside few shared tiles: the persistent combine streams every pair's partials, where the
         # per-row combine skips the rows the tiles own
