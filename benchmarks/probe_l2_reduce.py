@@ -10,8 +10,9 @@ accumulators stay in the L2. Its floor depends on the L2's fp32 reduction rate, 
 
 Each CTA (128 threads, 32 KB of shared memory: four 8 KB boxes) has each of its four warps' lane 0 send one box a
 round to a pseudo-random row of ``acc [rows, 2048]`` fp32, with at most ``depth`` bulk groups in flight a warp.
-Modes: ``reduce`` (f32 add), ``store`` (plain bulk store of the same 8 KB) and ``store_bf16`` (a 4 KB box: today's
-partial stores). ``rows`` 2048-8192 keep the target in the L2 (16-64 MB); 524288 (4 GB) sends it to DRAM. Prints
+Modes: ``reduce`` (f32 add), ``store`` (plain bulk store of the same 8 KB), ``store_bf16`` (a 4 KB box: today's
+partial stores) and ``reduce_512`` (the 8 KB as 16 reductions of one 512-byte row each, as the accumulating kernel
+sends them). ``rows`` 2048-8192 keep the target in the L2 (16-64 MB); 524288 (4 GB) sends it to DRAM. Prints
 GB/s of boxes sent for each (mode, rows).
 """
 
@@ -41,7 +42,13 @@ __device__ __forceinline__ void msa_probe_send(float *smem, float *acc, int rows
   for (int r = 0; r < rounds; ++r) {
     const unsigned row = msa_probe_hash((blockIdx.x * 4 + warp) * 1000003u + r) % static_cast<unsigned>(rows);
     float *dst = acc + static_cast<long long>(row) * 2048;
-    if (kMode == 0) {
+    if (kMode == 3) {  // the same 8 KB as 16 reductions of 512 bytes (one per O row)
+      #pragma unroll
+      for (int h = 0; h < 16; ++h) {
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                     :: "l"(dst + h * 128), "r"(src + h * 512), "r"(512) : "memory");
+      }
+    } else if (kMode == 0) {
       asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
                    :: "l"(dst), "r"(src), "r"(bytes) : "memory");
     } else {
@@ -57,7 +64,8 @@ __device__ __forceinline__ void msa_probe_send(float *smem, float *acc, int rows
 
 
 def l2_reduce_probe_program(mode: int, depth: int = 4):
-    """acc [rows, 2048] fp32 += (mode 0) or := (1: fp32, 2: 4 KB) boxes from shared memory; ``rounds`` a warp."""
+    """acc [rows, 2048] fp32 += (mode 0, 3: in 512-byte rows) or := (1: fp32, 2: 4 KB) boxes from shared memory;
+    ``rounds`` a warp."""
     rows = T.dynamic("rows")
 
     @T.prim_func
@@ -74,7 +82,7 @@ def l2_reduce_probe_program(mode: int, depth: int = 4):
     return l2_reduce_probe
 
 
-MODES = {"reduce": 0, "store": 1, "store_bf16": 2}
+MODES = {"reduce": 0, "store": 1, "store_bf16": 2, "reduce_512": 3}
 
 
 def main():

@@ -54,7 +54,8 @@ def accumulate_shared_bytes(head_dim: int, block_size: int, item_queries: int, s
 
 
 def accumulate_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
-                       item_queries: int = 256, stages: int = 2, init: bool = False, dtype: str = "bfloat16"):
+                       item_queries: int = 256, stages: int = 2, init: bool = False, dtype: str = "bfloat16",
+                       send: str = "reduce"):
     """One launch of a query chunk's forward into its accumulators (R = Hq / G, a chunk of C queries).
 
     Q [B, N, Hq, D], K/V [B, N, G, D]; Acc [B, C*G, R, D] fp32, Lacc and Mref [B, C*G, R] fp32, accumulator row
@@ -74,6 +75,9 @@ def accumulate_program(groups: int, heads: int, head_dim: int, block_size: int, 
     never wait for them; two consumer warpgroups take
     alternate 64-row tiles and turns issuing their MMAs (one's softmax under the other's GEMMs). There is no
     row max to reduce and no normalisation on the consumers' path: only the exponent, the row sum and P V.
+
+    ``send`` (ablations for timing only, wrong outputs): "store" sends the blocks launch's rows as bulk stores
+    instead of reductions, "none" sends nothing (the sender only releases the O tiles).
     """
     batch, seq, n_bg, n_items, cap, n_acc = T.dynamic("batch, seq, n_bg, n_items, cap, n_acc")
     R = heads // groups
@@ -163,31 +167,39 @@ def accumulate_program(groups: int, heads: int, head_dim: int, block_size: int, 
 
     @T.macro
     def sender(lane0, n_tiles, O_s, l_s, dst_s, o_full, o_free, Acc, Lacc, b):
-        """Producer warp 1: each finished tile's boxes into the accumulators (stores with init, else reductions),
-        in the consumers' order; the O tile is released once the TMA unit has read it."""
+        """Producer warp 1: each finished tile's rows into the accumulators (stores with init, else reductions), in
+        the consumers' order, a bulk group a tile; a tile's O is released once the TMA unit has read it, checked
+        after the next tile's group is issued, so the TMA unit always has a tile's sends queued."""
         for j in T.serial(n_tiles):
             c = j % 2
             T.barrier_wait(o_full[c], (j // 2) & 1)
-            if lane0:  # a bulk copy (init) or reduction per row of O and per query's row sums, none waited for
-                for q in T.serial(TQ):
-                    row = dst_s[c, q]
-                    if row >= 0:
-                        for h in T.unroll(R):
-                            if init:
-                                T.call_extern("handle", "tl::tma_store", T.address_of(Acc[b, row, h, 0]),
-                                              T.address_of(O_s[c, q * R + h, 0]), D * 4)
+            if send != "none":
+                if lane0:  # a bulk copy (init) or reduction per row of O and per query's row sums: one bulk group
+                    for q in T.serial(TQ):
+                        row = dst_s[c, q]
+                        if row >= 0:
+                            for h in T.unroll(R):
+                                if init or send == "store":
+                                    T.call_extern("handle", "tl::tma_store", T.address_of(Acc[b, row, h, 0]),
+                                                  T.address_of(O_s[c, q * R + h, 0]), D * 4)
+                                else:
+                                    T.call_extern("handle", "tl::tma_store_add", T.address_of(O_s[c, q * R + h, 0]),
+                                                  T.address_of(Acc[b, row, h, 0]), D * 4)
+                            if init or send == "store":
+                                T.call_extern("handle", "tl::tma_store", T.address_of(Lacc[b, row, 0]),
+                                              T.address_of(l_s[c, q * R]), R * 4)
                             else:
-                                T.call_extern("handle", "tl::tma_store_add", T.address_of(O_s[c, q * R + h, 0]),
-                                              T.address_of(Acc[b, row, h, 0]), D * 4)
-                        if init:
-                            T.call_extern("handle", "tl::tma_store", T.address_of(Lacc[b, row, 0]),
-                                          T.address_of(l_s[c, q * R]), R * 4)
-                        else:
-                            T.call_extern("handle", "tl::tma_store_add", T.address_of(l_s[c, q * R]),
-                                          T.address_of(Lacc[b, row, 0]), R * 4)
-                T.tma_store_arrive()
-                T.tma_store_wait(0)  # the tile's rows have been read: the consumer may write its next
-            T.barrier_arrive(o_free[c])
+                                T.call_extern("handle", "tl::tma_store_add", T.address_of(l_s[c, q * R]),
+                                              T.address_of(Lacc[b, row, 0]), R * 4)
+                    T.tma_store_arrive()
+                    T.tma_store_wait(1)  # tile j - 1's rows have been read (tile j's may still be in flight)
+            if j > 0:
+                T.barrier_arrive(o_free[1 - c])  # the other consumer may write its next tile
+        if send != "none":
+            if lane0:
+                T.tma_store_wait(0)
+        if n_tiles > 0:
+            T.barrier_arrive(o_free[(n_tiles - 1) % 2])
 
     @T.macro
     def body(Q, K, V, ent_s, blk, b, g, n_tiles, t0, Acc, Lacc, Mref, Flags, OwnChosen, ring, K_s, V_s, O_s, l_s,
@@ -338,13 +350,11 @@ def finalize_program(heads: int, head_dim: int, groups: int, pairs: int = 4, dty
         t1: T.int32,
     ):
         with T.Kernel(T.ceildiv(n_acc, pairs), batch, threads=128) as (bx, b):
-            inv = T.alloc_fragment((pairs, R), "float32")
             for pr, r in T.Parallel(pairs, R):  # [pairs, R]
                 row = bx * pairs + pr
                 t = t0 + row // groups
                 if t < t1:
                     lv = Lacc[b, row, r]
-                    inv[pr, r] = T.if_then_else(lv == 0.0, 0.0, 1.0 / lv)
                     LSE[b, t, row % groups * R + r] = T.if_then_else(
                         lv == 0.0, -T.infinity("float32"), (Mref[b, row, r] * scale_log2 + T.log2(lv)) * _LN2)
                     if Chosen[b, t, row % groups] > 0:
@@ -354,7 +364,8 @@ def finalize_program(heads: int, head_dim: int, groups: int, pairs: int = 4, dty
                 row = bx * pairs + pr
                 t = t0 + row // groups
                 if t < t1:
-                    O[b, t, row % groups * R + r, d] = Acc[b, row, r, d] * inv[pr, r]
+                    lv = Lacc[b, row, r]
+                    O[b, t, row % groups * R + r, d] = T.if_then_else(lv == 0.0, 0.0, Acc[b, row, r, d] / lv)
 
     return accumulate_finalize
 
