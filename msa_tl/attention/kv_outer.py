@@ -32,7 +32,8 @@ import tilelang.language as T
 import torch
 from tilelang.layout import make_swizzled_layout
 
-from msa_tl.attention.accumulate import ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_unsupported
+from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
+                                         accumulate_unsupported, finalize_program)
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
                                 persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
@@ -1042,7 +1043,16 @@ def _attention_trial(shape: dict, check_seq: int) -> tuple:
 
 
 def _schedule_units(shape: dict, config: dict) -> list:
-    return [(plan_program, dict(item_queries=config["item_queries"]))]
+    units = [(plan_program, dict(item_queries=config["item_queries"]))]
+    if config.get("accumulate"):  # the accumulating forward's three programs at its defaults
+        args = dict(attention_program_args(shape), stages=ACCUMULATE_DEFAULTS["stages"])
+        units += [(accumulate_program, dict(args, init=True)),
+                  (accumulate_program, dict(args, item_queries=ACCUMULATE_DEFAULTS["item_queries"])),
+                  (finalize_program, dict(heads=shape["heads"], head_dim=shape["head_dim"], groups=shape["groups"],
+                                          dtype="bfloat16", scale=args["scale"]))]
+        if ACCUMULATE_DEFAULTS["item_queries"] != config["item_queries"]:
+            units.append((plan_program, dict(item_queries=ACCUMULATE_DEFAULTS["item_queries"])))
+    return units
 
 
 def _reject_schedule(config: dict, shape: dict):
