@@ -24,6 +24,10 @@ fp32 sums; its row's block sum then exceeds ``2 ** MAX_EXP2`` and the kernel fla
 :func:`accumulate_forward` recomputes exactly on the partials path. A row whose only blocks lie far *below* its
 own block's max (possible only with user indices that leave the own block out) loses them to underflow; the
 finalize flags a row whose chosen blocks left ``Lacc < 2 ** -MAX_EXP2`` for the same recompute.
+
+Off by default (``sparse_attention_forward(..., accumulate=True)``): on the H100 the L2 adds fp32 at ~3 TB/s but
+not alongside the kernel's own L2 reads (Q gathers, K/V), so at 128K the reductions cost ~25 ms on top of the
+pipeline's ~19 and the path is slower than the partials (NOTES.md, session 23).
 """
 
 import math
