@@ -65,6 +65,8 @@ def main(argv=None):
     stage("forward (persistent attention, 3 CTAs)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, **kv_outer, attention_config=dict(persistent=True, ctas=3)))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
+    stage("forward (accumulators)", lambda: sparse_attention_forward(
+        q, k, v, hot, Bk, shared_tiles=False, accumulate=True, accumulate_config=dict(query_chunk=256)))
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, **kv_outer, partial_dtype=torch.float32, attention_config=dict(tma_stores=False)))
     do = torch.randn_like(q)
