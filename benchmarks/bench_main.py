@@ -218,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--accumulate", type=int, nargs="*", default=[],
                         help="lengths at which to set the accumulators against the partials path (interleaved)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
+    parser.add_argument("--stage-chunks", type=int, nargs="+", default=[SCHEDULE_TUNABLES["query_chunk"]],
+                        help="query chunks at which to break the forward into its stages")
     parser.add_argument("--no-dense", action="store_true", help="skip dense cuDNN (its 1M forward takes ~40 s)")
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
@@ -244,10 +246,12 @@ def main(argv=None):
                 line += f" | fla {ms_fla:9.2f} ms -> ours {ms_fla / ms:.2f}x"
             print(line, flush=True)
             if N <= 131072 and not args.no_stages:
-                for stage, r in stage_breakdown(q, k, v, idx, ceilings).items():
-                    table.add(**row, what=f"stage: {stage}", selection=kind, **r)
-                    print(f"    {stage:<10} {r['ms']:8.2f} ms  {r['gbytes']:6.1f} GB  {r['tbps']:5.2f} TB/s  "
-                          f"floor {r['floor_ms']:6.2f} ms ({r['pct_of_floor'] or 0:.0f}%)", flush=True)
+                for chunk in args.stage_chunks:
+                    for stage, r in stage_breakdown(q, k, v, idx, ceilings, chunk).items():
+                        table.add(**row, what=f"stage: {stage}", selection=kind, query_chunk=chunk, **r)
+                        print(f"    {stage:<10} chunk {chunk:>6} {r['ms']:8.2f} ms  {r['gbytes']:6.1f} GB  "
+                              f"{r['tbps']:5.2f} TB/s  floor {r['floor_ms']:6.2f} ms ({r['pct_of_floor'] or 0:.0f}%)",
+                              flush=True)
             if N in args.sweep:
                 sweep(table, row, q, k, v, idx, kind)
             if N in args.accumulate:
