@@ -84,10 +84,9 @@ def accumulate_program(groups: int, heads: int, head_dim: int, block_size: int, 
     """
     batch, seq, n_bg, n_items, cap, n_acc = T.dynamic("batch, seq, n_bg, n_items, cap, n_acc")
     R = heads // groups
-    if R < TMA_MIN_HEADS or CONSUMER_ROWS % R:
-        raise ValueError(f"accumulate: needs {TMA_MIN_HEADS}-64 query heads per KV head dividing 64, got {R}")
-    if head_dim % 64 or head_dim > 128:
-        raise ValueError(f"accumulate: head dims 64 or 128, got {head_dim}")
+    why = _layout_unsupported(R, head_dim)
+    if why:
+        raise ValueError(f"accumulate: {why}")
     if stages not in (1, 2):
         raise ValueError(f"accumulate: stages must be 1 or 2, got {stages}")
     rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
@@ -373,12 +372,20 @@ def finalize_program(heads: int, head_dim: int, groups: int, pairs: int = 4, dty
     return accumulate_finalize
 
 
-def accumulate_unsupported(heads_per_group: int, head_dim: int, dtype, query_start: int = 0) -> "str | None":
-    """Why :func:`accumulate_forward` cannot run this layout (None where it can)."""
+def _layout_unsupported(heads_per_group: int, head_dim: int) -> "str | None":
+    """Why :func:`accumulate_program` cannot be built for this GQA ratio and head dim (None where it can)."""
     if heads_per_group < TMA_MIN_HEADS or CONSUMER_ROWS % heads_per_group:
         return f"{TMA_MIN_HEADS}-64 query heads per KV head dividing 64, got {heads_per_group}"
     if head_dim not in (64, 128):
         return f"head dims 64 or 128, got {head_dim}"
+    return None
+
+
+def accumulate_unsupported(heads_per_group: int, head_dim: int, dtype, query_start: int = 0) -> "str | None":
+    """Why :func:`accumulate_forward` cannot run this layout (None where it can)."""
+    why = _layout_unsupported(heads_per_group, head_dim)
+    if why:
+        return why
     if dtype not in (torch.bfloat16, torch.float16):
         return f"bf16 / fp16 inputs, got {dtype}"
     if query_start:

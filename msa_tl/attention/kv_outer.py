@@ -823,6 +823,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     lse = torch.empty((B, N, Hq), device=q.device, dtype=torch.float32) if lse_out is None else lse_out
     build_once = schedule_config["build_once"] if build_once is None else build_once
     shared_tiles = schedule_config["shared_tiles"] if shared_tiles is None else shared_tiles
+    unsupported = "head dims <= 128" if wide else accumulate_unsupported(R, D, q.dtype, query_start)
+    if accumulate and unsupported:
+        raise ValueError(f"accumulate: {unsupported}")
+    accumulate = (schedule_config["accumulate"] and not unsupported) if accumulate is None else accumulate
     kv_indices, tiles = indices, 0  # the KV-outer path's indices; query tiles attended Q-outer
     if shared_tiles:
         shared = sharing_tiles(indices, R, block_size)
@@ -830,36 +834,20 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         kv_indices = without_shared_tiles(indices, shared, R, block_size)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
-    # forward, NOTES.md). Where the tiles hold every row it goes unused.
-    schedule = _kv_outer_schedule(kv_indices, block_size, chunk, item_queries, build_once,
-                                  math.ceil(k.shape[1] / block_size))
+    # forward, NOTES.md). Where the tiles hold every row it goes unused. The accumulators build their own.
+    schedule = None if accumulate else _kv_outer_schedule(kv_indices, block_size, chunk, item_queries, build_once,
+                                                          math.ceil(k.shape[1] / block_size))
     kv_outer_rows = True  # any row left for the KV-outer path
     if shared_tiles:
         counted.synchronize()
         tiles = int(tile_count)
         kv_outer_rows = tiles < shared.numel() or N % tile_queries(R, block_size) > 0
-    if accumulate is None:
-        accumulate = schedule_config["accumulate"] and not wide and not accumulate_unsupported(R, D, q.dtype,
-                                                                                                query_start)
-    elif accumulate and (wide or accumulate_unsupported(R, D, q.dtype, query_start)):
-        raise ValueError(f"accumulate: {accumulate_unsupported(R, D, q.dtype, query_start) or 'head dims <= 128'}")
+    flagged = None  # with the accumulators: the (query, KV head) rows past their fp32 range
     if kv_outer_rows and accumulate:
         config = {**ACCUMULATE_DEFAULTS, **(accumulate_config or {})}
-        flags = accumulate_forward(q, k, v, kv_indices, block_size, scale, o, lse, **config)
-        flagged = flags.bool()
-        count, counted = _count_to_host(flagged)
-        if tiles:
-            shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
-        counted.synchronize()
-        if int(count):  # rows past the accumulators' fp32 range, exactly on the partials path
-            redo = torch.where(flagged[..., None], kv_indices, -1).contiguous()
-            o2, lse2 = torch.empty_like(o), torch.empty_like(lse)
-            sparse_attention_forward(q, k, v, redo, block_size, scale, accumulate=False, shared_tiles=False,
-                                     query_chunk=query_chunk, out=o2, lse_out=lse2)
-            rows = flagged.repeat_interleave(R, dim=2)  # [B, N, Hq]
-            o[rows], lse[rows] = o2[rows], lse2[rows]
-        return o, lse
-    if kv_outer_rows:
+        flagged = accumulate_forward(q, k, v, kv_indices, block_size, scale, o, lse, **config).bool()
+        flag_count, flags_counted = _count_to_host(flagged)
+    elif kv_outer_rows:
         # by default only beside few shared tiles: the persistent combine streams every pair's partials, where the
         # per-row combine skips the rows the tiles own
         few_tiles = not tiles or tiles <= shared.numel() * PERSISTENT_COMBINE_TILE_SHARE
@@ -870,6 +858,15 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                           query_start)
     if tiles:
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
+    if flagged is not None:
+        flags_counted.synchronize()
+        if int(flag_count):  # exactly on the partials path
+            redo = torch.where(flagged[..., None], kv_indices, -1).contiguous()
+            o2, lse2 = torch.empty_like(o), torch.empty_like(lse)
+            sparse_attention_forward(q, k, v, redo, block_size, scale, accumulate=False, shared_tiles=False,
+                                     query_chunk=query_chunk, out=o2, lse_out=lse2)
+            rows = flagged.repeat_interleave(R, dim=2)  # [B, N, Hq]
+            o[rows], lse[rows] = o2[rows], lse2[rows]
     return o, lse
 
 
