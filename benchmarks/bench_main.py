@@ -170,6 +170,11 @@ def sweep_variants():
     variants += [dict(attention_config=dict(persistent=False)), dict(attention_config=dict(store_eviction=""))]
     variants += [dict(item_queries=128), dict(query_chunk=2048), dict(query_chunk=16384)]
     variants += [dict(build_once=False), dict(shared_tiles=False), dict(persistent_combine=False)]
+    return labelled(variants)
+
+
+def labelled(variants):
+    """(label, keywords) of each sparse_attention_forward keyword dict: "key=value, ..." or "defaults"."""
     return [(", ".join(f"{a}={b}" for a, b in kw.items()) or "defaults", kw) for kw in variants]
 
 
@@ -180,7 +185,7 @@ def accumulate_variants():
     variants += [dict(accumulate=True, accumulate_config=dict(query_chunk=c)) for c in (1024, 2048, 4096)]
     variants += [dict(accumulate=True, accumulate_config=dict(query_chunk=2048, item_queries=i)) for i in (128, 512)]
     variants += [dict(accumulate=True, accumulate_config=dict(query_chunk=2048, stages=1))]
-    return [(", ".join(f"{a}={b}" for a, b in kw.items()), kw) for kw in variants]
+    return labelled(variants)
 
 
 def sweep(table, row, q, k, v, idx, kind, rounds=3, variants=None):
