@@ -12,7 +12,9 @@ measured in the same run, as % of the stage's floor. ``--sweep N`` also times
 the attention and schedule knobs at N, each varied alone, in interleaved rounds
 (median and spread; each variant's output against the default's). ``--small-items N`` times the attention kernel
 alone at work items of 16-256 queries, per-item and persistent (what partials kept in the L2 would cost in items).
-``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
+``--overlap N`` times each chunk's combine on a side stream beside the next chunk's attention, at
+small chunks and several combine CTA counts, with and without the store warp, against today's path.
+``--attention-alone N`` times the attention kernel alone at 4K / 16K chunks with and without the store warp. ``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
 against the partials path at N, whole main branch, interleaved rounds, each output against the first's.
 Writes ``main_branch.csv``.
 """
@@ -61,10 +63,13 @@ def paper_inputs(N):
     return [torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
 
 
-def selections(q_idx, k_idx):
-    """("random", the index kernels' selection on random projections), then ("realistic", the fixed pattern)."""
-    yield "random", select_blocks(q_idx, k_idx, BK, TOPK)
-    yield "realistic", realistic_selection(q_idx.shape[1])
+def selections(q_idx, k_idx, kinds=("random", "realistic")):
+    """("random", the index kernels' selection on random projections), then ("realistic", the fixed pattern), of
+    those named in ``kinds``."""
+    if "random" in kinds:
+        yield "random", select_blocks(q_idx, k_idx, BK, TOPK)
+    if "realistic" in kinds:
+        yield "realistic", realistic_selection(q_idx.shape[1])
 
 
 def fla_selected_attention():
@@ -76,10 +81,12 @@ def fla_selected_attention():
     return lambda q, k, v, idx: ParallelNSAFunction.apply(q, k, v, idx.clamp(min=0).long(), TOPK, BK, D ** -0.5, None)
 
 
-def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_queries"], persistent=None):
+def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_queries"], persistent=None,
+                    config=None):
     """The KV-outer attention kernel alone over every query chunk of ``chunk`` queries, its schedules built once:
     (run, partials [B, chunk * G, k, R, D] bf16, LSE partials, the chunk starts, the schedules, their item count).
-    ``persistent``: None takes the default (dropped where it does not fit), else as asked."""
+    ``persistent``: None takes the default (dropped where it does not fit), else as asked; ``config``: other knobs
+    of the kernel."""
     N = q.shape[1]
     starts = list(range(0, N, chunk))
     nblk = math.ceil(N / BK)
@@ -87,8 +94,8 @@ def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_qu
     for sched, t0 in zip(scheds, starts):
         sched.build(idx, t0, min(chunk, N - t0))
     asked = None if persistent is None else dict(persistent=persistent)
-    config = without_unfit_persistent(dict(attention_defaults(R, 2), **(asked or {})), asked, R, D, BK, item_queries,
-                                      2)
+    config = without_unfit_persistent(dict(attention_defaults(R, 2), **(asked or {}), **(config or {})), asked, R, D,
+                                      BK, item_queries, 2)
     if config["persistent"]:
         config["ctas"] = sm_count("cuda")
     att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
@@ -164,6 +171,24 @@ def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), ro
         print(f"  items {iq:4d} {label:<10} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f})", flush=True)
 
 
+def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
+    """The attention kernel alone over every chunk, at 4K and 16K chunks, with and without the store warp, in
+    interleaved rounds (at 4K chunks the kernel is bound by its tiles, not by DRAM: what the store warp frees)."""
+    flops = main_branch_flops(idx)
+    runs = {(chunk, warp): (attention_stage(q, k, v, idx, chunk, config=dict(store_warp=warp))[0], [])
+            for chunk in (4096, 16384) for warp in (False, True)}
+    for _ in range(rounds):
+        for run, times in runs.values():
+            times.append(time_ms(run, rep_ms=500))
+    for (chunk, warp), (_, times) in runs.items():
+        ms = statistics.median(times)
+        label = f"attention alone, {chunk}-query chunks, store warp {'on' if warp else 'off'}"
+        table.add(**row, what=label, selection=kind, query_chunk=chunk, ms=ms, ms_min=min(times), ms_max=max(times),
+                  rounds=rounds, tflops=flops / ms / 1e9)
+        print(f"  {label:<55} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f}) {flops / ms / 1e9:.0f} "
+              f"TFLOP/s", flush=True)
+
+
 def sweep_variants():
     """(label, sparse_attention_forward keywords) of the sweep: the default first, then each knob varied alone."""
     variants = [dict()] + [dict(attention_config=dict(stages=s)) for s in (1, 3)]
@@ -188,6 +213,17 @@ def accumulate_variants():
     return labelled(variants)
 
 
+def overlap_variants():
+    """(label, sparse_attention_forward keywords) of ``--overlap``: today's path first, then small chunks (their Q
+    stays in the L2) with each chunk's combine on a side stream of a few CTAs beside the next chunk's attention."""
+    warp = dict(attention_config=dict(store_warp=True))
+    variants = [dict(), dict(query_chunk=4096), warp, dict(query_chunk=4096, **warp),
+                dict(query_chunk=4096, combine_ctas=32)]
+    variants += [dict(query_chunk=4096, combine_ctas=n, **warp) for n in (24, 32, 40)]
+    variants += [dict(query_chunk=c, combine_ctas=32, **warp) for c in (2048, 8192)]
+    return labelled(variants)
+
+
 def sweep(table, row, q, k, v, idx, kind, rounds=3, variants=None):
     """Attention and schedule knobs at one length, one selection, the main branch timed whole: every variant once a
     round, ``rounds`` rounds interleaved, so a drift of the GPU's clocks over the run reaches all of them alike; the
@@ -203,9 +239,12 @@ def sweep(table, row, q, k, v, idx, kind, rounds=3, variants=None):
             continue
         diff = (out.float() - ref_o.float()).abs().max().item()
         runs[label] = (kw, diff, (lse - ref_lse).abs().max().item(), [])
-    for _ in range(rounds):
+        print(f"  sweep {label:<40} built, max|o - default| {diff:.2g}", flush=True)
+    for round_ in range(rounds):
         for label, (kw, _, _, times) in runs.items():
             times.append(time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw), rep_ms=500))
+        print(f"  sweep round {round_ + 1}/{rounds}: " + ", ".join(f"{t[-1]:.2f}" for *_, t in runs.values()),
+              flush=True)
     for label, (kw, diff, ldiff, times) in runs.items():
         ms = statistics.median(times)
         table.add(**row, what=f"sweep: main branch with {label}", selection=kind, ms=ms, ms_min=min(times),
@@ -222,6 +261,12 @@ def main(argv=None):
                         help="lengths at which to time the attention alone at small work items")
     parser.add_argument("--accumulate", type=int, nargs="*", default=[],
                         help="lengths at which to set the accumulators against the partials path (interleaved)")
+    parser.add_argument("--overlap", type=int, nargs="*", default=[],
+                        help="lengths at which to time the combine overlapped with the next chunk's attention")
+    parser.add_argument("--attention-alone", type=int, nargs="*", default=[],
+                        help="lengths at which to time the attention kernel alone with and without the store warp")
+    parser.add_argument("--selections", nargs="+", default=["random", "realistic"],
+                        choices=["random", "realistic"])
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     parser.add_argument("--stage-chunks", type=int, nargs="+", default=[SCHEDULE_TUNABLES["query_chunk"]],
                         help="query chunks at which to break the forward into its stages")
@@ -239,7 +284,7 @@ def main(argv=None):
         row = dict(B=B, N=N, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, dtype="bf16")
         q, k, v, q_idx, k_idx = paper_inputs(N)
         o = torch.empty_like(q)
-        for kind, idx in selections(q_idx, k_idx):
+        for kind, idx in selections(q_idx, k_idx, args.selections):
             flops = main_branch_flops(idx)
             ms = time_ms(lambda: sparse_attention_forward(q, k, v, idx, BK, out=o), rep_ms=2000)
             table.add(**row, what="main branch (ours, KV-outer)", selection=kind, ms=ms, tflops=flops / ms / 1e9)
@@ -261,6 +306,10 @@ def main(argv=None):
                 sweep(table, row, q, k, v, idx, kind)
             if N in args.accumulate:
                 sweep(table, row, q, k, v, idx, kind, variants=accumulate_variants())
+            if N in args.attention_alone:
+                attention_alone(table, row, q, k, v, idx, kind)
+            if N in args.overlap:
+                sweep(table, row, q, k, v, idx, kind, variants=overlap_variants())
             if N in args.small_items:
                 small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)

@@ -328,6 +328,15 @@ def test_the_persistent_attention_says_when_shared_memory_overflows(config):
                                             persistent=True, **config)
 
 
+@pytest.mark.parametrize("config", [dict(persistent=True, tma_gathers=False), dict(tma_stores=False),
+                                    dict(tma_gathers=False)], ids=["persistent", "thread-stores", "cp-async-gathers"])
+def test_the_store_warp_says_what_it_needs(config):
+    with pytest.raises(ValueError, match="store_warp: per-item CTAs with TMA gathers and TMA stores only"):
+        kv_outer_attention.kv_outer_program(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
+                                            **dict(dict(tma_gathers=True, tma_stores=True), **config),
+                                            store_warp=True)
+
+
 PAPER = dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)
 ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_attention.attention_defaults(16, 2))),
                (kv_outer_attention.kv_outer_program, dict(PAPER)),
@@ -335,14 +344,18 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                (shared_tiles.tile_attention_roles_program, dict(PAPER)),
                (shared_tiles.tile_attention_roles_program, dict(PAPER, persistent=True)),
                BACKWARD_PROGRAMS[1], BACKWARD_PROGRAMS[3],
-               (accumulate.accumulate_program, dict(PAPER)), (accumulate.accumulate_program, dict(PAPER, init=True))]
+               (accumulate.accumulate_program, dict(PAPER)), (accumulate.accumulate_program, dict(PAPER, init=True)),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
+                                                                         store_warp=True))),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
+                                                                         store_warp=True, o_buffers=1, stages=3)))]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("builder,config", ASYNC_WGMMA,
                          ids=["kv_outer-defaults", "kv_outer-cp-async-gathers", "kv_outer-persistent", "tile-per-tile-ctas",
                               "tile-persistent", "backward-paper", "backward-wide", "accumulate-blocks",
-                              "accumulate-local"])
+                              "accumulate-local", "kv_outer-store-warp", "kv_outer-store-warp-one-o-tile"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,

@@ -338,6 +338,24 @@ def test_a_nan_query_reaches_its_own_rows_in_both_tile_kernels(roles):
     assert (lse[~poisoned].double() - ref_lse[~poisoned]).abs().max().item() <= LSE_ATOL
 
 
+@pytest.mark.parametrize("config", [dict(store_warp=True), dict(store_warp=True, stages=3, o_buffers=1)],
+                         ids=["store-warp", "store-warp-one-o-tile"])
+@pytest.mark.parametrize("kind", ["random", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk", [(1, 2125, 64, 4, 128, 128, 16), (2, 1000, 16, 2, 64, 64, 8)],
+                         ids=["paper-ragged", "b2-Bk64"])
+def test_a_store_warp_gives_the_same_partials(config, kind, B, N, Hq, G, D, Bk, topk):
+    """store_warp: the producer's second warp issues the TMA partial stores and hands the O tiles back on
+    mbarriers; the output matches the reference and, bit for bit, the consumers' own stores."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection(kind, B, N, G, Bk, topk)
+    o, lse = check_against_reference(q, k, v, indices, Bk, attention_config=config, shared_tiles=False)
+    own = {key: value for key, value in config.items() if key != "store_warp"}
+    ref_o, ref_lse = sparse_attention_forward(q, k, v, indices, Bk, attention_config=own, shared_tiles=False)
+    assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
+
+
 @pytest.mark.parametrize("build_once", [True, False], ids=["built-once", "built-per-chunk"])
 def test_a_schedule_built_once_for_every_chunk(build_once):
     """build_once (the default): one schedule build for all query chunks (the last ragged), or one build per
@@ -368,6 +386,39 @@ def test_persistent_combine_matches_the_combine(kind, ctas, B, N, Hq, G, D, Bk, 
     eps = torch.finfo(torch.bfloat16).eps
     assert ((o.float() - rows_o.float()).abs() <= eps * rows_o.float().abs() + 1e-6).all()
     assert torch.allclose(lse, rows_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, 256),
+                                                      (2, 1000, 16, 2, 64, 64, 8, 300)],
+                         ids=["paper-9-chunks", "b2-Bk64-4-chunks"])
+@pytest.mark.parametrize("ctas", [3, 16])
+@pytest.mark.parametrize("kind", ["random", "hot"])
+def test_overlapped_combine_matches_the_combine_in_line(kind, ctas, B, N, Hq, G, D, Bk, topk, chunk):
+    """combine_ctas: each chunk's combine on a side stream beside the next chunk's attention (partials
+    double-buffered) gives the reference's output and bit for bit the in-line persistent combine's, also where
+    a run of it follows one in line on the same buffers."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection(kind, B, N, G, Bk, topk)
+    o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
+                                     combine_ctas=ctas, shared_tiles=False)
+    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
+                                                combine_ctas=0, shared_tiles=False)
+    assert torch.equal(o, line_o) and torch.equal(lse, line_lse)
+    again_o, again_lse = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
+    sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, combine_ctas=ctas, shared_tiles=False,
+                             out=again_o, lse_out=again_lse)
+    assert torch.equal(again_o, o) and torch.equal(again_lse, lse)
+
+
+def test_overlapped_combine_needs_the_persistent_combine():
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    q, k, v = attention_inputs(1, 300, 16, 2, 64)
+    with pytest.raises(ValueError, match="combine_ctas: the overlapped combine is the persistent one"):
+        sparse_attention_forward(q, k, v, selection("random", 1, 300, 2, 64, 8), 64, query_chunk=128,
+                                 persistent_combine=False, combine_ctas=8)
 
 
 def test_persistent_combine_says_when_its_ring_does_not_fit():

@@ -44,11 +44,11 @@ from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_arg
 from msa_tl.tuning.cache import tuned_config
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="", o_buffers=2,
-                          tma_gathers=True, direct_stores=False, consumers=2)
+                          tma_gathers=True, direct_stores=False, consumers=2, store_warp=False)
 # the tuner's choices of each knob (ATTENTION_TUNING at the end adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
                        store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
-                       direct_stores=(False, True), consumers=(1, 2))
+                       direct_stores=(False, True), consumers=(1, 2), store_warp=(False, True))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 # dynamic shared memory a CTA may use for two to fit an SM: 228 KB less, a CTA, 1 KB reserved and 1 KB of barriers
 TWO_CTA_SMEM = 112 * 1024
@@ -154,7 +154,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
                      o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
-                     consumers: int = 2, dtype: str = "bfloat16",
+                     consumers: int = 2, store_warp: bool = False, dtype: str = "bfloat16",
                      partial_dtype: str = "bfloat16", query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
@@ -182,7 +182,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     per-item CTAs with ``tma_stores=False`` only. ``consumers``: consumer warpgroups a CTA. With 1 (and TMA
     gathers, direct stores, no ping-pong) a CTA is 256 threads (one producer warp of its four works) within
     :data:`TWO_CTA_SMEM` of shared memory, so two run on an SM and one's item start (entries, K/V) and tail run
-    under the other's tiles.
+    under the other's tiles. ``store_warp``: the second warp of the producer warpgroup (idle with TMA gathers) issues
+    the TMA partial stores of every finished O tile, in the consumers' order, and hands each O tile back on an
+    mbarrier once the TMA unit has read it, so no consumer issues a store or waits for one (per-item CTAs with TMA
+    gathers and TMA stores).
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     queries = T.dynamic("queries") if query_offset else seq  # Q's rows
@@ -196,6 +199,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         raise ValueError("direct_stores: per-item CTAs with tma_stores=False only")
     if consumers not in (1, 2):
         raise ValueError(f"consumers must be 1 or 2, got {consumers}")
+    if store_warp and not (tma_stores and tma_gathers and not persistent):
+        raise ValueError("store_warp: per-item CTAs with TMA gathers and TMA stores only")
     if consumers == 1 and not (tma_gathers and direct_stores and not pingpong):
         raise ValueError("consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False")
     NC = consumers  # consumer warpgroups a CTA: consumer c takes the item's tiles NC i + c
@@ -251,6 +256,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         (its shared memory holds two K/V blocks instead)."""
         return 0 if single_o else i % 2
 
+    n_o = 1 if single_o else 2  # O tiles a consumer
+
     @T.macro
     def issue_scores(i, j, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos):
         """Wait for the consumer's i-th tile of the item (its j-th in all) and start S = Q_tile K_blk^T."""
@@ -269,6 +276,25 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                            eviction_policy=store_policy)
             else:
                 T.tma_store_arrive()
+
+    @T.macro
+    def store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free):
+        """The store warp: the TMA partial stores of the item's tiles in the consumers' order (tile j is consumer
+        j % NC's tile j // NC), TQ bulk groups a tile; a tile's O is handed back once the TMA unit has read it,
+        checked after the next tile's groups are issued, so the TMA unit always has a tile's stores queued."""
+        for j in T.serial(n_tiles):
+            i = j // NC
+            T.barrier_wait(o_full[j % NC * n_o + o_buf(i)], (i // n_o) & 1)
+            if j % NC == 0:
+                issue_partial_boxes(o_buf(i), dst_s0, O_s0, Opart, b)
+            else:
+                issue_partial_boxes(o_buf(i), dst_s1, O_s1, Opart, b)
+            T.tma_store_wait(TQ)  # tile j - 1's boxes have been read (tile j's may still be in flight)
+            if j > 0:
+                T.barrier_arrive(o_free[(j - 1) % NC * n_o + o_buf((j - 1) // NC)])
+        T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
+        if n_tiles > 0:
+            T.barrier_arrive(o_free[(n_tiles - 1) % NC * n_o + o_buf((n_tiles - 1) // NC)])
 
     @T.macro
     def issue_entry_boxes(ent_s, tile, g, O_s, Opart, b):
@@ -312,12 +338,13 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
 
     @T.macro
     def consumer(c, ctx, n_mine, n_other, base, ring, full, empty, K_blk, V_blk, ent_s, e0, blk, t0, b, g, seq, acc_s,
-                 p, acc_o, m, l, qpos, dst, first, dst_s, O_s, Opart, Lpart):
+                 p, acc_o, m, l, qpos, dst, first, dst_s, O_s, Opart, Lpart, o_full, o_free):
         """Consumer c's tiles NC i + c of the item (entries from ent_s[e0]; its ring tiles from ``base`` on): the
         scores of tile i + 1 run on the tensor cores during tile i's stores.
 
         ``pingpong``: the consumers take turns issuing P V and the next S (named barriers 3 and 4), so one's
-        softmax runs under the other's MMAs.
+        softmax runs under the other's MMAs. ``store_warp``: its O tiles go to the store warp (o_full) and come back
+        from it (o_free), one mbarrier pair an O tile.
         """
         if pingpong and c == 1:
             if n_other > 0:
@@ -327,7 +354,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         for i in T.serial(n_mine):
             T.wait_wgmma(0)  # S of tile i  [rows, Bk]
             T.barrier_arrive(empty[NC * ((base + i) % stages) + c])  # the producer may refill its ring slot
-            if tma_stores:
+            if tma_stores and not store_warp:
                 # Issued here, where no wgmma is in flight: a single-thread branch while S of tile i + 1
                 # runs makes ptxas serialise the wgmma (C7518).
                 if i > 0:
@@ -357,11 +384,13 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             else:
                 pass_turn(c, i, n_other)
                 T.wait_wgmma(0)
-            if tma_stores and single_o:
+            if tma_stores and single_o and not store_warp:
                 # every thread, not one warp: a branch while S of tile i + 1 runs would serialise the wgmma (C7518);
                 # threads that issued no copies return at once
                 T.tma_store_wait(0)  # the single O tile's last boxes have left it
-            if not direct_stores:
+            if store_warp:  # the store warp has read this O tile's previous rows
+                T.barrier_wait(o_free[c * n_o + o_buf(i)], ((i // n_o) & 1) ^ 1)
+            elif not direct_stores:
                 T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
             partial_row_stats(i, dst_s, dst, m, l, Lpart, b)
             if direct_stores:  # [rows, D] from the registers, scaled by 1 / l on the way
@@ -375,7 +404,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     for r, d in T.Parallel(rows, D):  # [TQ, R, D]: one query's R partial rows are one TMA box
                         O_s[o_buf(i), r // R, r % R, d] = acc_o[r, d]
                     T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
-                    T.sync_threads(1 + c, 128)
+                    if store_warp:
+                        T.barrier_arrive(o_full[c * n_o + o_buf(i)])
+                    else:
+                        T.sync_threads(1 + c, 128)
                 else:
                     T.copy(acc_o, O_s)
                     T.sync_threads(1 + c, 128)
@@ -384,7 +416,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         if dst_s[row] >= 0:
                             for v in T.vectorized(vec):
                                 Opart[b, dst_s[row], col + v] = O_s[row, col + v]
-        if tma_stores:
+        if tma_stores and not store_warp:
             if n_mine > 0:
                 if ctx < 32:
                     issue_boxes(n_mine - 1, c, e0, ent_s, g, dst_s, O_s, Opart, b)
@@ -414,6 +446,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
                 full = T.alloc_barrier([32 if tma_gathers else 128] * (NC * stages))  # per ring slot
                 empty = T.alloc_barrier([128] * (NC * stages))
+                # store warp: per O tile (consumer c's tile u at c * n_o + u), written (its consumer's 128 threads) and
+                # read by the TMA unit (the store warp's 32 lanes)
+                o_full = T.alloc_barrier([128] * (NC * n_o)) if store_warp else None
+                o_free = T.alloc_barrier([32] * (NC * n_o)) if store_warp else None
 
                 b = bg // groups
                 g = bg % groups
@@ -460,17 +496,22 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                         gather_tile_rows(ent_s, rnd * NC * stages + u, q_rows(t0, q0), b, g, tx - 128 * NC, src, u,
                                                          ring, Q)
                                         T.cp_async_barrier_noinc(full[u])
+                    if store_warp:
+                        if tx >= 128 * NC + 32 and tx < 128 * NC + 64:  # the producer's second warp
+                            store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free)
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
                     n_mine, n_other = ((n_tiles + 1) // 2, n_tiles // 2) if NC == 2 else (n_tiles, 0)
                     consumer(0, tx, n_mine, n_other, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
-                             seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart)
+                             seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart, o_full,
+                             o_free)
                 elif NC == 2:  # consumer 1: tiles 1, 3, 5, ...
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
                     consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,
-                             b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart)
+                             b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart, o_full,
+                             o_free)
 
 
         if query_offset:
@@ -547,7 +588,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 consumer(c, ctx, (T.ceildiv(length, TQ) + 1 - c) // 2, (T.ceildiv(length, TQ) + c) // 2, base[0],
                          ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
                          item[0] // groups, item[0] % groups, seq, acc_s, p, acc_o, m, l, qpos, dst,
-                         first, dst_s, O_s, Opart, Lpart)
+                         first, dst_s, O_s, Opart, Lpart, None, None)
                 T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
                 T.barrier_arrive(kv_free[kv])
                 base[0] += (T.ceildiv(length, TQ) + 1 - c) // 2
@@ -682,15 +723,19 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # ~N * G * topk int32) instead of one build per chunk. shared_tiles: query tiles whose rows chose the same
 # blocks run msa_tl.attention.shared_tiles' Q-outer kernel instead of leaving partials. persistent_combine: the combine
 # runs msa_tl.attention.combine's persistent program (a CTA an SM, TMA bulk copies) where its ring fits.
+# combine_ctas: 0, each chunk's combine follows its attention on the caller's stream; else it runs as a persistent
+# combine of this many CTAs on a side stream of higher priority, beside the next chunk's attention (which then keeps
+# the other SMs): at small chunks the attention is bound by its tiles, not by DRAM, and the combine's bytes fill the
+# idle DRAM (NOTES.md).
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
-                         persistent_combine=True, accumulate=False)
+                         persistent_combine=True, accumulate=False, combine_ctas=0)
 # The persistent combine streams the shared tiles' empty partials too; it is ~6% faster a row than the per-row
 # combine (8.48 vs 9.01 ms at 128K, H200), so it stays the default while the tiles own at most this share of the
 # tiles (random selections: the first topk blocks' queries, 1.6% at 128K; realistic: all).
 PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
                       build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
-                      accumulate=(False, True))
+                      accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -757,8 +802,8 @@ def wide_head_blocks(indices: torch.Tensor, block_size: int, head_dim: int, quer
 def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, query_chunk=None,
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
-                             persistent_combine_config=None, accumulate=None, accumulate_config=None, out=None,
-                             lse_out=None, query_start: int = 0):
+                             persistent_combine_config=None, accumulate=None, accumulate_config=None,
+                             combine_ctas=None, out=None, lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -774,8 +819,11 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     is queued: the GPU is not drained), and where they hold every row the KV-outer path is not launched.
     ``persistent_combine``: the combine is :func:`msa_tl.attention.combine.persistent_combine_program` (a ValueError
     where its ring does not fit, if asked for; by default not where shared tiles own more than
-    ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose rows' empty partials it would stream). ``query_chunk``,
-    ``item_queries``, ``build_once``, ``shared_tiles``, ``persistent_combine`` and the kernels' configs default to
+    ``PERSISTENT_COMBINE_TILE_SHARE`` of the tiles, whose rows' empty partials it would stream). ``combine_ctas``:
+    where > 0, each chunk's persistent combine runs on that many CTAs on a side stream of higher priority, beside
+    the next chunk's attention, and the partials are double-buffered (the last chunk's combine takes every SM);
+    it needs the persistent combine (asked for without it, a ValueError). ``query_chunk``, ``item_queries``,
+    ``build_once``, ``shared_tiles``, ``persistent_combine``, ``combine_ctas`` and the kernels' configs default to
     the tuned configs of this GPU and shape (:func:`msa_tl.tuning.cache.tuned_config`), else the documented defaults.
 
     ``accumulate``: the KV-outer rows run :func:`msa_tl.attention.accumulate.accumulate_forward` (each block's
@@ -853,9 +901,14 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         few_tiles = not tiles or tiles <= shared.numel() * PERSISTENT_COMBINE_TILE_SHARE
         persistent_combine = (schedule_config["persistent_combine"] and few_tiles if persistent_combine is None
                               else persistent_combine)
+        if combine_ctas and not (persistent_combine and not unfit):
+            raise ValueError(f"combine_ctas: the overlapped combine is the persistent one, which is "
+                             f"{unfit or 'off'} here")
+        if combine_ctas is None:
+            combine_ctas = schedule_config["combine_ctas"] if persistent_combine and not unfit else 0
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
-                          query_start)
+                          query_start, combine_ctas)
     if tiles:
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     if flagged is not None:
@@ -896,17 +949,20 @@ def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, 
 
 def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chunk, partial_dtype, attention_config,
                       combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool,
-                      query_start: int = 0):
+                      query_start: int = 0, combine_ctas: int = 0):
     """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule`` from
     :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
     ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips. ``query_start``: the
-    position of q's first row (the attention's build with a query offset)."""
+    position of q's first row (the attention's build with a query offset). ``combine_ctas`` > 0: each chunk but the
+    last is combined on a side stream by that many persistent CTAs while the next chunk's attention runs."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
     built = schedule.chunks == chunks  # every chunk's schedule is already there
-    o_part = torch.empty(B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
-    l_part = torch.empty(B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
+    overlap = bool(combine_ctas) and chunks > 1
+    buffers = 2 if overlap else 1  # chunk c's partials in buffer c % 2: the next chunk writes the other
+    o_part = torch.empty(buffers, B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
+    l_part = torch.empty(buffers, B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=schedule.item_queries, dtype=dt, partial_dtype=pdt,
@@ -918,19 +974,51 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     else:
         combine = compiled_kernel(combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **combine_config, **(dict(skip_empty=True) if tiles else {}))
+    side_combine = side = None
+    if overlap:
+        side_combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G,
+                                       dtype=dt, partial_dtype=pdt, **dict(persistent_config, ctas=combine_ctas))
+        main, side = torch.cuda.current_stream(q.device), _combine_stream(q.device)
+        side.wait_stream(main)  # o, lse and the partials were allocated on the caller's stream
+        read = [None] * buffers  # the event after the side combine that last read each buffer
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not built:
             schedule.build(indices, t0, count)
         items, item_count, entries = schedule.part(c if built else 0)
-        op = o_part[: B * count * Hq * topk * D].view(B, count * Hq * topk, D)
-        lp = l_part[: B * count * Hq * topk].view(B, count * Hq * topk)
+        op = o_part[c % buffers, : B * count * Hq * topk * D].view(B, count * Hq * topk, D)
+        lp = l_part[c % buffers, : B * count * Hq * topk].view(B, count * Hq * topk)
+        if overlap and read[c % buffers] is not None:
+            main.wait_event(read[c % buffers])
         lp.fill_(float("-inf"))
         attention(q, k, v, items, item_count, entries, op, lp, *([] if work is None else [work[c]]),
                   query_start + t0, *((query_start,) if query_start else ()))
-        combine(op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
+        args = (op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
+        if overlap and c + 1 < chunks:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                side_combine(*args)
+            read[c % buffers] = side.record_event()
+        else:
+            combine(*args)
+    if overlap:
+        main.wait_stream(side)
+
+
+_COMBINE_STREAMS = {}
+
+
+def _combine_stream(device) -> torch.cuda.Stream:
+    """The device's side stream of the overlapped combine, of the highest priority: as the attention's CTAs drain,
+    the combine's are placed first, so it holds its SMs from the start of the next chunk's attention."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _COMBINE_STREAMS:
+        # a priority below the range maps to the highest the device has
+        _COMBINE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-100)
+    return _COMBINE_STREAMS[index]
 
 
 def _reject_attention(config: dict, shape: dict):
@@ -945,6 +1033,9 @@ def _reject_attention(config: dict, shape: dict):
         return f"TMA gathers need >= {TMA_MIN_HEADS} heads per group and per-item CTAs"
     if config.get("direct_stores") and (config["tma_stores"] or config.get("persistent", False)):
         return "direct stores replace the O tile: per-item CTAs with thread stores only"
+    if config.get("store_warp") and not (config["tma_stores"] and config.get("tma_gathers")
+                                         and not config.get("persistent", False)):
+        return "a store warp issues TMA stores beside the TMA gathers' warp: per-item CTAs only"
     if config.get("direct_stores") and shape["head_dim"] % 32:
         return "direct stores need a head dim that is a multiple of 32"
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
