@@ -64,6 +64,10 @@ def main(argv=None):
                                                                            persistent_combine=True))
     stage("forward (persistent attention, 3 CTAs)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, **kv_outer, attention_config=dict(persistent=True, ctas=3)))
+    stage("forward (store warp)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer,
+                                                                   attention_config=dict(store_warp=True)))
+    stage("forward (combine on a side stream)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer,
+                                                                                 combine_ctas=3))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
     stage("forward (accumulators)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, shared_tiles=False, accumulate=True, accumulate_config=dict(query_chunk=256)))
