@@ -52,6 +52,14 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, dq_partials=False, query_chunk=4096), "atomic"),
     ("kv_outer_backward", dict(kv_outer_backward.BACKWARD_DEFAULTS, query_chunk=32768), None),  # 8 GiB partials
     ("schedule", dict(item_queries=256, query_chunk=65536), "GiB"),  # 17 GiB of partials
+    ("schedule", dict(item_queries=256, query_chunk=4096, persistent_combine=True, combine_ctas=32), None),
+    ("schedule", dict(item_queries=256, query_chunk=4096, persistent_combine=False, combine_ctas=32), "persistent"),
+    ("schedule", dict(item_queries=256, query_chunk=4096, persistent_combine=True, accumulate=True, combine_ctas=32),
+     "partials path"),
+    ("schedule", dict(item_queries=256, query_chunk=32768, persistent_combine=True, combine_ctas=32), "double"),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, store_warp=True), None),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=False, store_warp=True),
+     "store warp"),
 ])
 def test_constraints(program, config, reason):
     got = SPACES[program].reject(config, PAPER)

@@ -1140,6 +1140,11 @@ def _schedule_units(shape: dict, config: dict) -> list:
                                           dtype="bfloat16", scale=args["scale"]))]
         if ACCUMULATE_DEFAULTS["item_queries"] != config["item_queries"]:
             units.append((plan_program, dict(item_queries=ACCUMULATE_DEFAULTS["item_queries"])))
+    elif config.get("combine_ctas"):  # the side stream's persistent combine at its CTA count
+        units.append((persistent_combine_program, dict(heads=shape["heads"], head_dim=shape["head_dim"],
+                                                       topk=shape["topk"], groups=shape["groups"], dtype="bfloat16",
+                                                       partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS,
+                                                                                        ctas=config["combine_ctas"]))))
     return units
 
 
@@ -1147,6 +1152,10 @@ def _reject_schedule(config: dict, shape: dict):
     partial_bytes = config["query_chunk"] * shape["heads"] * shape["topk"] * shape["head_dim"] * 2
     if partial_bytes > 8 * 2**30:
         return f"partials of one chunk take {partial_bytes / 2**30:.0f} GiB > 8 GiB"
+    if config.get("combine_ctas") and (config.get("accumulate") or not config["persistent_combine"]):
+        return "the combine on a side stream is the persistent combine of the partials path"
+    if config.get("combine_ctas") and 2 * partial_bytes > 8 * 2**30:
+        return f"double-buffered partials take {2 * partial_bytes / 2**30:.0f} GiB > 8 GiB"
     return None
 
 
