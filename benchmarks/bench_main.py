@@ -93,9 +93,8 @@ def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_qu
     scheds = [Schedule(B, G, nblk, chunk, TOPK, item_queries, "cuda") for _ in starts]
     for sched, t0 in zip(scheds, starts):
         sched.build(idx, t0, min(chunk, N - t0))
-    asked = None if persistent is None else dict(persistent=persistent)
-    config = without_unfit_persistent(dict(attention_defaults(R, 2), **(asked or {}), **(config or {})), asked, R, D,
-                                      BK, item_queries, 2)
+    asked = {**({} if persistent is None else dict(persistent=persistent)), **(config or {})}
+    config = without_unfit_persistent(dict(attention_defaults(R, 2), **asked), asked, R, D, BK, item_queries, 2)
     if config["persistent"]:
         config["ctas"] = sm_count("cuda")
     att = compiled_kernel(kv_outer_program, groups=G, heads=HQ, head_dim=D, block_size=BK, topk=TOPK,
@@ -171,18 +170,28 @@ def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), ro
         print(f"  items {iq:4d} {label:<10} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f})", flush=True)
 
 
+ATTENTION_ALONE = {"default": dict(), "store warp": dict(store_warp=True),
+                   "persistent, TMA gathers": dict(persistent=True, tma_gathers=True),
+                   "persistent, store warp": dict(persistent=True, store_warp=True)}
+
+
 def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
-    """The attention kernel alone over every chunk, at 4K and 16K chunks, with and without the store warp, in
-    interleaved rounds (at 4K chunks the kernel is bound by its tiles, not by DRAM: what the store warp frees)."""
+    """The attention kernel alone over every chunk, at 4K and 16K chunks, per item or persistent, with and without
+    the store warp (``ATTENTION_ALONE``), in interleaved rounds (at 4K chunks the kernel is bound by its tiles, not by
+    DRAM: what the store warp and the persistent kernel's next item loaded under this one free)."""
     flops = main_branch_flops(idx)
-    runs = {(chunk, warp): (attention_stage(q, k, v, idx, chunk, config=dict(store_warp=warp))[0], [])
-            for chunk in (4096, 16384) for warp in (False, True)}
+    runs = {}
+    for chunk in (4096, 16384):
+        for name, config in ATTENTION_ALONE.items():
+            persistent = config.get("persistent", False)
+            extra = {key: value for key, value in config.items() if key != "persistent"}
+            runs[chunk, name] = (attention_stage(q, k, v, idx, chunk, persistent=persistent, config=extra)[0], [])
     for _ in range(rounds):
         for run, times in runs.values():
             times.append(time_ms(run, rep_ms=500))
-    for (chunk, warp), (_, times) in runs.items():
+    for (chunk, name), (_, times) in runs.items():
         ms = statistics.median(times)
-        label = f"attention alone, {chunk}-query chunks, store warp {'on' if warp else 'off'}"
+        label = f"attention alone, {chunk}-query chunks, {name}"
         table.add(**row, what=label, selection=kind, query_chunk=chunk, ms=ms, ms_min=min(times), ms_max=max(times),
                   rounds=rounds, tflops=flops / ms / 1e9)
         print(f"  {label:<55} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f}) {flops / ms / 1e9:.0f} "
@@ -217,9 +226,11 @@ def overlap_variants():
     """(label, sparse_attention_forward keywords) of ``--overlap``: today's path first, then small chunks (their Q
     stays in the L2) with each chunk's combine on a side stream of a few CTAs beside the next chunk's attention."""
     warp = dict(attention_config=dict(store_warp=True))
-    variants = [dict(), dict(query_chunk=4096), warp, dict(query_chunk=4096, **warp),
+    persistent = dict(attention_config=dict(store_warp=True, persistent=True))
+    variants = [dict(), dict(query_chunk=4096), warp, dict(query_chunk=4096, **warp), dict(query_chunk=4096, **persistent),
                 dict(query_chunk=4096, combine_ctas=32)]
     variants += [dict(query_chunk=4096, combine_ctas=n, **warp) for n in (24, 32, 40)]
+    variants += [dict(query_chunk=4096, combine_ctas=n, **persistent) for n in (24, 32)]
     variants += [dict(query_chunk=c, combine_ctas=32, **warp) for c in (2048, 8192)]
     return labelled(variants)
 

@@ -261,22 +261,22 @@ def test_direct_stores_transpose_gives_each_lane_eight_consecutive_columns():
     assert "msa_quad_exchange<1>(w, lane);" in source and "msa_quad_exchange<2>(w, lane);" in source
 
 
-def test_tma_gathers_need_eight_heads_and_per_item_ctas():
-    """A query's Q box by TMA must be whole 1 KB swizzle atoms (>= 8 rows); the persistent kernel gathers by
-    cp.async, so a persistent config loses the default's TMA gathers and an asked-for pair is an error."""
+def test_tma_gathers_need_eight_heads_and_the_persistent_kernel_takes_them_when_asked():
+    """A query's Q box by TMA must be whole 1 KB swizzle atoms (>= 8 rows); a persistent config loses the default's
+    TMA gathers (its cp.async ones are the measured ones) unless they or the store warp are asked for."""
     assert kv_outer_attention.attention_defaults(16, 2)["tma_gathers"]
     assert not kv_outer_attention.attention_defaults(4, 2)["tma_gathers"]
     with pytest.raises(ValueError, match="tma_gathers needs"):
         kv_outer_attention.kv_outer_program(groups=8, heads=32, head_dim=64, block_size=64, topk=4, scale=0.125,
                                             tma_stores=False, tma_gathers=True)
-    with pytest.raises(ValueError, match="per-item CTAs"):
-        kv_outer_attention.kv_outer_program(**PAPER, persistent=True, tma_gathers=True)
     defaults = dict(kv_outer_attention.attention_defaults(16, 2), persistent=True)
     fitted = kv_outer_attention.without_unfit_persistent(defaults, dict(persistent=True), 16, 128, 128, 256, 2)
     assert fitted["persistent"] and not fitted["tma_gathers"]
     asked = dict(persistent=True, tma_gathers=True)
     assert kv_outer_attention.without_unfit_persistent(dict(defaults, **asked), asked, 16, 128, 128, 256, 2) == dict(
         defaults, **asked)
+    warp = dict(persistent=True, store_warp=True)
+    assert kv_outer_attention.without_unfit_persistent(dict(defaults, **warp), warp, 16, 128, 128, 256, 2)["tma_gathers"]
 
 
 def test_tma_partial_stores_need_eight_heads_and_16_bit_partials():
@@ -329,9 +329,10 @@ def test_the_persistent_attention_says_when_shared_memory_overflows(config):
 
 
 @pytest.mark.parametrize("config", [dict(persistent=True, tma_gathers=False), dict(tma_stores=False),
-                                    dict(tma_gathers=False)], ids=["persistent", "thread-stores", "cp-async-gathers"])
+                                    dict(tma_gathers=False)], ids=["persistent-cp-async", "thread-stores",
+                                                                    "cp-async-gathers"])
 def test_the_store_warp_says_what_it_needs(config):
-    with pytest.raises(ValueError, match="store_warp: per-item CTAs with TMA gathers and TMA stores only"):
+    with pytest.raises(ValueError, match="store_warp: TMA gathers and TMA stores only"):
         kv_outer_attention.kv_outer_program(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                             **dict(dict(tma_gathers=True, tma_stores=True), **config),
                                             store_warp=True)
@@ -348,14 +349,17 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
                                                                          store_warp=True))),
                (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
-                                                                         store_warp=True, o_buffers=1, stages=3)))]
+                                                                         store_warp=True, o_buffers=1, stages=3))),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True)),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True, store_warp=True))]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("builder,config", ASYNC_WGMMA,
                          ids=["kv_outer-defaults", "kv_outer-cp-async-gathers", "kv_outer-persistent", "tile-per-tile-ctas",
                               "tile-persistent", "backward-paper", "backward-wide", "accumulate-blocks",
-                              "accumulate-local", "kv_outer-store-warp", "kv_outer-store-warp-one-o-tile"])
+                              "accumulate-local", "kv_outer-store-warp", "kv_outer-store-warp-one-o-tile",
+                              "kv_outer-persistent-tma-gathers", "kv_outer-persistent-store-warp"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,

@@ -338,21 +338,25 @@ def test_a_nan_query_reaches_its_own_rows_in_both_tile_kernels(roles):
     assert (lse[~poisoned].double() - ref_lse[~poisoned]).abs().max().item() <= LSE_ATOL
 
 
-@pytest.mark.parametrize("config", [dict(store_warp=True), dict(store_warp=True, stages=3, o_buffers=1)],
-                         ids=["store-warp", "store-warp-one-o-tile"])
+@pytest.mark.parametrize("config", [dict(store_warp=True), dict(store_warp=True, stages=3, o_buffers=1),
+                                    dict(persistent=True, tma_gathers=True, ctas=3),
+                                    dict(persistent=True, store_warp=True, ctas=3),
+                                    dict(persistent=True, store_warp=True)],
+                         ids=["store-warp", "store-warp-one-o-tile", "persistent-tma-gathers-3-ctas",
+                              "persistent-store-warp-3-ctas", "persistent-store-warp"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk", [(1, 2125, 64, 4, 128, 128, 16), (2, 1000, 16, 2, 64, 64, 8)],
                          ids=["paper-ragged", "b2-Bk64"])
-def test_a_store_warp_gives_the_same_partials(config, kind, B, N, Hq, G, D, Bk, topk):
-    """store_warp: the producer's second warp issues the TMA partial stores and hands the O tiles back on
-    mbarriers; the output matches the reference and, bit for bit, the consumers' own stores."""
+def test_a_store_warp_and_persistent_tma_gathers_give_the_same_partials(config, kind, B, N, Hq, G, D, Bk, topk):
+    """store_warp: a producer warp issues the TMA partial stores and hands the O tiles back on mbarriers (per-item
+    CTAs, or persistent ones whose O tiles and entries pass from item to item); the persistent kernel's TMA gathers.
+    Outputs match the reference and, bit for bit, the default kernel's (every tile's arithmetic is the same)."""
     from msa_tl.attention.kv_outer import sparse_attention_forward
 
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection(kind, B, N, G, Bk, topk)
     o, lse = check_against_reference(q, k, v, indices, Bk, attention_config=config, shared_tiles=False)
-    own = {key: value for key, value in config.items() if key != "store_warp"}
-    ref_o, ref_lse = sparse_attention_forward(q, k, v, indices, Bk, attention_config=own, shared_tiles=False)
+    ref_o, ref_lse = sparse_attention_forward(q, k, v, indices, Bk, shared_tiles=False)
     assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
 
 

@@ -60,6 +60,8 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, store_warp=True), None),
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=False, store_warp=True),
      "store warp"),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, persistent=True, tma_gathers=True,
+                                store_warp=True), None),
 ])
 def test_constraints(program, config, reason):
     got = SPACES[program].reject(config, PAPER)

@@ -175,17 +175,21 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     1: its stores must have left before the next tile's O is written, and the 32 KB saved hold a third ring
     stage). The persistent kernel has one. ``tma_gathers``: one producer warp loads K/V and gathers each query's
     R x D box of Q with TMA (a copy per 64 columns, completing on the slot's mbarrier) instead of 128 threads'
-    16-byte cp.async; padding rows are then left as they were (their rows' results are never stored). Per-item
-    CTAs and R >= 8 only (a box of fewer rows is not a whole 1 KB swizzle atom); on in ``ATTENTION_DEFAULTS``.
+    16-byte cp.async; padding rows are then left as they were (their rows' results are never stored). R >= 8
+    only (a box of fewer rows is not a whole 1 KB swizzle atom); on in ``ATTENTION_DEFAULTS`` (the persistent
+    kernel takes them only where asked, with the store warp or ``tma_gathers`` itself: :func:`without_unfit_persistent`).
+    In the persistent kernel the producer warpgroup's first three warps take the items and write the entries, and
+    the first of them loads K/V and gathers.
     ``direct_stores``: each consumer thread stores its two rows of O straight from its registers (16-byte stores
     after a transpose within each quad, :data:`DIRECT_STORES_CUDA`), with no O tile, fence or TMA store:
     per-item CTAs with ``tma_stores=False`` only. ``consumers``: consumer warpgroups a CTA. With 1 (and TMA
     gathers, direct stores, no ping-pong) a CTA is 256 threads (one producer warp of its four works) within
     :data:`TWO_CTA_SMEM` of shared memory, so two run on an SM and one's item start (entries, K/V) and tail run
-    under the other's tiles. ``store_warp``: the second warp of the producer warpgroup (idle with TMA gathers) issues
-    the TMA partial stores of every finished O tile, in the consumers' order, and hands each O tile back on an
-    mbarrier once the TMA unit has read it, so no consumer issues a store or waits for one (per-item CTAs with TMA
-    gathers and TMA stores).
+    under the other's tiles. ``store_warp``: a warp of the producer warpgroup that TMA gathers leave idle (the
+    second; the last in the persistent kernel) issues the TMA partial stores of every finished O tile, in the
+    consumers' order, and hands each O tile back on an mbarrier once the TMA unit has read it, so no consumer issues
+    a store or waits for one (TMA gathers and TMA stores only). The persistent kernel's store warp follows the items
+    as the consumers take them and frees each item's entries with them.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     queries = T.dynamic("queries") if query_offset else seq  # Q's rows
@@ -199,16 +203,14 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         raise ValueError("direct_stores: per-item CTAs with tma_stores=False only")
     if consumers not in (1, 2):
         raise ValueError(f"consumers must be 1 or 2, got {consumers}")
-    if store_warp and not (tma_stores and tma_gathers and not persistent):
-        raise ValueError("store_warp: per-item CTAs with TMA gathers and TMA stores only")
+    if store_warp and not (tma_stores and tma_gathers):
+        raise ValueError("store_warp: TMA gathers and TMA stores only")
     if consumers == 1 and not (tma_gathers and direct_stores and not pingpong):
         raise ValueError("consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False")
     NC = consumers  # consumer warpgroups a CTA: consumer c takes the item's tiles NC i + c
     if direct_stores and head_dim % 32:
         raise ValueError(f"direct_stores needs a head dim that is a multiple of 32, got {head_dim}")
     partial_bytes = 4 if partial_dtype == "float32" else 2
-    if tma_gathers and persistent:
-        raise ValueError("tma_gathers: per-item CTAs only (persistent=False)")
     if tma_gathers and (R < TMA_MIN_HEADS or head_dim % 64):
         raise ValueError(f"tma_gathers needs >= {TMA_MIN_HEADS} query heads per KV head and a head dim that is a "
                          f"multiple of 64, got {R} and {head_dim}")
@@ -233,6 +235,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     threads = 128 * NC + 128
     launch_regs = 65536 // ((3 - NC) * threads) // 8 * 8
     assert 128 * producer_regs + 128 * NC * consumer_regs <= launch_regs * threads
+    P = 96 if store_warp else 128  # the persistent kernel's producer threads that take items and write entries
     if persistent:
         smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, partial_bytes)
         if smem > SMEM_LIMIT:
@@ -266,6 +269,20 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             qpos[r] = T.if_then_else(ent_s[e0 + (NC * i + c) * TQ + r // R] >= 0,
                                      t0 + ent_s[e0 + (NC * i + c) * TQ + r // R] // topk, -1)
         T.wgmma_gemm(ring[NC * (j % stages) + c, :, :], K_blk, acc_s, transpose_B=True, clear_accum=True)
+
+    @T.macro
+    def tma_gather_tile(ring, slot, full, ent_s, e0, Q, b, g, q_first, src):
+        """One warp: the TMA copies of a tile's queries (entries ent_s[e0:e0 + TQ]; a query's R x D box of Q, a copy
+        per 64 columns: one 128-byte swizzle span) into ring[slot], completing on full[slot]; padding rows are left as
+        they were (their results are never stored)."""
+        for qi in T.unroll(TQ):
+            src[0] = ent_s[e0 + qi]
+            if src[0] >= 0:
+                for h in T.unroll(D // 64):
+                    T.tma_copy(Q[b, q_first + src[0] // topk, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
+                               ring[slot, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=full[slot],
+                               leader_scope_threads=32)
+        T.barrier_arrive(full[slot])
 
     @T.macro
     def issue_partial_boxes(buf, dst_s, O_s, Opart, b):
@@ -389,7 +406,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 # threads that issued no copies return at once
                 T.tma_store_wait(0)  # the single O tile's last boxes have left it
             if store_warp:  # the store warp has read this O tile's previous rows
-                T.barrier_wait(o_free[c * n_o + o_buf(i)], ((i // n_o) & 1) ^ 1)
+                T.barrier_wait(o_free[c * n_o + o_buf(base + i)], (((base + i) // n_o) & 1) ^ 1)
             elif not direct_stores:
                 T.sync_threads(1 + c, 128)  # O_s and dst_s may be overwritten (the previous tile's rows have left)
             partial_row_stats(i, dst_s, dst, m, l, Lpart, b)
@@ -405,7 +422,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         O_s[o_buf(i), r // R, r % R, d] = acc_o[r, d]
                     T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
                     if store_warp:
-                        T.barrier_arrive(o_full[c * n_o + o_buf(i)])
+                        T.barrier_arrive(o_full[c * n_o + o_buf(base + i)])
                     else:
                         T.sync_threads(1 + c, 128)
                 else:
@@ -483,15 +500,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                 if rnd * NC * stages + u < n_tiles:
                                     T.barrier_wait(empty[u], (rnd & 1) ^ 1)
                                     if tma_gathers:
-                                        for qi in T.unroll(TQ):
-                                            src[0] = ent_s[(rnd * NC * stages + u) * TQ + qi]
-                                            if src[0] >= 0:  # [R, 64] a copy: one 128-byte swizzle span
-                                                for h in T.unroll(D // 64):
-                                                    T.tma_copy(Q[b, q_rows(t0, q0) + src[0] // topk, g * R:(g + 1) * R,
-                                                                 h * 64:(h + 1) * 64],
-                                                               ring[u, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64],
-                                                               barrier=full[u], leader_scope_threads=32)
-                                        T.barrier_arrive(full[u])
+                                        tma_gather_tile(ring, u, full, ent_s, (rnd * NC * stages + u) * TQ, Q, b, g,
+                                                        q_rows(t0, q0), src)
                                     else:
                                         gather_tile_rows(ent_s, rnd * NC * stages + u, q_rows(t0, q0), b, g, tx - 128 * NC, src, u,
                                                          ring, Q)
@@ -570,17 +580,23 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             Work[1 + 4 * cta + 2 * kv + 1] = w[0]
 
         @T.macro
+        def wait_item(kv, kv_ready, Work, cta, item, done):
+            """A consumer's or the store warp's next item: wait for its K/V buffer ``kv`` (the role's item count
+            ``done`` % 2), then read the (bg, item) pair the producer left for it (bg -1: none left)."""
+            T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
+            item[0] = Work[1 + 4 * cta + 2 * kv]
+            item[1] = Work[1 + 4 * cta + 2 * kv + 1]
+
+        @T.macro
         def consumer_items(c, ctx, base, acc_s, p, acc_o, m, l, qpos, dst, dst_s, O_s, max_turns, Items, ItemCount,
                            ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, Work, cta, item, done, first, t0,
-                           seq, Opart, Lpart):
+                           seq, Opart, Lpart, o_full, o_free):
             """Consumer c's share of every item this CTA takes: wait for its K/V buffer, read which item it holds
             (its pair of Work: bg -1 when none is left), start it with the other consumer (the ping-pong's turns),
             run its tiles from ring tile base[0] on, free the buffer."""
             for _ in T.serial(max_turns):
                 kv = done[0] % 2
-                T.barrier_wait(kv_ready[kv], (done[0] // 2) & 1)
-                item[0] = Work[1 + 4 * cta + 2 * kv]
-                item[1] = Work[1 + 4 * cta + 2 * kv + 1]
+                wait_item(kv, kv_ready, Work, cta, item, done)
                 if item[0] < 0:
                     T.loop_break()
                 blk, start, length = work_item(Items, ItemCount, item[0], item[1])
@@ -588,13 +604,43 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 consumer(c, ctx, (T.ceildiv(length, TQ) + 1 - c) // 2, (T.ceildiv(length, TQ) + c) // 2, base[0],
                          ring, full, empty, K_s[kv, :, :], V_s[kv, :, :], ent_s, kv * n_entries, blk, t0,
                          item[0] // groups, item[0] % groups, seq, acc_s, p, acc_o, m, l, qpos, dst,
-                         first, dst_s, O_s, Opart, Lpart, None, None)
+                         first, dst_s, O_s, Opart, Lpart, o_full, o_free)
                 T.wait_wgmma(0)  # nothing is in flight; without it ptxas serialises every wgmma (C7518)
                 T.barrier_arrive(kv_free[kv])
                 base[0] += (T.ceildiv(length, TQ) + 1 - c) // 2
                 done[0] += 1
-            if tma_stores:
+            if tma_stores and not store_warp:
                 T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
+
+        @T.macro
+        def store_items(max_turns, Items, ItemCount, kv_ready, kv_free, o_full, o_free, ent_s, Work, cta, item, done,
+                        base0, base1, O_s0, O_s1, Opart):
+            """The store warp of the persistent kernel: item after item (as the consumers take them), the TMA partial
+            stores of each tile in the consumers' order, rows from the entries. A tile's O goes back to its consumer
+            once the TMA unit has read it, before the next tile is taken: a consumer's next tile may follow its
+            last at an item's end, so no release may wait for a later tile. It frees the item's entries (kv_free)
+            after its last tile's stores are issued."""
+            for _ in T.serial(max_turns):
+                kv = done[0] % 2
+                wait_item(kv, kv_ready, Work, cta, item, done)
+                if item[0] < 0:
+                    T.loop_break()
+                length = work_item(Items, ItemCount, item[0], item[1])[2]
+                for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile k in all
+                    k = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
+                    T.barrier_wait(o_full[t % 2], k & 1)
+                    if t % 2 == 0:
+                        issue_entry_boxes(ent_s, kv * (n_entries // TQ) + t, item[0] % groups, O_s0, Opart,
+                                          item[0] // groups)
+                    else:
+                        issue_entry_boxes(ent_s, kv * (n_entries // TQ) + t, item[0] % groups, O_s1, Opart,
+                                          item[0] // groups)
+                    T.tma_store_wait(0)  # the tile's boxes have been read
+                    T.barrier_arrive(o_free[t % 2])
+                T.barrier_arrive(kv_free[kv])
+                base0[0] += (T.ceildiv(length, TQ) + 1) // 2
+                base1[0] += T.ceildiv(length, TQ) // 2
+                done[0] += 1
 
         @T.macro
         def attention_persistent(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, Work, t0, q0):
@@ -618,10 +664,15 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 base0 = T.alloc_local((1,), "int32")  # tiles consumer 0 (the producer: each consumer) has had so far
                 base1 = T.alloc_local((1,), "int32")
                 T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
-                kv_ready = T.alloc_barrier([256, 256])  # per K/V buffer: 128 cp.async completions + 128 entry writers
-                kv_free = T.alloc_barrier([256, 256])  # per K/V buffer: both consumers are done with its item
-                full = T.alloc_barrier([128] * (2 * stages))  # per ring slot
+                # per K/V buffer: 128 cp.async completions + 128 entry writers; with TMA gathers the gathering warp,
+                # after the entry writers' named barrier
+                kv_ready = T.alloc_barrier([32, 32] if tma_gathers else [256, 256])
+                # per K/V buffer: both consumers are done with its item (and the store warp with its entries)
+                kv_free = T.alloc_barrier([288, 288] if store_warp else [256, 256])
+                full = T.alloc_barrier([32 if tma_gathers else 128] * (2 * stages))  # per ring slot
                 empty = T.alloc_barrier([128] * (2 * stages))
+                o_full = T.alloc_barrier([128, 128]) if store_warp else None  # per consumer's O tile
+                o_free = T.alloc_barrier([32, 32]) if store_warp else None
 
                 tx = T.get_thread_binding()
                 max_turns = n_bg * n_items + 1  # a bound only: every role leaves at the item with bg -1
@@ -630,35 +681,59 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 base1[0] = 0
                 if tx >= 256:  # producer: item after item, K/V and entries into the free buffer, then its tiles
                     T.set_max_nreg(producer_regs, 0)
-                    for turn in T.serial(max_turns):
+                    if store_warp:
+                        if tx >= 256 + P:  # the store warp: the warpgroup's last
+                            store_items(max_turns, Items, ItemCount, kv_ready, kv_free, o_full, o_free, ent_s, Work,
+                                        cta, item, done, base0, base1, O_s0, O_s1, Opart)
+                    for turn in T.serial(T.if_then_else(tx < 256 + P, max_turns, 0)):  # the store warp takes none
                         kv = done[0] % 2
                         T.barrier_wait(kv_free[kv], ((done[0] // 2) & 1) ^ 1)
                         if tx == 256:
                             take_item(turn, cta, kv, Work, ItemCount, w)
-                        T.sync_threads(5, 128)  # the item is written
+                        T.sync_threads(5, P)  # the item is written
                         item[0] = Work[1 + 4 * cta + 2 * kv]
                         item[1] = Work[1 + 4 * cta + 2 * kv + 1]
-                        if item[0] < 0:  # none left: release the consumers (256 arrivals) and stop
-                            T.barrier_arrive(kv_ready[kv])
-                            T.barrier_arrive(kv_ready[kv])
+                        if item[0] < 0:  # none left: release the consumers (and the store warp) and stop
+                            if tma_gathers:
+                                if tx < 256 + 32:
+                                    T.barrier_arrive(kv_ready[kv])
+                            else:  # 256 arrivals
+                                T.barrier_arrive(kv_ready[kv])
+                                T.barrier_arrive(kv_ready[kv])
                             T.loop_break()
                         bg = item[0]
                         blk, start, length = work_item(Items, ItemCount, bg, item[1])
-                        for e in T.serial(T.ceildiv(n_entries, 128)):
-                            if e * 128 + tx - 256 < n_entries:
-                                ent_s[kv * n_entries + e * 128 + tx - 256] = T.if_then_else(
-                                    e * 128 + tx - 256 < length, Entries[bg, start + e * 128 + tx - 256], -1)
-                        T.sync_threads(5, 128)  # every producer thread gathers rows of every entry
-                        T.async_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], K_s[kv, :, :])
-                        T.async_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], V_s[kv, :, :])
-                        T.cp_async_barrier_noinc(kv_ready[kv])
-                        T.barrier_arrive(kv_ready[kv])  # release: the item and the entries written above
-                        for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
-                            j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
-                            T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
-                            gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, q_rows(t0, q0), bg // groups,
-                                             bg % groups, tx - 256, src, 2 * (j % stages) + t % 2, ring, Q)
-                            T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
+                        for e in T.serial(T.ceildiv(n_entries, P)):
+                            if e * P + tx - 256 < n_entries:
+                                ent_s[kv * n_entries + e * P + tx - 256] = T.if_then_else(
+                                    e * P + tx - 256 < length, Entries[bg, start + e * P + tx - 256], -1)
+                        T.sync_threads(5, P)  # every gathering thread reads every entry
+                        if tma_gathers:
+                            if tx < 256 + 32:  # one warp; each TMA copy elects one lane
+                                for h in T.unroll(D // 64):  # [Bk, 64] a copy: one 128-byte swizzle span
+                                    T.tma_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, h * 64:(h + 1) * 64],
+                                               K_s[kv, :, h * 64:(h + 1) * 64], barrier=kv_ready[kv],
+                                               leader_scope_threads=32)
+                                    T.tma_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, h * 64:(h + 1) * 64],
+                                               V_s[kv, :, h * 64:(h + 1) * 64], barrier=kv_ready[kv],
+                                               leader_scope_threads=32)
+                                T.barrier_arrive(kv_ready[kv])  # release: the item and the entries written above
+                                for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
+                                    j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
+                                    T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
+                                    tma_gather_tile(ring, 2 * (j % stages) + t % 2, full, ent_s, kv * n_entries + t * TQ,
+                                                    Q, bg // groups, bg % groups, q_rows(t0, q0), src)
+                        else:
+                            T.async_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], K_s[kv, :, :])
+                            T.async_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], V_s[kv, :, :])
+                            T.cp_async_barrier_noinc(kv_ready[kv])
+                            T.barrier_arrive(kv_ready[kv])  # release: the item and the entries written above
+                            for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
+                                j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
+                                T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
+                                gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, q_rows(t0, q0), bg // groups,
+                                                 bg % groups, tx - 256, src, 2 * (j % stages) + t % 2, ring, Q)
+                                T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
                         base0[0] += (T.ceildiv(length, TQ) + 1) // 2
                         base1[0] += T.ceildiv(length, TQ) // 2
                         done[0] += 1
@@ -666,12 +741,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     T.set_max_nreg(consumer_regs, 1)
                     consumer_items(0, tx, base0, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, dst_s0, O_s0, max_turns,
                                    Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s, Work,
-                                   cta, item, done, first, t0, seq, Opart, Lpart)
+                                   cta, item, done, first, t0, seq, Opart, Lpart, o_full, o_free)
                 else:  # consumer 1: tiles 1, 3, 5, ... of every item
                     T.set_max_nreg(consumer_regs, 1)
                     consumer_items(1, tx - 128, base1, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, dst_s1, O_s1,
                                    max_turns, Items, ItemCount, ring, full, empty, kv_ready, kv_free, K_s, V_s, ent_s,
-                                   Work, cta, item, done, first, t0, seq, Opart, Lpart)
+                                   Work, cta, item, done, first, t0, seq, Opart, Lpart, o_full, o_free)
 
 
         if query_offset:
@@ -757,14 +832,15 @@ def without_unfit_persistent(config: dict, asked, heads_per_group: int, head_dim
                              item_queries: int, partial_bytes: int) -> dict:
     """``config`` with the persistent kernel off where it came from a default or tuned config (not from ``asked``,
     the caller's own knobs) and its shared memory does not fit beside the other knobs, and with TMA gathers off
-    where they came from one and the kernel is persistent (which gathers by cp.async); asked for, the kernel
-    raises instead."""
+    where they came from one and the kernel is persistent (its TMA gathers have not been measured against its
+    cp.async ones) unless the store warp, which needs them, is on; asked for, the kernel raises instead."""
     asked = asked or {}
     if config["persistent"] and "persistent" not in asked and persistent_shared_bytes(
             heads_per_group, head_dim, block_size, item_queries, config["stages"], config["tma_stores"],
             partial_bytes) > SMEM_LIMIT:
         config = dict(config, persistent=False)
-    if config["persistent"] and config.get("tma_gathers") and "tma_gathers" not in asked:
+    if config["persistent"] and config.get("tma_gathers") and "tma_gathers" not in asked and \
+            not config.get("store_warp"):
         config = dict(config, tma_gathers=False)
     return config
 
@@ -857,6 +933,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     chunk = min(N, query_chunk or schedule_config["query_chunk"])
     # wide heads: a tuned config for the shape (searched within what fits) still wins over WIDE_HEAD_CONFIG
     defaults = {**attention_defaults(R, partial_dtype.itemsize), **(WIDE_HEAD_CONFIG if wide else {})}
+    asked_attention = attention_config
     attention_config = without_unfit_persistent(
         {**tuned_config("kv_outer_attention", shape, defaults, q.device), **(attention_config or {})},
         attention_config, R, D, block_size, item_queries, partial_dtype.itemsize)
@@ -906,6 +983,9 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              f"{unfit or 'off'} here")
         if combine_ctas is None:
             combine_ctas = schedule_config["combine_ctas"] if persistent_combine and not unfit else 0
+        if combine_ctas and attention_config.get("persistent") and "ctas" not in (asked_attention or {}):
+            # the attention's CTAs each take their first item at once: none should wait for the combine's SMs
+            attention_config["ctas"] = max(1, sm_count(q.device) - combine_ctas)
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
                           query_start, combine_ctas)
@@ -1029,13 +1109,12 @@ def _reject_attention(config: dict, shape: dict):
         return f"{R} heads per group: a TMA box a query is too small (TMA_MIN_HEADS)"
     if config.get("store_eviction") and not config["tma_stores"]:
         return "an L2 policy for the partial stores needs TMA stores"
-    if config.get("tma_gathers") and (R < TMA_MIN_HEADS or config.get("persistent", False)):
-        return f"TMA gathers need >= {TMA_MIN_HEADS} heads per group and per-item CTAs"
+    if config.get("tma_gathers") and R < TMA_MIN_HEADS:
+        return f"TMA gathers need >= {TMA_MIN_HEADS} heads per group"
     if config.get("direct_stores") and (config["tma_stores"] or config.get("persistent", False)):
         return "direct stores replace the O tile: per-item CTAs with thread stores only"
-    if config.get("store_warp") and not (config["tma_stores"] and config.get("tma_gathers")
-                                         and not config.get("persistent", False)):
-        return "a store warp issues TMA stores beside the TMA gathers' warp: per-item CTAs only"
+    if config.get("store_warp") and not (config["tma_stores"] and config.get("tma_gathers")):
+        return "a store warp issues TMA stores beside the TMA gathers' warp: TMA gathers and stores only"
     if config.get("direct_stores") and shape["head_dim"] % 32:
         return "direct stores need a head dim that is a multiple of 32"
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
