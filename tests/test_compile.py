@@ -115,7 +115,7 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
         # load + store there would serialise the pipeline)
         assert "wgmma" in source and "warpgroup_reg_alloc" in source
         if config.get("tma_gathers"):  # one warp: K/V and each query's Q box by TMA, on the slots' mbarriers
-            assert "tl::tma_load(Q_desc, full[u]" in source and "tl::tma_load(K_desc, kv_ready[0]" in source
+            assert "tl::tma_load(Q_desc, full[slot]" in source and "tl::tma_load(K_desc, kv_ready[0]" in source
             assert "cp_async_gs_conditional" not in source
         else:
             assert "cp_async_gs_conditional<16>((&(((bfloat16_t*)ring)" in source

@@ -416,13 +416,29 @@ def test_overlapped_combine_matches_the_combine_in_line(kind, ctas, B, N, Hq, G,
     assert torch.equal(again_o, o) and torch.equal(again_lse, lse)
 
 
+def test_overlapped_combine_beside_the_persistent_attention():
+    """combine_ctas with the persistent attention: the attention takes the SMs the combine leaves (its CTA count
+    less the combine's); bit for bit the in-line forward's output."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection("random", B, N, G, Bk, topk)
+    o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=512, combine_ctas=16, shared_tiles=False,
+                                     attention_config=dict(persistent=True, store_warp=True))
+    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False)
+    assert torch.equal(o, line_o) and torch.equal(lse, line_lse)
+
+
 def test_overlapped_combine_needs_the_persistent_combine():
     from msa_tl.attention.kv_outer import sparse_attention_forward
 
     q, k, v = attention_inputs(1, 300, 16, 2, 64)
+    indices = selection("random", 1, 300, 2, 64, 8)
     with pytest.raises(ValueError, match="combine_ctas: the overlapped combine is the persistent one"):
-        sparse_attention_forward(q, k, v, selection("random", 1, 300, 2, 64, 8), 64, query_chunk=128,
-                                 persistent_combine=False, combine_ctas=8)
+        sparse_attention_forward(q, k, v, indices, 64, query_chunk=128, persistent_combine=False, combine_ctas=8)
+    with pytest.raises(ValueError, match="combine_ctas: the accumulators have no combine"):
+        sparse_attention_forward(q, k, v, indices, 64, accumulate=True, combine_ctas=8)
 
 
 def test_persistent_combine_says_when_its_ring_does_not_fit():

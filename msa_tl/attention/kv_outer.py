@@ -949,6 +949,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     build_once = schedule_config["build_once"] if build_once is None else build_once
     shared_tiles = schedule_config["shared_tiles"] if shared_tiles is None else shared_tiles
     unsupported = "head dims <= 128" if wide else accumulate_unsupported(R, D, q.dtype, query_start)
+    if accumulate and combine_ctas:
+        raise ValueError("combine_ctas: the accumulators have no combine to overlap")
     if accumulate and unsupported:
         raise ValueError(f"accumulate: {unsupported}")
     accumulate = (schedule_config["accumulate"] and not unsupported) if accumulate is None else accumulate
