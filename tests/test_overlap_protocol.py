@@ -1,0 +1,113 @@
+"""The order of launches, stream waits and events of the forward's overlapped combine (``combine_ctas``), on the CPU:
+streams, events and kernels are stand-ins that log what the driver issues, and the log is checked against the
+protocol that keeps the double-buffered partials free of races."""
+
+import contextlib
+
+import pytest
+import torch
+
+import msa_tl.attention.kv_outer as kv_outer
+from msa_tl import tl_compile
+
+SMS = 132
+
+
+class Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "wait_stream", other.name))
+
+    def wait_event(self, event):
+        self.log.append((self.name, "wait_event", event))
+
+    def record_event(self):
+        event = sum(1 for entry in self.log if entry[1] == "record")
+        self.log.append((self.name, "record", event))
+        return event
+
+
+def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
+    """The log of one forward on CPU tensors: (stream, what, detail) entries; kernels log (stream, program, (ctas,
+    partial buffer, t0))."""
+    log = []
+    main, side = Stream("main", log), Stream("side", log)
+    current = [main]
+
+    def compiled(builder, items):
+        config = dict(items)
+
+        def launch(*args):
+            if builder in (kv_outer.kv_outer_program, kv_outer.persistent_combine_program):
+                partials = args[6] if builder is kv_outer.kv_outer_program else args[0]
+                t0 = [a for a in args if isinstance(a, int)][0]
+                log.append((current[-1].name, builder.__name__, (config.get("ctas"), partials.data_ptr(), t0)))
+        return launch
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    def counted(mask):
+        return mask.sum(), type("Done", (), {"synchronize": lambda self: None})()
+
+    monkeypatch.setattr(tl_compile, "_compiled", compiled)
+    monkeypatch.setattr(kv_outer, "sm_count", lambda device: SMS)
+    monkeypatch.setattr(kv_outer, "_combine_stream", lambda device: side)
+    monkeypatch.setattr(kv_outer, "_count_to_host", counted)
+    monkeypatch.setattr(kv_outer, "tuned_config", lambda name, shape, defaults, device: dict(defaults))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    B, Hq, G, D, Bk, topk = 1, 64, 4, 128, 128, 16
+    q = torch.randn(B, N, Hq, D, dtype=torch.bfloat16)
+    k = torch.randn(B, N, G, D, dtype=torch.bfloat16)
+    indices = torch.zeros(B, N, G, topk, dtype=torch.int32)
+    kv_outer.sparse_attention_forward(q, k, k, indices, Bk, query_chunk=chunk, combine_ctas=combine_ctas,
+                                      shared_tiles=False, attention_config=attention_config)
+    return [entry for entry in log if entry[1] in ("kv_outer_program", "persistent_combine_program")
+            or entry[1] in ("wait_stream", "wait_event", "record")]
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_each_chunk_is_combined_beside_the_next_and_no_buffer_is_written_before_it_is_read(monkeypatch, chunks):
+    chunk = 256
+    log = forward_log(monkeypatch, chunks * chunk - 100, chunk, combine_ctas=24)
+    attention = [(i, e) for i, e in enumerate(log) if e[1] == "kv_outer_program"]
+    combines = [(i, e) for i, e in enumerate(log) if e[1] == "persistent_combine_program"]
+    assert [e[0] for _, e in attention] == ["main"] * chunks
+    assert [e[2][2] for _, e in attention] == [c * chunk for c in range(chunks)]
+    buffers = [e[2][1] for _, e in attention]
+    assert len(set(buffers)) == 2 and all(buffers[c] == buffers[c % 2] for c in range(chunks))  # double-buffered
+    # every chunk but the last: combined on the side stream by 24 CTAs, after the side stream waited for the main
+    # stream past that chunk's attention; the last one in line on every SM
+    assert [(e[0], e[2][0]) for _, e in combines] == [("side", 24)] * (chunks - 1) + [("main", SMS)]
+    for c in range(chunks - 1):
+        at, (_, _, (_, buffer, t0)) = combines[c]
+        assert buffer == buffers[c] and t0 == c * chunk
+        waits = [i for i, e in enumerate(log) if e[:3] == ("side", "wait_stream", "main") and i < at]
+        assert waits and waits[-1] > attention[c][0]
+    # chunk c + 2 reuses chunk c's buffer: the main stream waits for the event recorded after chunk c's side combine
+    records = {e[2]: i for i, e in enumerate(log) if e[1] == "record"}
+    for c in range(2, chunks):
+        recorded = [event for event, i in records.items() if combines[c - 2][0] < i < combines[c - 1][0]]
+        assert len(recorded) == 1
+        waited = [i for i, e in enumerate(log) if e[:2] == ("main", "wait_event") and e[2] == recorded[0]]
+        assert waited and waited[0] < attention[c][0]
+    assert log[-1] == ("main", "wait_stream", "side")  # the caller's stream sees every combine
+
+
+def test_in_line_combine_has_no_side_stream(monkeypatch):
+    log = forward_log(monkeypatch, 1000, 256, combine_ctas=0)
+    assert {e[0] for e in log} == {"main"}
+    assert [e[2][0] for e in log if e[1] == "persistent_combine_program"] == [SMS] * 4
+
+
+def test_the_persistent_attention_leaves_the_combine_its_sms(monkeypatch):
+    log = forward_log(monkeypatch, 1000, 256, combine_ctas=24, attention_config=dict(persistent=True))
+    assert {e[2][0] for e in log if e[1] == "kv_outer_program"} == {SMS - 24}
+    asked = forward_log(monkeypatch, 1000, 256, combine_ctas=24, attention_config=dict(persistent=True, ctas=50))
+    assert {e[2][0] for e in asked if e[1] == "kv_outer_program"} == {50}
