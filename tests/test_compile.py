@@ -107,7 +107,7 @@ def test_main_branch_programs_lower_for_sm90a(builder, config):
     source = lower_to_cuda(builder, **config)
     assert "__global__" in source
     if builder is accumulate.accumulate_program:  # sums leave as bulk reductions (copies for the own block)
-        assert "wgmma" in source and "tl::tma_load(Q_desc, full[u]" in source
+        assert "wgmma" in source and "tl::tma_load(Q_desc, full[slot]" in source
         assert ("tl::tma_store_add(" in source) != config.get("init", False)
         assert ("tl::tma_store((&(Acc" in source) == config.get("init", False)
     if builder is kv_outer_attention.kv_outer_program:

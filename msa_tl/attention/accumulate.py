@@ -35,7 +35,7 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.attention.scheduler import Schedule, work_item
+from msa_tl.attention.scheduler import Schedule, tma_loads_macros, work_item
 from msa_tl.tl_compile import compiled_kernel, tl_dtype
 
 # 4096-query chunks measured fastest on the H100 (NOTES.md, session 23); their accumulators take 32 MB a KV head
@@ -91,6 +91,7 @@ def accumulate_program(groups: int, heads: int, head_dim: int, block_size: int, 
         raise ValueError(f"accumulate: stages must be 1 or 2, got {stages}")
     rows, D, Bk = CONSUMER_ROWS, head_dim, block_size
     TQ = rows // R  # queries per consumer tile
+    load_block, gather_tile = tma_loads_macros(R, D, Bk, TQ, topk)
     n_entries = Bk if init else math.ceil(item_queries / TQ) * TQ
     threads = 384
     neg_inf = -T.infinity("float32")
@@ -220,24 +221,13 @@ def accumulate_program(groups: int, heads: int, head_dim: int, block_size: int, 
             T.set_max_nreg(producer_regs, 0)
             if tx < 256 + 32:  # warp 0: K/V, then the ring (each TMA copy elects one lane)
                 if n_tiles > 0:  # CTAs past the item count load nothing
-                    for h in T.unroll(D // 64):  # [Bk, 64] a copy: one 128-byte swizzle span
-                        T.tma_copy(K[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
-                                   K_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
-                        T.tma_copy(V[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
-                                   V_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
+                    load_block(K, V, b, blk, g, K_s, V_s, None, kv_ready, 0)
                     T.barrier_arrive(kv_ready[0])
                 for rnd in T.serial(n_rounds):
                     for u in T.serial(2 * stages):
                         if rnd * 2 * stages + u < n_tiles:
                             T.barrier_wait(empty[u], (rnd & 1) ^ 1)
-                            for qi in T.unroll(TQ):
-                                src[0] = ent_s[(rnd * 2 * stages + u) * TQ + qi]
-                                if src[0] >= 0:  # [R, 64] a copy
-                                    for h in T.unroll(D // 64):
-                                        T.tma_copy(Q[b, t0 + src[0] // topk, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
-                                                   ring[u, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64],
-                                                   barrier=full[u], leader_scope_threads=32)
-                            T.barrier_arrive(full[u])
+                            gather_tile(ring, u, full, ent_s, (rnd * 2 * stages + u) * TQ, Q, b, g, t0, src)
             elif tx < 256 + 64:  # warp 1: the sends
                 sender(tx == 256 + 32, n_tiles, O_s, l_s, dst_s, o_full, o_free, Acc, Lacc, b)
         elif tx < 128:

@@ -37,7 +37,8 @@ from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
                                 persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
-from msa_tl.attention.scheduler import Schedule, first_query_macro, plan_program, tile_rows_macro, work_item
+from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
+                                        work_item)
 from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
@@ -243,6 +244,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                              f"item_queries={item_queries}, head_dim={D}, block_size={Bk})")
     first_query = first_query_macro(TQ, topk)
     gather_tile_rows = tile_rows_macro(R, D, TQ, topk)  # zero-fill for padding rows (src = -1)
+    tma_load_block, tma_gather_tile = tma_loads_macros(R, D, Bk, TQ, topk)
 
     def q_rows(t0, q0):  # Q's row of the chunk's first query: its position t0, less Q's first position q0 if given
         return t0 if q0 is None else t0 - q0
@@ -269,20 +271,6 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             qpos[r] = T.if_then_else(ent_s[e0 + (NC * i + c) * TQ + r // R] >= 0,
                                      t0 + ent_s[e0 + (NC * i + c) * TQ + r // R] // topk, -1)
         T.wgmma_gemm(ring[NC * (j % stages) + c, :, :], K_blk, acc_s, transpose_B=True, clear_accum=True)
-
-    @T.macro
-    def tma_gather_tile(ring, slot, full, ent_s, e0, Q, b, g, q_first, src):
-        """One warp: the TMA copies of a tile's queries (entries ent_s[e0:e0 + TQ]; a query's R x D box of Q, a copy
-        per 64 columns: one 128-byte swizzle span) into ring[slot], completing on full[slot]; padding rows are left as
-        they were (their results are never stored)."""
-        for qi in T.unroll(TQ):
-            src[0] = ent_s[e0 + qi]
-            if src[0] >= 0:
-                for h in T.unroll(D // 64):
-                    T.tma_copy(Q[b, q_first + src[0] // topk, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
-                               ring[slot, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=full[slot],
-                               leader_scope_threads=32)
-        T.barrier_arrive(full[slot])
 
     @T.macro
     def issue_partial_boxes(buf, dst_s, O_s, Opart, b):
@@ -483,12 +471,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 if tx >= 128 * NC:  # producer
                     T.set_max_nreg(producer_regs, 0)
                     if tma_gathers:
-                        if tx < 128 * NC + 32:  # one warp; each TMA copy elects one lane
-                            for h in T.unroll(D // 64):  # [Bk, 64] a copy: one 128-byte swizzle span
-                                T.tma_copy(K[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
-                                           K_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
-                                T.tma_copy(V[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64],
-                                           V_s[:, h * 64:(h + 1) * 64], barrier=kv_ready[0], leader_scope_threads=32)
+                        if tx < 128 * NC + 32:  # one warp
+                            tma_load_block(K, V, b, blk, g, K_s, V_s, None, kv_ready, 0)
                             T.barrier_arrive(kv_ready[0])
                     else:
                         T.async_copy(K[b, blk * Bk:(blk + 1) * Bk, g, :], K_s)
@@ -709,31 +693,26 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                     e * P + tx - 256 < length, Entries[bg, start + e * P + tx - 256], -1)
                         T.sync_threads(5, P)  # every gathering thread reads every entry
                         if tma_gathers:
-                            if tx < 256 + 32:  # one warp; each TMA copy elects one lane
-                                for h in T.unroll(D // 64):  # [Bk, 64] a copy: one 128-byte swizzle span
-                                    T.tma_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, h * 64:(h + 1) * 64],
-                                               K_s[kv, :, h * 64:(h + 1) * 64], barrier=kv_ready[kv],
-                                               leader_scope_threads=32)
-                                    T.tma_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, h * 64:(h + 1) * 64],
-                                               V_s[kv, :, h * 64:(h + 1) * 64], barrier=kv_ready[kv],
-                                               leader_scope_threads=32)
+                            if tx < 256 + 32:  # one warp
+                                tma_load_block(K, V, bg // groups, blk, bg % groups, K_s, V_s, kv, kv_ready, kv)
                                 T.barrier_arrive(kv_ready[kv])  # release: the item and the entries written above
-                                for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
-                                    j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
-                                    T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
-                                    tma_gather_tile(ring, 2 * (j % stages) + t % 2, full, ent_s, kv * n_entries + t * TQ,
-                                                    Q, bg // groups, bg % groups, q_rows(t0, q0), src)
                         else:
                             T.async_copy(K[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], K_s[kv, :, :])
                             T.async_copy(V[bg // groups, blk * Bk:(blk + 1) * Bk, bg % groups, :], V_s[kv, :, :])
                             T.cp_async_barrier_noinc(kv_ready[kv])
                             T.barrier_arrive(kv_ready[kv])  # release: the item and the entries written above
+                        if not tma_gathers or tx < 256 + 32:  # TMA gathers: the one warp
                             for t in T.serial(T.ceildiv(length, TQ)):  # tile t is consumer t % 2's tile j in all
                                 j = T.if_then_else(t % 2 == 0, base0[0], base1[0]) + t // 2
                                 T.barrier_wait(empty[2 * (j % stages) + t % 2], ((j // stages) & 1) ^ 1)
-                                gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, q_rows(t0, q0), bg // groups,
-                                                 bg % groups, tx - 256, src, 2 * (j % stages) + t % 2, ring, Q)
-                                T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
+                                if tma_gathers:
+                                    tma_gather_tile(ring, 2 * (j % stages) + t % 2, full, ent_s,
+                                                    kv * n_entries + t * TQ, Q, bg // groups, bg % groups,
+                                                    q_rows(t0, q0), src)
+                                else:
+                                    gather_tile_rows(ent_s, kv * (n_entries // TQ) + t, q_rows(t0, q0), bg // groups,
+                                                     bg % groups, tx - 256, src, 2 * (j % stages) + t % 2, ring, Q)
+                                    T.cp_async_barrier_noinc(full[2 * (j % stages) + t % 2])
                         base0[0] += (T.ceildiv(length, TQ) + 1) // 2
                         base1[0] += T.ceildiv(length, TQ) // 2
                         done[0] += 1

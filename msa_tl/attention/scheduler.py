@@ -284,6 +284,46 @@ def first_query_macro(tile_queries: int, topk: int):
     return first_query
 
 
+def tma_loads_macros(heads_per_group: int, head_dim: int, block_size: int, tile_queries: int, topk: int):
+    """Macros of the one producer warp that loads by TMA (each copy elects one lane; a copy per 64 columns: one
+    128-byte swizzle span):
+
+    - ``load_block(K, V, b, blk, g, K_s, V_s, buf, bars, bar)``: key block ``blk``'s K and V [Bk, D] of KV head g into
+      K_s / V_s ([Bk, D], or buffer ``buf`` of [2, Bk, D] where ``buf`` is not None), completing on bars[bar];
+    - ``gather_tile(ring, slot, full, ent_s, e0, Q, b, g, q_first, src)``: the queries of entries ent_s[e0:e0 +
+      tile_queries] (entry (t - t0) * topk + slot; a query's R x D box of Q from row q_first + t - t0) into
+      ring[slot], completing on full[slot] (the warp arrives); padding rows are left as they were (their results are
+      never stored). ``src`` is a 1-element local."""
+    R, D, Bk, TQ = heads_per_group, head_dim, block_size, tile_queries
+
+    @T.macro
+    def load_block(K, V, b, blk, g, K_s, V_s, buf, bars, bar):
+        for h in T.unroll(D // 64):  # [Bk, 64] a copy
+            if buf is None:
+                T.tma_copy(K[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64], K_s[:, h * 64:(h + 1) * 64],
+                           barrier=bars[bar], leader_scope_threads=32)
+                T.tma_copy(V[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64], V_s[:, h * 64:(h + 1) * 64],
+                           barrier=bars[bar], leader_scope_threads=32)
+            else:
+                T.tma_copy(K[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64], K_s[buf, :, h * 64:(h + 1) * 64],
+                           barrier=bars[bar], leader_scope_threads=32)
+                T.tma_copy(V[b, blk * Bk:(blk + 1) * Bk, g, h * 64:(h + 1) * 64], V_s[buf, :, h * 64:(h + 1) * 64],
+                           barrier=bars[bar], leader_scope_threads=32)
+
+    @T.macro
+    def gather_tile(ring, slot, full, ent_s, e0, Q, b, g, q_first, src):
+        for qi in T.unroll(TQ):
+            src[0] = ent_s[e0 + qi]
+            if src[0] >= 0:  # [R, 64] a copy
+                for h in T.unroll(D // 64):
+                    T.tma_copy(Q[b, q_first + src[0] // topk, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
+                               ring[slot, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=full[slot],
+                               leader_scope_threads=32)
+        T.barrier_arrive(full[slot])
+
+    return load_block, gather_tile
+
+
 def tile_rows_macro(heads_per_group: int, head_dim: int, tile_queries: int, topk: int):
     """Macro ``gather_tile_rows(ent_s, tile, t0, b, g, p, src, slot, dst, X, dst2=None, X2=None)``: producer
     thread ``p`` (0..127) issues its 16-byte ``cp.async`` pieces of tile ``tile``'s rows (``tile_queries``
