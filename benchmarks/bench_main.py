@@ -146,28 +146,35 @@ def stage_breakdown(q, k, v, idx, ceilings, chunk=SCHEDULE_TUNABLES["query_chunk
     return out
 
 
+def kernel_rounds(table, row, kind, runs, flops, rounds=3):
+    """Each of ``runs`` ({label: (run, extra table columns)}) once a round, ``rounds`` interleaved rounds, so a drift
+    of the GPU's clocks reaches all alike; each label's median and spread go into ``table`` and are printed."""
+    times = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, (run, _) in runs.items():
+            times[label].append(time_ms(run, rep_ms=500))
+    for label, (_, columns) in runs.items():
+        ms = statistics.median(times[label])
+        table.add(**row, what=label, selection=kind, **columns, ms=ms, ms_min=min(times[label]),
+                  ms_max=max(times[label]), rounds=rounds, tflops=flops / ms / 1e9)
+        print(f"  {label:<60} {ms:8.2f} ms (rounds {min(times[label]):.2f}-{max(times[label]):.2f}) "
+              f"{flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+
 def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), rounds=3):
     """The attention kernel alone over every chunk (the default chunk) with work items of ``item_sizes`` queries,
     per-item CTAs and persistent, in interleaved rounds: what a design whose items are a few queries of a block
     (partials kept in the L2: chunks of ~400-500 queries choose ~8-16 queries a block at 128K) would pay for them."""
     chunk = min(q.shape[1], SCHEDULE_TUNABLES["query_chunk"])
-    flops = main_branch_flops(idx)
     runs = {}
     for iq in item_sizes:
         for persistent in (False, True):
+            label = f"small items: attention alone, {iq} queries an item, {'persistent' if persistent else 'per-item'}"
             try:
-                runs[iq, persistent] = (attention_stage(q, k, v, idx, chunk, iq, persistent)[0], [])
+                runs[label] = (attention_stage(q, k, v, idx, chunk, iq, persistent)[0], {})
             except ValueError as err:  # a build the kernel rejects (shared memory)
-                print(f"  items {iq:4d} {'persistent' if persistent else 'per-item'}: skipped: {err}", flush=True)
-    for _ in range(rounds):
-        for run, times in runs.values():
-            times.append(time_ms(run, rep_ms=500))
-    for (iq, persistent), (_, times) in runs.items():
-        ms = statistics.median(times)
-        label = "persistent" if persistent else "per-item"
-        table.add(**row, what=f"small items: attention alone, {iq} queries an item, {label}", selection=kind, ms=ms,
-                  ms_min=min(times), ms_max=max(times), rounds=rounds, tflops=flops / ms / 1e9)
-        print(f"  items {iq:4d} {label:<10} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f})", flush=True)
+                print(f"  {label}: skipped: {err}", flush=True)
+    kernel_rounds(table, row, kind, runs, main_branch_flops(idx), rounds)
 
 
 ATTENTION_ALONE = {"default": dict(), "store warp": dict(store_warp=True),
@@ -179,23 +186,10 @@ def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
     """The attention kernel alone over every chunk, at 4K and 16K chunks, per item or persistent, with and without
     the store warp (``ATTENTION_ALONE``), in interleaved rounds (at 4K chunks the kernel is bound by its tiles, not by
     DRAM: what the store warp and the persistent kernel's next item loaded under this one free)."""
-    flops = main_branch_flops(idx)
-    runs = {}
-    for chunk in (4096, 16384):
-        for name, config in ATTENTION_ALONE.items():
-            persistent = config.get("persistent", False)
-            extra = {key: value for key, value in config.items() if key != "persistent"}
-            runs[chunk, name] = (attention_stage(q, k, v, idx, chunk, persistent=persistent, config=extra)[0], [])
-    for _ in range(rounds):
-        for run, times in runs.values():
-            times.append(time_ms(run, rep_ms=500))
-    for (chunk, name), (_, times) in runs.items():
-        ms = statistics.median(times)
-        label = f"attention alone, {chunk}-query chunks, {name}"
-        table.add(**row, what=label, selection=kind, query_chunk=chunk, ms=ms, ms_min=min(times), ms_max=max(times),
-                  rounds=rounds, tflops=flops / ms / 1e9)
-        print(f"  {label:<55} {ms:8.2f} ms (rounds {min(times):.2f}-{max(times):.2f}) {flops / ms / 1e9:.0f} "
-              f"TFLOP/s", flush=True)
+    runs = {f"attention alone, {chunk}-query chunks, {name}":
+            (attention_stage(q, k, v, idx, chunk, config=config)[0], dict(query_chunk=chunk))
+            for chunk in (4096, 16384) for name, config in ATTENTION_ALONE.items()}
+    kernel_rounds(table, row, kind, runs, main_branch_flops(idx), rounds)
 
 
 def sweep_variants():
