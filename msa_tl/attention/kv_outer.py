@@ -1040,7 +1040,6 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         side_combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G,
                                        dtype=dt, partial_dtype=pdt, **dict(persistent_config, ctas=combine_ctas))
         main, side = torch.cuda.current_stream(q.device), _combine_stream(q.device)
-        side.wait_stream(main)  # o, lse and the partials were allocated on the caller's stream
         read = [None] * buffers  # the event after the side combine that last read each buffer
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     for c, t0 in enumerate(range(0, N, chunk)):
@@ -1058,7 +1057,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         args = (op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
         if overlap and c + 1 < chunks:
-            side.wait_stream(main)
+            side.wait_stream(main)  # this chunk's attention (and o, lse, the partials: the caller's stream's)
             with torch.cuda.stream(side):
                 side_combine(*args)
             read[c % buffers] = side.record_event()
