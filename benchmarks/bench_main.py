@@ -229,6 +229,20 @@ def overlap_variants():
     return labelled(variants)
 
 
+def combine_warps_variants():
+    """(label, sparse_attention_forward keywords) of ``--combine-warps``: today's path and the best schedule of
+    ``--overlap`` first, then each chunk's partials merged by the next chunk's attention kernel (its combine warps)
+    at small chunks, with and without the store warp, and a shallower combine ring."""
+    def attention(**kw):
+        return dict(attention_config=kw)
+
+    variants = [dict(), dict(query_chunk=4096, **attention(store_warp=True, persistent=True))]
+    variants += [dict(query_chunk=c, **attention(store_warp=True, combine_warps=True)) for c in (4096, 2048, 8192)]
+    variants += [dict(query_chunk=4096, **attention(combine_warps=True)),
+                 dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, combine_stages=4))]
+    return labelled(variants)
+
+
 def sweep(table, row, q, k, v, idx, kind, rounds=3, variants=None):
     """Attention and schedule knobs at one length, one selection, the main branch timed whole: every variant once a
     round, ``rounds`` rounds interleaved, so a drift of the GPU's clocks over the run reaches all of them alike; the
@@ -268,6 +282,8 @@ def main(argv=None):
                         help="lengths at which to set the accumulators against the partials path (interleaved)")
     parser.add_argument("--overlap", type=int, nargs="*", default=[],
                         help="lengths at which to time the combine overlapped with the next chunk's attention")
+    parser.add_argument("--combine-warps", type=int, nargs="*", default=[],
+                        help="lengths at which to time the previous chunk merged inside the attention kernel")
     parser.add_argument("--attention-alone", type=int, nargs="*", default=[],
                         help="lengths at which to time the attention kernel alone with and without the store warp")
     parser.add_argument("--selections", nargs="+", default=["random", "realistic"],
@@ -315,6 +331,8 @@ def main(argv=None):
                 attention_alone(table, row, q, k, v, idx, kind)
             if N in args.overlap:
                 sweep(table, row, q, k, v, idx, kind, variants=overlap_variants())
+            if N in args.combine_warps:
+                sweep(table, row, q, k, v, idx, kind, variants=combine_warps_variants())
             if N in args.small_items:
                 small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)

@@ -328,6 +328,32 @@ def test_the_persistent_attention_says_when_shared_memory_overflows(config):
                                             persistent=True, **config)
 
 
+@pytest.mark.parametrize("config,match", [
+    (dict(persistent=True), "per-item CTAs"), (dict(tma_gathers=False), "per-item CTAs"),
+    (dict(topk=4, combine_stages=6), "combine_stages <= topk"),
+    (dict(partial_dtype="float32", tma_stores=False), "16-bit"),
+    (dict(stages=4, o_buffers=1), "shared memory"), (dict(groups=2), "32 their registers hold")],
+    ids=["persistent", "cp-async-gathers", "ring-past-topk", "fp32-partials", "shared-memory", "32-heads-a-group"])
+def test_the_combine_warps_say_what_they_need(config, match):
+    with pytest.raises(ValueError, match=match):
+        kv_outer_attention.kv_outer_program(**dict(PAPER, **dict(dict(tma_gathers=True), **config)),
+                                            combine_warps=True)
+
+
+def test_the_combine_warps_build_takes_the_previous_chunk():
+    """combine_warps: the kernel takes the previous chunk's partials, O, LSE and two scalars more (with and without a
+    query offset); its last two producer warps load the partials by TMA into their own ring (no swizzle: they read
+    it row by row) and meet on named barrier 6; the default build has none of it."""
+    warps = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, combine_warps=True)
+    assert "tma_load(OpartPrev_desc" in warps and "tma_load(LpartPrev_desc" in warps
+    assert "__sync_thread_partial(6, 64)" in warps and "int t0, int t_first, int units)" in warps
+    offset = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, combine_warps=True,
+                           query_offset=True)
+    assert "OpartPrev_desc" in offset and "q0" in offset
+    default = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True)
+    assert "Prev" not in default and "__sync_thread_partial(6" not in default
+
+
 @pytest.mark.parametrize("config", [dict(persistent=True, tma_gathers=False), dict(tma_stores=False),
                                     dict(tma_gathers=False)], ids=["persistent-cp-async", "thread-stores",
                                                                     "cp-async-gathers"])
@@ -351,7 +377,9 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
                                                                          store_warp=True, o_buffers=1, stages=3))),
                (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True)),
-               (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True, store_warp=True))]
+               (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True, store_warp=True)),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
+                                                                         store_warp=True, combine_warps=True)))]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -359,7 +387,8 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                          ids=["kv_outer-defaults", "kv_outer-cp-async-gathers", "kv_outer-persistent", "tile-per-tile-ctas",
                               "tile-persistent", "backward-paper", "backward-wide", "accumulate-blocks",
                               "accumulate-local", "kv_outer-store-warp", "kv_outer-store-warp-one-o-tile",
-                              "kv_outer-persistent-tma-gathers", "kv_outer-persistent-store-warp"])
+                              "kv_outer-persistent-tma-gathers", "kv_outer-persistent-store-warp",
+                              "kv_outer-combine-warps"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,

@@ -360,6 +360,68 @@ def test_a_store_warp_and_persistent_tma_gathers_give_the_same_partials(config, 
     assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.parametrize("config", [dict(combine_warps=True), dict(combine_warps=True, store_warp=True),
+                                    dict(combine_warps=True, store_warp=True, combine_stages=4)],
+                         ids=["combine-warps", "combine-warps-store-warp", "combine-warps-4-stages"])
+@pytest.mark.parametrize("kind", ["random", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, 512),
+                                                      (2, 1000, 16, 2, 64, 64, 8, 300),
+                                                      (1, 700, 64, 4, 128, 128, 16, 4096)],
+                         ids=["paper-5-chunks", "b2-Bk64-4-chunks", "paper-one-chunk"])
+def test_combine_warps_merge_the_previous_chunk(config, kind, B, N, Hq, G, D, Bk, topk, chunk):
+    """combine_warps: each chunk's attention kernel merges the previous chunk's partials in two of its producer
+    warps (its share of the chunk's queries split over its CTAs; the last chunk merged by the combine kernel).
+    Outputs match the reference and the persistent combine's to one rounding (fast-math exp2 and log2 in the
+    attention kernel), with shared tiles (whose rows the tiles then overwrite) and without, and again on the same
+    buffers."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection(kind, B, N, G, Bk, topk)
+    eps = torch.finfo(torch.bfloat16).eps
+    for tiles in (False, True):
+        o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
+                                         attention_config=config, shared_tiles=tiles)
+        line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
+                                                    shared_tiles=tiles)
+        assert ((o.float() - line_o.float()).abs() <= eps * line_o.float().abs() + 1e-6).all()
+        assert torch.allclose(lse, line_lse, rtol=1e-6, atol=1e-6)
+    again_o, again_lse = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
+    sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True, attention_config=config,
+                             out=again_o, lse_out=again_lse)
+    assert torch.equal(again_o, o) and torch.equal(again_lse, lse)
+
+
+def test_combine_warps_pass_a_nan_score_to_its_rows_only():
+    """A NaN in one query's Q reaches, through the combine warps, exactly the rows whose partials hold it (its
+    query's heads of that KV head), as the combine kernel's merge does."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    B, N, Hq, G, D, Bk, topk = 1, 1500, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    q[0, 300, 5, 7] = float("nan")  # query 300 (chunk 0 of 3: merged by chunk 1's attention), head 5 (KV head 0)
+    indices = selection("random", B, N, G, Bk, topk)
+    o, lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False,
+                                      attention_config=dict(combine_warps=True, store_warp=True))
+    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False)
+    assert torch.equal(torch.isnan(lse), torch.isnan(line_lse)) and torch.isnan(lse[0, 300, 5])
+    assert torch.equal(torch.isnan(o), torch.isnan(line_o))
+    assert torch.isnan(lse).sum() == 1
+
+
+def test_combine_warps_say_what_they_need():
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    q, k, v = attention_inputs(1, 300, 64, 4, 128)
+    indices = selection("random", 1, 300, 4, 128, 16)
+    with pytest.raises(ValueError, match="combine_ctas: the attention's combine warps"):
+        sparse_attention_forward(q, k, v, indices, 128, query_chunk=128, combine_ctas=8,
+                                 attention_config=dict(combine_warps=True))
+    with pytest.raises(ValueError, match="combine_warps: per-item CTAs"):
+        sparse_attention_forward(q, k, v, indices, 128, query_chunk=128,
+                                 attention_config=dict(combine_warps=True, persistent=True))
+
+
 @pytest.mark.parametrize("build_once", [True, False], ids=["built-once", "built-per-chunk"])
 def test_a_schedule_built_once_for_every_chunk(build_once):
     """build_once (the default): one schedule build for all query chunks (the last ragged), or one build per

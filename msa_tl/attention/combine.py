@@ -232,3 +232,103 @@ def _gpu_trial(shape: dict, check_seq: int) -> tuple:
 COMBINE_TUNING = TunableProgram(
     name="lse_combine", dims=("heads", "head_dim", "topk"), defaults=COMBINE_DEFAULTS, knobs=COMBINE_KNOBS,
     reject=_reject_combine, compile_units=_compile_units, gpu_trial=_gpu_trial)
+
+
+COMBINE_WARP_THREADS = 64  # the producer warpgroup's last two warps
+
+
+def combine_warps_shared_bytes(heads: int, head_dim: int, topk: int, groups: int, stages: int) -> int:
+    """Shared memory of :func:`combine_warps_macro`'s buffers (16-bit partials): the ring of ``stages`` slot boxes
+    [R, D], two units' LSEs [topk, R], the weights [topk, R], the weight sums [R] and the ring's barriers."""
+    R = heads // groups
+    return stages * R * head_dim * 2 + 3 * topk * R * 4 + R * 4 + 8 * stages
+
+
+def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stages: int, dtype: str):
+    """Macro ``combine_previous(cw, item, n_live, units, b, g, t_first, OpartPrev, LpartPrev, O, LSE, ring, lse_s,
+    wt_s, sum_s, full, acc, xv, ov)``: :func:`combine_program`'s merge, run by ``COMBINE_WARP_THREADS`` threads (cw
+    0..63) of a KV-outer attention CTA while its consumers work, on the partials of the *previous* query chunk.
+
+    The previous chunk's ``units`` queries of KV head g (batch b) are split evenly over the chunk's ``n_live``
+    attention CTAs of (b, g); CTA ``item`` (< n_live) merges its share, unit u being query ``t_first + u``'s R
+    heads: OpartPrev [B, >= units * G * topk * R, D] (rows as the attention writes them), LpartPrev [B, >= units * G
+    * topk, R]. A unit's topk slot boxes [R, D] stream through ``ring`` [stages, R, D] (one TMA copy a slot, the
+    unit's LSEs [topk, R] with its first into ``lse_s`` [2, topk, R]; mbarriers ``full`` of 32 arrivals: the first
+    warp issues and arrives); weights ``wt_s`` [topk, R] and their sums ``sum_s`` [R] as :func:`combine_program`
+    (the slots added in order); O [B, rows, D] and LSE [B, rows] at row (t_first + u) * heads + g * R + r.
+    Locals: ``acc`` [R * D / 64] fp32, ``xv`` [8] of the partials' dtype, ``ov`` [8] of ``dtype``. The two warps
+    meet on named barrier 6 once a slot, so a ring slot is refilled only after both have read it.
+    """
+    R, D = heads // groups, head_dim
+    if (R * D) % (8 * COMBINE_WARP_THREADS):
+        raise ValueError(f"combine warps: a slot's {R} x {D} box must split into 16-byte pieces over "
+                         f"{COMBINE_WARP_THREADS} threads")
+    if R * D // COMBINE_WARP_THREADS > 32:
+        raise ValueError(f"combine warps: a slot's {R} x {D} box leaves {R * D // COMBINE_WARP_THREADS} accumulators a "
+                         f"thread, more than the 32 their registers hold")
+    if not 1 <= stages <= topk:
+        raise ValueError(f"combine warps: 1 <= combine_stages <= topk ({topk}), got {stages}: the ring holds at most "
+                         f"one unit's slots, so a unit's LSE buffer is free again when the next but one loads")
+    pieces = R * D // 8 // COMBINE_WARP_THREADS  # 16-byte pieces of a slot box a thread
+    neg_inf = -T.infinity("float32")
+
+    @T.macro
+    def issue(k, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full):
+        """The first warp: stage k (slot k % topk of unit u0 + k // topk) into ring slot k % stages."""
+        pair = (u0 + k // topk) * groups + g
+        T.tma_copy(OpartPrev[b, (pair * topk + k % topk) * R:(pair * topk + k % topk + 1) * R, :],
+                   ring[k % stages, :, :], barrier=full[k % stages], leader_scope_threads=32)
+        if k % topk == 0:
+            T.tma_copy(LpartPrev[b, pair * topk:(pair + 1) * topk, :], lse_s[(k // topk) % 2, :, :],
+                       barrier=full[k % stages], leader_scope_threads=32)
+        T.barrier_arrive(full[k % stages])
+
+    @T.macro
+    def combine_previous(cw, item, n_live, units, b, g, t_first, OpartPrev, LpartPrev, O, LSE, ring, lse_s, wt_s,
+                         sum_s, full, acc, xv, ov):
+        u0 = T.if_then_else(item < n_live, item * units // n_live, 0)
+        n_stages = T.if_then_else(item < n_live, ((item + 1) * units // n_live - item * units // n_live) * topk, 0)
+        if cw < 32:
+            for k in T.serial(T.min(stages, n_stages)):
+                issue(k, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full)
+        for k in T.serial(n_stages):
+            T.barrier_wait(full[k % stages], (k // stages) & 1)
+            if k % topk == 0:  # the unit's weights, a thread a head
+                if cw < R:
+                    mx = T.alloc_var("float32")
+                    sm = T.alloc_var("float32")
+                    mx = neg_inf
+                    for s in T.serial(topk):
+                        mx = T.max(mx, lse_s[(k // topk) % 2, s, cw])
+                    sm = 0.0
+                    for s in T.serial(topk):  # NaN passes: exp2(NaN) poisons the row
+                        wt_s[s, cw] = T.if_then_else(lse_s[(k // topk) % 2, s, cw] != neg_inf,
+                                                     T.exp2((lse_s[(k // topk) % 2, s, cw] - mx) * _LOG2E), 0.0)
+                        sm += wt_s[s, cw]
+                    sum_s[cw] = sm
+                    LSE[b, (t_first + u0 + k // topk) * heads + g * R + cw] = mx + T.log2(sm) * _LN2
+                T.sync_threads(6, COMBINE_WARP_THREADS)
+                for i in T.unroll(pieces * 8):
+                    acc[i] = 0.0
+            for j in T.unroll(pieces):  # piece cw + 64 j of the slot box: head h, columns col..col + 7
+                h = (cw + COMBINE_WARP_THREADS * j) // (D // 8)
+                col = (cw + COMBINE_WARP_THREADS * j) % (D // 8) * 8
+                for e in T.vectorized(8):
+                    xv[e] = ring[k % stages, h, col + e]
+                for e in T.unroll(8):  # a select: an unused slot's box holds garbage (even NaN)
+                    acc[j * 8 + e] += T.if_then_else(wt_s[k % topk, h] > 0,
+                                                     wt_s[k % topk, h] * T.cast(xv[e], "float32"), 0.0)
+            if k % topk == topk - 1:
+                for j in T.unroll(pieces):
+                    h = (cw + COMBINE_WARP_THREADS * j) // (D // 8)
+                    col = (cw + COMBINE_WARP_THREADS * j) % (D // 8) * 8
+                    for e in T.unroll(8):
+                        ov[e] = T.cast(T.if_then_else(sum_s[h] == 0.0, 0.0, acc[j * 8 + e] / sum_s[h]), dtype)
+                    for e in T.vectorized(8):
+                        O[b, (t_first + u0 + k // topk) * heads + g * R + h, col + e] = ov[e]
+            T.sync_threads(6, COMBINE_WARP_THREADS)  # both warps are done with ring slot k % stages
+            if cw < 32:
+                if k + stages < n_stages:
+                    issue(k + stages, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full)
+
+    return combine_previous

@@ -35,7 +35,8 @@ from tilelang.layout import make_swizzled_layout
 from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
                                          accumulate_unsupported, finalize_program)
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
-                                persistent_combine_limit, persistent_combine_program)
+                                      combine_warps_macro, combine_warps_shared_bytes, persistent_combine_limit,
+                                      persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -45,11 +46,13 @@ from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_arg
 from msa_tl.tuning.cache import tuned_config
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="", o_buffers=2,
-                          tma_gathers=True, direct_stores=False, consumers=2, store_warp=False)
+                          tma_gathers=True, direct_stores=False, consumers=2, store_warp=False, combine_warps=False,
+                          combine_stages=6)
 # the tuner's choices of each knob (ATTENTION_TUNING at the end adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
                        store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
-                       direct_stores=(False, True), consumers=(1, 2), store_warp=(False, True))
+                       direct_stores=(False, True), consumers=(1, 2), store_warp=(False, True),
+                       combine_warps=(False, True), combine_stages=(4, 6))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 # dynamic shared memory a CTA may use for two to fit an SM: 228 KB less, a CTA, 1 KB reserved and 1 KB of barriers
 TWO_CTA_SMEM = 112 * 1024
@@ -155,8 +158,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
                      o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
-                     consumers: int = 2, store_warp: bool = False, dtype: str = "bfloat16",
-                     partial_dtype: str = "bfloat16", query_offset: bool = False):
+                     consumers: int = 2, store_warp: bool = False, combine_warps: bool = False,
+                     combine_stages: int = 6, dtype: str = "bfloat16", partial_dtype: str = "bfloat16",
+                     query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
     Partial row ``((t * G + g) * topk + s) * R + r`` (R = Hq / G) holds query ``t0 + t``, head
@@ -191,6 +195,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     consumers' order, and hands each O tile back on an mbarrier once the TMA unit has read it, so no consumer issues
     a store or waits for one (TMA gathers and TMA stores only). The persistent kernel's store warp follows the items
     as the consumers take them and frees each item's entries with them.
+    ``combine_warps``: the producer warpgroup's last two warps, idle beside TMA gathers and the store warp, merge the
+    *previous* query chunk's partials while the consumers work (:func:`~msa_tl.attention.combine.combine_warps_macro`,
+    a ring of ``combine_stages`` slot boxes), so that the combine's DRAM reads run under attention tiles that leave
+    DRAM idle; the kernel then takes OpartPrev [B, n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's
+    partials), O [B, rows, D] and LSE [B, rows] after Lpart and, after t0 (and q0), the previous chunk's first query
+    t_prev (O's row / Hq) and its query count (0: nothing to merge). Per-item CTAs with TMA gathers only.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     queries = T.dynamic("queries") if query_offset else seq  # Q's rows
@@ -206,6 +216,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         raise ValueError(f"consumers must be 1 or 2, got {consumers}")
     if store_warp and not (tma_stores and tma_gathers):
         raise ValueError("store_warp: TMA gathers and TMA stores only")
+    if combine_warps and (persistent or not tma_gathers or consumers != 2):
+        raise ValueError("combine_warps: per-item CTAs with TMA gathers and two consumers only")
     if consumers == 1 and not (tma_gathers and direct_stores and not pingpong):
         raise ValueError("consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False")
     NC = consumers  # consumer warpgroups a CTA: consumer c takes the item's tiles NC i + c
@@ -229,14 +241,25 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     scale_log2 = scale * _LOG2E
     # setmaxnreg only moves registers within what the CTA got at launch (168 x 384 threads; with one consumer two
     # CTAs of 256 threads, 128 each): a split that asks for more hangs the consumers. The cp.async producer spills
-    # at 56 with the TMA store descriptor.
+    # at 56 with the TMA store descriptor, the combine warps with their 32 accumulators below 104.
     producer_regs, consumer_regs = (72, 216) if tma_stores and not tma_gathers else (56, 224)
+    if combine_warps:
+        producer_regs, consumer_regs = 104, 200
     if NC == 1:
         producer_regs, consumer_regs = 40, 216
     threads = 128 * NC + 128
     launch_regs = 65536 // ((3 - NC) * threads) // 8 * 8
     assert 128 * producer_regs + 128 * NC * consumer_regs <= launch_regs * threads
     P = 96 if store_warp else 128  # the persistent kernel's producer threads that take items and write entries
+    if combine_warps:
+        if partial_dtype == "float32":
+            raise ValueError("combine_warps: 16-bit partials only")
+        combine_previous = combine_warps_macro(heads, D, topk, groups, combine_stages, dtype)
+        smem = item_shared_bytes(D, Bk, n_entries, stages, tma_stores, o_buffers, direct_stores) + \
+            combine_warps_shared_bytes(heads, D, topk, groups, combine_stages)
+        if smem > SMEM_LIMIT:
+            raise ValueError(f"combine_warps: {smem} B of shared memory > {SMEM_LIMIT} B (combine_stages="
+                             f"{combine_stages}, stages={stages}, item_queries={item_queries})")
     if persistent:
         smem = persistent_shared_bytes(R, D, Bk, item_queries, stages, tma_stores, partial_bytes)
         if smem > SMEM_LIMIT:
@@ -430,7 +453,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
 
     if not persistent:
         @T.macro
-        def attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, q0):
+        def attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, q0, OpartPrev=None, LpartPrev=None,
+                            O=None, LSE=None, t_prev=None, n_prev=None):
             prelude = DIRECT_STORES_CUDA if direct_stores else None
             with T.Kernel(n_items, n_bg, threads=threads, prelude=prelude) as (item, bg):
                 K_s = T.alloc_shared((Bk, D), dtype)
@@ -446,6 +470,15 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
+                # combine warps: the previous chunk's slot boxes [combine_stages, R, D], a unit's LSEs, weights, sums
+                c_ring = T.alloc_shared((combine_stages, R, D), partial_dtype) if combine_warps else None
+                c_lse = T.alloc_shared((2, topk, R), "float32") if combine_warps else None
+                c_wt = T.alloc_shared((topk, R), "float32") if combine_warps else None
+                c_sum = T.alloc_shared((R,), "float32") if combine_warps else None
+                c_full = T.alloc_barrier([32] * combine_stages) if combine_warps else None
+                c_acc = T.alloc_local((R * D // 64,), "float32") if combine_warps else None
+                c_xv = T.alloc_local((8,), partial_dtype) if combine_warps else None
+                c_ov = T.alloc_local((8,), dtype) if combine_warps else None
                 if not direct_stores:
                     T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
                 kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
@@ -493,6 +526,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     if store_warp:
                         if tx >= 128 * NC + 32 and tx < 128 * NC + 64:  # the producer's second warp
                             store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free)
+                    if combine_warps:
+                        if tx >= 128 * NC + 64:  # the producer's last two warps
+                            combine_previous(tx - 128 * NC - 64, item, T.max(ItemCount[bg], 1), n_prev, b, g, t_prev,
+                                             OpartPrev, LpartPrev, O, LSE, c_ring, c_lse, c_wt, c_sum, c_full, c_acc,
+                                             c_xv, c_ov)
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
@@ -507,6 +545,57 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                              b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart, o_full,
                              o_free)
 
+
+        if combine_warps:
+            n_prev, n_prev_l, n_out = T.dynamic("n_prev, n_prev_l, n_out")
+
+            if query_offset:
+                @T.prim_func
+                def kv_outer_attention_combine_offset(
+                    Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+                    K: T.Tensor((batch, seq, groups, head_dim), dtype),
+                    V: T.Tensor((batch, seq, groups, head_dim), dtype),
+                    Items: T.Tensor((n_bg, n_items, 3), "int32"),
+                    ItemCount: T.Tensor((n_bg,), "int32"),
+                    Entries: T.Tensor((n_bg, cap), "int32"),
+                    Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+                    Lpart: T.Tensor((batch, n_part), "float32"),
+                    OpartPrev: T.Tensor((batch, n_prev, head_dim), partial_dtype),
+                    LpartPrev: T.Tensor((batch, n_prev_l, R), "float32"),
+                    O: T.Tensor((batch, n_out, head_dim), dtype),
+                    LSE: T.Tensor((batch, n_out), "float32"),
+                    t0: T.int32,
+                    q0: T.int32,
+                    t_prev: T.int32,
+                    prev_queries: T.int32,
+                ):
+                    attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, q0, OpartPrev, LpartPrev, O,
+                                    LSE, t_prev, prev_queries)
+
+                return kv_outer_attention_combine_offset
+
+            @T.prim_func
+            def kv_outer_attention_combine(
+                Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+                K: T.Tensor((batch, seq, groups, head_dim), dtype),
+                V: T.Tensor((batch, seq, groups, head_dim), dtype),
+                Items: T.Tensor((n_bg, n_items, 3), "int32"),
+                ItemCount: T.Tensor((n_bg,), "int32"),
+                Entries: T.Tensor((n_bg, cap), "int32"),
+                Opart: T.Tensor((batch, n_part, head_dim), partial_dtype),
+                Lpart: T.Tensor((batch, n_part), "float32"),
+                OpartPrev: T.Tensor((batch, n_prev, head_dim), partial_dtype),
+                LpartPrev: T.Tensor((batch, n_prev_l, R), "float32"),
+                O: T.Tensor((batch, n_out, head_dim), dtype),
+                LSE: T.Tensor((batch, n_out), "float32"),
+                t0: T.int32,
+                t_prev: T.int32,
+                prev_queries: T.int32,
+            ):
+                attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, None, OpartPrev, LpartPrev, O,
+                                LSE, t_prev, prev_queries)
+
+            return kv_outer_attention_combine
 
         if query_offset:
             @T.prim_func
@@ -964,6 +1053,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              f"{unfit or 'off'} here")
         if combine_ctas is None:
             combine_ctas = schedule_config["combine_ctas"] if persistent_combine and not unfit else 0
+        if combine_ctas and attention_config.get("combine_warps"):
+            raise ValueError("combine_ctas: the attention's combine warps already merge the previous chunk")
         if combine_ctas and attention_config.get("persistent") and "ctas" not in (asked_attention or {}):
             # the attention's CTAs each take their first item at once: none should wait for the combine's SMs
             attention_config["ctas"] = max(1, sm_count(q.device) - combine_ctas)
@@ -1015,13 +1106,17 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
     ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips. ``query_start``: the
     position of q's first row (the attention's build with a query offset). ``combine_ctas`` > 0: each chunk but the
-    last is combined on a side stream by that many persistent CTAs while the next chunk's attention runs."""
+    last is combined on a side stream by that many persistent CTAs while the next chunk's attention runs.
+    ``attention_config["combine_warps"]``: each chunk but the last is merged by the next chunk's attention kernel (its
+    combine warps), the last by the combine kernel; the partials are double-buffered."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
     built = schedule.chunks == chunks  # every chunk's schedule is already there
     overlap = bool(combine_ctas) and chunks > 1
-    buffers = 2 if overlap else 1  # chunk c's partials in buffer c % 2: the next chunk writes the other
+    fused = bool(attention_config.get("combine_warps"))
+    # chunk c's partials in buffer c % 2: the next chunk writes the other
+    buffers = 2 if overlap or (fused and chunks > 1) else 1
     o_part = torch.empty(buffers, B * chunk * Hq * topk * D, device=q.device, dtype=partial_dtype)
     l_part = torch.empty(buffers, B * chunk * Hq * topk, device=q.device, dtype=torch.float32)
     dt, pdt = tl_dtype(q.dtype), tl_dtype(partial_dtype)
@@ -1042,6 +1137,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         main, side = torch.cuda.current_stream(q.device), _combine_stream(q.device)
         read = [None] * buffers  # the event after the side combine that last read each buffer
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
+    previous = None  # combine warps: the (partials, LSE partials, first query, queries) the next launch merges
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not built:
@@ -1052,8 +1148,13 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         if overlap and read[c % buffers] is not None:
             main.wait_event(read[c % buffers])
         lp.fill_(float("-inf"))
-        attention(q, k, v, items, item_count, entries, op, lp, *([] if work is None else [work[c]]),
-                  query_start + t0, *((query_start,) if query_start else ()))
+        merged, last = (), ()
+        if fused:  # the first chunk's launch merges nothing
+            op_prev, lp_prev, t_prev, n_prev = previous or (op, lp, 0, 0)
+            merged = (op_prev, lp_prev.view(B, -1, Hq // G), o.view(B, N * Hq, D), lse.view(B, N * Hq))
+            last = (t_prev, n_prev)
+        attention(q, k, v, items, item_count, entries, op, lp, *merged, *([] if work is None else [work[c]]),
+                  query_start + t0, *((query_start,) if query_start else ()), *last)
         args = (op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
                 o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
         if overlap and c + 1 < chunks:
@@ -1061,6 +1162,8 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
             with torch.cuda.stream(side):
                 side_combine(*args)
             read[c % buffers] = side.record_event()
+        elif fused and c + 1 < chunks:
+            previous = (op, lp, t0, count)
         else:
             combine(*args)
     if overlap:
@@ -1100,8 +1203,20 @@ def _reject_attention(config: dict, shape: dict):
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
                                                 and not config["pingpong"]):
         return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
+    if config.get("combine_warps") and (config.get("persistent", False) or not config.get("tma_gathers")
+                                        or config.get("consumers", 2) != 2):
+        return "combine warps: per-item CTAs with TMA gathers and two consumers only"
+    if config.get("combine_warps") and config.get("combine_stages", 6) > shape["topk"]:
+        return "combine warps: a ring of more stages than a unit's topk slots"
+    if config.get("combine_warps") and R * shape["head_dim"] > 32 * 64:
+        return "combine warps: more than 32 accumulators a thread"
     D, Bk = shape["head_dim"], shape["block_size"]
-    if config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
+    if config.get("combine_warps"):  # the kernel's own count, at the schedule's default item size
+        smem = item_shared_bytes(D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"], config["tma_stores"],
+                                 config.get("o_buffers", 2), config.get("direct_stores", False)) + \
+            combine_warps_shared_bytes(shape["heads"], D, shape["topk"], shape["groups"],
+                                       config.get("combine_stages", 6))
+    elif config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         smem = persistent_shared_bytes(R, D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"],
                                        config["tma_stores"])
     else:  # at the largest item the schedule space allows
@@ -1178,6 +1293,11 @@ def _attention_trial(shape: dict, check_seq: int) -> tuple:
         unit = _attention_units(shape, config)[0][1]
         args = (c.q, c.k, c.v, c.schedule.items, c.schedule.item_count, c.schedule.entries, c.o_part.view(1, -1, D),
                 c.l_part.view(1, -1))
+        if unit.get("combine_warps"):  # timed with a chunk's merge, here of its own partials (results unread)
+            kernel = compiled_kernel(kv_outer_program, **unit)
+            merged = (c.o_part.view(1, -1, D), c.l_part.view(1, -1, shape["heads"] // shape["groups"]),
+                      c.o.view(1, -1, D), c.lse.view(1, -1))
+            return lambda: kernel(*args, *merged, c.t0, 0, c.o_part.shape[1] // shape["groups"])
         if not unit.get("persistent"):
             kernel = compiled_kernel(kv_outer_program, **unit)
             return lambda: kernel(*args, c.t0)
