@@ -232,14 +232,17 @@ def overlap_variants():
 def combine_warps_variants():
     """(label, sparse_attention_forward keywords) of ``--combine-warps``: today's path and the best schedule of
     ``--overlap`` first, then each chunk's partials merged by the next chunk's attention kernel (its combine warps)
-    at small chunks, with and without the store warp, and a shallower combine ring."""
+    at small chunks, with rings of 4 to 14 slot boxes."""
     def attention(**kw):
         return dict(attention_config=kw)
 
     variants = [dict(), dict(query_chunk=4096, **attention(store_warp=True, persistent=True))]
     variants += [dict(query_chunk=c, **attention(store_warp=True, combine_warps=True)) for c in (4096, 2048, 8192)]
-    variants += [dict(query_chunk=4096, **attention(combine_warps=True)),
-                 dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, combine_stages=4))]
+    variants += [dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, combine_stages=4))]
+    # one O tile a consumer frees 32 KB: a ring of 14 slot boxes (56 KB in flight instead of 24), or a third Q stage
+    variants += [dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, o_buffers=1,
+                                                    combine_stages=14)),
+                 dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, o_buffers=1, stages=3))]
     return labelled(variants)
 
 
@@ -292,6 +295,7 @@ def main(argv=None):
     parser.add_argument("--stage-chunks", type=int, nargs="+", default=[SCHEDULE_TUNABLES["query_chunk"]],
                         help="query chunks at which to break the forward into its stages")
     parser.add_argument("--no-dense", action="store_true", help="skip dense cuDNN (its 1M forward takes ~40 s)")
+    parser.add_argument("--no-fla", action="store_true", help="skip fla's parallel_nsa (its JIT takes ~30 s)")
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
     table = BenchTable("main_branch")
@@ -300,7 +304,7 @@ def main(argv=None):
     ceilings = {r["unit"]: r["rate"] for r in ceil_table.rows}
     for r in ceil_table.rows:
         table.add(what=f"ceiling: {r['what']}", ms=r["ms"], rate=r["rate"], unit=r["unit"])
-    fla = fla_selected_attention()
+    fla = None if args.no_fla else fla_selected_attention()
     for N in args.seq_lens:
         row = dict(B=B, N=N, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, dtype="bf16")
         q, k, v, q_idx, k_idx = paper_inputs(N)

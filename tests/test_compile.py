@@ -329,14 +329,14 @@ def test_the_persistent_attention_says_when_shared_memory_overflows(config):
 
 
 @pytest.mark.parametrize("config,match", [
-    (dict(persistent=True), "per-item CTAs"), (dict(tma_gathers=False), "per-item CTAs"),
+    (dict(persistent=True), "per-item CTAs"), (dict(store_warp=False), "per-item CTAs"),
     (dict(topk=4, combine_stages=6), "combine_stages <= topk"),
-    (dict(partial_dtype="float32", tma_stores=False), "16-bit"),
+    (dict(partial_dtype="float32"), "16-bit"),
     (dict(stages=4, o_buffers=1), "shared memory"), (dict(groups=2), "32 their registers hold")],
-    ids=["persistent", "cp-async-gathers", "ring-past-topk", "fp32-partials", "shared-memory", "32-heads-a-group"])
+    ids=["persistent", "no-store-warp", "ring-past-topk", "fp32-partials", "shared-memory", "32-heads-a-group"])
 def test_the_combine_warps_say_what_they_need(config, match):
     with pytest.raises(ValueError, match=match):
-        kv_outer_attention.kv_outer_program(**dict(PAPER, **dict(dict(tma_gathers=True), **config)),
+        kv_outer_attention.kv_outer_program(**dict(PAPER, **dict(dict(tma_gathers=True, store_warp=True), **config)),
                                             combine_warps=True)
 
 
@@ -344,11 +344,12 @@ def test_the_combine_warps_build_takes_the_previous_chunk():
     """combine_warps: the kernel takes the previous chunk's partials, O, LSE and two scalars more (with and without a
     query offset); its last two producer warps load the partials by TMA into their own ring (no swizzle: they read
     it row by row) and meet on named barrier 6; the default build has none of it."""
-    warps = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, combine_warps=True)
+    warps = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, store_warp=True,
+                          combine_warps=True)
     assert "tma_load(OpartPrev_desc" in warps and "tma_load(LpartPrev_desc" in warps
     assert "__sync_thread_partial(6, 64)" in warps and "int t0, int t_first, int units)" in warps
-    offset = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, combine_warps=True,
-                           query_offset=True)
+    offset = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, store_warp=True,
+                           combine_warps=True, query_offset=True)
     assert "OpartPrev_desc" in offset and "q0" in offset
     default = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True)
     assert "Prev" not in default and "__sync_thread_partial(6" not in default

@@ -360,9 +360,10 @@ def test_a_store_warp_and_persistent_tma_gathers_give_the_same_partials(config, 
     assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
 
 
-@pytest.mark.parametrize("config", [dict(combine_warps=True), dict(combine_warps=True, store_warp=True),
-                                    dict(combine_warps=True, store_warp=True, combine_stages=4)],
-                         ids=["combine-warps", "combine-warps-store-warp", "combine-warps-4-stages"])
+@pytest.mark.parametrize("config", [dict(combine_warps=True, store_warp=True),
+                                    dict(combine_warps=True, store_warp=True, combine_stages=4),
+                                    dict(combine_warps=True, store_warp=True, o_buffers=1, combine_stages=8)],
+                         ids=["combine-warps", "combine-warps-4-stages", "combine-warps-one-o-tile-8-stages"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, 512),
                                                       (2, 1000, 16, 2, 64, 64, 8, 300),
@@ -416,10 +417,12 @@ def test_combine_warps_say_what_they_need():
     indices = selection("random", 1, 300, 4, 128, 16)
     with pytest.raises(ValueError, match="combine_ctas: the attention's combine warps"):
         sparse_attention_forward(q, k, v, indices, 128, query_chunk=128, combine_ctas=8,
-                                 attention_config=dict(combine_warps=True))
+                                 attention_config=dict(combine_warps=True, store_warp=True))
+    with pytest.raises(ValueError, match="combine_warps: per-item CTAs with the store warp"):
+        sparse_attention_forward(q, k, v, indices, 128, query_chunk=128, attention_config=dict(combine_warps=True))
     with pytest.raises(ValueError, match="combine_warps: per-item CTAs"):
         sparse_attention_forward(q, k, v, indices, 128, query_chunk=128,
-                                 attention_config=dict(combine_warps=True, persistent=True))
+                                 attention_config=dict(combine_warps=True, store_warp=True, persistent=True))
 
 
 @pytest.mark.parametrize("build_once", [True, False], ids=["built-once", "built-per-chunk"])

@@ -62,16 +62,20 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
      "store warp"),
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, persistent=True, tma_gathers=True,
                                 store_warp=True), None),
-    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, combine_warps=True,
-                                combine_stages=6), None),  # 220 KB with the combine's ring
-    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=False, combine_warps=True),
-     "combine warps"),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, store_warp=True,
+                                combine_warps=True, combine_stages=6), None),  # 220 KB with the combine's ring
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, combine_warps=True),
+     "combine warps"),  # no store warp
     ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, persistent=True, tma_gathers=True,
-                                combine_warps=True), "combine warps"),
+                                store_warp=True, combine_warps=True), "combine warps"),
     ("kv_outer_attention", dict(stages=3, tma_stores=True, pingpong=True, tma_gathers=True, o_buffers=1,
-                                combine_warps=True), None),
+                                store_warp=True, combine_warps=True), None),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, o_buffers=1,
+                                store_warp=True, combine_warps=True, combine_stages=14), None),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, store_warp=True,
+                                combine_warps=True, combine_stages=14), "shared memory"),
     ("kv_outer_attention", dict(stages=4, tma_stores=True, pingpong=True, tma_gathers=True, o_buffers=1,
-                                combine_warps=True), "shared memory"),
+                                store_warp=True, combine_warps=True), "shared memory"),
 ])
 def test_constraints(program, config, reason):
     got = SPACES[program].reject(config, PAPER)

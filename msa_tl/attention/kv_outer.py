@@ -52,7 +52,7 @@ ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=F
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
                        store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
                        direct_stores=(False, True), consumers=(1, 2), store_warp=(False, True),
-                       combine_warps=(False, True), combine_stages=(4, 6))
+                       combine_warps=(False, True), combine_stages=(4, 6, 10, 14))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 # dynamic shared memory a CTA may use for two to fit an SM: 228 KB less, a CTA, 1 KB reserved and 1 KB of barriers
 TWO_CTA_SMEM = 112 * 1024
@@ -200,7 +200,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     a ring of ``combine_stages`` slot boxes), so that the combine's DRAM reads run under attention tiles that leave
     DRAM idle; the kernel then takes OpartPrev [B, n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's
     partials), O [B, rows, D] and LSE [B, rows] after Lpart and, after t0 (and q0), the previous chunk's first query
-    t_prev (O's row / Hq) and its query count (0: nothing to merge). Per-item CTAs with TMA gathers only.
+    t_prev (O's row / Hq) and its query count (0: nothing to merge). Per-item CTAs with the store warp only.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     queries = T.dynamic("queries") if query_offset else seq  # Q's rows
@@ -216,8 +216,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         raise ValueError(f"consumers must be 1 or 2, got {consumers}")
     if store_warp and not (tma_stores and tma_gathers):
         raise ValueError("store_warp: TMA gathers and TMA stores only")
-    if combine_warps and (persistent or not tma_gathers or consumers != 2):
-        raise ValueError("combine_warps: per-item CTAs with TMA gathers and two consumers only")
+    if combine_warps and (persistent or not store_warp or consumers != 2):
+        # the consumers' own TMA stores need the registers the combine warps take (both spill at 200 / 104)
+        raise ValueError("combine_warps: per-item CTAs with the store warp and two consumers only")
     if consumers == 1 and not (tma_gathers and direct_stores and not pingpong):
         raise ValueError("consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False")
     NC = consumers  # consumer warpgroups a CTA: consumer c takes the item's tiles NC i + c
@@ -1203,9 +1204,9 @@ def _reject_attention(config: dict, shape: dict):
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
                                                 and not config["pingpong"]):
         return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
-    if config.get("combine_warps") and (config.get("persistent", False) or not config.get("tma_gathers")
+    if config.get("combine_warps") and (config.get("persistent", False) or not config.get("store_warp")
                                         or config.get("consumers", 2) != 2):
-        return "combine warps: per-item CTAs with TMA gathers and two consumers only"
+        return "combine warps: per-item CTAs with the store warp and two consumers only"
     if config.get("combine_warps") and config.get("combine_stages", 6) > shape["topk"]:
         return "combine warps: a ring of more stages than a unit's topk slots"
     if config.get("combine_warps") and R * shape["head_dim"] > 32 * 64:
