@@ -286,8 +286,10 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
     @T.macro
     def combine_previous(cw, item, n_live, units, b, g, t_first, OpartPrev, LpartPrev, O, LSE, ring, lse_s, wt_s,
                          sum_s, full, acc, xv, ov):
+        u0 = T.alloc_var("int32")  # the share's first unit and its stages, computed once (integer divisions)
+        n_stages = T.alloc_var("int32")
         u0 = T.if_then_else(item < n_live, item * units // n_live, 0)
-        n_stages = T.if_then_else(item < n_live, ((item + 1) * units // n_live - item * units // n_live) * topk, 0)
+        n_stages = T.if_then_else(item < n_live, ((item + 1) * units // n_live) * topk - u0 * topk, 0)
         if cw < 32:
             for k in T.serial(T.min(stages, n_stages)):
                 issue(k, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full)
