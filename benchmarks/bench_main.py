@@ -82,11 +82,12 @@ def fla_selected_attention():
 
 
 def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_queries"], persistent=None,
-                    config=None):
+                    config=None, merged=0):
     """The KV-outer attention kernel alone over every query chunk of ``chunk`` queries, its schedules built once:
     (run, partials [B, chunk * G, k, R, D] bf16, LSE partials, the chunk starts, the schedules, their item count).
     ``persistent``: None takes the default (dropped where it does not fit), else as asked; ``config``: other knobs
-    of the kernel."""
+    of the kernel. With ``combine_warps`` in it, each launch's combine warps merge ``merged`` queries' partials (of
+    the one partials buffer: the bytes and arithmetic of a previous chunk's merge; its output is not read)."""
     N = q.shape[1]
     starts = list(range(0, N, chunk))
     nblk = math.ceil(N / BK)
@@ -103,13 +104,18 @@ def attention_stage(q, k, v, idx, chunk, item_queries=SCHEDULE_TUNABLES["item_qu
     work = persistent_work(config["ctas"], len(starts), "cuda") if config["persistent"] else None
     op = torch.empty(B, chunk * G, TOPK, HQ // G, D, device="cuda", dtype=torch.bfloat16)
     lp = torch.full((B, chunk * G, TOPK, HQ // G), float("-inf"), device="cuda")
+    merge, last = (), ()
+    if config.get("combine_warps"):
+        o, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="cuda")
+        merge = (op.view(B, -1, D), lp.view(B, -1, R), o.view(B, -1, D), lse.view(B, -1))
+        last = (0, merged)
 
     def run():
         if work is not None:
             work.zero_()  # the persistent kernel's item counters start at 0
         for c, (sched, t0) in enumerate(zip(scheds, starts)):
-            att(q, k, v, sched.items, sched.item_count, sched.entries, op.view(B, -1, D), lp.view(B, -1),
-                *([] if work is None else [work[c]]), t0)
+            att(q, k, v, sched.items, sched.item_count, sched.entries, op.view(B, -1, D), lp.view(B, -1), *merge,
+                *([] if work is None else [work[c]]), t0, *last)
 
     items = sum(int(s.item_count.sum()) for s in scheds)
     return run, op, lp, starts, scheds, items
@@ -179,7 +185,8 @@ def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), ro
 
 ATTENTION_ALONE = {"default": dict(), "store warp": dict(store_warp=True),
                    "persistent, TMA gathers": dict(persistent=True, tma_gathers=True),
-                   "persistent, store warp": dict(persistent=True, store_warp=True)}
+                   "persistent, store warp": dict(persistent=True, store_warp=True),
+                   "store warp, combine warps merging nothing": dict(store_warp=True, combine_warps=True)}
 
 
 def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
@@ -189,6 +196,10 @@ def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
     runs = {f"attention alone, {chunk}-query chunks, {name}":
             (attention_stage(q, k, v, idx, chunk, config=config)[0], dict(query_chunk=chunk))
             for chunk in (4096, 16384) for name, config in ATTENTION_ALONE.items()}
+    # and merging a whole chunk's partials in every launch, as the forward's combine warps do
+    warps = dict(store_warp=True, combine_warps=True)
+    runs["attention alone, 4096-query chunks, store warp, combine warps merging a chunk"] = (
+        attention_stage(q, k, v, idx, 4096, config=warps, merged=4096)[0], dict(query_chunk=4096))
     kernel_rounds(table, row, kind, runs, main_branch_flops(idx), rounds)
 
 

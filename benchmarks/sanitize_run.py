@@ -68,6 +68,8 @@ def main(argv=None):
                                                                    attention_config=dict(store_warp=True)))
     stage("forward (combine on a side stream)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer,
                                                                                  combine_ctas=3))
+    stage("forward (combine warps)", lambda: sparse_attention_forward(
+        q, k, v, hot, Bk, **kv_outer, attention_config=dict(store_warp=True, combine_warps=True)))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
     stage("forward (accumulators)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, shared_tiles=False, accumulate=True, accumulate_config=dict(query_chunk=256)))
