@@ -393,6 +393,24 @@ def test_combine_warps_merge_the_previous_chunk(config, kind, B, N, Hq, G, D, Bk
     assert torch.equal(again_o, o) and torch.equal(again_lse, lse)
 
 
+def test_combine_warps_at_a_query_offset():
+    """combine_warps in the build with a query offset (a context-parallel rank's chunk, t0 mid-block): the merged
+    rows land at the chunk's own rows; the persistent combine's output to one rounding."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    B, Hq, G, D, Bk, topk, t0, C = 1, 64, 4, 128, 128, 16, 1000, 1125
+    q, k, v = attention_inputs(B, t0 + C, Hq, G, D)
+    indices = selection("random", B, t0 + C, G, Bk, topk)[:, t0:].contiguous()
+    qc = q[:, t0:].contiguous()
+    kw = dict(query_chunk=512, shared_tiles=False, persistent_combine=True, query_start=t0)
+    o, lse = sparse_attention_forward(qc, k, v, indices, Bk, attention_config=dict(store_warp=True, combine_warps=True),
+                                      **kw)
+    line_o, line_lse = sparse_attention_forward(qc, k, v, indices, Bk, **kw)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert ((o.float() - line_o.float()).abs() <= eps * line_o.float().abs() + 1e-6).all()
+    assert torch.allclose(lse, line_lse, rtol=1e-6, atol=1e-6)
+
+
 def test_combine_warps_pass_a_nan_score_to_its_rows_only():
     """A NaN in one query's Q reaches, through the combine warps, exactly the rows whose partials hold it (its
     query's heads of that KV head), as the combine kernel's merge does."""
