@@ -243,13 +243,15 @@ def overlap_variants():
 def combine_warps_variants():
     """(label, sparse_attention_forward keywords) of ``--combine-warps``: today's path and the best schedule of
     ``--overlap`` first, then each chunk's partials merged by the next chunk's attention kernel (its combine warps)
-    at small chunks, with rings of 4 to 14 slot boxes."""
+    at small chunks, with rings of 4 to 14 slot boxes, and L2 prefetches ahead of the ring."""
     def attention(**kw):
         return dict(attention_config=kw)
 
     variants = [dict(), dict(query_chunk=4096, **attention(store_warp=True, persistent=True))]
     variants += [dict(query_chunk=c, **attention(store_warp=True, combine_warps=True)) for c in (4096, 2048, 8192)]
     variants += [dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, combine_stages=4))]
+    variants += [dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, combine_prefetch=p))
+                 for p in (8, 16)]
     # one O tile a consumer frees 32 KB: a ring of 14 slot boxes (56 KB in flight instead of 24), or a third Q stage
     variants += [dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, o_buffers=1,
                                                     combine_stages=14)),

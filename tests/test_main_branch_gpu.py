@@ -362,8 +362,10 @@ def test_a_store_warp_and_persistent_tma_gathers_give_the_same_partials(config, 
 
 @pytest.mark.parametrize("config", [dict(combine_warps=True, store_warp=True),
                                     dict(combine_warps=True, store_warp=True, combine_stages=4),
-                                    dict(combine_warps=True, store_warp=True, o_buffers=1, combine_stages=8)],
-                         ids=["combine-warps", "combine-warps-4-stages", "combine-warps-one-o-tile-8-stages"])
+                                    dict(combine_warps=True, store_warp=True, o_buffers=1, combine_stages=8),
+                                    dict(combine_warps=True, store_warp=True, combine_prefetch=16)],
+                         ids=["combine-warps", "combine-warps-4-stages", "combine-warps-one-o-tile-8-stages",
+                              "combine-warps-prefetch-16"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,chunk", [(1, 2125, 64, 4, 128, 128, 16, 512),
                                                       (2, 1000, 16, 2, 64, 64, 8, 300),

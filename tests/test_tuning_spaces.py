@@ -76,6 +76,10 @@ def test_defaults_are_in_their_space_and_feasible(program, defaults):
                                 combine_warps=True, combine_stages=14), "shared memory"),
     ("kv_outer_attention", dict(stages=4, tma_stores=True, pingpong=True, tma_gathers=True, o_buffers=1,
                                 store_warp=True, combine_warps=True), "shared memory"),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, store_warp=True,
+                                combine_prefetch=8), "change nothing"),
+    ("kv_outer_attention", dict(stages=2, tma_stores=True, pingpong=True, tma_gathers=True, store_warp=True,
+                                combine_warps=True, combine_prefetch=16), None),
 ])
 def test_constraints(program, config, reason):
     got = SPACES[program].reject(config, PAPER)

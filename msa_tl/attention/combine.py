@@ -235,6 +235,12 @@ COMBINE_TUNING = TunableProgram(
 
 
 COMBINE_WARP_THREADS = 64  # the producer warpgroup's last two warps
+# the combine warps' L2 prefetch of slot boxes beyond their ring (a bulk prefetch takes no shared memory)
+COMBINE_PREFETCH_CUDA = r"""
+__device__ __forceinline__ void msa_prefetch_l2(const void *ptr, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
+"""
 
 
 def combine_warps_shared_bytes(heads: int, head_dim: int, topk: int, groups: int, stages: int) -> int:
@@ -244,7 +250,8 @@ def combine_warps_shared_bytes(heads: int, head_dim: int, topk: int, groups: int
     return stages * R * head_dim * 2 + 3 * topk * R * 4 + R * 4 + 8 * stages
 
 
-def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stages: int, dtype: str):
+def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stages: int, dtype: str,
+                        prefetch: int = 0):
     """Macro ``combine_previous(cw, item, n_live, units, b, g, t_first, OpartPrev, LpartPrev, O, LSE, ring, lse_s,
     wt_s, sum_s, full, acc, xv, ov)``: :func:`combine_program`'s merge, run by ``COMBINE_WARP_THREADS`` threads (cw
     0..63) of a KV-outer attention CTA while its consumers work, on the partials of the *previous* query chunk.
@@ -257,7 +264,10 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
     warp issues and arrives); weights ``wt_s`` [topk, R] and their sums ``sum_s`` [R] as :func:`combine_program`
     (the slots added in order); O [B, rows, D] and LSE [B, rows] at row (t_first + u) * heads + g * R + r.
     Locals: ``acc`` [R * D / 64] fp32, ``xv`` [8] of the partials' dtype, ``ov`` [8] of ``dtype``. The two warps
-    meet on named barrier 6 once a slot, so a ring slot is refilled only after both have read it.
+    meet on named barrier 6 once a slot, so a ring slot is refilled only after both have read it. ``prefetch`` > 0:
+    the first thread also asks the L2 for the slot box ``prefetch`` stages past the ring's (a bulk prefetch, with
+    :data:`COMBINE_PREFETCH_CUDA` as the kernel's prelude), so the ring's copies find their boxes in the L2 and each
+    SM keeps ``stages + prefetch`` boxes in flight for the shared memory of ``stages``.
     """
     R, D = heads // groups, head_dim
     if (R * D) % (8 * COMBINE_WARP_THREADS):
@@ -284,6 +294,15 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
         T.barrier_arrive(full[k % stages])
 
     @T.macro
+    def prefetch_box(k, u0, b, g, OpartPrev, LpartPrev):
+        """One thread: an L2 prefetch of stage k's slot box (and of its unit's LSEs with its first)."""
+        pair = (u0 + k // topk) * groups + g
+        T.call_extern("handle", "msa_prefetch_l2", T.address_of(OpartPrev[b, (pair * topk + k % topk) * R, 0]),
+                      R * D * 2)
+        if k % topk == 0:
+            T.call_extern("handle", "msa_prefetch_l2", T.address_of(LpartPrev[b, pair * topk, 0]), topk * R * 4)
+
+    @T.macro
     def combine_previous(cw, item, n_live, units, b, g, t_first, OpartPrev, LpartPrev, O, LSE, ring, lse_s, wt_s,
                          sum_s, full, acc, xv, ov):
         u0 = T.alloc_var("int32")  # the share's first unit and its stages, computed once (integer divisions)
@@ -293,6 +312,10 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
         if cw < 32:
             for k in T.serial(T.min(stages, n_stages)):
                 issue(k, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full)
+        if prefetch > 0:
+            if cw == 0:
+                for k in T.serial(T.max(T.min(stages + prefetch, n_stages) - stages, 0)):
+                    prefetch_box(stages + k, u0, b, g, OpartPrev, LpartPrev)
         for k in T.serial(n_stages):
             T.barrier_wait(full[k % stages], (k // stages) & 1)
             if k % topk == 0:  # the unit's weights, a thread a head
@@ -332,5 +355,9 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
             if cw < 32:
                 if k + stages < n_stages:
                     issue(k + stages, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full)
+            if prefetch > 0:
+                if cw == 0:
+                    if k + stages + prefetch < n_stages:
+                        prefetch_box(k + stages + prefetch, u0, b, g, OpartPrev, LpartPrev)
 
     return combine_previous

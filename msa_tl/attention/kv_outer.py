@@ -34,8 +34,8 @@ from tilelang.layout import make_swizzled_layout
 
 from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
                                          accumulate_unsupported, finalize_program)
-from msa_tl.attention.combine import (COMBINE_DEFAULTS, PERSISTENT_COMBINE_DEFAULTS, combine_program,
-                                      combine_warps_macro, combine_warps_shared_bytes, persistent_combine_limit,
+from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, PERSISTENT_COMBINE_DEFAULTS,
+                                      combine_program, combine_warps_macro, combine_warps_shared_bytes, persistent_combine_limit,
                                       persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
@@ -47,12 +47,13 @@ from msa_tl.tuning.cache import tuned_config
 
 ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=False, store_eviction="", o_buffers=2,
                           tma_gathers=True, direct_stores=False, consumers=2, store_warp=False, combine_warps=False,
-                          combine_stages=6)
+                          combine_stages=6, combine_prefetch=0)
 # the tuner's choices of each knob (ATTENTION_TUNING at the end adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
                        store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
                        direct_stores=(False, True), consumers=(1, 2), store_warp=(False, True),
-                       combine_warps=(False, True), combine_stages=(4, 6, 10, 14))
+                       combine_warps=(False, True), combine_stages=(4, 6, 10, 14),
+                       combine_prefetch=(0, 8, 16))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
 # dynamic shared memory a CTA may use for two to fit an SM: 228 KB less, a CTA, 1 KB reserved and 1 KB of barriers
 TWO_CTA_SMEM = 112 * 1024
@@ -159,7 +160,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
                      o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
                      consumers: int = 2, store_warp: bool = False, combine_warps: bool = False,
-                     combine_stages: int = 6, dtype: str = "bfloat16", partial_dtype: str = "bfloat16",
+                     combine_stages: int = 6, combine_prefetch: int = 0, dtype: str = "bfloat16",
+                     partial_dtype: str = "bfloat16",
                      query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
@@ -197,7 +199,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     as the consumers take them and frees each item's entries with them.
     ``combine_warps``: the producer warpgroup's last two warps, idle beside TMA gathers and the store warp, merge the
     *previous* query chunk's partials while the consumers work (:func:`~msa_tl.attention.combine.combine_warps_macro`,
-    a ring of ``combine_stages`` slot boxes), so that the combine's DRAM reads run under attention tiles that leave
+    a ring of ``combine_stages`` slot boxes, and ``combine_prefetch`` boxes ahead of it asked of the L2), so that the combine's DRAM reads run under attention tiles that leave
     DRAM idle; the kernel then takes OpartPrev [B, n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's
     partials), O [B, rows, D] and LSE [B, rows] after Lpart and, after t0 (and q0), the previous chunk's first query
     t_prev (O's row / Hq) and its query count (0: nothing to merge). Per-item CTAs with the store warp only.
@@ -255,7 +257,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     if combine_warps:
         if partial_dtype == "float32":
             raise ValueError("combine_warps: 16-bit partials only")
-        combine_previous = combine_warps_macro(heads, D, topk, groups, combine_stages, dtype)
+        combine_previous = combine_warps_macro(heads, D, topk, groups, combine_stages, dtype, combine_prefetch)
         smem = item_shared_bytes(D, Bk, n_entries, stages, tma_stores, o_buffers, direct_stores) + \
             combine_warps_shared_bytes(heads, D, topk, groups, combine_stages)
         if smem > SMEM_LIMIT:
@@ -456,7 +458,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         @T.macro
         def attention_items(Q, K, V, Items, ItemCount, Entries, Opart, Lpart, t0, q0, OpartPrev=None, LpartPrev=None,
                             O=None, LSE=None, t_prev=None, n_prev=None):
-            prelude = DIRECT_STORES_CUDA if direct_stores else None
+            prelude = DIRECT_STORES_CUDA if direct_stores else COMBINE_PREFETCH_CUDA if combine_warps and \
+                combine_prefetch else None
             with T.Kernel(n_items, n_bg, threads=threads, prelude=prelude) as (item, bg):
                 K_s = T.alloc_shared((Bk, D), dtype)
                 V_s = T.alloc_shared((Bk, D), dtype)
@@ -1211,6 +1214,9 @@ def _reject_attention(config: dict, shape: dict):
         return "combine warps: a ring of more stages than a unit's topk slots"
     if config.get("combine_warps") and R * shape["head_dim"] > 32 * 64:
         return "combine warps: more than 32 accumulators a thread"
+    if not config.get("combine_warps") and (config.get("combine_stages", 6) != ATTENTION_DEFAULTS["combine_stages"]
+                                            or config.get("combine_prefetch", 0)):
+        return "the combine warps' ring and prefetch without the combine warps change nothing"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("combine_warps"):  # the kernel's own count, at the schedule's default item size
         smem = item_shared_bytes(D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"], config["tma_stores"],
