@@ -6,7 +6,8 @@ Compute to profile the kernels.
         python -m benchmarks.ncu_forward --seq-len 32768
 
 At ``--seq-len 16384`` each pipelined kernel (attention, backward, KL) launches once; ``--query-chunk 4096
---store-warp`` profiles the attention as the next forward design runs it.
+--store-warp`` profiles the attention as session 24's design runs it; ``--combine-warps`` (with the store warp) as
+design 8 does (its second launch onwards merge the previous chunk: ``--launch-skip 1``).
 """
 
 import argparse
@@ -28,11 +29,14 @@ def main(argv=None):
     parser.add_argument("--train", action="store_true", help="also the backward and the KL pass (with gradients)")
     parser.add_argument("--query-chunk", type=int, default=None, help="the forward's query chunk (default: tuned)")
     parser.add_argument("--store-warp", action="store_true", help="the attention's partial stores by a store warp")
+    parser.add_argument("--combine-warps", action="store_true",
+                        help="the previous chunk merged by the attention's combine warps (with the store warp)")
     args = parser.parse_args(argv)
     q, k, v, q_idx, k_idx = paper_inputs(args.seq_len)
     idx = select_blocks(q_idx, k_idx, BK, 16) if args.selection == "random" else realistic_selection(args.seq_len)
-    o, lse = sparse_attention_forward(q, k, v, idx, BK, query_chunk=args.query_chunk,
-                                      attention_config=dict(store_warp=True) if args.store_warp else None)
+    config = dict(store_warp=True) if args.store_warp or args.combine_warps else {}
+    config.update(dict(combine_warps=True) if args.combine_warps else {})
+    o, lse = sparse_attention_forward(q, k, v, idx, BK, query_chunk=args.query_chunk, attention_config=config or None)
     if args.train:
         sparse_attention_backward(torch.randn_like(q), None, q, k, v, idx, o, lse, BK)
         kl_alignment_loss_forward(q, k, q_idx, k_idx, idx, BK, 1.0 / math.sqrt(D), 1.0 / math.sqrt(D), lse,
