@@ -413,6 +413,25 @@ def test_combine_warps_at_a_query_offset():
     assert torch.allclose(lse, line_lse, rtol=1e-6, atol=1e-6)
 
 
+def test_combine_warps_merge_beside_a_kv_head_without_items():
+    """A chunk in which one KV head has no work item (its rows chose no block): the previous chunk's rows of that
+    head are merged by the grid's idle CTAs; rows without a block get o = 0, lse = -inf, as the combine gives."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    B, N, Hq, G, D, Bk, topk = 1, 1500, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection("random", B, N, G, Bk, topk)
+    indices[:, 512:1024, 1] = -1  # chunk 1 of 3: no item of KV head 1, which must merge chunk 0's rows of head 1
+    kw = dict(query_chunk=512, shared_tiles=False, persistent_combine=True)
+    o, lse = check_against_reference(q, k, v, indices, Bk, attention_config=dict(store_warp=True, combine_warps=True),
+                                     **kw)
+    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, **kw)
+    eps = torch.finfo(torch.bfloat16).eps
+    assert ((o.float() - line_o.float()).abs() <= eps * line_o.float().abs() + 1e-6).all()
+    assert torch.allclose(lse, line_lse, rtol=1e-6, atol=1e-6)
+    assert (o[:, 512:1024, 16:32] == 0).all() and (lse[:, 512:1024, 16:32] == float("-inf")).all()
+
+
 def test_combine_warps_pass_a_nan_score_to_its_rows_only():
     """A NaN in one query's Q reaches, through the combine warps, exactly the rows whose partials hold it (its
     query's heads of that KV head), as the combine kernel's merge does."""

@@ -256,8 +256,8 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
     wt_s, sum_s, full, acc, xv, ov)``: :func:`combine_program`'s merge, run by ``COMBINE_WARP_THREADS`` threads (cw
     0..63) of a KV-outer attention CTA while its consumers work, on the partials of the *previous* query chunk.
 
-    The previous chunk's ``units`` queries of KV head g (batch b) are split evenly over the chunk's ``n_live``
-    attention CTAs of (b, g); CTA ``item`` (< n_live) merges its share, unit u being query ``t_first + u``'s R
+    The previous chunk's ``units`` queries of KV head g (batch b) are split evenly over ``n_live`` attention CTAs of
+    (b, g); CTA ``item`` (< n_live) merges its share, unit u being query ``t_first + u``'s R
     heads: OpartPrev [B, >= units * G * topk * R, D] (rows as the attention writes them), LpartPrev [B, >= units * G
     * topk, R]. A unit's topk slot boxes [R, D] stream through ``ring`` [stages, R, D] (one TMA copy a slot, the
     unit's LSEs [topk, R] with its first into ``lse_s`` [2, topk, R]; mbarriers ``full`` of 32 arrivals: the first

@@ -532,7 +532,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                             store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free)
                     if combine_warps:
                         if tx >= 128 * NC + 64:  # the producer's last two warps
-                            combine_previous(tx - 128 * NC - 64, item, T.max(ItemCount[bg], 1), n_prev, b, g, t_prev,
+                            # the CTAs that share the merge: this chunk's items of (b, g), and where those are few
+                            # (a KV head whose rows the shared tiles took) idle CTAs of the grid too, <= 8 units each
+                            sharing = T.max(ItemCount[bg], T.min(n_items, T.ceildiv(n_prev, 8)))
+                            combine_previous(tx - 128 * NC - 64, item, T.max(sharing, 1), n_prev, b, g, t_prev,
                                              OpartPrev, LpartPrev, O, LSE, c_ring, c_lse, c_wt, c_sum, c_full, c_acc,
                                              c_xv, c_ov)
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
