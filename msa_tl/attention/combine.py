@@ -286,11 +286,13 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
     def issue(k, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full):
         """The first warp: stage k (slot k % topk of unit u0 + k // topk) into ring slot k % stages."""
         pair = (u0 + k // topk) * groups + g
+        # read once: evict first, so the partials streaming through the L2 do not push out the chunk's Q rows
         T.tma_copy(OpartPrev[b, (pair * topk + k % topk) * R:(pair * topk + k % topk + 1) * R, :],
-                   ring[k % stages, :, :], barrier=full[k % stages], leader_scope_threads=32)
+                   ring[k % stages, :, :], barrier=full[k % stages], leader_scope_threads=32,
+                   eviction_policy="evict_first")
         if k % topk == 0:
             T.tma_copy(LpartPrev[b, pair * topk:(pair + 1) * topk, :], lse_s[(k // topk) % 2, :, :],
-                       barrier=full[k % stages], leader_scope_threads=32)
+                       barrier=full[k % stages], leader_scope_threads=32, eviction_policy="evict_first")
         T.barrier_arrive(full[k % stages])
 
     @T.macro
