@@ -1,4 +1,5 @@
-"""The order of launches, stream waits and events of the forward's overlapped combine (``combine_ctas``), on the CPU:
+"""The order of launches, stream waits and events of the forward's overlapped combine (``combine_ctas``), and the
+buffers each launch of the combine warps (``combine_warps``) merges, on the CPU:
 streams, events and kernels are stand-ins that log what the driver issues, and the log is checked against the
 protocol that keeps the double-buffered partials free of races."""
 
@@ -31,7 +32,7 @@ class Stream:
 
 def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
     """The log of one forward on CPU tensors: (stream, what, detail) entries; kernels log (stream, program, (ctas,
-    partial buffer, t0))."""
+    partial buffer, t0), their arguments)."""
     log = []
     main, side = Stream("main", log), Stream("side", log)
     current = [main]
@@ -43,7 +44,7 @@ def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
             if builder in (kv_outer.kv_outer_program, kv_outer.persistent_combine_program):
                 partials = args[6] if builder is kv_outer.kv_outer_program else args[0]
                 t0 = [a for a in args if isinstance(a, int)][0]
-                log.append((current[-1].name, builder.__name__, (config.get("ctas"), partials.data_ptr(), t0)))
+                log.append((current[-1].name, builder.__name__, (config.get("ctas"), partials.data_ptr(), t0), args))
         return launch
 
     @contextlib.contextmanager
@@ -86,7 +87,7 @@ def test_each_chunk_is_combined_beside_the_next_and_no_buffer_is_written_before_
     # stream past that chunk's attention; the last one in line on every SM
     assert [(e[0], e[2][0]) for _, e in combines] == [("side", 24)] * (chunks - 1) + [("main", SMS)]
     for c in range(chunks - 1):
-        at, (_, _, (_, buffer, t0)) = combines[c]
+        at, (_, _, (_, buffer, t0), _) = combines[c]
         assert buffer == buffers[c] and t0 == c * chunk
         waits = [i for i, e in enumerate(log) if e[:3] == ("side", "wait_stream", "main") and i < at]
         assert waits and waits[-1] > attention[c][0]
@@ -111,3 +112,30 @@ def test_the_persistent_attention_leaves_the_combine_its_sms(monkeypatch):
     assert {e[2][0] for e in log if e[1] == "kv_outer_program"} == {SMS - 24}
     asked = forward_log(monkeypatch, 1000, 256, combine_ctas=24, attention_config=dict(persistent=True, ctas=50))
     assert {e[2][0] for e in asked if e[1] == "kv_outer_program"} == {50}
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_each_chunk_is_merged_by_the_next_chunks_combine_warps(monkeypatch, chunks):
+    """combine_warps: chunk c's attention launch merges chunk c - 1's partials (the other buffer: its partials, its
+    LSE partials, its first query and query count), the first launch merges nothing, and only the last chunk goes
+    through the combine kernel; all on the caller's stream."""
+    chunk, Hq, G, topk, D = 256, 64, 4, 16, 128
+    N = chunks * chunk - 100
+    log = forward_log(monkeypatch, N, chunk, combine_ctas=0,
+                      attention_config=dict(store_warp=True, combine_warps=True))
+    attention = [e for e in log if e[1] == "kv_outer_program"]
+    combines = [e for e in log if e[1] == "persistent_combine_program"]
+    assert {e[0] for e in log} == {"main"} and len(attention) == chunks
+    assert [(e[2][1], e[2][2]) for e in combines] == [attention[-1][2][1:]]  # the last chunk's partials, in line
+    buffers = [e[2][1] for e in attention]
+    assert len(set(buffers)) == min(chunks, 2) and all(buffers[c] == buffers[c % 2] for c in range(chunks))
+    for c, (_, _, (_, _, t0), args) in enumerate(attention):
+        prev_o, prev_l, o, lse, t_prev, n_prev = args[8:12] + args[13:15]
+        assert t0 == c * chunk and o.shape == (1, N * Hq, D) and lse.shape == (1, N * Hq)
+        if c == 0:
+            assert n_prev == 0
+            continue
+        earlier = attention[c - 1][3]
+        assert (prev_o.data_ptr(), prev_l.data_ptr()) == (earlier[6].data_ptr(), earlier[7].data_ptr())
+        assert (t_prev, n_prev) == ((c - 1) * chunk, chunk)
+        assert prev_o.shape == (1, chunk * Hq * topk, D) and prev_l.shape == (1, chunk * G * topk, Hq // G)
