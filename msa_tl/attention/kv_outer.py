@@ -35,8 +35,8 @@ from tilelang.layout import make_swizzled_layout
 from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
                                          accumulate_unsupported, finalize_program)
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, PERSISTENT_COMBINE_DEFAULTS,
-                                      combine_program, combine_warps_macro, combine_warps_shared_bytes, persistent_combine_limit,
-                                      persistent_combine_program)
+                                      combine_program, combine_warps_macro, combine_warps_shared_bytes,
+                                      persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -161,8 +161,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                      o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
                      consumers: int = 2, store_warp: bool = False, combine_warps: bool = False,
                      combine_stages: int = 6, combine_prefetch: int = 0, dtype: str = "bfloat16",
-                     partial_dtype: str = "bfloat16",
-                     query_offset: bool = False):
+                     partial_dtype: str = "bfloat16", query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
     Partial row ``((t * G + g) * topk + s) * R + r`` (R = Hq / G) holds query ``t0 + t``, head
@@ -199,8 +198,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     as the consumers take them and frees each item's entries with them.
     ``combine_warps``: the producer warpgroup's last two warps, idle beside TMA gathers and the store warp, merge the
     *previous* query chunk's partials while the consumers work (:func:`~msa_tl.attention.combine.combine_warps_macro`,
-    a ring of ``combine_stages`` slot boxes, and ``combine_prefetch`` boxes ahead of it asked of the L2), so that the combine's DRAM reads run under attention tiles that leave
-    DRAM idle; the kernel then takes OpartPrev [B, n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's
+    a ring of ``combine_stages`` slot boxes, and ``combine_prefetch`` boxes ahead of it asked of the L2), so that
+    the combine's DRAM reads run under attention tiles that leave DRAM idle; the kernel then takes OpartPrev [B, n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's
     partials), O [B, rows, D] and LSE [B, rows] after Lpart and, after t0 (and q0), the previous chunk's first query
     t_prev (O's row / Hq) and its query count (0: nothing to merge). Per-item CTAs with the store warp only.
     """
