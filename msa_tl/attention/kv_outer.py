@@ -199,9 +199,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     ``combine_warps``: the producer warpgroup's last two warps, idle beside TMA gathers and the store warp, merge the
     *previous* query chunk's partials while the consumers work (:func:`~msa_tl.attention.combine.combine_warps_macro`,
     a ring of ``combine_stages`` slot boxes, and ``combine_prefetch`` boxes ahead of it asked of the L2), so that
-    the combine's DRAM reads run under attention tiles that leave DRAM idle; the kernel then takes OpartPrev [B, n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's
-    partials), O [B, rows, D] and LSE [B, rows] after Lpart and, after t0 (and q0), the previous chunk's first query
-    t_prev (O's row / Hq) and its query count (0: nothing to merge). Per-item CTAs with the store warp only.
+    the combine's DRAM reads run under attention tiles that leave DRAM idle; the kernel then takes OpartPrev [B,
+    n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's partials), O [B, rows, D] and LSE [B, rows] after
+    Lpart and, after t0 (and q0), the previous chunk's first query t_prev (O's row / Hq) and its query count (0:
+    nothing to merge). Per-item CTAs with the store warp only.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     queries = T.dynamic("queries") if query_offset else seq  # Q's rows
