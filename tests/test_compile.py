@@ -342,11 +342,11 @@ def test_the_combine_warps_say_what_they_need(config, match):
 
 def test_the_combine_warps_build_takes_the_previous_chunk():
     """combine_warps: the kernel takes the previous chunk's partials, O, LSE and two scalars more (with and without a
-    query offset); its last two producer warps load the partials by TMA into their own ring (no swizzle: they read
-    it row by row) and meet on named barrier 6; the default build has none of it."""
+    query offset); its last two producer warps load the partials by TMA (evict-first) into their own ring and meet
+    on named barrier 6; the default build has none of it."""
     warps = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, store_warp=True,
                           combine_warps=True)
-    assert "tma_load(OpartPrev_desc" in warps and "tma_load(LpartPrev_desc" in warps
+    assert "EVICT_FIRST>(OpartPrev_desc" in warps and "EVICT_FIRST>(LpartPrev_desc" in warps  # read once
     assert "__sync_thread_partial(6, 64)" in warps and "int t0, int t_first, int units)" in warps
     offset = lower_to_cuda(kv_outer_attention.kv_outer_program, **PAPER, tma_gathers=True, store_warp=True,
                            combine_warps=True, query_offset=True)
