@@ -14,7 +14,9 @@ the attention and schedule knobs at N, each varied alone, in interleaved rounds
 alone at work items of 16-256 queries, per-item and persistent (what partials kept in the L2 would cost in items).
 ``--overlap N`` times each chunk's combine on a side stream beside the next chunk's attention, at
 small chunks and several combine CTA counts, with and without the store warp, against today's path.
-``--attention-alone N`` times the attention kernel alone at 4K / 16K chunks with and without the store warp. ``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
+``--combine-warps N`` times each chunk merged inside the next chunk's attention kernel (rings, prefetch, chunks).
+``--attention-alone N`` times the attention kernel alone at 4K / 16K chunks with and without the store warp.
+``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
 against the partials path at N, whole main branch, interleaved rounds, each output against the first's.
 Writes ``main_branch.csv``.
 """
@@ -232,8 +234,8 @@ def overlap_variants():
     stays in the L2) with each chunk's combine on a side stream of a few CTAs beside the next chunk's attention."""
     warp = dict(attention_config=dict(store_warp=True))
     persistent = dict(attention_config=dict(store_warp=True, persistent=True))
-    variants = [dict(), dict(query_chunk=4096), warp, dict(query_chunk=4096, **warp), dict(query_chunk=4096, **persistent),
-                dict(query_chunk=4096, combine_ctas=32)]
+    variants = [dict(), dict(query_chunk=4096), warp, dict(query_chunk=4096, **warp),
+                dict(query_chunk=4096, **persistent), dict(query_chunk=4096, combine_ctas=32)]
     variants += [dict(query_chunk=4096, combine_ctas=n, **warp) for n in (24, 32, 40)]
     variants += [dict(query_chunk=4096, combine_ctas=n, **persistent) for n in (24, 32)]
     variants += [dict(query_chunk=c, combine_ctas=32, **warp) for c in (2048, 8192)]

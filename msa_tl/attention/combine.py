@@ -243,11 +243,43 @@ __device__ __forceinline__ void msa_prefetch_l2(const void *ptr, unsigned bytes)
 """
 
 
+def combine_warps_limit(heads: int, head_dim: int, topk: int, groups: int, stages: int) -> str | None:
+    """None if :func:`combine_warps_macro` takes this shape and ring, else why not."""
+    R, D = heads // groups, head_dim
+    if (R * D) % (8 * COMBINE_WARP_THREADS):
+        return (f"combine warps: a slot's {R} x {D} box must split into 16-byte pieces over {COMBINE_WARP_THREADS} "
+                f"threads")
+    if R * D // COMBINE_WARP_THREADS > 32:
+        return (f"combine warps: a slot's {R} x {D} box leaves {R * D // COMBINE_WARP_THREADS} accumulators a thread, "
+                f"more than the 32 their registers hold")
+    if not 1 <= stages <= topk:
+        return (f"combine warps: 1 <= combine_stages <= topk ({topk}), got {stages}: the ring holds at most one "
+                f"unit's slots, so a unit's LSE buffer is free again when the next but one loads")
+    return None
+
+
 def combine_warps_shared_bytes(heads: int, head_dim: int, topk: int, groups: int, stages: int) -> int:
-    """Shared memory of :func:`combine_warps_macro`'s buffers (16-bit partials): the ring of ``stages`` slot boxes
-    [R, D], two units' LSEs [topk, R], the weights [topk, R], the weight sums [R] and the ring's barriers."""
+    """Shared memory of :func:`combine_warps_buffers` (16-bit partials): the ring of ``stages`` slot boxes [R, D],
+    two units' LSEs [topk, R], the weights [topk, R], the weight sums [R] and the ring's barriers."""
     R = heads // groups
     return stages * R * head_dim * 2 + 3 * topk * R * 4 + R * 4 + 8 * stages
+
+
+def combine_warps_buffers(heads: int, head_dim: int, topk: int, groups: int, stages: int, partial_dtype: str,
+                          dtype: str) -> tuple:
+    """Inside the kernel: :func:`combine_warps_macro`'s buffers, in its argument order: the ring [stages, R, D], the
+    LSEs [2, topk, R], the weights [topk, R], their sums [R], the ring's mbarriers (32 arrivals), and the locals
+    (accumulators [R * D / COMBINE_WARP_THREADS] fp32, a 16-byte piece in and out)."""
+    R, D = heads // groups, head_dim
+    c_ring = T.alloc_shared((stages, R, D), partial_dtype)
+    c_lse = T.alloc_shared((2, topk, R), "float32")
+    c_wt = T.alloc_shared((topk, R), "float32")
+    c_sum = T.alloc_shared((R,), "float32")
+    c_full = T.alloc_barrier([32] * stages)
+    c_acc = T.alloc_local((R * D // COMBINE_WARP_THREADS,), "float32")
+    c_xv = T.alloc_local((8,), partial_dtype)
+    c_ov = T.alloc_local((8,), dtype)
+    return c_ring, c_lse, c_wt, c_sum, c_full, c_acc, c_xv, c_ov
 
 
 def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stages: int, dtype: str,
@@ -263,24 +295,22 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
     unit's LSEs [topk, R] with its first into ``lse_s`` [2, topk, R]; mbarriers ``full`` of 32 arrivals: the first
     warp issues and arrives); weights ``wt_s`` [topk, R] and their sums ``sum_s`` [R] as :func:`combine_program`
     (the slots added in order); O [B, rows, D] and LSE [B, rows] at row (t_first + u) * heads + g * R + r.
-    Locals: ``acc`` [R * D / 64] fp32, ``xv`` [8] of the partials' dtype, ``ov`` [8] of ``dtype``. The two warps
+    The buffers come from :func:`combine_warps_buffers` (``acc``, ``xv``, ``ov``: its locals). The two warps
     meet on named barrier 6 once a slot, so a ring slot is refilled only after both have read it. ``prefetch`` > 0:
     the first thread also asks the L2 for the slot box ``prefetch`` stages past the ring's (a bulk prefetch, with
     :data:`COMBINE_PREFETCH_CUDA` as the kernel's prelude), so the ring's copies find their boxes in the L2 and each
     SM keeps ``stages + prefetch`` boxes in flight for the shared memory of ``stages``.
     """
+    unfit = combine_warps_limit(heads, head_dim, topk, groups, stages)
+    if unfit:
+        raise ValueError(unfit)
     R, D = heads // groups, head_dim
-    if (R * D) % (8 * COMBINE_WARP_THREADS):
-        raise ValueError(f"combine warps: a slot's {R} x {D} box must split into 16-byte pieces over "
-                         f"{COMBINE_WARP_THREADS} threads")
-    if R * D // COMBINE_WARP_THREADS > 32:
-        raise ValueError(f"combine warps: a slot's {R} x {D} box leaves {R * D // COMBINE_WARP_THREADS} accumulators a "
-                         f"thread, more than the 32 their registers hold")
-    if not 1 <= stages <= topk:
-        raise ValueError(f"combine warps: 1 <= combine_stages <= topk ({topk}), got {stages}: the ring holds at most "
-                         f"one unit's slots, so a unit's LSE buffer is free again when the next but one loads")
     pieces = R * D // 8 // COMBINE_WARP_THREADS  # 16-byte pieces of a slot box a thread
     neg_inf = -T.infinity("float32")
+
+    def piece(cw, j):
+        """Piece cw + 64 j of a slot box: (its head, its first column of 8)."""
+        return ((cw + COMBINE_WARP_THREADS * j) // (D // 8), (cw + COMBINE_WARP_THREADS * j) % (D // 8) * 8)
 
     @T.macro
     def issue(k, u0, b, g, OpartPrev, LpartPrev, ring, lse_s, full):
@@ -337,9 +367,8 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
                 T.sync_threads(6, COMBINE_WARP_THREADS)
                 for i in T.unroll(pieces * 8):
                     acc[i] = 0.0
-            for j in T.unroll(pieces):  # piece cw + 64 j of the slot box: head h, columns col..col + 7
-                h = (cw + COMBINE_WARP_THREADS * j) // (D // 8)
-                col = (cw + COMBINE_WARP_THREADS * j) % (D // 8) * 8
+            for j in T.unroll(pieces):
+                h, col = piece(cw, j)
                 for e in T.vectorized(8):
                     xv[e] = ring[k % stages, h, col + e]
                 for e in T.unroll(8):  # a select: an unused slot's box holds garbage (even NaN)
@@ -347,8 +376,7 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
                                                      wt_s[k % topk, h] * T.cast(xv[e], "float32"), 0.0)
             if k % topk == topk - 1:
                 for j in T.unroll(pieces):
-                    h = (cw + COMBINE_WARP_THREADS * j) // (D // 8)
-                    col = (cw + COMBINE_WARP_THREADS * j) % (D // 8) * 8
+                    h, col = piece(cw, j)
                     for e in T.unroll(8):
                         ov[e] = T.cast(T.if_then_else(sum_s[h] == 0.0, 0.0, acc[j * 8 + e] / sum_s[h]), dtype)
                     for e in T.vectorized(8):

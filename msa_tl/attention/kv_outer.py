@@ -35,7 +35,8 @@ from tilelang.layout import make_swizzled_layout
 from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
                                          accumulate_unsupported, finalize_program)
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, PERSISTENT_COMBINE_DEFAULTS,
-                                      combine_program, combine_warps_macro, combine_warps_shared_bytes,
+                                      COMBINE_WARP_THREADS, combine_program, combine_warps_buffers,
+                                      combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
@@ -474,15 +475,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
-                # combine warps: the previous chunk's slot boxes [combine_stages, R, D], a unit's LSEs, weights, sums
-                c_ring = T.alloc_shared((combine_stages, R, D), partial_dtype) if combine_warps else None
-                c_lse = T.alloc_shared((2, topk, R), "float32") if combine_warps else None
-                c_wt = T.alloc_shared((topk, R), "float32") if combine_warps else None
-                c_sum = T.alloc_shared((R,), "float32") if combine_warps else None
-                c_full = T.alloc_barrier([32] * combine_stages) if combine_warps else None
-                c_acc = T.alloc_local((R * D // 64,), "float32") if combine_warps else None
-                c_xv = T.alloc_local((8,), partial_dtype) if combine_warps else None
-                c_ov = T.alloc_local((8,), dtype) if combine_warps else None
+                # combine warps: the previous chunk's slot boxes, a unit's LSEs, weights, sums, and their locals
+                c_ring, c_lse, c_wt, c_sum, c_full, c_acc, c_xv, c_ov = combine_warps_buffers(
+                    heads, D, topk, groups, combine_stages, partial_dtype, dtype) if combine_warps else (None,) * 8
                 if not direct_stores:
                     T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
                 kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
@@ -531,13 +526,13 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                         if tx >= 128 * NC + 32 and tx < 128 * NC + 64:  # the producer's second warp
                             store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free)
                     if combine_warps:
-                        if tx >= 128 * NC + 64:  # the producer's last two warps
+                        if tx >= threads - COMBINE_WARP_THREADS:  # the producer's last two warps
                             # the CTAs that share the merge: this chunk's items of (b, g), and where those are few
                             # (a KV head whose rows the shared tiles took) idle CTAs of the grid too, <= 8 units each
                             sharing = T.max(ItemCount[bg], T.min(n_items, T.ceildiv(n_prev, 8)))
-                            combine_previous(tx - 128 * NC - 64, item, T.max(sharing, 1), n_prev, b, g, t_prev,
-                                             OpartPrev, LpartPrev, O, LSE, c_ring, c_lse, c_wt, c_sum, c_full, c_acc,
-                                             c_xv, c_ov)
+                            combine_previous(tx - (threads - COMBINE_WARP_THREADS), item, T.max(sharing, 1), n_prev,
+                                             b, g, t_prev, OpartPrev, LpartPrev, O, LSE, c_ring, c_lse, c_wt,
+                                             c_sum, c_full, c_acc, c_xv, c_ov)
                 elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
@@ -1145,6 +1140,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         read = [None] * buffers  # the event after the side combine that last read each buffer
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     previous = None  # combine warps: the (partials, LSE partials, first query, queries) the next launch merges
+    o_rows, lse_rows = o.view(B, N * Hq, D), lse.view(B, N * Hq)  # a row a (query, head): the merges write them
     for c, t0 in enumerate(range(0, N, chunk)):
         count = min(chunk, N - t0)
         if not built:
@@ -1158,12 +1154,11 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         merged, last = (), ()
         if fused:  # the first chunk's launch merges nothing
             op_prev, lp_prev, t_prev, n_prev = previous or (op, lp, 0, 0)
-            merged = (op_prev, lp_prev.view(B, -1, Hq // G), o.view(B, N * Hq, D), lse.view(B, N * Hq))
+            merged = (op_prev, lp_prev.view(B, -1, Hq // G), o_rows, lse_rows)
             last = (t_prev, n_prev)
         attention(q, k, v, items, item_count, entries, op, lp, *merged, *([] if work is None else [work[c]]),
                   query_start + t0, *((query_start,) if query_start else ()), *last)
-        args = (op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G),
-                o.view(B, N * Hq, D), lse.view(B, N * Hq), t0)
+        args = (op.view(B, count * G, topk, Hq // G, D), lp.view(B, count * G, topk, Hq // G), o_rows, lse_rows, t0)
         if overlap and c + 1 < chunks:
             side.wait_stream(main)  # this chunk's attention (and o, lse, the partials: the caller's stream's)
             with torch.cuda.stream(side):
@@ -1213,10 +1208,11 @@ def _reject_attention(config: dict, shape: dict):
     if config.get("combine_warps") and (config.get("persistent", False) or not config.get("store_warp")
                                         or config.get("consumers", 2) != 2):
         return "combine warps: per-item CTAs with the store warp and two consumers only"
-    if config.get("combine_warps") and config.get("combine_stages", 6) > shape["topk"]:
-        return "combine warps: a ring of more stages than a unit's topk slots"
-    if config.get("combine_warps") and R * shape["head_dim"] > 32 * 64:
-        return "combine warps: more than 32 accumulators a thread"
+    if config.get("combine_warps"):
+        unfit = combine_warps_limit(shape["heads"], shape["head_dim"], shape["topk"], shape["groups"],
+                                    config.get("combine_stages", ATTENTION_DEFAULTS["combine_stages"]))
+        if unfit:
+            return unfit
     if not config.get("combine_warps") and (config.get("combine_stages", 6) != ATTENTION_DEFAULTS["combine_stages"]
                                             or config.get("combine_prefetch", 0)):
         return "the combine warps' ring and prefetch without the combine warps change nothing"
