@@ -311,6 +311,8 @@ def main(argv=None):
                         help="query chunks at which to break the forward into its stages")
     parser.add_argument("--no-dense", action="store_true", help="skip dense cuDNN (its 1M forward takes ~40 s)")
     parser.add_argument("--no-fla", action="store_true", help="skip fla's parallel_nsa (its JIT takes ~30 s)")
+    parser.add_argument("--variants", type=int, nargs="+", default=None,
+                        help="indices (from 0) of the variants a sweep runs, in its own order; default all")
     parser.add_argument("--results-root", default=None)
     args = parser.parse_args(argv)
     table = BenchTable("main_branch")
@@ -320,6 +322,8 @@ def main(argv=None):
     for r in ceil_table.rows:
         table.add(what=f"ceiling: {r['what']}", ms=r["ms"], rate=r["rate"], unit=r["unit"])
     fla = None if args.no_fla else fla_selected_attention()
+    pick = (lambda variants: variants) if args.variants is None else \
+        (lambda variants: [variants[i] for i in args.variants if i < len(variants)])
     for N in args.seq_lens:
         row = dict(B=B, N=N, Hq=HQ, G=G, D=D, Bk=BK, k=TOPK, dtype="bf16")
         q, k, v, q_idx, k_idx = paper_inputs(N)
@@ -343,15 +347,15 @@ def main(argv=None):
                               f"{r['tbps']:5.2f} TB/s  floor {r['floor_ms']:6.2f} ms ({r['pct_of_floor'] or 0:.0f}%)",
                               flush=True)
             if N in args.sweep:
-                sweep(table, row, q, k, v, idx, kind)
+                sweep(table, row, q, k, v, idx, kind, variants=pick(sweep_variants()))
             if N in args.accumulate:
-                sweep(table, row, q, k, v, idx, kind, variants=accumulate_variants())
+                sweep(table, row, q, k, v, idx, kind, variants=pick(accumulate_variants()))
             if N in args.attention_alone:
                 attention_alone(table, row, q, k, v, idx, kind)
             if N in args.overlap:
-                sweep(table, row, q, k, v, idx, kind, variants=overlap_variants())
+                sweep(table, row, q, k, v, idx, kind, variants=pick(overlap_variants()))
             if N in args.combine_warps:
-                sweep(table, row, q, k, v, idx, kind, variants=combine_warps_variants())
+                sweep(table, row, q, k, v, idx, kind, variants=pick(combine_warps_variants()))
             if N in args.small_items:
                 small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)
