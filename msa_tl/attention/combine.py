@@ -260,21 +260,28 @@ def combine_warps_limit(heads: int, head_dim: int, topk: int, groups: int, stage
 
 def combine_warps_shared_bytes(heads: int, head_dim: int, topk: int, groups: int, stages: int) -> int:
     """Shared memory of :func:`combine_warps_buffers` (16-bit partials): the ring of ``stages`` slot boxes [R, D],
-    two units' LSEs [topk, R], the weights [topk, R], the weight sums [R] and the ring's barriers."""
+    two units' LSEs [topk, R], the weights [topk, R], the weight sums and their threads' partial maxima and sums
+    [1 + 2 * COMBINE_WARP_THREADS // R, R] and the ring's barriers."""
     R = heads // groups
-    return stages * R * head_dim * 2 + 3 * topk * R * 4 + R * 4 + 8 * stages
+    return stages * R * head_dim * 2 + 3 * topk * R * 4 + (1 + 2 * _weight_threads(R)) * R * 4 + 8 * stages
+
+
+def _weight_threads(R: int) -> int:
+    """Threads a head's weights are split over: each takes every this-many-th slot of the unit."""
+    return max(COMBINE_WARP_THREADS // R, 1)
 
 
 def combine_warps_buffers(heads: int, head_dim: int, topk: int, groups: int, stages: int, partial_dtype: str,
                           dtype: str) -> tuple:
     """Inside the kernel: :func:`combine_warps_macro`'s buffers, in its argument order: the ring [stages, R, D], the
     LSEs [2, topk, R], the weights [topk, R], their sums [R], the ring's mbarriers (32 arrivals), and the locals
-    (accumulators [R * D / COMBINE_WARP_THREADS] fp32, a 16-byte piece in and out)."""
+    (accumulators [R * D / COMBINE_WARP_THREADS] fp32, a 16-byte piece in and out). The sums' buffer [1 + 2 S, R]
+    holds the weight sums in row 0, then the S threads' partial maxima and partial sums of each head."""
     R, D = heads // groups, head_dim
     c_ring = T.alloc_shared((stages, R, D), partial_dtype)
     c_lse = T.alloc_shared((2, topk, R), "float32")
     c_wt = T.alloc_shared((topk, R), "float32")
-    c_sum = T.alloc_shared((R,), "float32")
+    c_sum = T.alloc_shared((1 + 2 * _weight_threads(R), R), "float32")
     c_full = T.alloc_barrier([32] * stages)
     c_acc = T.alloc_local((R * D // COMBINE_WARP_THREADS,), "float32")
     c_xv = T.alloc_local((8,), partial_dtype)
@@ -293,10 +300,13 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
     heads: OpartPrev [B, >= units * G * topk * R, D] (rows as the attention writes them), LpartPrev [B, >= units * G
     * topk, R]. A unit's topk slot boxes [R, D] stream through ``ring`` [stages, R, D] (one TMA copy a slot, the
     unit's LSEs [topk, R] with its first into ``lse_s`` [2, topk, R]; mbarriers ``full`` of 32 arrivals: the first
-    warp issues and arrives); weights ``wt_s`` [topk, R] and their sums ``sum_s`` [R] as :func:`combine_program`
-    (the slots added in order); O [B, rows, D] and LSE [B, rows] at row (t_first + u) * heads + g * R + r.
-    The buffers come from :func:`combine_warps_buffers` (``acc``, ``xv``, ``ov``: its locals). The two warps
-    meet on named barrier 6 once a slot, so a ring slot is refilled only after both have read it. ``prefetch`` > 0:
+    warp issues and arrives); weights ``wt_s`` [topk, R] as :func:`combine_program`'s, computed by S = 64 / R
+    threads a head, each over every S-th slot (so the weights' sum is added in S parts: equal to the combine's
+    within fp32 rounding), their sums in row 0 of ``sum_s`` [1 + 2 S, R] (then the threads' partial maxima and
+    sums); O [B, rows, D] and LSE [B, rows] at row (t_first + u) * heads + g * R + r. An unused slot's box is
+    neither read nor added (a branch a 16-byte piece). The buffers come from :func:`combine_warps_buffers` (``acc``,
+    ``xv``, ``ov``: its locals). The two warps meet on named barrier 6 once a slot, so a ring slot is refilled only
+    after both have read it, and three times a unit for its weights. ``prefetch`` > 0:
     the first thread also asks the L2 for the slot box ``prefetch`` stages past the ring's (a bulk prefetch, with
     :data:`COMBINE_PREFETCH_CUDA` as the kernel's prelude), so the ring's copies find their boxes in the L2 and each
     SM keeps ``stages + prefetch`` boxes in flight for the shared memory of ``stages``.
@@ -306,6 +316,7 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
         raise ValueError(unfit)
     R, D = heads // groups, head_dim
     pieces = R * D // 8 // COMBINE_WARP_THREADS  # 16-byte pieces of a slot box a thread
+    S = _weight_threads(R)
     neg_inf = -T.infinity("float32")
 
     def piece(cw, j):
@@ -350,35 +361,53 @@ def combine_warps_macro(heads: int, head_dim: int, topk: int, groups: int, stage
                     prefetch_box(stages + k, u0, b, g, OpartPrev, LpartPrev)
         for k in T.serial(n_stages):
             T.barrier_wait(full[k % stages], (k // stages) & 1)
-            if k % topk == 0:  # the unit's weights, a thread a head
-                if cw < R:
-                    mx = T.alloc_var("float32")
-                    sm = T.alloc_var("float32")
+            if k % topk == 0:  # the unit's weights: head cw % R, every S-th slot from cw // R, on S threads a head
+                mx = T.alloc_var("float32")
+                sm = T.alloc_var("float32")
+                if cw < R * S:
                     mx = neg_inf
-                    for s in T.serial(topk):
-                        mx = T.max(mx, lse_s[(k // topk) % 2, s, cw])
+                    for i in T.serial(T.ceildiv(topk, S)):
+                        if cw // R + i * S < topk:
+                            mx = T.max(mx, lse_s[(k // topk) % 2, cw // R + i * S, cw % R])
+                    sum_s[1 + cw // R, cw % R] = mx
+                T.sync_threads(6, COMBINE_WARP_THREADS)
+                if cw < R * S:
+                    mx = neg_inf
+                    for i in T.serial(S):
+                        mx = T.max(mx, sum_s[1 + i, cw % R])
                     sm = 0.0
-                    for s in T.serial(topk):  # NaN passes: exp2(NaN) poisons the row
-                        wt_s[s, cw] = T.if_then_else(lse_s[(k // topk) % 2, s, cw] != neg_inf,
-                                                     T.exp2((lse_s[(k // topk) % 2, s, cw] - mx) * _LOG2E), 0.0)
-                        sm += wt_s[s, cw]
-                    sum_s[cw] = sm
+                    for i in T.serial(T.ceildiv(topk, S)):  # NaN passes: exp2(NaN) poisons the row
+                        if cw // R + i * S < topk:
+                            wt_s[cw // R + i * S, cw % R] = T.if_then_else(
+                                lse_s[(k // topk) % 2, cw // R + i * S, cw % R] != neg_inf,
+                                T.exp2((lse_s[(k // topk) % 2, cw // R + i * S, cw % R] - mx) * _LOG2E), 0.0)
+                            sm += wt_s[cw // R + i * S, cw % R]
+                    sum_s[1 + S + cw // R, cw % R] = sm
+                T.sync_threads(6, COMBINE_WARP_THREADS)
+                if cw < R:
+                    sm = 0.0
+                    for i in T.serial(S):
+                        sm += sum_s[1 + S + i, cw]
+                    sum_s[0, cw] = sm
                     LSE[b, (t_first + u0 + k // topk) * heads + g * R + cw] = mx + T.log2(sm) * _LN2
                 T.sync_threads(6, COMBINE_WARP_THREADS)
                 for i in T.unroll(pieces * 8):
                     acc[i] = 0.0
             for j in T.unroll(pieces):
                 h, col = piece(cw, j)
-                for e in T.vectorized(8):
-                    xv[e] = ring[k % stages, h, col + e]
-                for e in T.unroll(8):  # a select: an unused slot's box holds garbage (even NaN)
-                    acc[j * 8 + e] += T.if_then_else(wt_s[k % topk, h] > 0,
-                                                     wt_s[k % topk, h] * T.cast(xv[e], "float32"), 0.0)
+                # a branch a piece, not a select an element: an unused slot's box holds garbage (even NaN), and
+                # a slot is used or unused for all of a query's heads, so the warp does not diverge
+                if wt_s[k % topk, h] > 0:
+                    for e in T.vectorized(8):
+                        xv[e] = ring[k % stages, h, col + e]
+                    for e in T.unroll(8):
+                        acc[j * 8 + e] += wt_s[k % topk, h] * T.cast(xv[e], "float32")
             if k % topk == topk - 1:
                 for j in T.unroll(pieces):
                     h, col = piece(cw, j)
                     for e in T.unroll(8):
-                        ov[e] = T.cast(T.if_then_else(sum_s[h] == 0.0, 0.0, acc[j * 8 + e] / sum_s[h]), dtype)
+                        ov[e] = T.cast(T.if_then_else(sum_s[0, h] == 0.0, 0.0, acc[j * 8 + e] / sum_s[0, h]),
+                                       dtype)
                     for e in T.vectorized(8):
                         O[b, (t_first + u0 + k // topk) * heads + g * R + h, col + e] = ov[e]
             T.sync_threads(6, COMBINE_WARP_THREADS)  # both warps are done with ring slot k % stages
