@@ -35,7 +35,8 @@ def main(argv=None):
     q, k, v, q_idx, k_idx = paper_inputs(args.seq_len)
     idx = select_blocks(q_idx, k_idx, BK, 16) if args.selection == "random" else realistic_selection(args.seq_len)
     config = dict(store_warp=True) if args.store_warp or args.combine_warps else {}
-    config.update(dict(combine_warps=True) if args.combine_warps else {})
+    if args.combine_warps:
+        config["combine_warps"] = True
     o, lse = sparse_attention_forward(q, k, v, idx, BK, query_chunk=args.query_chunk, attention_config=config or None)
     if args.train:
         sparse_attention_backward(torch.randn_like(q), None, q, k, v, idx, o, lse, BK)

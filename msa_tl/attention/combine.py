@@ -274,9 +274,9 @@ def _weight_threads(R: int) -> int:
 def combine_warps_buffers(heads: int, head_dim: int, topk: int, groups: int, stages: int, partial_dtype: str,
                           dtype: str) -> tuple:
     """Inside the kernel: :func:`combine_warps_macro`'s buffers, in its argument order: the ring [stages, R, D], the
-    LSEs [2, topk, R], the weights [topk, R], their sums [R], the ring's mbarriers (32 arrivals), and the locals
-    (accumulators [R * D / COMBINE_WARP_THREADS] fp32, a 16-byte piece in and out). The sums' buffer [1 + 2 S, R]
-    holds the weight sums in row 0, then the S threads' partial maxima and partial sums of each head."""
+    LSEs [2, topk, R], the weights [topk, R], their sums [1 + 2 S, R] (row 0; then the S threads' partial maxima and
+    partial sums of each head), the ring's mbarriers (32 arrivals), and the locals (accumulators
+    [R * D / COMBINE_WARP_THREADS] fp32, a 16-byte piece in and out)."""
     R, D = heads // groups, head_dim
     c_ring = T.alloc_shared((stages, R, D), partial_dtype)
     c_lse = T.alloc_shared((2, topk, R), "float32")

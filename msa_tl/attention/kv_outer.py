@@ -1205,23 +1205,20 @@ def _reject_attention(config: dict, shape: dict):
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
                                                 and not config["pingpong"]):
         return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
-    if config.get("combine_warps") and (config.get("persistent", False) or not config.get("store_warp")
-                                        or config.get("consumers", 2) != 2):
-        return "combine warps: per-item CTAs with the store warp and two consumers only"
+    ring = config.get("combine_stages", ATTENTION_DEFAULTS["combine_stages"])
     if config.get("combine_warps"):
-        unfit = combine_warps_limit(shape["heads"], shape["head_dim"], shape["topk"], shape["groups"],
-                                    config.get("combine_stages", ATTENTION_DEFAULTS["combine_stages"]))
+        if config.get("persistent", False) or not config.get("store_warp") or config.get("consumers", 2) != 2:
+            return "combine warps: per-item CTAs with the store warp and two consumers only"
+        unfit = combine_warps_limit(shape["heads"], shape["head_dim"], shape["topk"], shape["groups"], ring)
         if unfit:
             return unfit
-    if not config.get("combine_warps") and (config.get("combine_stages", 6) != ATTENTION_DEFAULTS["combine_stages"]
-                                            or config.get("combine_prefetch", 0)):
+    elif ring != ATTENTION_DEFAULTS["combine_stages"] or config.get("combine_prefetch", 0):
         return "the combine warps' ring and prefetch without the combine warps change nothing"
     D, Bk = shape["head_dim"], shape["block_size"]
     if config.get("combine_warps"):  # the kernel's own count, at the schedule's default item size
         smem = item_shared_bytes(D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"], config["tma_stores"],
                                  config.get("o_buffers", 2), config.get("direct_stores", False)) + \
-            combine_warps_shared_bytes(shape["heads"], D, shape["topk"], shape["groups"],
-                                       config.get("combine_stages", 6))
+            combine_warps_shared_bytes(shape["heads"], D, shape["topk"], shape["groups"], ring)
     elif config.get("persistent", False):  # the kernel's own count, at the schedule's default item size
         smem = persistent_shared_bytes(R, D, Bk, SCHEDULE_TUNABLES["item_queries"], config["stages"],
                                        config["tma_stores"])
