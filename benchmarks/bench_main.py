@@ -15,6 +15,7 @@ alone at work items of 16-256 queries, per-item and persistent (what partials ke
 ``--overlap N`` times each chunk's combine on a side stream beside the next chunk's attention, at
 small chunks and several combine CTA counts, with and without the store warp, against today's path.
 ``--combine-warps N`` times each chunk merged inside the next chunk's attention kernel (rings, prefetch, chunks).
+``--consumers N`` times three consumer warpgroups a CTA against today's two, whole main branch.
 ``--attention-alone N`` times the attention kernel alone at 4K / 16K chunks with and without the store warp.
 ``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
 against the partials path at N, whole main branch, interleaved rounds, each output against the first's.
@@ -188,7 +189,8 @@ def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), ro
 ATTENTION_ALONE = {"default": dict(), "store warp": dict(store_warp=True),
                    "persistent, TMA gathers": dict(persistent=True, tma_gathers=True),
                    "persistent, store warp": dict(persistent=True, store_warp=True),
-                   "store warp, combine warps merging nothing": dict(store_warp=True, combine_warps=True)}
+                   "store warp, combine warps merging nothing": dict(store_warp=True, combine_warps=True),
+                   "three consumers, store warp": dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)}
 
 
 def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
@@ -240,6 +242,19 @@ def overlap_variants():
     variants += [dict(query_chunk=4096, combine_ctas=n, **persistent) for n in (24, 32)]
     variants += [dict(query_chunk=c, combine_ctas=32, **warp) for c in (2048, 8192)]
     return labelled(variants)
+
+
+def consumers_variants():
+    """(label, sparse_attention_forward keywords) of ``--consumers``: today's path, the store warp per item and the
+    persistent kernel with it (the fastest measured, at 4K chunks), then three consumer warpgroups a CTA (the third
+    one's GEMMs under the other two's softmax and epilogue) at 16K and 4K chunks."""
+    def attention(**kw):
+        return dict(attention_config=kw)
+
+    three = dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)
+    return labelled([dict(), dict(**attention(store_warp=True)),
+                     dict(query_chunk=4096, **attention(store_warp=True, persistent=True)),
+                     dict(**attention(**three)), dict(query_chunk=4096, **attention(**three))])
 
 
 def combine_warps_variants():
@@ -302,6 +317,8 @@ def main(argv=None):
                         help="lengths at which to time the combine overlapped with the next chunk's attention")
     parser.add_argument("--combine-warps", type=int, nargs="*", default=[],
                         help="lengths at which to time the previous chunk merged inside the attention kernel")
+    parser.add_argument("--consumers", type=int, nargs="*", default=[],
+                        help="lengths at which to time three consumer warpgroups a CTA against today's two")
     parser.add_argument("--attention-alone", type=int, nargs="*", default=[],
                         help="lengths at which to time the attention kernel alone with and without the store warp")
     parser.add_argument("--selections", nargs="+", default=["random", "realistic"],
@@ -356,6 +373,8 @@ def main(argv=None):
                 sweep(table, row, q, k, v, idx, kind, variants=pick(overlap_variants()))
             if N in args.combine_warps:
                 sweep(table, row, q, k, v, idx, kind, variants=pick(combine_warps_variants()))
+            if N in args.consumers:
+                sweep(table, row, q, k, v, idx, kind, variants=pick(consumers_variants()))
             if N in args.small_items:
                 small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)

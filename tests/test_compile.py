@@ -234,8 +234,19 @@ def test_one_consumer_needs_tma_gathers_direct_stores_and_two_ctas_of_shared_mem
             kv_outer_attention.kv_outer_program(**PAPER, **dict(one, **{knob: value}))
     with pytest.raises(ValueError, match="two CTAs would not fit"):
         kv_outer_attention.kv_outer_program(**PAPER, **dict(one, stages=3))
-    with pytest.raises(ValueError, match="consumers must be 1 or 2"):
-        kv_outer_attention.kv_outer_program(**PAPER, consumers=3)
+    with pytest.raises(ValueError, match="consumers must be 1, 2 or 3"):
+        kv_outer_attention.kv_outer_program(**PAPER, consumers=4)
+
+
+def test_three_consumers_need_the_store_warp_per_item_without_ping_pong():
+    """consumers=3: the store warp's per-item kernel only (a 512-thread CTA, registers 40 / 152), no ping-pong, and
+    its shared memory must fit (two O tiles a consumer do not)."""
+    three = dict(tma_gathers=True, store_warp=True, pingpong=False, consumers=3, o_buffers=1)
+    for knob, value in (("pingpong", True), ("store_warp", False), ("persistent", True)):
+        with pytest.raises(ValueError, match="consumers=3"):
+            kv_outer_attention.kv_outer_program(**PAPER, **dict(three, **{knob: value}))
+    with pytest.raises(ValueError, match="consumers=3: .* shared memory"):
+        kv_outer_attention.kv_outer_program(**PAPER, **dict(three, o_buffers=2))
 
 
 def test_direct_stores_transpose_gives_each_lane_eight_consecutive_columns():
@@ -380,7 +391,10 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True)),
                (kv_outer_attention.kv_outer_program, dict(PAPER, persistent=True, tma_gathers=True, store_warp=True)),
                (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
-                                                                         store_warp=True, combine_warps=True)))]
+                                                                         store_warp=True, combine_warps=True))),
+               (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
+                                                                         store_warp=True, consumers=3, pingpong=False,
+                                                                         o_buffers=1)))]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -389,7 +403,7 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                               "tile-persistent", "backward-paper", "backward-wide", "accumulate-blocks",
                               "accumulate-local", "kv_outer-store-warp", "kv_outer-store-warp-one-o-tile",
                               "kv_outer-persistent-tma-gathers", "kv_outer-persistent-store-warp",
-                              "kv_outer-combine-warps"])
+                              "kv_outer-combine-warps", "kv_outer-three-consumers"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,

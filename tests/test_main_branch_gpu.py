@@ -341,15 +341,17 @@ def test_a_nan_query_reaches_its_own_rows_in_both_tile_kernels(roles):
 @pytest.mark.parametrize("config", [dict(store_warp=True), dict(store_warp=True, stages=3, o_buffers=1),
                                     dict(persistent=True, tma_gathers=True, ctas=3),
                                     dict(persistent=True, store_warp=True, ctas=3),
-                                    dict(persistent=True, store_warp=True)],
+                                    dict(persistent=True, store_warp=True),
+                                    dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)],
                          ids=["store-warp", "store-warp-one-o-tile", "persistent-tma-gathers-3-ctas",
-                              "persistent-store-warp-3-ctas", "persistent-store-warp"])
+                              "persistent-store-warp-3-ctas", "persistent-store-warp", "three-consumers"])
 @pytest.mark.parametrize("kind", ["random", "hot"])
 @pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk", [(1, 2125, 64, 4, 128, 128, 16), (2, 1000, 16, 2, 64, 64, 8)],
                          ids=["paper-ragged", "b2-Bk64"])
 def test_a_store_warp_and_persistent_tma_gathers_give_the_same_partials(config, kind, B, N, Hq, G, D, Bk, topk):
     """store_warp: a producer warp issues the TMA partial stores and hands the O tiles back on mbarriers (per-item
-    CTAs, or persistent ones whose O tiles and entries pass from item to item); the persistent kernel's TMA gathers.
+    CTAs, or persistent ones whose O tiles and entries pass from item to item, or three consumers taking every third
+    tile); the persistent kernel's TMA gathers.
     Outputs match the reference and, bit for bit, the default kernel's (every tile's arithmetic is the same)."""
     from msa_tl.attention.kv_outer import sparse_attention_forward
 

@@ -232,6 +232,7 @@ def test_shared_tiles_at_a_block_boundary_offset_match_the_reference(G, Hq, Bk, 
     has 128 rows, the plain one where it has 64); o and lse within FA3's calibration of the float64 reference."""
     from msa_tl.attention.kv_outer import sparse_attention_forward
     from msa_tl.attention.shared_tiles import sharing_tiles
+    from msa_tl.ops.validation import canonical_indices
 
     B, D, t0, C = 2, 128, 4 * Bk, 3 * Bk
     dtype = torch.bfloat16
@@ -241,8 +242,11 @@ def test_shared_tiles_at_a_block_boundary_offset_match_the_reference(G, Hq, Bk, 
     local = (torch.arange(t0, t0 + C, device=CUDA) // Bk).view(1, C, 1, 1)
     earlier = torch.arange(topk - 1, device=CUDA).view(1, 1, 1, -1)
     idx = torch.cat([local, earlier.expand(1, C, 1, -1)], dim=-1).expand(B, C, G, topk).int().contiguous()
-    assert sharing_tiles(idx, Hq // G, Bk).all(), "every tile shares its row"
-    o, lse = sparse_attention_forward(qc, k, v, idx, Bk, query_start=t0, shared_tiles=True)
+    # the kernels take the contract's canonical form: the own block is among the first topk - 1 here, so a row
+    # names it twice (and blocks past it), which the reference reads as a set
+    canonical = canonical_indices(idx, Bk, t0)
+    assert sharing_tiles(canonical, Hq // G, Bk).all(), "every tile shares its row"
+    o, lse = sparse_attention_forward(qc, k, v, canonical, Bk, query_start=t0, shared_tiles=True)
     ref_o, ref_lse = R.sparse_attention(qc, k, v, idx, Bk, query_start=t0)
     base = dtype_baseline(padded(qc, t0), k, v, padded(idx, t0, -1), Bk)
     heads = torch.ones(B, C, Hq, dtype=torch.bool, device=CUDA)

@@ -52,7 +52,7 @@ ATTENTION_DEFAULTS = dict(stages=2, tma_stores=True, pingpong=True, persistent=F
 # the tuner's choices of each knob (ATTENTION_TUNING at the end adds the constraints)
 ATTENTION_KNOBS = dict(stages=(1, 2, 3, 4), tma_stores=(False, True), pingpong=(False, True), persistent=(False, True),
                        store_eviction=("", "evict_first"), o_buffers=(1, 2), tma_gathers=(False, True),
-                       direct_stores=(False, True), consumers=(1, 2), store_warp=(False, True),
+                       direct_stores=(False, True), consumers=(1, 2, 3), store_warp=(False, True),
                        combine_warps=(False, True), combine_stages=(4, 6, 10, 14),
                        combine_prefetch=(0, 8, 16))
 CONSUMER_ROWS = 64  # one wgmma M tile per consumer warpgroup
@@ -192,7 +192,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     per-item CTAs with ``tma_stores=False`` only. ``consumers``: consumer warpgroups a CTA. With 1 (and TMA
     gathers, direct stores, no ping-pong) a CTA is 256 threads (one producer warp of its four works) within
     :data:`TWO_CTA_SMEM` of shared memory, so two run on an SM and one's item start (entries, K/V) and tail run
-    under the other's tiles. ``store_warp``: a warp of the producer warpgroup that TMA gathers leave idle (the
+    under the other's tiles. With 3 (per-item CTAs of 512 threads with the store warp, no ping-pong, registers 40 /
+    152) consumer c takes tiles 3 i + c and waits for each tile's S before its softmax: the registers of a second S
+    tile are not there, so the other two consumers' GEMMs run under this one's softmax and epilogue instead.
+    ``store_warp``: a warp of the producer warpgroup that TMA gathers leave idle (the
     second; the last in the persistent kernel) issues the TMA partial stores of every finished O tile, in the
     consumers' order, and hands each O tile back on an mbarrier once the TMA unit has read it, so no consumer issues
     a store or waits for one (TMA gathers and TMA stores only). The persistent kernel's store warp follows the items
@@ -215,8 +218,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     single_o = persistent or o_buffers == 1
     if direct_stores and (tma_stores or persistent):
         raise ValueError("direct_stores: per-item CTAs with tma_stores=False only")
-    if consumers not in (1, 2):
-        raise ValueError(f"consumers must be 1 or 2, got {consumers}")
+    if consumers not in (1, 2, 3):
+        raise ValueError(f"consumers must be 1, 2 or 3, got {consumers}")
+    if consumers == 3 and (persistent or combine_warps or pingpong or not store_warp):
+        # three consumers' registers (152 each beside a 40-register producer) leave no room for S of the next
+        # tile while this one's epilogue runs: the third consumer's GEMMs fill that gap instead
+        raise ValueError("consumers=3: per-item CTAs with the store warp and pingpong=False only")
     if store_warp and not (tma_stores and tma_gathers):
         raise ValueError("store_warp: TMA gathers and TMA stores only")
     if combine_warps and (persistent or not store_warp or consumers != 2):
@@ -239,6 +246,14 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         if smem > TWO_CTA_SMEM:
             raise ValueError(f"consumers=1: {smem} B of shared memory > {TWO_CTA_SMEM} B, two CTAs would not fit an "
                              f"SM (stages={stages}, head_dim={D}, block_size={Bk})")
+    if NC == 3:
+        smem = item_shared_bytes(D, Bk, n_entries, stages, tma_stores, o_buffers, consumers=3)
+        if smem > SMEM_LIMIT:
+            raise ValueError(f"consumers=3: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
+                             f"o_buffers={o_buffers}, item_queries={item_queries})")
+    # S of a consumer's next tile is issued before this tile's epilogue, so the tensor cores work through it; with
+    # three consumers the registers of a second S tile are not there, and the other two consumers' GEMMs fill it
+    early_scores = NC < 3
     vec = 16 // partial_bytes  # partial elements per 16-byte store
     store_policy = store_eviction or None
     neg_inf = -T.infinity("float32")
@@ -251,8 +266,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         producer_regs, consumer_regs = 104, 200
     if NC == 1:
         producer_regs, consumer_regs = 40, 216
+    if NC == 3:
+        producer_regs, consumer_regs = 40, 152
     threads = 128 * NC + 128
-    launch_regs = 65536 // ((3 - NC) * threads) // 8 * 8
+    launch_regs = 65536 // ((2 if NC == 1 else 1) * threads) // 8 * 8
     assert 128 * producer_regs + 128 * NC * consumer_regs <= launch_regs * threads
     P = 96 if store_warp else 128  # the persistent kernel's producer threads that take items and write entries
     if combine_warps:
@@ -276,12 +293,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     def q_rows(t0, q0):  # Q's row of the chunk's first query: its position t0, less Q's first position q0 if given
         return t0 if q0 is None else t0 - q0
 
-    def consumer_tiles():
-        """Both consumers' register tiles, pairwise: S [rows, Bk] fp32, P [rows, Bk], O [rows, D] fp32, row max
-        and sum [rows], query positions and partial rows [rows] int32."""
+    def consumer_tiles(n=2):
+        """``n`` consumers' register tiles, each kind for every consumer in turn: S [rows, Bk] fp32, P [rows, Bk],
+        O [rows, D] fp32, row max and sum [rows], query positions and partial rows [rows] int32."""
         shapes = [((rows, Bk), "float32"), ((rows, Bk), dtype), ((rows, D), "float32"), ((rows,), "float32"),
                   ((rows,), "float32"), ((rows,), "int32"), ((rows,), "int32")]
-        return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(2)]
+        return [T.alloc_fragment(shape, kind) for shape, kind in shapes for _ in range(n)]
 
     def o_buf(i):
         """The O tile of the consumer's tile i: two alternate; one with ``o_buffers=1`` and in the persistent kernel
@@ -310,7 +327,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 T.tma_store_arrive()
 
     @T.macro
-    def store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free):
+    def store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free, dst_s2=None, O_s2=None):
         """The store warp: the TMA partial stores of the item's tiles in the consumers' order (tile j is consumer
         j % NC's tile j // NC), TQ bulk groups a tile; a tile's O is handed back once the TMA unit has read it,
         checked after the next tile's groups are issued, so the TMA unit always has a tile's stores queued."""
@@ -319,8 +336,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             T.barrier_wait(o_full[j % NC * n_o + o_buf(i)], (i // n_o) & 1)
             if j % NC == 0:
                 issue_partial_boxes(o_buf(i), dst_s0, O_s0, Opart, b)
-            else:
+            elif NC == 2 or j % NC == 1:
                 issue_partial_boxes(o_buf(i), dst_s1, O_s1, Opart, b)
+            else:
+                issue_partial_boxes(o_buf(i), dst_s2, O_s2, Opart, b)
             T.tma_store_wait(TQ)  # tile j - 1's boxes have been read (tile j's may still be in flight)
             if j > 0:
                 T.barrier_arrive(o_free[(j - 1) % NC * n_o + o_buf((j - 1) // NC)])
@@ -381,9 +400,12 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
         if pingpong and c == 1:
             if n_other > 0:
                 T.named_barrier_arrive(3, 256)  # consumer 0 goes first
-        if n_mine > 0:
-            issue_scores(0, base, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
+        if early_scores:
+            if n_mine > 0:
+                issue_scores(0, base, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
         for i in T.serial(n_mine):
+            if not early_scores:
+                issue_scores(i, base + i, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
             T.wait_wgmma(0)  # S of tile i  [rows, Bk]
             T.barrier_arrive(empty[NC * ((base + i) % stages) + c])  # the producer may refill its ring slot
             if tma_stores and not store_warp:
@@ -409,7 +431,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
             if pingpong:
                 T.sync_threads(3 + c, 256)  # this consumer's turn: the other has issued its GEMMs
             T.wgmma_gemm(p, V_blk, acc_o, clear_accum=True)  # [rows, D]
-            if i + 1 < n_mine:
+            if not early_scores:
+                T.wait_wgmma(0)
+            elif i + 1 < n_mine:
                 issue_scores(i + 1, base + i + 1, c, ring, full, K_blk, ent_s, e0, t0, acc_s, qpos)
                 pass_turn(c, i, n_other)
                 T.wait_wgmma(1)  # P V of tile i done; S of tile i + 1 still running
@@ -472,13 +496,23 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 dst_s0 = None if direct_stores else T.alloc_shared(dst_s_shape, "int32")  # the partial rows of O_s
                 dst_s1 = None if direct_stores else T.alloc_shared(dst_s_shape, "int32")
                 ent_s = T.alloc_shared((n_entries,), "int32")  # the item's (query, slot) entries, -1 past its length
-                acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
+                if NC == 3:
+                    O_s2 = T.alloc_shared(o_tile, partial_dtype)
+                    dst_s2 = T.alloc_shared(dst_s_shape, "int32")
+                    (acc_s0, acc_s1, acc_s2, p0, p1, p2, acc_o0, acc_o1, acc_o2, m0, m1, m2, l0, l1, l2, qpos0, qpos1,
+                     qpos2, dst0, dst1, dst2) = consumer_tiles(3)
+                else:
+                    O_s2 = dst_s2 = None
+                    acc_s0, acc_s1, p0, p1, acc_o0, acc_o1, m0, m1, l0, l1, qpos0, qpos1, dst0, dst1 = consumer_tiles()
                 src = T.alloc_local((1,), "int32")  # the producer's current entry
                 first = T.alloc_local((1,), "int32")  # a consumer's first query of its tile
                 # combine warps: the previous chunk's slot boxes, a unit's LSEs, weights, sums, and their locals
                 c_ring, c_lse, c_wt, c_sum, c_full, c_acc, c_xv, c_ov = combine_warps_buffers(
                     heads, D, topk, groups, combine_stages, partial_dtype, dtype) if combine_warps else (None,) * 8
-                if not direct_stores:
+                if NC == 3:
+                    T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1),
+                                       O_s2: make_swizzled_layout(O_s2)})
+                elif not direct_stores:
                     T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
                 kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
                 full = T.alloc_barrier([32 if tma_gathers else 128] * (NC * stages))  # per ring slot
@@ -524,7 +558,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                                         T.cp_async_barrier_noinc(full[u])
                     if store_warp:
                         if tx >= 128 * NC + 32 and tx < 128 * NC + 64:  # the producer's second warp
-                            store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free)
+                            store_sender(n_tiles, dst_s0, dst_s1, O_s0, O_s1, Opart, b, o_full, o_free, dst_s2, O_s2)
                     if combine_warps:
                         if tx >= threads - COMBINE_WARP_THREADS:  # the producer's last two warps
                             # the CTAs that share the merge: this chunk's items of (b, g), and where those are few
@@ -533,10 +567,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                             combine_previous(tx - (threads - COMBINE_WARP_THREADS), item, T.max(sharing, 1), n_prev,
                                              b, g, t_prev, OpartPrev, LpartPrev, O, LSE, c_ring, c_lse, c_wt,
                                              c_sum, c_full, c_acc, c_xv, c_ov)
-                elif tx < 128:  # consumer 0: tiles 0, 2, 4, ... (every tile with one consumer)
+                elif tx < 128:  # consumer 0: tiles 0, NC, 2 NC, ... (every tile with one consumer)
                     T.set_max_nreg(consumer_regs, 1)
                     T.barrier_wait(kv_ready[0], 0)
-                    n_mine, n_other = ((n_tiles + 1) // 2, n_tiles // 2) if NC == 2 else (n_tiles, 0)
+                    n_mine, n_other = ((n_tiles + 1) // 2, n_tiles // 2) if NC == 2 else ((n_tiles + NC - 1) // NC, 0)
                     consumer(0, tx, n_mine, n_other, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0, b, g,
                              seq, acc_s0, p0, acc_o0, m0, l0, qpos0, dst0, first, dst_s0, O_s0, Opart, Lpart, o_full,
                              o_free)
@@ -546,6 +580,17 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                     consumer(1, tx - 128, n_tiles // 2, (n_tiles + 1) // 2, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,
                              b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart, o_full,
                              o_free)
+                elif NC == 3:  # three consumers: 1 takes tiles 1, 4, 7, ..., 2 takes tiles 2, 5, 8, ...
+                    T.set_max_nreg(consumer_regs, 1)
+                    T.barrier_wait(kv_ready[0], 0)
+                    if tx < 256:
+                        consumer(1, tx - 128, (n_tiles + 1) // 3, 0, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,
+                                 b, g, seq, acc_s1, p1, acc_o1, m1, l1, qpos1, dst1, first, dst_s1, O_s1, Opart, Lpart,
+                                 o_full, o_free)
+                    else:
+                        consumer(2, tx - 256, n_tiles // 3, 0, 0, ring, full, empty, K_s, V_s, ent_s, 0, blk, t0,
+                                 b, g, seq, acc_s2, p2, acc_o2, m2, l2, qpos2, dst2, first, dst_s2, O_s2, Opart, Lpart,
+                                 o_full, o_free)
 
 
         if combine_warps:
@@ -1205,6 +1250,9 @@ def _reject_attention(config: dict, shape: dict):
     if config.get("consumers", 2) == 1 and not (config.get("tma_gathers") and config.get("direct_stores")
                                                 and not config["pingpong"]):
         return "one consumer a CTA needs TMA gathers, direct stores and no ping-pong"
+    if config.get("consumers", 2) == 3 and (config.get("persistent", False) or config.get("combine_warps")
+                                            or config["pingpong"] or not config.get("store_warp")):
+        return "three consumers: per-item CTAs with the store warp and no ping-pong"
     ring = config.get("combine_stages", ATTENTION_DEFAULTS["combine_stages"])
     if config.get("combine_warps"):
         if config.get("persistent", False) or not config.get("store_warp") or config.get("consumers", 2) != 2:
