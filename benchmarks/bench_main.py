@@ -252,9 +252,12 @@ def consumers_variants():
         return dict(attention_config=kw)
 
     three = dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)
+    # the same shared memory holds one Q stage a consumer and two O tiles instead of two and one
+    three_one_stage = dict(three, stages=1, o_buffers=2)
     return labelled([dict(), dict(**attention(store_warp=True)),
                      dict(query_chunk=4096, **attention(store_warp=True, persistent=True)),
-                     dict(**attention(**three)), dict(query_chunk=4096, **attention(**three))])
+                     dict(**attention(**three)), dict(query_chunk=4096, **attention(**three)),
+                     dict(**attention(**three_one_stage))])
 
 
 def combine_warps_variants():
