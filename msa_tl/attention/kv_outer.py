@@ -221,8 +221,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     if consumers not in (1, 2, 3):
         raise ValueError(f"consumers must be 1, 2 or 3, got {consumers}")
     if consumers == 3 and (persistent or combine_warps or pingpong or not store_warp):
-        # three consumers' registers (152 each beside a 40-register producer) leave no room for S of the next
-        # tile while this one's epilogue runs: the third consumer's GEMMs fill that gap instead
+        # the persistent kernel's two K/V blocks leave no shared memory for a third ring, ping-pong's turns are
+        # two consumers', and at 152 registers a consumer has none for its own TMA stores
         raise ValueError("consumers=3: per-item CTAs with the store warp and pingpong=False only")
     if store_warp and not (tma_stores and tma_gathers):
         raise ValueError("store_warp: TMA gathers and TMA stores only")
