@@ -186,11 +186,13 @@ def small_items(table, row, q, k, v, idx, kind, item_sizes=(16, 32, 64, 256), ro
     kernel_rounds(table, row, kind, runs, main_branch_flops(idx), rounds)
 
 
+# three consumer warpgroups a CTA: the store warp's per-item kernel without ping-pong, one O tile a consumer
+THREE_CONSUMERS = dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)
 ATTENTION_ALONE = {"default": dict(), "store warp": dict(store_warp=True),
                    "persistent, TMA gathers": dict(persistent=True, tma_gathers=True),
                    "persistent, store warp": dict(persistent=True, store_warp=True),
                    "store warp, combine warps merging nothing": dict(store_warp=True, combine_warps=True),
-                   "three consumers, store warp": dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)}
+                   "three consumers, store warp": THREE_CONSUMERS}
 
 
 def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
@@ -205,6 +207,11 @@ def attention_alone(table, row, q, k, v, idx, kind, rounds=3):
     runs["attention alone, 4096-query chunks, store warp, combine warps merging a chunk"] = (
         attention_stage(q, k, v, idx, 4096, config=warps, merged=4096)[0], dict(query_chunk=4096))
     kernel_rounds(table, row, kind, runs, main_branch_flops(idx), rounds)
+
+
+def attention(**config):
+    """sparse_attention_forward keywords that set the attention kernel's knobs."""
+    return dict(attention_config=config)
 
 
 def sweep_variants():
@@ -248,25 +255,17 @@ def consumers_variants():
     """(label, sparse_attention_forward keywords) of ``--consumers``: today's path, the store warp per item and the
     persistent kernel with it (the fastest measured, at 4K chunks), then three consumer warpgroups a CTA (the third
     one's GEMMs under the other two's softmax and epilogue) at 16K and 4K chunks."""
-    def attention(**kw):
-        return dict(attention_config=kw)
-
-    three = dict(store_warp=True, consumers=3, pingpong=False, o_buffers=1)
     # the same shared memory holds one Q stage a consumer and two O tiles instead of two and one
-    three_one_stage = dict(three, stages=1, o_buffers=2)
-    return labelled([dict(), dict(**attention(store_warp=True)),
-                     dict(query_chunk=4096, **attention(store_warp=True, persistent=True)),
-                     dict(**attention(**three)), dict(query_chunk=4096, **attention(**three)),
-                     dict(**attention(**three_one_stage))])
+    three_one_stage = dict(THREE_CONSUMERS, stages=1, o_buffers=2)
+    return labelled([dict(), attention(store_warp=True),
+                     dict(query_chunk=4096, **attention(store_warp=True, persistent=True)), attention(**THREE_CONSUMERS), dict(query_chunk=4096, **attention(**THREE_CONSUMERS)),
+                     attention(**three_one_stage)])
 
 
 def combine_warps_variants():
     """(label, sparse_attention_forward keywords) of ``--combine-warps``: today's path and the best schedule of
     ``--overlap`` first, then each chunk's partials merged by the next chunk's attention kernel (its combine warps)
     at small chunks, with rings of 4 to 14 slot boxes, and L2 prefetches ahead of the ring."""
-    def attention(**kw):
-        return dict(attention_config=kw)
-
     variants = [dict(), dict(query_chunk=4096, **attention(store_warp=True, persistent=True))]
     variants += [dict(query_chunk=c, **attention(store_warp=True, combine_warps=True)) for c in (4096, 2048, 8192)]
     variants += [dict(query_chunk=4096, **attention(store_warp=True, combine_warps=True, combine_stages=4))]

@@ -509,11 +509,8 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 # combine warps: the previous chunk's slot boxes, a unit's LSEs, weights, sums, and their locals
                 c_ring, c_lse, c_wt, c_sum, c_full, c_acc, c_xv, c_ov = combine_warps_buffers(
                     heads, D, topk, groups, combine_stages, partial_dtype, dtype) if combine_warps else (None,) * 8
-                if NC == 3:
-                    T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1),
-                                       O_s2: make_swizzled_layout(O_s2)})
-                elif not direct_stores:
-                    T.annotate_layout({O_s0: make_swizzled_layout(O_s0), O_s1: make_swizzled_layout(O_s1)})
+                if not direct_stores:  # O_s2 only with three consumers
+                    T.annotate_layout({o: make_swizzled_layout(o) for o in (O_s0, O_s1, O_s2) if o is not None})
                 kv_ready = T.alloc_barrier(32 if tma_gathers else 128)
                 full = T.alloc_barrier([32 if tma_gathers else 128] * (NC * stages))  # per ring slot
                 empty = T.alloc_barrier([128] * (NC * stages))
