@@ -16,6 +16,7 @@ alone at work items of 16-256 queries, per-item and persistent (what partials ke
 small chunks and several combine CTA counts, with and without the store warp, against today's path.
 ``--combine-warps N`` times each chunk merged inside the next chunk's attention kernel (rings, prefetch, chunks).
 ``--consumers N`` times three consumer warpgroups a CTA against today's two, whole main branch.
+``--chunks N`` times the persistent store-warp kernel at query chunks of 2K-16K against today's path.
 ``--attention-alone N`` times the attention kernel alone at 4K / 16K chunks with and without the store warp.
 ``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
 against the partials path at N, whole main branch, interleaved rounds, each output against the first's.
@@ -262,6 +263,15 @@ def consumers_variants():
                      attention(**three_one_stage)])
 
 
+def chunks_variants():
+    """(label, sparse_attention_forward keywords) of ``--chunks``: today's path, then the persistent store-warp kernel
+    at query chunks of 2K-16K. A chunk's Q stays in the L2 while it is small (16 MB a KV head at 4K), and each chunk
+    re-reads every K/V block its queries chose (~N / 128 blocks a KV head at random): the best chunk shrinks the
+    two together, and moves with N (NOTES.md, session 28)."""
+    persistent = attention(store_warp=True, persistent=True)
+    return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)])
+
+
 def combine_warps_variants():
     """(label, sparse_attention_forward keywords) of ``--combine-warps``: today's path and the best schedule of
     ``--overlap`` first, then each chunk's partials merged by the next chunk's attention kernel (its combine warps)
@@ -321,6 +331,8 @@ def main(argv=None):
                         help="lengths at which to time the previous chunk merged inside the attention kernel")
     parser.add_argument("--consumers", type=int, nargs="*", default=[],
                         help="lengths at which to time three consumer warpgroups a CTA against today's two")
+    parser.add_argument("--chunks", type=int, nargs="*", default=[],
+                        help="lengths at which to sweep the persistent store-warp kernel's query chunk")
     parser.add_argument("--attention-alone", type=int, nargs="*", default=[],
                         help="lengths at which to time the attention kernel alone with and without the store warp")
     parser.add_argument("--selections", nargs="+", default=["random", "realistic"],
@@ -377,6 +389,8 @@ def main(argv=None):
                 sweep(table, row, q, k, v, idx, kind, variants=pick(combine_warps_variants()))
             if N in args.consumers:
                 sweep(table, row, q, k, v, idx, kind, variants=pick(consumers_variants()))
+            if N in args.chunks:
+                sweep(table, row, q, k, v, idx, kind, variants=pick(chunks_variants()))
             if N in args.small_items:
                 small_items(table, row, q, k, v, idx, kind)
         msa = lambda: sparse_attention_forward(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK, out=o)
