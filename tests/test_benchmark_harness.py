@@ -138,3 +138,19 @@ def test_context_parallel_benchmark_runs_every_exchange_on_cpu_ranks():
     for phase in ("gather_index_keys_ms", "select_ms", "exchange_ms", "attention_ms"):  # per rank, "a/b"
         assert all(len(str(cell).split("/")) == 2 and min(map(float, str(cell).split("/"))) > 0
                    for cell in frame[phase]), phase
+
+
+@pytest.mark.parametrize("N", [1000, 5000])
+def test_profile_forward_selection_is_canonical_with_the_own_block(N):
+    import torch
+
+    from benchmarks.profile_forward import BK, TOPK, random_selection
+    from msa_tl.ops.validation import canonical_indices
+
+    idx = random_selection(N, "cpu")
+    assert idx.shape == (1, N, 4, TOPK) and idx.dtype == torch.int32
+    own = torch.arange(N) // BK
+    assert (idx[0, :, :, 0] == own[:, None]).all()  # the own block, first in descending order
+    assert torch.equal(canonical_indices(idx, BK, 0), idx)  # no repeats, nothing in a query's future
+    visible = torch.minimum(own + 1, torch.tensor(TOPK))
+    assert ((idx[0] >= 0).sum(-1) == visible[:, None]).all()  # every slot used where enough blocks are visible
