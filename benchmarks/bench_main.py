@@ -16,7 +16,8 @@ alone at work items of 16-256 queries, per-item and persistent (what partials ke
 small chunks and several combine CTA counts, with and without the store warp, against today's path.
 ``--combine-warps N`` times each chunk merged inside the next chunk's attention kernel (rings, prefetch, chunks).
 ``--consumers N`` times three consumer warpgroups a CTA against today's two, whole main branch.
-``--chunks N`` times the persistent store-warp kernel at query chunks of 2K-16K against today's path.
+``--chunks N`` times the persistent store-warp kernel at query chunks of 2K-16K against today's path, and the
+own blocks attended in the combine (``local_combine``).
 ``--attention-alone N`` times the attention kernel alone at 4K / 16K chunks with and without the store warp.
 ``--accumulate N`` sets the accumulators (:mod:`msa_tl.attention.accumulate`) at several chunks and item sizes
 against the partials path at N, whole main branch, interleaved rounds, each output against the first's.
@@ -267,9 +268,11 @@ def chunks_variants():
     """(label, sparse_attention_forward keywords) of ``--chunks``: today's path, then the persistent store-warp kernel
     at query chunks of 2K-16K. A chunk's Q stays in the L2 while it is small (16 MB a KV head at 4K), and each chunk
     re-reads every K/V block its queries chose (~N / 128 blocks a KV head at random): the best chunk shrinks the
-    two together, and moves with N (NOTES.md, session 28)."""
+    two together, and moves with N (NOTES.md, session 28). Last, the own blocks attended in the combine
+    (``local_combine``: no partial for them) with today's path and with the persistent store warp at 4K chunks."""
     persistent = attention(store_warp=True, persistent=True)
-    return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)])
+    return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)]
+                    + [dict(local_combine=True), dict(query_chunk=4096, local_combine=True, **persistent)])
 
 
 def combine_warps_variants():

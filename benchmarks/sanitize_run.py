@@ -71,6 +71,7 @@ def main(argv=None):
     stage("forward (combine warps)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, **kv_outer, attention_config=dict(store_warp=True, combine_warps=True)))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
+    stage("forward (local combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer, local_combine=True))
     stage("forward (accumulators)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, shared_tiles=False, accumulate=True, accumulate_config=dict(query_chunk=256)))
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(

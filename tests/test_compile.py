@@ -12,6 +12,7 @@ from msa_tl.attention import accumulate  # noqa: E402
 from msa_tl.attention import backward as kv_outer_backward  # noqa: E402
 from msa_tl.attention import combine as lse_combine  # noqa: E402
 from msa_tl.attention import kv_outer as kv_outer_attention  # noqa: E402
+from msa_tl.attention import local_combine  # noqa: E402
 from msa_tl.attention import q_outer as q_outer_attention  # noqa: E402
 from msa_tl.attention import scheduler, shared_tiles  # noqa: E402
 from msa_tl.decode import attention as decode_attention  # noqa: E402
@@ -394,7 +395,10 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                                                                          store_warp=True, combine_warps=True))),
                (kv_outer_attention.kv_outer_program, dict(PAPER, **dict(kv_outer_attention.attention_defaults(16, 2),
                                                                          store_warp=True, consumers=3, pingpong=False,
-                                                                         o_buffers=1)))]
+                                                                         o_buffers=1))),
+               (local_combine.local_combine_program, dict(PAPER)),
+               (local_combine.local_combine_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=6,
+                                                          scale=0.125))]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -403,7 +407,8 @@ ASYNC_WGMMA = [(kv_outer_attention.kv_outer_program, dict(PAPER, **kv_outer_atte
                               "tile-persistent", "backward-paper", "backward-wide", "accumulate-blocks",
                               "accumulate-local", "kv_outer-store-warp", "kv_outer-store-warp-one-o-tile",
                               "kv_outer-persistent-tma-gathers", "kv_outer-persistent-store-warp",
-                              "kv_outer-combine-warps", "kv_outer-three-consumers"])
+                              "kv_outer-combine-warps", "kv_outer-three-consumers", "local-combine-paper",
+                              "local-combine-R8-D64-topk6"])
 def test_the_attention_keeps_its_wgmma_asynchronous(builder, config, tmp_path):
     """ptxas serialises every wgmma of a kernel where one may run across a divergent path (C7518), where other
     instructions touch a running wgmma's registers (C7514) or where the registers do not hold its pipeline (C7511,
@@ -711,3 +716,24 @@ def test_the_decode_attention_reads_k_and_v_through_the_block_table():
     source = lower_to_cuda(decode_attention.decode_attention_program, groups=4, heads=64, head_dim=128,
                            block_size=128, topk=16, scale=0.088, splits=4)
     assert "BlockTable[" in source and "(Opart + " in source and "Lpart[" in source  # O partials: vector stores
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(groups=16, heads=64), "8-64 query heads"), (dict(head_dim=96), "head dims 64 or 128"),
+    (dict(partial_dtype="float32"), "16-bit partials"), (dict(topk=15), "must divide topk"),
+    (dict(stages=8), "shared memory")], ids=["R4", "D96", "fp32-partials", "topk15", "8-stages"])
+def test_the_local_combine_says_what_it_needs(config, match):
+    with pytest.raises(ValueError, match=match):
+        local_combine.local_combine_program(**dict(PAPER, **config))
+
+
+def test_the_local_combine_streams_its_pieces_from_a_warp_of_their_own():
+    """One TMA load site for the partial pieces (64 columns a copy, read once: evict first), issued by the second
+    producer warp, which waits only for the pieces' ring (whose slots count on across tiles), never for a Q slot:
+    the partials keep streaming while the consumer attends."""
+    source = lower_to_cuda(local_combine.local_combine_program, **PAPER)
+    assert source.count("tl::tma_load<tl::CacheHintSm90::EVICT_FIRST>(Opart_desc") == 1
+    producer = source[source.index("warpgroup_reg_dealloc"):source.index("warpgroup_reg_alloc")]
+    pieces_warp = producer[producer.index("< 192"):]
+    assert "Opart_desc" in pieces_warp and "q_empty" not in pieces_warp and "Q_desc" not in pieces_warp
+    assert "% 3)].wait" in pieces_warp  # the ring slot of piece j * pieces + p: across tiles

@@ -660,16 +660,19 @@ def test_accumulated_forward_recomputes_rows_past_its_fp32_range():
 
 
 @pytest.mark.parametrize("where", ["other-block", "own-block"])
-def test_accumulated_forward_keeps_a_nan_key(where):
-    """A NaN key makes exactly the rows that attend to it NaN, whether it sits in a block the rows add in or in
-    their own block (whose max every other block is taken against)."""
+@pytest.mark.parametrize("path", ["accumulated", "local_combine"])
+def test_the_own_block_paths_keep_a_nan_key(path, where):
+    """A NaN key makes exactly the rows that attend to it NaN, whether it sits in a block the rows add in (or whose
+    partial they merge) or in their own block (whose max every other block is taken against, or which the local
+    combine attends)."""
     B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
     q, k, v = attention_inputs(B, N, Hq, G, D)
     k[0, 700 if where == "other-block" else 1910, 1, 5] = float("nan")
     indices = selection("random", B, N, G, Bk, topk)
     from msa_tl.attention.kv_outer import sparse_attention_forward
 
-    o, lse = sparse_attention_forward(q, k, v, indices, Bk, accumulate=True, shared_tiles=False)
+    kw = dict(accumulate=True) if path == "accumulated" else dict(local_combine=True)
+    o, lse = sparse_attention_forward(q, k, v, indices, Bk, shared_tiles=False, **kw)
     ref_o, ref_lse = R.sparse_attention(q, k, v, indices, Bk)
     poisoned = torch.isnan(ref_lse)
     assert poisoned.any() and not poisoned.all()
@@ -693,3 +696,70 @@ def test_accumulated_forward_follows_the_set_contract():
     sparse_attention_forward(q, k, v, indices, Bk, accumulate=True, shared_tiles=False, out=o, lse_out=lse)
     empty = assert_matches_reference_with_empty_rows(o, lse, q, k, v, indices, Bk)
     assert empty[:, 3::11].all() and not empty.all()
+
+
+@pytest.mark.parametrize("kind", ["random", "realistic", "hot"])
+@pytest.mark.parametrize("B,N,Hq,G,D,Bk,topk,kw", [
+    (1, 2125, 64, 4, 128, 128, 16, dict()),
+    (2, 1000, 16, 2, 64, 64, 8, dict(query_chunk=300)),
+    (1, 2125, 64, 4, 128, 128, 16, dict(query_chunk=1000, attention_config=dict(store_warp=True, persistent=True))),
+    (1, 1500, 32, 4, 128, 128, 6, dict(query_chunk=512))],
+    ids=["paper-ragged", "b2-Bk64-R8-unaligned-chunks", "paper-persistent-store-warp-unaligned", "R8-topk6"])
+def test_local_combine_matches_reference(kind, B, N, Hq, G, D, Bk, topk, kw):
+    """The own blocks left out of the KV-outer items and attended in the combine (no partial for them): chunks that
+    do not start at a block boundary, R = 8 and 16, 8 and 16 slots, beside the persistent store-warp attention."""
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, local_combine=True, shared_tiles=False,
+                            **kw)
+
+
+def test_local_combine_beside_shared_tiles():
+    """Shared tiles own some rows (realistic selections, their own blocks included), the local combine the rest."""
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection("realistic", B, N, G, Bk, topk), Bk, local_combine=True)
+
+
+def test_local_combine_follows_the_set_contract():
+    """Hostile ids made canonical: rows that left their own block out (a NaN in it must not reach them), rows with
+    nothing left (o = 0, lse = -inf)."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.ops.validation import canonical_indices
+
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    nblk = math.ceil(N / Bk)
+    raw = torch.randint(-1, nblk + 3, (B, N, G, topk), dtype=torch.int32, device="cuda")
+    raw[:, 3::11] = -1
+    indices = canonical_indices(raw, Bk)
+    own = (torch.arange(N, device="cuda") // Bk).view(1, N, 1, 1)
+    left_out = ~(indices == own).any(-1)  # [B, N, G]
+    assert left_out.any() and not left_out.all()
+    k2 = k.clone()
+    t = int(left_out[0, :, 1].nonzero()[-1])  # a query of KV head 1 that left its own block out: NaN in that block
+    k2[0, t // Bk * Bk, 1, 3] = float("nan")
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    sparse_attention_forward(q, k2, v, indices, Bk, local_combine=True, shared_tiles=False, out=o, lse_out=lse)
+    ref_o, ref_lse = R.sparse_attention(q, k2, v, indices, Bk)
+    poisoned = torch.isnan(ref_lse)
+    assert not poisoned[0, t, Hq // G:2 * Hq // G].any()  # its rows never see the NaN
+    assert torch.equal(torch.isnan(lse), poisoned)
+    empty = torch.isneginf(ref_lse)
+    assert empty[:, 3::11].all() and torch.isneginf(lse[empty]).all() and (o[empty] == 0).all()
+    fine = ~(empty | poisoned)
+    assert relative_error(o[fine], ref_o[fine]) <= OUTPUT_RTOL
+    assert (lse[fine].double() - ref_lse[fine]).abs().max().item() <= LSE_ATOL
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(accumulate=True), "not with the accumulators"), (dict(combine_ctas=8), "not with combine_ctas"),
+    (dict(partial_dtype=torch.float32), "16-bit partials"),
+    (dict(attention_config=dict(store_warp=True, combine_warps=True)), "not with combine warps")],
+    ids=["accumulate", "combine-ctas", "fp32-partials", "combine-warps"])
+def test_local_combine_says_what_it_cannot_run_with(kw, match):
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+
+    q, k, v = attention_inputs(1, 256, 64, 4, 128)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention_forward(q, k, v, selection("random", 1, 256, 4, 128, 16), 128, local_combine=True, **kw)

@@ -33,11 +33,13 @@ import torch
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
-                                         accumulate_unsupported, finalize_program)
+                                         accumulate_unsupported, finalize_program, split_own_block)
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, PERSISTENT_COMBINE_DEFAULTS,
                                       COMBINE_WARP_THREADS, combine_program, combine_warps_buffers,
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
+from msa_tl.attention.local_combine import (LOCAL_COMBINE_DEFAULTS, local_combine_program,
+                                            local_combine_unsupported)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -913,16 +915,17 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # combine_ctas: 0, each chunk's combine follows its attention on the caller's stream; else it runs as a persistent
 # combine of this many CTAs on a side stream of higher priority, beside the next chunk's attention (which then keeps
 # the other SMs): at small chunks the attention is bound by its tiles, not by DRAM, and the combine's bytes fill the
-# idle DRAM (NOTES.md).
+# idle DRAM (NOTES.md). local_combine: each query's own block is left out of the KV-outer items and attended by
+# msa_tl.attention.local_combine's combine instead, which writes and reads no partial for it.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
-                         persistent_combine=True, accumulate=False, combine_ctas=0)
+                         persistent_combine=True, accumulate=False, combine_ctas=0, local_combine=False)
 # The persistent combine streams the shared tiles' empty partials too; it is ~6% faster a row than the per-row
 # combine (8.48 vs 9.01 ms at 128K, H200), so it stays the default while the tiles own at most this share of the
 # tiles (random selections: the first topk blocks' queries, 1.6% at 128K; realistic: all).
 PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
                       build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
-                      accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48))
+                      accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48), local_combine=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -991,7 +994,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
                              persistent_combine_config=None, accumulate=None, accumulate_config=None,
-                             combine_ctas=None, out=None, lse_out=None, query_start: int = 0):
+                             combine_ctas=None, local_combine=None, out=None, lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -1019,6 +1022,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     its ``query_chunk``, ``item_queries``, ``stages``) instead of partials and a combine; rows it flags (exponents
     past its fp32 range) are recomputed on the partials path (one host sync on the flag count). Asked for where
     the layout does not allow it, a ValueError; by default where it does.
+
+    ``local_combine``: each query's own key block is left out of the KV-outer items; the combine
+    (:func:`msa_tl.attention.local_combine.local_combine_program`, a CTA per key block and KV head) attends it and
+    merges it with the other partials, so no partial is written or read for it. 16-bit partials, 8-64 heads per KV
+    head, head dims 64 / 128, queries from position 0, not with the accumulators, combine warps or ``combine_ctas``
+    (asked for there, a ValueError).
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -1066,11 +1075,23 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     if accumulate and unsupported:
         raise ValueError(f"accumulate: {unsupported}")
     accumulate = (schedule_config["accumulate"] and not unsupported) if accumulate is None else accumulate
+    local_combine = schedule_config["local_combine"] if local_combine is None else local_combine
+    if local_combine:
+        why = ("head dims <= 128" if wide else "queries from position 0" if query_start else "not with the accumulators"
+               if accumulate else "not with combine_ctas" if combine_ctas else "not with combine warps"
+               if attention_config.get("combine_warps") else
+               local_combine_unsupported(R, D, block_size, topk, partial_dtype.itemsize, LOCAL_COMBINE_DEFAULTS))
+        if why:
+            raise ValueError(f"local_combine: {why}")
+        accumulate, combine_ctas = False, 0
     kv_indices, tiles = indices, 0  # the KV-outer path's indices; query tiles attended Q-outer
     if shared_tiles:
         shared = sharing_tiles(indices, R, block_size)
         tile_count, counted = _count_to_host(shared)
         kv_indices = without_shared_tiles(indices, shared, R, block_size)
+    own_chosen = None  # local_combine: [B, N, G] int32, 1 where the query's own block is left to the combine
+    if local_combine:
+        kv_indices, own_chosen = split_own_block(kv_indices, block_size)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
     # forward, NOTES.md). Where the tiles hold every row it goes unused. The accumulators build their own.
@@ -1104,7 +1125,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
             attention_config["ctas"] = max(1, sm_count(q.device) - combine_ctas)
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
-                          query_start, combine_ctas)
+                          query_start, combine_ctas, own_chosen)
     if tiles:
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     if flagged is not None:
@@ -1145,14 +1166,15 @@ def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, 
 
 def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chunk, partial_dtype, attention_config,
                       combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool,
-                      query_start: int = 0, combine_ctas: int = 0):
+                      query_start: int = 0, combine_ctas: int = 0, own_chosen=None):
     """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule`` from
     :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
     ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips. ``query_start``: the
     position of q's first row (the attention's build with a query offset). ``combine_ctas`` > 0: each chunk but the
     last is combined on a side stream by that many persistent CTAs while the next chunk's attention runs.
     ``attention_config["combine_warps"]``: each chunk but the last is merged by the next chunk's attention kernel (its
-    combine warps), the last by the combine kernel; the partials are double-buffered."""
+    combine warps), the last by the combine kernel; the partials are double-buffered. ``own_chosen`` [B, N, G]: the
+    own blocks are left out of ``indices`` and each chunk's combine is the local combine, which attends them."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
@@ -1167,7 +1189,11 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=schedule.item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config, **(dict(query_offset=True) if query_start else {}))
-    if persistent_combine and not unfit:
+    if own_chosen is not None:
+        combine = compiled_kernel(local_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G,
+                                  block_size=block_size, scale=scale, dtype=dt, partial_dtype=pdt,
+                                  **LOCAL_COMBINE_DEFAULTS)
+    elif persistent_combine and not unfit:
         ctas = persistent_config["ctas"] or sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
                                   partial_dtype=pdt, **dict(persistent_config, ctas=ctas))
@@ -1208,6 +1234,8 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
             read[c % buffers] = side.record_event()
         elif fused and c + 1 < chunks:
             previous = (op, lp, t0, count)
+        elif own_chosen is not None:
+            combine(q, k, v, own_chosen, op, lp.view(B, -1, Hq // G), o, lse, t0, t0 + count)
         else:
             combine(*args)
     if overlap:
@@ -1372,6 +1400,9 @@ def _schedule_units(shape: dict, config: dict) -> list:
                                                        topk=shape["topk"], groups=shape["groups"], dtype="bfloat16",
                                                        partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS,
                                                                                         ctas=config["combine_ctas"]))))
+    if config.get("local_combine"):  # the combine that attends the own blocks
+        units.append((local_combine_program, dict(attention_program_args(shape), partial_dtype="bfloat16",
+                                                   **LOCAL_COMBINE_DEFAULTS)))
     return units
 
 
@@ -1383,6 +1414,11 @@ def _reject_schedule(config: dict, shape: dict):
         return "the combine on a side stream is the persistent combine of the partials path"
     if config.get("combine_ctas") and 2 * partial_bytes > 8 * 2**30:
         return f"double-buffered partials take {2 * partial_bytes / 2**30:.0f} GiB > 8 GiB"
+    if config.get("local_combine") and (config.get("accumulate") or config.get("combine_ctas")):
+        return "the local combine is the partials path's combine, on the caller's stream"
+    if config.get("local_combine"):
+        return local_combine_unsupported(shape["heads"] // shape["groups"], shape["head_dim"], shape["block_size"],
+                                         shape["topk"], 2, LOCAL_COMBINE_DEFAULTS)
     return None
 
 

@@ -1,0 +1,226 @@
+"""The combine with each query's own key block attended in it (TileLang): no partial for the local block.
+
+Every selection holds each query's own (local) key block, so the KV-outer kernel writes one partial a (query, KV
+head) for it and the combine reads it back: 1/16 of the partials' traffic at the paper's shape. Here the schedule
+leaves the own blocks out of the KV-outer items and this kernel, one CTA per (key block, KV head) of the chunk,
+attends each query of the block to its own block (causal) and merges that term with the query's other partials:
+
+- a **producer** warp loads the block's K / V once, then, tile after tile (``64 / R`` consecutive queries x R
+  heads, the block's queries in order), the tile's Q rows and its queries' partial LSEs into a 2-stage ring; a
+  second producer warp loads the tiles' partial boxes, ``slots_per_piece`` slots of a tile's queries at a time,
+  into a ``stages``-deep ring that runs on across tiles, so the partials stream while the consumer attends;
+- one **consumer** warpgroup runs S = Q K^T (wgmma), the causal mask, the softmax and P V (P from registers): the
+  own block's unnormalised term and its row max. Each row's weights come from the max over that term and the
+  partial LSEs; the partial boxes are added piece by piece into the P V accumulators in the wgmma's own register
+  layout, and O = acc / sum and the LSE are written.
+
+Inputs as :func:`msa_tl.attention.combine.combine_program` takes them, plus Q, K, V and OwnChosen [B, N, G] (1 where
+the query chose its own block; else the term is left out). The own block's slot holds no partial (its LSE
+partial is -inf, as every unused slot's), so no slot needs naming. NOTES.md (session 28, design 7) has the cost
+model: the same partial bytes less the local ones, Q read once, the local attention's tensor work hidden under
+the partials' stream.
+"""
+
+import tilelang.language as T
+from tilelang.layout import make_swizzled_layout
+
+from msa_tl.attention.scheduler import tma_loads_macros
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2)
+# the tuner's choices of each knob
+LOCAL_COMBINE_KNOBS = dict(stages=(2, 3, 4), slots_per_piece=(1, 2, 4))
+ROWS = 64  # one wgmma M tile: 64 / R queries x R heads
+
+
+def local_combine_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
+                               slots_per_piece: int, partial_bytes: int = 2) -> int:
+    """Shared memory of :func:`local_combine_program` (16-bit inputs): K / V of the block, the 2-stage Q and LSE
+    ring, the ``stages``-deep ring of partial pieces, the barriers."""
+    R, D = heads_per_group, head_dim
+    tq = ROWS // R
+    return (2 * block_size * D * 2 + 2 * ROWS * D * 2 + 2 * tq * topk * R * 4
+            + stages * tq * slots_per_piece * R * D * partial_bytes + 8 * (5 + 2 * stages))
+
+
+def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: int, topk: int, partial_bytes: int,
+                              config: dict) -> str | None:
+    """Why :func:`local_combine_program` cannot be built for this layout and config (None where it can)."""
+    R = heads_per_group
+    if R < 8 or ROWS % R:
+        return f"8-64 query heads per KV head dividing 64 (one TMA box a query), got {R}"
+    if head_dim not in (64, 128):
+        return f"head dims 64 or 128, got {head_dim}"
+    if partial_bytes != 2:
+        return "16-bit partials"
+    if topk % config["slots_per_piece"]:
+        return f"slots_per_piece ({config['slots_per_piece']}) must divide topk ({topk})"
+    smem = local_combine_shared_bytes(R, head_dim, block_size, topk, config["stages"], config["slots_per_piece"],
+                                      partial_bytes)
+    if smem > 227 * 1024:
+        return f"{smem} B of shared memory (stages={config['stages']}, slots_per_piece={config['slots_per_piece']})"
+    return None
+
+
+def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, block_size: int, scale: float,
+                          stages: int = LOCAL_COMBINE_DEFAULTS["stages"],
+                          slots_per_piece: int = LOCAL_COMBINE_DEFAULTS["slots_per_piece"], dtype: str = "bfloat16",
+                          partial_dtype: str = "bfloat16"):
+    """Q [B, N, Hq, D], K / V [B, N, G, D], OwnChosen [B, N, G] int32, Opart [B, pairs * topk * R, D] and
+    Lpart [B, pairs * topk, R] (pair (t - t0) * G + g of the chunk's queries t0 <= t < t1, as the KV-outer kernel
+    writes them) -> O [B, N, Hq, D], LSE [B, N, Hq] for the chunk's queries. Grid: (the chunk's key blocks, B * G)."""
+    R, D, Bk = heads // groups, head_dim, block_size
+    unfit = local_combine_unsupported(R, D, Bk, topk, 2 if partial_dtype != "float32" else 4,
+                                      dict(stages=stages, slots_per_piece=slots_per_piece))
+    if unfit:
+        raise ValueError(f"local combine: {unfit}")
+    TQ, SP = ROWS // R, slots_per_piece
+    NP = topk // SP  # pieces a tile
+    batch, seq, n_rows, n_lse = T.dynamic("batch, seq, n_rows, n_lse")
+    neg_inf = -T.infinity("float32")
+    scale_log2 = scale * _LOG2E
+    load_block, _ = tma_loads_macros(R, D, Bk, TQ, topk)
+
+    @T.macro
+    def load_tile(Q, Lpart, b, g, qa, q_hi, t0, j, ring, lse_s, q_full):
+        """Tile j's Q rows [ROWS, D] and its queries' partial LSEs [TQ, topk, R] into ring slot j % 2."""
+        for qi in T.unroll(TQ):
+            if qa + qi < q_hi:
+                for h in T.unroll(D // 64):
+                    T.tma_copy(Q[b, qa + qi, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
+                               ring[j % 2, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=q_full[j % 2],
+                               leader_scope_threads=32)
+                pair = (qa + qi - t0) * groups + g
+                T.tma_copy(Lpart[b, pair * topk:(pair + 1) * topk, :], lse_s[j % 2, qi, :, :],
+                           barrier=q_full[j % 2], leader_scope_threads=32, eviction_policy="evict_first")
+        T.barrier_arrive(q_full[j % 2])
+
+    @T.macro
+    def load_piece(Opart, b, g, qa, q_hi, t0, p, k, pieces, p_full):
+        """Piece p of a tile (slots p SP .. p SP + SP - 1 of its queries) into ring slot k % stages: one box of SP x R
+        rows a query, read once (evict first: the partials stream, the chunk's Q stays)."""
+        for qi in T.unroll(TQ):
+            if qa + qi < q_hi:
+                row = (((qa + qi - t0) * groups + g) * topk + p * SP) * R
+                for h in T.unroll(D // 64):  # [SP R, 64] a copy: one 128-byte swizzle span
+                    T.tma_copy(Opart[b, row:row + SP * R, h * 64:(h + 1) * 64],
+                               pieces[k % stages, qi * SP * R:(qi + 1) * SP * R, h * 64:(h + 1) * 64],
+                               barrier=p_full[k % stages], leader_scope_threads=32, eviction_policy="evict_first")
+        T.barrier_arrive(p_full[k % stages])
+
+    @T.prim_func
+    def local_combine(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        OwnChosen: T.Tensor((batch, seq, groups), "int32"),
+        Opart: T.Tensor((batch, n_rows, head_dim), partial_dtype),
+        Lpart: T.Tensor((batch, n_lse, R), "float32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+        t0: T.int32,
+        t1: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(t1, Bk) - t0 // Bk, batch * groups, threads=256) as (unit, bg):
+            K_s = T.alloc_shared((Bk, D), dtype)
+            V_s = T.alloc_shared((Bk, D), dtype)
+            ring = T.alloc_shared((2, ROWS, D), dtype)  # [2, ROWS, D]: tile j's Q rows in slot j % 2
+            lse_s = T.alloc_shared((2, TQ, topk, R), "float32")  # [2, TQ, topk, R]: its queries' partial LSEs
+            pieces = T.alloc_shared((stages, TQ * SP * R, D), partial_dtype)  # [stages, TQ SP R, D]
+            acc_s = T.alloc_fragment((ROWS, Bk), "float32")  # [ROWS, Bk]
+            p = T.alloc_fragment((ROWS, Bk), dtype)
+            acc_o = T.alloc_fragment((ROWS, D), "float32")  # [ROWS, D]: the own block's term, then the sum
+            m = T.alloc_fragment((ROWS,), "float32")  # [ROWS] row max of the raw scores
+            l = T.alloc_fragment((ROWS,), "float32")  # [ROWS] row sum, then the weights' sum
+            mx = T.alloc_fragment((ROWS,), "float32")  # [ROWS] the merge's max (natural log units)
+            w = T.alloc_fragment((ROWS,), "float32")  # [ROWS] a slot's weight
+            qpos = T.alloc_fragment((ROWS,), "int32")  # [ROWS] the row's query
+            # swizzled: the consumer reads a piece in the wgmma's layout, 8 rows 256 B apart at once (8-way bank
+            # conflicts unswizzled)
+            T.annotate_layout({pieces: make_swizzled_layout(pieces)})
+            kv_ready = T.alloc_barrier(32)
+            q_full = T.alloc_barrier([32, 32])
+            q_empty = T.alloc_barrier([128, 128])
+            p_full = T.alloc_barrier([32] * stages)
+            p_empty = T.alloc_barrier([128] * stages)
+
+            b = bg // groups
+            g = bg % groups
+            blk = t0 // Bk + unit
+            q_lo = T.max(t0, blk * Bk)
+            q_hi = T.min(t1, blk * Bk + Bk)
+            n_tiles = T.ceildiv(q_hi - q_lo, TQ)
+            tx = T.get_thread_binding()
+            if tx >= 128:  # producer: two warps, so neither stream waits on the other's ring
+                T.set_max_nreg(40, 0)
+                if tx < 160:  # K / V, then each tile's Q rows and LSEs as its ring slot frees
+                    load_block(K, V, b, blk, g, K_s, V_s, None, kv_ready, 0)
+                    T.barrier_arrive(kv_ready[0])
+                    for j in T.serial(n_tiles):
+                        T.barrier_wait(q_empty[j % 2], ((j // 2) & 1) ^ 1)
+                        load_tile(Q, Lpart, b, g, q_lo + j * TQ, q_hi, t0, j, ring, lse_s, q_full)
+                elif tx < 192:  # the partial pieces, tile after tile: the ring runs on across tiles
+                    for j in T.serial(n_tiles):
+                        for pp in T.serial(NP):
+                            k = j * NP + pp
+                            T.barrier_wait(p_empty[k % stages], ((k // stages) & 1) ^ 1)
+                            load_piece(Opart, b, g, q_lo + j * TQ, q_hi, t0, pp, k, pieces, p_full)
+            else:  # consumer
+                T.set_max_nreg(216, 1)
+                T.barrier_wait(kv_ready[0], 0)
+                for j in T.serial(n_tiles):
+                    qa = q_lo + j * TQ
+                    T.barrier_wait(q_full[j % 2], (j // 2) & 1)
+                    T.wgmma_gemm(ring[j % 2, :, :], K_s, acc_s, transpose_B=True, clear_accum=True)  # [ROWS, Bk]
+                    for r in T.Parallel(ROWS):
+                        qpos[r] = qa + r // R
+                    T.wait_wgmma(0)
+                    for r, col in T.Parallel(ROWS, Bk):  # causal inside the own block
+                        acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
+                    T.reduce_max(acc_s, m, dim=1)
+                    for r, col in T.Parallel(ROWS, Bk):
+                        acc_s[r, col] = T.exp2(acc_s[r, col] * scale_log2 - m[r] * scale_log2)
+                    T.reduce_sum(acc_s, l, dim=1)
+                    T.copy(acc_s, p)
+                    T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [ROWS, D]
+                    for r in T.Parallel(ROWS):  # the merge's max: the own term (if chosen) and the partial LSEs
+                        chosen = OwnChosen[b, T.min(qpos[r], seq - 1), g] > 0
+                        mx[r] = T.if_then_else(chosen, m[r] * scale, neg_inf)
+                        for s in range(topk):
+                            mx[r] = T.max(mx[r], lse_s[j % 2, r // R, s, r % R])
+                        w[r] = T.if_then_else(chosen, T.if_then_else(mx[r] != neg_inf,
+                                                                     T.exp2((m[r] * scale - mx[r]) * _LOG2E), 0.0), 0.0)
+                        l[r] = T.if_then_else(w[r] > 0, l[r] * w[r], 0.0)
+                    T.wait_wgmma(0)
+                    for r, d in T.Parallel(ROWS, D):  # a select: a left-out own term may hold NaN from its keys
+                        acc_o[r, d] = T.if_then_else(w[r] > 0, acc_o[r, d] * w[r], 0.0)
+                    for pp in T.serial(NP):
+                        k = j * NP + pp
+                        T.barrier_wait(p_full[k % stages], (k // stages) & 1)
+                        for s2 in T.unroll(SP):
+                            for r in T.Parallel(ROWS):  # NaN passes: exp2(NaN) poisons the row's sum
+                                w[r] = T.if_then_else(lse_s[j % 2, r // R, pp * SP + s2, r % R] != neg_inf,
+                                                      T.exp2((lse_s[j % 2, r // R, pp * SP + s2, r % R] - mx[r])
+                                                             * _LOG2E), 0.0)
+                                l[r] += w[r]
+                            for r, d in T.Parallel(ROWS, D):  # an unused slot's box holds garbage: a select
+                                acc_o[r, d] += T.if_then_else(
+                                    w[r] > 0, w[r] * T.cast(pieces[k % stages, ((r // R) * SP + s2) * R + r % R, d],
+                                                            "float32"), 0.0)
+                        T.barrier_arrive(p_empty[k % stages])
+                    for r in T.Parallel(ROWS):
+                        if qpos[r] < q_hi:
+                            LSE[b, qpos[r], g * R + r % R] = mx[r] + T.log2(l[r]) * _LN2
+                    T.barrier_arrive(q_empty[j % 2])  # the tile's Q rows and LSEs are read
+                    for r, d in T.Parallel(ROWS, D):
+                        if qpos[r] < q_hi:
+                            O[b, qpos[r], g * R + r % R, d] = T.if_then_else(l[r] == 0.0, 0.0, acc_o[r, d] / l[r])
+
+    return local_combine
+
+
+# Roles and barriers are written by hand, as in the KV-outer kernel.
+local_combine_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disable_thread_storage_sync": True,
+                                      "tl.enable_fast_math": True}
