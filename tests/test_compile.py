@@ -737,3 +737,17 @@ def test_the_local_combine_streams_its_pieces_from_a_warp_of_their_own():
     pieces_warp = producer[producer.index("< 192"):]
     assert "Opart_desc" in pieces_warp and "q_empty" not in pieces_warp and "Q_desc" not in pieces_warp
     assert "% 3)].wait" in pieces_warp  # the ring slot of piece j * pieces + p: across tiles
+
+
+def test_row_flags_mark_the_own_block_and_rows_with_partials():
+    import torch
+
+    from msa_tl.attention.accumulate import split_own_block
+
+    Bk = 4
+    idx = torch.tensor([[[[0, -1]], [[0, -1]], [[1, 0]], [[-1, -1]], [[0, -1]]]], dtype=torch.int32)  # [1, 5, 1, 2]
+    others, own = split_own_block(idx, Bk)  # queries 0-3: block 0 is their own; query 4: block 1
+    flags = local_combine.row_flags(others, own)
+    # 0, 1: only their own block; 2: its own block and block 1 (a partial): both bits; 3: nothing; 4: block 0 is
+    # not its own: a partial, no own term
+    assert flags.tolist() == [[[1], [1], [3], [0], [2]]]

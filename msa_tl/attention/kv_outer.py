@@ -39,7 +39,7 @@ from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, P
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.local_combine import (LOCAL_COMBINE_DEFAULTS, local_combine_program,
-                                            local_combine_unsupported)
+                                            local_combine_unsupported, row_flags)
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -1089,9 +1089,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         shared = sharing_tiles(indices, R, block_size)
         tile_count, counted = _count_to_host(shared)
         kv_indices = without_shared_tiles(indices, shared, R, block_size)
-    own_chosen = None  # local_combine: [B, N, G] int32, 1 where the query's own block is left to the combine
+    flags = None  # local_combine: [B, N, G] int32, the local combine's RowFlags
     if local_combine:
         kv_indices, own_chosen = split_own_block(kv_indices, block_size)
+        flags = row_flags(kv_indices, own_chosen)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
     # forward, NOTES.md). Where the tiles hold every row it goes unused. The accumulators build their own.
@@ -1125,7 +1126,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
             attention_config["ctas"] = max(1, sm_count(q.device) - combine_ctas)
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
-                          query_start, combine_ctas, own_chosen)
+                          query_start, combine_ctas, flags)
     if tiles:
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     if flagged is not None:
@@ -1166,15 +1167,16 @@ def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, 
 
 def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chunk, partial_dtype, attention_config,
                       combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool,
-                      query_start: int = 0, combine_ctas: int = 0, own_chosen=None):
+                      query_start: int = 0, combine_ctas: int = 0, flags=None):
     """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule`` from
     :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
     ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips. ``query_start``: the
     position of q's first row (the attention's build with a query offset). ``combine_ctas`` > 0: each chunk but the
     last is combined on a side stream by that many persistent CTAs while the next chunk's attention runs.
     ``attention_config["combine_warps"]``: each chunk but the last is merged by the next chunk's attention kernel (its
-    combine warps), the last by the combine kernel; the partials are double-buffered. ``own_chosen`` [B, N, G]: the
-    own blocks are left out of ``indices`` and each chunk's combine is the local combine, which attends them."""
+    combine warps), the last by the combine kernel; the partials are double-buffered. ``flags`` [B, N, G]
+    (:func:`msa_tl.attention.local_combine.row_flags`): the own blocks are left out of ``indices`` and each chunk's
+    combine is the local combine, which attends them."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
@@ -1189,7 +1191,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     attention = compiled_kernel(kv_outer_program, groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk,
                                 scale=scale, item_queries=schedule.item_queries, dtype=dt, partial_dtype=pdt,
                                 **attention_config, **(dict(query_offset=True) if query_start else {}))
-    if own_chosen is not None:
+    if flags is not None:
         combine = compiled_kernel(local_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G,
                                   block_size=block_size, scale=scale, dtype=dt, partial_dtype=pdt,
                                   **LOCAL_COMBINE_DEFAULTS)
@@ -1234,8 +1236,8 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
             read[c % buffers] = side.record_event()
         elif fused and c + 1 < chunks:
             previous = (op, lp, t0, count)
-        elif own_chosen is not None:
-            combine(q, k, v, own_chosen, op, lp.view(B, -1, Hq // G), o, lse, t0, t0 + count)
+        elif flags is not None:
+            combine(q, k, v, flags, op, lp.view(B, -1, Hq // G), o, lse, t0, t0 + count)
         else:
             combine(*args)
     if overlap:

@@ -14,8 +14,9 @@ attends each query of the block to its own block (causal) and merges that term w
   partial LSEs; the partial boxes are added piece by piece into the P V accumulators in the wgmma's own register
   layout, and O = acc / sum and the LSE are written.
 
-Inputs as :func:`msa_tl.attention.combine.combine_program` takes them, plus Q, K, V and OwnChosen [B, N, G] (1 where
-the query chose its own block; else the term is left out). The own block's slot holds no partial (its LSE
+Inputs as :func:`msa_tl.attention.combine.combine_program` takes them, plus Q, K, V and RowFlags [B, N, G]
+(:func:`row_flags`: bit 0 where the query chose its own block, else the term is left out; bit 1 where it has
+partials, else none of its slots is loaded: the rows shared tiles own, or that chose only their own block). The own block's slot holds no partial (its LSE
 partial is -inf, as every unused slot's), so no slot needs naming. NOTES.md (session 28, design 7) has the cost
 model: the same partial bytes less the local ones, Q read once, the local attention's tensor work hidden under
 the partials' stream.
@@ -64,11 +65,18 @@ def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: i
     return None
 
 
+def row_flags(kv_indices, own_chosen):
+    """[B, N, G] int32 for :func:`local_combine_program`: bit 0 from ``own_chosen`` [B, N, G] (the query chose its
+    own block), bit 1 where ``kv_indices`` [B, N, G, topk] (the own blocks already left out) holds any block, i.e.
+    where the query has partials to merge."""
+    return (own_chosen | ((kv_indices >= 0).any(dim=-1).int() << 1)).contiguous()
+
+
 def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, block_size: int, scale: float,
                           stages: int = LOCAL_COMBINE_DEFAULTS["stages"],
                           slots_per_piece: int = LOCAL_COMBINE_DEFAULTS["slots_per_piece"], dtype: str = "bfloat16",
                           partial_dtype: str = "bfloat16"):
-    """Q [B, N, Hq, D], K / V [B, N, G, D], OwnChosen [B, N, G] int32, Opart [B, pairs * topk * R, D] and
+    """Q [B, N, Hq, D], K / V [B, N, G, D], RowFlags [B, N, G] int32, Opart [B, pairs * topk * R, D] and
     Lpart [B, pairs * topk, R] (pair (t - t0) * G + g of the chunk's queries t0 <= t < t1, as the KV-outer kernel
     writes them) -> O [B, N, Hq, D], LSE [B, N, Hq] for the chunk's queries. Grid: (the chunk's key blocks, B * G)."""
     R, D, Bk = heads // groups, head_dim, block_size
@@ -84,25 +92,28 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
     load_block, _ = tma_loads_macros(R, D, Bk, TQ, topk)
 
     @T.macro
-    def load_tile(Q, Lpart, b, g, qa, q_hi, t0, j, ring, lse_s, q_full):
-        """Tile j's Q rows [ROWS, D] and its queries' partial LSEs [TQ, topk, R] into ring slot j % 2."""
+    def load_tile(Q, Lpart, RowFlags, b, g, qa, q_hi, t0, j, ring, lse_s, q_full):
+        """Tile j's Q rows [ROWS, D] and its queries' partial LSEs [TQ, topk, R] (where they have partials) into
+        ring slot j % 2."""
         for qi in T.unroll(TQ):
             if qa + qi < q_hi:
                 for h in T.unroll(D // 64):
                     T.tma_copy(Q[b, qa + qi, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
                                ring[j % 2, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=q_full[j % 2],
                                leader_scope_threads=32)
-                pair = (qa + qi - t0) * groups + g
-                T.tma_copy(Lpart[b, pair * topk:(pair + 1) * topk, :], lse_s[j % 2, qi, :, :],
-                           barrier=q_full[j % 2], leader_scope_threads=32, eviction_policy="evict_first")
+                if (RowFlags[b, qa + qi, g] & 2) != 0:
+                    pair = (qa + qi - t0) * groups + g
+                    T.tma_copy(Lpart[b, pair * topk:(pair + 1) * topk, :], lse_s[j % 2, qi, :, :],
+                               barrier=q_full[j % 2], leader_scope_threads=32, eviction_policy="evict_first")
         T.barrier_arrive(q_full[j % 2])
 
     @T.macro
-    def load_piece(Opart, b, g, qa, q_hi, t0, p, k, pieces, p_full):
-        """Piece p of a tile (slots p SP .. p SP + SP - 1 of its queries) into ring slot k % stages: one box of SP x R
-        rows a query, read once (evict first: the partials stream, the chunk's Q stays)."""
+    def load_piece(Opart, RowFlags, b, g, qa, q_hi, t0, p, k, pieces, p_full):
+        """Piece p of a tile (slots p SP .. p SP + SP - 1 of its queries that have partials) into ring slot
+        k % stages: one box of SP x R rows a query, read once (evict first: the partials stream, the chunk's Q
+        stays)."""
         for qi in T.unroll(TQ):
-            if qa + qi < q_hi:
+            if qa + qi < q_hi and (RowFlags[b, T.min(qa + qi, q_hi - 1), g] & 2) != 0:
                 row = (((qa + qi - t0) * groups + g) * topk + p * SP) * R
                 for h in T.unroll(D // 64):  # [SP R, 64] a copy: one 128-byte swizzle span
                     T.tma_copy(Opart[b, row:row + SP * R, h * 64:(h + 1) * 64],
@@ -115,7 +126,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
         Q: T.Tensor((batch, seq, heads, head_dim), dtype),
         K: T.Tensor((batch, seq, groups, head_dim), dtype),
         V: T.Tensor((batch, seq, groups, head_dim), dtype),
-        OwnChosen: T.Tensor((batch, seq, groups), "int32"),
+        RowFlags: T.Tensor((batch, seq, groups), "int32"),
         Opart: T.Tensor((batch, n_rows, head_dim), partial_dtype),
         Lpart: T.Tensor((batch, n_lse, R), "float32"),
         O: T.Tensor((batch, seq, heads, head_dim), dtype),
@@ -137,6 +148,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             mx = T.alloc_fragment((ROWS,), "float32")  # [ROWS] the merge's max (natural log units)
             w = T.alloc_fragment((ROWS,), "float32")  # [ROWS] a slot's weight
             qpos = T.alloc_fragment((ROWS,), "int32")  # [ROWS] the row's query
+            flags = T.alloc_fragment((ROWS,), "int32")  # [ROWS] its RowFlags
             # swizzled: the consumer reads a piece in the wgmma's layout, 8 rows 256 B apart at once (8-way bank
             # conflicts unswizzled)
             T.annotate_layout({pieces: make_swizzled_layout(pieces)})
@@ -160,13 +172,13 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                     T.barrier_arrive(kv_ready[0])
                     for j in T.serial(n_tiles):
                         T.barrier_wait(q_empty[j % 2], ((j // 2) & 1) ^ 1)
-                        load_tile(Q, Lpart, b, g, q_lo + j * TQ, q_hi, t0, j, ring, lse_s, q_full)
+                        load_tile(Q, Lpart, RowFlags, b, g, q_lo + j * TQ, q_hi, t0, j, ring, lse_s, q_full)
                 elif tx < 192:  # the partial pieces, tile after tile: the ring runs on across tiles
                     for j in T.serial(n_tiles):
                         for pp in T.serial(NP):
                             k = j * NP + pp
                             T.barrier_wait(p_empty[k % stages], ((k // stages) & 1) ^ 1)
-                            load_piece(Opart, b, g, q_lo + j * TQ, q_hi, t0, pp, k, pieces, p_full)
+                            load_piece(Opart, RowFlags, b, g, q_lo + j * TQ, q_hi, t0, pp, k, pieces, p_full)
             else:  # consumer
                 T.set_max_nreg(216, 1)
                 T.barrier_wait(kv_ready[0], 0)
@@ -186,10 +198,12 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                     T.copy(acc_s, p)
                     T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [ROWS, D]
                     for r in T.Parallel(ROWS):  # the merge's max: the own term (if chosen) and the partial LSEs
-                        chosen = OwnChosen[b, T.min(qpos[r], seq - 1), g] > 0
+                        flags[r] = RowFlags[b, T.min(qpos[r], q_hi - 1), g]
+                        chosen = (flags[r] & 1) != 0
                         mx[r] = T.if_then_else(chosen, m[r] * scale, neg_inf)
-                        for s in range(topk):
-                            mx[r] = T.max(mx[r], lse_s[j % 2, r // R, s, r % R])
+                        if (flags[r] & 2) != 0:
+                            for s in range(topk):
+                                mx[r] = T.max(mx[r], lse_s[j % 2, r // R, s, r % R])
                         w[r] = T.if_then_else(chosen, T.if_then_else(mx[r] != neg_inf,
                                                                      T.exp2((m[r] * scale - mx[r]) * _LOG2E), 0.0), 0.0)
                         l[r] = T.if_then_else(w[r] > 0, l[r] * w[r], 0.0)
@@ -201,9 +215,11 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                         T.barrier_wait(p_full[k % stages], (k // stages) & 1)
                         for s2 in T.unroll(SP):
                             for r in T.Parallel(ROWS):  # NaN passes: exp2(NaN) poisons the row's sum
-                                w[r] = T.if_then_else(lse_s[j % 2, r // R, pp * SP + s2, r % R] != neg_inf,
-                                                      T.exp2((lse_s[j % 2, r // R, pp * SP + s2, r % R] - mx[r])
-                                                             * _LOG2E), 0.0)
+                                w[r] = T.if_then_else(
+                                    (flags[r] & 2) != 0,
+                                    T.if_then_else(lse_s[j % 2, r // R, pp * SP + s2, r % R] != neg_inf,
+                                                   T.exp2((lse_s[j % 2, r // R, pp * SP + s2, r % R] - mx[r]) * _LOG2E),
+                                                   0.0), 0.0)
                                 l[r] += w[r]
                             for r, d in T.Parallel(ROWS, D):  # an unused slot's box holds garbage: a select
                                 acc_o[r, d] += T.if_then_else(
