@@ -16,10 +16,10 @@ attends each query of the block to its own block (causal) and merges that term w
 
 Inputs as :func:`msa_tl.attention.combine.combine_program` takes them, plus Q, K, V and RowFlags [B, N, G]
 (:func:`row_flags`: bit 0 where the query chose its own block, else the term is left out; bit 1 where it has
-partials, else none of its slots is loaded: the rows shared tiles own, or that chose only their own block). The own block's slot holds no partial (its LSE
-partial is -inf, as every unused slot's), so no slot needs naming. NOTES.md (session 28, design 7) has the cost
-model: the same partial bytes less the local ones, Q read once, the local attention's tensor work hidden under
-the partials' stream.
+partials, else none of its slots is loaded: the rows shared tiles own, or that chose only their own block). The
+own block's slot holds no partial (its LSE partial is -inf, as every unused slot's), so no slot needs naming.
+NOTES.md (session 28, design 7) has the cost model: the same partial bytes less the local ones, Q read once, the
+local attention's tensor work hidden under the partials' stream.
 """
 
 import tilelang.language as T
@@ -30,9 +30,9 @@ from msa_tl.attention.scheduler import tma_loads_macros
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
+# 3 stages of 2 slots x 64 rows (32 KB each): ~96 KB of partials in flight an SM, ~4x what one SM's share of DRAM
+# needs under ~1.5 us of latency; not yet a tunable program (no GPU timing of it exists)
 LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2)
-# the tuner's choices of each knob
-LOCAL_COMBINE_KNOBS = dict(stages=(2, 3, 4), slots_per_piece=(1, 2, 4))
 ROWS = 64  # one wgmma M tile: 64 / R queries x R heads
 
 
