@@ -260,7 +260,8 @@ def consumers_variants():
     # the same shared memory holds one Q stage a consumer and two O tiles instead of two and one
     three_one_stage = dict(THREE_CONSUMERS, stages=1, o_buffers=2)
     return labelled([dict(), attention(store_warp=True),
-                     dict(query_chunk=4096, **attention(store_warp=True, persistent=True)), attention(**THREE_CONSUMERS), dict(query_chunk=4096, **attention(**THREE_CONSUMERS)),
+                     dict(query_chunk=4096, **attention(store_warp=True, persistent=True)),
+                     attention(**THREE_CONSUMERS), dict(query_chunk=4096, **attention(**THREE_CONSUMERS)),
                      attention(**three_one_stage)])
 
 

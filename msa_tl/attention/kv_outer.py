@@ -1077,13 +1077,14 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     accumulate = (schedule_config["accumulate"] and not unsupported) if accumulate is None else accumulate
     local_combine = schedule_config["local_combine"] if local_combine is None else local_combine
     if local_combine:
-        why = ("head dims <= 128" if wide else "queries from position 0" if query_start else "not with the accumulators"
-               if accumulate else "not with combine_ctas" if combine_ctas else "not with combine warps"
-               if attention_config.get("combine_warps") else
-               local_combine_unsupported(R, D, block_size, topk, partial_dtype.itemsize, LOCAL_COMBINE_DEFAULTS))
+        conflicts = {"head dims <= 128": wide, "queries from position 0": query_start,
+                     "not with the accumulators": accumulate, "not with combine_ctas": combine_ctas,
+                     "not with combine warps": attention_config.get("combine_warps")}
+        why = next((why for why, bad in conflicts.items() if bad), None) or local_combine_unsupported(
+            R, D, block_size, topk, partial_dtype.itemsize, LOCAL_COMBINE_DEFAULTS)
         if why:
             raise ValueError(f"local_combine: {why}")
-        accumulate, combine_ctas = False, 0
+        combine_ctas = 0  # not the tuned config's side-stream combine either
     kv_indices, tiles = indices, 0  # the KV-outer path's indices; query tiles attended Q-outer
     if shared_tiles:
         shared = sharing_tiles(indices, R, block_size)

@@ -26,6 +26,7 @@ import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.attention.scheduler import tma_loads_macros
+from msa_tl.tl_compile import SMEM_LIMIT
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -60,7 +61,7 @@ def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: i
         return f"slots_per_piece ({config['slots_per_piece']}) must divide topk ({topk})"
     smem = local_combine_shared_bytes(R, head_dim, block_size, topk, config["stages"], config["slots_per_piece"],
                                       partial_bytes)
-    if smem > 227 * 1024:
+    if smem > SMEM_LIMIT:
         return f"{smem} B of shared memory (stages={config['stages']}, slots_per_piece={config['slots_per_piece']})"
     return None
 
