@@ -270,10 +270,14 @@ def chunks_variants():
     at query chunks of 2K-16K. A chunk's Q stays in the L2 while it is small (16 MB a KV head at 4K), and each chunk
     re-reads every K/V block its queries chose (~N / 128 blocks a KV head at random): the best chunk shrinks the
     two together, and moves with N (NOTES.md, session 28). Last, the own blocks attended in the combine
-    (``local_combine``: no partial for them) with today's path and with the persistent store warp at 4K chunks."""
+    (``local_combine``: no partial for them) with today's path and with the persistent store warp at 4K-16K chunks,
+    and at 4K with a ring of 2 pieces and rings of 6 and 7 half-size pieces (96 and 112 KB)."""
     persistent = attention(store_warp=True, persistent=True)
     return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)]
-                    + [dict(local_combine=True), dict(query_chunk=4096, local_combine=True, **persistent)])
+                    + [dict(local_combine=True)]
+                    + [dict(query_chunk=c, local_combine=True, **persistent) for c in (4096, 6144, 8192, 16384)]
+                    + [dict(query_chunk=4096, local_combine=True, local_combine_config=c, **persistent)
+                       for c in (dict(stages=2), dict(stages=6, slots_per_piece=1), dict(stages=7, slots_per_piece=1))])
 
 
 def combine_warps_variants():
@@ -292,20 +296,28 @@ def combine_warps_variants():
     return labelled(variants)
 
 
+def max_abs_diff(gpu: torch.Tensor, host: torch.Tensor, rows: int = 16384) -> float:
+    """max |gpu - host| over dim 1 in slices of ``rows`` (no full-size float copy of either on the GPU)."""
+    return max((gpu[:, i:i + rows].float() - host[:, i:i + rows].to(gpu.device).float()).abs().max().item()
+               for i in range(0, gpu.shape[1], rows))
+
+
 def sweep(table, row, q, k, v, idx, kind, rounds=3, variants=None):
     """Attention and schedule knobs at one length, one selection, the main branch timed whole: every variant once a
     round, ``rounds`` rounds interleaved, so a drift of the GPU's clocks over the run reaches all of them alike; the
     median of the rounds is reported with its spread. Each variant's output is checked against the default's."""
     o = torch.empty_like(q)
-    ref_o, ref_lse = sparse_attention_forward(q, k, v, idx, BK)
+    # the default's output waits in host memory: at 1M a second and third O on the GPU (16 GiB each) do not fit
+    ref_o, ref_lse = (t.cpu() for t in sparse_attention_forward(q, k, v, idx, BK, out=o))
     runs = {}
     for label, kw in variants or sweep_variants():
         try:
-            out, lse = sparse_attention_forward(q, k, v, idx, BK, **kw)
+            out, lse = sparse_attention_forward(q, k, v, idx, BK, out=o, **kw)
         except ValueError as err:  # a config the kernels reject at this shape (e.g. shared memory)
             print(f"  sweep {label:<40} skipped: {err}", flush=True)
             continue
-        diff = (out.float() - ref_o.float()).abs().max().item()
+        diff = max_abs_diff(out, ref_o)
+        lse = lse.cpu()
         runs[label] = (kw, diff, (lse - ref_lse).abs().max().item(), [])
         print(f"  sweep {label:<40} built, max|o - default| {diff:.2g}", flush=True)
     for round_ in range(rounds):

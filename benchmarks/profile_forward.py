@@ -46,12 +46,34 @@ def kernel_intervals(prof) -> list:
     return sorted(spans, key=lambda s: s[1])
 
 
+def print_gaps(spans: list, top: int):
+    """The idle time between consecutive kernels, summed by the pair of kernel names around it, and the ``top``
+    longest gaps with their place in the trace (a host wait shows as one long gap, launch latency as many short)."""
+    gaps, by_pair = [], defaultdict(lambda: [0, 0.0])
+    covered_to = spans[0][2]
+    for i in range(1, len(spans)):
+        name, s, e = spans[i]
+        if s > covered_to:
+            pair = (spans[i - 1][0][:40], name[:40])
+            gaps.append((s - covered_to, i, pair))
+            by_pair[pair][0] += 1
+            by_pair[pair][1] += s - covered_to
+        covered_to = max(covered_to, e)
+    print(f"  gaps between kernels: {len(gaps)}, {sum(g for g, *_ in gaps) / 1e3:.3f} ms")
+    for (before, after), (count, us) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"    {us / 1e3:7.3f} ms {count:4d} x  {before} -> {after}")
+    for us, i, (before, after) in sorted(gaps, reverse=True)[:top]:
+        print(f"    longest: {us:8.1f} us before kernel {i}: {before} -> {after}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--query-chunk", type=int, default=None, help="default: the tuned / default schedule's")
     parser.add_argument("--persistent-store-warp", action="store_true",
                         help="attention_config=dict(store_warp=True, persistent=True)")
+    parser.add_argument("--local-combine", action="store_true", help="local_combine=True")
+    parser.add_argument("--gaps", type=int, default=8, help="the longest gaps between kernels to list")
     parser.add_argument("--runs", type=int, default=3, help="forwards traced after two warm-up ones")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -65,6 +87,8 @@ def main(argv=None):
     kw = dict(query_chunk=args.query_chunk)
     if args.persistent_store_warp:
         kw["attention_config"] = dict(store_warp=True, persistent=True)
+    if args.local_combine:
+        kw["local_combine"] = True
     o = torch.empty_like(q)
     forward = lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw)  # noqa: E731
     for _ in range(2):
@@ -80,19 +104,22 @@ def main(argv=None):
             print("no CUDA events recorded")
             return 1
         start, end = spans[0][1], max(s[2] for s in spans)
-        by_name = defaultdict(lambda: [0, 0.0])
+        by_name = defaultdict(lambda: [0, 0.0, []])
         busy, covered_to = 0.0, start
         for name, s, e in spans:
             by_name[name][0] += 1
             by_name[name][1] += e - s
+            by_name[name][2].append(e - s)
             busy += max(0.0, e - max(s, covered_to))  # the union of the intervals (kernels may overlap)
             covered_to = max(covered_to, e)
         span = end - start
         print(f"run {run + 1}: span {span / 1e3:8.3f} ms, kernels cover {busy / 1e3:8.3f} ms, "
               f"idle {(span - busy) / 1e3:6.3f} ms", flush=True)
         if run == args.runs - 1:
-            for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
-                print(f"  {us / 1e3:8.3f} ms  {count:5d} x  {name[:100]}")
+            for name, (count, us, each) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
+                spread = f" ({min(each):.0f}-{max(each):.0f} us each)" if count > 1 else ""
+                print(f"  {us / 1e3:8.3f} ms  {count:5d} x  {name[:80]}{spread}")
+            print_gaps(spans, args.gaps)
     return 0
 
 

@@ -154,3 +154,16 @@ def test_profile_forward_selection_is_canonical_with_the_own_block(N):
     assert torch.equal(canonical_indices(idx, BK, 0), idx)  # no repeats, nothing in a query's future
     visible = torch.minimum(own + 1, torch.tensor(TOPK))
     assert ((idx[0] >= 0).sum(-1) == visible[:, None]).all()  # every slot used where enough blocks are visible
+
+
+def test_profile_forward_sums_the_gaps_between_kernels(capsys):
+    """Idle time only where no kernel runs (an overlapped kernel leaves no gap), summed by the pair around it."""
+    from benchmarks.profile_forward import print_gaps
+
+    spans = [("fill", 0.0, 10.0), ("attention", 14.0, 50.0), ("side", 20.0, 60.0), ("fill", 61.0, 70.0),
+             ("attention", 73.0, 90.0)]
+    print_gaps(spans, top=2)
+    out = capsys.readouterr().out
+    assert "gaps between kernels: 3, 0.008 ms" in out  # 4 + 1 + 3 us; none inside 14-60
+    assert "0.007 ms    2 x  fill -> attention" in out and "0.001 ms    1 x  side -> fill" in out
+    assert "longest:      4.0 us before kernel 1: fill -> attention" in out

@@ -729,14 +729,15 @@ def test_the_local_combine_says_what_it_needs(config, match):
 
 def test_the_local_combine_streams_its_pieces_from_a_warp_of_their_own():
     """One TMA load site for the partial pieces (64 columns a copy, read once: evict first), issued by the second
-    producer warp, which waits only for the pieces' ring (whose slots count on across tiles), never for a Q slot:
-    the partials keep streaming while the consumer attends."""
+    producer warp, which waits only for the pieces' ring (whose slots count on across live tiles), never for a Q
+    slot: the partials keep streaming while the consumer attends."""
     source = lower_to_cuda(local_combine.local_combine_program, **PAPER)
     assert source.count("tl::tma_load<tl::CacheHintSm90::EVICT_FIRST>(Opart_desc") == 1
     producer = source[source.index("warpgroup_reg_dealloc"):source.index("warpgroup_reg_alloc")]
     pieces_warp = producer[producer.index("< 192"):]
     assert "Opart_desc" in pieces_warp and "q_empty" not in pieces_warp and "Q_desc" not in pieces_warp
-    assert "% 3)].wait" in pieces_warp  # the ring slot of piece j * pieces + p: across tiles
+    # the ring slot of piece k = (live tiles before) * pieces + p: across tiles
+    assert "(k % 3))].wait" in pieces_warp and "int k = ((n_live[0] * 8) + p" in pieces_warp
 
 
 def test_row_flags_mark_the_own_block_and_rows_with_partials():
@@ -747,7 +748,16 @@ def test_row_flags_mark_the_own_block_and_rows_with_partials():
     Bk = 4
     idx = torch.tensor([[[[0, -1]], [[0, -1]], [[1, 0]], [[-1, -1]], [[0, -1]]]], dtype=torch.int32)  # [1, 5, 1, 2]
     others, own = split_own_block(idx, Bk)  # queries 0-3: block 0 is their own; query 4: block 1
+    slot0 = 1 << local_combine.FLAG_SLOTS
     flags = local_combine.row_flags(others, own)
-    # 0, 1: only their own block; 2: its own block and block 1 (a partial): both bits; 3: nothing; 4: block 0 is
-    # not its own: a partial, no own term
-    assert flags.tolist() == [[[1], [1], [3], [0], [2]]]
+    # 0, 1: only their own block; 2: its own block and block 1 (a partial in slot 0): own, partial and slot bits;
+    # 3: nothing; 4: block 0 is not its own: a partial in slot 0, no own term
+    assert flags.tolist() == [[[1], [1], [1 | 2 | slot0], [0], [2 | slot0]]]
+    shared = torch.tensor([[[False], [True], [False], [False], [False]]])  # query 1's row: a shared tile's
+    flags = local_combine.row_flags(others, own, shared)
+    assert flags.tolist() == [[[1], [1 | local_combine.FLAG_SKIP], [1 | 2 | slot0], [0], [2 | slot0]]]
+    swapped = others.flip(-1)  # the partial in slot 1 instead
+    assert local_combine.row_flags(swapped, own)[0, 2, 0] == 1 | 2 | slot0 << 1
+    wide = torch.full((1, 5, 1, local_combine.MAX_TOPK + 1), -1, dtype=torch.int32)  # a bit a slot: no room
+    with pytest.raises(ValueError, match="topk <="):
+        local_combine.row_flags(wide, own)

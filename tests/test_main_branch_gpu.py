@@ -722,7 +722,7 @@ def test_local_combine_beside_shared_tiles():
 
 def test_local_combine_follows_the_set_contract():
     """Hostile ids made canonical: rows that left their own block out (a NaN in it must not reach them), rows with
-    nothing left (o = 0, lse = -inf)."""
+    nothing left (o = 0, lse = -inf), and a row whose one visible own key is the NaN (it must reach that row)."""
     from msa_tl.attention.kv_outer import sparse_attention_forward
     from msa_tl.ops.validation import canonical_indices
 
@@ -738,12 +738,18 @@ def test_local_combine_follows_the_set_contract():
     k2 = k.clone()
     t = int(left_out[0, :, 1].nonzero()[-1])  # a query of KV head 1 that left its own block out: NaN in that block
     k2[0, t // Bk * Bk, 1, 3] = float("nan")
+    first = t // Bk * Bk  # the block's first query sees one key of its own block, the NaN one: a row max of -inf
+    forced = first != t and first % 11 != 3 and t // Bk > 0
+    if forced:  # it chooses its own block and block 0 (a partial)
+        indices[0, first, 1] = -1
+        indices[0, first, 1, :2] = torch.tensor([t // Bk, 0])
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
     sparse_attention_forward(q, k2, v, indices, Bk, local_combine=True, shared_tiles=False, out=o, lse_out=lse)
     ref_o, ref_lse = R.sparse_attention(q, k2, v, indices, Bk)
     poisoned = torch.isnan(ref_lse)
     assert not poisoned[0, t, Hq // G:2 * Hq // G].any()  # its rows never see the NaN
+    assert not forced or poisoned[0, first, Hq // G:2 * Hq // G].all()
     assert torch.equal(torch.isnan(lse), poisoned)
     empty = torch.isneginf(ref_lse)
     assert empty[:, 3::11].all() and torch.isneginf(lse[empty]).all() and (o[empty] == 0).all()

@@ -2,7 +2,7 @@
 
 import torch
 
-from msa_tl.attention.shared_tiles import sharing_tiles, tile_queries, tile_rows, without_shared_tiles
+from msa_tl.attention.shared_tiles import shared_rows, sharing_tiles, tile_queries, tile_rows, without_shared_tiles
 
 
 def block_pattern(B, N, G, Bk, topk):
@@ -42,8 +42,11 @@ def test_the_kv_outer_path_keeps_exactly_the_other_rows():
     indices[0, 40:48, 0] = torch.randint(0, 1, (8, topk), dtype=torch.int32).sort(-1).values  # tile 5: all 0s
     indices[0, 41, 0, 1] = -1  # ... now unequal
     shared = sharing_tiles(indices, R, Bk)
-    left = without_shared_tiles(indices, shared, R, Bk)
+    rows = shared_rows(shared, N, R, Bk)
+    assert rows.shape == (B, N, G) and rows.dtype == torch.bool and not rows[:, 200:].any()
+    left = without_shared_tiles(indices, rows)
     rows_shared = shared.bool().repeat_interleave(8, dim=1)  # [B, 200, G]
+    assert torch.equal(rows[:, :200], rows_shared)
     assert (left[:, :200][rows_shared] == -1).all()
     assert torch.equal(left[:, :200][~rows_shared], indices[:, :200][~rows_shared])
     assert torch.equal(left[:, 200:], indices[:, 200:])  # the tail tile runs KV-outer

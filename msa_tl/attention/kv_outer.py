@@ -43,7 +43,8 @@ from msa_tl.attention.local_combine import (LOCAL_COMBINE_DEFAULTS, local_combin
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
-from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles, tile_queries, without_shared_tiles
+from msa_tl.attention.shared_tiles import (shared_rows, shared_tile_attention, sharing_tiles, tile_queries,
+                                          without_shared_tiles)
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
 from msa_tl.tuning.cache import tuned_config
@@ -994,7 +995,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
                              persistent_combine_config=None, accumulate=None, accumulate_config=None,
-                             combine_ctas=None, local_combine=None, out=None, lse_out=None, query_start: int = 0):
+                             combine_ctas=None, local_combine=None, local_combine_config=None, out=None, lse_out=None,
+                             query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -1027,7 +1029,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     (:func:`msa_tl.attention.local_combine.local_combine_program`, a CTA per key block and KV head) attends it and
     merges it with the other partials, so no partial is written or read for it. 16-bit partials, 8-64 heads per KV
     head, head dims 64 / 128, queries from position 0, not with the accumulators, combine warps or ``combine_ctas``
-    (asked for there, a ValueError).
+    (asked for there, a ValueError); ``local_combine_config``: its knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing
+    waits for the shared tiles' count: both paths are queued (rows without partials load nothing, an empty schedule
+    has no work), so the host never syncs and runs ahead of the GPU; where the tiles own every row, the empty chunks
+    still launch (~0.7 ms at 128K on the H100, NOTES.md session 29).
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -1076,31 +1081,35 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         raise ValueError(f"accumulate: {unsupported}")
     accumulate = (schedule_config["accumulate"] and not unsupported) if accumulate is None else accumulate
     local_combine = schedule_config["local_combine"] if local_combine is None else local_combine
+    local_config = {**LOCAL_COMBINE_DEFAULTS, **(local_combine_config or {})}
     if local_combine:
         conflicts = {"head dims <= 128": wide, "queries from position 0": query_start,
                      "not with the accumulators": accumulate, "not with combine_ctas": combine_ctas,
                      "not with combine warps": attention_config.get("combine_warps")}
         why = next((why for why, bad in conflicts.items() if bad), None) or local_combine_unsupported(
-            R, D, block_size, topk, partial_dtype.itemsize, LOCAL_COMBINE_DEFAULTS)
+            R, D, block_size, topk, partial_dtype.itemsize, local_config)
         if why:
             raise ValueError(f"local_combine: {why}")
         combine_ctas = 0  # not the tuned config's side-stream combine either
-    kv_indices, tiles = indices, 0  # the KV-outer path's indices; query tiles attended Q-outer
+    kv_indices, tiles, shared_mask = indices, 0, None  # the KV-outer path's indices; query tiles attended Q-outer
+    count_tiles = shared_tiles and not local_combine  # the host reads the count (one sync on an event)
     if shared_tiles:
         shared = sharing_tiles(indices, R, block_size)
-        tile_count, counted = _count_to_host(shared)
-        kv_indices = without_shared_tiles(indices, shared, R, block_size)
+        if count_tiles:
+            tile_count, counted = _count_to_host(shared)
+        shared_mask = shared_rows(shared, N, R, block_size)  # [B, N, G]
+        kv_indices = without_shared_tiles(indices, shared_mask)
     flags = None  # local_combine: [B, N, G] int32, the local combine's RowFlags
     if local_combine:
         kv_indices, own_chosen = split_own_block(kv_indices, block_size)
-        flags = row_flags(kv_indices, own_chosen)
+        flags = row_flags(kv_indices, own_chosen, shared_mask)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
     # forward, NOTES.md). Where the tiles hold every row it goes unused. The accumulators build their own.
     schedule = None if accumulate else _kv_outer_schedule(kv_indices, block_size, chunk, item_queries, build_once,
                                                           math.ceil(k.shape[1] / block_size))
     kv_outer_rows = True  # any row left for the KV-outer path
-    if shared_tiles:
+    if count_tiles:
         counted.synchronize()
         tiles = int(tile_count)
         kv_outer_rows = tiles < shared.numel() or N % tile_queries(R, block_size) > 0
@@ -1127,8 +1136,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
             attention_config["ctas"] = max(1, sm_count(q.device) - combine_ctas)
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
-                          query_start, combine_ctas, flags)
-    if tiles:
+                          query_start, combine_ctas, flags, local_config)
+    if tiles or (shared_tiles and not count_tiles):
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     if flagged is not None:
         flags_counted.synchronize()
@@ -1168,7 +1177,7 @@ def _kv_outer_schedule(indices, block_size: int, chunk: int, item_queries: int, 
 
 def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chunk, partial_dtype, attention_config,
                       combine_config, persistent_config, unfit, tiles: bool, persistent_combine: bool,
-                      query_start: int = 0, combine_ctas: int = 0, flags=None):
+                      query_start: int = 0, combine_ctas: int = 0, flags=None, local_config=None):
     """The KV-outer path of :func:`sparse_attention_forward` (attention and combine by query chunk; ``schedule`` from
     :func:`_kv_outer_schedule`: built for every chunk, or here per chunk where it holds one) into o / lse.
     ``tiles``: shared tiles own some rows, whose empty partials the per-row combine skips. ``query_start``: the
@@ -1177,7 +1186,8 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     ``attention_config["combine_warps"]``: each chunk but the last is merged by the next chunk's attention kernel (its
     combine warps), the last by the combine kernel; the partials are double-buffered. ``flags`` [B, N, G]
     (:func:`msa_tl.attention.local_combine.row_flags`): the own blocks are left out of ``indices`` and each chunk's
-    combine is the local combine, which attends them."""
+    combine is the local combine (knobs ``local_config``), which attends them and reads only the slots the flags
+    mark, so its chunks' LSE partials need no -inf fill."""
     B, N, Hq, D = q.shape
     G, topk = k.shape[2], indices.shape[3]
     chunks = math.ceil(N / chunk)
@@ -1194,8 +1204,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
                                 **attention_config, **(dict(query_offset=True) if query_start else {}))
     if flags is not None:
         combine = compiled_kernel(local_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G,
-                                  block_size=block_size, scale=scale, dtype=dt, partial_dtype=pdt,
-                                  **LOCAL_COMBINE_DEFAULTS)
+                                  block_size=block_size, scale=scale, dtype=dt, partial_dtype=pdt, **local_config)
     elif persistent_combine and not unfit:
         ctas = persistent_config["ctas"] or sm_count(q.device)
         combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G, dtype=dt,
@@ -1221,7 +1230,8 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         lp = l_part[c % buffers, : B * count * Hq * topk].view(B, count * Hq * topk)
         if overlap and read[c % buffers] is not None:
             main.wait_event(read[c % buffers])
-        lp.fill_(float("-inf"))
+        if flags is None:  # the slots no item writes keep -inf
+            lp.fill_(float("-inf"))
         merged, last = (), ()
         if fused:  # the first chunk's launch merges nothing
             op_prev, lp_prev, t_prev, n_prev = previous or (op, lp, 0, 0)

@@ -16,13 +16,18 @@ attends each query of the block to its own block (causal) and merges that term w
 
 Inputs as :func:`msa_tl.attention.combine.combine_program` takes them, plus Q, K, V and RowFlags [B, N, G]
 (:func:`row_flags`: bit 0 where the query chose its own block, else the term is left out; bit 1 where it has
-partials, else none of its slots is loaded: the rows shared tiles own, or that chose only their own block). The
-own block's slot holds no partial (its LSE partial is -inf, as every unused slot's), so no slot needs naming.
+partials, else none of its slots is loaded: rows that chose only their own block; bit 2 where a shared tile owns
+the row (:mod:`msa_tl.attention.shared_tiles`, which writes it): nothing is loaded, attended or stored for it, and
+a tile of such rows is skipped; bit 3 + s where slot s holds a partial). The slots the KV-outer kernel did not write
+(the own block's, -1 ids) are never read by their LSE, so their partial LSEs need no -inf fill.
 NOTES.md (session 28, design 7) has the cost model: the same partial bytes less the local ones, Q read once, the
 local attention's tensor work hidden under the partials' stream.
 """
 
+import math
+
 import tilelang.language as T
+import torch
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.attention.scheduler import tma_loads_macros
@@ -31,10 +36,22 @@ from msa_tl.tl_compile import SMEM_LIMIT
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
-# 3 stages of 2 slots x 64 rows (32 KB each): ~96 KB of partials in flight an SM, ~4x what one SM's share of DRAM
-# needs under ~1.5 us of latency; not yet a tunable program (no GPU timing of it exists)
+# 3 stages of 2 slots x 64 rows (32 KB each): ~96 KB of partials in flight an SM. L2 prefetches further ahead were
+# slower (NOTES.md, session 29: the prefetched lines are evicted before their loads). bench_main --chunks sweeps it.
 LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2)
+FLAG_SKIP = 4  # RowFlags: bit 0 own block chosen, bit 1 any partial, bit 2 (this) a shared tile's row,
+FLAG_SLOTS = 3  # bit FLAG_SLOTS + s slot s written
+MAX_TOPK = 31 - FLAG_SLOTS  # the slot bits fit an int32 below its sign bit
 ROWS = 64  # one wgmma M tile: 64 / R queries x R heads
+TMA_SMEM_ALIGN = 128  # bytes: a TMA tensor copy's shared-memory address
+
+
+def lse_slots(heads_per_group: int, topk: int) -> int:
+    """Slots a query's row of partial LSEs [slots, R] fp32 takes in shared memory: topk, padded so that every query's
+    row starts at a TMA-aligned address (R = 8, topk = 6 would put the second query's row 192 bytes in)."""
+    per_slot = heads_per_group * 4
+    step = TMA_SMEM_ALIGN // math.gcd(TMA_SMEM_ALIGN, per_slot)
+    return -(-topk // step) * step
 
 
 def local_combine_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
@@ -43,7 +60,7 @@ def local_combine_shared_bytes(heads_per_group: int, head_dim: int, block_size: 
     ring, the ``stages``-deep ring of partial pieces, the barriers."""
     R, D = heads_per_group, head_dim
     tq = ROWS // R
-    return (2 * block_size * D * 2 + 2 * ROWS * D * 2 + 2 * tq * topk * R * 4
+    return (2 * block_size * D * 2 + 2 * ROWS * D * 2 + 2 * tq * lse_slots(R, topk) * R * 4
             + stages * tq * slots_per_piece * R * D * partial_bytes + 8 * (5 + 2 * stages))
 
 
@@ -57,6 +74,8 @@ def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: i
         return f"head dims 64 or 128, got {head_dim}"
     if partial_bytes != 2:
         return "16-bit partials"
+    if topk > MAX_TOPK:
+        return f"topk <= {MAX_TOPK} (a RowFlags bit a slot), got {topk}"
     if topk % config["slots_per_piece"]:
         return f"slots_per_piece ({config['slots_per_piece']}) must divide topk ({topk})"
     smem = local_combine_shared_bytes(R, head_dim, block_size, topk, config["stages"], config["slots_per_piece"],
@@ -66,11 +85,21 @@ def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: i
     return None
 
 
-def row_flags(kv_indices, own_chosen):
+def row_flags(kv_indices, own_chosen, shared_mask=None):
     """[B, N, G] int32 for :func:`local_combine_program`: bit 0 from ``own_chosen`` [B, N, G] (the query chose its
-    own block), bit 1 where ``kv_indices`` [B, N, G, topk] (the own blocks already left out) holds any block, i.e.
-    where the query has partials to merge."""
-    return (own_chosen | ((kv_indices >= 0).any(dim=-1).int() << 1)).contiguous()
+    own block), bit 1 where ``kv_indices`` [B, N, G, topk] (the own blocks already left out, topk <= MAX_TOPK) holds
+    any block, i.e. where the query has partials to merge, bit ``FLAG_SLOTS + s`` where slot s holds one, and
+    ``FLAG_SKIP`` where ``shared_mask`` [B, N, G] bool (:func:`msa_tl.attention.shared_tiles.shared_rows`) is set."""
+    topk = kv_indices.shape[-1]
+    if topk > MAX_TOPK:
+        raise ValueError(f"row_flags: topk <= {MAX_TOPK}, got {topk}")
+    bits = torch.bitwise_left_shift(1, torch.arange(FLAG_SLOTS, FLAG_SLOTS + topk, device=kv_indices.device,
+                                                    dtype=torch.int32))
+    slots = torch.where(kv_indices >= 0, bits, 0).sum(dim=-1, dtype=torch.int32)  # [B, N, G]
+    flags = own_chosen | ((slots != 0).int() << 1) | slots
+    if shared_mask is not None:
+        flags = flags | (shared_mask.int() * FLAG_SKIP)
+    return flags.contiguous()
 
 
 def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, block_size: int, scale: float,
@@ -79,7 +108,9 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                           partial_dtype: str = "bfloat16"):
     """Q [B, N, Hq, D], K / V [B, N, G, D], RowFlags [B, N, G] int32, Opart [B, pairs * topk * R, D] and
     Lpart [B, pairs * topk, R] (pair (t - t0) * G + g of the chunk's queries t0 <= t < t1, as the KV-outer kernel
-    writes them) -> O [B, N, Hq, D], LSE [B, N, Hq] for the chunk's queries. Grid: (the chunk's key blocks, B * G)."""
+    writes them; the slots RowFlags leaves out may hold anything) -> O [B, N, Hq, D], LSE [B, N, Hq] for the chunk's
+    queries. Grid: (the chunk's key blocks, B * G). Every role skips the tiles whose rows are all shared tiles' by
+    the same rule, so the rings turn only for live tiles, and a block with none loads nothing."""
     R, D, Bk = heads // groups, head_dim, block_size
     unfit = local_combine_unsupported(R, D, Bk, topk, 2 if partial_dtype != "float32" else 4,
                                       dict(stages=stages, slots_per_piece=slots_per_piece))
@@ -93,28 +124,38 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
     load_block, _ = tma_loads_macros(R, D, Bk, TQ, topk)
 
     @T.macro
-    def load_tile(Q, Lpart, RowFlags, b, g, qa, q_hi, t0, j, ring, lse_s, q_full):
-        """Tile j's Q rows [ROWS, D] and its queries' partial LSEs [TQ, topk, R] (where they have partials) into
-        ring slot j % 2."""
+    def read_flags(flags_s, j, fl, live):
+        """Tile j's RowFlags into fl [TQ] and live[0] = 1 where any row is not skipped: each role reads them alike,
+        so all turn their rings on the same tiles."""
+        live[0] = 0
         for qi in T.unroll(TQ):
-            if qa + qi < q_hi:
-                for h in T.unroll(D // 64):
-                    T.tma_copy(Q[b, qa + qi, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
-                               ring[j % 2, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=q_full[j % 2],
-                               leader_scope_threads=32)
-                if (RowFlags[b, qa + qi, g] & 2) != 0:
-                    pair = (qa + qi - t0) * groups + g
-                    T.tma_copy(Lpart[b, pair * topk:(pair + 1) * topk, :], lse_s[j % 2, qi, :, :],
-                               barrier=q_full[j % 2], leader_scope_threads=32, eviction_policy="evict_first")
-        T.barrier_arrive(q_full[j % 2])
+            fl[qi] = flags_s[j * TQ + qi]
+            if (fl[qi] & FLAG_SKIP) == 0:
+                live[0] = 1
 
     @T.macro
-    def load_piece(Opart, RowFlags, b, g, qa, q_hi, t0, p, k, pieces, p_full):
-        """Piece p of a tile (slots p SP .. p SP + SP - 1 of its queries that have partials) into ring slot
+    def load_tile(Q, Lpart, b, g, qa, t0, c, fl, ring, lse_s, q_full):
+        """A live tile's Q rows [ROWS, D] and its queries' partial LSEs [TQ, topk, R] (where they have partials)
+        into ring slot c % 2 (c: the live tiles before it)."""
+        for qi in T.unroll(TQ):
+            if (fl[qi] & FLAG_SKIP) == 0:
+                for h in T.unroll(D // 64):
+                    T.tma_copy(Q[b, qa + qi, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
+                               ring[c % 2, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=q_full[c % 2],
+                               leader_scope_threads=32)
+            if (fl[qi] & 2) != 0:
+                pair = (qa + qi - t0) * groups + g
+                T.tma_copy(Lpart[b, pair * topk:(pair + 1) * topk, :], lse_s[c % 2, qi, 0:topk, :],
+                           barrier=q_full[c % 2], leader_scope_threads=32, eviction_policy="evict_first")
+        T.barrier_arrive(q_full[c % 2])
+
+    @T.macro
+    def load_piece(Opart, b, g, qa, t0, p, k, fl, pieces, p_full):
+        """Piece p of a live tile (slots p SP .. p SP + SP - 1 of its queries that have partials) into ring slot
         k % stages: one box of SP x R rows a query, read once (evict first: the partials stream, the chunk's Q
         stays)."""
         for qi in T.unroll(TQ):
-            if qa + qi < q_hi and (RowFlags[b, T.min(qa + qi, q_hi - 1), g] & 2) != 0:
+            if (fl[qi] & 2) != 0:
                 row = (((qa + qi - t0) * groups + g) * topk + p * SP) * R
                 for h in T.unroll(D // 64):  # [SP R, 64] a copy: one 128-byte swizzle span
                     T.tma_copy(Opart[b, row:row + SP * R, h * 64:(h + 1) * 64],
@@ -139,7 +180,8 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             K_s = T.alloc_shared((Bk, D), dtype)
             V_s = T.alloc_shared((Bk, D), dtype)
             ring = T.alloc_shared((2, ROWS, D), dtype)  # [2, ROWS, D]: tile j's Q rows in slot j % 2
-            lse_s = T.alloc_shared((2, TQ, topk, R), "float32")  # [2, TQ, topk, R]: its queries' partial LSEs
+            # [2, TQ, slots, R]: its queries' partial LSEs (topk of the slots)
+            lse_s = T.alloc_shared((2, TQ, lse_slots(R, topk), R), "float32")
             pieces = T.alloc_shared((stages, TQ * SP * R, D), partial_dtype)  # [stages, TQ SP R, D]
             acc_s = T.alloc_fragment((ROWS, Bk), "float32")  # [ROWS, Bk]
             p = T.alloc_fragment((ROWS, Bk), dtype)
@@ -150,6 +192,12 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             w = T.alloc_fragment((ROWS,), "float32")  # [ROWS] a slot's weight
             qpos = T.alloc_fragment((ROWS,), "int32")  # [ROWS] the row's query
             flags = T.alloc_fragment((ROWS,), "int32")  # [ROWS] its RowFlags
+            # [Bk] the block's RowFlags (FLAG_SKIP past the chunk): read from global memory once, not a tile at a time
+            # by each role (dependent loads: ~30 us a block of skipped tiles)
+            flags_s = T.alloc_shared((Bk,), "int32")
+            fl = T.alloc_local((TQ,), "int32")  # [TQ] the tile's RowFlags, read by every role
+            live = T.alloc_local((1,), "int32")  # the tile has a row to attend
+            n_live = T.alloc_local((1,), "int32")  # live tiles so far: the rings' turns
             # swizzled: the consumer reads a piece in the wgmma's layout, 8 rows 256 B apart at once (8-way bank
             # conflicts unswizzled)
             T.annotate_layout({pieces: make_swizzled_layout(pieces)})
@@ -166,74 +214,93 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             q_hi = T.min(t1, blk * Bk + Bk)
             n_tiles = T.ceildiv(q_hi - q_lo, TQ)
             tx = T.get_thread_binding()
+            for i in T.Parallel(Bk):
+                flags_s[i] = T.if_then_else(q_lo + i < q_hi, RowFlags[b, T.min(q_lo + i, q_hi - 1), g], FLAG_SKIP)
+            T.sync_threads()
+            n_live[0] = 0
             if tx >= 128:  # producer: two warps, so neither stream waits on the other's ring
-                T.set_max_nreg(40, 0)
-                if tx < 160:  # K / V, then each tile's Q rows and LSEs as its ring slot frees
-                    load_block(K, V, b, blk, g, K_s, V_s, None, kv_ready, 0)
-                    T.barrier_arrive(kv_ready[0])
+                T.set_max_nreg(56, 0)
+                if tx < 160:  # K / V with the first live tile, then each live tile's Q rows and LSEs
                     for j in T.serial(n_tiles):
-                        T.barrier_wait(q_empty[j % 2], ((j // 2) & 1) ^ 1)
-                        load_tile(Q, Lpart, RowFlags, b, g, q_lo + j * TQ, q_hi, t0, j, ring, lse_s, q_full)
-                elif tx < 192:  # the partial pieces, tile after tile: the ring runs on across tiles
+                        read_flags(flags_s, j, fl, live)
+                        if live[0] != 0:
+                            if n_live[0] == 0:
+                                load_block(K, V, b, blk, g, K_s, V_s, None, kv_ready, 0)
+                                T.barrier_arrive(kv_ready[0])
+                            T.barrier_wait(q_empty[n_live[0] % 2], ((n_live[0] // 2) & 1) ^ 1)
+                            load_tile(Q, Lpart, b, g, q_lo + j * TQ, t0, n_live[0], fl, ring, lse_s, q_full)
+                            n_live[0] += 1
+                elif tx < 192:  # the partial pieces, live tile after live tile: the ring runs on across tiles
                     for j in T.serial(n_tiles):
-                        for pp in T.serial(NP):
-                            k = j * NP + pp
-                            T.barrier_wait(p_empty[k % stages], ((k // stages) & 1) ^ 1)
-                            load_piece(Opart, RowFlags, b, g, q_lo + j * TQ, q_hi, t0, pp, k, pieces, p_full)
+                        read_flags(flags_s, j, fl, live)
+                        if live[0] != 0:
+                            for pp in T.serial(NP):
+                                k = n_live[0] * NP + pp
+                                T.barrier_wait(p_empty[k % stages], ((k // stages) & 1) ^ 1)
+                                load_piece(Opart, b, g, q_lo + j * TQ, t0, pp, k, fl, pieces, p_full)
+                            n_live[0] += 1
             else:  # consumer
                 T.set_max_nreg(216, 1)
-                T.barrier_wait(kv_ready[0], 0)
                 for j in T.serial(n_tiles):
                     qa = q_lo + j * TQ
-                    T.barrier_wait(q_full[j % 2], (j // 2) & 1)
-                    T.wgmma_gemm(ring[j % 2, :, :], K_s, acc_s, transpose_B=True, clear_accum=True)  # [ROWS, Bk]
-                    for r in T.Parallel(ROWS):
-                        qpos[r] = qa + r // R
-                    T.wait_wgmma(0)
-                    for r, col in T.Parallel(ROWS, Bk):  # causal inside the own block
-                        acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
-                    T.reduce_max(acc_s, m, dim=1)
-                    for r, col in T.Parallel(ROWS, Bk):
-                        acc_s[r, col] = T.exp2(acc_s[r, col] * scale_log2 - m[r] * scale_log2)
-                    T.reduce_sum(acc_s, l, dim=1)
-                    T.copy(acc_s, p)
-                    T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [ROWS, D]
-                    for r in T.Parallel(ROWS):  # the merge's max: the own term (if chosen) and the partial LSEs
-                        flags[r] = RowFlags[b, T.min(qpos[r], q_hi - 1), g]
-                        chosen = (flags[r] & 1) != 0
-                        mx[r] = T.if_then_else(chosen, m[r] * scale, neg_inf)
-                        if (flags[r] & 2) != 0:
-                            for s in range(topk):
-                                mx[r] = T.max(mx[r], lse_s[j % 2, r // R, s, r % R])
-                        w[r] = T.if_then_else(chosen, T.if_then_else(mx[r] != neg_inf,
-                                                                     T.exp2((m[r] * scale - mx[r]) * _LOG2E), 0.0), 0.0)
-                        l[r] = T.if_then_else(w[r] > 0, l[r] * w[r], 0.0)
-                    T.wait_wgmma(0)
-                    for r, d in T.Parallel(ROWS, D):  # a select: a left-out own term may hold NaN from its keys
-                        acc_o[r, d] = T.if_then_else(w[r] > 0, acc_o[r, d] * w[r], 0.0)
-                    for pp in T.serial(NP):
-                        k = j * NP + pp
-                        T.barrier_wait(p_full[k % stages], (k // stages) & 1)
-                        for s2 in T.unroll(SP):
-                            for r in T.Parallel(ROWS):  # NaN passes: exp2(NaN) poisons the row's sum
-                                w[r] = T.if_then_else(
-                                    (flags[r] & 2) != 0,
-                                    T.if_then_else(lse_s[j % 2, r // R, pp * SP + s2, r % R] != neg_inf,
-                                                   T.exp2((lse_s[j % 2, r // R, pp * SP + s2, r % R] - mx[r]) * _LOG2E),
-                                                   0.0), 0.0)
-                                l[r] += w[r]
-                            for r, d in T.Parallel(ROWS, D):  # an unused slot's box holds garbage: a select
-                                acc_o[r, d] += T.if_then_else(
-                                    w[r] > 0, w[r] * T.cast(pieces[k % stages, ((r // R) * SP + s2) * R + r % R, d],
-                                                            "float32"), 0.0)
-                        T.barrier_arrive(p_empty[k % stages])
-                    for r in T.Parallel(ROWS):
-                        if qpos[r] < q_hi:
-                            LSE[b, qpos[r], g * R + r % R] = mx[r] + T.log2(l[r]) * _LN2
-                    T.barrier_arrive(q_empty[j % 2])  # the tile's Q rows and LSEs are read
-                    for r, d in T.Parallel(ROWS, D):
-                        if qpos[r] < q_hi:
-                            O[b, qpos[r], g * R + r % R, d] = T.if_then_else(l[r] == 0.0, 0.0, acc_o[r, d] / l[r])
+                    read_flags(flags_s, j, fl, live)
+                    if live[0] != 0:
+                        c = n_live[0]
+                        if c == 0:
+                            T.barrier_wait(kv_ready[0], 0)
+                        T.barrier_wait(q_full[c % 2], (c // 2) & 1)
+                        T.wgmma_gemm(ring[c % 2, :, :], K_s, acc_s, transpose_B=True, clear_accum=True)  # [ROWS, Bk]
+                        for r in T.Parallel(ROWS):
+                            qpos[r] = qa + r // R
+                        T.wait_wgmma(0)
+                        for r, col in T.Parallel(ROWS, Bk):  # causal inside the own block
+                            acc_s[r, col] = T.if_then_else(blk * Bk + col <= qpos[r], acc_s[r, col], neg_inf)
+                        T.reduce_max(acc_s, m, dim=1)
+                        for r, col in T.Parallel(ROWS, Bk):  # a row whose only visible key is NaN has m = -inf (the
+                            # max skips NaN): subtract 0 there, so the NaN reaches l and masked keys still give 0
+                            acc_s[r, col] = T.exp2(acc_s[r, col] * scale_log2
+                                                   - T.if_then_else(m[r] == neg_inf, 0.0, m[r] * scale_log2))
+                        T.reduce_sum(acc_s, l, dim=1)
+                        T.copy(acc_s, p)
+                        T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [ROWS, D]
+                        for r in T.Parallel(ROWS):  # the merge's max: the own term (if chosen) and the partial LSEs
+                            flags[r] = flags_s[T.min(qpos[r], q_hi - 1) - q_lo]
+                            chosen = (flags[r] & 1) != 0
+                            mx[r] = T.if_then_else(chosen, m[r] * scale, neg_inf)
+                            if (flags[r] & 2) != 0:
+                                for s in range(topk):
+                                    mx[r] = T.max(mx[r], T.if_then_else(((flags[r] >> (FLAG_SLOTS + s)) & 1) != 0,
+                                                                        lse_s[c % 2, r // R, s, r % R], neg_inf))
+                            w[r] = T.if_then_else(chosen, T.if_then_else(
+                                mx[r] != neg_inf, T.exp2((m[r] * scale - mx[r]) * _LOG2E), 0.0), 0.0)
+                            l[r] = T.if_then_else(chosen, l[r] * w[r], 0.0)  # NaN * 0 stays NaN
+                        T.wait_wgmma(0)
+                        for r, d in T.Parallel(ROWS, D):  # a select: a left-out own term may hold NaN from its keys
+                            acc_o[r, d] = T.if_then_else((flags[r] & 1) != 0, acc_o[r, d] * w[r], 0.0)
+                        for pp in T.serial(NP):
+                            k = c * NP + pp
+                            T.barrier_wait(p_full[k % stages], (k // stages) & 1)
+                            for s2 in T.unroll(SP):
+                                for r in T.Parallel(ROWS):  # NaN passes: exp2(NaN) poisons the row's sum
+                                    w[r] = T.if_then_else(
+                                        ((flags[r] >> (FLAG_SLOTS + pp * SP + s2)) & 1) != 0,
+                                        T.if_then_else(lse_s[c % 2, r // R, pp * SP + s2, r % R] != neg_inf,
+                                                       T.exp2((lse_s[c % 2, r // R, pp * SP + s2, r % R] - mx[r])
+                                                              * _LOG2E), 0.0), 0.0)
+                                    l[r] += w[r]
+                                for r, d in T.Parallel(ROWS, D):  # an unused slot's box holds garbage: a select
+                                    acc_o[r, d] += T.if_then_else(
+                                        w[r] > 0, w[r] * T.cast(pieces[k % stages, ((r // R) * SP + s2) * R + r % R, d],
+                                                                "float32"), 0.0)
+                            T.barrier_arrive(p_empty[k % stages])
+                        for r in T.Parallel(ROWS):
+                            if qpos[r] < q_hi and (flags[r] & FLAG_SKIP) == 0:
+                                LSE[b, qpos[r], g * R + r % R] = mx[r] + T.log2(l[r]) * _LN2
+                        T.barrier_arrive(q_empty[c % 2])  # the tile's Q rows and LSEs are read
+                        for r, d in T.Parallel(ROWS, D):
+                            if qpos[r] < q_hi and (flags[r] & FLAG_SKIP) == 0:
+                                O[b, qpos[r], g * R + r % R, d] = T.if_then_else(l[r] == 0.0, 0.0, acc_o[r, d] / l[r])
+                        n_live[0] += 1
 
     return local_combine
 

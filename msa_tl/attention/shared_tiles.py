@@ -46,14 +46,20 @@ def sharing_tiles(indices: torch.Tensor, heads_per_group: int, block_size: int) 
     return (rows == rows[:, :, :1]).all(dim=4).all(dim=2).int().contiguous()
 
 
-def without_shared_tiles(indices: torch.Tensor, shared: torch.Tensor, heads_per_group: int,
-                         block_size: int) -> torch.Tensor:
-    """A copy of indices with every row of a shared tile set to -1 (what the KV-outer path is left with)."""
-    B, N, G, topk = indices.shape
+def shared_rows(shared: torch.Tensor, seq: int, heads_per_group: int, block_size: int) -> torch.Tensor:
+    """shared [B, N // TQ, G] (:func:`sharing_tiles`) -> [B, seq, G] bool: the (query, KV head) rows a shared tile
+    owns."""
+    B, _, G = shared.shape
     TQ = tile_queries(heads_per_group, block_size)
-    mask = torch.zeros((B, N, G), dtype=torch.bool, device=indices.device)
+    mask = torch.zeros((B, seq, G), dtype=torch.bool, device=shared.device)
     mask[:, : shared.shape[1] * TQ] = shared.bool().repeat_interleave(TQ, dim=1)
-    return torch.where(mask[..., None], -1, indices).contiguous()
+    return mask
+
+
+def without_shared_tiles(indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of indices [B, N, G, topk] with the rows ``rows`` [B, N, G] (:func:`shared_rows`) marks set to -1:
+    what the KV-outer path is left with."""
+    return torch.where(rows[..., None], -1, indices).contiguous()
 
 
 def position(row, q0):
