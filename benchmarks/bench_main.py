@@ -271,13 +271,16 @@ def chunks_variants():
     re-reads every K/V block its queries chose (~N / 128 blocks a KV head at random): the best chunk shrinks the
     two together, and moves with N (NOTES.md, session 28). Last, the own blocks attended in the combine
     (``local_combine``: no partial for them) with today's path and with the persistent store warp at 4K-16K chunks,
-    and at 4K with a ring of 2 pieces and rings of 6 and 7 half-size pieces (96 and 112 KB)."""
+    and at 4K with a ring of 2 pieces and rings of 6 and 7 half-size pieces (96 and 112 KB); last, the index rows'
+    bookkeeping in one launch (``fused_prep``) at 4K, with and without the local combine."""
     persistent = attention(store_warp=True, persistent=True)
     return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)]
                     + [dict(local_combine=True)]
                     + [dict(query_chunk=c, local_combine=True, **persistent) for c in (4096, 6144, 8192, 16384)]
                     + [dict(query_chunk=4096, local_combine=True, local_combine_config=c, **persistent)
-                       for c in (dict(stages=2), dict(stages=6, slots_per_piece=1), dict(stages=7, slots_per_piece=1))])
+                       for c in (dict(stages=2), dict(stages=6, slots_per_piece=1), dict(stages=7, slots_per_piece=1))]
+                    + [dict(query_chunk=4096, fused_prep=True, **persistent),
+                       dict(query_chunk=4096, local_combine=True, fused_prep=True, **persistent)])
 
 
 def combine_warps_variants():

@@ -14,6 +14,7 @@ from msa_tl.attention import combine as lse_combine  # noqa: E402
 from msa_tl.attention import kv_outer as kv_outer_attention  # noqa: E402
 from msa_tl.attention import local_combine  # noqa: E402
 from msa_tl.attention import q_outer as q_outer_attention  # noqa: E402
+from msa_tl.attention import row_prep  # noqa: E402
 from msa_tl.attention import scheduler, shared_tiles  # noqa: E402
 from msa_tl.decode import attention as decode_attention  # noqa: E402
 from msa_tl.decode import rescore as decode_rescore  # noqa: E402
@@ -100,6 +101,10 @@ MAIN_PROGRAMS = [
     (accumulate.accumulate_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=8, scale=0.125,
                                          stages=1, dtype="float16")),  # R = 8
     (accumulate.finalize_program, dict(heads=64, head_dim=128, groups=4, scale=0.088)),
+    (row_prep.row_prep_program, dict(groups=4, topk=16, heads_per_group=16, block_size=128, tiles=True, local=True)),
+    (row_prep.row_prep_program, dict(groups=8, topk=4, heads_per_group=1, block_size=64, tiles=True,
+                                     local=False)),  # 64-query tiles
+    (row_prep.row_prep_program, dict(groups=2, topk=6, heads_per_group=8, block_size=64, tiles=False, local=True)),
 ]
 
 

@@ -769,3 +769,51 @@ def test_local_combine_says_what_it_cannot_run_with(kw, match):
     q, k, v = attention_inputs(1, 256, 64, 4, 128)
     with pytest.raises(ValueError, match=match):
         sparse_attention_forward(q, k, v, selection("random", 1, 256, 4, 128, 16), 128, local_combine=True, **kw)
+
+
+def tiled_selection(B, N, G, Bk, topk):
+    """Every query of a key block chooses the same blocks in the same slots (its own, then the ones before it): whole
+    tiles share their rows; a few rows are then changed so that some tiles do not."""
+    own = (torch.arange(N, device="cuda") // Bk)[None, :, None, None]
+    cand = own - torch.arange(topk, device="cuda")
+    indices = torch.where(cand >= 0, cand, -1).expand(B, N, G, topk).int().contiguous()
+    rows = torch.randint(0, N, (N // 50,), device="cuda")
+    indices[:, rows, :, -1] = -1  # canonical still: the oldest block dropped
+    return indices
+
+
+@pytest.mark.parametrize("kind", ["random", "tiled", "hostile"])
+@pytest.mark.parametrize("B,N,G,Bk,topk,R", [(1, 2125, 4, 128, 16, 16), (2, 1003, 2, 64, 6, 8), (1, 700, 3, 64, 4, 1)],
+                         ids=["paper-ragged", "b2-R8-topk6", "R1-64-query-tiles"])
+@pytest.mark.parametrize("tiles,local", [(True, False), (True, True), (False, True)],
+                         ids=["tiles", "tiles-local", "local"])
+def test_the_fused_row_prep_matches_the_torch_ops(kind, B, N, G, Bk, topk, R, tiles, local):
+    """One launch (row_prep_program) gives the same shared tiles, KV-outer indices and RowFlags, bit for bit."""
+    from msa_tl.attention.row_prep import prepare_rows
+    from msa_tl.ops.validation import canonical_indices
+
+    if kind == "random":
+        indices = selection("random", B, N, G, Bk, topk)
+    elif kind == "tiled":
+        indices = tiled_selection(B, N, G, Bk, topk)
+    else:  # made canonical from any ids: rows without their own block, empty rows
+        raw = torch.randint(-1, math.ceil(N / Bk) + 3, (B, N, G, topk), dtype=torch.int32, device="cuda")
+        raw[:, 3::11] = -1
+        indices = canonical_indices(raw, Bk)
+    expected = prepare_rows(indices, R, Bk, tiles, local)
+    got = prepare_rows(indices, R, Bk, tiles, local, fused=True)
+    for want, have in zip(expected, got):
+        assert (want is None) == (have is None)
+        if want is not None:
+            assert have.dtype == want.dtype and torch.equal(have, want)
+    if kind == "tiled" and tiles:
+        assert got[0].any() and not got[0].all()
+
+
+@pytest.mark.parametrize("kind", ["random", "tiled"])
+@pytest.mark.parametrize("local_combine", [False, True], ids=["combine", "local-combine"])
+def test_the_forward_with_the_fused_row_prep_matches_reference(kind, local_combine):
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection("random", B, N, G, Bk, topk) if kind == "random" else tiled_selection(B, N, G, Bk, topk)
+    check_against_reference(q, k, v, indices, Bk, fused_prep=True, local_combine=local_combine)

@@ -51,3 +51,23 @@ def test_the_kv_outer_path_keeps_exactly_the_other_rows():
     assert torch.equal(left[:, :200][~rows_shared], indices[:, :200][~rows_shared])
     assert torch.equal(left[:, 200:], indices[:, 200:])  # the tail tile runs KV-outer
     assert not rows_shared[0, 40:48, 0].any() and rows_shared[0, 40:48, 1].all()
+
+
+def test_prepare_rows_by_torch_ops():
+    """The forward's bookkeeping: shared tiles' rows and each query's own block leave the KV-outer copy, and the
+    local combine's flags say which slots remain."""
+    from msa_tl.attention.local_combine import FLAG_SKIP, FLAG_SLOTS
+    from msa_tl.attention.row_prep import prepare_rows
+
+    B, N, G, Bk, topk, R = 1, 20, 1, 8, 2, 16  # 8 queries a tile: tiles 0 and 1, a ragged tail of 4
+    indices = block_pattern(B, N, G, Bk, topk)  # query t: its own block t // 8, then the one before
+    indices[0, 9, 0] = torch.tensor([0, -1], dtype=torch.int32)  # tile 1 no longer shared; query 9 left its own out
+    assert prepare_rows(indices, R, Bk, tiles=False, local=False) == (None, indices, None)
+    shared, kv, flags = prepare_rows(indices, R, Bk, tiles=True, local=True)
+    assert shared.tolist() == [[[1], [0]]]
+    assert (kv[0, :8] == -1).all() and (flags[0, :8] == FLAG_SKIP).all()
+    assert kv[0, 8, 0].tolist() == [-1, 0] and flags[0, 8, 0] == 1 | 2 | 1 << FLAG_SLOTS + 1  # own block out
+    assert kv[0, 9, 0].tolist() == [0, -1] and flags[0, 9, 0] == 2 | 1 << FLAG_SLOTS  # no own term
+    assert kv[0, 16, 0].tolist() == [-1, 1] and flags[0, 16, 0] == 1 | 2 | 1 << FLAG_SLOTS + 1  # the tail: KV-outer
+    shared, kv, flags = prepare_rows(indices, R, Bk, tiles=True, local=False)
+    assert flags is None and torch.equal(kv[0, 8:], indices[0, 8:]) and (kv[0, :8] == -1).all()

@@ -33,18 +33,17 @@ import torch
 from tilelang.layout import make_swizzled_layout
 
 from msa_tl.attention.accumulate import (ACCUMULATE_DEFAULTS, accumulate_forward, accumulate_program,
-                                         accumulate_unsupported, finalize_program, split_own_block)
+                                         accumulate_unsupported, finalize_program)
 from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, PERSISTENT_COMBINE_DEFAULTS,
                                       COMBINE_WARP_THREADS, combine_program, combine_warps_buffers,
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
-from msa_tl.attention.local_combine import (LOCAL_COMBINE_DEFAULTS, local_combine_program,
-                                            local_combine_unsupported, row_flags)
+from msa_tl.attention.local_combine import LOCAL_COMBINE_DEFAULTS, local_combine_program, local_combine_unsupported
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
+from msa_tl.attention.row_prep import prepare_rows, row_prep_program
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
-from msa_tl.attention.shared_tiles import (shared_rows, shared_tile_attention, sharing_tiles, tile_queries,
-                                          without_shared_tiles)
+from msa_tl.attention.shared_tiles import shared_tile_attention, tile_queries
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
 from msa_tl.tuning.cache import tuned_config
@@ -917,16 +916,20 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # combine of this many CTAs on a side stream of higher priority, beside the next chunk's attention (which then keeps
 # the other SMs): at small chunks the attention is bound by its tiles, not by DRAM, and the combine's bytes fill the
 # idle DRAM (NOTES.md). local_combine: each query's own block is left out of the KV-outer items and attended by
-# msa_tl.attention.local_combine's combine instead, which writes and reads no partial for it.
+# msa_tl.attention.local_combine's combine instead, which writes and reads no partial for it. fused_prep: the index
+# rows' bookkeeping (shared tiles, the KV-outer copy, RowFlags) in one launch (msa_tl.attention.row_prep) instead of
+# ~12 torch ops; off until a GPU times it.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
-                         persistent_combine=True, accumulate=False, combine_ctas=0, local_combine=False)
+                         persistent_combine=True, accumulate=False, combine_ctas=0, local_combine=False,
+                         fused_prep=False)
 # The persistent combine streams the shared tiles' empty partials too; it is ~6% faster a row than the per-row
 # combine (8.48 vs 9.01 ms at 128K, H200), so it stays the default while the tiles own at most this share of the
 # tiles (random selections: the first topk blocks' queries, 1.6% at 128K; realistic: all).
 PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
                       build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
-                      accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48), local_combine=(False, True))
+                      accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48), local_combine=(False, True),
+                      fused_prep=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -995,8 +998,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              item_queries=None, build_once=None, shared_tiles=None, persistent_combine=None,
                              partial_dtype=None, attention_config=None, combine_config=None,
                              persistent_combine_config=None, accumulate=None, accumulate_config=None,
-                             combine_ctas=None, local_combine=None, local_combine_config=None, out=None, lse_out=None,
-                             query_start: int = 0):
+                             combine_ctas=None, local_combine=None, local_combine_config=None, fused_prep=None,
+                             out=None, lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -1032,7 +1035,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     (asked for there, a ValueError); ``local_combine_config``: its knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing
     waits for the shared tiles' count: both paths are queued (rows without partials load nothing, an empty schedule
     has no work), so the host never syncs and runs ahead of the GPU; where the tiles own every row, the empty chunks
-    still launch (~0.7 ms at 128K on the H100, NOTES.md session 29).
+    still launch (~0.7 ms at 128K on the H100, NOTES.md session 29). ``fused_prep``: the index rows' bookkeeping
+    (:func:`msa_tl.attention.row_prep.prepare_rows`) in one launch instead of torch ops.
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -1091,18 +1095,13 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         if why:
             raise ValueError(f"local_combine: {why}")
         combine_ctas = 0  # not the tuned config's side-stream combine either
-    kv_indices, tiles, shared_mask = indices, 0, None  # the KV-outer path's indices; query tiles attended Q-outer
+    tiles = 0  # query tiles attended Q-outer
     count_tiles = shared_tiles and not local_combine  # the host reads the count (one sync on an event)
-    if shared_tiles:
-        shared = sharing_tiles(indices, R, block_size)
-        if count_tiles:
-            tile_count, counted = _count_to_host(shared)
-        shared_mask = shared_rows(shared, N, R, block_size)  # [B, N, G]
-        kv_indices = without_shared_tiles(indices, shared_mask)
-    flags = None  # local_combine: [B, N, G] int32, the local combine's RowFlags
-    if local_combine:
-        kv_indices, own_chosen = split_own_block(kv_indices, block_size)
-        flags = row_flags(kv_indices, own_chosen, shared_mask)
+    # shared [B, N // TQ, G] (with shared tiles), the KV-outer path's indices, the local combine's RowFlags [B, N, G]
+    fused_prep = schedule_config["fused_prep"] if fused_prep is None else fused_prep
+    shared, kv_indices, flags = prepare_rows(indices, R, block_size, shared_tiles, local_combine, fused=fused_prep)
+    if count_tiles:
+        tile_count, counted = _count_to_host(shared)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
     # forward, NOTES.md). Where the tiles hold every row it goes unused. The accumulators build their own.
@@ -1413,6 +1412,11 @@ def _schedule_units(shape: dict, config: dict) -> list:
                                                        topk=shape["topk"], groups=shape["groups"], dtype="bfloat16",
                                                        partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS,
                                                                                         ctas=config["combine_ctas"]))))
+    if config.get("fused_prep") and (config["shared_tiles"] or config.get("local_combine")):
+        units.append((row_prep_program, dict(groups=shape["groups"], topk=shape["topk"],
+                                             heads_per_group=shape["heads"] // shape["groups"],
+                                             block_size=shape["block_size"], tiles=bool(config["shared_tiles"]),
+                                             local=bool(config.get("local_combine")))))
     if config.get("local_combine"):  # the combine that attends the own blocks
         units.append((local_combine_program, dict(attention_program_args(shape), partial_dtype="bfloat16",
                                                    **LOCAL_COMBINE_DEFAULTS)))

@@ -1,0 +1,117 @@
+"""The forward's bookkeeping of the index rows before the schedule: which query tiles share their selection, the
+KV-outer path's copy of the indices, and the local combine's RowFlags, in one pass (TileLang).
+
+:func:`prepare_rows` is what :func:`msa_tl.attention.kv_outer.sparse_attention_forward` runs. By torch ops
+(``fused=False``) it is :func:`msa_tl.attention.shared_tiles.sharing_tiles`, ``shared_rows``,
+``without_shared_tiles``, :func:`msa_tl.attention.accumulate.split_own_block` and
+:func:`msa_tl.attention.local_combine.row_flags`: ~12 launches, ~0.35 ms of GPU time at 128K (paper shape, H100)
+and the host's Python between them (NOTES.md, session 29). :func:`row_prep_program` does the same in one launch: a
+thread per (batch, tile, KV head) compares the tile's index rows with its first (the tile is shared where all are
+equal and it is whole), then writes each row's KV-outer copy (-1 for a shared tile's rows and, for the local
+combine, for the query's own block) and its flags. It reads the indices twice (the second time from the L2) and
+writes them once: ~64 MB at 128K, ~0.03 ms at the copy rate.
+"""
+
+import tilelang.language as T
+import torch
+
+from msa_tl.attention.accumulate import split_own_block
+from msa_tl.attention.local_combine import FLAG_SKIP, FLAG_SLOTS, MAX_TOPK, row_flags
+from msa_tl.attention.shared_tiles import shared_rows, sharing_tiles, tile_queries, without_shared_tiles
+from msa_tl.tl_compile import compiled_kernel
+
+ROW_PREP_THREADS = 128
+
+
+def row_prep_program(groups: int, topk: int, heads_per_group: int, block_size: int, tiles: bool, local: bool,
+                     threads: int = ROW_PREP_THREADS):
+    """Indices [B, N, G, topk] int32 (canonical) -> Shared [B, ceil(N / TQ), G] int32 (1 where the whole tile's
+    TQ = ``tile_queries(R, Bk)`` queries have equal rows; the ragged tail tile 0; untouched without ``tiles``), KvIndices
+    [B, N, G, topk] int32 (a shared tile's rows all -1; with ``local`` each query's own block t // Bk too) and
+    RowFlags [B, N, G] int32 (:func:`msa_tl.attention.local_combine.row_flags`; written only with ``local``).
+    Grid: a thread per (b, tile, g), g fastest, the ragged tail tile included (never shared)."""
+    if local and topk > MAX_TOPK:
+        raise ValueError(f"row prep: topk <= {MAX_TOPK} with the local combine's flags, got {topk}")
+    TQ = tile_queries(heads_per_group, block_size)
+    batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
+
+    def kept_block(block, same, own):
+        """The block a row keeps for the KV-outer path (-1: none)."""
+        kept = T.if_then_else(same != 0, -1, block)
+        return T.if_then_else(own, -1, kept) if local else kept
+
+    @T.prim_func
+    def row_prep(
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        KvIndices: T.Tensor((batch, seq, groups, topk), "int32"),
+        RowFlags: T.Tensor((batch, seq, groups), "int32"),
+    ):
+        with T.Kernel(T.ceildiv(batch * T.ceildiv(seq, TQ) * groups, threads), threads=threads) as bx:
+            same = T.alloc_local((1,), "int32")  # the tile's rows all equal its first
+            own_chosen = T.alloc_local((1,), "int32")
+            slots = T.alloc_local((1,), "int32")  # a bit a slot that keeps a block
+            tx = T.get_thread_binding()
+            u = bx * threads + tx
+            g = u % groups
+            t = (u // groups) % T.ceildiv(seq, TQ)
+            b = u // (groups * T.ceildiv(seq, TQ))
+            if b < batch:
+                same[0] = 0
+                if tiles:
+                    if (t + 1) * TQ <= seq:
+                        same[0] = 1
+                        for qi in T.serial(1, TQ):
+                            for s in T.unroll(topk):
+                                if Indices[b, t * TQ + qi, g, s] != Indices[b, t * TQ, g, s]:
+                                    same[0] = 0
+                    Shared[b, t, g] = same[0]
+                for qi in T.serial(TQ):
+                    if t * TQ + qi < seq:
+                        own_chosen[0] = 0
+                        slots[0] = 0
+                        for s in T.unroll(topk):
+                            block = Indices[b, t * TQ + qi, g, s]
+                            own = block == (t * TQ + qi) // block_size
+                            kept = kept_block(block, same[0], own)
+                            KvIndices[b, t * TQ + qi, g, s] = kept
+                            if local:
+                                if same[0] == 0 and own:
+                                    own_chosen[0] = 1
+                                if kept >= 0:
+                                    slots[0] = slots[0] | (1 << (FLAG_SLOTS + s))
+                        if local:
+                            RowFlags[b, t * TQ + qi, g] = T.if_then_else(
+                                same[0] != 0, FLAG_SKIP,
+                                own_chosen[0] | T.if_then_else(slots[0] != 0, 2, 0) | slots[0])
+
+    return row_prep
+
+
+def prepare_rows(indices: torch.Tensor, heads_per_group: int, block_size: int, tiles: bool, local: bool,
+                 fused: bool = False) -> tuple:
+    """indices [B, N, G, topk] int32 (canonical: :func:`msa_tl.ops.validation.canonical_indices`) -> (shared
+    [B, N // TQ, G] int32 or None without ``tiles``, the KV-outer indices [B, N, G, topk] (a shared tile's rows -1;
+    with ``local`` each query's own block -1 too), RowFlags [B, N, G] int32 or None without ``local``), by torch
+    ops or, with ``fused``, by :func:`row_prep_program` (one launch)."""
+    if not (tiles or local):
+        return None, indices, None
+    B, N, G, topk = indices.shape
+    if fused:
+        TQ = tile_queries(heads_per_group, block_size)
+        shared = torch.empty((B, -(-N // TQ), G), device=indices.device, dtype=torch.int32)
+        kv_indices = torch.empty_like(indices)
+        flags = torch.empty((B, N, G), device=indices.device, dtype=torch.int32)
+        kernel = compiled_kernel(row_prep_program, groups=G, topk=topk, heads_per_group=heads_per_group,
+                                 block_size=block_size, tiles=bool(tiles), local=bool(local))
+        kernel(indices, shared, kv_indices, flags)
+        return (shared[:, : N // TQ].contiguous() if tiles else None), kv_indices, (flags if local else None)
+    shared, rows, kv_indices, flags = None, None, indices, None
+    if tiles:
+        shared = sharing_tiles(indices, heads_per_group, block_size)
+        rows = shared_rows(shared, N, heads_per_group, block_size)  # [B, N, G]
+        kv_indices = without_shared_tiles(indices, rows)
+    if local:
+        kv_indices, own_chosen = split_own_block(kv_indices, block_size)
+        flags = row_flags(kv_indices, own_chosen, rows)
+    return shared, kv_indices, flags
