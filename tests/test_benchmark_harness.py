@@ -167,3 +167,14 @@ def test_profile_forward_sums_the_gaps_between_kernels(capsys):
     assert "gaps between kernels: 3, 0.008 ms" in out  # 4 + 1 + 3 us; none inside 14-60
     assert "0.007 ms    2 x  fill -> attention" in out and "0.001 ms    1 x  side -> fill" in out
     assert "longest:      4.0 us before kernel 1: fill -> attention" in out
+
+
+def test_probe_local_combine_counts_the_slots_the_flags_mark():
+    import torch
+
+    from benchmarks.probe_local_combine import slot_count
+    from msa_tl.attention.local_combine import FLAG_SKIP, FLAG_SLOTS
+
+    flags = torch.tensor([[[1 | 2 | 1 << FLAG_SLOTS | 1 << FLAG_SLOTS + 15], [1], [FLAG_SKIP], [2 | 1 << FLAG_SLOTS + 3]]],
+                         dtype=torch.int32)  # [1, 4, 1]: own bits, skip bits and the row bits are not slots
+    assert slot_count(flags) == 3

@@ -726,7 +726,8 @@ def test_the_decode_attention_reads_k_and_v_through_the_block_table():
 @pytest.mark.parametrize("config,match", [
     (dict(groups=16, heads=64), "8-64 query heads"), (dict(head_dim=96), "head dims 64 or 128"),
     (dict(partial_dtype="float32"), "16-bit partials"), (dict(topk=15), "must divide topk"),
-    (dict(stages=8), "shared memory")], ids=["R4", "D96", "fp32-partials", "topk15", "8-stages"])
+    (dict(stages=8), "shared memory"), (dict(ablate="local"), "ablate is one of")],
+    ids=["R4", "D96", "fp32-partials", "topk15", "8-stages", "unknown-ablation"])
 def test_the_local_combine_says_what_it_needs(config, match):
     with pytest.raises(ValueError, match=match):
         local_combine.local_combine_program(**dict(PAPER, **config))
@@ -743,6 +744,16 @@ def test_the_local_combine_streams_its_pieces_from_a_warp_of_their_own():
     assert "Opart_desc" in pieces_warp and "q_empty" not in pieces_warp and "Q_desc" not in pieces_warp
     # the ring slot of piece k = (live tiles before) * pieces + p: across tiles
     assert "(k % 3))].wait" in pieces_warp and "int k = ((n_live[0] * 8) + p" in pieces_warp
+
+
+def test_the_local_combine_ablates_only_its_merge():
+    """Timing only (benchmarks.probe_local_combine): the pieces are still loaded and their ring turned, the own block
+    still attended; nothing reads the pieces."""
+    shipped = lower_to_cuda(local_combine.local_combine_program, **PAPER)
+    ablated = lower_to_cuda(local_combine.local_combine_program, **PAPER, ablate="merge")
+    for source in (shipped, ablated):
+        assert "Opart_desc" in source and "p_empty[" in source and source.count("wgmma") == shipped.count("wgmma")
+    assert "((bfloat16_t*)pieces) + " in shipped and "((bfloat16_t*)pieces) + " not in ablated  # the merge's reads
 
 
 def test_row_flags_mark_the_own_block_and_rows_with_partials():

@@ -39,6 +39,7 @@ _LN2 = 0.6931471805599453
 # 3 stages of 2 slots x 64 rows (32 KB each): ~96 KB of partials in flight an SM. L2 prefetches further ahead were
 # slower (NOTES.md, session 29: the prefetched lines are evicted before their loads). bench_main --chunks sweeps it.
 LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2)
+ABLATIONS = ("", "merge")
 FLAG_SKIP = 4  # RowFlags: bit 0 own block chosen, bit 1 any partial, bit 2 (this) a shared tile's row,
 FLAG_SLOTS = 3  # bit FLAG_SLOTS + s slot s written
 MAX_TOPK = 31 - FLAG_SLOTS  # the slot bits fit an int32 below its sign bit
@@ -105,17 +106,22 @@ def row_flags(kv_indices, own_chosen, shared_mask=None):
 def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, block_size: int, scale: float,
                           stages: int = LOCAL_COMBINE_DEFAULTS["stages"],
                           slots_per_piece: int = LOCAL_COMBINE_DEFAULTS["slots_per_piece"], dtype: str = "bfloat16",
-                          partial_dtype: str = "bfloat16"):
+                          partial_dtype: str = "bfloat16", ablate: str = ""):
     """Q [B, N, Hq, D], K / V [B, N, G, D], RowFlags [B, N, G] int32, Opart [B, pairs * topk * R, D] and
     Lpart [B, pairs * topk, R] (pair (t - t0) * G + g of the chunk's queries t0 <= t < t1, as the KV-outer kernel
     writes them; the slots RowFlags leaves out may hold anything) -> O [B, N, Hq, D], LSE [B, N, Hq] for the chunk's
     queries. Grid: (the chunk's key blocks, B * G). Every role skips the tiles whose rows are all shared tiles' by
-    the same rule, so the rings turn only for live tiles, and a block with none loads nothing."""
+    the same rule, so the rings turn only for live tiles, and a block with none loads nothing. ``ablate`` (timing
+    only, wrong outputs; :mod:`benchmarks.probe_local_combine`): "merge" skips the partials' merge (their loads, the
+    rings and the own block's attention still run)."""
     R, D, Bk = heads // groups, head_dim, block_size
     unfit = local_combine_unsupported(R, D, Bk, topk, 2 if partial_dtype != "float32" else 4,
                                       dict(stages=stages, slots_per_piece=slots_per_piece))
     if unfit:
         raise ValueError(f"local combine: {unfit}")
+    if ablate not in ABLATIONS:
+        raise ValueError(f"local combine: ablate is one of {ABLATIONS}, got {ablate!r}")
+    merge = ablate != "merge"
     TQ, SP = ROWS // R, slots_per_piece
     NP = topk // SP  # pieces a tile
     batch, seq, n_rows, n_lse = T.dynamic("batch, seq, n_rows, n_lse")
@@ -280,7 +286,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                         for pp in T.serial(NP):
                             k = c * NP + pp
                             T.barrier_wait(p_full[k % stages], (k // stages) & 1)
-                            for s2 in T.unroll(SP):
+                            for s2 in T.unroll(SP if merge else 0):
                                 for r in T.Parallel(ROWS):  # NaN passes: exp2(NaN) poisons the row's sum
                                     w[r] = T.if_then_else(
                                         ((flags[r] >> (FLAG_SLOTS + pp * SP + s2)) & 1) != 0,
