@@ -269,7 +269,7 @@ def chunks_variants():
     """(label, sparse_attention_forward keywords) of ``--chunks``: today's path, then the persistent store-warp kernel
     at query chunks of 2K-16K. A chunk's Q stays in the L2 while it is small (16 MB a KV head at 4K), and each chunk
     re-reads every K/V block its queries chose (~N / 128 blocks a KV head at random): the best chunk shrinks the
-    two together, and moves with N (NOTES.md, session 28). Last, the own blocks attended in the combine
+    two together, and moves with N (NOTES.md, session 28). Then the own blocks attended in the combine
     (``local_combine``: no partial for them) with today's path and with the persistent store warp at 4K-16K chunks,
     and at 4K with a ring of 2 pieces and rings of 6 and 7 half-size pieces (96 and 112 KB); last, the index rows'
     bookkeeping in one launch (``fused_prep``) at 4K, with and without the local combine."""

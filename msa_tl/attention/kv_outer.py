@@ -39,8 +39,8 @@ from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, P
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.local_combine import LOCAL_COMBINE_DEFAULTS, local_combine_program, local_combine_unsupported
-from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.row_prep import prepare_rows, row_prep_program
+from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
 from msa_tl.attention.shared_tiles import shared_tile_attention, tile_queries

@@ -40,8 +40,9 @@ _LN2 = 0.6931471805599453
 # slower (NOTES.md, session 29: the prefetched lines are evicted before their loads). bench_main --chunks sweeps it.
 LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2)
 ABLATIONS = ("", "merge")
-FLAG_SKIP = 4  # RowFlags: bit 0 own block chosen, bit 1 any partial, bit 2 (this) a shared tile's row,
-FLAG_SLOTS = 3  # bit FLAG_SLOTS + s slot s written
+# RowFlags, a word a (query, KV head): its own block chosen, any partial left, a shared tile's row, then a bit a slot
+FLAG_OWN, FLAG_PARTIALS, FLAG_SKIP = 1, 2, 4
+FLAG_SLOTS = 3  # bit FLAG_SLOTS + s: slot s holds a partial
 MAX_TOPK = 31 - FLAG_SLOTS  # the slot bits fit an int32 below its sign bit
 ROWS = 64  # one wgmma M tile: 64 / R queries x R heads
 TMA_SMEM_ALIGN = 128  # bytes: a TMA tensor copy's shared-memory address
@@ -97,7 +98,7 @@ def row_flags(kv_indices, own_chosen, shared_mask=None):
     bits = torch.bitwise_left_shift(1, torch.arange(FLAG_SLOTS, FLAG_SLOTS + topk, device=kv_indices.device,
                                                     dtype=torch.int32))
     slots = torch.where(kv_indices >= 0, bits, 0).sum(dim=-1, dtype=torch.int32)  # [B, N, G]
-    flags = own_chosen | ((slots != 0).int() << 1) | slots
+    flags = own_chosen * FLAG_OWN | (slots != 0).int() * FLAG_PARTIALS | slots
     if shared_mask is not None:
         flags = flags | (shared_mask.int() * FLAG_SKIP)
     return flags.contiguous()
@@ -149,7 +150,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                     T.tma_copy(Q[b, qa + qi, g * R:(g + 1) * R, h * 64:(h + 1) * 64],
                                ring[c % 2, qi * R:(qi + 1) * R, h * 64:(h + 1) * 64], barrier=q_full[c % 2],
                                leader_scope_threads=32)
-            if (fl[qi] & 2) != 0:
+            if (fl[qi] & FLAG_PARTIALS) != 0:
                 pair = (qa + qi - t0) * groups + g
                 T.tma_copy(Lpart[b, pair * topk:(pair + 1) * topk, :], lse_s[c % 2, qi, 0:topk, :],
                            barrier=q_full[c % 2], leader_scope_threads=32, eviction_policy="evict_first")
@@ -161,7 +162,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
         k % stages: one box of SP x R rows a query, read once (evict first: the partials stream, the chunk's Q
         stays)."""
         for qi in T.unroll(TQ):
-            if (fl[qi] & 2) != 0:
+            if (fl[qi] & FLAG_PARTIALS) != 0:
                 row = (((qa + qi - t0) * groups + g) * topk + p * SP) * R
                 for h in T.unroll(D // 64):  # [SP R, 64] a copy: one 128-byte swizzle span
                     T.tma_copy(Opart[b, row:row + SP * R, h * 64:(h + 1) * 64],
@@ -271,9 +272,9 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                         T.wgmma_gemm(p, V_s, acc_o, clear_accum=True)  # [ROWS, D]
                         for r in T.Parallel(ROWS):  # the merge's max: the own term (if chosen) and the partial LSEs
                             flags[r] = flags_s[T.min(qpos[r], q_hi - 1) - q_lo]
-                            chosen = (flags[r] & 1) != 0
+                            chosen = (flags[r] & FLAG_OWN) != 0
                             mx[r] = T.if_then_else(chosen, m[r] * scale, neg_inf)
-                            if (flags[r] & 2) != 0:
+                            if (flags[r] & FLAG_PARTIALS) != 0:
                                 for s in range(topk):
                                     mx[r] = T.max(mx[r], T.if_then_else(((flags[r] >> (FLAG_SLOTS + s)) & 1) != 0,
                                                                         lse_s[c % 2, r // R, s, r % R], neg_inf))
@@ -282,7 +283,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                             l[r] = T.if_then_else(chosen, l[r] * w[r], 0.0)  # NaN * 0 stays NaN
                         T.wait_wgmma(0)
                         for r, d in T.Parallel(ROWS, D):  # a select: a left-out own term may hold NaN from its keys
-                            acc_o[r, d] = T.if_then_else((flags[r] & 1) != 0, acc_o[r, d] * w[r], 0.0)
+                            acc_o[r, d] = T.if_then_else((flags[r] & FLAG_OWN) != 0, acc_o[r, d] * w[r], 0.0)
                         for pp in T.serial(NP):
                             k = c * NP + pp
                             T.barrier_wait(p_full[k % stages], (k // stages) & 1)

@@ -16,7 +16,7 @@ import tilelang.language as T
 import torch
 
 from msa_tl.attention.accumulate import split_own_block
-from msa_tl.attention.local_combine import FLAG_SKIP, FLAG_SLOTS, MAX_TOPK, row_flags
+from msa_tl.attention.local_combine import FLAG_OWN, FLAG_PARTIALS, FLAG_SKIP, FLAG_SLOTS, MAX_TOPK, row_flags
 from msa_tl.attention.shared_tiles import shared_rows, sharing_tiles, tile_queries, without_shared_tiles
 from msa_tl.tl_compile import compiled_kernel
 
@@ -26,8 +26,8 @@ ROW_PREP_THREADS = 128
 def row_prep_program(groups: int, topk: int, heads_per_group: int, block_size: int, tiles: bool, local: bool,
                      threads: int = ROW_PREP_THREADS):
     """Indices [B, N, G, topk] int32 (canonical) -> Shared [B, ceil(N / TQ), G] int32 (1 where the whole tile's
-    TQ = ``tile_queries(R, Bk)`` queries have equal rows; the ragged tail tile 0; untouched without ``tiles``), KvIndices
-    [B, N, G, topk] int32 (a shared tile's rows all -1; with ``local`` each query's own block t // Bk too) and
+    TQ = ``tile_queries(R, Bk)`` queries have equal rows; the ragged tail tile 0; untouched without ``tiles``),
+    KvIndices [B, N, G, topk] int32 (a shared tile's rows all -1; with ``local`` each query's own block t // Bk too) and
     RowFlags [B, N, G] int32 (:func:`msa_tl.attention.local_combine.row_flags`; written only with ``local``).
     Grid: a thread per (b, tile, g), g fastest, the ragged tail tile included (never shared)."""
     if local and topk > MAX_TOPK:
@@ -83,7 +83,7 @@ def row_prep_program(groups: int, topk: int, heads_per_group: int, block_size: i
                         if local:
                             RowFlags[b, t * TQ + qi, g] = T.if_then_else(
                                 same[0] != 0, FLAG_SKIP,
-                                own_chosen[0] | T.if_then_else(slots[0] != 0, 2, 0) | slots[0])
+                                own_chosen[0] * FLAG_OWN | T.if_then_else(slots[0] != 0, FLAG_PARTIALS, 0) | slots[0])
 
     return row_prep
 
