@@ -272,7 +272,10 @@ def chunks_variants():
     two together, and moves with N (NOTES.md, session 28). Then the own blocks attended in the combine
     (``local_combine``: no partial for them) with today's path and with the persistent store warp at 4K-16K chunks,
     and at 4K with a ring of 2 pieces and rings of 6 and 7 half-size pieces (96 and 112 KB); last, the index rows'
-    bookkeeping in one launch (``fused_prep``) at 4K, with and without the local combine."""
+    bookkeeping in one launch (``fused_prep``) at 4K, with and without the local combine, and with the local
+    combine's O through shared memory (``tma_o``), then with programmatic dependent launches between the chunks'
+    attention and local combine (``pdl``); last, chunks of 33 and 132 key blocks, whose local combine (a CTA a key
+    block and KV head) fills the H100's 132 SMs in one wave and in four."""
     persistent = attention(store_warp=True, persistent=True)
     return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)]
                     + [dict(local_combine=True)]
@@ -280,7 +283,14 @@ def chunks_variants():
                     + [dict(query_chunk=4096, local_combine=True, local_combine_config=c, **persistent)
                        for c in (dict(stages=2), dict(stages=6, slots_per_piece=1), dict(stages=7, slots_per_piece=1))]
                     + [dict(query_chunk=4096, fused_prep=True, **persistent),
-                       dict(query_chunk=4096, local_combine=True, fused_prep=True, **persistent)])
+                       dict(query_chunk=4096, local_combine=True, fused_prep=True, **persistent),
+                       dict(query_chunk=4096, local_combine=True, fused_prep=True,
+                            local_combine_config=dict(tma_o=True), **persistent),
+                       dict(query_chunk=4096, local_combine=True, fused_prep=True,
+                            local_combine_config=dict(tma_o=True, pdl=True),
+                            **attention(store_warp=True, persistent=True, pdl=True))]
+                    + [dict(query_chunk=c, local_combine=True, fused_prep=True, local_combine_config=dict(tma_o=True),
+                            **persistent) for c in (4224, 16896)])
 
 
 def combine_warps_variants():

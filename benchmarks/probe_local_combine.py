@@ -8,8 +8,8 @@ the same random buffer (the kernels' time does not depend on their values; outpu
 come from the selection (:func:`msa_tl.attention.row_prep.prepare_rows`). Variants, each summed over the chunks,
 in interleaved rounds (median):
 
-- the local combine as shipped, and with ``ablate="merge"`` (its loads, rings and own-block attention, no merge:
-  timing only, wrong outputs);
+- the local combine as shipped, with its O through shared memory (``tma_o``), and with ``ablate="merge"`` (its
+  loads, rings and own-block attention, no merge: timing only, wrong outputs);
 - the persistent combine of the partials path on the same buffer (every slot a pair, the own block's too).
 
 Printed with the partial bytes each reads and the rate: where the local combine's rate stays under the persistent
@@ -52,8 +52,9 @@ def variants(N: int, chunk: int, device) -> tuple:
     scale = 1.0 / math.sqrt(D)
     dims = dict(heads=HQ, head_dim=D, topk=TOPK, groups=G, dtype="bfloat16", partial_dtype="bfloat16")
     local = {name: compiled_kernel(local_combine_program, **dims, block_size=BK, scale=scale,
-                                   **LOCAL_COMBINE_DEFAULTS, **extra)
-             for name, extra in (("local combine", {}), ("local combine, merge ablated", dict(ablate="merge")))}
+                                   **{**LOCAL_COMBINE_DEFAULTS, **extra})
+             for name, extra in (("local combine", {}), ("local combine, TMA O", dict(tma_o=True)),
+                                 ("local combine, merge ablated", dict(ablate="merge")))}
     persistent = compiled_kernel(persistent_combine_program, **dims,
                                  **dict(PERSISTENT_COMBINE_DEFAULTS, ctas=sm_count(device)))
     starts = list(range(0, N, chunk))

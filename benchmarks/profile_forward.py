@@ -3,6 +3,7 @@
 
     python -m benchmarks.profile_forward                                   # 128K, random selection, defaults
     python -m benchmarks.profile_forward --query-chunk 4096 --persistent-store-warp
+    python -m benchmarks.profile_forward --queued 3       # the steady state: three forwards enqueued back to back
 
 The stage breakdown of ``bench_main`` times each stage alone (the schedule built one chunk at a time, the attention
 over every chunk, the combine over every chunk); this is the forward as it runs: one schedule build for every
@@ -14,6 +15,7 @@ visible blocks with its own block forced, canonical (the "random" selection's st
 """
 
 import argparse
+import time
 from collections import defaultdict
 
 import torch
@@ -59,7 +61,7 @@ def print_gaps(spans: list, top: int):
             by_pair[pair][0] += 1
             by_pair[pair][1] += s - covered_to
         covered_to = max(covered_to, e)
-    print(f"  gaps between kernels: {len(gaps)}, {sum(g for g, *_ in gaps) / 1e3:.3f} ms")
+    print(f"  gaps between kernels (the whole trace): {len(gaps)}, {sum(g for g, *_ in gaps) / 1e3:.3f} ms")
     for (before, after), (count, us) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"    {us / 1e3:7.3f} ms {count:4d} x  {before} -> {after}")
     for us, i, (before, after) in sorted(gaps, reverse=True)[:top]:
@@ -73,6 +75,10 @@ def main(argv=None):
     parser.add_argument("--persistent-store-warp", action="store_true",
                         help="attention_config=dict(store_warp=True, persistent=True)")
     parser.add_argument("--local-combine", action="store_true", help="local_combine=True")
+    parser.add_argument("--fused-prep", action="store_true", help="fused_prep=True")
+    parser.add_argument("--queued", type=int, default=1,
+                        help="forwards enqueued back to back in each trace (the steady state a training loop or "
+                             "do_bench sees: the host runs ahead), its figures a forward")
     parser.add_argument("--gaps", type=int, default=8, help="the longest gaps between kernels to list")
     parser.add_argument("--runs", type=int, default=3, help="forwards traced after two warm-up ones")
     args = parser.parse_args(argv)
@@ -89,6 +95,8 @@ def main(argv=None):
         kw["attention_config"] = dict(store_warp=True, persistent=True)
     if args.local_combine:
         kw["local_combine"] = True
+    if args.fused_prep:
+        kw["fused_prep"] = True
     o = torch.empty_like(q)
     forward = lambda: sparse_attention_forward(q, k, v, idx, BK, out=o, **kw)  # noqa: E731
     for _ in range(2):
@@ -97,7 +105,10 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}  N={N}  {kw}", flush=True)
     for run in range(args.runs):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            forward()
+            enqueue = time.perf_counter()
+            for _ in range(args.queued):
+                forward()
+            enqueue = time.perf_counter() - enqueue
             torch.cuda.synchronize()
         spans = kernel_intervals(prof)
         if not spans:
@@ -112,13 +123,14 @@ def main(argv=None):
             by_name[name][2].append(e - s)
             busy += max(0.0, e - max(s, covered_to))  # the union of the intervals (kernels may overlap)
             covered_to = max(covered_to, e)
-        span = end - start
-        print(f"run {run + 1}: span {span / 1e3:8.3f} ms, kernels cover {busy / 1e3:8.3f} ms, "
-              f"idle {(span - busy) / 1e3:6.3f} ms", flush=True)
+        span, n = end - start, args.queued
+        print(f"run {run + 1}: span {span / 1e3 / n:8.3f} ms, kernels cover {busy / 1e3 / n:8.3f} ms, "
+              f"idle {(span - busy) / 1e3 / n:6.3f} ms a forward; the host queued a forward in {enqueue * 1e3 / n:.3f} ms",
+              flush=True)
         if run == args.runs - 1:
             for name, (count, us, each) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
                 spread = f" ({min(each):.0f}-{max(each):.0f} us each)" if count > 1 else ""
-                print(f"  {us / 1e3:8.3f} ms  {count:5d} x  {name[:80]}{spread}")
+                print(f"  {us / 1e3 / n:8.3f} ms  {count // n:5d} x  {name[:80]}{spread}")
             print_gaps(spans, args.gaps)
     return 0
 

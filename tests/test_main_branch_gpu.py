@@ -703,24 +703,35 @@ def test_accumulated_forward_follows_the_set_contract():
     (1, 2125, 64, 4, 128, 128, 16, dict()),
     (2, 1000, 16, 2, 64, 64, 8, dict(query_chunk=300)),
     (1, 2125, 64, 4, 128, 128, 16, dict(query_chunk=1000, attention_config=dict(store_warp=True, persistent=True))),
-    (1, 1500, 32, 4, 128, 128, 6, dict(query_chunk=512))],
-    ids=["paper-ragged", "b2-Bk64-R8-unaligned-chunks", "paper-persistent-store-warp-unaligned", "R8-topk6"])
+    (1, 1500, 32, 4, 128, 128, 6, dict(query_chunk=512)),
+    (2, 1000, 16, 2, 64, 64, 8, dict(query_chunk=300, local_combine_config=dict(tma_o=False))),
+    (1, 2125, 64, 4, 128, 128, 16, dict(query_chunk=1000, local_combine_config=dict(pdl=True),
+                                        attention_config=dict(store_warp=True, persistent=True, pdl=True)))],
+    ids=["paper-ragged", "b2-Bk64-R8-unaligned-chunks", "paper-persistent-store-warp-unaligned", "R8-topk6",
+         "b2-Bk64-R8-unaligned-chunks-direct-o", "paper-persistent-store-warp-unaligned-pdl"])
 def test_local_combine_matches_reference(kind, B, N, Hq, G, D, Bk, topk, kw):
     """The own blocks left out of the KV-outer items and attended in the combine (no partial for them): chunks that
-    do not start at a block boundary, R = 8 and 16, 8 and 16 slots, beside the persistent store-warp attention."""
+    do not start at a block boundary, R = 8 and 16, 8 and 16 slots, beside the persistent store-warp attention; O
+    from the registers as well as through shared memory; the chunks' attention and local combine launched as
+    programmatic dependents (3 chunks: each kernel's reads wait for the one ahead, whose partials it reads or
+    overwrites)."""
     q, k, v = attention_inputs(B, N, Hq, G, D)
     check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, local_combine=True, shared_tiles=False,
                             **kw)
 
 
-def test_local_combine_beside_shared_tiles():
-    """Shared tiles own some rows (realistic selections, their own blocks included), the local combine the rest."""
+@pytest.mark.parametrize("tma_o", [False, True], ids=["direct-o", "tma-o"])
+def test_local_combine_beside_shared_tiles(tma_o):
+    """Shared tiles own some rows (realistic selections, their own blocks included), the local combine the rest
+    (with TMA stores of O, a shared tile's rows are not in any box it writes)."""
     B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
     q, k, v = attention_inputs(B, N, Hq, G, D)
-    check_against_reference(q, k, v, selection("realistic", B, N, G, Bk, topk), Bk, local_combine=True)
+    check_against_reference(q, k, v, selection("realistic", B, N, G, Bk, topk), Bk, local_combine=True,
+                            local_combine_config=dict(tma_o=tma_o))
 
 
-def test_local_combine_follows_the_set_contract():
+@pytest.mark.parametrize("tma_o", [False, True], ids=["direct-o", "tma-o"])
+def test_local_combine_follows_the_set_contract(tma_o):
     """Hostile ids made canonical: rows that left their own block out (a NaN in it must not reach them), rows with
     nothing left (o = 0, lse = -inf), and a row whose one visible own key is the NaN (it must reach that row)."""
     from msa_tl.attention.kv_outer import sparse_attention_forward
@@ -745,7 +756,8 @@ def test_local_combine_follows_the_set_contract():
         indices[0, first, 1, :2] = torch.tensor([t // Bk, 0])
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
-    sparse_attention_forward(q, k2, v, indices, Bk, local_combine=True, shared_tiles=False, out=o, lse_out=lse)
+    sparse_attention_forward(q, k2, v, indices, Bk, local_combine=True, local_combine_config=dict(tma_o=tma_o),
+                             shared_tiles=False, out=o, lse_out=lse)
     ref_o, ref_lse = R.sparse_attention(q, k2, v, indices, Bk)
     poisoned = torch.isnan(ref_lse)
     assert not poisoned[0, t, Hq // G:2 * Hq // G].any()  # its rows never see the NaN

@@ -163,7 +163,7 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
                      o_buffers: int = 2, tma_gathers: bool = False, direct_stores: bool = False,
                      consumers: int = 2, store_warp: bool = False, combine_warps: bool = False,
-                     combine_stages: int = 6, combine_prefetch: int = 0, dtype: str = "bfloat16",
+                     combine_stages: int = 6, combine_prefetch: int = 0, pdl: bool = False, dtype: str = "bfloat16",
                      partial_dtype: str = "bfloat16", query_offset: bool = False):
     """Q [B, N, Hq, D], K/V [B, N, G, D], the schedule -> Opart [B, C*G*topk*R, D], Lpart [B, C*G*topk*R].
 
@@ -209,6 +209,10 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     n_prev, D], LpartPrev [B, n_prev / R, R] (the previous chunk's partials), O [B, rows, D] and LSE [B, rows] after
     Lpart and, after t0 (and q0), the previous chunk's first query t_prev (O's row / Hq) and its query count (0:
     nothing to merge). Per-item CTAs with the store warp only.
+    ``pdl`` (persistent kernel only): programmatic dependent launch. The kernel is launched before the one ahead of
+    it on the stream has finished (its CTAs wait for it at their start, griddepcontrol.wait) and lets the next one
+    launch at once (griddepcontrol.launch_dependents), so no launch latency separates a chunk's attention from the
+    combines around it: the next kernel's CTAs take each SM as this one's leave it.
     """
     batch, seq, n_bg, n_items, cap, n_part = T.dynamic("batch, seq, n_bg, n_items, cap, n_part")
     queries = T.dynamic("queries") if query_offset else seq  # Q's rows
@@ -794,6 +798,9 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
                 o_free = T.alloc_barrier([32, 32]) if store_warp else None
 
                 tx = T.get_thread_binding()
+                if pdl:
+                    T.pdl_trigger()  # the next kernel may launch; its CTAs wait for this grid before they read
+                    T.pdl_sync()  # the kernel before (the previous chunk's combine reads the partials written here)
                 max_turns = n_bg * n_items + 1  # a bound only: every role leaves at the item with bg -1
                 done[0] = 0
                 base0[0] = 0

@@ -38,7 +38,11 @@ _LN2 = 0.6931471805599453
 
 # 3 stages of 2 slots x 64 rows (32 KB each): ~96 KB of partials in flight an SM. L2 prefetches further ahead were
 # slower (NOTES.md, session 29: the prefetched lines are evicted before their loads). bench_main --chunks sweeps it.
-LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2)
+# tma_o: O leaves through shared memory by TMA stores, not from the accumulators' registers (the register stores
+# write each 32-byte sector in pieces: twice the L2's write requests; 12.81 -> 12.49 ms at 128K, NOTES.md session 30).
+# pdl: programmatic dependent launch (the kernel's launch and prologue overlap the chunk's attention ahead of it;
+# measured no faster, session 30).
+LOCAL_COMBINE_DEFAULTS = dict(stages=3, slots_per_piece=2, tma_o=True, pdl=False)
 ABLATIONS = ("", "merge")
 # RowFlags, a word a (query, KV head): its own block chosen, any partial left, a shared tile's row, then a bit a slot
 FLAG_OWN, FLAG_PARTIALS, FLAG_SKIP = 1, 2, 4
@@ -57,13 +61,14 @@ def lse_slots(heads_per_group: int, topk: int) -> int:
 
 
 def local_combine_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
-                               slots_per_piece: int, partial_bytes: int = 2) -> int:
+                               slots_per_piece: int, partial_bytes: int = 2, tma_o: bool = False) -> int:
     """Shared memory of :func:`local_combine_program` (16-bit inputs): K / V of the block, the 2-stage Q and LSE
-    ring, the ``stages``-deep ring of partial pieces, the barriers."""
+    ring, the ``stages``-deep ring of partial pieces, the O tile (``tma_o``), the barriers."""
     R, D = heads_per_group, head_dim
     tq = ROWS // R
     return (2 * block_size * D * 2 + 2 * ROWS * D * 2 + 2 * tq * lse_slots(R, topk) * R * 4
-            + stages * tq * slots_per_piece * R * D * partial_bytes + 8 * (5 + 2 * stages))
+            + stages * tq * slots_per_piece * R * D * partial_bytes + (ROWS * D * 2 if tma_o else 0)
+            + 8 * (5 + 2 * stages))
 
 
 def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: int, topk: int, partial_bytes: int,
@@ -81,7 +86,7 @@ def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: i
     if topk % config["slots_per_piece"]:
         return f"slots_per_piece ({config['slots_per_piece']}) must divide topk ({topk})"
     smem = local_combine_shared_bytes(R, head_dim, block_size, topk, config["stages"], config["slots_per_piece"],
-                                      partial_bytes)
+                                      partial_bytes, config.get("tma_o", False))
     if smem > SMEM_LIMIT:
         return f"{smem} B of shared memory (stages={config['stages']}, slots_per_piece={config['slots_per_piece']})"
     return None
@@ -106,7 +111,9 @@ def row_flags(kv_indices, own_chosen, shared_mask=None):
 
 def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, block_size: int, scale: float,
                           stages: int = LOCAL_COMBINE_DEFAULTS["stages"],
-                          slots_per_piece: int = LOCAL_COMBINE_DEFAULTS["slots_per_piece"], dtype: str = "bfloat16",
+                          slots_per_piece: int = LOCAL_COMBINE_DEFAULTS["slots_per_piece"],
+                          tma_o: bool = LOCAL_COMBINE_DEFAULTS["tma_o"], pdl: bool = LOCAL_COMBINE_DEFAULTS["pdl"],
+                          dtype: str = "bfloat16",
                           partial_dtype: str = "bfloat16", ablate: str = ""):
     """Q [B, N, Hq, D], K / V [B, N, G, D], RowFlags [B, N, G] int32, Opart [B, pairs * topk * R, D] and
     Lpart [B, pairs * topk, R] (pair (t - t0) * G + g of the chunk's queries t0 <= t < t1, as the KV-outer kernel
@@ -114,10 +121,11 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
     queries. Grid: (the chunk's key blocks, B * G). Every role skips the tiles whose rows are all shared tiles' by
     the same rule, so the rings turn only for live tiles, and a block with none loads nothing. ``ablate`` (timing
     only, wrong outputs; :mod:`benchmarks.probe_local_combine`): "merge" skips the partials' merge (their loads, the
-    rings and the own block's attention still run)."""
+    rings and the own block's attention still run). ``pdl``: launched before the chunk's attention has finished,
+    its CTAs stage the block's RowFlags, then wait for it (griddepcontrol.wait); the next launch may start at once."""
     R, D, Bk = heads // groups, head_dim, block_size
     unfit = local_combine_unsupported(R, D, Bk, topk, 2 if partial_dtype != "float32" else 4,
-                                      dict(stages=stages, slots_per_piece=slots_per_piece))
+                                      dict(stages=stages, slots_per_piece=slots_per_piece, tma_o=tma_o))
     if unfit:
         raise ValueError(f"local combine: {unfit}")
     if ablate not in ABLATIONS:
@@ -158,17 +166,36 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
 
     @T.macro
     def load_piece(Opart, b, g, qa, t0, p, k, fl, pieces, p_full):
-        """Piece p of a live tile (slots p SP .. p SP + SP - 1 of its queries that have partials) into ring slot
-        k % stages: one box of SP x R rows a query, read once (evict first: the partials stream, the chunk's Q
-        stays)."""
+        """Piece p of a live tile (slots p SP .. p SP + SP - 1 of its queries) into ring slot k % stages: one R x D
+        box a slot RowFlags marks, read once (evict first: the partials stream, the chunk's Q stays). A slot it
+        leaves out (the own block's, -1 ids) is not read: its box in the ring keeps stale data, which the merge's
+        select never takes (1/16 of the partials' bytes at the paper's shape)."""
         for qi in T.unroll(TQ):
-            if (fl[qi] & FLAG_PARTIALS) != 0:
-                row = (((qa + qi - t0) * groups + g) * topk + p * SP) * R
-                for h in T.unroll(D // 64):  # [SP R, 64] a copy: one 128-byte swizzle span
-                    T.tma_copy(Opart[b, row:row + SP * R, h * 64:(h + 1) * 64],
-                               pieces[k % stages, qi * SP * R:(qi + 1) * SP * R, h * 64:(h + 1) * 64],
-                               barrier=p_full[k % stages], leader_scope_threads=32, eviction_policy="evict_first")
+            for s2 in T.unroll(SP):
+                if ((fl[qi] >> (FLAG_SLOTS + p * SP + s2)) & 1) != 0:
+                    row = (((qa + qi - t0) * groups + g) * topk + p * SP + s2) * R
+                    for h in T.unroll(D // 64):  # [R, 64] a copy: one 128-byte swizzle span
+                        T.tma_copy(Opart[b, row:row + R, h * 64:(h + 1) * 64],
+                                   pieces[k % stages, (qi * SP + s2) * R:(qi * SP + s2 + 1) * R, h * 64:(h + 1) * 64],
+                                   barrier=p_full[k % stages], leader_scope_threads=32, eviction_policy="evict_first")
         T.barrier_arrive(p_full[k % stages])
+
+    @T.macro
+    def store_tile_o(O, b, g, qa, q_hi, fl, acc_o, l, O_s):
+        """The tile's O [ROWS, D] = acc_o / l through O_s, one TMA box [R, 64] a live query and half of D (full
+        sectors: direct stores from the wgmma layout write each 32-byte sector in pieces, twice the L2's write
+        requests). O_s is free once the previous tile's boxes have been read."""
+        T.tma_store_wait(0)  # threads that issued no copies return at once
+        T.sync_threads(1, 128)
+        for r, d in T.Parallel(ROWS, D):
+            O_s[r, d] = T.if_then_else(l[r] == 0.0, 0.0, acc_o[r, d] / l[r])
+        T.fence_proxy_async()  # the generic-proxy writes of O_s, before the TMA unit reads it
+        T.sync_threads(1, 128)
+        for qi in T.unroll(TQ):
+            if qa + qi < q_hi and (fl[qi] & FLAG_SKIP) == 0:
+                for h in T.unroll(D // 64):
+                    T.tma_copy(O_s[qi * R:(qi + 1) * R, h * 64:(h + 1) * 64],
+                               O[b, qa + qi, g * R:(g + 1) * R, h * 64:(h + 1) * 64], leader_scope_threads=128)
 
     @T.prim_func
     def local_combine(
@@ -190,6 +217,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             # [2, TQ, slots, R]: its queries' partial LSEs (topk of the slots)
             lse_s = T.alloc_shared((2, TQ, lse_slots(R, topk), R), "float32")
             pieces = T.alloc_shared((stages, TQ * SP * R, D), partial_dtype)  # [stages, TQ SP R, D]
+            O_s = T.alloc_shared((ROWS, D) if tma_o else (1,), dtype)  # [ROWS, D]: the tile's O, with tma_o
             acc_s = T.alloc_fragment((ROWS, Bk), "float32")  # [ROWS, Bk]
             p = T.alloc_fragment((ROWS, Bk), dtype)
             acc_o = T.alloc_fragment((ROWS, D), "float32")  # [ROWS, D]: the own block's term, then the sum
@@ -207,7 +235,7 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             n_live = T.alloc_local((1,), "int32")  # live tiles so far: the rings' turns
             # swizzled: the consumer reads a piece in the wgmma's layout, 8 rows 256 B apart at once (8-way bank
             # conflicts unswizzled)
-            T.annotate_layout({pieces: make_swizzled_layout(pieces)})
+            T.annotate_layout({pieces: make_swizzled_layout(pieces), **({O_s: make_swizzled_layout(O_s)} if tma_o else {})})
             kv_ready = T.alloc_barrier(32)
             q_full = T.alloc_barrier([32, 32])
             q_empty = T.alloc_barrier([128, 128])
@@ -221,9 +249,13 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
             q_hi = T.min(t1, blk * Bk + Bk)
             n_tiles = T.ceildiv(q_hi - q_lo, TQ)
             tx = T.get_thread_binding()
-            for i in T.Parallel(Bk):
+            if pdl:
+                T.pdl_trigger()  # the next chunk's attention may launch: its CTAs take each SM this one leaves
+            for i in T.Parallel(Bk):  # RowFlags, Q, K, V: written before the attention ahead of this kernel began
                 flags_s[i] = T.if_then_else(q_lo + i < q_hi, RowFlags[b, T.min(q_lo + i, q_hi - 1), g], FLAG_SKIP)
             T.sync_threads()
+            if pdl:
+                T.pdl_sync()  # the chunk's partials: the attention ahead has finished
             n_live[0] = 0
             if tx >= 128:  # producer: two warps, so neither stream waits on the other's ring
                 T.set_max_nreg(56, 0)
@@ -304,10 +336,16 @@ def local_combine_program(heads: int, head_dim: int, topk: int, groups: int, blo
                             if qpos[r] < q_hi and (flags[r] & FLAG_SKIP) == 0:
                                 LSE[b, qpos[r], g * R + r % R] = mx[r] + T.log2(l[r]) * _LN2
                         T.barrier_arrive(q_empty[c % 2])  # the tile's Q rows and LSEs are read
-                        for r, d in T.Parallel(ROWS, D):
-                            if qpos[r] < q_hi and (flags[r] & FLAG_SKIP) == 0:
-                                O[b, qpos[r], g * R + r % R, d] = T.if_then_else(l[r] == 0.0, 0.0, acc_o[r, d] / l[r])
+                        if tma_o:
+                            store_tile_o(O, b, g, qa, q_hi, fl, acc_o, l, O_s)
+                        else:
+                            for r, d in T.Parallel(ROWS, D):
+                                if qpos[r] < q_hi and (flags[r] & FLAG_SKIP) == 0:
+                                    O[b, qpos[r], g * R + r % R, d] = T.if_then_else(l[r] == 0.0, 0.0,
+                                                                                     acc_o[r, d] / l[r])
                         n_live[0] += 1
+                if tma_o:
+                    T.tma_store_wait(0)  # the CTA's shared memory must outlive the copies
 
     return local_combine
 
