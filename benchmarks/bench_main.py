@@ -274,8 +274,9 @@ def chunks_variants():
     and at 4K with a ring of 2 pieces and rings of 6 and 7 half-size pieces (96 and 112 KB); last, the index rows'
     bookkeeping in one launch (``fused_prep``) at 4K, with and without the local combine, and with the local
     combine's O through shared memory (``tma_o``), then with programmatic dependent launches between the chunks'
-    attention and local combine (``pdl``); last, chunks of 33 and 132 key blocks, whose local combine (a CTA a key
-    block and KV head) fills the H100's 132 SMs in one wave and in four."""
+    attention and local combine (``pdl``); chunks of 33 and 132 key blocks, whose local combine (a CTA a key block
+    and KV head) fills the H100's 132 SMs in one wave and in four; last, the shared tiles on a side stream from the
+    start (``tiles_stream``)."""
     persistent = attention(store_warp=True, persistent=True)
     return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)]
                     + [dict(local_combine=True)]
@@ -290,7 +291,8 @@ def chunks_variants():
                             local_combine_config=dict(tma_o=True, pdl=True),
                             **attention(store_warp=True, persistent=True, pdl=True))]
                     + [dict(query_chunk=c, local_combine=True, fused_prep=True, local_combine_config=dict(tma_o=True),
-                            **persistent) for c in (4224, 16896)])
+                            **persistent) for c in (4224, 16896)]
+                    + [dict(query_chunk=4096, local_combine=True, fused_prep=True, tiles_stream=True, **persistent)])
 
 
 def combine_warps_variants():

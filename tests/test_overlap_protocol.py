@@ -30,9 +30,10 @@ class Stream:
         return event
 
 
-def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
-    """The log of one forward on CPU tensors: (stream, what, detail) entries; kernels log (stream, program, (ctas,
-    partial buffer, t0), their arguments)."""
+def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None, **kw):
+    """The log of one forward on CPU tensors: (stream, what, detail) entries; the attention and combine kernels log
+    (stream, program, (ctas, partial buffer, t0), their arguments), others (stream, program, None, their arguments).
+    ``kw``: more sparse_attention_forward keywords (shared tiles off unless given)."""
     log = []
     main, side = Stream("main", log), Stream("side", log)
     current = [main]
@@ -45,6 +46,8 @@ def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
                 partials = args[6] if builder is kv_outer.kv_outer_program else args[0]
                 t0 = [a for a in args if isinstance(a, int)][0]
                 log.append((current[-1].name, builder.__name__, (config.get("ctas"), partials.data_ptr(), t0), args))
+            else:
+                log.append((current[-1].name, builder.__name__, None, args))
         return launch
 
     @contextlib.contextmanager
@@ -58,7 +61,7 @@ def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
 
     monkeypatch.setattr(tl_compile, "_compiled", compiled)
     monkeypatch.setattr(kv_outer, "sm_count", lambda device: SMS)
-    monkeypatch.setattr(kv_outer, "_combine_stream", lambda device: side)
+    monkeypatch.setattr(kv_outer, "_side_stream", lambda device, role: side)
     monkeypatch.setattr(kv_outer, "_count_to_host", counted)
     monkeypatch.setattr(kv_outer, "tuned_config", lambda name, shape, defaults, device: dict(defaults))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
@@ -68,9 +71,14 @@ def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None):
     k = torch.randn(B, N, G, D, dtype=torch.bfloat16)
     indices = torch.zeros(B, N, G, topk, dtype=torch.int32)
     kv_outer.sparse_attention_forward(q, k, k, indices, Bk, query_chunk=chunk, combine_ctas=combine_ctas,
-                                      shared_tiles=False, attention_config=attention_config)
-    return [entry for entry in log if entry[1] in ("kv_outer_program", "persistent_combine_program")
-            or entry[1] in ("wait_stream", "wait_event", "record")]
+                                      attention_config=attention_config, **{"shared_tiles": False, **kw})
+    kernels = ("kv_outer_program", "persistent_combine_program") + (tuple(KERNELS) if kw else ())
+    return [entry for entry in log if entry[1] in kernels or entry[1] in ("wait_stream", "wait_event", "record")]
+
+
+# the other kernels the tiles_stream test follows
+KERNELS = ("tile_attention_roles_program", "local_combine_program", "row_prep_program", "tiled_histogram_program",
+           "plan_program", "tiled_scatter_program")
 
 
 @pytest.mark.parametrize("chunks", [2, 5])
@@ -139,3 +147,23 @@ def test_each_chunk_is_merged_by_the_next_chunks_combine_warps(monkeypatch, chun
         assert (prev_o.data_ptr(), prev_l.data_ptr()) == (earlier[6].data_ptr(), earlier[7].data_ptr())
         assert (t_prev, n_prev) == ((c - 1) * chunk, chunk)
         assert prev_o.shape == (1, chunk * Hq * topk, D) and prev_l.shape == (1, chunk * G * topk, Hq // G)
+
+
+def test_the_shared_tiles_run_on_a_side_stream_from_the_start_and_the_caller_waits_for_them(monkeypatch):
+    """tiles_stream: the shared tiles' kernel is the first launch after the row prep, on the side stream once it has
+    waited for the caller's stream; every other kernel stays on the caller's stream, which waits for the side stream
+    after its last launch."""
+    log = forward_log(monkeypatch, 1000, 256, combine_ctas=0, local_combine=True, fused_prep=True, shared_tiles=True,
+                      tiles_stream=True)
+    names = [(e[0], e[1]) for e in log]
+    tiles = names.index(("side", "tile_attention_roles_program"))
+    assert names[:tiles] == [("main", "row_prep_program"), ("side", "wait_stream")]
+    assert log[tiles - 1] == ("side", "wait_stream", "main")
+    assert [n for n in names if n[0] == "side"] == [("side", "wait_stream"), ("side", "tile_attention_roles_program")]
+    assert names.count(("main", "local_combine_program")) == 4 and ("main", "tiled_scatter_program") in names
+    assert log[-1] == ("main", "wait_stream", "side")
+
+
+def test_tiles_stream_needs_the_local_combine(monkeypatch):
+    with pytest.raises(ValueError, match="tiles_stream"):
+        forward_log(monkeypatch, 1000, 256, combine_ctas=0, shared_tiles=True, tiles_stream=True)

@@ -925,10 +925,12 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # idle DRAM (NOTES.md). local_combine: each query's own block is left out of the KV-outer items and attended by
 # msa_tl.attention.local_combine's combine instead, which writes and reads no partial for it. fused_prep: the index
 # rows' bookkeeping (shared tiles, the KV-outer copy, RowFlags) in one launch (msa_tl.attention.row_prep) instead of
-# ~12 torch ops; off until a GPU times it.
+# ~12 torch ops. tiles_stream: with the local combine (nothing waits for the tiles' count), the shared tiles'
+# kernel runs on a side stream from the start, beside the schedule build (and on the SMs each chunk's local combine
+# leaves idle), instead of after the last chunk.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
                          persistent_combine=True, accumulate=False, combine_ctas=0, local_combine=False,
-                         fused_prep=False)
+                         fused_prep=False, tiles_stream=False)
 # The persistent combine streams the shared tiles' empty partials too; it is ~6% faster a row than the per-row
 # combine (8.48 vs 9.01 ms at 128K, H200), so it stays the default while the tiles own at most this share of the
 # tiles (random selections: the first topk blocks' queries, 1.6% at 128K; realistic: all).
@@ -936,7 +938,7 @@ PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
                       build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
                       accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48), local_combine=(False, True),
-                      fused_prep=(False, True))
+                      fused_prep=(False, True), tiles_stream=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -1006,7 +1008,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              partial_dtype=None, attention_config=None, combine_config=None,
                              persistent_combine_config=None, accumulate=None, accumulate_config=None,
                              combine_ctas=None, local_combine=None, local_combine_config=None, fused_prep=None,
-                             out=None, lse_out=None, query_start: int = 0):
+                             tiles_stream=None, out=None, lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -1043,7 +1045,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     waits for the shared tiles' count: both paths are queued (rows without partials load nothing, an empty schedule
     has no work), so the host never syncs and runs ahead of the GPU; where the tiles own every row, the empty chunks
     still launch (~0.7 ms at 128K on the H100, NOTES.md session 29). ``fused_prep``: the index rows' bookkeeping
-    (:func:`msa_tl.attention.row_prep.prepare_rows`) in one launch instead of torch ops.
+    (:func:`msa_tl.attention.row_prep.prepare_rows`) in one launch instead of torch ops. ``tiles_stream`` (with
+    the local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side
+    stream, so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build
+    and on the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -1106,7 +1111,16 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     count_tiles = shared_tiles and not local_combine  # the host reads the count (one sync on an event)
     # shared [B, N // TQ, G] (with shared tiles), the KV-outer path's indices, the local combine's RowFlags [B, N, G]
     fused_prep = schedule_config["fused_prep"] if fused_prep is None else fused_prep
+    if tiles_stream and not local_combine:
+        raise ValueError("tiles_stream: with local_combine (the path that does not wait for the tiles' count)")
+    tiles_stream = (schedule_config["tiles_stream"] if tiles_stream is None else tiles_stream) and local_combine
     shared, kv_indices, flags = prepare_rows(indices, R, block_size, shared_tiles, local_combine, fused=fused_prep)
+    tiles_side = None  # the side stream the shared tiles run on
+    if tiles_stream and shared_tiles:
+        main, tiles_side = torch.cuda.current_stream(q.device), _side_stream(q.device, "tiles")
+        tiles_side.wait_stream(main)  # shared and the inputs
+        with torch.cuda.stream(tiles_side):
+            shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     if count_tiles:
         tile_count, counted = _count_to_host(shared)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
@@ -1143,7 +1157,11 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
                           query_start, combine_ctas, flags, local_config)
-    if tiles or (shared_tiles and not count_tiles):
+    if tiles_side is not None:
+        # the rows are disjoint from the KV-outer path's; o, lse and shared (freed for the caller's stream) are safe
+        # once the caller's stream has waited for the side stream
+        torch.cuda.current_stream(q.device).wait_stream(tiles_side)
+    elif tiles or (shared_tiles and not count_tiles):
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
     if flagged is not None:
         flags_counted.synchronize()
@@ -1222,7 +1240,7 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
     if overlap:
         side_combine = compiled_kernel(persistent_combine_program, heads=Hq, head_dim=D, topk=topk, groups=G,
                                        dtype=dt, partial_dtype=pdt, **dict(persistent_config, ctas=combine_ctas))
-        main, side = torch.cuda.current_stream(q.device), _combine_stream(q.device)
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device, "combine")
         read = [None] * buffers  # the event after the side combine that last read each buffer
     work = persistent_work(attention_config["ctas"], chunks, q.device) if attention_config.get("persistent") else None
     previous = None  # combine warps: the (partials, LSE partials, first query, queries) the next launch merges
@@ -1261,18 +1279,20 @@ def _kv_outer_forward(q, k, v, indices, schedule, block_size, scale, o, lse, chu
         main.wait_stream(side)
 
 
-_COMBINE_STREAMS = {}
+_SIDE_STREAMS = {}
+# the overlapped combine's: the highest priority (a priority below the range maps to the highest the device has), so as
+# the attention's CTAs drain the combine's are placed first and it holds its SMs from the start of the next chunk's
+# attention; the shared tiles': the lowest, the default stream's (CTAs of equal priority are placed in launch order)
+_SIDE_STREAM_PRIORITY = dict(combine=-100, tiles=0)
 
 
-def _combine_stream(device) -> torch.cuda.Stream:
-    """The device's side stream of the overlapped combine, of the highest priority: as the attention's CTAs drain,
-    the combine's are placed first, so it holds its SMs from the start of the next chunk's attention."""
+def _side_stream(device, role: str) -> torch.cuda.Stream:
+    """The device's side stream for ``role`` ("combine", "tiles"), made once."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _COMBINE_STREAMS:
-        # a priority below the range maps to the highest the device has
-        _COMBINE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-100)
-    return _COMBINE_STREAMS[index]
+    if (index, role) not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index, role] = torch.cuda.Stream(device=index, priority=_SIDE_STREAM_PRIORITY[role])
+    return _SIDE_STREAMS[index, role]
 
 
 def _reject_attention(config: dict, shape: dict):
