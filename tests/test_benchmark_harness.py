@@ -164,7 +164,7 @@ def test_profile_forward_sums_the_gaps_between_kernels(capsys):
              ("attention", 73.0, 90.0)]
     print_gaps(spans, top=2)
     out = capsys.readouterr().out
-    assert "gaps between kernels: 3, 0.008 ms" in out  # 4 + 1 + 3 us; none inside 14-60
+    assert "gaps between kernels (the whole trace): 3, 0.008 ms" in out  # 4 + 1 + 3 us; none inside 14-60
     assert "0.007 ms    2 x  fill -> attention" in out and "0.001 ms    1 x  side -> fill" in out
     assert "longest:      4.0 us before kernel 1: fill -> attention" in out
 

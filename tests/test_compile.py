@@ -105,6 +105,12 @@ MAIN_PROGRAMS = [
     (row_prep.row_prep_program, dict(groups=8, topk=4, heads_per_group=1, block_size=64, tiles=True,
                                      local=False)),  # 64-query tiles
     (row_prep.row_prep_program, dict(groups=2, topk=6, heads_per_group=8, block_size=64, tiles=False, local=True)),
+    (row_prep.row_prep_warps_program, dict(groups=4, topk=16, heads_per_group=16, block_size=128, tiles=True,
+                                           local=True)),
+    (row_prep.row_prep_warps_program, dict(groups=3, topk=4, heads_per_group=1, block_size=64, tiles=True,
+                                           local=True)),  # 64-query tiles: 8 ids and 2 queries a lane, G = 3
+    (row_prep.row_prep_warps_program, dict(groups=2, topk=6, heads_per_group=8, block_size=64, tiles=False,
+                                           local=True)),
 ]
 
 

@@ -52,3 +52,38 @@ def test_a_decode_plan_built_on_the_cpu_lists_the_kernels_a_hopper_gpu_would_com
                                 "decode_union_roles_program"]
     defaults = attention_defaults(dict(shape, batch=8), sms=132)
     assert plan.splits == attention_splits(8, 8, 4, 128, 128, 16, sms=132, **defaults) == 2  # 64 CTAs of 4 tokens
+
+
+@pytest.mark.parametrize("kw", [dict(accumulate=True), dict(query_start=256), dict(partial_dtype="float32"),
+                                dict(attention_config=dict(store_warp=True, combine_warps=True)),
+                                dict(shared_tiles=False, combine_ctas=24)],
+                         ids=["accumulate", "query-start", "fp32-partials", "combine-warps", "combine-ctas"])
+def test_the_h100s_tuned_local_combine_yields_to_what_the_caller_asks(tmp_path, kw):
+    """The H100's shipped schedule at the paper shape turns the local combine on; a caller's option that excludes it
+    runs without it (the tuned default is no ValueError), while asking for both is one."""
+    import torch
+
+    import msa_tl.attention.kv_outer as kv_outer
+    from benchmarks.precompile import collect_kernels
+
+    B, N, Hq, G, D, Bk, topk = 1, 1000, 64, 4, 128, 128, 16
+    kw = dict(kw, partial_dtype=getattr(torch, kw["partial_dtype"])) if "partial_dtype" in kw else kw
+    start = kw.get("query_start", 0)
+    q, k = torch.randn(B, N, Hq, D, dtype=torch.bfloat16), torch.randn(B, start + N, G, D, dtype=torch.bfloat16)
+    own = ((start + torch.arange(N)) // Bk).view(1, N, 1, 1)
+    indices = torch.where(torch.arange(topk) == 0, own, -1).expand(B, N, G, topk).int().contiguous()
+    counted = (lambda mask: (mask.sum(), type("Done", (), {"synchronize": lambda self: None})()))
+    log = tmp_path / "kernels.jsonl"
+    with collect_kernels(str(log), gpu="NVIDIA H100 80GB HBM3"), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_outer, "_count_to_host", counted)
+        kv_outer.sparse_attention_forward(q, k, k, indices, Bk, **kw)
+        builders = {json.loads(line)["builder"].split(":")[1] for line in log.read_text().splitlines()}
+        assert "local_combine_program" not in builders
+        plain = torch.where(torch.arange(topk) == 0, (torch.arange(N) // Bk).view(1, N, 1, 1), -1)
+        kv_outer.sparse_attention_forward(q, k[:, :N].contiguous(), k[:, :N].contiguous(),
+                                          plain.expand(B, N, G, topk).int().contiguous(), Bk)  # the tuned default
+        builders = {json.loads(line)["builder"].split(":")[1] for line in log.read_text().splitlines()}
+        assert "local_combine_program" in builders
+        with pytest.raises(ValueError, match="local_combine"):
+            kv_outer.sparse_attention_forward(q, k, k, indices, Bk, local_combine=True, **kw)

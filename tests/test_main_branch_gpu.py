@@ -388,7 +388,7 @@ def test_combine_warps_merge_the_previous_chunk(config, kind, B, N, Hq, G, D, Bk
         o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
                                          attention_config=config, shared_tiles=tiles)
         line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
-                                                    shared_tiles=tiles)
+                                                    shared_tiles=tiles, local_combine=False)
         assert ((o.float() - line_o.float()).abs() <= eps * line_o.float().abs() + 1e-6).all()
         assert torch.allclose(lse, line_lse, rtol=1e-6, atol=1e-6)
     again_o, again_lse = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
@@ -424,7 +424,7 @@ def test_combine_warps_merge_beside_a_kv_head_without_items():
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection("random", B, N, G, Bk, topk)
     indices[:, 512:1024, 1] = -1  # chunk 1 of 3: no item of KV head 1, which must merge chunk 0's rows of head 1
-    kw = dict(query_chunk=512, shared_tiles=False, persistent_combine=True)
+    kw = dict(query_chunk=512, shared_tiles=False, persistent_combine=True, local_combine=False)
     o, lse = torch.full_like(q, float("nan")), torch.full(q.shape[:3], float("nan"), device="cuda")
     sparse_attention_forward(q, k, v, indices, Bk, attention_config=dict(store_warp=True, combine_warps=True),
                              out=o, lse_out=lse, **kw)
@@ -452,7 +452,8 @@ def test_combine_warps_pass_a_nan_score_to_its_rows_only():
     indices = selection("random", B, N, G, Bk, topk)
     o, lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False,
                                       attention_config=dict(combine_warps=True, store_warp=True))
-    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False)
+    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False,
+                                                local_combine=False)
     assert torch.equal(torch.isnan(lse), torch.isnan(line_lse)) and torch.isnan(lse[0, 300, 5])
     assert torch.equal(torch.isnan(o), torch.isnan(line_o))
     assert torch.isnan(lse).sum() == 1
@@ -498,8 +499,9 @@ def test_persistent_combine_matches_the_combine(kind, ctas, B, N, Hq, G, D, Bk, 
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection(kind, B, N, G, Bk, topk)
     o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
-                                     persistent_combine_config=dict(ctas=ctas))
-    rows_o, rows_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=False)
+                                     persistent_combine_config=dict(ctas=ctas), local_combine=False)
+    rows_o, rows_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=False,
+                                                local_combine=False)
     eps = torch.finfo(torch.bfloat16).eps
     assert ((o.float() - rows_o.float()).abs() <= eps * rows_o.float().abs() + 1e-6).all()
     assert torch.allclose(lse, rows_lse, rtol=1e-6, atol=1e-6)
@@ -521,7 +523,7 @@ def test_overlapped_combine_matches_the_combine_in_line(kind, ctas, B, N, Hq, G,
     o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
                                      combine_ctas=ctas, shared_tiles=False)
     line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, persistent_combine=True,
-                                                combine_ctas=0, shared_tiles=False)
+                                                combine_ctas=0, shared_tiles=False, local_combine=False)
     assert torch.equal(o, line_o) and torch.equal(lse, line_lse)
     again_o, again_lse = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
     sparse_attention_forward(q, k, v, indices, Bk, query_chunk=chunk, combine_ctas=ctas, shared_tiles=False,
@@ -539,7 +541,8 @@ def test_overlapped_combine_beside_the_persistent_attention():
     indices = selection("random", B, N, G, Bk, topk)
     o, lse = check_against_reference(q, k, v, indices, Bk, query_chunk=512, combine_ctas=16, shared_tiles=False,
                                      attention_config=dict(persistent=True, store_warp=True))
-    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False)
+    line_o, line_lse = sparse_attention_forward(q, k, v, indices, Bk, query_chunk=512, shared_tiles=False,
+                                                local_combine=False)
     assert torch.equal(o, line_o) and torch.equal(lse, line_lse)
 
 
@@ -799,8 +802,10 @@ def tiled_selection(B, N, G, Bk, topk):
                          ids=["paper-ragged", "b2-R8-topk6", "R1-64-query-tiles"])
 @pytest.mark.parametrize("tiles,local", [(True, False), (True, True), (False, True)],
                          ids=["tiles", "tiles-local", "local"])
-def test_the_fused_row_prep_matches_the_torch_ops(kind, B, N, G, Bk, topk, R, tiles, local):
-    """One launch (row_prep_program) gives the same shared tiles, KV-outer indices and RowFlags, bit for bit."""
+@pytest.mark.parametrize("fused", [True, "warps"], ids=["thread-a-tile", "warp-a-tile"])
+def test_the_fused_row_prep_matches_the_torch_ops(kind, B, N, G, Bk, topk, R, tiles, local, fused):
+    """One launch (row_prep_program, a thread a tile, or row_prep_warps_program, a warp a tile) gives the same
+    shared tiles, KV-outer indices and RowFlags, bit for bit."""
     from msa_tl.attention.row_prep import prepare_rows
     from msa_tl.ops.validation import canonical_indices
 
@@ -813,7 +818,7 @@ def test_the_fused_row_prep_matches_the_torch_ops(kind, B, N, G, Bk, topk, R, ti
         raw[:, 3::11] = -1
         indices = canonical_indices(raw, Bk)
     expected = prepare_rows(indices, R, Bk, tiles, local)
-    got = prepare_rows(indices, R, Bk, tiles, local, fused=True)
+    got = prepare_rows(indices, R, Bk, tiles, local, fused=fused)
     for want, have in zip(expected, got):
         assert (want is None) == (have is None)
         if want is not None:
@@ -824,11 +829,12 @@ def test_the_fused_row_prep_matches_the_torch_ops(kind, B, N, G, Bk, topk, R, ti
 
 @pytest.mark.parametrize("kind", ["random", "tiled"])
 @pytest.mark.parametrize("local_combine", [False, True], ids=["combine", "local-combine"])
-def test_the_forward_with_the_fused_row_prep_matches_reference(kind, local_combine):
+@pytest.mark.parametrize("fused", [True, "warps"], ids=["thread-a-tile", "warp-a-tile"])
+def test_the_forward_with_the_fused_row_prep_matches_reference(kind, local_combine, fused):
     B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = selection("random", B, N, G, Bk, topk) if kind == "random" else tiled_selection(B, N, G, Bk, topk)
-    check_against_reference(q, k, v, indices, Bk, fused_prep=True, local_combine=local_combine)
+    check_against_reference(q, k, v, indices, Bk, fused_prep=fused, local_combine=local_combine)
 
 
 @pytest.mark.parametrize("kind", ["random", "tiled", "realistic"])

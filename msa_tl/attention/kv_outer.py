@@ -39,7 +39,7 @@ from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, P
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.local_combine import LOCAL_COMBINE_DEFAULTS, local_combine_program, local_combine_unsupported
-from msa_tl.attention.row_prep import prepare_rows, row_prep_program
+from msa_tl.attention.row_prep import prepare_rows, row_prep_program, row_prep_warps_program
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -925,9 +925,9 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # idle DRAM (NOTES.md). local_combine: each query's own block is left out of the KV-outer items and attended by
 # msa_tl.attention.local_combine's combine instead, which writes and reads no partial for it. fused_prep: the index
 # rows' bookkeeping (shared tiles, the KV-outer copy, RowFlags) in one launch (msa_tl.attention.row_prep) instead of
-# ~12 torch ops. tiles_stream: with the local combine (nothing waits for the tiles' count), the shared tiles'
-# kernel runs on a side stream from the start, beside the schedule build (and on the SMs each chunk's local combine
-# leaves idle), instead of after the last chunk.
+# ~12 torch ops ("warps": a warp a query tile). tiles_stream: with the local combine (nothing waits for the tiles'
+# count), the shared tiles' kernel runs on a side stream from the start, beside the schedule build (and on the SMs
+# each chunk's local combine leaves idle), instead of after the last chunk.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
                          persistent_combine=True, accumulate=False, combine_ctas=0, local_combine=False,
                          fused_prep=False, tiles_stream=False)
@@ -938,7 +938,7 @@ PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
                       build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
                       accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48), local_combine=(False, True),
-                      fused_prep=(False, True), tiles_stream=(False, True))
+                      fused_prep=(False, True, "warps"), tiles_stream=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -1041,11 +1041,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     (:func:`msa_tl.attention.local_combine.local_combine_program`, a CTA per key block and KV head) attends it and
     merges it with the other partials, so no partial is written or read for it. 16-bit partials, 8-64 heads per KV
     head, head dims 64 / 128, queries from position 0, not with the accumulators, combine warps or ``combine_ctas``
-    (asked for there, a ValueError); ``local_combine_config``: its knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing
+    (asked for there, a ValueError; a tuned config's local combine is left off there); ``local_combine_config``: its knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing
     waits for the shared tiles' count: both paths are queued (rows without partials load nothing, an empty schedule
     has no work), so the host never syncs and runs ahead of the GPU; where the tiles own every row, the empty chunks
     still launch (~0.7 ms at 128K on the H100, NOTES.md session 29). ``fused_prep``: the index rows' bookkeeping
-    (:func:`msa_tl.attention.row_prep.prepare_rows`) in one launch instead of torch ops. ``tiles_stream`` (with
+    (:func:`msa_tl.attention.row_prep.prepare_rows`) in one launch instead of torch ops (``"warps"``: a warp a query
+    tile instead of a thread). ``tiles_stream`` (with
     the local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side
     stream, so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build
     and on the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
@@ -1096,6 +1097,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     if accumulate and unsupported:
         raise ValueError(f"accumulate: {unsupported}")
     accumulate = (schedule_config["accumulate"] and not unsupported) if accumulate is None else accumulate
+    asked_local = local_combine
     local_combine = schedule_config["local_combine"] if local_combine is None else local_combine
     local_config = {**LOCAL_COMBINE_DEFAULTS, **(local_combine_config or {})}
     if local_combine:
@@ -1104,8 +1106,11 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                      "not with combine warps": attention_config.get("combine_warps")}
         why = next((why for why, bad in conflicts.items() if bad), None) or local_combine_unsupported(
             R, D, block_size, topk, partial_dtype.itemsize, local_config)
-        if why:
+        if why and asked_local:
             raise ValueError(f"local_combine: {why}")
+        # a tuned config's local combine yields to what the caller asked for (or the layout needs)
+        local_combine = not why
+    if local_combine:
         combine_ctas = 0  # not the tuned config's side-stream combine either
     tiles = 0  # query tiles attended Q-outer
     count_tiles = shared_tiles and not local_combine  # the host reads the count (one sync on an event)
@@ -1440,10 +1445,10 @@ def _schedule_units(shape: dict, config: dict) -> list:
                                                        partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS,
                                                                                         ctas=config["combine_ctas"]))))
     if config.get("fused_prep") and (config["shared_tiles"] or config.get("local_combine")):
-        units.append((row_prep_program, dict(groups=shape["groups"], topk=shape["topk"],
-                                             heads_per_group=shape["heads"] // shape["groups"],
-                                             block_size=shape["block_size"], tiles=bool(config["shared_tiles"]),
-                                             local=bool(config.get("local_combine")))))
+        prep = row_prep_warps_program if config["fused_prep"] == "warps" else row_prep_program
+        units.append((prep, dict(groups=shape["groups"], topk=shape["topk"],
+                                 heads_per_group=shape["heads"] // shape["groups"], block_size=shape["block_size"],
+                                 tiles=bool(config["shared_tiles"]), local=bool(config.get("local_combine")))))
     if config.get("local_combine"):  # the combine that attends the own blocks
         units.append((local_combine_program, dict(attention_program_args(shape), partial_dtype="bfloat16",
                                                    **LOCAL_COMBINE_DEFAULTS)))

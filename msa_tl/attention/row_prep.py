@@ -21,6 +21,24 @@ from msa_tl.attention.shared_tiles import shared_rows, sharing_tiles, tile_queri
 from msa_tl.tl_compile import compiled_kernel
 
 ROW_PREP_THREADS = 128
+ROW_PREP_WARPS = 4  # (b, tile, g) units a CTA of row_prep_warps_program
+FUSED_CHOICES = (False, True, "warps")  # prepare_rows' fused: torch ops, a thread a tile, a warp a tile
+
+
+def _tile_queries_checked(topk: int, heads_per_group: int, block_size: int, local: bool) -> int:
+    """The tile's query count, once the local combine's flags are known to hold topk slot bits."""
+    if local and topk > MAX_TOPK:
+        raise ValueError(f"row prep: topk <= {MAX_TOPK} with the local combine's flags, got {topk}")
+    return tile_queries(heads_per_group, block_size)
+
+
+def _kept_block(local: bool):
+    """(block, same, own) -> the block a row keeps for the KV-outer path (-1: none): not a shared tile's, and with the
+    local combine not the query's own block."""
+    def kept_block(block, same, own):
+        kept = T.if_then_else(same != 0, -1, block)
+        return T.if_then_else(own, -1, kept) if local else kept
+    return kept_block
 
 
 def row_prep_program(groups: int, topk: int, heads_per_group: int, block_size: int, tiles: bool, local: bool,
@@ -30,15 +48,9 @@ def row_prep_program(groups: int, topk: int, heads_per_group: int, block_size: i
     KvIndices [B, N, G, topk] int32 (a shared tile's rows all -1; with ``local`` each query's own block t // Bk too) and
     RowFlags [B, N, G] int32 (:func:`msa_tl.attention.local_combine.row_flags`; written only with ``local``).
     Grid: a thread per (b, tile, g), g fastest, the ragged tail tile included (never shared)."""
-    if local and topk > MAX_TOPK:
-        raise ValueError(f"row prep: topk <= {MAX_TOPK} with the local combine's flags, got {topk}")
-    TQ = tile_queries(heads_per_group, block_size)
+    TQ = _tile_queries_checked(topk, heads_per_group, block_size, local)
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
-
-    def kept_block(block, same, own):
-        """The block a row keeps for the KV-outer path (-1: none)."""
-        kept = T.if_then_else(same != 0, -1, block)
-        return T.if_then_else(own, -1, kept) if local else kept
+    kept_block = _kept_block(local)
 
     @T.prim_func
     def row_prep(
@@ -88,12 +100,94 @@ def row_prep_program(groups: int, topk: int, heads_per_group: int, block_size: i
     return row_prep
 
 
+def row_prep_warps_program(groups: int, topk: int, heads_per_group: int, block_size: int, tiles: bool, local: bool,
+                           warps: int = ROW_PREP_WARPS):
+    """:func:`row_prep_program`'s tensors and results, a warp per (b, tile, g): its lanes take the tile's TQ x topk
+    ids in order (a warp's loads are the tile's rows, 64 contiguous bytes each at the paper's shape, where a thread
+    per tile reads 32 rows 2 KB apart), compare each with the tile's first row, and vote in shared memory; each
+    query's own-block flag and slot bits are gathered there (a bit a slot: an atomic add is an or). Grid: ``warps``
+    (b, tile, g) a CTA, g fastest."""
+    TQ = _tile_queries_checked(topk, heads_per_group, block_size, local)
+    batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
+    per_lane = T.ceildiv(TQ * topk, 32)  # ids a lane takes
+    qs_lane = T.ceildiv(TQ, 32)  # queries a lane writes the flags of
+    kept_block = _kept_block(local)
+
+    @T.prim_func
+    def row_prep_warps(
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        KvIndices: T.Tensor((batch, seq, groups, topk), "int32"),
+        RowFlags: T.Tensor((batch, seq, groups), "int32"),
+    ):
+        with T.Kernel(T.ceildiv(batch * T.ceildiv(seq, TQ) * groups, warps), threads=32 * warps) as bx:
+            differs = T.alloc_shared((warps,), "int32")  # [warps] a row of the warp's tile differs from its first
+            own_s = T.alloc_shared((warps, TQ), "int32")  # [warps, TQ] the query chose its own block
+            slots_s = T.alloc_shared((warps, TQ), "int32")  # [warps, TQ] a bit a slot that keeps a block
+            same = T.alloc_local((1,), "int32")
+            tx = T.get_thread_binding()
+            w, lane = tx // 32, tx % 32
+            u = bx * warps + w
+            g = u % groups
+            t = (u // groups) % T.ceildiv(seq, TQ)
+            b = u // (groups * T.ceildiv(seq, TQ))
+            differs[w] = 0
+            for j in T.serial(qs_lane):
+                if j * 32 + lane < TQ:
+                    own_s[w, j * 32 + lane] = 0
+                    slots_s[w, j * 32 + lane] = 0
+            T.sync_threads()
+            if tiles:
+                for i in T.serial(per_lane):
+                    e = i * 32 + lane
+                    if b < batch and (t + 1) * TQ <= seq and e < TQ * topk:
+                        if Indices[b, t * TQ + e // topk, g, e % topk] != Indices[b, t * TQ, g, e % topk]:
+                            differs[w] = 1
+                T.sync_threads()
+            same[0] = 0
+            if tiles:
+                same[0] = T.if_then_else((t + 1) * TQ <= seq and differs[w] == 0, 1, 0)
+                if b < batch and lane == 0:
+                    Shared[b, t, g] = same[0]
+            for i in T.serial(per_lane):
+                e = i * 32 + lane
+                if b < batch and e < TQ * topk and t * TQ + e // topk < seq:
+                    block = Indices[b, t * TQ + e // topk, g, e % topk]
+                    own = block == (t * TQ + e // topk) // block_size
+                    kept = kept_block(block, same[0], own)
+                    KvIndices[b, t * TQ + e // topk, g, e % topk] = kept
+                    if local:
+                        if same[0] == 0 and own:
+                            own_s[w, e // topk] = 1
+                        if kept >= 0:
+                            T.atomic_add(slots_s[w, e // topk], 1 << (FLAG_SLOTS + e % topk))
+            if local:
+                T.sync_threads()
+                for j in T.serial(qs_lane):
+                    if b < batch and j * 32 + lane < TQ and t * TQ + j * 32 + lane < seq:
+                        RowFlags[b, t * TQ + j * 32 + lane, g] = T.if_then_else(
+                            same[0] != 0, FLAG_SKIP,
+                            own_s[w, j * 32 + lane] * FLAG_OWN
+                            | T.if_then_else(slots_s[w, j * 32 + lane] != 0, FLAG_PARTIALS, 0)
+                            | slots_s[w, j * 32 + lane])
+
+    return row_prep_warps
+
+
+# the syncs are written by hand: the vote's and the flags' shared words race benignly (every writer writes the same
+# value, or adds its own bit), so the loops over a tile's ids need none
+row_prep_warps_program.pass_configs = {"tl.disable_thread_storage_sync": True}
+
+
 def prepare_rows(indices: torch.Tensor, heads_per_group: int, block_size: int, tiles: bool, local: bool,
-                 fused: bool = False) -> tuple:
+                 fused: bool | str = False) -> tuple:
     """indices [B, N, G, topk] int32 (canonical: :func:`msa_tl.ops.validation.canonical_indices`) -> (shared
     [B, N // TQ, G] int32 or None without ``tiles``, the KV-outer indices [B, N, G, topk] (a shared tile's rows -1;
     with ``local`` each query's own block -1 too), RowFlags [B, N, G] int32 or None without ``local``), by torch
-    ops or, with ``fused``, by :func:`row_prep_program` (one launch)."""
+    ops or in one launch: ``fused=True`` by :func:`row_prep_program` (a thread a tile), ``fused="warps"`` by
+    :func:`row_prep_warps_program` (a warp a tile)."""
+    if fused not in FUSED_CHOICES:
+        raise ValueError(f"prepare_rows: fused is one of {FUSED_CHOICES}, got {fused!r}")
     if not (tiles or local):
         return None, indices, None
     B, N, G, topk = indices.shape
@@ -102,8 +196,9 @@ def prepare_rows(indices: torch.Tensor, heads_per_group: int, block_size: int, t
         shared = torch.empty((B, -(-N // TQ), G), device=indices.device, dtype=torch.int32)
         kv_indices = torch.empty_like(indices)
         flags = torch.empty((B, N, G), device=indices.device, dtype=torch.int32)
-        kernel = compiled_kernel(row_prep_program, groups=G, topk=topk, heads_per_group=heads_per_group,
-                                 block_size=block_size, tiles=bool(tiles), local=bool(local))
+        kernel = compiled_kernel(row_prep_warps_program if fused == "warps" else row_prep_program, groups=G,
+                                 topk=topk, heads_per_group=heads_per_group, block_size=block_size, tiles=bool(tiles),
+                                 local=bool(local))
         kernel(indices, shared, kv_indices, flags)
         return (shared[:, : N // TQ].contiguous() if tiles else None), kv_indices, (flags if local else None)
     shared, rows, kv_indices, flags = None, None, indices, None
