@@ -91,6 +91,8 @@ MAIN_PROGRAMS = [
                                                      scale=0.088, stages=3)),  # 224 KB of shared memory
     (shared_tiles.tile_attention_roles_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
                                                      scale=0.088, persistent=True)),
+    (shared_tiles.tile_attention_roles_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16,
+                                                     scale=0.088, persistent=True, tiles_per_cta=8)),
     (shared_tiles.tile_attention_roles_program, dict(groups=2, heads=16, head_dim=64, block_size=64, topk=4,
                                                      scale=0.125, pingpong=False, dtype="float16")),
     (scheduler.tiled_histogram_program, dict(groups=4, topk=16, max_blocks=1024)),

@@ -282,12 +282,13 @@ def test_few_shared_tiles_keep_the_persistent_combine():
 @pytest.mark.parametrize("order", ["descending", "shuffled", "own-block-dropped"])
 @pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (True, dict(pingpong=False)),
                                           (True, dict(persistent=True)), (True, dict(persistent=True, ctas=3)),
-                                          (False, None)],
+                                          (True, dict(persistent=True, tiles_per_cta=7)), (False, None)],
                          ids=["producer-consumers", "producer-consumers-3-stages", "no-pingpong", "persistent",
-                              "persistent-3-ctas", "pipelined-loop"])
+                              "persistent-3-ctas", "runs-of-7-triples", "pipelined-loop"])
 def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
     """The hand-pipelined tile kernel (its rings 2 or 3 stages deep; the consumers taking turns or not; persistent,
-    where 3 CTAs take ~340 tiles each, so both Q buffers and the rings' phases wrap) and the plain one, alone, on
+    where 3 CTAs take ~340 tiles each, so both Q buffers and the rings' phases wrap, or a CTA a run of 7 triples,
+    the last run short) and the plain one, alone, on
     every tile of a block-shared selection: blocks in descending order, shuffled (the own block anywhere, -1
     between), or without the own block (the first blocks' rows then have nothing: o = 0, lse = -inf)."""
     from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles
@@ -846,3 +847,13 @@ def test_the_shared_tiles_on_a_side_stream_match_reference(kind):
     indices = tiled_selection(B, N, G, Bk, topk) if kind == "tiled" else selection(kind, B, N, G, Bk, topk)
     check_against_reference(q, k, v, indices, Bk, local_combine=True, fused_prep=True, tiles_stream=True,
                             query_chunk=1000)
+
+
+@pytest.mark.parametrize("kind", ["random", "realistic"])
+def test_the_forward_with_the_shared_tiles_in_runs_matches_reference(kind):
+    """tile_config=dict(persistent=True, tiles_per_cta=8): the forward's shared tiles attended by a CTA a run of 8
+    triples (few of them shared at random, all at realistic), beside the local combine."""
+    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, local_combine=True, fused_prep=True,
+                            tile_config=dict(persistent=True, tiles_per_cta=8))

@@ -1008,7 +1008,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                              partial_dtype=None, attention_config=None, combine_config=None,
                              persistent_combine_config=None, accumulate=None, accumulate_config=None,
                              combine_ctas=None, local_combine=None, local_combine_config=None, fused_prep=None,
-                             tiles_stream=None, out=None, lse_out=None, query_start: int = 0):
+                             tiles_stream=None, tile_config=None, out=None, lse_out=None, query_start: int = 0):
     """Main-branch forward on the GPU (KV-outer + combine).
 
     q [B, N, Hq, D], k/v [B, N, G, D] (bf16/fp16, contiguous), indices
@@ -1050,6 +1050,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     the local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side
     stream, so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build
     and on the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
+    ``tile_config``: the shared tiles' kernel's knobs (:func:`msa_tl.attention.shared_tiles.shared_tile_attention`).
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -1125,7 +1126,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         main, tiles_side = torch.cuda.current_stream(q.device), _side_stream(q.device, "tiles")
         tiles_side.wait_stream(main)  # shared and the inputs
         with torch.cuda.stream(tiles_side):
-            shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
+            shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
+                                  query_start=query_start)
     if count_tiles:
         tile_count, counted = _count_to_host(shared)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
@@ -1167,7 +1169,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         # once the caller's stream has waited for the side stream
         torch.cuda.current_stream(q.device).wait_stream(tiles_side)
     elif tiles or (shared_tiles and not count_tiles):
-        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, query_start=query_start)
+        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
+                              query_start=query_start)
     if flagged is not None:
         flags_counted.synchronize()
         if int(flag_count):  # exactly on the partials path

@@ -22,7 +22,8 @@ TILE_DEFAULTS = dict(num_stages=2)
 # The hand-pipelined tile kernel's knobs: the K and V rings' depth (3 stages fit with Q: 224 KB), whether the
 # consumers take turns issuing their MMAs, and persistent CTAs (the next tile's Q and K/V loaded during this one;
 # 2 stages with two Q buffers: 192 KB; off: slower than one CTA a tile, NOTES.md).
-ROLES_DEFAULTS = dict(stages=2, pingpong=True, persistent=False)
+# tiles_per_cta (with persistent): a CTA a run of that many triples instead of one an SM.
+ROLES_DEFAULTS = dict(stages=2, pingpong=True, persistent=False, tiles_per_cta=0)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -193,7 +194,7 @@ def roles_shared_bytes(head_dim: int, block_size: int, stages: int, persistent: 
 
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                                  stages: int = 2, pingpong: bool = True, persistent: bool = False, ctas: int = 132,
-                                 dtype: str = "bfloat16", query_offset: bool = False):
+                                 tiles_per_cta: int = 0, dtype: str = "bfloat16", query_offset: bool = False):
     """:func:`tile_attention_program` as FlashAttention-3 runs a forward, roles by hand.
 
     A producer warpgroup gathers the tile's Q rows and each chosen block's K and V with 16-byte ``cp.async``
@@ -205,6 +206,10 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     runs under the other's MMAs. ``persistent``: ``ctas`` CTAs take the (tile, group, batch) triples in turn
     (CTA c the c-th, (c + ctas)-th, ...: tiles cost alike), Q and the block list double-buffered and the rings
     running on across tiles, so the producer loads the next tile while the consumers finish this one.
+    ``tiles_per_cta`` > 0 (with ``persistent``): the same CTA body on a grid of one CTA a run of that many
+    consecutive triples instead of ``ctas`` CTAs in turn: where few tiles are shared (random selections), the grid
+    has that many times fewer CTAs that leave at once (65536 at 128K with one a triple, each holding an SM's shared
+    memory while it starts and leaves), and each CTA reads its run's flags, not one CTA a triple.
     Indices must be canonical (``msa_tl.ops.validation.canonical_indices``: no id twice); ids past the tile's
     own block are skipped. 128-row tiles only. ``query_offset`` as in :func:`tile_attention_program`."""
     batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
@@ -216,6 +221,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     if smem > SMEM_LIMIT:
         raise ValueError(f"tile kernel: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
                          f"persistent={persistent}, head_dim={D}, block_size={Bk})")
+    if tiles_per_cta and not persistent:
+        raise ValueError(f"tiles_per_cta ({tiles_per_cta}) runs the persistent body: persistent=True")
     TQ = 2 * M // R
     n_qbuf = 2 if persistent else 1
     neg_inf = -T.infinity("float32")
@@ -423,13 +430,17 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
         return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
 
+    def cta_triple(cta, turn):
+        """The triple a persistent CTA takes at its turn: in turn over ``ctas`` CTAs, or the turn-th of its run."""
+        return cta * tiles_per_cta + turn if tiles_per_cta else cta + turn * ctas
+
     @T.macro
     def consume_tiles(c, n_turns, cta, Q_s, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready, q_free,
                       blocks_s, Shared, O, LSE, acc_s, acc_p, acc_o, m, m_prev, rescale, l, n, done, q0):
         """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2 and its block list,
         which it frees (both consumers) once it has stored the tile's rows."""
         for turn in T.serial(n_turns):
-            tile, g, b = take_tile(cta + turn * ctas)
+            tile, g, b = take_tile(cta_triple(cta, turn))
             if Shared[b, tile, g] != 0:
                 qb = done[0] % 2
                 T.barrier_wait(q_ready[qb], (done[0] // 2) & 1)
@@ -441,7 +452,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
 
     @T.macro
     def roles_persistent_body(Q, K, V, Indices, Shared, O, LSE, q0):
-        with T.Kernel(ctas, threads=384) as cta:
+        total = batch * groups * n_tiles  # (tile, group, batch) triples
+        with T.Kernel(T.ceildiv(total, tiles_per_cta) if tiles_per_cta else ctas, threads=384) as cta:
             Q_s0 = T.alloc_shared((n_qbuf, M, D), dtype)  # [2, M, D] consumer 0's rows of this tile and the next
             Q_s1 = T.alloc_shared((n_qbuf, M, D), dtype)
             ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D], across tiles
@@ -462,11 +474,12 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
             tx = T.get_thread_binding()
             n[0] = 0
             done[0] = 0
-            n_turns = T.ceildiv(batch * groups * n_tiles - cta, ctas)
+            n_turns = (T.min(tiles_per_cta, total - cta * tiles_per_cta) if tiles_per_cta
+                       else T.ceildiv(total - cta, ctas))
             if tx >= 256:  # producer
                 T.set_max_nreg(56, 0)
                 for turn in T.serial(n_turns):
-                    tile, g, b = take_tile(cta + turn * ctas)
+                    tile, g, b = take_tile(cta_triple(cta, turn))
                     if Shared[b, tile, g] != 0:
                         qb = done[0] % 2
                         T.barrier_wait(q_free[qb], ((done[0] // 2) & 1) ^ 1)
@@ -538,7 +551,7 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
                 **(dict(query_offset=True) if query_start else {}))
     if roles:
         config = {**ROLES_DEFAULTS, **(config or {})}
-        if config["persistent"]:  # one CTA an SM unless told
+        if config["persistent"] and not config["tiles_per_cta"]:  # one CTA an SM unless told
             config.setdefault("ctas", sm_count(q.device))
         kernel = compiled_kernel(tile_attention_roles_program, **dims, **config)
     else:
