@@ -38,6 +38,10 @@ _THREADS = 256
 # would outgrow shared memory) the per-entry kernels run.
 TILE_QUERIES = 1024
 MAX_TILED_BLOCKS = 16384
+# ids a thread of the tiled kernels loads before it counts or places them: the loads are in flight together, where a
+# load then its shared atomic, one id after another, left each thread one global load's latency an id (~0.2 ms of
+# the 128K schedule, NOTES.md session 30)
+ENTRY_BATCH = 8
 
 
 def max_items(n_blocks: int, chunk: int, topk: int, item_queries: int) -> int:
@@ -82,10 +86,20 @@ def blocks_bucket(n_blocks: int) -> int:
 
 
 def _tile_counts_macro(groups: int, topk: int, max_blocks: int, tile_queries: int, batch):
-    """Macro ``tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)``, the tiled kernels'
+    """Macros ``tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)``, the tiled kernels'
     prologue: tile [4] int32 (a local) = CTA bx's chunk c, its queries [lo, hi) (relative to the build's first
     query; never across a chunk, which has ``tiles`` tiles) and its schedule row; hist [max_blocks] (shared) =
-    how many of the tile's (query, slot) entries chose each block."""
+    how many of the tile's (query, slot) entries chose each block (blk [ENTRY_BATCH], a local, its scratch); and
+    ``load_entry_blocks``, which loads a batch of a thread's entries' blocks."""
+
+    @T.macro
+    def load_entry_blocks(blk, Indices, tile, t0, bg, i, tx):
+        """blk [ENTRY_BATCH] = the blocks of the thread's entries (i ENTRY_BATCH + u) _THREADS + tx of the tile, -1
+        past its end."""
+        for u in T.unroll(ENTRY_BATCH):
+            blk[u] = -1
+            if tile[1] + ((i * ENTRY_BATCH + u) * _THREADS + tx) // topk < tile[2]:
+                blk[u] = _tile_entry_block(Indices, tile, t0, bg, (i * ENTRY_BATCH + u) * _THREADS + tx, groups, topk)
 
     @T.macro
     def tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx):
@@ -96,14 +110,14 @@ def _tile_counts_macro(groups: int, topk: int, max_blocks: int, tile_queries: in
         for i in T.serial(max_blocks // _THREADS):
             hist[i * _THREADS + tx] = 0
         T.sync_threads()
-        for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS)):
-            if tile[1] + (i * _THREADS + tx) // topk < tile[2]:
-                blk[0] = _tile_entry_block(Indices, tile, t0, bg, i * _THREADS + tx, groups, topk)
-                if blk[0] >= 0:
-                    T.atomic_add(hist[blk[0]], 1)
+        for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS * ENTRY_BATCH)):
+            load_entry_blocks(blk, Indices, tile, t0, bg, i, tx)
+            for u in T.unroll(ENTRY_BATCH):
+                if blk[u] >= 0:
+                    T.atomic_add(hist[blk[u]], 1)
         T.sync_threads()
 
-    return tile_counts
+    return tile_counts, load_entry_blocks
 
 
 def _tile_entry_block(Indices, tile, t0, bg, e, groups: int, topk: int):
@@ -116,7 +130,7 @@ def tiled_histogram_program(groups: int, topk: int, max_blocks: int, tile_querie
     grid (chunks x ``tiles`` a chunk, B * G), tiles = ceil(min(chunk, count) / tile_queries)."""
     batch, seq, nblk, n_rows = T.dynamic("batch, seq, nblk, n_rows")
     per_token = groups * topk
-    tile_counts = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
+    tile_counts, _ = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
 
     @T.prim_func
     def schedule_histogram_tiled(
@@ -130,7 +144,7 @@ def tiled_histogram_program(groups: int, topk: int, max_blocks: int, tile_querie
         with T.Kernel(T.ceildiv(count, chunk) * tiles, batch * groups, threads=_THREADS) as (bx, bg):
             hist = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] the tile's choices of each block
             tile = T.alloc_local((4,), "int32")  # chunk, first query, end query, schedule row
-            blk = T.alloc_local((1,), "int32")
+            blk = T.alloc_local((ENTRY_BATCH,), "int32")  # [ENTRY_BATCH] a batch of the thread's entries' blocks
             tx = T.get_thread_binding()
             tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
             for i in T.serial(T.ceildiv(nblk, _THREADS)):
@@ -146,7 +160,7 @@ def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries:
     the block's list with one global atomic, and its entries take places in that range by shared atomics."""
     batch, seq, nblk, n_rows, cap = T.dynamic("batch, seq, nblk, n_rows, cap")
     per_token = groups * topk
-    tile_counts = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
+    tile_counts, load_entry_blocks = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
 
     @T.prim_func
     def schedule_scatter_tiled(
@@ -163,7 +177,7 @@ def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries:
             hist = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] counts, then the tile's next place
             base = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] where the tile's range of a list starts
             tile = T.alloc_local((4,), "int32")  # chunk, first query, end query, schedule row
-            blk = T.alloc_local((1,), "int32")
+            blk = T.alloc_local((ENTRY_BATCH,), "int32")  # [ENTRY_BATCH] a batch of the thread's entries' blocks
             pos = T.alloc_local((1,), "int32")
             tx = T.get_thread_binding()
             tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
@@ -174,12 +188,12 @@ def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries:
                             Cursor[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx], return_prev=True)
                         hist[i * _THREADS + tx] = 0
             T.sync_threads()
-            for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS)):
-                e = i * _THREADS + tx
-                if tile[1] + e // topk < tile[2]:
-                    blk[0] = _tile_entry_block(Indices, tile, t0, bg, e, groups, topk)
-                    if blk[0] >= 0:  # the place in a local: the atomic must run once, whatever checks its index
-                        pos[0] = base[blk[0]] + T.atomic_add(hist[blk[0]], 1, return_prev=True)
+            for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS * ENTRY_BATCH)):
+                load_entry_blocks(blk, Indices, tile, t0, bg, i, tx)
+                for u in T.unroll(ENTRY_BATCH):
+                    e = (i * ENTRY_BATCH + u) * _THREADS + tx
+                    if blk[u] >= 0:  # the place in a local: the atomic must run once, whatever checks its index
+                        pos[0] = base[blk[u]] + T.atomic_add(hist[blk[u]], 1, return_prev=True)
                         Entries[tile[3], pos[0]] = (tile[1] + e // topk - tile[0] * chunk) * topk + e % topk
 
     return schedule_scatter_tiled
