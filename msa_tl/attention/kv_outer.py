@@ -39,7 +39,7 @@ from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, P
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.local_combine import LOCAL_COMBINE_DEFAULTS, local_combine_program, local_combine_unsupported
-from msa_tl.attention.row_prep import prepare_rows, row_prep_program, row_prep_warps_program
+from msa_tl.attention.row_prep import prepare_rows, row_prep_builder
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -1041,15 +1041,15 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     (:func:`msa_tl.attention.local_combine.local_combine_program`, a CTA per key block and KV head) attends it and
     merges it with the other partials, so no partial is written or read for it. 16-bit partials, 8-64 heads per KV
     head, head dims 64 / 128, queries from position 0, not with the accumulators, combine warps or ``combine_ctas``
-    (asked for there, a ValueError; a tuned config's local combine is left off there); ``local_combine_config``: its knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing
-    waits for the shared tiles' count: both paths are queued (rows without partials load nothing, an empty schedule
-    has no work), so the host never syncs and runs ahead of the GPU; where the tiles own every row, the empty chunks
-    still launch (~0.7 ms at 128K on the H100, NOTES.md session 29). ``fused_prep``: the index rows' bookkeeping
-    (:func:`msa_tl.attention.row_prep.prepare_rows`) in one launch instead of torch ops (``"warps"``: a warp a query
-    tile instead of a thread). ``tiles_stream`` (with
-    the local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side
-    stream, so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build
-    and on the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
+    (asked for there, a ValueError; a tuned config's local combine is left off there); ``local_combine_config``: its
+    knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing waits for the shared tiles' count: both paths are queued
+    (rows without partials load nothing, an empty schedule has no work), so the host never syncs and runs ahead of
+    the GPU; where the tiles own every row, the empty chunks still launch (~0.7 ms at 128K on the H100, NOTES.md
+    session 29). ``fused_prep``: the index rows' bookkeeping (:func:`msa_tl.attention.row_prep.prepare_rows`) in one
+    launch instead of torch ops (``"warps"``: a warp a query tile instead of a thread). ``tiles_stream`` (with the
+    local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side stream,
+    so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build and on
+    the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
     ``tile_config``: the shared tiles' kernel's knobs (:func:`msa_tl.attention.shared_tiles.shared_tile_attention`).
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
@@ -1121,13 +1121,17 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         raise ValueError("tiles_stream: with local_combine (the path that does not wait for the tiles' count)")
     tiles_stream = (schedule_config["tiles_stream"] if tiles_stream is None else tiles_stream) and local_combine
     shared, kv_indices, flags = prepare_rows(indices, R, block_size, shared_tiles, local_combine, fused=fused_prep)
+
+    def attend_shared_tiles():
+        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
+                              query_start=query_start)
+
     tiles_side = None  # the side stream the shared tiles run on
     if tiles_stream and shared_tiles:
         main, tiles_side = torch.cuda.current_stream(q.device), _side_stream(q.device, "tiles")
         tiles_side.wait_stream(main)  # shared and the inputs
         with torch.cuda.stream(tiles_side):
-            shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
-                                  query_start=query_start)
+            attend_shared_tiles()
     if count_tiles:
         tile_count, counted = _count_to_host(shared)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
@@ -1169,8 +1173,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         # once the caller's stream has waited for the side stream
         torch.cuda.current_stream(q.device).wait_stream(tiles_side)
     elif tiles or (shared_tiles and not count_tiles):
-        shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
-                              query_start=query_start)
+        attend_shared_tiles()
     if flagged is not None:
         flags_counted.synchronize()
         if int(flag_count):  # exactly on the partials path
@@ -1448,10 +1451,11 @@ def _schedule_units(shape: dict, config: dict) -> list:
                                                        partial_dtype="bfloat16", **dict(PERSISTENT_COMBINE_DEFAULTS,
                                                                                         ctas=config["combine_ctas"]))))
     if config.get("fused_prep") and (config["shared_tiles"] or config.get("local_combine")):
-        prep = row_prep_warps_program if config["fused_prep"] == "warps" else row_prep_program
-        units.append((prep, dict(groups=shape["groups"], topk=shape["topk"],
-                                 heads_per_group=shape["heads"] // shape["groups"], block_size=shape["block_size"],
-                                 tiles=bool(config["shared_tiles"]), local=bool(config.get("local_combine")))))
+        units.append((row_prep_builder(config["fused_prep"]), dict(groups=shape["groups"], topk=shape["topk"],
+                                                                   heads_per_group=shape["heads"] // shape["groups"],
+                                                                   block_size=shape["block_size"],
+                                                                   tiles=bool(config["shared_tiles"]),
+                                                                   local=bool(config.get("local_combine")))))
     if config.get("local_combine"):  # the combine that attends the own blocks
         units.append((local_combine_program, dict(attention_program_args(shape), partial_dtype="bfloat16",
                                                    **LOCAL_COMBINE_DEFAULTS)))

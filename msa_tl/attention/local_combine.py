@@ -61,7 +61,7 @@ def lse_slots(heads_per_group: int, topk: int) -> int:
 
 
 def local_combine_shared_bytes(heads_per_group: int, head_dim: int, block_size: int, topk: int, stages: int,
-                               slots_per_piece: int, partial_bytes: int = 2, tma_o: bool = False) -> int:
+                               slots_per_piece: int, partial_bytes: int, tma_o: bool) -> int:
     """Shared memory of :func:`local_combine_program` (16-bit inputs): K / V of the block, the 2-stage Q and LSE
     ring, the ``stages``-deep ring of partial pieces, the O tile (``tma_o``), the barriers."""
     R, D = heads_per_group, head_dim
@@ -86,7 +86,7 @@ def local_combine_unsupported(heads_per_group: int, head_dim: int, block_size: i
     if topk % config["slots_per_piece"]:
         return f"slots_per_piece ({config['slots_per_piece']}) must divide topk ({topk})"
     smem = local_combine_shared_bytes(R, head_dim, block_size, topk, config["stages"], config["slots_per_piece"],
-                                      partial_bytes, config.get("tma_o", False))
+                                      partial_bytes, config["tma_o"])
     if smem > SMEM_LIMIT:
         return f"{smem} B of shared memory (stages={config['stages']}, slots_per_piece={config['slots_per_piece']})"
     return None

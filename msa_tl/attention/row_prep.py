@@ -9,7 +9,8 @@ and the host's Python between them (NOTES.md, session 29). :func:`row_prep_progr
 thread per (batch, tile, KV head) compares the tile's index rows with its first (the tile is shared where all are
 equal and it is whole), then writes each row's KV-outer copy (-1 for a shared tile's rows and, for the local
 combine, for the query's own block) and its flags. It reads the indices twice (the second time from the L2) and
-writes them once: ~64 MB at 128K, ~0.03 ms at the copy rate.
+writes them once: ~64 MB at 128K, ~0.03 ms at the copy rate; measured 0.117 ms on the H100 (a warp's loads are 32
+rows 2 KB apart, NOTES.md session 30). :func:`row_prep_warps_program` gives a warp to each tile instead.
 """
 
 import tilelang.language as T
@@ -23,6 +24,11 @@ from msa_tl.tl_compile import compiled_kernel
 ROW_PREP_THREADS = 128
 ROW_PREP_WARPS = 4  # (b, tile, g) units a CTA of row_prep_warps_program
 FUSED_CHOICES = (False, True, "warps")  # prepare_rows' fused: torch ops, a thread a tile, a warp a tile
+
+
+def row_prep_builder(fused: bool | str):
+    """The program of ``prepare_rows(..., fused=fused)`` (``fused`` True or "warps")."""
+    return row_prep_warps_program if fused == "warps" else row_prep_program
 
 
 def _tile_queries_checked(topk: int, heads_per_group: int, block_size: int, local: bool) -> int:
@@ -196,9 +202,8 @@ def prepare_rows(indices: torch.Tensor, heads_per_group: int, block_size: int, t
         shared = torch.empty((B, -(-N // TQ), G), device=indices.device, dtype=torch.int32)
         kv_indices = torch.empty_like(indices)
         flags = torch.empty((B, N, G), device=indices.device, dtype=torch.int32)
-        kernel = compiled_kernel(row_prep_warps_program if fused == "warps" else row_prep_program, groups=G,
-                                 topk=topk, heads_per_group=heads_per_group, block_size=block_size, tiles=bool(tiles),
-                                 local=bool(local))
+        kernel = compiled_kernel(row_prep_builder(fused), groups=G, topk=topk, heads_per_group=heads_per_group,
+                                 block_size=block_size, tiles=bool(tiles), local=bool(local))
         kernel(indices, shared, kv_indices, flags)
         return (shared[:, : N // TQ].contiguous() if tiles else None), kv_indices, (flags if local else None)
     shared, rows, kv_indices, flags = None, None, indices, None
