@@ -277,7 +277,7 @@ def chunks_variants():
     attention and local combine (``pdl``); chunks of 33 and 132 key blocks, whose local combine (a CTA a key block
     and KV head) fills the H100's 132 SMs in one wave and in four; the shared tiles on a side stream from the start
     (``tiles_stream``); the row prep a warp a query tile (``fused_prep="warps"``); last, the shared tiles' kernel
-    a CTA a run of 8 or 32 triples (``tile_config``)."""
+    a CTA every (tile, KV head), not only those listed as shared (``tile_config=dict(listed=False)``)."""
     persistent = attention(store_warp=True, persistent=True)
     return labelled([dict()] + [dict(query_chunk=c, **persistent) for c in (2048, 4096, 6144, 8192, 16384)]
                     + [dict(local_combine=True)]
@@ -295,8 +295,8 @@ def chunks_variants():
                             **persistent) for c in (4224, 16896)]
                     + [dict(query_chunk=4096, local_combine=True, fused_prep=True, tiles_stream=True, **persistent),
                        dict(query_chunk=4096, local_combine=True, fused_prep="warps", **persistent)]
-                    + [dict(query_chunk=4096, local_combine=True, fused_prep=True,
-                            tile_config=dict(persistent=True, tiles_per_cta=n), **persistent) for n in (8, 32)])
+                    + [dict(query_chunk=4096, local_combine=True, fused_prep=True, tile_config=dict(listed=False),
+                            **persistent)])
 
 
 def combine_warps_variants():

@@ -87,3 +87,46 @@ def test_the_h100s_tuned_local_combine_yields_to_what_the_caller_asks(tmp_path, 
         assert "local_combine_program" in builders
         with pytest.raises(ValueError, match="local_combine"):
             kv_outer.sparse_attention_forward(q, k, k, indices, Bk, local_combine=True, **kw)
+
+
+@pytest.mark.parametrize("asked", [dict(tma_stores=False), dict(combine_warps=True, store_warp=True, tma_gathers=True),
+                                   dict(consumers=3, store_warp=True, pingpong=False, tma_gathers=True)],
+                         ids=["thread-stores", "combine-warps", "three-consumers"])
+def test_the_h100s_tuned_attention_knobs_yield_to_the_callers(tmp_path, asked):
+    """The H100's shipped attention config at the paper shape is the persistent kernel with the store warp; knobs a
+    caller asks for that cannot run with those run over the kernel's defaults instead (no ValueError), the tuned
+    config stays where the caller asks for nothing, and knobs that conflict among themselves still reach the
+    kernel, which raises."""
+    import torch
+
+    import msa_tl.attention.kv_outer as kv_outer
+    from benchmarks.precompile import collect_kernels
+
+    B, N, Hq, G, D, Bk, topk = 1, 1000, 64, 4, 128, 128, 16
+    q, k = torch.randn(B, N, Hq, D, dtype=torch.bfloat16), torch.randn(B, N, G, D, dtype=torch.bfloat16)
+    # each query's own block and the block before it: no tile of 8 queries is shared across a block's first query
+    own = (torch.arange(N) // Bk).view(1, N, 1, 1)
+    indices = torch.where(torch.arange(topk) == 0, own, torch.where(torch.arange(topk) == 1, own - 1, -1))
+    indices = torch.where(indices >= 0, indices, -1).expand(B, N, G, topk).int().contiguous()
+    indices[:, ::3, :, 1] = -1  # queries that differ inside each tile: the KV-outer path runs
+    counted = (lambda mask: (mask.sum(), type("Done", (), {"synchronize": lambda self: None})()))
+
+    def attention_configs(**kw):
+        log = tmp_path / f"kernels{len(list(tmp_path.iterdir()))}.jsonl"
+        with collect_kernels(str(log), gpu="NVIDIA H100 80GB HBM3"), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kv_outer, "_count_to_host", counted)
+            # the row prep by torch ops: a collected kernel does nothing, and the KV-outer rows come from it
+            kv_outer.sparse_attention_forward(q, k, k, indices, Bk, local_combine=False, fused_prep=False, **kw)
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        return [e["config"] for e in lines if e["builder"].endswith(":kv_outer_program")]
+
+    (tuned,) = attention_configs()
+    assert tuned["persistent"] and tuned["store_warp"]
+    (config,) = attention_configs(attention_config=asked)
+    assert all(config[key] == value for key, value in asked.items())
+    assert kv_outer.attention_knob_conflict(config) is None and not config["persistent"]
+    # knobs that conflict among themselves reach the kernel as asked (a collected kernel is not built: the program
+    # would raise this)
+    (config,) = attention_configs(attention_config=dict(asked, store_warp=True, tma_stores=False))
+    assert config["store_warp"] and not config["tma_stores"]
+    assert kv_outer.attention_knob_conflict(config).startswith("store_warp")

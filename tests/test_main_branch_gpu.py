@@ -282,16 +282,16 @@ def test_few_shared_tiles_keep_the_persistent_combine():
 @pytest.mark.parametrize("order", ["descending", "shuffled", "own-block-dropped"])
 @pytest.mark.parametrize("roles,config", [(True, None), (True, dict(stages=3)), (True, dict(pingpong=False)),
                                           (True, dict(persistent=True)), (True, dict(persistent=True, ctas=3)),
-                                          (True, dict(persistent=True, tiles_per_cta=7)), (False, None)],
+                                          (True, "listed"), (False, None)],
                          ids=["producer-consumers", "producer-consumers-3-stages", "no-pingpong", "persistent",
-                              "persistent-3-ctas", "runs-of-7-triples", "pipelined-loop"])
+                              "persistent-3-ctas", "listed-shuffled", "pipelined-loop"])
 def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
     """The hand-pipelined tile kernel (its rings 2 or 3 stages deep; the consumers taking turns or not; persistent,
-    where 3 CTAs take ~340 tiles each, so both Q buffers and the rings' phases wrap, or a CTA a run of 7 triples,
-    the last run short) and the plain one, alone, on
+    where 3 CTAs take ~340 tiles each, so both Q buffers and the rings' phases wrap; a CTA a listed triple, the list
+    shuffled so that the triples of both batches and every KV head come in no order) and the plain one, alone, on
     every tile of a block-shared selection: blocks in descending order, shuffled (the own block anywhere, -1
     between), or without the own block (the first blocks' rows then have nothing: o = 0, lse = -inf)."""
-    from msa_tl.attention.shared_tiles import shared_tile_attention, sharing_tiles
+    from msa_tl.attention.shared_tiles import list_shared_tiles, shared_tile_attention, sharing_tiles
 
     B, N, Hq, G, D, Bk, topk = 2, 1024, 64, 4, 128, 128, 8
     q, k, v = attention_inputs(B, N, Hq, G, D)
@@ -307,7 +307,13 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
     assert shared.all()
     o = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
-    shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, config=config, roles=roles)
+    listed = None
+    if config == "listed":
+        config, listed = None, list_shared_tiles(shared)[: shared.numel()]
+        assert torch.equal(listed, torch.arange(shared.numel(), device="cuda", dtype=torch.int32))
+        listed = listed[torch.randperm(listed.numel(), device="cuda")]
+    shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, config=config, roles=roles,
+                          listed=listed)
     if order == "own-block-dropped":
         empty = assert_matches_reference_with_empty_rows(o, lse, q, k, v, indices, Bk)  # [B, N, Hq]: block 0's rows
         assert empty[:, :Bk].all() and not empty[:, Bk:].any()
@@ -849,11 +855,26 @@ def test_the_shared_tiles_on_a_side_stream_match_reference(kind):
                             query_chunk=1000)
 
 
-@pytest.mark.parametrize("kind", ["random", "realistic"])
-def test_the_forward_with_the_shared_tiles_in_runs_matches_reference(kind):
-    """tile_config=dict(persistent=True, tiles_per_cta=8): the forward's shared tiles attended by a CTA a run of 8
-    triples (few of them shared at random, all at realistic), beside the local combine."""
-    B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
+@pytest.mark.parametrize("local_combine", [True, False], ids=["local-combine", "partials"])
+@pytest.mark.parametrize("kind", ["random", "tiled", "realistic"])
+def test_the_forward_lists_its_shared_tiles(kind, local_combine):
+    """The forward's tile kernel runs a CTA a listed shared (tile, KV head), the list built on the GPU and its
+    length read back once the chunks are queued (few shared at random, some tiled, all realistic; two batches, so
+    the list holds both): the same o and lse, bit for bit, as a CTA every triple (``tile_config=dict(listed=False)``),
+    and the reference's. With the local combine and with the partials path (which reads the count first)."""
+    from msa_tl.attention.kv_outer import sparse_attention_forward
+    from msa_tl.attention.shared_tiles import list_shared_tiles, sharing_tiles
+
+    B, N, Hq, G, D, Bk, topk = 2, 2125, 64, 4, 128, 128, 16
     q, k, v = attention_inputs(B, N, Hq, G, D)
-    check_against_reference(q, k, v, selection(kind, B, N, G, Bk, topk), Bk, local_combine=True, fused_prep=True,
-                            tile_config=dict(persistent=True, tiles_per_cta=8))
+    indices = tiled_selection(B, N, G, Bk, topk) if kind == "tiled" else selection(kind, B, N, G, Bk, topk)
+    indices = indices.sort(dim=-1, descending=True).values.contiguous()
+    shared = sharing_tiles(indices, Hq // G, Bk)
+    assert shared.any()
+    live = shared.transpose(1, 2).flatten().nonzero().flatten().int()
+    assert torch.equal(list_shared_tiles(shared)[: live.numel()], live)
+    kw = dict(local_combine=local_combine, query_chunk=1000)
+    o, lse = check_against_reference(q, k, v, indices, Bk, **kw)
+    o_all, lse_all = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
+    sparse_attention_forward(q, k, v, indices, Bk, out=o_all, lse_out=lse_all, tile_config=dict(listed=False), **kw)
+    assert torch.equal(o, o_all) and torch.equal(lse, lse_all)

@@ -43,7 +43,7 @@ from msa_tl.attention.row_prep import prepare_rows, row_prep_builder
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
-from msa_tl.attention.shared_tiles import shared_tile_attention, tile_queries
+from msa_tl.attention.shared_tiles import list_shared_tiles, shared_tile_attention, tile_queries, tile_rows
 from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel, sm_count, tl_dtype
 from msa_tl.tunable import ATTENTION_DIMS, TunableProgram, attention_program_args
 from msa_tl.tuning.cache import tuned_config
@@ -158,6 +158,29 @@ def item_shared_bytes(head_dim: int, block_size: int, item_queries: int, stages:
             + consumers * o_tiles * CONSUMER_ROWS * head_dim * partial_bytes + 4 * item_queries)
 
 
+def attention_knob_conflict(config: dict) -> str | None:
+    """The first rule that :func:`kv_outer_program`'s knobs in ``config`` break together (None where they go
+    together; knobs missing from ``config`` take the program's defaults)."""
+    c = dict(tma_stores=True, pingpong=True, persistent=False, tma_gathers=False, direct_stores=False, consumers=2,
+             store_warp=False, combine_warps=False) | {key: value for key, value in config.items()}
+    if c["direct_stores"] and (c["tma_stores"] or c["persistent"]):
+        return "direct_stores: per-item CTAs with tma_stores=False only"
+    if c["consumers"] not in (1, 2, 3):
+        return f"consumers must be 1, 2 or 3, got {c['consumers']}"
+    if c["consumers"] == 3 and (c["persistent"] or c["combine_warps"] or c["pingpong"] or not c["store_warp"]):
+        # the persistent kernel's two K/V blocks leave no shared memory for a third ring, ping-pong's turns are
+        # two consumers', and at 152 registers a consumer has none for its own TMA stores
+        return "consumers=3: per-item CTAs with the store warp and pingpong=False only"
+    if c["store_warp"] and not (c["tma_stores"] and c["tma_gathers"]):
+        return "store_warp: TMA gathers and TMA stores only"
+    if c["combine_warps"] and (c["persistent"] or not c["store_warp"] or c["consumers"] != 2):
+        # the consumers' own TMA stores need the registers the combine warps take (both spill at 200 / 104)
+        return "combine_warps: per-item CTAs with the store warp and two consumers only"
+    if c["consumers"] == 1 and not (c["tma_gathers"] and c["direct_stores"] and not c["pingpong"]):
+        return "consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False"
+    return None
+
+
 def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                      item_queries: int = SCHEDULE_DEFAULTS["item_queries"], stages: int = 2, tma_stores: bool = True,
                      pingpong: bool = True, persistent: bool = False, ctas: int = 132, store_eviction: str = "",
@@ -222,21 +245,11 @@ def kv_outer_program(groups: int, heads: int, head_dim: int, block_size: int, to
     if o_buffers not in (1, 2):
         raise ValueError(f"o_buffers must be 1 or 2, got {o_buffers}")
     single_o = persistent or o_buffers == 1
-    if direct_stores and (tma_stores or persistent):
-        raise ValueError("direct_stores: per-item CTAs with tma_stores=False only")
-    if consumers not in (1, 2, 3):
-        raise ValueError(f"consumers must be 1, 2 or 3, got {consumers}")
-    if consumers == 3 and (persistent or combine_warps or pingpong or not store_warp):
-        # the persistent kernel's two K/V blocks leave no shared memory for a third ring, ping-pong's turns are
-        # two consumers', and at 152 registers a consumer has none for its own TMA stores
-        raise ValueError("consumers=3: per-item CTAs with the store warp and pingpong=False only")
-    if store_warp and not (tma_stores and tma_gathers):
-        raise ValueError("store_warp: TMA gathers and TMA stores only")
-    if combine_warps and (persistent or not store_warp or consumers != 2):
-        # the consumers' own TMA stores need the registers the combine warps take (both spill at 200 / 104)
-        raise ValueError("combine_warps: per-item CTAs with the store warp and two consumers only")
-    if consumers == 1 and not (tma_gathers and direct_stores and not pingpong):
-        raise ValueError("consumers=1 (two CTAs an SM) needs tma_gathers, direct_stores and pingpong=False")
+    conflict = attention_knob_conflict(dict(tma_stores=tma_stores, pingpong=pingpong, persistent=persistent,
+                                            tma_gathers=tma_gathers, direct_stores=direct_stores, consumers=consumers,
+                                            store_warp=store_warp, combine_warps=combine_warps))
+    if conflict:
+        raise ValueError(conflict)
     NC = consumers  # consumer warpgroups a CTA: consumer c takes the item's tiles NC i + c
     if direct_stores and head_dim % 32:
         raise ValueError(f"direct_stores needs a head dim that is a multiple of 32, got {head_dim}")
@@ -1042,15 +1055,18 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     merges it with the other partials, so no partial is written or read for it. 16-bit partials, 8-64 heads per KV
     head, head dims 64 / 128, queries from position 0, not with the accumulators, combine warps or ``combine_ctas``
     (asked for there, a ValueError; a tuned config's local combine is left off there); ``local_combine_config``: its
-    knobs (``LOCAL_COMBINE_DEFAULTS``). With it nothing waits for the shared tiles' count: both paths are queued
-    (rows without partials load nothing, an empty schedule has no work), so the host never syncs and runs ahead of
-    the GPU; where the tiles own every row, the empty chunks still launch (~0.7 ms at 128K on the H100, NOTES.md
-    session 29). ``fused_prep``: the index rows' bookkeeping (:func:`msa_tl.attention.row_prep.prepare_rows`) in one
+    knobs (``LOCAL_COMBINE_DEFAULTS``). With it the KV-outer chunks are queued before the shared tiles' count is
+    read (rows without partials load nothing, an empty schedule has no work), so the host waits only for the row
+    prep, long done by then, and the GPU is never drained; where the tiles own every row, the empty chunks still
+    launch (~0.7 ms at 128K on the H100, NOTES.md session 29). The roles tile kernel (128-row tiles) runs a CTA a
+    shared (tile, KV head) only, from :func:`msa_tl.attention.shared_tiles.list_shared_tiles` (a CTA every triple
+    while a CUDA graph is captured, on the side stream, or with the persistent tile kernel). ``fused_prep``: the index rows' bookkeeping (:func:`msa_tl.attention.row_prep.prepare_rows`) in one
     launch instead of torch ops (``"warps"``: a warp a query tile instead of a thread). ``tiles_stream`` (with the
     local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side stream,
     so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build and on
     the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
-    ``tile_config``: the shared tiles' kernel's knobs (:func:`msa_tl.attention.shared_tiles.shared_tile_attention`).
+    ``tile_config``: the shared tiles' kernel's knobs (:func:`msa_tl.attention.shared_tiles.shared_tile_attention`;
+    ``listed=False``: a CTA every triple).
 
     Head dims above ``WIDE_HEAD_DIM`` (e.g. 256) run each block as its 64-key halves (:func:`split_blocks`: twice the
     slots) with ``WIDE_HEAD_CONFIG`` (direct stores), without shared tiles, in chunks of ``WIDE_HEAD_CHUNK``
@@ -1078,9 +1094,11 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     # wide heads: a tuned config for the shape (searched within what fits) still wins over WIDE_HEAD_CONFIG
     defaults = {**attention_defaults(R, partial_dtype.itemsize), **(WIDE_HEAD_CONFIG if wide else {})}
     asked_attention = attention_config
-    attention_config = without_unfit_persistent(
-        {**tuned_config("kv_outer_attention", shape, defaults, q.device), **(attention_config or {})},
-        attention_config, R, D, block_size, item_queries, partial_dtype.itemsize)
+    merged = {**tuned_config("kv_outer_attention", shape, defaults, q.device), **(attention_config or {})}
+    if attention_knob_conflict(merged):  # the tuned knobs yield to the caller's (the defaults' conflicts raise)
+        merged = {**defaults, **(attention_config or {})}
+    attention_config = without_unfit_persistent(merged, attention_config, R, D, block_size, item_queries,
+                                                partial_dtype.itemsize)
     if attention_config.get("persistent"):  # one CTA an SM unless told
         attention_config.setdefault("ctas", sm_count(q.device))
     combine_config = {**tuned_config("lse_combine", shape, COMBINE_DEFAULTS, q.device), **(combine_config or {})}
@@ -1122,9 +1140,9 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     tiles_stream = (schedule_config["tiles_stream"] if tiles_stream is None else tiles_stream) and local_combine
     shared, kv_indices, flags = prepare_rows(indices, R, block_size, shared_tiles, local_combine, fused=fused_prep)
 
-    def attend_shared_tiles():
+    def attend_shared_tiles(listed=None):
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
-                              query_start=query_start)
+                              query_start=query_start, listed=listed)
 
     tiles_side = None  # the side stream the shared tiles run on
     if tiles_stream and shared_tiles:
@@ -1132,7 +1150,15 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         tiles_side.wait_stream(main)  # shared and the inputs
         with torch.cuda.stream(tiles_side):
             attend_shared_tiles()
-    if count_tiles:
+    # The shared triples listed for a grid of only them (a random selection shares ~1 in 64, a CTA each of the
+    # others costs an SM's shared memory to start and leave): the host reads their count once the KV-outer chunks
+    # are queued, so the GPU is not drained; a CUDA graph being captured keeps a CTA every triple.
+    listing = (shared_tiles and tiles_side is None and tile_rows(R, block_size) == 128
+               and not (tile_config or {}).get("persistent") and (tile_config or {}).get("listed", True)
+               and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if listing:
+        tile_list = list_shared_tiles(shared)
+    if count_tiles or listing:
         tile_count, counted = _count_to_host(shared)
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
@@ -1172,6 +1198,12 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         # the rows are disjoint from the KV-outer path's; o, lse and shared (freed for the caller's stream) are safe
         # once the caller's stream has waited for the side stream
         torch.cuda.current_stream(q.device).wait_stream(tiles_side)
+    elif listing:
+        if not count_tiles:  # the count was queued before the chunks, which the GPU runs while the host waits here
+            counted.synchronize()
+            tiles = int(tile_count)
+        if tiles:
+            attend_shared_tiles(tile_list[:tiles])
     elif tiles or (shared_tiles and not count_tiles):
         attend_shared_tiles()
     if flagged is not None:

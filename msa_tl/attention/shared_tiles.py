@@ -22,8 +22,7 @@ TILE_DEFAULTS = dict(num_stages=2)
 # The hand-pipelined tile kernel's knobs: the K and V rings' depth (3 stages fit with Q: 224 KB), whether the
 # consumers take turns issuing their MMAs, and persistent CTAs (the next tile's Q and K/V loaded during this one;
 # 2 stages with two Q buffers: 192 KB; off: slower than one CTA a tile, NOTES.md).
-# tiles_per_cta (with persistent): a CTA a run of that many triples instead of one an SM.
-ROLES_DEFAULTS = dict(stages=2, pingpong=True, persistent=False, tiles_per_cta=0)
+ROLES_DEFAULTS = dict(stages=2, pingpong=True, persistent=False)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -194,7 +193,7 @@ def roles_shared_bytes(head_dim: int, block_size: int, stages: int, persistent: 
 
 def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_size: int, topk: int, scale: float,
                                  stages: int = 2, pingpong: bool = True, persistent: bool = False, ctas: int = 132,
-                                 tiles_per_cta: int = 0, dtype: str = "bfloat16", query_offset: bool = False):
+                                 listed: bool = False, dtype: str = "bfloat16", query_offset: bool = False):
     """:func:`tile_attention_program` as FlashAttention-3 runs a forward, roles by hand.
 
     A producer warpgroup gathers the tile's Q rows and each chosen block's K and V with 16-byte ``cp.async``
@@ -206,13 +205,13 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     runs under the other's MMAs. ``persistent``: ``ctas`` CTAs take the (tile, group, batch) triples in turn
     (CTA c the c-th, (c + ctas)-th, ...: tiles cost alike), Q and the block list double-buffered and the rings
     running on across tiles, so the producer loads the next tile while the consumers finish this one.
-    ``tiles_per_cta`` > 0 (with ``persistent``): the same CTA body on a grid of one CTA a run of that many
-    consecutive triples instead of ``ctas`` CTAs in turn: where few tiles are shared (random selections), the grid
-    has that many times fewer CTAs that leave at once (65536 at 128K with one a triple, each holding an SM's shared
-    memory while it starts and leaves), and each CTA reads its run's flags, not one CTA a triple.
+    ``listed`` (not with ``persistent``): a CTA an entry of ``Listed [n_listed]`` int32, the triple
+    tile + n_tiles * (group + groups * batch) (:func:`list_shared_tiles`), instead of a CTA every triple: where few
+    tiles are shared (random selections) the grid holds only them, not 65536 CTAs at 128K that each take an SM's
+    shared memory to start and leave.
     Indices must be canonical (``msa_tl.ops.validation.canonical_indices``: no id twice); ids past the tile's
     own block are skipped. 128-row tiles only. ``query_offset`` as in :func:`tile_attention_program`."""
-    batch, seq, n_tiles = T.dynamic("batch, seq, n_tiles")
+    batch, seq, n_tiles, n_listed = T.dynamic("batch, seq, n_tiles, n_listed")
     queries = T.dynamic("queries") if query_offset else seq  # the query-side tensors' rows
     R, D, Bk, M = heads // groups, head_dim, block_size, 64  # M rows a consumer
     if tile_rows(R, Bk) != 2 * M:
@@ -221,8 +220,8 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     if smem > SMEM_LIMIT:
         raise ValueError(f"tile kernel: {smem} B of shared memory > {SMEM_LIMIT} B (stages={stages}, "
                          f"persistent={persistent}, head_dim={D}, block_size={Bk})")
-    if tiles_per_cta and not persistent:
-        raise ValueError(f"tiles_per_cta ({tiles_per_cta}) runs the persistent body: persistent=True")
+    if listed and persistent:
+        raise ValueError("listed: a CTA a listed tile, not the persistent CTAs")
     TQ = 2 * M // R
     n_qbuf = 2 if persistent else 1
     neg_inf = -T.infinity("float32")
@@ -362,43 +361,56 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
             O[b, first + (c * M + i) // R, g * R + (c * M + i) % R, d] = acc_o[i, d] * l[i]
 
     @T.macro
+    def roles_tile(Q, K, V, Indices, Shared, O, LSE, q0, tile, g, b):
+        """The CTA body: the (tile, g, b) triple's tile, where Shared marks it."""
+        Q_s0 = T.alloc_shared((1, M, D), dtype)  # [1, M, D] consumer 0's rows
+        Q_s1 = T.alloc_shared((1, M, D), dtype)
+        ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D]
+        ring_v = T.alloc_shared((stages, Bk, D), dtype)
+        raw_s = T.alloc_shared((topk,), "int32")  # the tile's index row
+        blocks_s = T.alloc_shared((1, topk + 1), "int32")  # its blocks, own first; the count last
+        (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, m0, m1, m_prev0, m_prev1, rescale0, rescale1, l0,
+         l1) = consumer_fragments()
+        n = T.alloc_local((1,), "int32")  # blocks through the rings so far: the stage and its phase
+        cnt = T.alloc_local((1,), "int32")  # the producer's count of listed blocks
+        q_ready = T.alloc_barrier([129])  # 128 cp.async completions + the block list's writer
+        full_k = T.alloc_barrier([128] * stages)
+        full_v = T.alloc_barrier([128] * stages)
+        empty_k = T.alloc_barrier([256] * stages)  # both consumers release a block
+        empty_v = T.alloc_barrier([256] * stages)
+        tx = T.get_thread_binding()
+        first = tile * TQ
+        n[0] = 0
+        if Shared[b, tile, g] != 0:
+            if tx >= 256:  # producer
+                T.set_max_nreg(56, 0)
+                load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v,
+                          empty_k, empty_v, 0, b, g, first, tx - 256, n, cnt, q0)
+            elif tx < 128:
+                T.set_max_nreg(224, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(0, Q_s0[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
+                        blocks_s[0, 0] == position(first, q0) // Bk, O, LSE, b, g, first, acc_s0, acc_p0,
+                        acc_o0, m0, m_prev0, rescale0, l0, n, q0)
+            else:
+                T.set_max_nreg(224, 1)
+                T.barrier_wait(q_ready[0], 0)
+                consume(1, Q_s1[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
+                        blocks_s[0, 0] == position(first, q0) // Bk, O, LSE, b, g, first, acc_s1, acc_p1,
+                        acc_o1, m1, m_prev1, rescale1, l1, n, q0)
+
+    @T.macro
     def roles_body(Q, K, V, Indices, Shared, O, LSE, q0):
         with T.Kernel(n_tiles, groups, batch, threads=384) as (tile, g, b):
-            Q_s0 = T.alloc_shared((1, M, D), dtype)  # [1, M, D] consumer 0's rows
-            Q_s1 = T.alloc_shared((1, M, D), dtype)
-            ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D]
-            ring_v = T.alloc_shared((stages, Bk, D), dtype)
-            raw_s = T.alloc_shared((topk,), "int32")  # the tile's index row
-            blocks_s = T.alloc_shared((1, topk + 1), "int32")  # its blocks, own first; the count last
-            (acc_s0, acc_s1, acc_p0, acc_p1, acc_o0, acc_o1, m0, m1, m_prev0, m_prev1, rescale0, rescale1, l0,
-             l1) = consumer_fragments()
-            n = T.alloc_local((1,), "int32")  # blocks through the rings so far: the stage and its phase
-            cnt = T.alloc_local((1,), "int32")  # the producer's count of listed blocks
-            q_ready = T.alloc_barrier([129])  # 128 cp.async completions + the block list's writer
-            full_k = T.alloc_barrier([128] * stages)
-            full_v = T.alloc_barrier([128] * stages)
-            empty_k = T.alloc_barrier([256] * stages)  # both consumers release a block
-            empty_v = T.alloc_barrier([256] * stages)
-            tx = T.get_thread_binding()
-            first = tile * TQ
-            n[0] = 0
-            if Shared[b, tile, g] != 0:
-                if tx >= 256:  # producer
-                    T.set_max_nreg(56, 0)
-                    load_tile(Q, K, V, Indices, Q_s0, Q_s1, raw_s, blocks_s, ring_k, ring_v, q_ready, full_k, full_v,
-                              empty_k, empty_v, 0, b, g, first, tx - 256, n, cnt, q0)
-                elif tx < 128:
-                    T.set_max_nreg(224, 1)
-                    T.barrier_wait(q_ready[0], 0)
-                    consume(0, Q_s0[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
-                            blocks_s[0, 0] == position(first, q0) // Bk, O, LSE, b, g, first, acc_s0, acc_p0,
-                            acc_o0, m0, m_prev0, rescale0, l0, n, q0)
-                else:
-                    T.set_max_nreg(224, 1)
-                    T.barrier_wait(q_ready[0], 0)
-                    consume(1, Q_s1[0, :, :], ring_k, ring_v, full_k, full_v, empty_k, empty_v, blocks_s[0, topk],
-                            blocks_s[0, 0] == position(first, q0) // Bk, O, LSE, b, g, first, acc_s1, acc_p1,
-                            acc_o1, m1, m_prev1, rescale1, l1, n, q0)
+            roles_tile(Q, K, V, Indices, Shared, O, LSE, q0, tile, g, b)
+
+    @T.macro
+    def roles_listed_body(Q, K, V, Indices, Shared, Listed, O, LSE, q0):
+        with T.Kernel(n_listed, threads=384) as e:
+            triple = T.alloc_local((1,), "int32")  # tile + n_tiles * (g + groups * b)
+            triple[0] = Listed[e]
+            roles_tile(Q, K, V, Indices, Shared, O, LSE, q0, triple[0] % n_tiles, triple[0] // n_tiles % groups,
+                       triple[0] // (n_tiles * groups))
 
     if query_offset:
         @T.prim_func
@@ -430,9 +442,6 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         """(tile, group, batch) of the persistent kernel's w-th triple, tile fastest."""
         return w % n_tiles, w // n_tiles % groups, w // (n_tiles * groups)
 
-    def cta_triple(cta, turn):
-        """The triple a persistent CTA takes at its turn: in turn over ``ctas`` CTAs, or the turn-th of its run."""
-        return cta * tiles_per_cta + turn if tiles_per_cta else cta + turn * ctas
 
     @T.macro
     def consume_tiles(c, n_turns, cta, Q_s, ring_k, ring_v, full_k, full_v, empty_k, empty_v, q_ready, q_free,
@@ -440,7 +449,7 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
         """Persistent consumer c: every shared tile the CTA takes, from Q buffer done[0] % 2 and its block list,
         which it frees (both consumers) once it has stored the tile's rows."""
         for turn in T.serial(n_turns):
-            tile, g, b = take_tile(cta_triple(cta, turn))
+            tile, g, b = take_tile(cta + turn * ctas)
             if Shared[b, tile, g] != 0:
                 qb = done[0] % 2
                 T.barrier_wait(q_ready[qb], (done[0] // 2) & 1)
@@ -453,7 +462,7 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     @T.macro
     def roles_persistent_body(Q, K, V, Indices, Shared, O, LSE, q0):
         total = batch * groups * n_tiles  # (tile, group, batch) triples
-        with T.Kernel(T.ceildiv(total, tiles_per_cta) if tiles_per_cta else ctas, threads=384) as cta:
+        with T.Kernel(ctas, threads=384) as cta:
             Q_s0 = T.alloc_shared((n_qbuf, M, D), dtype)  # [2, M, D] consumer 0's rows of this tile and the next
             Q_s1 = T.alloc_shared((n_qbuf, M, D), dtype)
             ring_k = T.alloc_shared((stages, Bk, D), dtype)  # [stages, Bk, D], across tiles
@@ -474,12 +483,11 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
             tx = T.get_thread_binding()
             n[0] = 0
             done[0] = 0
-            n_turns = (T.min(tiles_per_cta, total - cta * tiles_per_cta) if tiles_per_cta
-                       else T.ceildiv(total - cta, ctas))
+            n_turns = T.ceildiv(total - cta, ctas)
             if tx >= 256:  # producer
                 T.set_max_nreg(56, 0)
                 for turn in T.serial(n_turns):
-                    tile, g, b = take_tile(cta_triple(cta, turn))
+                    tile, g, b = take_tile(cta + turn * ctas)
                     if Shared[b, tile, g] != 0:
                         qb = done[0] % 2
                         T.barrier_wait(q_free[qb], ((done[0] // 2) & 1) ^ 1)
@@ -523,6 +531,36 @@ def tile_attention_roles_program(groups: int, heads: int, head_dim: int, block_s
     ):
         roles_persistent_body(Q, K, V, Indices, Shared, O, LSE, None)
 
+    if query_offset and listed:
+        @T.prim_func
+        def tile_attention_roles_listed_offset(
+            Q: T.Tensor((batch, queries, heads, head_dim), dtype),
+            K: T.Tensor((batch, seq, groups, head_dim), dtype),
+            V: T.Tensor((batch, seq, groups, head_dim), dtype),
+            Indices: T.Tensor((batch, queries, groups, topk), "int32"),
+            Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+            Listed: T.Tensor((n_listed,), "int32"),
+            O: T.Tensor((batch, queries, heads, head_dim), dtype),
+            LSE: T.Tensor((batch, queries, heads), "float32"),
+            q0: T.int32,
+        ):
+            roles_listed_body(Q, K, V, Indices, Shared, Listed, O, LSE, q0)
+
+    @T.prim_func
+    def tile_attention_roles_listed(
+        Q: T.Tensor((batch, seq, heads, head_dim), dtype),
+        K: T.Tensor((batch, seq, groups, head_dim), dtype),
+        V: T.Tensor((batch, seq, groups, head_dim), dtype),
+        Indices: T.Tensor((batch, seq, groups, topk), "int32"),
+        Shared: T.Tensor((batch, n_tiles, groups), "int32"),
+        Listed: T.Tensor((n_listed,), "int32"),
+        O: T.Tensor((batch, seq, heads, head_dim), dtype),
+        LSE: T.Tensor((batch, seq, heads), "float32"),
+    ):
+        roles_listed_body(Q, K, V, Indices, Shared, Listed, O, LSE, None)
+
+    if listed:
+        return tile_attention_roles_listed_offset if query_offset else tile_attention_roles_listed
     if query_offset:
         return tile_attention_roles_persistent_offset if persistent else tile_attention_roles_offset
     return tile_attention_roles_persistent if persistent else tile_attention_roles
@@ -534,13 +572,28 @@ tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True
                                              "tl.enable_fast_math": True}
 
 
+def list_shared_tiles(shared: torch.Tensor) -> torch.Tensor:
+    """shared [B, n_tiles, G] (:func:`sharing_tiles`) -> listed [B * G * n_tiles + 1] int32: the shared triples
+    tile + n_tiles * (g + G * b) in that order first (as many as ``shared.sum()``), then unused entries. Queued on
+    the current stream, no host sync: a prefix sum places each shared triple."""
+    B, n_tiles, G = shared.shape
+    total = B * G * n_tiles
+    live = shared.transpose(1, 2).reshape(total) != 0  # [B * G * n_tiles], tile fastest
+    place = torch.cumsum(live, 0, dtype=torch.int32)  # [total] shared triples up to each, inclusive
+    listed = torch.empty(total + 1, dtype=torch.int32, device=shared.device)
+    slot = torch.where(live, place - 1, total).long()  # the triples not shared all write the spare last entry
+    return listed.scatter_(0, slot, torch.arange(total, dtype=torch.int32, device=shared.device))
+
+
 def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None,
-                          query_start: int = 0):
+                          query_start: int = 0, listed=None):
     """Attend the tiles ``shared`` marks (:func:`sharing_tiles`) into o [B, N, Hq, D] and lse [B, N, Hq].
 
     ``roles`` (default: where a tile has 128 rows) runs :func:`tile_attention_roles_program` with ``config``
     (its ``ROLES_DEFAULTS`` knobs), else :func:`tile_attention_program` (its ``TILE_DEFAULTS`` knobs).
-    ``query_start`` (a multiple of ``block_size``): q, indices, o and lse hold the queries from that position on."""
+    ``query_start`` (a multiple of ``block_size``): q, indices, o and lse hold the queries from that position on.
+    ``listed`` [n] int32 (the first n = ``shared.sum()`` entries of :func:`list_shared_tiles`): the roles kernel
+    runs a CTA a listed triple instead of a CTA every triple (not with its persistent CTAs)."""
     if query_start % block_size:
         raise ValueError(f"shared tiles take queries from a block boundary, got query_start {query_start}")
     B, N, Hq, D = q.shape
@@ -549,14 +602,22 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
     shape = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, seq=N)
     dims = dict(groups=G, heads=Hq, head_dim=D, block_size=block_size, topk=topk, scale=scale, dtype=tl_dtype(q.dtype),
                 **(dict(query_offset=True) if query_start else {}))
+    if listed is not None and not roles:
+        raise ValueError("listed: the roles kernel's (128-row tiles)")
     if roles:
-        config = {**ROLES_DEFAULTS, **(config or {})}
-        if config["persistent"] and not config["tiles_per_cta"]:  # one CTA an SM unless told
+        config = {**ROLES_DEFAULTS, **(config or {}), "listed": listed is not None}
+        if listed is not None and config["persistent"]:
+            raise ValueError("listed: a CTA a listed tile, not the persistent CTAs")
+        if config["persistent"]:
             config.setdefault("ctas", sm_count(q.device))
         kernel = compiled_kernel(tile_attention_roles_program, **dims, **config)
     else:
         config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
         kernel = compiled_kernel(tile_attention_program, **dims, **config)
-    if shared.shape[1]:
-        kernel(q, k, v, indices, shared, o, lse, *((query_start,) if query_start else ()))
+    offset = (query_start,) if query_start else ()
+    if listed is not None:
+        if listed.numel():
+            kernel(q, k, v, indices, shared, listed, o, lse, *offset)
+    elif shared.shape[1]:
+        kernel(q, k, v, indices, shared, o, lse, *offset)
     return o, lse
