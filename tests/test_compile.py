@@ -99,6 +99,8 @@ MAIN_PROGRAMS = [
                                                      scale=0.125, pingpong=False, dtype="float16")),
     (scheduler.tiled_histogram_program, dict(groups=4, topk=16, max_blocks=1024)),
     (scheduler.tiled_scatter_program, dict(groups=4, topk=16, max_blocks=16384)),  # 128 KB of counters
+    (scheduler.staged_scatter_program, dict(groups=4, topk=16, max_blocks=1024)),
+    (scheduler.staged_scatter_program, dict(groups=4, topk=16, max_blocks=8192)),  # 161 KB with the staging
     (accumulate.accumulate_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088)),
     (accumulate.accumulate_program, dict(groups=4, heads=64, head_dim=128, block_size=128, topk=16, scale=0.088,
                                          init=True)),
@@ -228,6 +230,16 @@ def test_the_tiled_scheduler_counts_in_power_of_two_buckets():
     compile each); past MAX_TILED_BLOCKS the per-entry kernels run."""
     assert [scheduler.blocks_bucket(n) for n in (1, 256, 257, 1024, 1025, 16384)] == [256, 256, 512, 1024, 2048, 16384]
     assert 2 * 4 * scheduler.MAX_TILED_BLOCKS <= 227 * 1024  # the scatter's two counter arrays fit shared memory
+
+
+def test_the_staged_scatter_runs_where_its_staging_fits():
+    """The staged scatter holds a tile's entries and three block arrays in shared memory: at the paper shape up to
+    8192 key blocks (1M tokens); a tile of 512-block choices, or 16384 blocks, take the per-entry stores, and
+    asking for the staged program there names its shared memory."""
+    assert scheduler.staged_scatter_fits(16, 1024) and scheduler.staged_scatter_fits(16, 8192)
+    assert not scheduler.staged_scatter_fits(512, 512) and not scheduler.staged_scatter_fits(16, 16384)
+    with pytest.raises(ValueError, match="staged scatter: .* B of shared memory"):
+        scheduler.staged_scatter_program(groups=4, topk=16, max_blocks=16384)
 
 
 def test_direct_stores_need_thread_stores_and_per_item_ctas():

@@ -78,7 +78,7 @@ def forward_log(monkeypatch, N, chunk, combine_ctas, attention_config=None, **kw
 
 # the other kernels the tiles_stream test follows
 KERNELS = ("tile_attention_roles_program", "local_combine_program", "row_prep_program", "tiled_histogram_program",
-           "plan_program", "tiled_scatter_program")
+           "plan_program", "staged_scatter_program")
 
 
 @pytest.mark.parametrize("chunks", [2, 5])
@@ -160,7 +160,7 @@ def test_the_shared_tiles_run_on_a_side_stream_from_the_start_and_the_caller_wai
     assert names[:tiles] == [("main", "row_prep_program"), ("side", "wait_stream")]
     assert log[tiles - 1] == ("side", "wait_stream", "main")
     assert [n for n in names if n[0] == "side"] == [("side", "wait_stream"), ("side", "tile_attention_roles_program")]
-    assert names.count(("main", "local_combine_program")) == 4 and ("main", "tiled_scatter_program") in names
+    assert names.count(("main", "local_combine_program")) == 4 and ("main", "staged_scatter_program") in names
     assert log[-1] == ("main", "wait_stream", "side")
 
 

@@ -28,7 +28,7 @@ import math
 import tilelang.language as T
 import torch
 
-from msa_tl.tl_compile import compiled_kernel
+from msa_tl.tl_compile import SMEM_LIMIT, compiled_kernel
 
 DEFAULTS = dict(item_queries=256)  # H100 sweep at 128K: 256 beats 1024 and 4096 (NOTES.md)
 _THREADS = 256
@@ -42,6 +42,10 @@ MAX_TILED_BLOCKS = 16384
 # load then its shared atomic, one id after another, left each thread one global load's latency an id (~0.2 ms of
 # the 128K schedule, NOTES.md session 30)
 ENTRY_BATCH = 8
+# The tiled scatter places a tile's entries in shared memory, sorted by block, then writes each block's run of them
+# with consecutive threads (a sector per run, not a 4-byte store per entry, which left the scatter at ~9x its bytes:
+# 0.193 ms at 128K, NOTES.md session 31), where the staging and three block arrays fit (staged_scatter_fits).
+STAGED_SCATTER = True
 
 
 def max_items(n_blocks: int, chunk: int, topk: int, item_queries: int) -> int:
@@ -155,6 +159,15 @@ def tiled_histogram_program(groups: int, topk: int, max_blocks: int, tile_querie
     return schedule_histogram_tiled
 
 
+def staged_scatter_bytes(topk: int, max_blocks: int, tile_queries: int = TILE_QUERIES) -> int:
+    """Shared memory of the staged tiled scatter: a tile's entries, three block arrays and the scan's partials."""
+    return (tile_queries * topk + 3 * max_blocks + _THREADS) * 4
+
+
+def staged_scatter_fits(topk: int, max_blocks: int, tile_queries: int = TILE_QUERIES) -> bool:
+    return staged_scatter_bytes(topk, max_blocks, tile_queries) <= SMEM_LIMIT
+
+
 def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries: int = TILE_QUERIES):
     """:func:`scatter_program` a tile of queries at a time: the tile's count of each block reserves its range of
     the block's list with one global atomic, and its entries take places in that range by shared atomics."""
@@ -197,6 +210,96 @@ def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries:
                         Entries[tile[3], pos[0]] = (tile[1] + e // topk - tile[0] * chunk) * topk + e % topk
 
     return schedule_scatter_tiled
+
+
+def staged_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries: int = TILE_QUERIES):
+    """:func:`tiled_scatter_program` with the places taken in shared memory: the tile's entries sorted by block
+    there (an exclusive scan of the tile's counts gives each block's run), then each run copied to the tile's range
+    of its block's list by consecutive threads, the block of place p found by a binary search of the runs' starts
+    (:func:`staged_scatter_bytes` of shared memory). Syncs by hand."""
+    batch, seq, nblk, n_rows, cap = T.dynamic("batch, seq, nblk, n_rows, cap")
+    per_token = groups * topk
+    tile_counts, load_entry_blocks = _tile_counts_macro(groups, topk, max_blocks, tile_queries, batch)
+    if not staged_scatter_fits(topk, max_blocks, tile_queries):
+        raise ValueError(f"staged scatter: {staged_scatter_bytes(topk, max_blocks, tile_queries)} B of shared memory "
+                         f"> {SMEM_LIMIT} B (topk={topk}, max_blocks={max_blocks}, tile_queries={tile_queries})")
+    per_thread = max_blocks // _THREADS  # a thread's blocks in the scan: max_blocks is a power of two >= _THREADS
+    tile_entries = tile_queries * topk
+
+    @T.macro
+    def exclusive_scan(hist, start, part, acc, tx):
+        """start [max_blocks] = the exclusive prefix sums of hist: each thread sums its per_thread blocks, the 256
+        sums are scanned in shared memory (Hillis-Steele), then each thread writes its blocks' starts."""
+        acc[0] = 0
+        for j in T.serial(per_thread):
+            acc[0] += hist[tx * per_thread + j]
+        part[tx] = acc[0]
+        T.sync_threads()
+        for d in T.unroll(_THREADS.bit_length() - 1):
+            acc[1] = part[tx] + T.if_then_else(tx >= (1 << d), part[tx - (1 << d)], 0)
+            T.sync_threads()
+            part[tx] = acc[1]
+            T.sync_threads()
+        acc[1] = part[tx] - acc[0]  # the blocks before this thread's
+        for j in T.serial(per_thread):
+            start[tx * per_thread + j] = acc[1]
+            acc[1] += hist[tx * per_thread + j]
+        T.sync_threads()
+
+    @T.prim_func
+    def schedule_scatter_staged(
+        Indices: T.Tensor((batch, seq * per_token), "int32"),
+        Offsets: T.Tensor((n_rows, nblk), "int32"),
+        Cursor: T.Tensor((n_rows, nblk), "int32"),
+        Entries: T.Tensor((n_rows, cap), "int32"),
+        t0: T.int32,
+        count: T.int32,
+        chunk: T.int32,
+        tiles: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(count, chunk) * tiles, batch * groups, threads=_THREADS) as (bx, bg):
+            hist = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] counts, then each run's next place
+            base = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] where the tile's range of a list starts
+            start = T.alloc_shared((max_blocks,), "int32")  # [max_blocks] where a block's run starts in staged
+            part = T.alloc_shared((_THREADS,), "int32")  # [_THREADS] the scan's per-thread sums
+            staged_s = T.alloc_shared((tile_entries,), "int32")  # [tile_queries * topk] the entries by block
+            tile = T.alloc_local((4,), "int32")  # chunk, first query, end query, schedule row
+            blk = T.alloc_local((ENTRY_BATCH,), "int32")  # [ENTRY_BATCH] a batch of the thread's entries' blocks
+            acc = T.alloc_local((2,), "int32")
+            pos = T.alloc_local((1,), "int32")
+            tx = T.get_thread_binding()
+            tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
+            exclusive_scan(hist, start, part, acc, tx)
+            for i in T.serial(T.ceildiv(nblk, _THREADS)):
+                if i * _THREADS + tx < nblk:
+                    if hist[i * _THREADS + tx] > 0:
+                        base[i * _THREADS + tx] = Offsets[tile[3], i * _THREADS + tx] + T.atomic_add(
+                            Cursor[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx], return_prev=True)
+            for i in T.serial(max_blocks // _THREADS):
+                hist[i * _THREADS + tx] = 0
+            T.sync_threads()
+            for i in T.serial(T.ceildiv(tile_entries, _THREADS * ENTRY_BATCH)):
+                load_entry_blocks(blk, Indices, tile, t0, bg, i, tx)
+                for u in T.unroll(ENTRY_BATCH):
+                    e = (i * ENTRY_BATCH + u) * _THREADS + tx
+                    if blk[u] >= 0:  # the place in a local: the atomic must run once, whatever checks its index
+                        pos[0] = start[blk[u]] + T.atomic_add(hist[blk[u]], 1, return_prev=True)
+                        staged_s[pos[0]] = (tile[1] + e // topk - tile[0] * chunk) * topk + e % topk
+            T.sync_threads()
+            for i in T.serial(T.ceildiv(tile_entries, _THREADS)):
+                # place p's block: the last whose run starts at or before p (empty runs start where the next
+                # does, so the last such run holds p; the unused blocks' runs start at the tile's count)
+                if i * _THREADS + tx < start[max_blocks - 1] + hist[max_blocks - 1]:
+                    acc[0] = 0
+                    for step in T.unroll(max_blocks.bit_length() - 1):
+                        if start[acc[0] + (max_blocks >> (step + 1))] <= i * _THREADS + tx:
+                            acc[0] += max_blocks >> (step + 1)
+                    Entries[tile[3], base[acc[0]] + i * _THREADS + tx - start[acc[0]]] = staged_s[i * _THREADS + tx]
+
+    return schedule_scatter_staged
+
+
+staged_scatter_program.pass_configs = {"tl.disable_thread_storage_sync": True}
 
 
 def plan_program(item_queries: int):
@@ -406,8 +509,9 @@ class Schedule:
         n_blocks = self.counts.shape[1]
         if self.tiled and n_blocks <= MAX_TILED_BLOCKS:
             knobs = dict(groups=G, topk=topk, max_blocks=blocks_bucket(n_blocks), tile_queries=self.tile_queries)
+            staged = STAGED_SCATTER and staged_scatter_fits(topk, knobs["max_blocks"], self.tile_queries)
             histogram, scatter = (compiled_kernel(tiled_histogram_program, **knobs),
-                                  compiled_kernel(tiled_scatter_program, **knobs))
+                                  compiled_kernel(staged_scatter_program if staged else tiled_scatter_program, **knobs))
             tiles = [math.ceil(min(self.chunk, count) / self.tile_queries)]  # the tiled kernels' last argument
         else:
             histogram, scatter = (compiled_kernel(histogram_program, groups=G, topk=topk),
