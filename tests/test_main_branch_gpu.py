@@ -844,15 +844,17 @@ def test_the_forward_with_the_fused_row_prep_matches_reference(kind, local_combi
     check_against_reference(q, k, v, indices, Bk, fused_prep=fused, local_combine=local_combine)
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "every-triple"])
 @pytest.mark.parametrize("kind", ["random", "tiled", "realistic"])
-def test_the_shared_tiles_on_a_side_stream_match_reference(kind):
-    """tiles_stream: the shared tiles' kernel runs on its own stream beside the schedule and the chunks (3 of them),
-    writing rows the local combine leaves alone; the forward returns once both are done."""
+def test_the_shared_tiles_on_a_side_stream_match_reference(kind, listed):
+    """tiles_stream: the shared tiles' kernel runs on its own stream beside the chunks (3 of them), writing rows the
+    local combine leaves alone (listed: queued once the count is read, after the chunks; every triple: from the
+    start, beside the schedule); the forward returns once both are done."""
     B, N, Hq, G, D, Bk, topk = 1, 2125, 64, 4, 128, 128, 16
     q, k, v = attention_inputs(B, N, Hq, G, D)
     indices = tiled_selection(B, N, G, Bk, topk) if kind == "tiled" else selection(kind, B, N, G, Bk, topk)
     check_against_reference(q, k, v, indices, Bk, local_combine=True, fused_prep=True, tiles_stream=True,
-                            query_chunk=1000)
+                            query_chunk=1000, tile_config=dict(listed=listed))
 
 
 @pytest.mark.parametrize("local_combine", [True, False], ids=["local-combine", "partials"])

@@ -150,17 +150,38 @@ def test_each_chunk_is_merged_by_the_next_chunks_combine_warps(monkeypatch, chun
 
 
 def test_the_shared_tiles_run_on_a_side_stream_from_the_start_and_the_caller_waits_for_them(monkeypatch):
-    """tiles_stream: the shared tiles' kernel is the first launch after the row prep, on the side stream once it has
-    waited for the caller's stream; every other kernel stays on the caller's stream, which waits for the side stream
-    after its last launch."""
+    """tiles_stream, a CTA every triple: the shared tiles' kernel is the first launch after the row prep, on the side
+    stream once it has waited for the caller's stream; every other kernel stays on the caller's stream, which waits
+    for the side stream after its last launch."""
     log = forward_log(monkeypatch, 1000, 256, combine_ctas=0, local_combine=True, fused_prep=True, shared_tiles=True,
-                      tiles_stream=True)
+                      tiles_stream=True, tile_config=dict(listed=False))
     names = [(e[0], e[1]) for e in log]
     tiles = names.index(("side", "tile_attention_roles_program"))
     assert names[:tiles] == [("main", "row_prep_program"), ("side", "wait_stream")]
     assert log[tiles - 1] == ("side", "wait_stream", "main")
     assert [n for n in names if n[0] == "side"] == [("side", "wait_stream"), ("side", "tile_attention_roles_program")]
     assert names.count(("main", "local_combine_program")) == 4 and ("main", "staged_scatter_program") in names
+    assert log[-1] == ("main", "wait_stream", "side")
+
+
+def test_the_listed_shared_tiles_run_on_a_side_stream_after_the_chunks_are_queued(monkeypatch):
+    """tiles_stream with the listed tiles (the default): the caller's stream records an event after the row prep
+    (and the list); the chunks are queued; then the side stream waits for that event only (not for the chunks), runs
+    the listed tile kernel over the shared triples, and the caller's stream waits for it last."""
+    # the row prep by torch ops, so that the flags are real (a logged kernel does nothing): every query chose block 0
+    # only, so every tile is shared
+    log = forward_log(monkeypatch, 1000, 256, combine_ctas=0, local_combine=True, fused_prep=False, shared_tiles=True,
+                      tiles_stream=True)
+    names = [(e[0], e[1]) for e in log]
+    record = names.index(("main", "record"))
+    assert record < names.index(("main", "kv_outer_program")) and all(n[0] == "main" for n in names[:record])
+    side = [(i, e) for i, e in enumerate(log) if e[0] == "side"]
+    assert [e[1:] for _, e in side][:1] == [("wait_event", log[record][2])]
+    assert [e[1] for _, e in side] == ["wait_event", "tile_attention_roles_program"]
+    last_chunk = max(i for i, e in enumerate(log) if e[1] == "local_combine_program")
+    assert side[0][0] > last_chunk and names.count(("main", "local_combine_program")) == 4
+    listed = side[1][1][3][5]  # the kernel's Listed argument: the shared triples only
+    assert torch.equal(listed, torch.arange((1000 // 8) * 4, dtype=torch.int32))
     assert log[-1] == ("main", "wait_stream", "side")
 
 

@@ -1062,9 +1062,10 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     shared (tile, KV head) only, from :func:`msa_tl.attention.shared_tiles.list_shared_tiles` (a CTA every triple
     while a CUDA graph is captured, on the side stream, or with the persistent tile kernel). ``fused_prep``: the index rows' bookkeeping (:func:`msa_tl.attention.row_prep.prepare_rows`) in one
     launch instead of torch ops (``"warps"``: a warp a query tile instead of a thread). ``tiles_stream`` (with the
-    local combine; asked for without it, a ValueError): the shared tiles' kernel is queued first, on a side stream,
-    so its CTAs (most of them tiles that are not shared, which leave at once) run beside the schedule build and on
-    the SMs the chunks leave idle; the caller's stream waits for it before the forward returns.
+    local combine; asked for without it, a ValueError): the shared tiles' kernel runs on a side stream, beside the
+    chunks (on the SMs their combines leave idle): listed, it is queued there once the host has read the count
+    (after the chunks), behind an event after the list; unlisted (a CTA every triple), first, beside the schedule
+    build. The caller's stream waits for the side stream before the forward returns.
     ``tile_config``: the shared tiles' kernel's knobs (:func:`msa_tl.attention.shared_tiles.shared_tile_attention`;
     ``listed=False``: a CTA every triple).
 
@@ -1144,22 +1145,27 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         shared_tile_attention(q, k, v, indices, shared, block_size, scale, o, lse, config=tile_config,
                               query_start=query_start, listed=listed)
 
-    tiles_side = None  # the side stream the shared tiles run on
-    if tiles_stream and shared_tiles:
-        main, tiles_side = torch.cuda.current_stream(q.device), _side_stream(q.device, "tiles")
-        tiles_side.wait_stream(main)  # shared and the inputs
-        with torch.cuda.stream(tiles_side):
-            attend_shared_tiles()
     # The shared triples listed for a grid of only them (a random selection shares ~1 in 64, a CTA each of the
     # others costs an SM's shared memory to start and leave): the host reads their count once the KV-outer chunks
     # are queued, so the GPU is not drained; a CUDA graph being captured keeps a CTA every triple.
-    listing = (shared_tiles and tiles_side is None and tile_rows(R, block_size) == 128
+    listing = (shared_tiles and tile_rows(R, block_size) == 128
                and not (tile_config or {}).get("persistent") and (tile_config or {}).get("listed", True)
                and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))
     if listing:
         tile_list = list_shared_tiles(shared)
     if count_tiles or listing:
         tile_count, counted = _count_to_host(shared)
+    tiles_side = None  # the side stream the shared tiles run on: listed, they are queued there once the host has
+    # their count, after the chunks, and run beside them (on the SMs the chunks' combines leave); else every triple
+    # from the start
+    if tiles_stream and shared_tiles:
+        main, tiles_side = torch.cuda.current_stream(q.device), _side_stream(q.device, "tiles")
+        if listing:
+            listed_ready = main.record_event()  # the list and the inputs
+        else:
+            tiles_side.wait_stream(main)  # shared and the inputs
+            with torch.cuda.stream(tiles_side):
+                attend_shared_tiles()
     # The schedule is queued before the tile count is read, so the GPU builds it while the host waits for the count
     # (a plain host sync would drain the GPU and leave it idle while the launches after it are issued: ~1 ms a
     # forward, NOTES.md). Where the tiles hold every row it goes unused. The accumulators build their own.
@@ -1194,17 +1200,21 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         _kv_outer_forward(q, k, v, kv_indices, schedule, block_size, scale, o, lse, chunk, partial_dtype,
                           attention_config, combine_config, persistent_config, unfit, bool(tiles), persistent_combine,
                           query_start, combine_ctas, flags, local_config)
-    if tiles_side is not None:
-        # the rows are disjoint from the KV-outer path's; o, lse and shared (freed for the caller's stream) are safe
-        # once the caller's stream has waited for the side stream
-        torch.cuda.current_stream(q.device).wait_stream(tiles_side)
-    elif listing:
+    if listing:
         if not count_tiles:  # the count was queued before the chunks, which the GPU runs while the host waits here
             counted.synchronize()
             tiles = int(tile_count)
-        if tiles:
+        if tiles and tiles_side is not None:
+            tiles_side.wait_event(listed_ready)
+            with torch.cuda.stream(tiles_side):
+                attend_shared_tiles(tile_list[:tiles])
+        elif tiles:
             attend_shared_tiles(tile_list[:tiles])
-    elif tiles or (shared_tiles and not count_tiles):
+    if tiles_side is not None:
+        # the rows are disjoint from the KV-outer path's; o, lse, shared and the list (freed for the caller's stream)
+        # are safe once the caller's stream has waited for the side stream
+        torch.cuda.current_stream(q.device).wait_stream(tiles_side)
+    elif tiles_side is None and (tiles or (shared_tiles and not count_tiles)):
         attend_shared_tiles()
     if flagged is not None:
         flags_counted.synchronize()
