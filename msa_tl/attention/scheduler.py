@@ -241,6 +241,7 @@ def staged_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries
             part[tx] = acc[1]
             T.sync_threads()
         acc[1] = part[tx] - acc[0]  # the blocks before this thread's
+        T.sync_threads()  # start may share part's shared memory (TileLang reuses it once part is dead)
         for j in T.serial(per_thread):
             start[tx * per_thread + j] = acc[1]
             acc[1] += hist[tx * per_thread + j]
