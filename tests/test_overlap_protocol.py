@@ -188,3 +188,21 @@ def test_the_listed_shared_tiles_run_on_a_side_stream_after_the_chunks_are_queue
 def test_tiles_stream_needs_the_local_combine(monkeypatch):
     with pytest.raises(ValueError, match="tiles_stream"):
         forward_log(monkeypatch, 1000, 256, combine_ctas=0, shared_tiles=True, tiles_stream=True)
+
+
+@pytest.mark.parametrize("tiles_stream", [False, True], ids=["caller-stream", "side-stream"])
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "every-triple"])
+@pytest.mark.parametrize("local_combine", [True, False], ids=["local-combine", "partials"])
+def test_the_shared_tiles_kernel_runs_once_a_forward(monkeypatch, listed, tiles_stream, local_combine):
+    """One launch of the tile kernel a forward, whichever stream and grid it takes (listed: over the shared triples
+    only, which the list holds first)."""
+    if tiles_stream and not local_combine:
+        pytest.skip("tiles_stream needs the local combine")
+    log = forward_log(monkeypatch, 1000, 256, combine_ctas=0, local_combine=local_combine, fused_prep=False,
+                      shared_tiles=True, tiles_stream=tiles_stream, tile_config=dict(listed=listed))
+    launches = [e for e in log if e[1] == "tile_attention_roles_program"]
+    assert len(launches) == 1
+    assert launches[0][0] == ("side" if tiles_stream else "main")
+    args = launches[0][3]
+    assert (args[5].dtype == torch.int32 and args[5].dim() == 1) == listed  # the list, else o
+

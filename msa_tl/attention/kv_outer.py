@@ -1060,7 +1060,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
     prep, long done by then, and the GPU is never drained; where the tiles own every row, the empty chunks still
     launch (~0.7 ms at 128K on the H100, NOTES.md session 29). The roles tile kernel (128-row tiles) runs a CTA a
     shared (tile, KV head) only, from :func:`msa_tl.attention.shared_tiles.list_shared_tiles` (a CTA every triple
-    while a CUDA graph is captured, on the side stream, or with the persistent tile kernel). ``fused_prep``: the index rows' bookkeeping (:func:`msa_tl.attention.row_prep.prepare_rows`) in one
+    while a CUDA graph is captured, with the persistent tile kernel, or with ``tile_config=dict(listed=False)``).
+    ``fused_prep``: the index rows' bookkeeping (:func:`msa_tl.attention.row_prep.prepare_rows`) in one
     launch instead of torch ops (``"warps"``: a warp a query tile instead of a thread). ``tiles_stream`` (with the
     local combine; asked for without it, a ValueError): the shared tiles' kernel runs on a side stream, beside the
     chunks (on the SMs their combines leave idle): listed, it is queued there once the host has read the count
@@ -1214,7 +1215,7 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
         # the rows are disjoint from the KV-outer path's; o, lse, shared and the list (freed for the caller's stream)
         # are safe once the caller's stream has waited for the side stream
         torch.cuda.current_stream(q.device).wait_stream(tiles_side)
-    elif tiles_side is None and (tiles or (shared_tiles and not count_tiles)):
+    elif not listing and (tiles or (shared_tiles and not count_tiles)):
         attend_shared_tiles()
     if flagged is not None:
         flags_counted.synchronize()
