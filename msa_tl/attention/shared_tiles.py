@@ -593,7 +593,8 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
     (its ``ROLES_DEFAULTS`` knobs), else :func:`tile_attention_program` (its ``TILE_DEFAULTS`` knobs).
     ``query_start`` (a multiple of ``block_size``): q, indices, o and lse hold the queries from that position on.
     ``listed`` [n] int32 (the first n = ``shared.sum()`` entries of :func:`list_shared_tiles`): the roles kernel
-    runs a CTA a listed triple instead of a CTA every triple (not with its persistent CTAs)."""
+    runs a CTA a listed triple instead of a CTA every triple (not with its persistent CTAs); a ``listed`` key in
+    ``config`` (the forward's ``tile_config``) yields to this argument."""
     if query_start % block_size:
         raise ValueError(f"shared tiles take queries from a block boundary, got query_start {query_start}")
     B, N, Hq, D = q.shape
