@@ -130,3 +130,24 @@ def test_the_h100s_tuned_attention_knobs_yield_to_the_callers(tmp_path, asked):
     (config,) = attention_configs(attention_config=dict(asked, store_warp=True, tma_stores=False))
     assert config["store_warp"] and not config["tma_stores"]
     assert kv_outer.attention_knob_conflict(config).startswith("store_warp")
+
+
+def test_the_plain_tile_kernel_does_not_take_the_listed_knob(tmp_path):
+    """One head per KV head (64-row tiles) runs the plain tile kernel, which has no list: the forward's
+    ``tile_config=dict(listed=False)`` does not reach its compile arguments (it would be an unknown keyword)."""
+    import torch
+
+    import msa_tl.attention.kv_outer as kv_outer
+    from benchmarks.precompile import collect_kernels
+
+    B, N, Hq, G, D, Bk, topk = 1, 1000, 8, 8, 64, 64, 4
+    q, k = torch.randn(B, N, Hq, D, dtype=torch.bfloat16), torch.randn(B, N, G, D, dtype=torch.bfloat16)
+    own = (torch.arange(N) // Bk).view(1, N, 1, 1)
+    indices = torch.where(torch.arange(topk) == 0, own, -1).expand(B, N, G, topk).int().contiguous()
+    counted = (lambda mask: (mask.sum(), type("Done", (), {"synchronize": lambda self: None})()))
+    log = tmp_path / "kernels.jsonl"
+    with collect_kernels(str(log), gpu="NVIDIA H100 80GB HBM3"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_outer, "_count_to_host", counted)
+        kv_outer.sparse_attention_forward(q, k, k, indices, Bk, fused_prep=False, tile_config=dict(listed=False))
+    tiles = [json.loads(line) for line in log.read_text().splitlines() if ":tile_attention_program" in line]
+    assert len(tiles) == 1 and "listed" not in tiles[0]["config"]

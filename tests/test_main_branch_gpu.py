@@ -880,3 +880,14 @@ def test_the_forward_lists_its_shared_tiles(kind, local_combine):
     o_all, lse_all = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
     sparse_attention_forward(q, k, v, indices, Bk, out=o_all, lse_out=lse_all, tile_config=dict(listed=False), **kw)
     assert torch.equal(o, o_all) and torch.equal(lse, lse_all)
+
+
+def test_the_64_row_tiles_take_the_forwards_listed_knob():
+    """A key block of fewer than 128 rows (R = 1 here) runs the plain tile kernel, which has no list: the
+    forward's ``tile_config=dict(listed=False)`` is not one of its knobs and changes nothing."""
+    B, N, Hq, G, D, Bk, topk = 1, 1000, 8, 8, 64, 64, 4
+    q, k, v = attention_inputs(B, N, Hq, G, D)
+    indices = selection("realistic", B, N, G, Bk, topk)
+    o, lse = check_against_reference(q, k, v, indices, Bk, tile_config=dict(listed=False))
+    o2, lse2 = check_against_reference(q, k, v, indices, Bk)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)

@@ -613,7 +613,8 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
             config.setdefault("ctas", sm_count(q.device))
         kernel = compiled_kernel(tile_attention_roles_program, **dims, **config)
     else:
-        config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device), **(config or {})}
+        config = {**tuned_config("tile_attention", shape, TILE_DEFAULTS, q.device),
+                  **{key: value for key, value in (config or {}).items() if key != "listed"}}  # the forward's
         kernel = compiled_kernel(tile_attention_program, **dims, **config)
     offset = (query_start,) if query_start else ()
     if listed is not None:
