@@ -72,6 +72,18 @@ def main(argv=None):
         q, k, v, hot, Bk, **kv_outer, attention_config=dict(store_warp=True, combine_warps=True)))
     stage("forward (shared tiles)", lambda: sparse_attention_forward(q, k, v, hot, Bk, shared_tiles=True))
     stage("forward (local combine)", lambda: sparse_attention_forward(q, k, v, hot, Bk, **kv_outer, local_combine=True))
+    # every third query without block 0 (unless it is its own): the tiles holding one are not shared, so the list
+    # of shared tiles holds some of them and the KV-outer chunks the rest
+    position = torch.arange(N, device="cuda")[None, :, None, None]
+    mixed = torch.where((hot == 0) & (position >= Bk) & (position % 3 == 0), -1, hot)
+    mixed = mixed.sort(dim=-1, descending=True).values.contiguous()
+    for listed in (True, False):
+        stage(f"forward (shared tiles {'listed' if listed else 'every triple'} on a side stream, local combine, "
+              f"row prep a warp a tile)", lambda listed=listed: sparse_attention_forward(
+                  q, k, v, mixed, Bk, query_chunk=256, shared_tiles=True, local_combine=True, fused_prep="warps",
+                  tiles_stream=True, tile_config=dict(listed=listed)))
+    stage("forward (shared tiles listed, partials)", lambda: sparse_attention_forward(
+        q, k, v, mixed, Bk, query_chunk=256, shared_tiles=True, local_combine=False))
     stage("forward (accumulators)", lambda: sparse_attention_forward(
         q, k, v, hot, Bk, shared_tiles=False, accumulate=True, accumulate_config=dict(query_chunk=256)))
     stage("forward (fp32 partials, thread stores)", lambda: sparse_attention_forward(
