@@ -309,7 +309,9 @@ def test_both_tile_kernels_attend_the_shared_tiles(roles, config, order):
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
     listed = None
     if config == "listed":
-        config, listed = None, list_shared_tiles(shared)[: shared.numel()]
+        listed, count = list_shared_tiles(shared)
+        assert count.tolist() == [shared.numel()]
+        config, listed = None, listed[: shared.numel()]
         assert torch.equal(listed, torch.arange(shared.numel(), device="cuda", dtype=torch.int32))
         listed = listed[torch.randperm(listed.numel(), device="cuda")]
     shared_tile_attention(q, k, v, indices, shared, Bk, 1.0 / math.sqrt(D), o, lse, config=config, roles=roles,
@@ -874,7 +876,8 @@ def test_the_forward_lists_its_shared_tiles(kind, local_combine):
     shared = sharing_tiles(indices, Hq // G, Bk)
     assert shared.any()
     live = shared.transpose(1, 2).flatten().nonzero().flatten().int()
-    assert torch.equal(list_shared_tiles(shared)[: live.numel()], live)
+    listed, count = list_shared_tiles(shared)
+    assert torch.equal(listed[: live.numel()], live) and count.tolist() == [live.numel()]
     kw = dict(local_combine=local_combine, query_chunk=1000)
     o, lse = check_against_reference(q, k, v, indices, Bk, **kw)
     o_all, lse_all = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))

@@ -2,7 +2,8 @@
 
 import torch
 
-from msa_tl.attention.shared_tiles import shared_rows, sharing_tiles, tile_queries, tile_rows, without_shared_tiles
+from msa_tl.attention.shared_tiles import (list_shared_tiles, shared_rows, sharing_tiles, tile_queries, tile_rows,
+                                          without_shared_tiles)
 
 
 def block_pattern(B, N, G, Bk, topk):
@@ -71,3 +72,19 @@ def test_prepare_rows_by_torch_ops():
     assert kv[0, 16, 0].tolist() == [-1, 1] and flags[0, 16, 0] == 1 | 2 | 1 << FLAG_SLOTS + 1  # the tail: KV-outer
     shared, kv, flags = prepare_rows(indices, R, Bk, tiles=True, local=False)
     assert flags is None and torch.equal(kv[0, 8:], indices[0, 8:]) and (kv[0, :8] == -1).all()
+
+
+def test_the_shared_triples_are_listed_first_in_order_with_their_count():
+    """The list the tile kernel's grid takes: every shared (tile, KV head, batch) triple as tile + n_tiles * (g + G b),
+    in that order, then the rest; the count is the number of them (an empty shape lists nothing)."""
+    torch.manual_seed(0)
+    B, n_tiles, G = 2, 37, 3
+    shared = (torch.rand(B, n_tiles, G) < 0.3).int()
+    listed, count = list_shared_tiles(shared)
+    live = [tile + n_tiles * (g + G * b) for b in range(B) for g in range(G) for tile in range(n_tiles)
+            if shared[b, tile, g]]
+    assert listed.shape == (B * n_tiles * G + 1,) and listed.dtype == torch.int32
+    assert count.tolist() == [len(live)] and listed[: len(live)].tolist() == live
+    listed, count = list_shared_tiles(torch.zeros(1, 0, 4, dtype=torch.int32))
+    assert listed.shape == (1,) and int(count.sum()) == 0
+

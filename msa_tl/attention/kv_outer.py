@@ -26,6 +26,7 @@ default, bf16: 4 GiB for a 16K-query chunk at the paper's shape), so prefill run
 in query chunks with a fixed workspace.
 """
 
+import inspect
 import math
 
 import tilelang.language as T
@@ -39,7 +40,7 @@ from msa_tl.attention.combine import (COMBINE_DEFAULTS, COMBINE_PREFETCH_CUDA, P
                                       combine_warps_limit, combine_warps_macro, combine_warps_shared_bytes,
                                       persistent_combine_limit, persistent_combine_program)
 from msa_tl.attention.local_combine import LOCAL_COMBINE_DEFAULTS, local_combine_program, local_combine_unsupported
-from msa_tl.attention.row_prep import prepare_rows, row_prep_builder
+from msa_tl.attention.row_prep import FUSED_CHOICES, prepare_rows, row_prep_builder
 from msa_tl.attention.scheduler import DEFAULTS as SCHEDULE_DEFAULTS
 from msa_tl.attention.scheduler import (Schedule, first_query_macro, plan_program, tile_rows_macro, tma_loads_macros,
                                         work_item)
@@ -161,8 +162,8 @@ def item_shared_bytes(head_dim: int, block_size: int, item_queries: int, stages:
 def attention_knob_conflict(config: dict) -> str | None:
     """The first rule that :func:`kv_outer_program`'s knobs in ``config`` break together (None where they go
     together; knobs missing from ``config`` take the program's defaults)."""
-    c = dict(tma_stores=True, pingpong=True, persistent=False, tma_gathers=False, direct_stores=False, consumers=2,
-             store_warp=False, combine_warps=False) | {key: value for key, value in config.items()}
+    c = {name: p.default for name, p in inspect.signature(kv_outer_program).parameters.items()
+         if p.default is not inspect.Parameter.empty} | config
     if c["direct_stores"] and (c["tma_stores"] or c["persistent"]):
         return "direct_stores: per-item CTAs with tma_stores=False only"
     if c["consumers"] not in (1, 2, 3):
@@ -938,9 +939,9 @@ kv_outer_program.pass_configs = {"tl.disable_warp_specialized": True, "tl.disabl
 # idle DRAM (NOTES.md). local_combine: each query's own block is left out of the KV-outer items and attended by
 # msa_tl.attention.local_combine's combine instead, which writes and reads no partial for it. fused_prep: the index
 # rows' bookkeeping (shared tiles, the KV-outer copy, RowFlags) in one launch (msa_tl.attention.row_prep) instead of
-# ~12 torch ops ("warps": a warp a query tile). tiles_stream: with the local combine (nothing waits for the tiles'
-# count), the shared tiles' kernel runs on a side stream from the start, beside the schedule build (and on the SMs
-# each chunk's local combine leaves idle), instead of after the last chunk.
+# ~12 torch ops ("warps": a warp a query tile). tiles_stream: with the local combine, the shared tiles' kernel runs on
+# a side stream beside the chunks (on the SMs each chunk's local combine leaves idle) instead of after the last chunk:
+# listed, once the host has their count; a CTA every triple, from the start.
 SCHEDULE_TUNABLES = dict(SCHEDULE_DEFAULTS, query_chunk=16384, build_once=True, shared_tiles=True,
                          persistent_combine=True, accumulate=False, combine_ctas=0, local_combine=False,
                          fused_prep=False, tiles_stream=False)
@@ -951,7 +952,7 @@ PERSISTENT_COMBINE_TILE_SHARE = 1 / 16
 SCHEDULE_KNOBS = dict(item_queries=(128, 256, 512, 1024, 4096), query_chunk=(4096, 8192, 16384, 32768),
                       build_once=(False, True), shared_tiles=(False, True), persistent_combine=(False, True),
                       accumulate=(False, True), combine_ctas=(0, 16, 24, 32, 48), local_combine=(False, True),
-                      fused_prep=(False, True, "warps"), tiles_stream=(False, True))
+                      fused_prep=FUSED_CHOICES, tiles_stream=(False, True))
 
 
 def persistent_work(ctas: int, launches: int, device) -> torch.Tensor:
@@ -1153,9 +1154,9 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
                and not (tile_config or {}).get("persistent") and (tile_config or {}).get("listed", True)
                and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))
     if listing:
-        tile_list = list_shared_tiles(shared)
+        tile_list, listed_count = list_shared_tiles(shared)
     if count_tiles or listing:
-        tile_count, counted = _count_to_host(shared)
+        tile_count, counted = _count_to_host(listed_count if listing else shared)  # the list's prefix sum holds it
     tiles_side = None  # the side stream the shared tiles run on: listed, they are queued there once the host has
     # their count, after the chunks, and run beside them (on the SMs the chunks' combines leave); else every triple
     # from the start
@@ -1230,8 +1231,8 @@ def sparse_attention_forward(q, k, v, indices, block_size: int, scale=None, *, q
 
 
 def _count_to_host(mask: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-    """``mask.sum()`` copied into pinned host memory, and the event after the copy: synchronizing on the event waits
-    for the count only, not for the work queued after it."""
+    """``mask.sum()`` (a 0/1 mask, or a count already summed) copied into pinned host memory, and the event after the
+    copy: synchronizing on the event waits for the count only, not for the work queued after it."""
     count = torch.empty((), dtype=torch.int64, pin_memory=True)
     count.copy_(mask.sum(), non_blocking=True)
     counted = torch.cuda.Event()

@@ -124,6 +124,20 @@ def _tile_counts_macro(groups: int, topk: int, max_blocks: int, tile_queries: in
     return tile_counts, load_entry_blocks
 
 
+@T.macro
+def _reserve_ranges(hist, base, Offsets, Cursor, tile, nblk, tx, reset: bool):
+    """base [max_blocks] = where the tile's range of each chosen block's list starts: one global atomic a block
+    (hist [max_blocks], the tile's counts), in the tile's schedule row tile[3]; with ``reset`` each such count is
+    zeroed after."""
+    for i in T.serial(T.ceildiv(nblk, _THREADS)):
+        if i * _THREADS + tx < nblk:
+            if hist[i * _THREADS + tx] > 0:
+                base[i * _THREADS + tx] = Offsets[tile[3], i * _THREADS + tx] + T.atomic_add(
+                    Cursor[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx], return_prev=True)
+                if reset:
+                    hist[i * _THREADS + tx] = 0
+
+
 def _tile_entry_block(Indices, tile, t0, bg, e, groups: int, topk: int):
     """Inside a kernel: the block chosen by the tile's entry e (query tile[1] + e // topk, slot e % topk)."""
     return Indices[bg // groups, ((t0 + tile[1] + e // topk) * groups + bg % groups) * topk + e % topk]
@@ -194,12 +208,7 @@ def tiled_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries:
             pos = T.alloc_local((1,), "int32")
             tx = T.get_thread_binding()
             tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
-            for i in T.serial(T.ceildiv(nblk, _THREADS)):
-                if i * _THREADS + tx < nblk:
-                    if hist[i * _THREADS + tx] > 0:
-                        base[i * _THREADS + tx] = Offsets[tile[3], i * _THREADS + tx] + T.atomic_add(
-                            Cursor[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx], return_prev=True)
-                        hist[i * _THREADS + tx] = 0
+            _reserve_ranges(hist, base, Offsets, Cursor, tile, nblk, tx, True)
             T.sync_threads()
             for i in T.serial(T.ceildiv(tile_queries * topk, _THREADS * ENTRY_BATCH)):
                 load_entry_blocks(blk, Indices, tile, t0, bg, i, tx)
@@ -271,11 +280,7 @@ def staged_scatter_program(groups: int, topk: int, max_blocks: int, tile_queries
             tx = T.get_thread_binding()
             tile_counts(hist, tile, blk, Indices, t0, count, chunk, tiles, bx, bg, tx)
             exclusive_scan(hist, start, part, acc, tx)
-            for i in T.serial(T.ceildiv(nblk, _THREADS)):
-                if i * _THREADS + tx < nblk:
-                    if hist[i * _THREADS + tx] > 0:
-                        base[i * _THREADS + tx] = Offsets[tile[3], i * _THREADS + tx] + T.atomic_add(
-                            Cursor[tile[3], i * _THREADS + tx], hist[i * _THREADS + tx], return_prev=True)
+            _reserve_ranges(hist, base, Offsets, Cursor, tile, nblk, tx, False)  # the counts stay for the scan
             for i in T.serial(max_blocks // _THREADS):
                 hist[i * _THREADS + tx] = 0
             T.sync_threads()

@@ -572,17 +572,18 @@ tile_attention_roles_program.pass_configs = {"tl.disable_warp_specialized": True
                                              "tl.enable_fast_math": True}
 
 
-def list_shared_tiles(shared: torch.Tensor) -> torch.Tensor:
-    """shared [B, n_tiles, G] (:func:`sharing_tiles`) -> listed [B * G * n_tiles + 1] int32: the shared triples
-    tile + n_tiles * (g + G * b) in that order first (as many as ``shared.sum()``), then unused entries. Queued on
-    the current stream, no host sync: a prefix sum places each shared triple."""
+def list_shared_tiles(shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """shared [B, n_tiles, G] (:func:`sharing_tiles`) -> (listed [B * G * n_tiles + 1] int32: the shared triples
+    tile + n_tiles * (g + G * b) in that order first, then unused entries; their count [1] int32 or [0] where there
+    are no triples). Queued on the current stream, no host sync: a prefix sum places each shared triple."""
     B, n_tiles, G = shared.shape
     total = B * G * n_tiles
     live = shared.transpose(1, 2).reshape(total) != 0  # [B * G * n_tiles], tile fastest
     place = torch.cumsum(live, 0, dtype=torch.int32)  # [total] shared triples up to each, inclusive
     listed = torch.empty(total + 1, dtype=torch.int32, device=shared.device)
     slot = torch.where(live, place - 1, total).long()  # the triples not shared all write the spare last entry
-    return listed.scatter_(0, slot, torch.arange(total, dtype=torch.int32, device=shared.device))
+    listed.scatter_(0, slot, torch.arange(total, dtype=torch.int32, device=shared.device))
+    return listed, place[-1:]
 
 
 def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: float, o, lse, config=None, roles=None,
@@ -592,7 +593,7 @@ def shared_tile_attention(q, k, v, indices, shared, block_size: int, scale: floa
     ``roles`` (default: where a tile has 128 rows) runs :func:`tile_attention_roles_program` with ``config``
     (its ``ROLES_DEFAULTS`` knobs), else :func:`tile_attention_program` (its ``TILE_DEFAULTS`` knobs).
     ``query_start`` (a multiple of ``block_size``): q, indices, o and lse hold the queries from that position on.
-    ``listed`` [n] int32 (the first n = ``shared.sum()`` entries of :func:`list_shared_tiles`): the roles kernel
+    ``listed`` [n] int32 (the first n entries of :func:`list_shared_tiles`' list, n its count): the roles kernel
     runs a CTA a listed triple instead of a CTA every triple (not with its persistent CTAs); a ``listed`` key in
     ``config`` (the forward's ``tile_config``) yields to this argument."""
     if query_start % block_size:
